@@ -1,0 +1,322 @@
+"""The backend layer: the only module that talks to fsspec.
+
+`Store` classes are blocking adapters over one source (a local directory or an
+fsspec filesystem). `Backend` runs them from trio: every call goes to a worker
+thread under one CapacityLimiter, with a per-attempt timeout and bounded
+retries, so a dead backend turns into an error in bounded time and never a hang.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import errno
+import logging
+import os
+import random
+import stat as stat_mod
+import time
+from typing import Callable, Literal, TypeVar
+
+import trio
+
+from cachefs import metrics
+from cachefs.errors import (
+    BackendError,
+    BackendPermissionDenied,
+    BackendUnavailable,
+    ConfigError,
+    ObjectChanged,
+    ObjectNotFound,
+)
+
+log = logging.getLogger(__name__)
+
+Kind = Literal["file", "dir", "link"]
+T = TypeVar("T")
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ObjectInfo:
+    """One entry of the source. `path` is relative to the source root ("" is the root)."""
+
+    path: str
+    kind: Kind
+    size: int
+    mtime: float
+    version: str  # "etag:<ETag>" if the backend has one, else "stat:<size>-<mtime>"
+    link_target: str | None = None
+
+    @property
+    def name(self) -> str:
+        return self.path.rpartition("/")[2]
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ObjectId:
+    """The exact object version a chunk belongs to. Part of every chunk key."""
+
+    source: str
+    path: str
+    version: str
+    size: int
+
+
+def join(parent: str, name: str) -> str:
+    return f"{parent}/{name}" if parent else name
+
+
+def _local_version(st: os.stat_result) -> str:
+    return f"stat:{st.st_size}-{st.st_mtime_ns}"
+
+
+def _remote_version(etag: str, size: int, mtime: float) -> str:
+    # Whole seconds: listings carry milliseconds, HEAD/GET headers only seconds.
+    return f"etag:{etag}" if etag else f"stat:{size}-{int(mtime)}"
+
+
+class LocalStore:
+    """A local or NAS directory (also a JuiceFS mount path), read with plain syscalls."""
+
+    def __init__(self, root: str):
+        self.root = os.path.abspath(root)
+        self.url = self.root
+
+    def _abs(self, path: str) -> str:
+        return os.path.join(self.root, path) if path else self.root
+
+    def _info(self, path: str, st: os.stat_result) -> ObjectInfo:
+        if stat_mod.S_ISDIR(st.st_mode):
+            kind: Kind = "dir"
+        elif stat_mod.S_ISLNK(st.st_mode):
+            kind = "link"
+        else:
+            kind = "file"
+        target = os.readlink(self._abs(path)) if kind == "link" else None
+        return ObjectInfo(path, kind, st.st_size, st.st_mtime, _local_version(st), target)
+
+    def stat(self, path: str) -> ObjectInfo:
+        return self._info(path, os.lstat(self._abs(path)))
+
+    def list_dir(self, path: str) -> list[ObjectInfo]:
+        out = []
+        with os.scandir(self._abs(path)) as it:
+            for entry in it:
+                child = join(path, entry.name)
+                try:
+                    out.append(self._info(child, entry.stat(follow_symlinks=False)))
+                except FileNotFoundError:
+                    continue  # deleted while we listed
+        return out
+
+    def fetch(self, obj: ObjectId, start: int, end: int) -> bytes:
+        fd = os.open(self._abs(obj.path), os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            st = os.fstat(fd)
+            # The local equivalent of a conditional GET: refuse a file that is not
+            # the version the reader opened, so chunks of two versions never mix.
+            if _local_version(st) != obj.version:
+                raise ObjectChanged(f"{obj.path}: changed since it was opened")
+            return os.pread(fd, end - start, start)
+        finally:
+            os.close(fd)
+
+
+class FsspecStore:
+    """Any fsspec filesystem; S3 gets conditional ranged GETs."""
+
+    def __init__(self, url: str, endpoint_url: str | None, timeout: float):
+        import fsspec  # imported here: the local store must not pay for it
+
+        self.url = url
+        protocol, _, _ = url.partition("://")
+        options: dict = {"skip_instance_cache": True}
+        if protocol in ("s3", "s3a"):
+            options.update(
+                use_listings_cache=False,
+                config_kwargs={
+                    "connect_timeout": timeout,
+                    "read_timeout": timeout,
+                    # cachefs retries on its own, with its own bound; botocore must not multiply it.
+                    "retries": {"max_attempts": 1, "mode": "standard"},
+                },
+            )
+            if endpoint_url:
+                options["endpoint_url"] = endpoint_url
+        try:
+            self.fs, root = fsspec.core.url_to_fs(url, **options)
+        except (ValueError, ImportError) as e:
+            raise ConfigError(f"{url}: unsupported source ({e})") from None
+        self.root = root.rstrip("/")
+        self.is_s3 = protocol in ("s3", "s3a")
+        if self.is_s3:
+            self.fs.retries = 1
+
+    def _abs(self, path: str) -> str:
+        return f"{self.root}/{path}" if path else self.root
+
+    def _rel(self, name: str) -> str:
+        name = name.rstrip("/")
+        if name == self.root:
+            return ""
+        return name[len(self.root) + 1 :] if name.startswith(self.root + "/") else name
+
+    def _info(self, d: dict) -> ObjectInfo:
+        path = self._rel(d["name"])
+        if d.get("type") == "directory":
+            return ObjectInfo(path, "dir", 0, 0.0, "dir")
+        size = int(d.get("size") or 0)
+        mtime = d.get("LastModified") or d.get("mtime") or d.get("created") or 0
+        if hasattr(mtime, "timestamp"):
+            mtime = mtime.timestamp()
+        etag = (d.get("ETag") or d.get("etag") or "").strip('"')
+        return ObjectInfo(path, "file", size, float(mtime), _remote_version(etag, size, float(mtime)))
+
+    def stat(self, path: str) -> ObjectInfo:
+        info = self._info(self.fs.info(self._abs(path)))
+        return dataclasses.replace(info, path=path)
+
+    def list_dir(self, path: str) -> list[ObjectInfo]:
+        base = self._abs(path)
+        out = []
+        for d in self.fs.ls(base, detail=True):
+            info = self._info(d)
+            if info.path == path or not info.name:
+                continue  # some stores list the directory itself, or a "dir/" marker
+            out.append(info)
+        return out
+
+    def fetch(self, obj: ObjectId, start: int, end: int) -> bytes:
+        if self.is_s3:
+            return self._s3_get(obj, start, end)
+        return self.fs.cat_file(self._abs(obj.path), start=start, end=end)
+
+    def _s3_get(self, obj: ObjectId, start: int, end: int) -> bytes:
+        from fsspec.asyn import sync
+
+        bucket, key, _ = self.fs.split_path(self._abs(obj.path))
+        fs = self.fs
+        etag = obj.version.removeprefix("etag:") if obj.version.startswith("etag:") else ""
+        conditions = {"IfMatch": f'"{etag}"'} if etag else {}
+
+        async def get() -> tuple[dict, bytes]:
+            resp = await fs._call_s3(
+                "get_object", Bucket=bucket, Key=key, Range=f"bytes={start}-{end - 1}", **conditions
+            )
+            try:
+                return resp, await resp["Body"].read()
+            finally:
+                resp["Body"].close()
+
+        try:
+            resp, data = sync(fs.loop, get)
+        except OSError as e:
+            code = getattr(e.__cause__, "response", {}).get("Error", {}).get("Code", "")
+            if code in ("PreconditionFailed", "412"):
+                raise ObjectChanged(f"{obj.path}: changed since it was opened (ETag)") from None
+            raise
+        # Servers without ETags (the JuiceFS gateway) still report the object's
+        # total size and mtime with every ranged GET: check them against the version.
+        total = resp.get("ContentRange", "").rpartition("/")[2]
+        if total.isdigit() and int(total) != obj.size:
+            raise ObjectChanged(f"{obj.path}: size changed from {obj.size} to {total}")
+        if not conditions:
+            mtime = resp.get("LastModified")
+            if mtime is not None and obj.version != _remote_version("", obj.size, mtime.timestamp()):
+                raise ObjectChanged(f"{obj.path}: modified since it was opened")
+        return data
+
+
+Store = LocalStore | FsspecStore
+
+
+def open_store(url: str, endpoint_url: str | None = None, timeout: float = 30.0) -> Store:
+    """Pick the store for a source URL: a plain path or file:// is local, anything else fsspec.
+
+    Raises:
+        ConfigError: unknown scheme or a missing library for it.
+    """
+    if url.startswith("file://"):
+        return LocalStore(url[len("file://") :])
+    if "://" not in url:
+        return LocalStore(url)
+    return FsspecStore(url, endpoint_url, timeout)
+
+
+def _translate(e: BaseException, what: str) -> BackendError:
+    """Map the many exception types of fsspec/s3fs/botocore/aiohttp onto our few."""
+    if isinstance(e, BackendError):
+        return e
+    if isinstance(e, FileNotFoundError) or (isinstance(e, OSError) and e.errno == errno.ENOENT):
+        return ObjectNotFound(f"{what}: not found")
+    if isinstance(e, PermissionError) or (isinstance(e, OSError) and e.errno in (errno.EACCES, errno.EPERM)):
+        return BackendPermissionDenied(f"{what}: access denied ({e})")
+    if isinstance(e, (NotADirectoryError, IsADirectoryError)):
+        return ObjectNotFound(f"{what}: {e}")
+    name = type(e).__name__
+    if isinstance(e, (ConnectionError, TimeoutError)) or "Connect" in name or "Timeout" in name:
+        return BackendUnavailable(f"{what}: backend unreachable ({name}: {e})")
+    return BackendError(f"{what}: {name}: {e}")
+
+
+# Errors that another attempt cannot fix.
+_PERMANENT = (ObjectNotFound, ObjectChanged, BackendPermissionDenied)
+
+
+class Backend:
+    """A store driven from trio with bounded concurrency, time and retries.
+
+    Every method checkpoints. Errors are `BackendError` subclasses only.
+    """
+
+    def __init__(self, store: Store, concurrency: int, timeout: float, retries: int):
+        self.store = store
+        self.source = store.url
+        self.timeout = timeout
+        self.retries = retries
+        self.limiter = trio.CapacityLimiter(concurrency)
+
+    async def _call(self, op: str, what: str, fn: Callable[..., T], *args) -> T:
+        delay = 0.05
+        for attempt in range(self.retries + 1):
+            t0 = time.monotonic()
+            error: BackendError | None = None
+            # The timeout covers waiting for a slot too: when the backend hangs and
+            # every slot is stuck, new misses fail fast instead of queueing forever.
+            with trio.move_on_after(self.timeout) as scope:
+                try:
+                    # Abandoning is safe: every store call is a read without side effects.
+                    result = await trio.to_thread.run_sync(fn, *args, limiter=self.limiter, abandon_on_cancel=True)
+                except Exception as e:  # noqa: BLE001 - translated right here
+                    error = _translate(e, what)
+                else:
+                    metrics.BACKEND_REQUESTS.labels(op, "ok").inc()
+                    metrics.BACKEND_SECONDS.labels(op).observe(time.monotonic() - t0)
+                    return result
+            if error is None or scope.cancelled_caught:
+                error = BackendUnavailable(f"{what}: no answer from the backend within {self.timeout:g}s")
+            outcome = "notfound" if isinstance(error, ObjectNotFound) else "error"
+            metrics.BACKEND_REQUESTS.labels(op, outcome).inc()
+            if isinstance(error, _PERMANENT) or attempt == self.retries:
+                raise error
+            log.warning("%s %s failed (attempt %d/%d), retrying: %s", op, what, attempt + 1, self.retries + 1, error)
+            await trio.sleep(delay * (1 + random.random()))
+            delay = min(delay * 4, 2.0)
+        raise AssertionError("unreachable")
+
+    async def stat(self, path: str) -> ObjectInfo:
+        return await self._call("stat", path or "/", self.store.stat, path)
+
+    async def list_dir(self, path: str) -> list[ObjectInfo]:
+        return await self._call("list", path or "/", self.store.list_dir, path)
+
+    async def fetch(self, obj: ObjectId, start: int, end: int) -> bytes:
+        """Read bytes [start, end) of exactly this object version.
+
+        Raises:
+            ObjectChanged: the backend holds another version now.
+        """
+        data = await self._call("get", f"{obj.path}[{start}:{end}]", self.store.fetch, obj, start, end)
+        if len(data) != end - start:
+            raise ObjectChanged(f"{obj.path}: short read at {start} ({len(data)} of {end - start} bytes)")
+        metrics.BACKEND_READ_BYTES.inc(len(data))
+        return data

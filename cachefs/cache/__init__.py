@@ -1,0 +1,20 @@
+"""Chunk cache tiers. Every tier stores whole chunks under a 16-byte key digest.
+
+The digest covers the source, path, object version, chunk size and index, so a
+changed object can never be served from old chunks or a mix of old and new.
+"""
+
+from __future__ import annotations
+
+import xxhash
+
+from cachefs.backend import ObjectId
+
+# Bump when the chunk format or key layout changes: old cache files then simply miss.
+CACHE_FORMAT = 1
+
+
+def chunk_digest(obj: ObjectId, chunk_size: int, index: int) -> bytes:
+    """The 16-byte key of one chunk of one object version."""
+    key = f"cachefs-v{CACHE_FORMAT}\0{obj.source}\0{obj.path}\0{obj.version}\0{obj.size}\0{chunk_size}\0{index}"
+    return xxhash.xxh3_128_digest(key.encode("utf-8", "surrogateescape"))

@@ -1,0 +1,221 @@
+"""The SSD tier: one file per chunk under --cache-dir, bounded by --cache-size
+and --free-space-ratio.
+
+Layout: `DIR/chunks/ab/ab12...ef` (32 hex digits of the key digest). Each file
+is a 40-byte header (magic, length, xxh3 checksum, key digest) and the data; it
+is written to a temp file and renamed into place, and verified on every read.
+We do not fsync: a file torn by a crash fails its length or checksum check and
+is dropped, which is the same outcome as never having cached it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import time
+from collections import OrderedDict
+from typing import ClassVar
+
+import trio
+
+from cachefs import hotpath, metrics
+from cachefs.errors import ChunkCorrupt
+
+log = logging.getLogger(__name__)
+
+_NAME_RE = re.compile(r"^[0-9a-f]{32}$")
+_DIR_RE = re.compile(r"^[0-9a-f]{2}$")
+
+
+def _unlink_all(paths: list[str]) -> None:
+    for path in paths:
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+
+
+class DiskTier:
+    """Chunks on local disk. `get` and `put` checkpoint (file I/O runs in threads)."""
+
+    name: ClassVar[str] = "disk"
+
+    def __init__(self, cache_dir: str, capacity: int, free_space_ratio: float, io_threads: int = 8):
+        self.root = os.path.join(cache_dir, "chunks")
+        self.capacity = capacity
+        self.free_space_ratio = free_space_ratio
+        self.used = 0  # bytes on disk, including writes in progress
+        self._index: OrderedDict[bytes, int] = OrderedDict()  # digest -> file size, LRU first
+        self._writing: set[bytes] = set()
+        self._limiter = trio.CapacityLimiter(io_threads)
+        metrics.CACHE_CAPACITY.labels(self.name).set(capacity)
+
+    # -- start-up -----------------------------------------------------------
+
+    async def load(self) -> None:
+        """Rebuild the index from the files on disk, so a restarted mount stays warm."""
+        entries = await trio.to_thread.run_sync(self._scan)
+        for digest, size, _ in sorted(entries, key=lambda e: e[2]):
+            self._index[digest] = size
+            self.used += size
+        _, victims = self._claim_room(0)
+        await trio.to_thread.run_sync(_unlink_all, victims)
+        log.info("disk cache %s: %d chunks, %d bytes", self.root, len(self._index), self.used)
+        self._publish()
+
+    def _scan(self) -> list[tuple[bytes, int, float]]:
+        os.makedirs(self.root, mode=0o700, exist_ok=True)
+        entries = []
+        for sub in os.scandir(self.root):
+            if not (sub.is_dir(follow_symlinks=False) and _DIR_RE.match(sub.name)):
+                continue
+            for f in os.scandir(sub.path):
+                if _NAME_RE.match(f.name) and f.name.startswith(sub.name):
+                    st = f.stat(follow_symlinks=False)
+                    # atime is unreliable (noatime); mtime is bumped on every hit instead.
+                    entries.append((bytes.fromhex(f.name), st.st_size, st.st_mtime))
+                else:
+                    # Leftover temp files of a crashed writer, or anything else we did not make.
+                    try:
+                        os.unlink(f.path)
+                    except OSError:
+                        pass
+        return entries
+
+    # -- the tier interface ---------------------------------------------------
+
+    def _path(self, digest: bytes) -> str:
+        name = digest.hex()
+        return os.path.join(self.root, name[:2], name)
+
+    def __contains__(self, digest: bytes) -> bool:
+        return digest in self._index
+
+    async def get(self, digest: bytes, expected_len: int) -> memoryview | None:
+        """The verified chunk data, or None if absent, corrupt or of the wrong length."""
+        if digest not in self._index:
+            metrics.CACHE_MISSES.labels(self.name).inc()
+            return None
+        self._index.move_to_end(digest)
+        try:
+            data = await trio.to_thread.run_sync(self._read, digest, expected_len, limiter=self._limiter)
+        except (ChunkCorrupt, OSError) as e:
+            reason = "corrupt" if isinstance(e, ChunkCorrupt) else "io"
+            if not isinstance(e, FileNotFoundError):
+                log.warning("dropping cached chunk %s: %s", digest.hex(), e)
+                metrics.CACHE_ERRORS.labels(self.name, reason).inc()
+            await self._drop(digest)
+            metrics.CACHE_MISSES.labels(self.name).inc()
+            return None
+        metrics.CACHE_HITS.labels(self.name).inc()
+        return data
+
+    def _read(self, digest: bytes, expected_len: int) -> memoryview:
+        path = self._path(digest)
+        with open(path, "rb", buffering=0) as f:
+            buf = f.read()
+        data = hotpath.open_chunk(digest, buf)
+        if len(data) != expected_len:
+            raise ChunkCorrupt(f"length {len(data)}, expected {expected_len}")
+        # Keep LRU order across restarts; a cheap metadata update.
+        now = time.time()
+        os.utime(path, (now, now))
+        return data
+
+    async def put(self, digest: bytes, data: bytes | memoryview) -> bool:
+        """Store a chunk unless present; evicts first so the cap is never exceeded.
+
+        Returns:
+            True if stored; False if already present, being written, or no room.
+        """
+        if digest in self._index or digest in self._writing:
+            return False
+        size = hotpath.HEADER_SIZE + len(data)
+        self._writing.add(digest)
+        self.used += size  # reserve before writing: concurrent puts cannot overshoot together
+        try:
+            room, victims = self._claim_room(size)
+            if victims:
+                await trio.to_thread.run_sync(_unlink_all, victims, limiter=self._limiter)
+            if not room:
+                self.used -= size
+                return False
+            try:
+                await trio.to_thread.run_sync(self._write, digest, data, limiter=self._limiter)
+            except OSError as e:
+                self.used -= size
+                log.warning("cannot write chunk %s to %s: %s", digest.hex(), self.root, e)
+                metrics.CACHE_ERRORS.labels(self.name, "write").inc()
+                return False
+            self._index[digest] = size
+            return True
+        finally:
+            self._writing.discard(digest)
+            self._publish()
+
+    def _write(self, digest: bytes, data: bytes | memoryview) -> None:
+        path = self._path(digest)
+        tmp = f"{path}.tmp{os.getpid()}"
+        header = hotpath.seal_chunk(digest, data)
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        except FileNotFoundError:
+            os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        try:
+            try:
+                written = os.writev(fd, [header, data])
+                if written != len(header) + len(data):
+                    raise OSError(f"short write ({written} bytes)")
+            finally:
+                os.close(fd)
+            os.rename(tmp, path)
+        except BaseException:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+            raise
+
+    def _claim_room(self, size: int) -> tuple[bool, list[str]]:
+        """Evict LRU chunks from the index until `self.used` (which already counts
+        `size`) fits the cap and writing `size` more bytes leaves --free-space-ratio
+        of the disk free. Index changes stay on the trio thread; the caller unlinks.
+
+        Returns:
+            (whether there is room, paths of the evicted files to unlink).
+        """
+        victims: list[str] = []
+        freed = 0
+        st = os.statvfs(self.root) if self.free_space_ratio else None
+        while self.used > self.capacity or (
+            st is not None
+            and st.f_bavail * st.f_frsize + freed - size < self.free_space_ratio * st.f_blocks * st.f_frsize
+        ):
+            if not self._index:
+                return False, victims
+            digest, old_size = self._index.popitem(last=False)
+            self.used -= old_size
+            freed += old_size
+            victims.append(self._path(digest))
+            metrics.CACHE_EVICTIONS.labels(self.name).inc()
+        return True, victims
+
+    async def _drop(self, digest: bytes) -> None:
+        size = self._index.pop(digest, None)
+        if size is not None:
+            self.used -= size
+            self._publish()
+        try:
+            await trio.to_thread.run_sync(os.unlink, self._path(digest))
+        except FileNotFoundError:
+            pass
+
+    def _publish(self) -> None:
+        metrics.CACHE_USED.labels(self.name).set(self.used)
+        metrics.CACHE_CHUNKS.labels(self.name).set(len(self._index))
+
+    def usage(self) -> tuple[int, int]:
+        """Returns (bytes used, chunks held)."""
+        return self.used, len(self._index)

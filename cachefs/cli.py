@@ -1,0 +1,197 @@
+"""Command line: `cachefs mount`, `cachefs umount`, `cachefs --version`."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import re
+import subprocess
+import sys
+import tempfile
+
+from cachefs import __version__
+from cachefs.config import MountConfig, format_size, parse_addr, parse_size
+from cachefs.errors import ConfigError
+
+log = logging.getLogger("cachefs")
+
+_READY_FD = "CACHEFS_READY_FD"
+_BACKGROUND_FLAGS = ("-d", "--background")
+
+
+def _version() -> str:
+    from cachefs import hotpath
+
+    return f"cachefs {__version__} (hot path: {hotpath.IMPLEMENTATION}, python {sys.version.split()[0]})"
+
+
+def _parser() -> argparse.ArgumentParser:
+    d = MountConfig("", "")
+    p = argparse.ArgumentParser(
+        prog="cachefs",
+        description="A FUSE caching filesystem: mount an object-store prefix or a directory "
+        "and read it through a MEM/SSD chunk cache.",
+    )
+    p.add_argument("--version", action="version", version=_version())
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    m = sub.add_parser(
+        "mount",
+        help="mount SOURCE at MOUNTPOINT (foreground unless -d)",
+        description="Mount SOURCE read-only at MOUNTPOINT, serving reads through the chunk cache. "
+        "Runs in the foreground until unmounted (fusermount3 -u, `cachefs umount`) or sent "
+        "SIGTERM/SIGINT. S3 credentials come from the standard AWS environment variables or config files.",
+    )
+    m.add_argument("source", metavar="SOURCE", help="s3://bucket/prefix, any fsspec URL, a local path or file://PATH")
+    m.add_argument("mountpoint", metavar="MOUNTPOINT", help="an existing, empty, unmounted directory")
+    m.add_argument("-d", "--background", action="store_true", help="return once the mount is ready (or exit non-zero with the reason)")
+    g = m.add_argument_group("cache")
+    g.add_argument("--cache-dir", default=d.cache_dir, help="directory of the SSD tier (default %(default)s)")
+    g.add_argument("--cache-size", default=format_size(d.cache_size), help="SSD tier capacity, e.g. 100G; 0 turns it off (default %(default)s)")
+    g.add_argument("--mem-size", default=format_size(d.mem_size), help="MEM tier capacity, e.g. 2G; 0 turns it off (default %(default)s)")
+    g.add_argument("--chunk-size", default=format_size(d.chunk_size), help="cache chunk size, a power of two from 64K to 64M (default %(default)s)")
+    g.add_argument("--free-space-ratio", type=float, default=d.free_space_ratio, help="keep at least this share of the cache disk free (default %(default)s)")
+    g.add_argument("--read-ahead", type=int, default=d.read_ahead, help="chunks to fetch ahead of a sequential reader (default %(default)s)")
+    g = m.add_argument_group("metadata")
+    g.add_argument("--attr-ttl", type=float, default=d.attr_ttl, help="seconds to trust file attributes (default %(default)s)")
+    g.add_argument("--entry-ttl", type=float, default=d.entry_ttl, help="seconds the kernel may cache name lookups (default %(default)s)")
+    g.add_argument("--dir-ttl", type=float, default=d.dir_ttl, help="seconds to trust a directory listing (default %(default)s)")
+    g = m.add_argument_group("backend")
+    g.add_argument("--endpoint-url", help="S3 endpoint, e.g. http://127.0.0.1:9000")
+    g.add_argument("--backend-concurrency", type=int, default=d.backend_concurrency, help="parallel backend requests (default %(default)s)")
+    g.add_argument("--backend-timeout", type=float, default=d.backend_timeout, help="seconds per backend request attempt (default %(default)s)")
+    g.add_argument("--backend-retries", type=int, default=d.backend_retries, help="retries after a failed attempt (default %(default)s)")
+    g = m.add_argument_group("operation")
+    g.add_argument("--metrics", metavar="HOST:PORT", help="serve Prometheus metrics at http://HOST:PORT/metrics")
+    g.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"], help="(default %(default)s)")
+    g.add_argument("--log-file", help="log here instead of stderr (with -d: default /tmp/cachefs-MOUNTPOINT.log)")
+
+    u = sub.add_parser("umount", help="unmount a cachefs mount", description="Unmount MOUNTPOINT; the daemon then exits.")
+    u.add_argument("mountpoint", metavar="MOUNTPOINT")
+    u.add_argument("-z", "--lazy", action="store_true", help="detach now even if busy")
+    return p
+
+
+def _mount_config(a: argparse.Namespace) -> MountConfig:
+    c = MountConfig(
+        source=a.source,
+        mountpoint=os.path.abspath(a.mountpoint),
+        cache_dir=os.path.abspath(a.cache_dir),
+        cache_size=parse_size(a.cache_size, "--cache-size"),
+        mem_size=parse_size(a.mem_size, "--mem-size"),
+        chunk_size=parse_size(a.chunk_size, "--chunk-size"),
+        free_space_ratio=a.free_space_ratio,
+        attr_ttl=a.attr_ttl,
+        entry_ttl=a.entry_ttl,
+        dir_ttl=a.dir_ttl,
+        read_ahead=a.read_ahead,
+        backend_concurrency=a.backend_concurrency,
+        backend_timeout=a.backend_timeout,
+        backend_retries=a.backend_retries,
+        endpoint_url=a.endpoint_url,
+        metrics=parse_addr(a.metrics, "--metrics") if a.metrics else None,
+        log_level=a.log_level.upper(),
+    )
+    c.check()
+    return c
+
+
+def _setup_logging(level: str, log_file: str | None) -> None:
+    handler = logging.FileHandler(log_file) if log_file else logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.addHandler(handler)
+    root.setLevel(level)
+    # botocore and friends are chatty at DEBUG, and their warnings are ours to report.
+    for name in ("botocore", "aiobotocore", "s3fs", "fsspec", "urllib3", "asyncio"):
+        logging.getLogger(name).setLevel(max(logging.getLevelName(level), logging.INFO))
+
+
+def _mount(a: argparse.Namespace, argv: list[str]) -> int:
+    config = _mount_config(a)
+    if a.background:
+        return _spawn_background(a, argv)
+    _setup_logging(config.log_level, a.log_file)
+
+    import trio
+
+    from cachefs.mount import run_mount
+
+    ready_fd = int(os.environ.pop(_READY_FD, "-1"))
+
+    def on_ready() -> None:
+        if ready_fd >= 0:
+            os.write(ready_fd, b"ready")
+            os.close(ready_fd)
+
+    trio.run(run_mount, config, on_ready)
+    return 0
+
+
+def _spawn_background(a: argparse.Namespace, argv: list[str]) -> int:
+    """Start the mount as a detached child and wait until it says it is ready or dies."""
+    log_file = a.log_file or os.path.join(
+        tempfile.gettempdir(), "cachefs-" + re.sub(r"[^A-Za-z0-9]+", "-", os.path.abspath(a.mountpoint)).strip("-") + ".log"
+    )
+    child_argv = [arg for arg in argv if arg not in _BACKGROUND_FLAGS]
+    if not a.log_file:
+        child_argv += ["--log-file", log_file]
+    read_end, write_end = os.pipe()
+    with open(os.devnull, "rb") as devnull, open(log_file, "ab") as out:
+        child = subprocess.Popen(
+            [sys.executable, "-m", "cachefs", *child_argv],
+            stdin=devnull,
+            stdout=out,
+            stderr=out,
+            env={**os.environ, _READY_FD: str(write_end)},
+            pass_fds=(write_end,),
+            start_new_session=True,
+        )
+    os.close(write_end)
+    with os.fdopen(read_end, "rb") as ready:
+        status = ready.read()
+    if status == b"ready":
+        print(f"cachefs: mounted {a.source} at {a.mountpoint} (pid {child.pid}, log {log_file})")
+        return 0
+    code = child.wait()
+    print(f"cachefs: mount failed: {_last_error(log_file)} (log {log_file})", file=sys.stderr)
+    return code or 1
+
+
+def _last_error(log_file: str) -> str:
+    try:
+        with open(log_file, errors="replace") as f:
+            lines = [line.strip() for line in f if line.strip()]
+    except OSError:
+        return "unknown reason"
+    for line in reversed(lines):
+        if "error" in line.lower():
+            return line.split("error: ", 1)[-1]
+    return lines[-1] if lines else "unknown reason"
+
+
+def _umount(a: argparse.Namespace) -> int:
+    mountpoint = os.path.abspath(a.mountpoint)
+    if not os.path.ismount(mountpoint):
+        raise ConfigError(f"{mountpoint}: not mounted")
+    cmd = ["fusermount3", "-u", *(["-z"] if a.lazy else []), mountpoint]
+    result = subprocess.run(cmd, capture_output=True, text=True)
+    if result.returncode:
+        raise ConfigError(f"{mountpoint}: cannot unmount: {result.stderr.strip()}", exitcode=1)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "mount":
+            return _mount(args, argv)
+        return _umount(args)
+    except ConfigError as e:
+        log.error("%s", e)
+        print(f"cachefs: error: {e}", file=sys.stderr)
+        return e.exitcode
+    except KeyboardInterrupt:
+        return 130

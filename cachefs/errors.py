@@ -1,0 +1,37 @@
+"""Typed errors. Only fuse_ops translates these into errnos; cli into exit codes."""
+
+
+class CachefsError(Exception):
+    """Base class of every error cachefs raises on purpose."""
+
+
+class ConfigError(CachefsError):
+    """Bad user input: one sentence that says what to fix, no traceback."""
+
+    def __init__(self, msg: str, exitcode: int = 2):
+        super().__init__(msg)
+        self.exitcode = exitcode
+
+
+class ChunkCorrupt(CachefsError):
+    """A cached chunk failed its header, length or checksum check; never serve it."""
+
+
+class BackendError(CachefsError):
+    """The backend failed after bounded retries (timeouts, 5xx, connection errors)."""
+
+
+class BackendUnavailable(BackendError):
+    """The backend could not be reached within the request timeout."""
+
+
+class ObjectNotFound(BackendError):
+    """The object or directory does not exist in the backend."""
+
+
+class ObjectChanged(BackendError):
+    """The object changed in the backend since it was opened (version mismatch)."""
+
+
+class BackendPermissionDenied(BackendError):
+    """The backend refused the credentials for this object or bucket."""

@@ -1,0 +1,261 @@
+"""The FUSE front end: the only module that imports pyfuse3.
+
+Turns kernel requests into namespace and reader calls, and typed errors into
+errnos. Read-only for now: every modifying request gets EROFS.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import errno
+import functools
+import itertools
+import logging
+import os
+import stat
+from typing import Any, Awaitable, Callable, TypeVar
+
+import pyfuse3
+
+from cachefs import metrics
+from cachefs.backend import ObjectId, ObjectInfo
+from cachefs.errors import (
+    BackendError,
+    BackendPermissionDenied,
+    BackendUnavailable,
+    CachefsError,
+    ObjectChanged,
+    ObjectNotFound,
+)
+from cachefs.inodes import ROOT_INODE, InodeTable
+from cachefs.namespace import Namespace
+from cachefs.reader import Reader, ReadStream
+
+log = logging.getLogger(__name__)
+
+assert ROOT_INODE == pyfuse3.ROOT_INODE
+
+F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
+
+
+def _errno_of(e: CachefsError) -> int:
+    if isinstance(e, ObjectNotFound):
+        return errno.ENOENT
+    if isinstance(e, ObjectChanged):
+        return errno.ESTALE
+    if isinstance(e, BackendPermissionDenied):
+        return errno.EACCES
+    if isinstance(e, BackendUnavailable):
+        return errno.EIO
+    return errno.EIO
+
+
+def fuse_errors(fn: F) -> F:
+    """Translate typed errors into FUSEError at the edge; anything else would kill the mount."""
+
+    op = fn.__name__
+
+    @functools.wraps(fn)
+    async def wrapper(*args, **kwargs):
+        try:
+            return await fn(*args, **kwargs)
+        except pyfuse3.FUSEError as e:
+            if e.errno != errno.ENOENT:
+                metrics.FUSE_ERRORS.labels(op, errno.errorcode.get(e.errno, str(e.errno))).inc()
+            raise
+        except CachefsError as e:
+            code = _errno_of(e)
+            if code != errno.ENOENT:
+                log.warning("%s: %s -> %s", op, e, errno.errorcode[code])
+                metrics.FUSE_ERRORS.labels(op, errno.errorcode[code]).inc()
+            raise pyfuse3.FUSEError(code) from None
+        except Exception:
+            log.exception("%s failed unexpectedly", op)
+            metrics.FUSE_ERRORS.labels(op, "EIO").inc()
+            raise pyfuse3.FUSEError(errno.EIO) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+@dataclasses.dataclass
+class OpenFile:
+    inode: int
+    obj: ObjectId
+    stream: ReadStream
+
+
+class Operations(pyfuse3.Operations):
+    """pyfuse3 handlers over a `Namespace` (metadata) and a `Reader` (data)."""
+
+    supports_dot_lookup = True
+    enable_writeback_cache = False
+    enable_acl = False
+
+    def __init__(
+        self,
+        namespace: Namespace,
+        reader: Reader,
+        source: str,
+        *,
+        entry_ttl: float,
+        attr_ttl: float,
+        block_size: int,
+    ):
+        super().__init__()
+        self.namespace = namespace
+        self.reader = reader
+        self.source = source
+        self.entry_ttl = entry_ttl
+        self.attr_ttl = attr_ttl
+        self.block_size = block_size
+        self.inodes = InodeTable()
+        self._files: dict[int, OpenFile] = {}
+        self._dirs: dict[int, list[ObjectInfo]] = {}
+        self._fh = itertools.count(1)
+        # The version each inode had when last opened: the kernel keeps its page
+        # cache across opens only while this is unchanged.
+        self._opened_versions: dict[int, str] = {}
+        self._uid = os.getuid()
+        self._gid = os.getgid()
+
+    # -- attributes -------------------------------------------------------
+
+    def _attrs(self, inode: int, info: ObjectInfo) -> pyfuse3.EntryAttributes:
+        a = pyfuse3.EntryAttributes()
+        a.st_ino = inode
+        a.generation = 0
+        a.entry_timeout = self.entry_ttl
+        a.attr_timeout = self.attr_ttl
+        if info.kind == "dir":
+            a.st_mode = stat.S_IFDIR | 0o555
+            a.st_nlink = 2
+        elif info.kind == "link":
+            a.st_mode = stat.S_IFLNK | 0o777
+            a.st_nlink = 1
+        else:
+            a.st_mode = stat.S_IFREG | 0o444
+            a.st_nlink = 1
+        a.st_size = info.size
+        a.st_blksize = self.block_size
+        a.st_blocks = (info.size + 511) // 512
+        ns = int(info.mtime * 1e9)
+        a.st_atime_ns = a.st_mtime_ns = a.st_ctime_ns = ns
+        a.st_uid = self._uid
+        a.st_gid = self._gid
+        return a
+
+    def _path(self, inode: int) -> str:
+        try:
+            return self.inodes.path(inode)
+        except KeyError:
+            raise pyfuse3.FUSEError(errno.ENOENT) from None
+
+    @fuse_errors
+    async def lookup(self, parent_inode, name, ctx=None):
+        parent = self._path(parent_inode)
+        name = os.fsdecode(name)
+        if name == ".":
+            path = parent
+            info = await self.namespace.stat(path)
+        elif name == "..":
+            path = parent.rpartition("/")[0]
+            info = await self.namespace.stat(path)
+        else:
+            info = await self.namespace.lookup(parent, name)
+            path = info.path
+        inode = self.inodes.inode(path)
+        self.inodes.add_lookup(inode)
+        return self._attrs(inode, info)
+
+    @fuse_errors
+    async def getattr(self, inode, ctx=None):
+        info = await self.namespace.stat(self._path(inode))
+        return self._attrs(inode, info)
+
+    async def forget(self, inode_list):
+        for inode, nlookup in inode_list:
+            self.inodes.forget(inode, nlookup)
+
+    @fuse_errors
+    async def readlink(self, inode, ctx):
+        info = await self.namespace.stat(self._path(inode))
+        if info.kind != "link" or info.link_target is None:
+            raise pyfuse3.FUSEError(errno.EINVAL)
+        return os.fsencode(info.link_target)
+
+    @fuse_errors
+    async def statfs(self, ctx):
+        s = pyfuse3.StatvfsData()
+        s.f_bsize = self.block_size
+        s.f_frsize = self.block_size
+        # An object store has no size; report a large, full, read-only filesystem.
+        s.f_blocks = 1 << 30
+        s.f_bfree = s.f_bavail = 0
+        s.f_files = 1 << 30
+        s.f_ffree = s.f_favail = 0
+        s.f_namemax = 255
+        return s
+
+    # -- directories --------------------------------------------------------
+
+    @fuse_errors
+    async def opendir(self, inode, ctx):
+        path = self._path(inode)
+        # One snapshot per open directory: paging through it with offsets can then
+        # neither repeat nor skip entries, however the backend changes meanwhile.
+        entries = await self.namespace.list_dir(path)
+        fh = next(self._fh)
+        self._dirs[fh] = entries
+        return fh
+
+    @fuse_errors
+    async def readdir(self, fh, start_id, token):
+        entries = self._dirs[fh]
+        for i in range(start_id, len(entries)):
+            info = entries[i]
+            inode = self.inodes.inode(info.path)
+            if not pyfuse3.readdir_reply(token, os.fsencode(info.name), self._attrs(inode, info), i + 1):
+                return
+            self.inodes.add_lookup(inode)
+
+    async def releasedir(self, fh):
+        self._dirs.pop(fh, None)
+
+    # -- files ----------------------------------------------------------------
+
+    @fuse_errors
+    async def open(self, inode, flags, ctx):
+        if flags & os.O_ACCMODE != os.O_RDONLY or flags & (os.O_TRUNC | os.O_APPEND):
+            raise pyfuse3.FUSEError(errno.EROFS)
+        path = self._path(inode)
+        info = await self.namespace.stat(path)
+        if info.kind == "dir":
+            raise pyfuse3.FUSEError(errno.EISDIR)
+        obj = ObjectId(self.source, path, info.version, info.size)
+        fh = next(self._fh)
+        self._files[fh] = OpenFile(inode, obj, ReadStream())
+        fi = pyfuse3.FileInfo(fh=fh)
+        fi.keep_cache = self._opened_versions.get(inode) == info.version
+        self._opened_versions[inode] = info.version
+        return fi
+
+    @fuse_errors
+    async def read(self, fh, off, size):
+        f = self._files[fh]
+        try:
+            return await self.reader.read(f.obj, off, size, f.stream)
+        except ObjectChanged:
+            self.namespace.invalidate(f.obj.path)
+            self._opened_versions.pop(f.inode, None)
+            raise
+
+    async def release(self, fh):
+        self._files.pop(fh, None)
+
+    # -- everything that would modify the source -------------------------------
+
+    async def _read_only(self, *args, **kwargs):
+        raise pyfuse3.FUSEError(errno.EROFS)
+
+    setattr = create = mkdir = mknod = symlink = link = unlink = rmdir = rename = _read_only
+    write = setxattr = removexattr = _read_only

@@ -1,0 +1,76 @@
+"""Prometheus metrics, and a small trio HTTP endpoint that serves them.
+
+Names follow `cachefs_*_bytes/_seconds/_total`; hits, misses and errors are
+separate series. Later layers (peers, workers) add to these, never rename them.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import prometheus_client as prom
+import trio
+
+log = logging.getLogger(__name__)
+
+READ_BYTES = prom.Counter(
+    "cachefs_read_bytes", "Bytes returned to readers, by where the chunk came from", ["source"]
+)
+CACHE_HITS = prom.Counter("cachefs_cache_hits", "Chunk lookups served by a tier", ["tier"])
+CACHE_MISSES = prom.Counter("cachefs_cache_misses", "Chunk lookups a tier could not serve", ["tier"])
+CACHE_ERRORS = prom.Counter(
+    "cachefs_cache_errors", "Cached chunks dropped as corrupt or unreadable", ["tier", "reason"]
+)
+CACHE_EVICTIONS = prom.Counter("cachefs_cache_evictions", "Chunks evicted to stay within capacity", ["tier"])
+CACHE_USED = prom.Gauge("cachefs_cache_used_bytes", "Bytes held by a cache tier", ["tier"])
+CACHE_CAPACITY = prom.Gauge("cachefs_cache_capacity_bytes", "Configured capacity of a cache tier", ["tier"])
+CACHE_CHUNKS = prom.Gauge("cachefs_cache_chunks", "Chunks held by a cache tier", ["tier"])
+
+BACKEND_REQUESTS = prom.Counter(
+    "cachefs_backend_requests", "Backend requests by operation and outcome", ["op", "outcome"]
+)
+BACKEND_READ_BYTES = prom.Counter("cachefs_backend_read_bytes", "Bytes fetched from the backend")
+BACKEND_SECONDS = prom.Histogram(
+    "cachefs_backend_request_seconds",
+    "Latency of successful backend requests",
+    ["op"],
+    buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+)
+SINGLEFLIGHT_WAITS = prom.Counter(
+    "cachefs_singleflight_waits", "Chunk reads that waited for a fetch already in flight"
+)
+READAHEAD_CHUNKS = prom.Counter("cachefs_readahead_chunks", "Chunks fetched ahead of the reader")
+FUSE_ERRORS = prom.Counter("cachefs_fuse_errors", "Errors returned to the kernel", ["op", "errno"])
+
+
+async def serve(host: str, port: int, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+    """Serve GET /metrics until cancelled. Started with `nursery.start`, so the port is bound on return."""
+
+    async def handle(stream: trio.SocketStream) -> None:
+        try:
+            with trio.move_on_after(10):
+                request = b""
+                while b"\r\n\r\n" not in request and len(request) < 8192:
+                    data = await stream.receive_some(4096)
+                    if not data:
+                        return
+                    request += data
+                path = request.split(b" ", 2)[1] if request.count(b" ") >= 2 else b""
+                if path.split(b"?")[0] in (b"/metrics", b"/"):
+                    body, status = prom.generate_latest(), b"200 OK"
+                else:
+                    body, status = b"not found\n", b"404 Not Found"
+                head = (
+                    b"HTTP/1.1 " + status + b"\r\nContent-Type: " + prom.CONTENT_TYPE_LATEST.encode()
+                    + b"\r\nContent-Length: " + str(len(body)).encode() + b"\r\nConnection: close\r\n\r\n"
+                )
+                await stream.send_all(head + body)
+        except trio.BrokenResourceError:
+            pass
+        finally:
+            await stream.aclose()
+
+    listeners = await trio.open_tcp_listeners(port, host=host)
+    log.info("metrics on http://%s:%d/metrics", host, port)
+    task_status.started()
+    await trio.serve_listeners(handle, listeners)

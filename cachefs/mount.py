@@ -1,0 +1,128 @@
+"""Build a mount's layers and run it until unmounted or signalled."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+from typing import Callable
+
+import pyfuse3
+import trio
+
+from cachefs import metrics
+from cachefs.backend import Backend, open_store
+from cachefs.cache.disk import DiskTier
+from cachefs.cache.mem import MemTier
+from cachefs.config import MountConfig
+from cachefs.errors import (
+    BackendError,
+    BackendPermissionDenied,
+    BackendUnavailable,
+    ConfigError,
+    ObjectNotFound,
+)
+from cachefs.fuse_ops import Operations
+from cachefs.namespace import Namespace
+from cachefs.reader import Reader
+
+log = logging.getLogger(__name__)
+
+
+async def probe_source(backend: Backend, url: str) -> None:
+    """Fail before mounting if the source cannot be read: a clear error beats an empty mount.
+
+    Raises:
+        ConfigError: naming what is wrong with the source.
+    """
+    try:
+        info = await backend.stat("")
+    except ObjectNotFound:
+        raise ConfigError(f"{url}: no such bucket, prefix or directory") from None
+    except BackendPermissionDenied as e:
+        raise ConfigError(f"{url}: access denied; check the credentials ({e})") from None
+    except BackendUnavailable as e:
+        raise ConfigError(f"{url}: cannot reach the backend ({e})") from None
+    except BackendError as e:
+        raise ConfigError(f"{url}: cannot read the source ({e})") from None
+    if info.kind != "dir":
+        raise ConfigError(f"{url}: is a file, not a directory or prefix")
+
+
+def _set_kernel_read_ahead(real_mountpoint: str, kb: int) -> None:
+    """Raise the FUSE bdi's read_ahead_kb so buffered sequential reads arrive as 1 MiB
+    requests. Found through mountinfo: a stat() of our own mountpoint (or a realpath()
+    through it) would wait on this very process and deadlock."""
+    dev = None
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            fields = line.split()
+            if fields[4] == real_mountpoint and " - fuse" in line:
+                dev = fields[2]  # the last match is the newest mount on that path: ours
+    try:
+        if dev is None:
+            raise OSError("not in /proc/self/mountinfo")
+        with open(f"/sys/class/bdi/{dev}/read_ahead_kb", "w") as f:
+            f.write(str(kb))
+    except OSError as e:
+        log.warning("cannot raise read-ahead of %s: %s", real_mountpoint, e)
+
+
+async def run_mount(config: MountConfig, on_ready: Callable[[], None] = lambda: None) -> None:
+    """Mount `config.source` at `config.mountpoint` and serve until unmounted.
+
+    Raises:
+        ConfigError: the source or mountpoint cannot be used; nothing is mounted then.
+    """
+    store = open_store(config.source, config.endpoint_url, config.backend_timeout)
+    backend = Backend(store, config.backend_concurrency, config.backend_timeout, config.backend_retries)
+    async with trio.open_nursery() as nursery:
+        if config.metrics:
+            try:
+                await nursery.start(metrics.serve, *config.metrics)
+            except OSError as e:
+                raise ConfigError(f"--metrics {config.metrics[0]}:{config.metrics[1]}: cannot listen ({e.strerror})")
+        await probe_source(backend, config.source)
+        mem = MemTier(config.mem_size)
+        disk = None
+        if config.cache_size:
+            disk = DiskTier(config.cache_dir, config.cache_size, config.free_space_ratio)
+            await disk.load()
+        reader = Reader(mem, disk, backend, config.chunk_size, config.read_ahead, nursery)
+        namespace = Namespace(backend, config.attr_ttl, config.dir_ttl)
+        ops = Operations(
+            namespace,
+            reader,
+            store.url,
+            entry_ttl=config.entry_ttl,
+            attr_ttl=config.attr_ttl,
+            block_size=min(config.chunk_size, 1 << 20),
+        )
+        options = set(pyfuse3.default_options)
+        options |= {"ro", "noatime", f"fsname=cachefs:{config.source}", "subtype=cachefs"}
+        if os.getuid() == 0:
+            options.add("allow_other")  # jobs run as other users than the daemon
+        real_mountpoint = os.path.realpath(config.mountpoint)
+        try:
+            pyfuse3.init(ops, config.mountpoint, options)
+        except RuntimeError as e:
+            raise ConfigError(f"mountpoint {config.mountpoint}: cannot mount ({e})") from None
+        try:
+            _set_kernel_read_ahead(real_mountpoint, config.kernel_read_ahead_kb)
+            nursery.start_soon(_terminate_on_signals)
+            log.info("mounted %s at %s", config.source, config.mountpoint)
+            on_ready()
+            await pyfuse3.main(min_tasks=4, max_tasks=config.fuse_tasks)
+        finally:
+            # Unmount even after a crash: a dead mount would hang every job that touches it.
+            pyfuse3.close(unmount=True)
+            nursery.cancel_scope.cancel()
+    log.info("unmounted %s", config.mountpoint)
+
+
+async def _terminate_on_signals() -> None:
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
+        async for signum in signals:
+            log.info("got %s, unmounting", signal.Signals(signum).name)
+            pyfuse3.terminate()
+            return

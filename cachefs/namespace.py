@@ -1,0 +1,79 @@
+"""Metadata: the source's tree as the mount sees it, cached with TTLs.
+
+An object's attributes are trusted for --attr-ttl seconds and a directory's
+listing for --dir-ttl; a fresh listing also answers lookups and attributes of
+its children, so `ls -l` or opening many small files costs one LIST, not one
+HEAD per file.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Callable
+
+from cachefs.backend import Backend, ObjectInfo, join
+from cachefs.errors import ObjectNotFound
+
+
+class Namespace:
+    """Every method that may ask the backend checkpoints and raises `BackendError`s."""
+
+    def __init__(self, backend: Backend, attr_ttl: float, dir_ttl: float, clock: Callable[[], float] = time.monotonic):
+        self.backend = backend
+        self.attr_ttl = attr_ttl
+        self.dir_ttl = dir_ttl
+        self._clock = clock
+        self._attrs: dict[str, tuple[ObjectInfo, float]] = {}
+        self._dirs: dict[str, tuple[dict[str, ObjectInfo], float]] = {}
+
+    def _fresh(self, fetched_at: float, ttl: float) -> bool:
+        return self._clock() - fetched_at < ttl
+
+    async def stat(self, path: str, max_age: float | None = None) -> ObjectInfo:
+        """Attributes of `path`, at most `max_age` (default --attr-ttl) seconds old."""
+        ttl = self.attr_ttl if max_age is None else max_age
+        cached = self._attrs.get(path)
+        if cached is not None and self._fresh(cached[1], ttl):
+            return cached[0]
+        try:
+            info = await self.backend.stat(path)
+        except ObjectNotFound:
+            self._attrs.pop(path, None)
+            raise
+        self._attrs[path] = (info, self._clock())
+        return info
+
+    async def lookup(self, parent: str, name: str) -> ObjectInfo:
+        """The child `name` of directory `parent`.
+
+        Raises:
+            ObjectNotFound: no such entry.
+        """
+        listing = self._dirs.get(parent)
+        if listing is not None and self._fresh(listing[1], self.dir_ttl):
+            child = listing[0].get(name)
+            if child is None:
+                raise ObjectNotFound(f"{join(parent, name)}: not found")
+            return child
+        return await self.stat(join(parent, name))
+
+    async def list_dir(self, path: str) -> list[ObjectInfo]:
+        """The children of `path`, sorted by name, at most --dir-ttl seconds old."""
+        cached = self._dirs.get(path)
+        if cached is not None and self._fresh(cached[1], self.dir_ttl):
+            children = cached[0]
+        else:
+            entries = await self.backend.list_dir(path)
+            now = self._clock()
+            children = {e.name: e for e in entries}
+            self._dirs[path] = (children, now)
+            for e in entries:
+                self._attrs[e.path] = (e, now)
+        return sorted(children.values(), key=lambda e: e.name)
+
+    def invalidate(self, path: str) -> None:
+        """Forget what we know of `path`, e.g. after the backend said it changed."""
+        self._attrs.pop(path, None)
+        parent = path.rpartition("/")[0]
+        self._dirs.pop(parent, None)
+        self._dirs.pop(path, None)

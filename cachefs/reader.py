@@ -1,0 +1,181 @@
+"""The reader: turns (object, offset, size) into chunks and walks the tiers.
+
+MEM → SSD → backend, with one fetch per chunk at a time (single-flight),
+sequential-read detection that fetches the next chunks ahead in the nursery,
+and a bound on how much read-ahead may be in flight at once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+import trio
+
+from cachefs import hotpath, metrics
+from cachefs.backend import Backend, ObjectId
+from cachefs.cache import chunk_digest
+from cachefs.cache.disk import DiskTier
+from cachefs.cache.mem import Buffer, MemTier
+from cachefs.errors import BackendError
+
+log = logging.getLogger(__name__)
+
+
+class _Flight:
+    """One chunk fetch in progress; followers wait on `done` and share the outcome."""
+
+    __slots__ = ("done", "data", "source", "error")
+
+    def __init__(self) -> None:
+        self.done = trio.Event()
+        self.data: Buffer | None = None
+        self.source = ""
+        self.error: BaseException | None = None
+
+
+@dataclasses.dataclass
+class ReadStream:
+    """Per open file: where the last read ended, to recognise sequential reads."""
+
+    next_offset: int = 0
+    sequential_reads: int = 0
+    ahead_until: int = 0  # first chunk index not yet scheduled for read-ahead
+
+
+class Reader:
+    """Serves byte ranges of object versions from the chunk tiers.
+
+    Args:
+        nursery: where read-ahead and SSD write-behind tasks run.
+    """
+
+    def __init__(
+        self,
+        mem: MemTier,
+        disk: DiskTier | None,
+        backend: Backend,
+        chunk_size: int,
+        read_ahead: int,
+        nursery: trio.Nursery,
+    ):
+        self.mem = mem
+        self.disk = disk
+        self.backend = backend
+        self.chunk_size = chunk_size
+        self.read_ahead = read_ahead
+        self._nursery = nursery
+        self._flights: dict[bytes, _Flight] = {}
+        # Read-ahead that cannot start at once is skipped, not queued: it must never
+        # pile up memory or backend slots ahead of real reads.
+        self._ahead_slots = trio.Semaphore(max(2 * read_ahead, 1))
+
+    def _chunk_len(self, obj: ObjectId, index: int) -> int:
+        return min(self.chunk_size, obj.size - index * self.chunk_size)
+
+    async def read(self, obj: ObjectId, offset: int, size: int, stream: ReadStream | None = None) -> Buffer:
+        """Bytes [offset, offset+size) of `obj`, short at EOF.
+
+        Raises:
+            BackendError: a chunk could not be fetched after retries.
+        """
+        spans = hotpath.chunk_spans(offset, size, obj.size, self.chunk_size)
+        if not spans:
+            return b""
+        if stream is not None:
+            self._note_access(obj, stream, offset, offset + size, spans[-1][0])
+        for index, _, _ in spans[1:]:
+            # A read across chunks: fetch the later ones while we wait for the first.
+            self._start_prefetch(obj, index)
+        parts = []
+        for index, start, end in spans:
+            chunk, source = await self.chunk(obj, index)
+            parts.append(memoryview(chunk)[start:end])
+            metrics.READ_BYTES.labels(source).inc(end - start)
+        return hotpath.assemble(parts)
+
+    def _note_access(self, obj: ObjectId, stream: ReadStream, start: int, end: int, last_index: int) -> None:
+        if start == stream.next_offset:
+            stream.sequential_reads += 1
+        else:
+            stream.sequential_reads = 0
+            stream.ahead_until = 0
+        stream.next_offset = end
+        if stream.sequential_reads < 2 or not self.read_ahead:
+            return
+        n_chunks = -(-obj.size // self.chunk_size)
+        first = max(last_index + 1, stream.ahead_until)
+        last = min(last_index + self.read_ahead, n_chunks - 1)
+        for index in range(first, last + 1):
+            if not self._start_prefetch(obj, index, ahead=True):
+                return  # retry these next time round
+            stream.ahead_until = index + 1
+
+    def _start_prefetch(self, obj: ObjectId, index: int, ahead: bool = False) -> bool:
+        digest = chunk_digest(obj, self.chunk_size, index)
+        if digest in self._flights or digest in self.mem:
+            return True
+        if ahead:
+            try:
+                self._ahead_slots.acquire_nowait()
+            except trio.WouldBlock:
+                return False
+            metrics.READAHEAD_CHUNKS.inc()
+        self._nursery.start_soon(self._prefetch, obj, index, ahead)
+        return True
+
+    async def _prefetch(self, obj: ObjectId, index: int, ahead: bool) -> None:
+        try:
+            await self.chunk(obj, index)
+        except BackendError as e:
+            # The reader that needs this chunk will fetch it again and report the error.
+            log.debug("prefetch of %s chunk %d failed: %s", obj.path, index, e)
+        finally:
+            if ahead:
+                self._ahead_slots.release()
+
+    async def chunk(self, obj: ObjectId, index: int) -> tuple[Buffer, str]:
+        """One whole chunk, from the fastest tier that has it.
+
+        Returns:
+            (the chunk's bytes, the name of the tier or "backend" it came from).
+        Raises:
+            BackendError: the backend fetch failed; every waiter sees the same error.
+        """
+        digest = chunk_digest(obj, self.chunk_size, index)
+        data = self.mem.get(digest)
+        if data is not None:
+            return data, self.mem.name
+        flight = self._flights.get(digest)
+        if flight is not None:
+            metrics.SINGLEFLIGHT_WAITS.inc()
+            await flight.done.wait()
+            if flight.error is not None:
+                raise flight.error
+            assert flight.data is not None
+            return flight.data, flight.source
+        flight = self._flights[digest] = _Flight()
+        try:
+            flight.data, flight.source = await self._load(obj, index, digest)
+            return flight.data, flight.source
+        except BaseException as e:
+            flight.error = e if isinstance(e, BackendError) else BackendError(f"fetch of {obj.path} cancelled")
+            raise
+        finally:
+            del self._flights[digest]
+            flight.done.set()
+
+    async def _load(self, obj: ObjectId, index: int, digest: bytes) -> tuple[Buffer, str]:
+        length = self._chunk_len(obj, index)
+        if self.disk is not None:
+            data = await self.disk.get(digest, length)
+            if data is not None:
+                self.mem.put(digest, data)
+                return data, self.disk.name
+        start = index * self.chunk_size
+        fetched = await self.backend.fetch(obj, start, start + length)
+        self.mem.put(digest, fetched)
+        if self.disk is not None:
+            # Write-behind: the reader does not wait for the SSD.
+            self._nursery.start_soon(self.disk.put, digest, fetched)
+        return fetched, "backend"
