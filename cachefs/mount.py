@@ -107,11 +107,18 @@ async def run_mount(config: MountConfig, on_ready: Callable[[], None] = lambda: 
             pyfuse3.init(ops, config.mountpoint, options)
         except RuntimeError as e:
             raise ConfigError(f"mountpoint {config.mountpoint}: cannot mount ({e})") from None
-        try:
+        async def when_serving() -> None:
+            # The kernel holds every request until our INIT reply is processed, and
+            # that reply resets the bdi's read-ahead; so a stat() that returns means
+            # the mount answers and the read-ahead can now be set for good.
+            await trio.to_thread.run_sync(os.stat, real_mountpoint)
             _set_kernel_read_ahead(real_mountpoint, config.kernel_read_ahead_kb)
-            nursery.start_soon(_terminate_on_signals)
             log.info("mounted %s at %s", config.source, config.mountpoint)
             on_ready()
+
+        try:
+            nursery.start_soon(_terminate_on_signals)
+            nursery.start_soon(when_serving)
             await pyfuse3.main(min_tasks=4, max_tasks=config.fuse_tasks)
         finally:
             # Unmount even after a crash: a dead mount would hang every job that touches it.
