@@ -262,27 +262,45 @@ def _translate(e: BaseException, what: str) -> BackendError:
 _PERMANENT = (ObjectNotFound, ObjectChanged, BackendPermissionDenied)
 
 
+# After the backend stops answering, fail new requests at once for this long
+# instead of making every miss wait out its own timeout; then let one through.
+DOWN_COOLDOWN = 2.0
+
+
 class Backend:
     """A store driven from trio with bounded concurrency, time and retries.
 
-    Every method checkpoints. Errors are `BackendError` subclasses only.
+    Each request has one deadline, `timeout` seconds, that covers waiting for a
+    slot and all its attempts (at most `retries` + 1), so a miss fails within
+    --backend-timeout whatever the backend does. Every method checkpoints.
+    Errors are `BackendError` subclasses only.
     """
 
-    def __init__(self, store: Store, concurrency: int, timeout: float, retries: int):
+    def __init__(self, store: Store, concurrency: int, timeout: float, retries: int, clock=time.monotonic):
         self.store = store
         self.source = store.url
         self.timeout = timeout
         self.retries = retries
         self.limiter = trio.CapacityLimiter(concurrency)
+        self._clock = clock
+        self._down_until = 0.0
+
+    @property
+    def is_down(self) -> bool:
+        return self._clock() < self._down_until
 
     async def _call(self, op: str, what: str, fn: Callable[..., T], *args) -> T:
+        if self.is_down:
+            metrics.BACKEND_REQUESTS.labels(op, "skipped").inc()
+            raise BackendUnavailable(f"{what}: backend is down (retrying it in {self._down_until - self._clock():.1f}s)")
+        deadline = trio.current_time() + self.timeout
         delay = 0.05
-        for attempt in range(self.retries + 1):
+        attempt = 0
+        while True:
+            attempt += 1
             t0 = time.monotonic()
             error: BackendError | None = None
-            # The timeout covers waiting for a slot too: when the backend hangs and
-            # every slot is stuck, new misses fail fast instead of queueing forever.
-            with trio.move_on_after(self.timeout) as scope:
+            with trio.move_on_at(deadline):
                 try:
                     # Abandoning is safe: every store call is a read without side effects.
                     result = await trio.to_thread.run_sync(fn, *args, limiter=self.limiter, abandon_on_cancel=True)
@@ -292,16 +310,17 @@ class Backend:
                     metrics.BACKEND_REQUESTS.labels(op, "ok").inc()
                     metrics.BACKEND_SECONDS.labels(op).observe(time.monotonic() - t0)
                     return result
-            if error is None or scope.cancelled_caught:
+            if error is None:
                 error = BackendUnavailable(f"{what}: no answer from the backend within {self.timeout:g}s")
-            outcome = "notfound" if isinstance(error, ObjectNotFound) else "error"
-            metrics.BACKEND_REQUESTS.labels(op, outcome).inc()
-            if isinstance(error, _PERMANENT) or attempt == self.retries:
+            metrics.BACKEND_REQUESTS.labels(op, "notfound" if isinstance(error, ObjectNotFound) else "error").inc()
+            pause = delay * (1 + random.random())
+            if isinstance(error, _PERMANENT) or attempt > self.retries or trio.current_time() + pause >= deadline:
+                if isinstance(error, BackendUnavailable):
+                    self._down_until = self._clock() + DOWN_COOLDOWN
                 raise error
-            log.warning("%s %s failed (attempt %d/%d), retrying: %s", op, what, attempt + 1, self.retries + 1, error)
-            await trio.sleep(delay * (1 + random.random()))
+            log.warning("%s %s failed (attempt %d of %d), retrying: %s", op, what, attempt, self.retries + 1, error)
+            await trio.sleep(pause)
             delay = min(delay * 4, 2.0)
-        raise AssertionError("unreachable")
 
     async def stat(self, path: str) -> ObjectInfo:
         return await self._call("stat", path or "/", self.store.stat, path)

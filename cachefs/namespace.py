@@ -3,16 +3,20 @@
 An object's attributes are trusted for --attr-ttl seconds and a directory's
 listing for --dir-ttl; a fresh listing also answers lookups and attributes of
 its children, so `ls -l` or opening many small files costs one LIST, not one
-HEAD per file.
+HEAD per file. When the backend fails, what we already know is served stale
+rather than failing: cached data must stay readable while the backend is down.
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from typing import Callable
 
 from cachefs.backend import Backend, ObjectInfo, join
-from cachefs.errors import ObjectNotFound
+from cachefs.errors import BackendError, ObjectNotFound
+
+log = logging.getLogger(__name__)
 
 
 class Namespace:
@@ -40,6 +44,12 @@ class Namespace:
         except ObjectNotFound:
             self._attrs.pop(path, None)
             raise
+        except BackendError as e:
+            if cached is None:
+                raise
+            # Backend down: keep serving what we know, so cached data stays readable.
+            log.info("serving stale attributes of %s: %s", path or "/", e)
+            return cached[0]
         self._attrs[path] = (info, self._clock())
         return info
 
@@ -63,7 +73,13 @@ class Namespace:
         if cached is not None and self._fresh(cached[1], self.dir_ttl):
             children = cached[0]
         else:
-            entries = await self.backend.list_dir(path)
+            try:
+                entries = await self.backend.list_dir(path)
+            except BackendError as e:
+                if cached is None or isinstance(e, ObjectNotFound):
+                    raise
+                log.info("serving a stale listing of %s: %s", path or "/", e)
+                return sorted(cached[0].values(), key=lambda e: e.name)
             now = self._clock()
             children = {e.name: e for e in entries}
             self._dirs[path] = (children, now)
