@@ -125,7 +125,17 @@ def _mount(a: argparse.Namespace, argv: list[str]) -> int:
             os.write(ready_fd, b"ready")
             os.close(ready_fd)
 
-    trio.run(run_mount, config, on_ready)
+    try:
+        trio.run(run_mount, config, on_ready)
+    except BaseExceptionGroup as group:
+        # A ConfigError raised inside the mount's nursery arrives wrapped; unwrap
+        # it so the user gets its one sentence, not a traceback.
+        leaf: BaseException = group
+        while isinstance(leaf, BaseExceptionGroup) and len(leaf.exceptions) == 1:
+            leaf = leaf.exceptions[0]
+        if isinstance(leaf, ConfigError):
+            raise leaf from None
+        raise
     return 0
 
 
