@@ -263,7 +263,8 @@ _PERMANENT = (ObjectNotFound, ObjectChanged, BackendPermissionDenied)
 
 
 # After the backend stops answering, fail new requests at once for this long
-# instead of making every miss wait out its own timeout; then let one through.
+# instead of making every miss wait out its own timeout; then let one request
+# through as a probe (the others still fail fast) until one succeeds.
 DOWN_COOLDOWN = 2.0
 
 
@@ -283,16 +284,27 @@ class Backend:
         self.retries = retries
         self.limiter = trio.CapacityLimiter(concurrency)
         self._clock = clock
-        self._down_until = 0.0
+        self._down_until: float | None = None  # None while the backend answers
+        self._probing = False
 
     @property
     def is_down(self) -> bool:
-        return self._clock() < self._down_until
+        """True while requests fail fast: in the cool-down, or while a probe is out."""
+        return self._down_until is not None and (self._clock() < self._down_until or self._probing)
 
     async def _call(self, op: str, what: str, fn: Callable[..., T], *args) -> T:
         if self.is_down:
             metrics.BACKEND_REQUESTS.labels(op, "skipped").inc()
-            raise BackendUnavailable(f"{what}: backend is down (retrying it in {self._down_until - self._clock():.1f}s)")
+            raise BackendUnavailable(f"{what}: backend is down (probing it again shortly)")
+        probe = self._down_until is not None
+        self._probing |= probe
+        try:
+            return await self._attempts(op, what, fn, *args)
+        finally:
+            if probe:
+                self._probing = False
+
+    async def _attempts(self, op: str, what: str, fn: Callable[..., T], *args) -> T:
         deadline = trio.current_time() + self.timeout
         delay = 0.05
         attempt = 0
@@ -309,14 +321,15 @@ class Backend:
                 else:
                     metrics.BACKEND_REQUESTS.labels(op, "ok").inc()
                     metrics.BACKEND_SECONDS.labels(op).observe(time.monotonic() - t0)
+                    self._down_until = None
                     return result
             if error is None:
                 error = BackendUnavailable(f"{what}: no answer from the backend within {self.timeout:g}s")
             metrics.BACKEND_REQUESTS.labels(op, "notfound" if isinstance(error, ObjectNotFound) else "error").inc()
             pause = delay * (1 + random.random())
             if isinstance(error, _PERMANENT) or attempt > self.retries or trio.current_time() + pause >= deadline:
-                if isinstance(error, BackendUnavailable):
-                    self._down_until = self._clock() + DOWN_COOLDOWN
+                # Any answer, even "not found", means the backend is up.
+                self._down_until = self._clock() + DOWN_COOLDOWN if isinstance(error, BackendUnavailable) else None
                 raise error
             log.warning("%s %s failed (attempt %d of %d), retrying: %s", op, what, attempt, self.retries + 1, error)
             await trio.sleep(pause)

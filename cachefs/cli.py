@@ -181,9 +181,16 @@ def _last_error(log_file: str) -> str:
     return lines[-1] if lines else "unknown reason"
 
 
+def _is_mounted(mountpoint: str) -> bool:
+    # Not os.path.ismount: its stat() blocks forever on a hung daemon, the very
+    # case where a user needs umount most.
+    with open("/proc/self/mountinfo") as f:
+        return any(line.split()[4] == mountpoint for line in f)
+
+
 def _umount(a: argparse.Namespace) -> int:
     mountpoint = os.path.abspath(a.mountpoint)
-    if not os.path.ismount(mountpoint):
+    if not _is_mounted(mountpoint):
         raise ConfigError(f"{mountpoint}: not mounted")
     cmd = ["fusermount3", "-u", *(["-z"] if a.lazy else []), mountpoint]
     result = subprocess.run(cmd, capture_output=True, text=True)

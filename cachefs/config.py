@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import dataclasses
 import errno
+import fractions
+import math
 import os
 import re
 import stat
 
 from cachefs.errors import ConfigError
 
-_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGTP]?)(i?B?)?\s*$", re.IGNORECASE)
+_SIZE_RE = re.compile(r"^\s*(\d{1,30}(?:\.\d{1,30})?)\s*([KMGTP]?)(i?B?)?\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40, "P": 1 << 50}
 
 
@@ -24,7 +26,12 @@ def parse_size(text: str, what: str) -> int:
     if not match:
         raise ConfigError(f"{what}: {text!r} is not a size (use e.g. 4M, 512M, 100G)")
     number, unit = match.group(1), match.group(2).upper()
-    return int(float(number) * _UNITS[unit])
+    size = fractions.Fraction(number) * _UNITS[unit]  # exact: no float rounding of big sizes
+    if size.denominator != 1:
+        raise ConfigError(f"{what}: {text!r} is not a whole number of bytes")
+    if size >= 1 << 63:
+        raise ConfigError(f"{what}: {text!r} is too large")
+    return int(size)
 
 
 def parse_addr(text: str, what: str) -> tuple[str, int]:
@@ -95,6 +102,9 @@ class MountConfig:
             )
         if not 0.0 <= self.free_space_ratio < 1.0:
             raise ConfigError(f"--free-space-ratio {self.free_space_ratio}: must be in [0, 1)")
+        for name in ("attr_ttl", "entry_ttl", "dir_ttl", "free_space_ratio", "backend_timeout"):
+            if not math.isfinite(getattr(self, name)):
+                raise ConfigError(f"--{name.replace('_', '-')} must be a finite number")
         for name in ("attr_ttl", "entry_ttl", "dir_ttl"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"--{name.replace('_', '-')} must not be negative")

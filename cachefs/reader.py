@@ -63,7 +63,9 @@ class Reader:
         self.disk = disk
         self.backend = backend
         self.chunk_size = chunk_size
-        self.read_ahead = read_ahead
+        # Read-ahead hands chunks to the reader through a tier; with none there is
+        # nowhere to keep them, and reading ahead would only fetch everything twice.
+        self.read_ahead = read_ahead if mem.capacity or disk is not None else 0
         self._nursery = nursery
         self._flights: dict[bytes, _Flight] = {}
         # Read-ahead that cannot start at once is skipped, not queued: it must never
@@ -176,6 +178,11 @@ class Reader:
         fetched = await self.backend.fetch(obj, start, start + length)
         self.mem.put(digest, fetched)
         if self.disk is not None:
-            # Write-behind: the reader does not wait for the SSD.
-            self._nursery.start_soon(self.disk.put, digest, fetched)
+            if self.mem.capacity:
+                # Write-behind: the reader does not wait for the SSD.
+                self._nursery.start_soon(self.disk.put, digest, fetched)
+            else:
+                # No MEM tier: the chunk must be on the SSD before the flight ends,
+                # or a read-ahead chunk would be fetched again by its reader.
+                await self.disk.put(digest, fetched)
         return fetched, "backend"

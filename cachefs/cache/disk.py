@@ -134,23 +134,25 @@ class DiskTier:
         size = hotpath.HEADER_SIZE + len(data)
         self._writing.add(digest)
         self.used += size  # reserve before writing: concurrent puts cannot overshoot together
+        stored = False
         try:
             room, victims = self._claim_room(size)
             if victims:
                 await trio.to_thread.run_sync(_unlink_all, victims, limiter=self._limiter)
-            if not room:
-                self.used -= size
-                return False
-            try:
+            if room:
                 await trio.to_thread.run_sync(self._write, digest, data, limiter=self._limiter)
-            except OSError as e:
-                self.used -= size
-                log.warning("cannot write chunk %s to %s: %s", digest.hex(), self.root, e)
-                metrics.CACHE_ERRORS.labels(self.name, "write").inc()
-                return False
-            self._index[digest] = size
-            return True
+                self._index[digest] = size
+                stored = True
+            return stored
+        except OSError as e:
+            # A full or vanished cache disk costs cache hits, never a read: this
+            # runs as write-behind, where raising would take the mount down.
+            log.warning("cannot write chunk %s to %s: %s", digest.hex(), self.root, e)
+            metrics.CACHE_ERRORS.labels(self.name, "write").inc()
+            return False
         finally:
+            if not stored:
+                self.used -= size
             self._writing.discard(digest)
             self._publish()
 
@@ -178,6 +180,13 @@ class DiskTier:
                 pass
             raise
 
+    def _statvfs(self) -> os.statvfs_result:
+        try:
+            return os.statvfs(self.root)
+        except FileNotFoundError:
+            os.makedirs(self.root, mode=0o700, exist_ok=True)  # removed under us (a tmp cleaner)
+            return os.statvfs(self.root)
+
     def _claim_room(self, size: int) -> tuple[bool, list[str]]:
         """Evict LRU chunks from the index until `self.used` (which already counts
         `size`) fits the cap and writing `size` more bytes leaves --free-space-ratio
@@ -185,10 +194,12 @@ class DiskTier:
 
         Returns:
             (whether there is room, paths of the evicted files to unlink).
+        Raises:
+            OSError: the cache directory cannot be examined.
         """
         victims: list[str] = []
         freed = 0
-        st = os.statvfs(self.root) if self.free_space_ratio else None
+        st = self._statvfs() if self.free_space_ratio else None
         while self.used > self.capacity or (
             st is not None
             and st.f_bavail * st.f_frsize + freed - size < self.free_space_ratio * st.f_blocks * st.f_frsize

@@ -1,0 +1,597 @@
+"""The backend layer and the metadata cache above it.
+
+- ``Backend`` over a FakeStore (the LocalStore interface, in memory): bounded
+  retries, a deadline that holds even when the store hangs, errors that must
+  not be retried, the short circuit-breaker, and the request metrics.
+- ``LocalStore`` over real files, symlinks and directories in ``tmp_path``.
+- ``Namespace`` (attribute and listing TTLs) over a Backend, with a fake clock.
+
+Store calls run in worker threads, so Backend timeouts are real wall time;
+they are kept to a fraction of a second.
+"""
+
+from __future__ import annotations
+
+import errno
+import itertools
+import os
+import threading
+import time
+from collections import Counter
+
+import pytest
+import trio
+import trio.testing
+from prometheus_client import REGISTRY
+
+from cachefs import backend as backend_mod
+from cachefs.backend import Backend, LocalStore, ObjectId, ObjectInfo, open_store
+from cachefs.errors import (
+    BackendError,
+    BackendPermissionDenied,
+    BackendUnavailable,
+    ObjectChanged,
+    ObjectNotFound,
+)
+from cachefs.namespace import Namespace
+
+
+def sample(name: str, **labels: str) -> float:
+    return REGISTRY.get_sample_value(name, labels) or 0.0
+
+
+def requests(op: str, outcome: str) -> float:
+    return sample("cachefs_backend_requests_total", op=op, outcome=outcome)
+
+
+class FakeClock:
+    def __init__(self, now: float = 1000.0):
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class FakeStore:
+    """A tree in memory with the LocalStore interface (url, stat, list_dir, fetch).
+
+    `calls` counts calls per operation; `fail_next = n` makes the next n calls
+    raise `error()`; `hang()` blocks calls (on a threading.Event, in their worker
+    thread) until `release()`; `short = True` makes fetch return one byte less.
+    `add()` of an existing path is a new version: fetches of the old ObjectId
+    then raise ObjectChanged, as LocalStore's do.
+    """
+
+    url = "fake://bucket/prefix"
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._versions = itertools.count(1)
+        self.files: dict[str, tuple[bytes, str]] = {}
+        self.dirs: set[str] = {""}
+        self.calls: Counter[str] = Counter()
+        self.fail_next = 0
+        self.error = lambda: OSError(errno.EIO, "injected I/O error")
+        self.short = False
+        self._open = threading.Event()
+        self._open.set()
+
+    def add(self, path: str, data: bytes = b"") -> ObjectId:
+        version = f"v{next(self._versions)}"
+        self.files[path] = (data, version)
+        parent = path.rpartition("/")[0]
+        while parent and parent not in self.dirs:
+            self.dirs.add(parent)
+            parent = parent.rpartition("/")[0]
+        return ObjectId(self.url, path, version, len(data))
+
+    def remove(self, path: str) -> None:
+        del self.files[path]
+
+    def hang(self) -> None:
+        self._open.clear()
+
+    def release(self) -> None:
+        self._open.set()
+
+    def _enter(self, op: str) -> None:
+        with self._lock:
+            self.calls[op] += 1
+            fail = self.fail_next > 0
+            self.fail_next -= fail
+        if not self._open.wait(10):
+            raise RuntimeError("test store was never released")
+        if fail:
+            raise self.error()
+
+    def _info(self, path: str) -> ObjectInfo:
+        if path in self.dirs:
+            return ObjectInfo(path, "dir", 0, 0.0, "dir")
+        data, version = self.files[path]
+        return ObjectInfo(path, "file", len(data), 0.0, version)
+
+    def stat(self, path: str) -> ObjectInfo:
+        self._enter("stat")
+        if path not in self.dirs and path not in self.files:
+            raise FileNotFoundError(errno.ENOENT, "no such object", path)
+        return self._info(path)
+
+    def list_dir(self, path: str) -> list[ObjectInfo]:
+        self._enter("list")
+        if path not in self.dirs:
+            raise FileNotFoundError(errno.ENOENT, "no such directory", path)
+        names = [p for p in (*self.dirs, *self.files) if p and p.rpartition("/")[0] == path]
+        return [self._info(p) for p in names]
+
+    def fetch(self, obj: ObjectId, start: int, end: int) -> bytes:
+        self._enter("fetch")
+        if obj.path not in self.files:
+            raise FileNotFoundError(errno.ENOENT, "no such object", obj.path)
+        data, version = self.files[obj.path]
+        if version != obj.version:
+            raise ObjectChanged(f"{obj.path}: changed")
+        return data[start : end - 1] if self.short else data[start:end]
+
+
+@pytest.fixture
+def store():
+    s = FakeStore()
+    yield s
+    s.release()  # no worker thread outlives the test
+
+
+DATA = bytes(range(256)) * 40
+
+
+# -- Backend: retries --------------------------------------------------------------
+
+
+@pytest.mark.trio
+async def test_retries_until_success(store):
+    obj = store.add("f", DATA)
+    store.fail_next = 2
+    ok, errors = requests("get", "ok"), requests("get", "error")
+    backend = Backend(store, concurrency=4, timeout=5.0, retries=3)
+    assert await backend.fetch(obj, 100, 300) == DATA[100:300]
+    assert store.calls["fetch"] == 3
+    assert requests("get", "ok") == ok + 1
+    assert requests("get", "error") == errors + 2
+
+
+@pytest.mark.trio
+@pytest.mark.parametrize("retries", [0, 2])
+async def test_gives_up_after_retries(store, retries):
+    obj = store.add("f", DATA)
+    store.fail_next = 100
+    errors = requests("get", "error")
+    backend = Backend(store, concurrency=4, timeout=5.0, retries=retries)
+    with pytest.raises(BackendError) as info:
+        await backend.fetch(obj, 0, 10)
+    assert type(info.value) is BackendError
+    assert store.calls["fetch"] == retries + 1
+    assert requests("get", "error") == errors + retries + 1
+
+
+@pytest.mark.trio
+@pytest.mark.parametrize(
+    "make_error, expected, retried",
+    [
+        (lambda: FileNotFoundError(errno.ENOENT, "gone"), ObjectNotFound, False),
+        (lambda: NotADirectoryError(errno.ENOTDIR, "not a dir"), ObjectNotFound, False),
+        (lambda: PermissionError(errno.EACCES, "denied"), BackendPermissionDenied, False),
+        (lambda: ObjectChanged("new etag"), ObjectChanged, False),
+        (lambda: ConnectionResetError(errno.ECONNRESET, "reset"), BackendUnavailable, True),
+        (lambda: TimeoutError("read timed out"), BackendUnavailable, True),
+        (lambda: OSError(errno.EIO, "I/O error"), BackendError, True),
+        (lambda: ValueError("botocore says no"), BackendError, True),
+    ],
+    ids=["enoent", "enotdir", "eacces", "changed", "reset", "timeout", "eio", "other"],
+)
+async def test_errors_are_translated_and_only_transient_ones_retried(store, make_error, expected, retried):
+    obj = store.add("f", DATA)
+    store.fail_next = 100
+    store.error = make_error
+    backend = Backend(store, concurrency=4, timeout=5.0, retries=1)
+    with pytest.raises(BackendError) as info:
+        await backend.fetch(obj, 0, 10)
+    assert type(info.value) is expected
+    assert store.calls["fetch"] == (2 if retried else 1)
+
+
+@pytest.mark.trio
+async def test_object_changed_is_not_retried(store):
+    old = store.add("f", DATA)
+    store.add("f", DATA[::-1])
+    errors = requests("get", "error")
+    backend = Backend(store, concurrency=4, timeout=5.0, retries=3)
+    with pytest.raises(ObjectChanged):
+        await backend.fetch(old, 0, 10)
+    assert store.calls["fetch"] == 1
+    assert requests("get", "error") == errors + 1
+
+
+@pytest.mark.trio
+async def test_not_found_is_not_retried_and_counted_apart(store):
+    notfound, errors = requests("stat", "notfound"), requests("stat", "error")
+    backend = Backend(store, concurrency=4, timeout=5.0, retries=3)
+    with pytest.raises(ObjectNotFound):
+        await backend.stat("missing")
+    assert store.calls["stat"] == 1
+    assert requests("stat", "notfound") == notfound + 1
+    assert requests("stat", "error") == errors
+
+
+@pytest.mark.trio
+async def test_short_read_is_object_changed(store):
+    obj = store.add("f", DATA)
+    store.short = True
+    backend = Backend(store, concurrency=4, timeout=5.0, retries=3)
+    with pytest.raises(ObjectChanged):
+        await backend.fetch(obj, 0, 100)
+    assert store.calls["fetch"] == 1
+
+
+@pytest.mark.trio
+async def test_stat_and_list_go_through(store):
+    store.add("d/a", b"12345")
+    store.add("d/b")
+    stats, lists = requests("stat", "ok"), requests("list", "ok")
+    backend = Backend(store, concurrency=4, timeout=5.0, retries=0)
+    assert await backend.stat("d/a") == ObjectInfo("d/a", "file", 5, 0.0, store.files["d/a"][1])
+    assert sorted(i.path for i in await backend.list_dir("d")) == ["d/a", "d/b"]
+    assert requests("stat", "ok") == stats + 1
+    assert requests("list", "ok") == lists + 1
+
+
+# -- Backend: a hanging store -------------------------------------------------------
+
+TIMEOUT = 0.2
+SLACK = 0.5
+
+
+@pytest.mark.trio
+@pytest.mark.parametrize("retries", [0, 3])
+async def test_hanging_store_fails_within_the_timeout(store, retries):
+    obj = store.add("f", DATA)
+    store.hang()
+    errors = requests("get", "error")
+    backend = Backend(store, concurrency=4, timeout=TIMEOUT, retries=retries)
+    t0 = time.monotonic()
+    with trio.fail_after(5):  # a hang fails the test instead of hanging it
+        with pytest.raises(BackendUnavailable):
+            await backend.fetch(obj, 0, 10)
+    elapsed = time.monotonic() - t0
+    # One deadline per request, however many retries are allowed.
+    assert TIMEOUT * 0.9 <= elapsed < TIMEOUT + SLACK
+    assert elapsed < TIMEOUT * (retries + 1) + SLACK
+    assert store.calls["fetch"] == 1
+    assert requests("get", "error") == errors + 1
+
+
+@pytest.mark.trio
+async def test_hanging_store_with_every_slot_stuck_fails_fast(store):
+    obj = store.add("f", DATA)
+    store.hang()
+    backend = Backend(store, concurrency=1, timeout=TIMEOUT, retries=2)
+    outcomes = []
+
+    async def fetch():
+        try:
+            await backend.fetch(obj, 0, 10)
+        except BackendError as e:
+            outcomes.append(type(e))
+
+    t0 = time.monotonic()
+    with trio.fail_after(5):
+        async with trio.open_nursery() as nursery:
+            for _ in range(3):
+                nursery.start_soon(fetch)
+    assert time.monotonic() - t0 < TIMEOUT + SLACK
+    assert outcomes == [BackendUnavailable] * 3
+    assert store.calls["fetch"] == 1, "the others never got the only slot"
+
+
+@pytest.mark.trio
+async def test_circuit_breaker_fails_fast_then_lets_requests_through(store):
+    obj = store.add("f", DATA)
+    clock = FakeClock()
+    backend = Backend(store, concurrency=4, timeout=TIMEOUT, retries=0, clock=clock)
+    store.hang()
+    with pytest.raises(BackendUnavailable):
+        await backend.fetch(obj, 0, 10)
+    assert backend.is_down
+    store.release()
+
+    skipped = requests("get", "skipped")
+    with trio.fail_after(1):
+        with pytest.raises(BackendUnavailable):
+            await backend.fetch(obj, 0, 10)
+        with pytest.raises(BackendUnavailable):
+            await backend.stat("f")
+    assert store.calls == {"fetch": 1}, "a down backend is not asked"
+    assert requests("get", "skipped") == skipped + 1
+
+    clock.now += backend_mod.DOWN_COOLDOWN
+    assert not backend.is_down
+    assert await backend.fetch(obj, 0, 10) == DATA[:10]
+    assert store.calls["fetch"] == 2
+
+
+@pytest.mark.trio
+@pytest.mark.parametrize("error", [lambda: FileNotFoundError(errno.ENOENT, "x"), lambda: OSError(errno.EIO, "x")])
+async def test_only_unavailability_trips_the_breaker(store, error):
+    obj = store.add("f", DATA)
+    store.fail_next = 1
+    store.error = error
+    backend = Backend(store, concurrency=4, timeout=5.0, retries=0, clock=FakeClock())
+    with pytest.raises(BackendError):
+        await backend.fetch(obj, 0, 10)
+    assert not backend.is_down
+    assert await backend.fetch(obj, 0, 10) == DATA[:10]
+
+
+@pytest.mark.trio
+async def test_after_the_cooldown_only_one_request_probes_a_dead_backend(store):
+    obj = store.add("f", DATA)
+    clock = FakeClock()
+    backend = Backend(store, concurrency=8, timeout=TIMEOUT, retries=0, clock=clock)
+    store.hang()
+    with pytest.raises(BackendUnavailable):
+        await backend.fetch(obj, 0, 10)
+    clock.now += backend_mod.DOWN_COOLDOWN
+
+    async def fetch():
+        with pytest.raises(BackendUnavailable):
+            await backend.fetch(obj, 0, 10)
+
+    with trio.fail_after(5):
+        async with trio.open_nursery() as nursery:
+            for _ in range(5):
+                nursery.start_soon(fetch)
+    assert store.calls["fetch"] == 2, "one probe after the cooldown, the rest fail fast"
+
+
+# -- LocalStore --------------------------------------------------------------------
+
+
+@pytest.fixture
+def tree(tmp_path):
+    root = tmp_path / "src"
+    (root / "sub").mkdir(parents=True)
+    (root / "a.txt").write_bytes(DATA)
+    (root / "sub" / "b.bin").write_bytes(b"bee")
+    (root / "link").symlink_to("a.txt")
+    (root / "dangling").symlink_to("nowhere")
+    return root
+
+
+def test_local_stat_kinds(tree):
+    s = LocalStore(str(tree))
+    st = os.stat(tree / "a.txt")
+    a = s.stat("a.txt")
+    assert (a.path, a.name, a.kind, a.size) == ("a.txt", "a.txt", "file", len(DATA))
+    assert a.version == f"stat:{st.st_size}-{st.st_mtime_ns}"
+    assert a.link_target is None
+    assert s.stat("sub").kind == "dir"
+    assert s.stat("").kind == "dir"
+    link = s.stat("link")
+    assert (link.kind, link.link_target) == ("link", "a.txt")
+    assert s.stat("dangling").link_target == "nowhere"
+    b = s.stat("sub/b.bin")
+    assert (b.path, b.name, b.size) == ("sub/b.bin", "b.bin", 3)
+    with pytest.raises(FileNotFoundError):
+        s.stat("missing")
+
+
+def test_local_list_dir(tree):
+    s = LocalStore(str(tree))
+    listing = {i.path: i for i in s.list_dir("")}
+    assert {p: i.kind for p, i in listing.items()} == {
+        "a.txt": "file",
+        "sub": "dir",
+        "link": "link",
+        "dangling": "link",
+    }
+    assert listing["a.txt"] == s.stat("a.txt"), "listing and stat agree"
+    assert listing["link"].link_target == "a.txt"
+    assert [i.path for i in s.list_dir("sub")] == ["sub/b.bin"]
+    with pytest.raises(NotADirectoryError):
+        s.list_dir("a.txt")
+
+
+def test_local_fetch_reads_the_version_it_was_given(tree):
+    s = LocalStore(str(tree))
+    info = s.stat("a.txt")
+    obj = ObjectId(s.url, info.path, info.version, info.size)
+    assert s.fetch(obj, 0, 10) == DATA[:10]
+    assert s.fetch(obj, 1000, 1500) == DATA[1000:1500]
+
+
+@pytest.mark.parametrize("change", ["same_size_new_mtime", "appended", "replaced"])
+def test_local_fetch_refuses_a_changed_file(tree, change):
+    s = LocalStore(str(tree))
+    info = s.stat("a.txt")
+    obj = ObjectId(s.url, info.path, info.version, info.size)
+    path = tree / "a.txt"
+    st = os.stat(path)
+    if change == "same_size_new_mtime":
+        path.write_bytes(DATA[::-1])
+        os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))
+    elif change == "appended":
+        with open(path, "ab") as f:
+            f.write(b"more")
+        os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))  # even with the old mtime
+    else:
+        tmp = tree / "a.new"
+        tmp.write_bytes(DATA)
+        os.replace(tmp, path)
+        os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 1))
+    with pytest.raises(ObjectChanged):
+        s.fetch(obj, 0, 10)
+
+
+@pytest.mark.trio
+async def test_local_store_through_backend(tree):
+    s = LocalStore(str(tree))
+    backend = Backend(s, concurrency=4, timeout=5.0, retries=3)
+    info = await backend.stat("a.txt")
+    obj = ObjectId(s.url, info.path, info.version, info.size)
+    assert await backend.fetch(obj, 5, 25) == DATA[5:25]
+    with pytest.raises(ObjectNotFound):
+        await backend.stat("missing")
+    with pytest.raises(ObjectNotFound):
+        await backend.list_dir("a.txt")
+    os.utime(tree / "a.txt", ns=(0, 1))
+    errors = requests("get", "error")
+    with pytest.raises(ObjectChanged):
+        await backend.fetch(obj, 0, 10)
+    assert requests("get", "error") == errors + 1, "ObjectChanged is not retried"
+    (tree / "a.txt").unlink()
+    with pytest.raises(ObjectNotFound):
+        await backend.fetch(obj, 0, 10)
+
+
+def test_open_store_picks_local_for_paths(tmp_path):
+    for url in (str(tmp_path), f"file://{tmp_path}"):
+        s = open_store(url)
+        assert isinstance(s, LocalStore) and s.root == str(tmp_path)
+    rel = open_store(".")
+    assert isinstance(rel, LocalStore) and rel.root == os.getcwd()
+
+
+# -- Namespace ---------------------------------------------------------------------
+
+
+@pytest.fixture
+def clock():
+    return FakeClock()
+
+
+@pytest.fixture
+def ns_store():
+    s = FakeStore()
+    s.add("d/a", b"aaa")
+    s.add("d/b", b"bbbb")
+    s.add("d/sub/c", b"c")
+    s.add("top", b"t")
+    yield s
+    s.release()
+
+
+def namespace(store, clock, attr_ttl=1.0, dir_ttl=5.0) -> Namespace:
+    backend = Backend(store, concurrency=4, timeout=5.0, retries=0, clock=clock)
+    return Namespace(backend, attr_ttl=attr_ttl, dir_ttl=dir_ttl, clock=clock)
+
+
+@pytest.mark.trio
+async def test_attr_ttl_is_honoured(ns_store, clock):
+    ns = namespace(ns_store, clock, attr_ttl=1.0)
+    assert (await ns.stat("d/a")).size == 3
+    clock.now += 0.99
+    ns_store.add("d/a", b"grown")
+    assert (await ns.stat("d/a")).size == 3, "within the TTL: cached"
+    assert ns_store.calls["stat"] == 1
+    clock.now += 0.01
+    assert (await ns.stat("d/a")).size == 5, "at the TTL: asked again"
+    assert ns_store.calls["stat"] == 2
+    assert (await ns.stat("d/a", max_age=0)).size == 5
+    assert ns_store.calls["stat"] == 3, "max_age=0 always asks"
+
+
+@pytest.mark.trio
+async def test_attr_ttl_zero_always_asks(ns_store, clock):
+    ns = namespace(ns_store, clock, attr_ttl=0.0)
+    for _ in range(3):
+        await ns.stat("top")
+    assert ns_store.calls["stat"] == 3
+
+
+@pytest.mark.trio
+async def test_listing_answers_lookups_of_children(ns_store, clock):
+    ns = namespace(ns_store, clock, attr_ttl=1.0, dir_ttl=5.0)
+    names = [i.name for i in await ns.list_dir("d")]
+    assert names == ["a", "b", "sub"], "sorted by name"
+    assert ns_store.calls == {"list": 1}
+
+    assert (await ns.lookup("d", "a")).size == 3
+    assert (await ns.lookup("d", "sub")).kind == "dir"
+    assert (await ns.stat("d/b")).size == 4
+    with pytest.raises(ObjectNotFound):
+        await ns.lookup("d", "nope")
+    assert ns_store.calls == {"list": 1}, "a fresh listing answers without a stat"
+
+    assert [i.name for i in await ns.list_dir("d")] == ["a", "b", "sub"]
+    assert ns_store.calls == {"list": 1}, "the listing itself is cached for dir_ttl"
+
+
+@pytest.mark.trio
+async def test_expired_listing_falls_back_to_stat(ns_store, clock):
+    ns = namespace(ns_store, clock, attr_ttl=1.0, dir_ttl=5.0)
+    await ns.list_dir("d")
+    clock.now += 5.0
+    ns_store.add("d/new", b"n")
+    assert (await ns.lookup("d", "new")).size == 1
+    assert ns_store.calls["stat"] == 1
+    with pytest.raises(ObjectNotFound):
+        await ns.lookup("d", "nope")
+    assert ns_store.calls["stat"] == 2
+    assert [i.name for i in await ns.list_dir("d")] == ["a", "b", "new", "sub"]
+    assert ns_store.calls["list"] == 2
+
+
+@pytest.mark.trio
+async def test_lookup_without_listing_stats_the_child(ns_store, clock):
+    ns = namespace(ns_store, clock)
+    assert (await ns.lookup("", "top")).size == 1
+    assert (await ns.lookup("", "top")).size == 1
+    assert ns_store.calls == {"stat": 1}, "the attributes are cached for attr_ttl"
+    with pytest.raises(ObjectNotFound):
+        await ns.lookup("d", "nope")
+
+
+@pytest.mark.trio
+async def test_invalidate_forgets_the_object_and_its_parent_listing(ns_store, clock):
+    ns = namespace(ns_store, clock, attr_ttl=100.0, dir_ttl=100.0)
+    await ns.list_dir("d")
+    await ns.stat("d/a")
+    assert ns_store.calls == {"list": 1}
+    ns_store.add("d/a", b"changed!")
+    ns_store.remove("d/b")
+
+    ns.invalidate("d/a")
+    assert (await ns.stat("d/a")).size == 8
+    assert ns_store.calls["stat"] == 1
+    assert [i.name for i in await ns.list_dir("d")] == ["a", "sub"]
+    assert ns_store.calls["list"] == 2
+
+    await ns.list_dir("d/sub")
+    ns.invalidate("d/sub")  # a directory: its own listing goes too
+    await ns.list_dir("d/sub")
+    assert ns_store.calls["list"] == 4
+
+
+@pytest.mark.trio
+async def test_stale_metadata_is_served_while_the_backend_is_down(ns_store, clock):
+    ns = namespace(ns_store, clock, attr_ttl=1.0, dir_ttl=1.0)
+    assert (await ns.stat("top")).size == 1
+    assert len(await ns.list_dir("d")) == 3
+    clock.now += 10
+    ns_store.fail_next = 100
+    ns_store.error = lambda: ConnectionRefusedError(errno.ECONNREFUSED, "refused")
+    assert (await ns.stat("top")).size == 1
+    assert [i.name for i in await ns.list_dir("d")] == ["a", "b", "sub"]
+    with pytest.raises(BackendUnavailable):
+        await ns.stat("d/sub/c")  # never seen: nothing to serve
+
+
+@pytest.mark.trio
+async def test_not_found_is_not_papered_over_with_stale_attributes(ns_store, clock):
+    ns = namespace(ns_store, clock, attr_ttl=1.0)
+    await ns.stat("top")
+    ns_store.remove("top")
+    clock.now += 1.0
+    with pytest.raises(ObjectNotFound):
+        await ns.stat("top")
+    with pytest.raises(ObjectNotFound):
+        await ns.stat("top")
+    assert ns_store.calls["stat"] == 3, "a miss is not cached"

@@ -1,0 +1,487 @@
+"""The chunk tiers: MemTier (an LRU in memory) and DiskTier (one file per chunk).
+
+DiskTier tests use real files under ``tmp_path``; the only thing faked is
+``os.statvfs`` for the free-space rule, because a nearly full disk cannot be
+made on demand.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import stat
+from collections import OrderedDict
+from pathlib import Path
+
+import pytest
+import trio
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from prometheus_client import REGISTRY
+
+from cachefs import hotpath
+from cachefs.backend import ObjectId
+from cachefs.cache import chunk_digest
+from cachefs.cache.disk import DiskTier
+from cachefs.cache.mem import MemTier
+
+HEADER = hotpath.HEADER_SIZE
+CHUNK = 64 << 10
+
+
+def key(n: int, version: str = "v1") -> bytes:
+    return chunk_digest(ObjectId("test://src", f"obj{n // 1000}", version, 1 << 30), CHUNK, n % 1000)
+
+
+def payload(size: int, seed: int = 0) -> bytes:
+    return random.Random(seed).randbytes(size)
+
+
+def sample(name: str, **labels: str) -> float:
+    return REGISTRY.get_sample_value(name, labels) or 0.0
+
+
+def corrupt_errors() -> float:
+    return sample("cachefs_cache_errors_total", tier="disk", reason="corrupt")
+
+
+# -- chunk keys ----------------------------------------------------------------
+
+
+def test_chunk_digest_covers_every_part_of_the_key():
+    base = ObjectId("s3://b/p", "dir/file", "etag:abc", 1000)
+    digest = chunk_digest(base, CHUNK, 3)
+    assert len(digest) == 16
+    assert chunk_digest(ObjectId("s3://b/p", "dir/file", "etag:abc", 1000), CHUNK, 3) == digest
+    others = [
+        chunk_digest(ObjectId("s3://b/q", "dir/file", "etag:abc", 1000), CHUNK, 3),
+        chunk_digest(ObjectId("s3://b/p", "dir/filf", "etag:abc", 1000), CHUNK, 3),
+        chunk_digest(ObjectId("s3://b/p", "dir/file", "etag:abd", 1000), CHUNK, 3),
+        chunk_digest(ObjectId("s3://b/p", "dir/file", "etag:abc", 1001), CHUNK, 3),
+        chunk_digest(base, 2 * CHUNK, 3),
+        chunk_digest(base, CHUNK, 4),
+    ]
+    assert digest not in others and len(set(others)) == len(others)
+
+
+def test_chunk_digest_does_not_confuse_fields():
+    # The separator keeps ("a\0b", "c") and ("a", "b\0c")-style shifts apart.
+    a = chunk_digest(ObjectId("src", "a", "b", 1), CHUNK, 0)
+    b = chunk_digest(ObjectId("src", "ab", "", 1), CHUNK, 0)
+    assert a != b
+
+
+# -- MemTier -------------------------------------------------------------------
+
+
+def test_mem_get_refreshes_lru_order():
+    mem = MemTier(3 * 100)
+    for n in range(3):
+        mem.put(key(n), payload(100, n))
+    assert mem.get(key(0)) == payload(100, 0)  # now key(1) is the oldest
+    mem.put(key(3), payload(100, 3))
+    assert key(1) not in mem
+    assert all(key(n) in mem for n in (0, 2, 3))
+    mem.put(key(4), payload(100, 4))
+    assert key(2) not in mem and key(0) in mem
+    assert mem.usage() == (300, 3)
+
+
+def test_mem_evicts_as_many_as_needed():
+    mem = MemTier(1000)
+    for n in range(10):
+        mem.put(key(n), payload(100, n))
+    assert mem.usage() == (1000, 10)
+    mem.put(key(99), payload(550, 99))
+    # 550 more bytes need six 100-byte chunks out: the six oldest.
+    assert [n for n in range(10) if key(n) in mem] == [6, 7, 8, 9]
+    assert mem.usage() == (950, 5)
+
+
+def test_mem_capacity_zero_is_off():
+    mem = MemTier(0)
+    mem.put(key(0), b"x")
+    assert key(0) not in mem
+    assert mem.get(key(0)) is None
+    assert mem.usage() == (0, 0)
+
+
+def test_mem_chunk_larger_than_capacity_is_ignored():
+    mem = MemTier(100)
+    mem.put(key(0), payload(60))
+    mem.put(key(1), payload(101))
+    assert key(1) not in mem
+    assert mem.get(key(0)) == payload(60), "an oversized put must not evict anything"
+    assert mem.usage() == (60, 1)
+
+
+def test_mem_put_replaces_and_remove_frees():
+    mem = MemTier(100)
+    mem.put(key(0), payload(40, 1))
+    mem.put(key(0), payload(70, 2))
+    assert mem.usage() == (70, 1)
+    assert mem.get(key(0)) == payload(70, 2)
+    mem.remove(key(0))
+    mem.remove(key(0))  # removing an absent chunk is a no-op
+    assert mem.usage() == (0, 0)
+    assert mem.get(key(0)) is None
+
+
+def test_mem_hit_and_miss_metrics():
+    mem = MemTier(100)
+    hits, misses = sample("cachefs_cache_hits_total", tier="mem"), sample("cachefs_cache_misses_total", tier="mem")
+    mem.put(key(0), b"abc")
+    mem.get(key(0))
+    mem.get(key(1))
+    mem.get(key(1))
+    assert sample("cachefs_cache_hits_total", tier="mem") == hits + 1
+    assert sample("cachefs_cache_misses_total", tier="mem") == misses + 2
+
+
+class RefLRU:
+    """The obvious LRU, to check MemTier against."""
+
+    def __init__(self, capacity: int):
+        self.capacity = capacity
+        self.items: OrderedDict[bytes, bytes] = OrderedDict()
+
+    def used(self) -> int:
+        return sum(map(len, self.items.values()))
+
+    def get(self, k):
+        if k not in self.items:
+            return None
+        self.items.move_to_end(k)
+        return self.items[k]
+
+    def put(self, k, v):
+        if len(v) > self.capacity:
+            return
+        self.items.pop(k, None)
+        while self.used() + len(v) > self.capacity:
+            self.items.popitem(last=False)
+        self.items[k] = v
+
+    def remove(self, k):
+        self.items.pop(k, None)
+
+
+KEYS = [key(n) for n in range(6)]
+mem_ops = st.lists(
+    st.one_of(
+        st.tuples(st.just("put"), st.sampled_from(KEYS), st.integers(1, 60)),
+        st.tuples(st.just("get"), st.sampled_from(KEYS), st.just(0)),
+        st.tuples(st.just("remove"), st.sampled_from(KEYS), st.just(0)),
+    ),
+    max_size=60,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(capacity=st.integers(0, 150), ops=mem_ops)
+def test_mem_matches_reference_lru(capacity, ops):
+    mem, ref = MemTier(capacity), RefLRU(capacity)
+    for i, (op, k, size) in enumerate(ops):
+        if op == "put":
+            data = bytes([i % 256]) * size
+            mem.put(k, data)
+            ref.put(k, data)
+        elif op == "get":
+            got = mem.get(k)
+            assert (None if got is None else bytes(got)) == ref.get(k)
+        else:
+            mem.remove(k)
+            ref.remove(k)
+        assert mem.used <= capacity
+        assert mem.usage() == (ref.used(), len(ref.items))
+        assert [k2 for k2 in KEYS if k2 in mem] == [k2 for k2 in KEYS if k2 in ref.items]
+
+
+# -- DiskTier ------------------------------------------------------------------
+
+
+def entry(size: int) -> int:
+    """Bytes one chunk of `size` data bytes takes on disk."""
+    return HEADER + size
+
+
+async def open_disk(cache_dir: Path, capacity: int, free_space_ratio: float = 0.0) -> DiskTier:
+    disk = DiskTier(str(cache_dir), capacity, free_space_ratio)
+    await disk.load()
+    return disk
+
+
+def chunk_files(cache_dir: Path) -> dict[str, int]:
+    """{file name: size} of every file under the tier's directory."""
+    if not (cache_dir / "chunks").exists():
+        return {}
+    return {p.name: p.stat().st_size for p in (cache_dir / "chunks").rglob("*") if p.is_file()}
+
+
+def chunk_path(cache_dir: Path, digest: bytes) -> Path:
+    return cache_dir / "chunks" / digest.hex()[:2] / digest.hex()
+
+
+@pytest.mark.trio
+async def test_disk_round_trip(tmp_path):
+    disk = await open_disk(tmp_path, 10 * entry(1000))
+    data = payload(1000)
+    assert await disk.put(key(0), data) is True
+    assert await disk.put(key(0), data) is False, "already present"
+    got = await disk.get(key(0), 1000)
+    assert got is not None and bytes(got) == data
+    path = chunk_path(tmp_path, key(0))
+    assert path.stat().st_size == entry(1000)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert disk.usage() == (entry(1000), 1)
+    assert await disk.get(key(1), 1000) is None
+
+
+@pytest.mark.trio
+async def test_disk_lru_eviction_order(tmp_path):
+    disk = await open_disk(tmp_path, 3 * entry(1000))
+    for n in range(3):
+        assert await disk.put(key(n), payload(1000, n))
+    evictions = sample("cachefs_cache_evictions_total", tier="disk")
+    assert await disk.get(key(0), 1000) is not None  # key(1) is now the oldest
+    assert await disk.put(key(3), payload(1000, 3))
+    assert key(1) not in disk
+    assert not chunk_path(tmp_path, key(1)).exists()
+    assert sorted(chunk_files(tmp_path)) == sorted(key(n).hex() for n in (0, 2, 3))
+    assert disk.usage() == (3 * entry(1000), 3)
+    assert sample("cachefs_cache_evictions_total", tier="disk") == evictions + 1
+    for n in (0, 2, 3):
+        assert bytes(await disk.get(key(n), 1000)) == payload(1000, n)
+
+
+@pytest.mark.trio
+async def test_disk_chunk_larger_than_capacity_is_refused(tmp_path):
+    disk = await open_disk(tmp_path, 3 * entry(1000))
+    assert await disk.put(key(9), payload(3 * entry(1000))) is False
+    assert disk.used <= disk.capacity
+    assert chunk_files(tmp_path) == {}
+
+
+@pytest.mark.trio
+async def test_disk_concurrent_puts_never_exceed_capacity(tmp_path):
+    capacity = 20_000
+    disk = await open_disk(tmp_path, capacity)
+    rng = random.Random(7)
+    chunks = {key(n): payload(rng.randrange(200, 3000), n) for n in range(80)}
+    stored = []
+    done = False
+
+    async def put(k, data):
+        if await disk.put(k, data):
+            stored.append(k)
+        assert disk.used <= capacity
+
+    async def watch():
+        # Looks at the accounting at every scheduling point while puts run.
+        while not done:
+            assert disk.used <= capacity
+            await trio.sleep(0)
+
+    async with trio.open_nursery() as outer:
+        outer.start_soon(watch)
+        async with trio.open_nursery() as nursery:
+            for k, data in chunks.items():
+                nursery.start_soon(put, k, data)
+                nursery.start_soon(put, k, data)  # the same chunk twice at once: one write
+        done = True
+
+    assert len(stored) == len(set(stored)), "a chunk was written twice"
+    files = chunk_files(tmp_path)
+    assert sum(files.values()) == disk.used <= capacity
+    present = {k for k in chunks if k in disk}
+    assert set(files) == {k.hex() for k in present}, "index and files disagree"
+    assert disk.usage() == (sum(entry(len(chunks[k])) for k in present), len(present))
+    for k in present:
+        assert bytes(await disk.get(k, len(chunks[k]))) == chunks[k]
+
+
+@pytest.mark.trio
+async def test_disk_warm_restart(tmp_path):
+    disk = await open_disk(tmp_path, 10 * entry(1000))
+    for n in range(4):
+        assert await disk.put(key(n), payload(1000, n))
+    sub = chunk_path(tmp_path, key(0)).parent
+    stray = [
+        sub / f"{key(0).hex()}.tmp12345",  # a writer that crashed before its rename
+        sub / "garbage",
+        sub / key(9).hex(),  # right name, wrong sub-directory... unless it happens to match
+    ]
+    if key(9).hex()[:2] == sub.name:
+        stray.pop()
+    for path in stray:
+        path.write_bytes(b"junk")
+
+    again = await open_disk(tmp_path, 10 * entry(1000))
+    assert again.usage() == disk.usage() == (4 * entry(1000), 4)
+    for path in stray:
+        assert not path.exists(), f"{path.name} survived the restart scan"
+    for n in range(4):
+        got = await again.get(key(n), 1000)
+        assert got is not None and bytes(got) == payload(1000, n)
+
+
+@pytest.mark.trio
+async def test_disk_restart_keeps_lru_order_and_evicts_to_a_smaller_capacity(tmp_path):
+    disk = await open_disk(tmp_path, 10 * entry(1000))
+    for n in range(4):
+        assert await disk.put(key(n), payload(1000, n))
+        await trio.sleep(0.02)  # file mtimes are coarse; keep the write order visible
+    assert await disk.get(key(0), 1000) is not None  # a hit bumps the mtime: key(0) is newest
+
+    smaller = await open_disk(tmp_path, 2 * entry(1000))
+    assert smaller.usage() == (2 * entry(1000), 2)
+    assert sorted(chunk_files(tmp_path)) == sorted(key(n).hex() for n in (0, 3))
+    assert key(0) in smaller and key(3) in smaller
+
+
+@pytest.mark.trio
+@pytest.mark.parametrize(
+    "damage",
+    ["flip_data_byte", "flip_header_byte", "truncate", "extend", "empty", "other_chunk"],
+)
+async def test_disk_corrupt_chunk_is_a_miss_and_deleted(tmp_path, damage):
+    disk = await open_disk(tmp_path, 10 * entry(1000))
+    data = payload(1000)
+    assert await disk.put(key(0), data)
+    assert await disk.put(key(1), payload(1000, 1))
+    path = chunk_path(tmp_path, key(0))
+    raw = bytearray(path.read_bytes())
+    if damage == "flip_data_byte":
+        raw[HEADER + 500] ^= 0x01
+    elif damage == "flip_header_byte":
+        raw[0] ^= 0x01
+    elif damage == "truncate":
+        del raw[-1]
+    elif damage == "extend":
+        raw += b"\0"
+    elif damage == "empty":
+        raw = bytearray()
+    else:
+        raw = bytearray(chunk_path(tmp_path, key(1)).read_bytes())  # a valid file of another key
+    path.write_bytes(raw)
+    errors = corrupt_errors()
+
+    assert await disk.get(key(0), 1000) is None
+    assert not path.exists()
+    assert key(0) not in disk
+    assert disk.usage() == (entry(1000), 1)
+    assert corrupt_errors() == errors + 1
+    assert await disk.get(key(0), 1000) is None
+    assert corrupt_errors() == errors + 1, "a dropped chunk is a plain miss afterwards"
+    assert bytes(await disk.get(key(1), 1000)) == payload(1000, 1)
+
+
+@pytest.mark.trio
+async def test_disk_wrong_expected_length_is_a_miss(tmp_path):
+    disk = await open_disk(tmp_path, 10 * entry(1000))
+    assert await disk.put(key(0), payload(1000))
+    errors = corrupt_errors()
+    assert await disk.get(key(0), 999) is None
+    assert not chunk_path(tmp_path, key(0)).exists()
+    assert disk.usage() == (0, 0)
+    assert corrupt_errors() == errors + 1
+
+
+@pytest.mark.trio
+async def test_disk_file_deleted_behind_our_back_is_a_miss(tmp_path):
+    disk = await open_disk(tmp_path, 10 * entry(1000))
+    assert await disk.put(key(0), payload(1000))
+    chunk_path(tmp_path, key(0)).unlink()
+    errors = corrupt_errors()
+    assert await disk.get(key(0), 1000) is None
+    assert disk.usage() == (0, 0)
+    assert corrupt_errors() == errors
+    assert await disk.put(key(0), payload(1000)), "can be cached again"
+
+
+class FakeDisk:
+    """os.statvfs of a disk of `total` bytes on which `other` bytes belong to
+    someone else and the chunk files under `cache_dir` take the rest."""
+
+    def __init__(self, cache_dir: Path, total: int, other: int):
+        self.cache_dir = cache_dir
+        self.total = total
+        self.other = other
+
+    def free(self) -> int:
+        return self.total - self.other - sum(chunk_files(self.cache_dir).values())
+
+    def statvfs(self, path):
+        assert str(path).startswith(str(self.cache_dir))
+        return os.statvfs_result((4096, 1, self.total, self.free(), self.free(), 0, 0, 0, 0, 255))
+
+
+@pytest.mark.trio
+async def test_disk_free_space_ratio_evicts_then_refuses(tmp_path, monkeypatch):
+    fake = FakeDisk(tmp_path, total=1_000_000, other=850_000)
+    monkeypatch.setattr("cachefs.cache.disk.os.statvfs", fake.statvfs)
+    disk = await open_disk(tmp_path, capacity=10_000_000, free_space_ratio=0.1)
+    keep_free = 100_000
+
+    for n in range(10):
+        assert await disk.put(key(n), payload(10_000, n)) is True
+        assert fake.free() >= keep_free
+    # 150 000 free minus 100 000 to keep leaves room for four 10 040-byte chunks;
+    # the capacity is far away, so only the ratio evicted, oldest first.
+    assert sorted(chunk_files(tmp_path)) == sorted(key(n).hex() for n in range(6, 10))
+    assert disk.usage() == (4 * entry(10_000), 4)
+
+    # Someone else fills the disk: nothing we can evict makes room.
+    fake.other = 960_000
+    assert await disk.put(key(20), payload(10_000, 20)) is False
+    assert key(20) not in disk and key(20).hex() not in chunk_files(tmp_path)
+    assert disk.used == sum(chunk_files(tmp_path).values())
+
+
+@pytest.mark.trio
+async def test_disk_free_space_ratio_zero_ignores_free_space(tmp_path, monkeypatch):
+    def statvfs(path):
+        raise AssertionError("statvfs must not be needed with ratio 0")
+
+    monkeypatch.setattr("cachefs.cache.disk.os.statvfs", statvfs)
+    disk = await open_disk(tmp_path, 10 * entry(1000), free_space_ratio=0.0)
+    assert await disk.put(key(0), payload(1000))
+
+
+@pytest.mark.trio
+async def test_disk_survives_cache_dir_removal_without_free_space_check(tmp_path):
+    disk = await open_disk(tmp_path, 10 * entry(1000), free_space_ratio=0.0)
+    assert await disk.put(key(0), payload(1000, 0))
+    shutil.rmtree(tmp_path / "chunks")
+    assert await disk.get(key(0), 1000) is None
+    assert await disk.put(key(1), payload(1000, 1)) is True
+    assert bytes(await disk.get(key(1), 1000)) == payload(1000, 1)
+
+
+@pytest.mark.trio
+async def test_disk_survives_cache_dir_removal_with_free_space_check(tmp_path):
+    # The free-space rule needs statvfs of the cache directory; a vanished
+    # directory must cost cache hits, never raise (put runs as write-behind).
+    disk = await open_disk(tmp_path, 10 * entry(1000), free_space_ratio=0.1)
+    assert await disk.put(key(0), payload(1000, 0))
+    shutil.rmtree(tmp_path / "chunks")
+    assert await disk.put(key(1), payload(1000, 1)) is True
+    assert bytes(await disk.get(key(1), 1000)) == payload(1000, 1)
+    assert await disk.get(key(0), 1000) is None
+    assert disk.usage() == (entry(1000), 1), "no reservation leaked"
+    assert disk.used == sum(chunk_files(tmp_path).values())
+
+
+@pytest.mark.trio
+async def test_disk_failed_write_releases_its_reservation(tmp_path):
+    disk = await open_disk(tmp_path, 10 * entry(1000), free_space_ratio=0.1)
+    assert await disk.put(key(0), payload(1000, 0))
+    shutil.rmtree(tmp_path / "chunks")
+    (tmp_path / "chunks").write_bytes(b"")  # the cache directory is now a file: every write fails
+    errors = sample("cachefs_cache_errors_total", tier="disk", reason="write")
+    assert await disk.put(key(1), payload(1000, 1)) is False
+    assert key(1) not in disk
+    assert disk.usage() == (entry(1000), 1), "only key(0), which nobody has looked up yet"
+    assert sample("cachefs_cache_errors_total", tier="disk", reason="write") == errors + 1
+

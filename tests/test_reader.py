@@ -1,0 +1,458 @@
+"""The Reader over real tiers (MemTier, DiskTier in tmp_path) and a real Backend
+driving a FakeStore: byte-exact reads, single-flight, read-ahead and errors.
+
+Backend calls run in worker threads, so these tests use the real clock; the
+fake store blocks its threads on a threading.Event (never a sleep) when told
+to hang, and every test opens the gate again before it ends.
+"""
+
+from __future__ import annotations
+
+import errno
+import itertools
+import random
+import threading
+from collections import Counter
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import pytest
+import trio
+import trio.testing
+from prometheus_client import REGISTRY
+
+from cachefs.backend import Backend, ObjectId, ObjectInfo
+from cachefs.cache import chunk_digest
+from cachefs.cache.disk import DiskTier
+from cachefs.cache.mem import MemTier
+from cachefs.errors import BackendError, ObjectChanged
+from cachefs.reader import Reader, ReadStream
+
+C = 64 << 10  # chunk size
+
+
+def payload(size: int, seed: int = 0) -> bytes:
+    return random.Random(seed).randbytes(size)
+
+
+def sample(name: str, **labels: str) -> float:
+    return REGISTRY.get_sample_value(name, labels) or 0.0
+
+
+class FakeStore:
+    """A store with the LocalStore interface (url, stat, list_dir, fetch), in memory.
+
+    Counts fetch calls per (path, start). `hold(pred)` makes matching fetches
+    block until `release()`; `fail_next = n` makes the next n fetches raise
+    `error()`; `add()` of an existing path changes the object's version, after
+    which fetches of the old ObjectId raise ObjectChanged, as LocalStore does.
+    """
+
+    url = "fake://bucket/prefix"
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._versions = itertools.count(1)
+        self.objects: dict[str, tuple[bytes, str]] = {}
+        self.fetches: Counter[tuple[str, int]] = Counter()
+        self.order: list[tuple[str, int]] = []
+        self.fail_next = 0
+        self.error = lambda: OSError(errno.EIO, "injected I/O error")
+        self._gate = threading.Event()
+        self._gate.set()
+        self._held = lambda path, start: True
+        self.in_flight = 0
+        self.held_now = 0
+
+    def add(self, path: str, data: bytes) -> ObjectId:
+        version = f"v{next(self._versions)}"
+        self.objects[path] = (data, version)
+        return ObjectId(self.url, path, version, len(data))
+
+    def hold(self, pred=lambda path, start: True) -> None:
+        self._held = pred
+        self._gate.clear()
+
+    def release(self) -> None:
+        self._gate.set()
+
+    @property
+    def calls(self) -> int:
+        return sum(self.fetches.values())
+
+    def stat(self, path: str) -> ObjectInfo:
+        data, version = self.objects[path]
+        return ObjectInfo(path, "file", len(data), 0.0, version)
+
+    def list_dir(self, path: str) -> list[ObjectInfo]:
+        return [self.stat(p) for p in self.objects if p.rpartition("/")[0] == path]
+
+    def fetch(self, obj: ObjectId, start: int, end: int) -> bytes:
+        with self._lock:
+            self.fetches[(obj.path, start)] += 1
+            self.order.append((obj.path, start))
+            self.in_flight += 1
+            fail = self.fail_next > 0
+            self.fail_next -= fail
+            held = not self._gate.is_set() and self._held(obj.path, start)
+            self.held_now += held
+        try:
+            if held and not self._gate.wait(10):
+                raise TimeoutError("test gate never opened")
+            if fail:
+                raise self.error()
+            data, version = self.objects[obj.path]
+            if version != obj.version:
+                raise ObjectChanged(f"{obj.path}: changed")
+            return data[start:end]
+        finally:
+            with self._lock:
+                self.in_flight -= 1
+                self.held_now -= held
+
+
+@pytest.fixture
+def store():
+    s = FakeStore()
+    yield s
+    s.release()  # no worker thread outlives the test
+
+
+async def wait_until(pred, timeout: float = 5.0) -> None:
+    with trio.fail_after(timeout):
+        while not pred():
+            await trio.sleep(0.002)
+
+
+@asynccontextmanager
+async def open_reader(
+    store: FakeStore,
+    *,
+    mem: int = 64 * C,
+    disk_dir: Path | None = None,
+    disk_size: int = 64 * (C + 64),
+    read_ahead: int = 0,
+    retries: int = 0,
+):
+    async with trio.open_nursery() as nursery:
+        disk = None
+        if disk_dir is not None:
+            disk = DiskTier(str(disk_dir), disk_size, 0.0)
+            await disk.load()
+        backend = Backend(store, concurrency=16, timeout=5.0, retries=retries)
+        reader = Reader(MemTier(mem), disk, backend, C, read_ahead, nursery)
+        try:
+            yield reader
+        finally:
+            store.release()  # let held prefetches finish so the nursery can close
+
+
+def digest(obj: ObjectId, index: int) -> bytes:
+    return chunk_digest(obj, C, index)
+
+
+# -- byte-exact reads -------------------------------------------------------------
+
+
+SIZES = [0, 1, C - 1, C, C + 1, 3 * C + 777]
+
+
+def interesting_reads(size: int, rng: random.Random) -> list[tuple[int, int]]:
+    reads = [(0, size), (0, size + 100), (size, 10), (size + C, 10), (0, 0), (size // 2, 0)]
+    for k in range(0, size // C + 2):
+        for off in (k * C - 1, k * C, k * C + 1):
+            for n in (1, 2, C - 1, C, C + 1, 2 * C + 5):
+                if off >= 0:
+                    reads.append((off, n))
+    for _ in range(100):
+        reads.append((rng.randrange(0, size + 10), rng.randrange(0, 3 * C)))
+    return reads
+
+
+TIERS = {
+    "mem": dict(mem=64 * C, disk=False),
+    "disk": dict(mem=0, disk=True),
+    "mem+disk": dict(mem=2 * C, disk=True),  # a small MEM tier: chunks go back and forth
+}
+
+
+@pytest.mark.trio
+@pytest.mark.parametrize("tiers", TIERS)
+@pytest.mark.parametrize("size", SIZES)
+async def test_reads_are_byte_exact(store, tmp_path, size, tiers):
+    data = payload(size, size)
+    obj = store.add("dir/file", data)
+    mem, use_disk = TIERS[tiers]["mem"], TIERS[tiers]["disk"]
+    async with open_reader(store, mem=mem, disk_dir=tmp_path if use_disk else None) as reader:
+        for offset, n in interesting_reads(size, random.Random(size)):
+            got = await reader.read(obj, offset, n)
+            assert bytes(got) == data[offset : offset + n], (offset, n)
+            if tiers == "mem+disk":
+                # Let the write-behind land, so the next read may find every chunk read so far.
+                last = min(offset + n, size)
+                indexes = range(offset // C, -(-last // C)) if offset < last else ()
+                await wait_until(lambda: all(digest(obj, i) in reader.disk for i in indexes))
+        n_chunks = -(-size // C)
+        assert len(store.fetches) == n_chunks
+        if tiers != "mem+disk":
+            # Every chunk came from the backend once: the tiers served all the rest.
+            # (A MEM tier smaller than one read may drop a prefetched chunk before
+            # the read gets to it, while its write-behind is still under way.)
+            assert all(count == 1 for count in store.fetches.values()), store.fetches
+        await wait_until(lambda: all(digest(obj, i) in (reader.disk or reader.mem) for i in range(n_chunks)))
+        calls = store.calls
+        assert bytes(await reader.read(obj, 0, size)) == data
+        assert store.calls == calls, "a full second pass must not touch the backend"
+
+
+@pytest.mark.trio
+@pytest.mark.parametrize("piece", [4096, 10_000, C, 3 * C + 1])
+async def test_sequential_stream_is_byte_exact(store, tmp_path, piece):
+    data = payload(7 * C + 123, piece)
+    obj = store.add("big", data)
+    async with open_reader(store, mem=3 * C, disk_dir=tmp_path, read_ahead=2) as reader:
+        stream = ReadStream()
+        out = bytearray()
+        while True:
+            got = await reader.read(obj, len(out), piece, stream)
+            if not got:
+                break
+            out += got
+    assert out == data
+
+
+# -- single flight -----------------------------------------------------------------
+
+
+@pytest.mark.trio
+async def test_concurrent_reads_of_one_chunk_fetch_it_once(store, tmp_path):
+    data = payload(3 * C)
+    obj = store.add("f", data)
+    waits = sample("cachefs_singleflight_waits_total")
+    results: dict[int, bytes] = {}
+
+    async def read(i):
+        offset = C + 1000 * i
+        results[i] = bytes(await reader.read(obj, offset, 500))
+
+    async with open_reader(store, mem=0, disk_dir=tmp_path) as reader:
+        store.hold()
+        async with trio.open_nursery() as nursery:
+            for i in range(20):
+                nursery.start_soon(read, i)
+            await wait_until(lambda: store.calls == 1)
+            await trio.testing.wait_all_tasks_blocked()
+            store.release()
+        assert store.fetches == {("f", C): 1}
+        assert sample("cachefs_singleflight_waits_total") == waits + 19
+        for i in range(20):
+            assert results[i] == data[C + 1000 * i : C + 1000 * i + 500]
+
+        # mem is off: the second pass must come from the SSD, once the write-behind is done.
+        await wait_until(lambda: digest(obj, 1) in reader.disk)
+        from_disk = sample("cachefs_read_bytes_total", source="disk")
+        assert bytes(await reader.read(obj, C, C)) == data[C : 2 * C]
+        assert store.calls == 1
+        assert sample("cachefs_read_bytes_total", source="disk") == from_disk + C
+
+
+@pytest.mark.trio
+async def test_second_pass_is_served_from_memory(store):
+    data = payload(4 * C + 10)
+    obj = store.add("f", data)
+    async with open_reader(store) as reader:
+        assert bytes(await reader.read(obj, 0, len(data))) == data
+        calls = store.calls
+        assert calls == 5
+        from_mem = sample("cachefs_read_bytes_total", source="mem")
+        assert bytes(await reader.read(obj, 0, len(data))) == data
+        assert store.calls == calls
+        assert sample("cachefs_read_bytes_total", source="mem") == from_mem + len(data)
+
+
+@pytest.mark.trio
+async def test_read_across_chunks_fetches_them_concurrently(store):
+    data = payload(4 * C)
+    obj = store.add("f", data)
+    async with open_reader(store) as reader:
+        store.hold()
+        async with trio.open_nursery() as nursery:
+            got = []
+
+            async def read():
+                got.append(bytes(await reader.read(obj, C - 10, 2 * C + 20)))
+
+            nursery.start_soon(read)
+            # All four chunks are requested before any of them has arrived.
+            await wait_until(lambda: store.held_now == 4)
+            store.release()
+        assert got == [data[C - 10 : 3 * C + 10]]
+        assert store.fetches == {("f", k * C): 1 for k in range(4)}
+
+
+# -- read-ahead --------------------------------------------------------------------
+
+
+@pytest.mark.trio
+async def test_sequential_reads_trigger_read_ahead(store):
+    data = payload(8 * C)
+    obj = store.add("f", data)
+    async with open_reader(store, read_ahead=2) as reader:
+        stream = ReadStream()
+        assert bytes(await reader.read(obj, 0, C, stream)) == data[:C]
+        await trio.testing.wait_all_tasks_blocked()
+        assert store.order == [("f", 0)], "one read is not yet a sequential stream"
+        assert bytes(await reader.read(obj, C, C, stream)) == data[C : 2 * C]
+        # The second sequential read schedules chunks 2 and 3 before anyone asks for them.
+        await wait_until(lambda: digest(obj, 2) in reader.mem and digest(obj, 3) in reader.mem)
+        assert store.fetches[("f", 2 * C)] == store.fetches[("f", 3 * C)] == 1
+        for k in range(2, 8):
+            assert bytes(await reader.read(obj, k * C, C, stream)) == data[k * C : (k + 1) * C]
+        await trio.testing.wait_all_tasks_blocked()
+    assert all(count == 1 for count in store.fetches.values()), store.fetches
+    assert store.calls == 8, "read-ahead must stop at the end of the object"
+
+
+@pytest.mark.trio
+async def test_random_reads_do_not_read_ahead(store):
+    data = payload(10 * C)
+    obj = store.add("f", data)
+    async with open_reader(store, read_ahead=4) as reader:
+        stream = ReadStream()
+        for k in (5, 0, 8, 2, 7):
+            assert bytes(await reader.read(obj, k * C + 3, 100, stream)) == data[k * C + 3 : k * C + 103]
+        await trio.testing.wait_all_tasks_blocked()
+    assert store.order == [("f", k * C) for k in (5, 0, 8, 2, 7)]
+
+
+@pytest.mark.trio
+async def test_read_ahead_zero_fetches_only_what_is_read(store):
+    data = payload(6 * C)
+    obj = store.add("f", data)
+    async with open_reader(store, read_ahead=0) as reader:
+        stream = ReadStream()
+        for k in range(3):
+            await reader.read(obj, k * C, C, stream)
+            await trio.testing.wait_all_tasks_blocked()
+    assert store.order == [("f", 0), ("f", C), ("f", 2 * C)]
+
+
+@pytest.mark.trio
+async def test_read_ahead_is_bounded_by_its_semaphore(store):
+    read_ahead = 2
+    bound = 2 * read_ahead
+    objs = [store.add(f"f{i}", payload(6 * C, i)) for i in range(6)]
+    ahead = sample("cachefs_readahead_chunks_total")
+    async with open_reader(store, read_ahead=read_ahead) as reader:
+        # Chunks from index 2 on hang, so every read-ahead stays in flight.
+        store.hold(lambda path, start: start >= 2 * C)
+        streams = [ReadStream() for _ in objs]
+        for obj, stream in zip(objs, streams):
+            await reader.read(obj, 0, C, stream)
+            await reader.read(obj, C, C, stream)  # sequential: wants chunks 2 and 3 ahead
+        await wait_until(lambda: store.held_now == bound)
+        await trio.sleep(0.05)  # give any excess read-ahead thread time to show up
+        await trio.testing.wait_all_tasks_blocked()
+        # Six streams wanted twelve chunks ahead; only `bound` may be in flight.
+        assert store.held_now == bound
+        assert sum(n for (_, start), n in store.fetches.items() if start >= 2 * C) == bound
+        assert sample("cachefs_readahead_chunks_total") == ahead + bound
+
+        store.release()
+        await wait_until(lambda: store.in_flight == 0)
+        await trio.testing.wait_all_tasks_blocked()
+        # Slots are free again: a stream whose read-ahead was skipped gets it on its next read.
+        last, stream = objs[-1], streams[-1]
+        assert store.fetches[(last.path, 3 * C)] == 0
+        await reader.read(last, 2 * C, C, stream)
+        await wait_until(lambda: store.fetches[(last.path, 3 * C)] == 1)
+
+
+@pytest.mark.trio
+@pytest.mark.parametrize("tiers", ["none", "disk-only"])
+async def test_read_ahead_without_mem_does_not_fetch_twice(store, tmp_path, tiers):
+    # With MEM off, a chunk read ahead can only reach its reader through the SSD
+    # tier; with no tier at all, read-ahead would be pure double traffic.
+    data = payload(6 * C)
+    obj = store.add("f", data)
+    async with open_reader(store, mem=0, disk_dir=tmp_path if tiers == "disk-only" else None, read_ahead=2) as reader:
+        stream = ReadStream()
+        for k in range(6):
+            assert bytes(await reader.read(obj, k * C, C, stream)) == data[k * C : (k + 1) * C]
+            await wait_until(lambda: store.in_flight == 0)
+            await trio.testing.wait_all_tasks_blocked()
+    assert store.fetches == {("f", k * C): 1 for k in range(6)}
+
+
+# -- errors ------------------------------------------------------------------------
+
+
+@pytest.mark.trio
+async def test_backend_failure_reaches_every_waiter_and_next_read_retries(store):
+    data = payload(2 * C)
+    obj = store.add("f", data)
+    outcomes: list[BaseException | bytes] = []
+
+    async def read():
+        try:
+            outcomes.append(bytes(await reader.read(obj, 10, 100)))
+        except BackendError as e:
+            outcomes.append(e)
+
+    async with open_reader(store, retries=0) as reader:
+        store.fail_next = 1
+        store.hold()
+        async with trio.open_nursery() as nursery:
+            for _ in range(10):
+                nursery.start_soon(read)
+            await wait_until(lambda: store.calls == 1)
+            await trio.testing.wait_all_tasks_blocked()
+            store.release()
+        assert len(outcomes) == 10
+        assert all(isinstance(o, BackendError) for o in outcomes), outcomes
+        assert store.fetches == {("f", 0): 1}
+
+        assert bytes(await reader.read(obj, 10, 100)) == data[10:110]
+        assert store.fetches == {("f", 0): 2}
+
+
+@pytest.mark.trio
+async def test_object_changed_is_not_retried_and_propagates(store):
+    old = store.add("f", payload(3 * C, 1))
+    async with open_reader(store, retries=3) as reader:
+        assert bytes(await reader.read(old, 0, 10)) == payload(3 * C, 1)[:10]
+        new = store.add("f", payload(3 * C, 2))  # same path, new version
+        with pytest.raises(ObjectChanged):
+            await reader.read(old, C, 10)
+        assert store.fetches[("f", C)] == 1
+        # The new version never sees a chunk of the old one, cached or not.
+        assert bytes(await reader.read(new, 0, 2 * C)) == payload(3 * C, 2)[: 2 * C]
+        assert store.fetches[("f", 0)] == 2
+
+
+@pytest.mark.trio
+async def test_short_backend_read_is_object_changed(store):
+    obj = store.add("f", payload(2 * C))
+    lying = ObjectId(obj.source, obj.path, obj.version, 3 * C)  # claims a size the store does not have
+    async with open_reader(store, retries=3) as reader:
+        with pytest.raises(ObjectChanged):
+            await reader.read(lying, 2 * C, 10)
+        assert store.fetches[("f", 2 * C)] == 1
+
+
+@pytest.mark.trio
+async def test_corrupt_disk_chunk_is_refetched(store, tmp_path):
+    data = payload(2 * C)
+    obj = store.add("f", data)
+    async with open_reader(store, mem=0, disk_dir=tmp_path) as reader:
+        assert bytes(await reader.read(obj, 0, C)) == data[:C]
+        await wait_until(lambda: digest(obj, 0) in reader.disk)
+        path = tmp_path / "chunks" / digest(obj, 0).hex()[:2] / digest(obj, 0).hex()
+        raw = bytearray(path.read_bytes())
+        raw[-1] ^= 0xFF
+        path.write_bytes(raw)
+        errors = sample("cachefs_cache_errors_total", tier="disk", reason="corrupt")
+
+        assert bytes(await reader.read(obj, 0, C)) == data[:C]
+        assert sample("cachefs_cache_errors_total", tier="disk", reason="corrupt") == errors + 1
+        assert store.fetches[("f", 0)] == 2
