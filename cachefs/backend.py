@@ -124,7 +124,7 @@ class LocalStore:
 class FsspecStore:
     """Any fsspec filesystem; S3 gets conditional ranged GETs."""
 
-    def __init__(self, url: str, endpoint_url: str | None, timeout: float):
+    def __init__(self, url: str, endpoint_url: str | None, timeout: float, credentials: tuple[str, str] | None = None):
         import fsspec  # imported here: the local store must not pay for it
 
         self.url = url
@@ -142,6 +142,8 @@ class FsspecStore:
             )
             if endpoint_url:
                 options["endpoint_url"] = endpoint_url
+            if credentials:
+                options["key"], options["secret"] = credentials
         try:
             self.fs, root = fsspec.core.url_to_fs(url, **options)
         except (ValueError, ImportError) as e:
@@ -229,7 +231,9 @@ class FsspecStore:
 Store = LocalStore | FsspecStore
 
 
-def open_store(url: str, endpoint_url: str | None = None, timeout: float = 30.0) -> Store:
+def open_store(
+    url: str, endpoint_url: str | None = None, timeout: float = 30.0, credentials: tuple[str, str] | None = None
+) -> Store:
     """Pick the store for a source URL: a plain path or file:// is local, anything else fsspec.
 
     Raises:
@@ -239,7 +243,7 @@ def open_store(url: str, endpoint_url: str | None = None, timeout: float = 30.0)
         return LocalStore(url[len("file://") :])
     if "://" not in url:
         return LocalStore(url)
-    return FsspecStore(url, endpoint_url, timeout)
+    return FsspecStore(url, endpoint_url, timeout, credentials)
 
 
 def _translate(e: BaseException, what: str) -> BackendError:

@@ -59,6 +59,13 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--dir-ttl", type=float, default=d.dir_ttl, help="seconds to trust a directory listing (default %(default)s)")
     g = m.add_argument_group("backend")
     g.add_argument("--endpoint-url", help="S3 endpoint, e.g. http://127.0.0.1:9000")
+    g.add_argument("--access-key", help="S3 access key (default: AWS_ACCESS_KEY_ID or the AWS config files)")
+    g.add_argument(
+        "--secret-key-file",
+        metavar="PATH",
+        help="file holding the S3 secret key (default: AWS_SECRET_ACCESS_KEY or the AWS config files); "
+        "a file, not a flag, so the secret does not show in ps",
+    )
     g.add_argument("--backend-concurrency", type=int, default=d.backend_concurrency, help="parallel backend requests (default %(default)s)")
     g.add_argument("--backend-timeout", type=float, default=d.backend_timeout, help="seconds per backend request attempt (default %(default)s)")
     g.add_argument("--backend-retries", type=int, default=d.backend_retries, help="retries after a failed attempt (default %(default)s)")
@@ -90,11 +97,24 @@ def _mount_config(a: argparse.Namespace) -> MountConfig:
         backend_timeout=a.backend_timeout,
         backend_retries=a.backend_retries,
         endpoint_url=a.endpoint_url,
+        access_key=a.access_key,
+        secret_key=_read_secret(a.secret_key_file) if a.secret_key_file else None,
         metrics=parse_addr(a.metrics, "--metrics") if a.metrics else None,
         log_level=a.log_level.upper(),
     )
     c.check()
     return c
+
+
+def _read_secret(path: str) -> str:
+    try:
+        with open(path) as f:
+            secret = f.read().strip()
+    except OSError as e:
+        raise ConfigError(f"--secret-key-file {path}: {e.strerror}") from None
+    if not secret:
+        raise ConfigError(f"--secret-key-file {path}: the file is empty")
+    return secret
 
 
 def _setup_logging(level: str, log_file: str | None) -> None:

@@ -72,6 +72,8 @@ class MountConfig:
     backend_timeout: float = 30.0
     backend_retries: int = 3
     endpoint_url: str | None = None
+    access_key: str | None = None
+    secret_key: str | None = dataclasses.field(default=None, repr=False)
     metrics: tuple[str, int] | None = None
     log_level: str = "INFO"
     fuse_tasks: int = 64
@@ -127,6 +129,8 @@ class MountConfig:
             raise ConfigError(f"mountpoint {self.mountpoint}: not a directory")
         if os.path.ismount(self.mountpoint):
             raise ConfigError(f"mountpoint {self.mountpoint}: already mounted (busy)")
+        if (self.access_key is None) != (self.secret_key is None):
+            raise ConfigError("--access-key and --secret-key-file go together")
         if self.cache_size:
             self._check_cache_dir()
 

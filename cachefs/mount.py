@@ -74,7 +74,8 @@ async def run_mount(config: MountConfig, on_ready: Callable[[], None] = lambda: 
     Raises:
         ConfigError: the source or mountpoint cannot be used; nothing is mounted then.
     """
-    store = open_store(config.source, config.endpoint_url, config.backend_timeout)
+    credentials = (config.access_key, config.secret_key) if config.access_key and config.secret_key else None
+    store = open_store(config.source, config.endpoint_url, config.backend_timeout, credentials)
     backend = Backend(store, config.backend_concurrency, config.backend_timeout, config.backend_retries)
     async with trio.open_nursery() as nursery:
         if config.metrics:

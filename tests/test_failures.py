@@ -151,3 +151,23 @@ def test_backend_down_fails_misses_fast_and_serves_cached(tmp_path, cachefs_moun
             assert f.read() == missing_data
     finally:
         gateway.stop()
+
+
+def test_credentials_from_flags(s3_source, tmp_path, cachefs_mount, run_cachefs):
+    s3_source.write("k", b"key from a flag")
+    secret = tmp_path / "secret"
+    secret.write_text(s3_source.backend.secret_key + "\n")
+    creds = ["--access-key", s3_source.backend.access_key, "--secret-key-file", str(secret)]
+
+    class NoEnv:  # the same source, with no credentials in the environment
+        url = s3_source.url
+        mount_args = s3_source.mount_args
+        env: dict[str, str] = {}
+
+    m = cachefs_mount(NoEnv, *creds)
+    with open(os.path.join(m.mountpoint, "k"), "rb") as f:
+        assert f.read() == b"key from a flag"
+    mp = tmp_path / "other"
+    mp.mkdir()
+    r = run_cachefs("mount", s3_source.url, mp, *s3_source.mount_args, "--access-key", "x", "--secret-key-file", tmp_path / "missing")
+    _check_refused(r, "--secret-key-file", "No such file")
