@@ -65,6 +65,18 @@ def join(parent: str, name: str) -> str:
     return f"{parent}/{name}" if parent else name
 
 
+def check_relative_path(path: str) -> None:
+    """Paths come from the kernel or from peers: refuse anything that could leave the source root.
+
+    Raises:
+        ValueError: an absolute path, or one with empty, "." or ".." components or NUL.
+    """
+    if path == "":
+        return
+    if path.startswith("/") or "\0" in path or any(part in ("", ".", "..") for part in path.split("/")):
+        raise ValueError(f"bad path {path!r}")
+
+
 def _local_version(st: os.stat_result) -> str:
     return f"stat:{st.st_size}-{st.st_mtime_ns}"
 
@@ -82,6 +94,7 @@ class LocalStore:
         self.url = self.root
 
     def _abs(self, path: str) -> str:
+        check_relative_path(path)
         return os.path.join(self.root, path) if path else self.root
 
     def _info(self, path: str, st: os.stat_result) -> ObjectInfo:
@@ -127,7 +140,8 @@ class FsspecStore:
     def __init__(self, url: str, endpoint_url: str | None, timeout: float, credentials: tuple[str, str] | None = None):
         import fsspec  # imported here: the local store must not pay for it
 
-        self.url = url
+        # The URL names the source in chunk keys on every node: one spelling only.
+        self.url = url.rstrip("/")
         protocol, _, _ = url.partition("://")
         options: dict = {"skip_instance_cache": True}
         if protocol in ("s3", "s3a"):

@@ -1,4 +1,4 @@
-"""Command line: `cachefs mount`, `cachefs umount`, `cachefs --version`."""
+"""Command line: `cachefs mount`, `cachefs worker`, `cachefs umount`, `cachefs --version`."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import sys
 import tempfile
 
 from cachefs import __version__
-from cachefs.config import MountConfig, format_size, parse_addr, parse_size
+from cachefs.config import CacheConfig, MountConfig, WorkerConfig, format_size, parse_addr, parse_size
 from cachefs.errors import ConfigError
 
 log = logging.getLogger("cachefs")
@@ -26,16 +26,51 @@ def _version() -> str:
     return f"cachefs {__version__} (hot path: {hotpath.IMPLEMENTATION}, python {sys.version.split()[0]})"
 
 
+def _add_cache_args(p: argparse.ArgumentParser, d: CacheConfig) -> None:
+    g = p.add_argument_group("cache")
+    g.add_argument("--cache-dir", default=d.cache_dir, help="directory of the SSD tier (default %(default)s)")
+    g.add_argument("--cache-size", default=format_size(d.cache_size), help="SSD tier capacity, e.g. 100G; 0 turns it off (default %(default)s)")
+    g.add_argument("--mem-size", default=format_size(d.mem_size), help="MEM tier capacity, e.g. 2G; 0 turns it off (default %(default)s)")
+    g.add_argument("--chunk-size", default=format_size(d.chunk_size), help="cache chunk size, a power of two from 64K to 64M; the same on every node of a ring (default %(default)s)")
+    g.add_argument("--free-space-ratio", type=float, default=d.free_space_ratio, help="keep at least this share of the cache disk free (default %(default)s)")
+    g.add_argument("--read-ahead", type=int, default=d.read_ahead, help="chunks to fetch ahead of a sequential reader (default %(default)s)")
+    g = p.add_argument_group("backend")
+    g.add_argument("--endpoint-url", help="S3 endpoint, e.g. http://127.0.0.1:9000")
+    g.add_argument("--access-key", help="S3 access key (default: AWS_ACCESS_KEY_ID or the AWS config files)")
+    g.add_argument(
+        "--secret-key-file",
+        metavar="PATH",
+        help="file holding the S3 secret key (default: AWS_SECRET_ACCESS_KEY or the AWS config files); "
+        "a file, not a flag, so the secret does not show in ps",
+    )
+    g.add_argument("--backend-concurrency", type=int, default=d.backend_concurrency, help="parallel backend requests (default %(default)s)")
+    g.add_argument("--backend-timeout", type=float, default=d.backend_timeout, help="seconds one backend request may take, retries included (default %(default)s)")
+    g.add_argument("--backend-retries", type=int, default=d.backend_retries, help="retries after a failed attempt (default %(default)s)")
+    g = p.add_argument_group("peers")
+    g.add_argument(
+        "--peers",
+        metavar="SPEC",
+        help="the cache ring: HOST:PORT[@WEIGHT],... or dns+NAME:PORT (re-resolved every 30s) "
+        "or file:PATH (re-read on change)",
+    )
+    g.add_argument("--secret-file", metavar="PATH", help="shared secret that peers authenticate each other with (HMAC)")
+    g.add_argument("--peer-timeout", type=float, default=d.peer_timeout, help="seconds to wait for a peer before trying the next one (default %(default)s)")
+    g = p.add_argument_group("operation")
+    g.add_argument("--metrics", metavar="HOST:PORT", help="serve Prometheus metrics at http://HOST:PORT/metrics")
+    g.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"], help="(default %(default)s)")
+    g.add_argument("--log-file", help="log here instead of stderr (with -d: default /tmp/cachefs-MOUNTPOINT.log)")
+
+
 def _parser() -> argparse.ArgumentParser:
-    d = MountConfig("", "")
     p = argparse.ArgumentParser(
         prog="cachefs",
         description="A FUSE caching filesystem: mount an object-store prefix or a directory "
-        "and read it through a MEM/SSD chunk cache.",
+        "and read it through a MEM/SSD chunk cache shared by a ring of cache workers.",
     )
     p.add_argument("--version", action="version", version=_version())
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
+    d = MountConfig(source="", mountpoint="")
     m = sub.add_parser(
         "mount",
         help="mount SOURCE at MOUNTPOINT (foreground unless -d)",
@@ -46,33 +81,26 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("source", metavar="SOURCE", help="s3://bucket/prefix, any fsspec URL, a local path or file://PATH")
     m.add_argument("mountpoint", metavar="MOUNTPOINT", help="an existing, empty, unmounted directory")
     m.add_argument("-d", "--background", action="store_true", help="return once the mount is ready (or exit non-zero with the reason)")
-    g = m.add_argument_group("cache")
-    g.add_argument("--cache-dir", default=d.cache_dir, help="directory of the SSD tier (default %(default)s)")
-    g.add_argument("--cache-size", default=format_size(d.cache_size), help="SSD tier capacity, e.g. 100G; 0 turns it off (default %(default)s)")
-    g.add_argument("--mem-size", default=format_size(d.mem_size), help="MEM tier capacity, e.g. 2G; 0 turns it off (default %(default)s)")
-    g.add_argument("--chunk-size", default=format_size(d.chunk_size), help="cache chunk size, a power of two from 64K to 64M (default %(default)s)")
-    g.add_argument("--free-space-ratio", type=float, default=d.free_space_ratio, help="keep at least this share of the cache disk free (default %(default)s)")
-    g.add_argument("--read-ahead", type=int, default=d.read_ahead, help="chunks to fetch ahead of a sequential reader (default %(default)s)")
+    _add_cache_args(m, d)
     g = m.add_argument_group("metadata")
     g.add_argument("--attr-ttl", type=float, default=d.attr_ttl, help="seconds to trust file attributes (default %(default)s)")
     g.add_argument("--entry-ttl", type=float, default=d.entry_ttl, help="seconds the kernel may cache name lookups (default %(default)s)")
     g.add_argument("--dir-ttl", type=float, default=d.dir_ttl, help="seconds to trust a directory listing (default %(default)s)")
-    g = m.add_argument_group("backend")
-    g.add_argument("--endpoint-url", help="S3 endpoint, e.g. http://127.0.0.1:9000")
-    g.add_argument("--access-key", help="S3 access key (default: AWS_ACCESS_KEY_ID or the AWS config files)")
-    g.add_argument(
-        "--secret-key-file",
-        metavar="PATH",
-        help="file holding the S3 secret key (default: AWS_SECRET_ACCESS_KEY or the AWS config files); "
-        "a file, not a flag, so the secret does not show in ps",
+    g = m.add_argument_group("sharing")
+    g.add_argument("--serve", metavar="HOST:PORT", help="also serve this mount's cache to the ring (list HOST:PORT in every node's --peers)")
+
+    w = sub.add_parser(
+        "worker",
+        help="run a cache worker that serves chunks to mounts and other workers",
+        description="A long-lived cache node: holds MEM/SSD tiers and serves chunks of its sources to "
+        "authenticated peers, fetching each from the backend at most once. Requests for any other "
+        "source are refused.",
     )
-    g.add_argument("--backend-concurrency", type=int, default=d.backend_concurrency, help="parallel backend requests (default %(default)s)")
-    g.add_argument("--backend-timeout", type=float, default=d.backend_timeout, help="seconds per backend request attempt (default %(default)s)")
-    g.add_argument("--backend-retries", type=int, default=d.backend_retries, help="retries after a failed attempt (default %(default)s)")
-    g = m.add_argument_group("operation")
-    g.add_argument("--metrics", metavar="HOST:PORT", help="serve Prometheus metrics at http://HOST:PORT/metrics")
-    g.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"], help="(default %(default)s)")
-    g.add_argument("--log-file", help="log here instead of stderr (with -d: default /tmp/cachefs-MOUNTPOINT.log)")
+    dw = WorkerConfig(listen=("", 0), sources={})
+    w.add_argument("--listen", required=True, metavar="HOST:PORT", help="address to serve peers on")
+    w.add_argument("--advertise", metavar="HOST:PORT", help="the address other nodes list in --peers (default: --listen)")
+    w.add_argument("--source", action="append", required=True, metavar="NAME=URL", help="a source to serve (repeatable), e.g. md=s3://bucket/market")
+    _add_cache_args(w, dw)
 
     u = sub.add_parser("umount", help="unmount a cachefs mount", description="Unmount MOUNTPOINT; the daemon then exits.")
     u.add_argument("mountpoint", metavar="MOUNTPOINT")
@@ -80,40 +108,67 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _mount_config(a: argparse.Namespace) -> MountConfig:
-    c = MountConfig(
-        source=a.source,
-        mountpoint=os.path.abspath(a.mountpoint),
+def _cache_fields(a: argparse.Namespace) -> dict:
+    return dict(
         cache_dir=os.path.abspath(a.cache_dir),
         cache_size=parse_size(a.cache_size, "--cache-size"),
         mem_size=parse_size(a.mem_size, "--mem-size"),
         chunk_size=parse_size(a.chunk_size, "--chunk-size"),
         free_space_ratio=a.free_space_ratio,
-        attr_ttl=a.attr_ttl,
-        entry_ttl=a.entry_ttl,
-        dir_ttl=a.dir_ttl,
         read_ahead=a.read_ahead,
         backend_concurrency=a.backend_concurrency,
         backend_timeout=a.backend_timeout,
         backend_retries=a.backend_retries,
         endpoint_url=a.endpoint_url,
         access_key=a.access_key,
-        secret_key=_read_secret(a.secret_key_file) if a.secret_key_file else None,
+        secret_key=_read_secret(a.secret_key_file, "--secret-key-file") if a.secret_key_file else None,
+        peers=a.peers,
+        peer_secret=_read_secret(a.secret_file, "--secret-file").encode() if a.secret_file else None,
+        peer_timeout=a.peer_timeout,
         metrics=parse_addr(a.metrics, "--metrics") if a.metrics else None,
         log_level=a.log_level.upper(),
+    )
+
+
+def _mount_config(a: argparse.Namespace) -> MountConfig:
+    c = MountConfig(
+        source=a.source,
+        mountpoint=os.path.abspath(a.mountpoint),
+        attr_ttl=a.attr_ttl,
+        entry_ttl=a.entry_ttl,
+        dir_ttl=a.dir_ttl,
+        serve=parse_addr(a.serve, "--serve") if a.serve else None,
+        **_cache_fields(a),
     )
     c.check()
     return c
 
 
-def _read_secret(path: str) -> str:
+def _worker_config(a: argparse.Namespace) -> WorkerConfig:
+    sources = {}
+    for item in a.source:
+        name, sep, url = item.partition("=")
+        if not sep or not name or not url:
+            raise ConfigError(f"--source {item!r}: expected NAME=URL")
+        if name in sources:
+            raise ConfigError(f"--source {name}: given twice")
+        sources[name] = url
+    listen = parse_addr(a.listen, "--listen")
+    if a.advertise:
+        parse_addr(a.advertise, "--advertise")
+    c = WorkerConfig(listen=listen, sources=sources, advertise=a.advertise, **_cache_fields(a))
+    c.check()
+    return c
+
+
+def _read_secret(path: str, flag: str) -> str:
     try:
         with open(path) as f:
             secret = f.read().strip()
     except OSError as e:
-        raise ConfigError(f"--secret-key-file {path}: {e.strerror}") from None
+        raise ConfigError(f"{flag} {path}: {e.strerror}") from None
     if not secret:
-        raise ConfigError(f"--secret-key-file {path}: the file is empty")
+        raise ConfigError(f"{flag} {path}: the file is empty")
     return secret
 
 
@@ -133,9 +188,6 @@ def _mount(a: argparse.Namespace, argv: list[str]) -> int:
     if a.background:
         return _spawn_background(a, argv)
     _setup_logging(config.log_level, a.log_file)
-
-    import trio
-
     from cachefs.mount import run_mount
 
     ready_fd = int(os.environ.pop(_READY_FD, "-1"))
@@ -145,18 +197,33 @@ def _mount(a: argparse.Namespace, argv: list[str]) -> int:
             os.write(ready_fd, b"ready")
             os.close(ready_fd)
 
+    _run_trio(run_mount, config, on_ready)
+    return 0
+
+
+def _worker(a: argparse.Namespace) -> int:
+    config = _worker_config(a)
+    _setup_logging(config.log_level, a.log_file)
+    from cachefs.worker import run_worker
+
+    _run_trio(run_worker, config)
+    return 0
+
+
+def _run_trio(fn, *args) -> None:
+    import trio
+
     try:
-        trio.run(run_mount, config, on_ready)
+        trio.run(fn, *args)
     except BaseExceptionGroup as group:
-        # A ConfigError raised inside the mount's nursery arrives wrapped; unwrap
-        # it so the user gets its one sentence, not a traceback.
+        # A ConfigError raised inside a nursery arrives wrapped; unwrap it so the
+        # user gets its one sentence, not a traceback.
         leaf: BaseException = group
         while isinstance(leaf, BaseExceptionGroup) and len(leaf.exceptions) == 1:
             leaf = leaf.exceptions[0]
         if isinstance(leaf, ConfigError):
             raise leaf from None
         raise
-    return 0
 
 
 def _spawn_background(a: argparse.Namespace, argv: list[str]) -> int:
@@ -225,6 +292,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "mount":
             return _mount(args, argv)
+        if args.command == "worker":
+            return _worker(args)
         return _umount(args)
     except ConfigError as e:
         log.error("%s", e)

@@ -53,20 +53,16 @@ def format_size(n: int) -> str:
     return str(n)
 
 
-@dataclasses.dataclass
-class MountConfig:
-    """Everything a mount needs. `check()` rejects bad values; nothing is clamped quietly."""
+@dataclasses.dataclass(kw_only=True)
+class CacheConfig:
+    """What mounts and workers share: the cache tiers, the backend, the peers.
+    `check()` rejects bad values; nothing is clamped quietly."""
 
-    source: str
-    mountpoint: str
     cache_dir: str = "/var/cache/cachefs"
     cache_size: int = 10 << 30
     mem_size: int = 512 << 20
     chunk_size: int = 4 << 20
     free_space_ratio: float = 0.1
-    attr_ttl: float = 1.0
-    entry_ttl: float = 1.0
-    dir_ttl: float = 1.0
     read_ahead: int = 4
     backend_concurrency: int = 16
     backend_timeout: float = 30.0
@@ -74,12 +70,11 @@ class MountConfig:
     endpoint_url: str | None = None
     access_key: str | None = None
     secret_key: str | None = dataclasses.field(default=None, repr=False)
+    peers: str | None = None  # --peers spec: static list, dns+NAME:PORT or file:PATH
+    peer_secret: bytes | None = dataclasses.field(default=None, repr=False)
+    peer_timeout: float = 5.0
     metrics: tuple[str, int] | None = None
     log_level: str = "INFO"
-    fuse_tasks: int = 64
-    # The bdi read_ahead_kb of the mount: big enough that buffered sequential reads
-    # reach the daemon as 1 MiB requests instead of 128 KiB ones.
-    kernel_read_ahead_kb: int = 4096
 
     def check(self) -> None:
         """Validate every field.
@@ -104,31 +99,16 @@ class MountConfig:
             )
         if not 0.0 <= self.free_space_ratio < 1.0:
             raise ConfigError(f"--free-space-ratio {self.free_space_ratio}: must be in [0, 1)")
-        for name in ("attr_ttl", "entry_ttl", "dir_ttl", "free_space_ratio", "backend_timeout"):
-            if not math.isfinite(getattr(self, name)):
-                raise ConfigError(f"--{name.replace('_', '-')} must be a finite number")
-        for name in ("attr_ttl", "entry_ttl", "dir_ttl"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"--{name.replace('_', '-')} must not be negative")
+        self._check_durations("backend_timeout", "peer_timeout")
         if self.read_ahead < 0:
             raise ConfigError("--read-ahead must not be negative")
         if self.backend_concurrency < 1:
             raise ConfigError("--backend-concurrency must be at least 1")
-        if self.backend_timeout <= 0:
-            raise ConfigError("--backend-timeout must be positive")
+        for name in ("backend_timeout", "peer_timeout"):
+            if getattr(self, name) == 0:
+                raise ConfigError(f"--{name.replace('_', '-')} must be positive")
         if self.backend_retries < 0:
             raise ConfigError("--backend-retries must not be negative")
-        try:
-            is_dir = stat.S_ISDIR(os.stat(self.mountpoint).st_mode)
-        except OSError as e:
-            hint = ""
-            if e.errno == errno.ENOTCONN:  # a FUSE daemon died there and left its mount behind
-                hint = f"; run fusermount3 -u {self.mountpoint}"
-            raise ConfigError(f"mountpoint {self.mountpoint}: {e.strerror}{hint}") from None
-        if not is_dir:
-            raise ConfigError(f"mountpoint {self.mountpoint}: not a directory")
-        if os.path.ismount(self.mountpoint):
-            raise ConfigError(f"mountpoint {self.mountpoint}: already mounted (busy)")
         if (self.access_key is None) != (self.secret_key is None):
             raise ConfigError("--access-key and --secret-key-file go together")
         if self.cache_size:
@@ -143,3 +123,64 @@ class MountConfig:
             os.unlink(probe)
         except OSError as e:
             raise ConfigError(f"--cache-dir {self.cache_dir}: not writable ({e.strerror})") from None
+
+    def _check_durations(self, *names: str) -> None:
+        for name in names:
+            value = getattr(self, name)
+            if not math.isfinite(value):
+                raise ConfigError(f"--{name.replace('_', '-')} must be a finite number")
+            if value < 0:
+                raise ConfigError(f"--{name.replace('_', '-')} must not be negative")
+
+
+@dataclasses.dataclass(kw_only=True)
+class MountConfig(CacheConfig):
+    """Everything a mount needs."""
+
+    source: str
+    mountpoint: str
+    attr_ttl: float = 1.0
+    entry_ttl: float = 1.0
+    dir_ttl: float = 1.0
+    serve: tuple[str, int] | None = None  # share this mount's cache with the ring
+    fuse_tasks: int = 64
+    # The bdi read_ahead_kb of the mount: big enough that buffered sequential reads
+    # reach the daemon as 1 MiB requests instead of 128 KiB ones.
+    kernel_read_ahead_kb: int = 4096
+
+    def check(self) -> None:
+        self._check_durations("attr_ttl", "entry_ttl", "dir_ttl")
+        super().check()
+        if (self.peers or self.serve) and not self.peer_secret:
+            raise ConfigError("--peers and --serve need --secret-file: peers authenticate each other")
+        try:
+            is_dir = stat.S_ISDIR(os.stat(self.mountpoint).st_mode)
+        except OSError as e:
+            hint = ""
+            if e.errno == errno.ENOTCONN:  # a FUSE daemon died there and left its mount behind
+                hint = f"; run fusermount3 -u {self.mountpoint}"
+            raise ConfigError(f"mountpoint {self.mountpoint}: {e.strerror}{hint}") from None
+        if not is_dir:
+            raise ConfigError(f"mountpoint {self.mountpoint}: not a directory")
+        if os.path.ismount(self.mountpoint):
+            raise ConfigError(f"mountpoint {self.mountpoint}: already mounted (busy)")
+
+
+@dataclasses.dataclass(kw_only=True)
+class WorkerConfig(CacheConfig):
+    """A cache worker: serves chunks of its sources to mounts and other workers."""
+
+    listen: tuple[str, int]
+    sources: dict[str, str]  # name -> source URL
+    advertise: str | None = None  # HOST:PORT others know this worker by (default: --listen)
+
+    def check(self) -> None:
+        super().check()
+        if not self.sources:
+            raise ConfigError("a worker needs at least one --source NAME=URL")
+        if not self.peer_secret:
+            raise ConfigError("a worker needs --secret-file: without it anyone could read its sources")
+
+    @property
+    def node(self) -> str:
+        return self.advertise or f"{self.listen[0]}:{self.listen[1]}"

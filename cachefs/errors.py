@@ -35,3 +35,14 @@ class ObjectChanged(BackendError):
 
 class BackendPermissionDenied(BackendError):
     """The backend refused the credentials for this object or bucket."""
+
+
+class PeerError(CachefsError):
+    """A peer could not serve a chunk: unreachable, refused, timed out or sent bad data.
+
+    Never reaches a reader: the peer tier turns it into a miss.
+    """
+
+    def __init__(self, msg: str, code: str = ""):
+        super().__init__(msg)
+        self.code = code

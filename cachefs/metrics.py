@@ -40,6 +40,23 @@ SINGLEFLIGHT_WAITS = prom.Counter(
     "cachefs_singleflight_waits", "Chunk reads that waited for a fetch already in flight"
 )
 READAHEAD_CHUNKS = prom.Counter("cachefs_readahead_chunks", "Chunks fetched ahead of the reader")
+PEER_REQUESTS = prom.Counter(
+    "cachefs_peer_requests", "Chunk requests sent to peers, by peer and outcome", ["peer", "outcome"]
+)
+PEER_SECONDS = prom.Histogram(
+    "cachefs_peer_request_seconds",
+    "Latency of successful peer chunk requests",
+    ["peer"],
+    buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+)
+PEER_UP = prom.Gauge("cachefs_peer_up", "1 while a peer is used, 0 while its circuit breaker is open", ["peer"])
+RING_NODES = prom.Gauge("cachefs_ring_nodes", "Nodes on the consistent-hash ring")
+PEER_SERVED = prom.Counter("cachefs_peer_served", "Chunk requests answered for peers, by outcome", ["outcome"])
+PEER_SERVED_BYTES = prom.Counter("cachefs_peer_served_bytes", "Chunk bytes sent to peers")
+PEER_PROTOCOL_ERRORS = prom.Counter(
+    "cachefs_peer_protocol_errors", "Connections closed for malformed or oversized frames", ["side"]
+)
+PEER_AUTH_FAILURES = prom.Counter("cachefs_peer_auth_failures", "Peer connections refused by the handshake")
 FUSE_ERRORS = prom.Counter("cachefs_fuse_errors", "Errors returned to the kernel", ["op", "errno"])
 
 

@@ -10,43 +10,14 @@ from typing import Callable
 import pyfuse3
 import trio
 
-from cachefs import metrics
-from cachefs.backend import Backend, open_store
-from cachefs.cache.disk import DiskTier
-from cachefs.cache.mem import MemTier
 from cachefs.config import MountConfig
-from cachefs.errors import (
-    BackendError,
-    BackendPermissionDenied,
-    BackendUnavailable,
-    ConfigError,
-    ObjectNotFound,
-)
+from cachefs.errors import ConfigError
 from cachefs.fuse_ops import Operations
 from cachefs.namespace import Namespace
 from cachefs.reader import Reader
+from cachefs.stack import client_node_name, open_backend, open_peer_tier, open_tiers, serve_metrics, serve_peers
 
 log = logging.getLogger(__name__)
-
-
-async def probe_source(backend: Backend, url: str) -> None:
-    """Fail before mounting if the source cannot be read: a clear error beats an empty mount.
-
-    Raises:
-        ConfigError: naming what is wrong with the source.
-    """
-    try:
-        info = await backend.stat("")
-    except ObjectNotFound:
-        raise ConfigError(f"{url}: no such bucket, prefix or directory") from None
-    except BackendPermissionDenied as e:
-        raise ConfigError(f"{url}: access denied; check the credentials ({e})") from None
-    except BackendUnavailable as e:
-        raise ConfigError(f"{url}: cannot reach the backend ({e})") from None
-    except BackendError as e:
-        raise ConfigError(f"{url}: cannot read the source ({e})") from None
-    if info.kind != "dir":
-        raise ConfigError(f"{url}: is a file, not a directory or prefix")
 
 
 def _set_kernel_read_ahead(real_mountpoint: str, kb: int) -> None:
@@ -74,27 +45,20 @@ async def run_mount(config: MountConfig, on_ready: Callable[[], None] = lambda: 
     Raises:
         ConfigError: the source or mountpoint cannot be used; nothing is mounted then.
     """
-    credentials = (config.access_key, config.secret_key) if config.access_key and config.secret_key else None
-    store = open_store(config.source, config.endpoint_url, config.backend_timeout, credentials)
-    backend = Backend(store, config.backend_concurrency, config.backend_timeout, config.backend_retries)
     async with trio.open_nursery() as nursery:
-        if config.metrics:
-            try:
-                await nursery.start(metrics.serve, *config.metrics)
-            except OSError as e:
-                raise ConfigError(f"--metrics {config.metrics[0]}:{config.metrics[1]}: cannot listen ({e.strerror})")
-        await probe_source(backend, config.source)
-        mem = MemTier(config.mem_size)
-        disk = None
-        if config.cache_size:
-            disk = DiskTier(config.cache_dir, config.cache_size, config.free_space_ratio)
-            await disk.load()
-        reader = Reader(mem, disk, backend, config.chunk_size, config.read_ahead, nursery)
+        await serve_metrics(config, nursery)
+        backend = await open_backend(config.source, config)
+        mem, disk = await open_tiers(config)
+        node = f"{config.serve[0]}:{config.serve[1]}" if config.serve else client_node_name()
+        peers = open_peer_tier(config, node, nursery)
+        reader = Reader(mem, disk, backend, config.chunk_size, config.read_ahead, nursery, peers)
+        if config.serve:
+            await serve_peers(config, node, config.serve, {backend.source: reader}, nursery)
         namespace = Namespace(backend, config.attr_ttl, config.dir_ttl)
         ops = Operations(
             namespace,
             reader,
-            store.url,
+            backend.source,
             entry_ttl=config.entry_ttl,
             attr_ttl=config.attr_ttl,
             block_size=min(config.chunk_size, 1 << 20),
@@ -108,6 +72,7 @@ async def run_mount(config: MountConfig, on_ready: Callable[[], None] = lambda: 
             pyfuse3.init(ops, config.mountpoint, options)
         except RuntimeError as e:
             raise ConfigError(f"mountpoint {config.mountpoint}: cannot mount ({e})") from None
+
         async def when_serving() -> None:
             # The kernel holds every request until our INIT reply is processed, and
             # that reply resets the bdi's read-ahead; so a stat() that returns means

@@ -1,6 +1,6 @@
 """The reader: turns (object, offset, size) into chunks and walks the tiers.
 
-MEM → SSD → backend, with one fetch per chunk at a time (single-flight),
+MEM → SSD → peer (the chunk's owner on the ring) → backend, with one fetch per chunk at a time (single-flight),
 sequential-read detection that fetches the next chunks ahead in the nursery,
 and a bound on how much read-ahead may be in flight at once.
 """
@@ -18,6 +18,7 @@ from cachefs.cache import chunk_digest
 from cachefs.cache.disk import DiskTier
 from cachefs.cache.mem import Buffer, MemTier
 from cachefs.errors import BackendError
+from cachefs.peer.client import PeerTier
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +49,7 @@ class Reader:
 
     Args:
         nursery: where read-ahead and SSD write-behind tasks run.
+        peers: the peer tier, asked after the local tiers and before the backend.
     """
 
     def __init__(
@@ -58,9 +60,11 @@ class Reader:
         chunk_size: int,
         read_ahead: int,
         nursery: trio.Nursery,
+        peers: PeerTier | None = None,
     ):
         self.mem = mem
         self.disk = disk
+        self.peers = peers
         self.backend = backend
         self.chunk_size = chunk_size
         # Read-ahead hands chunks to the reader through a tier; with none there is
@@ -174,6 +178,12 @@ class Reader:
             if data is not None:
                 self.mem.put(digest, data)
                 return data, self.disk.name
+        if self.peers is not None:
+            data = await self.peers.get(obj, self.chunk_size, index, digest, length)
+            if data is not None:
+                # Kept in MEM only: the owner holds it on its SSD already.
+                self.mem.put(digest, data)
+                return data, self.peers.name
         start = index * self.chunk_size
         fetched = await self.backend.fetch(obj, start, start + length)
         self.mem.put(digest, fetched)

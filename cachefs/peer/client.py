@@ -1,0 +1,264 @@
+"""Ask peers for chunks: the client side of the peer protocol, and the peer tier.
+
+`PeerClient` keeps one authenticated connection per peer and multiplexes
+requests over it by id. Each peer has a circuit breaker: after a failure it is
+skipped for a back-off that doubles up to PEER_MAX_BACKOFF, then tried again.
+`PeerTier` is what the reader sees: ask the chunk's owner on the ring, then the
+next node, and give up (the reader goes to the backend) on any failure.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import time
+from typing import Callable
+
+import trio
+
+from cachefs import hotpath, metrics
+from cachefs.backend import ObjectId
+from cachefs.errors import PeerError
+from cachefs.peer import protocol
+from cachefs.peer.protocol import Auth, ChunkData, ChunkError, GetChunk, Hello, ProtocolError, Ready
+from cachefs.peer.ring import Ring
+from cachefs.peer.stream import FrameStream
+
+log = logging.getLogger(__name__)
+
+CONNECT_TIMEOUT = 2.0
+PEER_MAX_BACKOFF = 30.0
+# The owner plus this many fallbacks are asked before the backend.
+PEER_ATTEMPTS = 2
+
+
+class _Pending:
+    __slots__ = ("done", "header", "payload")
+
+    def __init__(self) -> None:
+        self.done = trio.Event()
+        self.header: dict | None = None
+        self.payload = b""
+
+
+class PeerConnection:
+    """One authenticated connection; `receive_loop` runs in the client's nursery."""
+
+    def __init__(self, peer: str, frames: FrameStream):
+        self.peer = peer
+        self.frames = frames
+        self.closed = False
+        self._pending: dict[int, _Pending] = {}
+        self._ids = itertools.count(1)
+
+    async def receive_loop(self) -> None:
+        try:
+            while (frame := await self.frames.receive()) is not None:
+                header, payload = frame
+                message = protocol.parse_message(header)
+                if not isinstance(message, (ChunkData, ChunkError)):
+                    raise ProtocolError(f"unexpected {header.get('t')!r} from a server")
+                pending = self._pending.pop(message.id, None)
+                if pending is not None:  # else: the requester timed out and left
+                    pending.header, pending.payload = header, payload
+                    pending.done.set()
+        except ProtocolError as e:
+            metrics.PEER_PROTOCOL_ERRORS.labels("client").inc()
+            log.warning("peer %s: %s; dropping the connection", self.peer, e)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            pass
+        finally:
+            self.closed = True
+            for pending in self._pending.values():
+                pending.done.set()  # header stays None: connection lost
+            self._pending.clear()
+            with trio.CancelScope(shield=True):
+                await self.frames.stream.aclose()
+
+    async def request(self, req_fields: dict) -> tuple[protocol.ChunkData | ChunkError, bytes]:
+        """Send one GetChunk and wait for its answer. Checkpoints; cancel to time out.
+
+        Raises:
+            PeerError: the connection is or becomes unusable.
+        """
+        if self.closed:
+            raise PeerError(f"peer {self.peer}: connection closed")
+        request_id = next(self._ids)
+        pending = self._pending[request_id] = _Pending()
+        try:
+            await self.frames.send(GetChunk(id=request_id, **req_fields).to_header())
+            await pending.done.wait()
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as e:
+            self.closed = True
+            raise PeerError(f"peer {self.peer}: {e}") from None
+        finally:
+            self._pending.pop(request_id, None)
+        if pending.header is None:
+            raise PeerError(f"peer {self.peer}: connection lost")
+        return protocol.parse_message(pending.header), pending.payload
+
+
+class PeerClient:
+    """Connections to peers, made on first use and remade after failures."""
+
+    def __init__(
+        self,
+        node: str,
+        secret: bytes,
+        nursery: trio.Nursery,
+        max_payload: int,
+        clock: Callable[[], float] = time.monotonic,
+    ):
+        self.node = node
+        self.secret = secret
+        self.max_payload = max_payload
+        self._nursery = nursery
+        self._clock = clock
+        self._conns: dict[str, PeerConnection] = {}
+        self._connecting: dict[str, trio.Event] = {}
+        self._failures: dict[str, int] = {}
+        self._down_until: dict[str, float] = {}
+
+    def available(self, peer: str) -> bool:
+        return self._clock() >= self._down_until.get(peer, 0.0)
+
+    def mark_failed(self, peer: str, why: object) -> None:
+        failures = self._failures[peer] = self._failures.get(peer, 0) + 1
+        backoff = min(0.5 * 2 ** (failures - 1), PEER_MAX_BACKOFF)
+        self._down_until[peer] = self._clock() + backoff
+        metrics.PEER_UP.labels(peer).set(0)
+        log.warning("peer %s failed (%s); skipping it for %.1fs", peer, why, backoff)
+        conn = self._conns.pop(peer, None)
+        if conn is not None:
+            conn.closed = True
+            self._nursery.start_soon(conn.frames.stream.aclose)
+
+    def mark_ok(self, peer: str) -> None:
+        if self._failures.pop(peer, None) is not None:
+            log.info("peer %s is back", peer)
+        self._down_until.pop(peer, None)
+        metrics.PEER_UP.labels(peer).set(1)
+
+    async def _connection(self, peer: str) -> PeerConnection:
+        while True:
+            conn = self._conns.get(peer)
+            if conn is not None and not conn.closed:
+                return conn
+            connecting = self._connecting.get(peer)
+            if connecting is None:
+                break
+            await connecting.wait()  # one connect per peer at a time
+            if peer not in self._conns:
+                raise PeerError(f"peer {peer}: cannot connect")
+        self._connecting[peer] = trio.Event()
+        try:
+            conn = await self._connect(peer)
+            self._conns[peer] = conn
+            self._nursery.start_soon(conn.receive_loop)
+            return conn
+        finally:
+            self._connecting.pop(peer).set()
+
+    async def _connect(self, peer: str) -> PeerConnection:
+        host, _, port = peer.rpartition(":")
+        stream = None
+        try:
+            with trio.fail_after(CONNECT_TIMEOUT):
+                stream = await trio.open_tcp_stream(host.strip("[]"), int(port))
+                frames = FrameStream(stream, self.max_payload)
+                nonce = os.urandom(16)
+                await frames.send(Hello(protocol.PROTOCOL_VERSION, self.node, nonce).to_header())
+                frame = await frames.receive()
+                hello = protocol.parse_message(frame[0]) if frame else None
+                if not isinstance(hello, Hello) or hello.mac is None:
+                    raise PeerError(f"peer {peer}: no hello from the server")
+                expected = protocol.hello_mac(self.secret, "server", hello.nonce, nonce)
+                if not protocol.verify_mac(expected, hello.mac):
+                    raise PeerError(f"peer {peer}: the server does not know our secret")
+                await frames.send(Auth(protocol.hello_mac(self.secret, "client", nonce, hello.nonce)).to_header())
+                frame = await frames.receive()
+                if frame is None or not isinstance(protocol.parse_message(frame[0]), Ready):
+                    raise PeerError(f"peer {peer}: refused our authentication (wrong secret?)")
+                return PeerConnection(peer, frames)
+        except BaseException as e:
+            if stream is not None:
+                with trio.CancelScope(shield=True):
+                    await stream.aclose()
+            if isinstance(e, trio.TooSlowError):
+                raise PeerError(f"peer {peer}: no connection within {CONNECT_TIMEOUT:g}s") from None
+            if isinstance(e, (OSError, ProtocolError, trio.BrokenResourceError)):
+                raise PeerError(f"peer {peer}: {e}") from None
+            raise
+
+    async def get_chunk(self, peer: str, obj: ObjectId, chunk_size: int, index: int) -> bytes:
+        """One chunk from `peer`, checksum verified.
+
+        Raises:
+            PeerError: connection failure, refusal, or a bad checksum.
+        """
+        conn = await self._connection(peer)
+        reply, payload = await conn.request(
+            dict(source=obj.source, path=obj.path, version=obj.version, size=obj.size, chunk_size=chunk_size, index=index)
+        )
+        if isinstance(reply, ChunkError):
+            raise PeerError(f"peer {peer}: {reply.code}: {reply.message}", code=reply.code)
+        if hotpath.checksum(payload) != reply.checksum:
+            metrics.CACHE_ERRORS.labels("peer", "corrupt").inc()
+            raise PeerError(f"peer {peer}: checksum mismatch on {obj.path} chunk {index}", code="corrupt")
+        return payload
+
+
+class PeerTier:
+    """The peer tier of the reader: the chunk's owner on the ring, then the next node.
+
+    Any failure is a miss (the reader then fetches from the backend); a node that
+    fails is skipped by its circuit breaker, so a dead worker costs at most one
+    timeout, never a failed read.
+    """
+
+    name = "peer"
+
+    def __init__(self, client: PeerClient, ring: Callable[[], Ring], timeout: float):
+        self.client = client
+        self.ring = ring
+        self.timeout = timeout
+
+    async def get(self, obj: ObjectId, chunk_size: int, index: int, digest: bytes, length: int) -> bytes | None:
+        tried = 0
+        for peer in self.ring().owners(digest, PEER_ATTEMPTS + 2):
+            if peer == self.client.node:
+                return None  # we own this chunk: the backend is our next tier
+            if tried == PEER_ATTEMPTS:
+                break
+            if not self.client.available(peer):
+                continue
+            tried += 1
+            t0 = time.monotonic()
+            outcome = "error"
+            with trio.move_on_after(self.timeout) as scope:
+                try:
+                    data = await self.client.get_chunk(peer, obj, chunk_size, index)
+                except PeerError as e:
+                    outcome = e.code or "error"
+                    if outcome in ("notfound", "changed"):
+                        # The peer reached the backend and it said so: ask it ourselves, not the next peer.
+                        metrics.PEER_REQUESTS.labels(peer, outcome).inc()
+                        self.client.mark_ok(peer)
+                        return None
+                    if outcome != "unavailable":
+                        self.client.mark_failed(peer, e)
+                else:
+                    if len(data) == length:
+                        metrics.PEER_REQUESTS.labels(peer, "ok").inc()
+                        metrics.PEER_SECONDS.labels(peer).observe(time.monotonic() - t0)
+                        self.client.mark_ok(peer)
+                        return data
+                    outcome = "corrupt"
+                    self.client.mark_failed(peer, f"chunk of {len(data)} bytes, expected {length}")
+            if scope.cancelled_caught:
+                outcome = "timeout"
+                self.client.mark_failed(peer, f"no answer within {self.timeout:g}s")
+            metrics.PEER_REQUESTS.labels(peer, outcome).inc()
+            metrics.CACHE_MISSES.labels(self.name).inc()
+        return None

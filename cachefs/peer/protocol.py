@@ -1,0 +1,457 @@
+"""The peer wire format: length-prefixed frames and the messages they carry. No I/O.
+
+A frame is::
+
+    >II prefix      header length H (1..MAX_HEADER), payload length P (0..max_payload)
+    H bytes         a msgpack map with str keys; "t" names the message type
+    P bytes         raw payload (chunk data), outside msgpack so it is never re-encoded
+
+The decoder checks both lengths as soon as the 8-byte prefix arrives, so a peer
+cannot make a receiver buffer an oversized frame.
+
+A connection starts with a mutual challenge-response over a shared secret (it
+authenticates; it does not encrypt)::
+
+    client → Hello(version, node, nonce_c)
+    server → Hello(version, node, nonce_s, mac=hello_mac(secret, "server", nonce_s, nonce_c))
+    client → Auth(hello_mac(secret, "client", nonce_c, nonce_s))
+    server → Ready()
+
+Then the client sends `GetChunk` requests, and the server answers each with
+`ChunkData` (plus the chunk as payload) or `ChunkError`, in any order, matched
+by `id`. The role is part of every MAC, so a peer that echoes a MAC back
+(reflection) does not authenticate.
+
+Every message validates its fields strictly in `from_header`: a wrong type, a
+missing field, a negative int, a str longer than MAX_STR or an unknown "t" is a
+`ProtocolError`, and the caller closes that connection. Unknown extra fields
+are ignored, so a later version can add optional ones.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import hmac
+import struct
+from typing import Any, ClassVar, Mapping, Union
+
+import msgpack
+
+from cachefs.errors import CachefsError
+
+PROTOCOL_VERSION = 1
+
+PREFIX = struct.Struct(">II")
+PREFIX_SIZE = PREFIX.size
+MAX_HEADER = 64 << 10
+DEFAULT_MAX_PAYLOAD = 64 << 20
+MAX_STR = 4096
+NONCE_MIN, NONCE_MAX = 16, 64
+MAC_SIZE = 32
+ROLES = ("server", "client")
+ERROR_CODES = frozenset({"refused", "notfound", "changed", "unavailable", "busy", "bad-request"})
+
+_U32_MAX = (1 << 32) - 1
+_U64_MAX = (1 << 64) - 1
+# A message has a handful of fields; these caps keep a few header bytes that
+# declare a huge array or map from allocating one before the data is checked.
+_MAX_CONTAINER = 256
+# Drop consumed bytes once this many have piled up at the front of the buffer
+# (and they are at least half of it), so compacting stays linear overall.
+_COMPACT_AT = 64 << 10
+
+
+class ProtocolError(CachefsError):
+    """A peer sent a malformed, oversized or unexpected frame: close that connection."""
+
+
+Buffer = Union[bytes, bytearray, memoryview]
+
+
+# -- frames --------------------------------------------------------------------
+
+
+def encode_frame(header: Mapping[str, Any], payload: Buffer = b"") -> tuple[bytes, Buffer]:
+    """Encode one frame, leaving the payload alone so it is sent without a copy.
+
+    Args:
+        header: a map with a str "t"; values msgpack can pack.
+        payload: raw bytes sent after the header.
+
+    Returns:
+        (prefix + packed header, payload): send the first, then the second.
+
+    Raises:
+        ProtocolError: the header has no str "t" or packs to more than
+            MAX_HEADER bytes, or the payload is 4 GiB or more. A receiver would
+            reject such a frame.
+    """
+    if not isinstance(header, Mapping) or not isinstance(header.get("t"), str):
+        raise ProtocolError("a frame header must be a map with a str 't'")
+    packed = msgpack.packb(dict(header), use_bin_type=True)
+    if len(packed) > MAX_HEADER:
+        raise ProtocolError(f"header of {len(packed)} bytes > {MAX_HEADER}")
+    size = payload.nbytes if isinstance(payload, memoryview) else len(payload)
+    if size > _U32_MAX:
+        raise ProtocolError(f"payload of {size} bytes does not fit a frame")
+    return PREFIX.pack(len(packed), size) + packed, payload
+
+
+def _unpack_header(data: bytes) -> dict[str, Any]:
+    try:
+        header = msgpack.unpackb(
+            data,
+            raw=False,
+            strict_map_key=True,
+            max_str_len=MAX_HEADER,
+            max_bin_len=MAX_HEADER,
+            max_array_len=_MAX_CONTAINER,
+            max_map_len=_MAX_CONTAINER,
+            max_ext_len=0,
+        )
+    except Exception as e:  # noqa: BLE001 - untrusted bytes: every way unpacking fails is a bad frame
+        raise ProtocolError(f"header is not valid msgpack ({type(e).__name__})") from None
+    if not isinstance(header, dict):
+        raise ProtocolError(f"header is a {type(header).__name__}, not a map")
+    for key in header:
+        if not isinstance(key, str):
+            raise ProtocolError(f"header has a {type(key).__name__} key")
+    if not isinstance(header.get("t"), str):
+        raise ProtocolError("header has no str 't'")
+    return header
+
+
+class FrameDecoder:
+    """Splits a byte stream into frames. No I/O; no method checkpoints.
+
+    Feed it what the socket returns and call `next_frame` until it returns None.
+    After it raises `ProtocolError` the stream is out of sync, and every later
+    call raises again: close the connection.
+
+    Args:
+        max_payload: the largest payload accepted, in bytes.
+    """
+
+    def __init__(self, max_payload: int = DEFAULT_MAX_PAYLOAD):
+        if isinstance(max_payload, bool) or not isinstance(max_payload, int) or not 0 <= max_payload <= _U32_MAX:
+            raise ValueError(f"max_payload must be an int in 0..{_U32_MAX}, not {max_payload!r}")
+        self.max_payload = max_payload
+        self._buf = bytearray()
+        self._pos = 0  # start of the unconsumed bytes in _buf
+        self._lengths: tuple[int, int] | None = None  # (H, P) of the frame at _pos, once its prefix is in
+        self._failed: str | None = None
+
+    def buffered(self) -> int:
+        """Bytes received but not yet returned as part of a frame."""
+        return len(self._buf) - self._pos
+
+    def feed(self, data: Buffer) -> None:
+        """Append received bytes.
+
+        Raises:
+            ProtocolError: the prefix of the next frame declares an oversized
+                header or payload (checked before its body arrives), or the
+                decoder failed earlier.
+        """
+        self._check_failed()
+        self._buf += data
+        self._prefix()
+
+    def next_frame(self) -> tuple[dict[str, Any], bytes] | None:
+        """The next complete frame as (header, payload), or None until more bytes arrive.
+
+        Raises:
+            ProtocolError: a malformed or oversized frame, or the decoder failed earlier.
+        """
+        self._check_failed()
+        lengths = self._prefix()
+        if lengths is None:
+            return None
+        header_len, payload_len = lengths
+        start = self._pos + PREFIX_SIZE
+        end = start + header_len + payload_len
+        if len(self._buf) < end:
+            return None
+        with memoryview(self._buf) as view:
+            header_bytes = bytes(view[start : start + header_len])
+            payload = bytes(view[start + header_len : end])
+        self._pos = end
+        self._lengths = None
+        self._compact()
+        try:
+            header = _unpack_header(header_bytes)
+        except ProtocolError as e:
+            self._failed = str(e)
+            raise
+        return header, payload
+
+    def _prefix(self) -> tuple[int, int] | None:
+        if self._lengths is None and len(self._buf) - self._pos >= PREFIX_SIZE:
+            header_len, payload_len = PREFIX.unpack_from(self._buf, self._pos)
+            if not 0 < header_len <= MAX_HEADER:
+                self._fail(f"header length {header_len} not in 1..{MAX_HEADER}")
+            if payload_len > self.max_payload:
+                self._fail(f"payload length {payload_len} > {self.max_payload}")
+            self._lengths = header_len, payload_len
+        return self._lengths
+
+    def _compact(self) -> None:
+        if self._pos == len(self._buf):
+            self._buf.clear()
+            self._pos = 0
+        elif self._pos >= _COMPACT_AT and self._pos * 2 >= len(self._buf):
+            del self._buf[: self._pos]
+            self._pos = 0
+
+    def _fail(self, reason: str) -> None:
+        self._failed = reason
+        # Nothing after a bad frame can be trusted; don't keep it around.
+        self._buf.clear()
+        self._pos = 0
+        raise ProtocolError(reason)
+
+    def _check_failed(self) -> None:
+        if self._failed is not None:
+            raise ProtocolError(f"stream already failed: {self._failed}")
+
+
+# -- field checks --------------------------------------------------------------
+
+_MISSING = object()
+
+
+def _get(h: Mapping[str, Any], t: str, name: str) -> Any:
+    value = h.get(name, _MISSING)
+    if value is _MISSING:
+        raise ProtocolError(f"{t}: missing {name!r}")
+    return value
+
+
+def _uint(h: Mapping[str, Any], t: str, name: str, minimum: int = 0) -> int:
+    value = _get(h, t, name)
+    if type(value) is not int:  # not bool, not float
+        raise ProtocolError(f"{t}: {name!r} is a {type(value).__name__}, not an int")
+    if not minimum <= value <= _U64_MAX:
+        raise ProtocolError(f"{t}: {name!r} = {value} is out of range")
+    return value
+
+
+def _str(h: Mapping[str, Any], t: str, name: str) -> str:
+    value = _get(h, t, name)
+    if type(value) is not str:
+        raise ProtocolError(f"{t}: {name!r} is a {type(value).__name__}, not a str")
+    if len(value) > MAX_STR:
+        raise ProtocolError(f"{t}: {name!r} is longer than {MAX_STR}")
+    return value
+
+
+def _bytes(h: Mapping[str, Any], t: str, name: str, min_len: int, max_len: int) -> bytes:
+    value = _get(h, t, name)
+    if type(value) is not bytes:
+        raise ProtocolError(f"{t}: {name!r} is a {type(value).__name__}, not bytes")
+    if not min_len <= len(value) <= max_len:
+        raise ProtocolError(f"{t}: {name!r} has {len(value)} bytes, not {min_len}..{max_len}")
+    return value
+
+
+# -- messages ------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Hello:
+    """The first message each way: protocol version, node id and a fresh random nonce.
+
+    The server's Hello also carries `mac` = hello_mac(secret, "server", its nonce, the client's).
+    """
+
+    t: ClassVar[str] = "hello"
+    version: int
+    node: str
+    nonce: bytes
+    mac: bytes | None = None
+
+    def to_header(self) -> dict[str, Any]:
+        h: dict[str, Any] = {"t": self.t, "version": self.version, "node": self.node, "nonce": self.nonce}
+        if self.mac is not None:
+            h["mac"] = self.mac
+        return h
+
+    @classmethod
+    def from_header(cls, h: Mapping[str, Any]) -> Hello:
+        mac = _bytes(h, cls.t, "mac", MAC_SIZE, MAC_SIZE) if "mac" in h else None
+        version, node = _uint(h, cls.t, "version"), _str(h, cls.t, "node")
+        return cls(version, node, _bytes(h, cls.t, "nonce", NONCE_MIN, NONCE_MAX), mac)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Auth:
+    """The client's answer to the server's nonce: hello_mac(secret, "client", its nonce, the server's)."""
+
+    t: ClassVar[str] = "auth"
+    mac: bytes
+
+    def to_header(self) -> dict[str, Any]:
+        return {"t": self.t, "mac": self.mac}
+
+    @classmethod
+    def from_header(cls, h: Mapping[str, Any]) -> Auth:
+        return cls(_bytes(h, cls.t, "mac", MAC_SIZE, MAC_SIZE))
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Ready:
+    """The server accepted the client's MAC; requests may follow."""
+
+    t: ClassVar[str] = "ready"
+
+    def to_header(self) -> dict[str, Any]:
+        return {"t": self.t}
+
+    @classmethod
+    def from_header(cls, h: Mapping[str, Any]) -> Ready:
+        return cls()
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class GetChunk:
+    """A request for chunk `index` (of `chunk_size` bytes) of one object version.
+
+    source, path, version and size are the fields of `cachefs.backend.ObjectId`.
+    `from_header` also rejects chunk_size 0.
+    """
+
+    t: ClassVar[str] = "get"
+    id: int
+    source: str
+    path: str
+    version: str
+    size: int
+    chunk_size: int
+    index: int
+
+    def to_header(self) -> dict[str, Any]:
+        return {
+            "t": self.t,
+            "id": self.id,
+            "source": self.source,
+            "path": self.path,
+            "version": self.version,
+            "size": self.size,
+            "chunk_size": self.chunk_size,
+            "index": self.index,
+        }
+
+    @classmethod
+    def from_header(cls, h: Mapping[str, Any]) -> GetChunk:
+        t = cls.t
+        return cls(
+            id=_uint(h, t, "id"),
+            source=_str(h, t, "source"),
+            path=_str(h, t, "path"),
+            version=_str(h, t, "version"),
+            size=_uint(h, t, "size"),
+            chunk_size=_uint(h, t, "chunk_size", minimum=1),
+            index=_uint(h, t, "index"),
+        )
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ChunkData:
+    """The answer to GetChunk `id`: the chunk is the frame's payload; `checksum` is its xxh3_64."""
+
+    t: ClassVar[str] = "chunk"
+    id: int
+    checksum: int
+
+    def to_header(self) -> dict[str, Any]:
+        return {"t": self.t, "id": self.id, "checksum": self.checksum}
+
+    @classmethod
+    def from_header(cls, h: Mapping[str, Any]) -> ChunkData:
+        return cls(_uint(h, cls.t, "id"), _uint(h, cls.t, "checksum"))
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ChunkError:
+    """GetChunk `id` failed. `code` is one of ERROR_CODES; `message` is for logs.
+
+    Codes: "refused" (source not served here), "notfound", "changed",
+    "unavailable" (the backend failed), "busy", "bad-request".
+
+    A `message` longer than MAX_STR is cut to MAX_STR characters here, so a long
+    backend error never makes a frame the receiver must reject.
+    """
+
+    t: ClassVar[str] = "err"
+    id: int
+    code: str
+    message: str = ""
+
+    def __post_init__(self) -> None:
+        if isinstance(self.message, str) and len(self.message) > MAX_STR:
+            object.__setattr__(self, "message", self.message[:MAX_STR])
+
+    def to_header(self) -> dict[str, Any]:
+        return {"t": self.t, "id": self.id, "code": self.code, "message": self.message}
+
+    @classmethod
+    def from_header(cls, h: Mapping[str, Any]) -> ChunkError:
+        code = _str(h, cls.t, "code")
+        if code not in ERROR_CODES:
+            raise ProtocolError(f"err: unknown code {code[:40]!r}")
+        return cls(_uint(h, cls.t, "id"), code, _str(h, cls.t, "message"))
+
+
+Message = Union[Hello, Auth, Ready, GetChunk, ChunkData, ChunkError]
+
+MESSAGE_TYPES: Mapping[str, type[Message]] = {
+    cls.t: cls for cls in (Hello, Auth, Ready, GetChunk, ChunkData, ChunkError)
+}
+
+
+def parse_message(header: Mapping[str, Any]) -> Message:
+    """The message a frame header carries, with every field checked.
+
+    Raises:
+        ProtocolError: not a map, unknown "t", or a missing or invalid field.
+    """
+    if not isinstance(header, Mapping):
+        raise ProtocolError(f"header is a {type(header).__name__}, not a map")
+    t = header.get("t")
+    cls = MESSAGE_TYPES.get(t) if isinstance(t, str) else None
+    if cls is None:
+        raise ProtocolError(f"unknown message type {str(t)[:40]!r}")
+    return cls.from_header(header)
+
+
+# -- handshake -----------------------------------------------------------------
+
+
+def hello_mac(secret: bytes, role: str, own_nonce: bytes, peer_nonce: bytes) -> bytes:
+    """HMAC-SHA256 proving that `role` knows `secret`, bound to both nonces.
+
+    Args:
+        secret: the shared secret.
+        role: "server" or "client": the side that computes the MAC.
+        own_nonce: the nonce the computing side sent in its Hello.
+        peer_nonce: the nonce it received.
+
+    Returns:
+        MAC_SIZE bytes.
+
+    Raises:
+        ValueError: empty secret or unknown role.
+    """
+    if not secret:
+        raise ValueError("the peer secret is empty")
+    if role not in ROLES:
+        raise ValueError(f"role must be 'server' or 'client', not {role!r}")
+    return hmac.new(secret, role.encode() + b"\0" + own_nonce + peer_nonce, hashlib.sha256).digest()
+
+
+def verify_mac(expected: bytes, got: object) -> bool:
+    """Whether `got` equals `expected`, in constant time. A non-bytes `got` is False."""
+    if not isinstance(got, (bytes, bytearray)):
+        return False
+    return hmac.compare_digest(expected, got)

@@ -1,0 +1,101 @@
+"""Assemble the layers a mount or a worker is made of, from its config."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import socket
+
+import trio
+
+from cachefs import metrics
+from cachefs.backend import Backend, open_store
+from cachefs.cache.disk import DiskTier
+from cachefs.cache.mem import MemTier
+from cachefs.config import CacheConfig
+from cachefs.errors import (
+    BackendError,
+    BackendPermissionDenied,
+    BackendUnavailable,
+    ConfigError,
+    ObjectNotFound,
+)
+from cachefs.peer.client import PeerClient, PeerTier
+from cachefs.peer.membership import Membership
+from cachefs.peer.server import PeerServer
+from cachefs.reader import Reader
+
+log = logging.getLogger(__name__)
+
+
+async def serve_metrics(config: CacheConfig, nursery: trio.Nursery) -> None:
+    if config.metrics:
+        host, port = config.metrics
+        try:
+            await nursery.start(metrics.serve, host, port)
+        except OSError as e:
+            raise ConfigError(f"--metrics {host}:{port}: cannot listen ({e.strerror})") from None
+
+
+async def open_tiers(config: CacheConfig) -> tuple[MemTier, DiskTier | None]:
+    mem = MemTier(config.mem_size)
+    disk = None
+    if config.cache_size:
+        disk = DiskTier(config.cache_dir, config.cache_size, config.free_space_ratio)
+        await disk.load()
+    return mem, disk
+
+
+async def open_backend(url: str, config: CacheConfig) -> Backend:
+    """The backend of one source, checked to be readable.
+
+    Raises:
+        ConfigError: naming what is wrong with the source: a clear error beats an empty mount.
+    """
+    credentials = (config.access_key, config.secret_key) if config.access_key and config.secret_key else None
+    store = open_store(url, config.endpoint_url, config.backend_timeout, credentials)
+    backend = Backend(store, config.backend_concurrency, config.backend_timeout, config.backend_retries)
+    try:
+        info = await backend.stat("")
+    except ObjectNotFound:
+        raise ConfigError(f"{url}: no such bucket, prefix or directory") from None
+    except BackendPermissionDenied as e:
+        raise ConfigError(f"{url}: access denied; check the credentials ({e})") from None
+    except BackendUnavailable as e:
+        raise ConfigError(f"{url}: cannot reach the backend ({e})") from None
+    except BackendError as e:
+        raise ConfigError(f"{url}: cannot read the source ({e})") from None
+    if info.kind != "dir":
+        raise ConfigError(f"{url}: is a file, not a directory or prefix")
+    return backend
+
+
+def open_peer_tier(config: CacheConfig, node: str, nursery: trio.Nursery) -> PeerTier | None:
+    """The peer tier for `--peers`, its ring kept up to date in `nursery`; None without peers."""
+    if not config.peers:
+        return None
+    assert config.peer_secret is not None  # checked with the config
+    membership = Membership(config.peers)
+    nursery.start_soon(membership.run)
+    client = PeerClient(node, config.peer_secret, nursery, max_payload=config.chunk_size)
+    return PeerTier(client, lambda: membership.ring, config.peer_timeout)
+
+
+async def serve_peers(
+    config: CacheConfig, node: str, address: tuple[str, int], readers: dict[str, Reader], nursery: trio.Nursery
+) -> None:
+    """Serve the chunks of `readers` (source URL → reader) to authenticated peers at `address`."""
+    assert config.peer_secret is not None
+    server = PeerServer(node, config.peer_secret, readers, max_payload=config.chunk_size)
+    host, port = address
+    try:
+        await nursery.start(functools.partial(trio.serve_tcp, server.handle, port, host=host))
+    except OSError as e:
+        raise ConfigError(f"{host}:{port}: cannot listen for peers ({e.strerror})") from None
+    log.info("serving %s to peers on %s:%d as %s", ", ".join(readers), host, port, node)
+
+
+def client_node_name() -> str:
+    """How a mount that does not serve names itself to peers (logs only)."""
+    return f"mount:{socket.gethostname()}:{os.getpid()}"
