@@ -1,4 +1,4 @@
-"""Command line: `cachefs mount`, `cachefs worker`, `cachefs umount`, `cachefs --version`."""
+"""Command line: `cachefs mount`, `cachefs worker`, `cachefs status`, `cachefs umount`, `cachefs --version`."""
 
 from __future__ import annotations
 
@@ -101,6 +101,14 @@ def _parser() -> argparse.ArgumentParser:
     w.add_argument("--advertise", metavar="HOST:PORT", help="the address other nodes list in --peers (default: --listen)")
     w.add_argument("--source", action="append", required=True, metavar="NAME=URL", help="a source to serve (repeatable), e.g. md=s3://bucket/market")
     _add_cache_args(w, dw)
+
+    st = sub.add_parser(
+        "status",
+        help="show what nodes hold and serve",
+        description="Reads the --metrics endpoint of each mount or worker and shows its tiers, how much "
+        "of each source it holds, its cache ratio, what it served to peers and which peers are down.",
+    )
+    st.add_argument("nodes", nargs="+", metavar="HOST:PORT", help="a node's --metrics address")
 
     u = sub.add_parser("umount", help="unmount a cachefs mount", description="Unmount MOUNTPOINT; the daemon then exits.")
     u.add_argument("mountpoint", metavar="MOUNTPOINT")
@@ -294,6 +302,10 @@ def main(argv: list[str] | None = None) -> int:
             return _mount(args, argv)
         if args.command == "worker":
             return _worker(args)
+        if args.command == "status":
+            from cachefs import status
+
+            return status.main(args.nodes)
         return _umount(args)
     except ConfigError as e:
         log.error("%s", e)

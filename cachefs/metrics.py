@@ -91,3 +91,29 @@ async def serve(host: str, port: int, *, task_status=trio.TASK_STATUS_IGNORED) -
     log.info("metrics on http://%s:%d/metrics", host, port)
     task_status.started()
     await trio.serve_listeners(handle, listeners)
+
+
+class SourceUsage:
+    """Collects `cachefs_source_cached_bytes{source,tier}` at scrape time from the
+    tiers' per-source counters: which node holds how much of each source."""
+
+    def __init__(self, tiers: list, sources: dict[str, str]):
+        from cachefs.cache import source_tag
+
+        self.tiers = [t for t in tiers if t is not None]
+        self.tags = {name: source_tag(url) for name, url in sources.items()}
+
+    def collect(self):
+        from prometheus_client.core import GaugeMetricFamily
+
+        family = GaugeMetricFamily(
+            "cachefs_source_cached_bytes", "Bytes of each source held by a cache tier", labels=["source", "tier"]
+        )
+        for name, tag in self.tags.items():
+            for tier in self.tiers:
+                family.add_metric([name, tier.name], tier.by_source.get(tag, 0))
+        yield family
+
+
+def register_source_usage(tiers: list, sources: dict[str, str]) -> None:
+    prom.REGISTRY.register(SourceUsage(tiers, sources))

@@ -10,6 +10,7 @@ from typing import Callable
 import pyfuse3
 import trio
 
+from cachefs import metrics
 from cachefs.config import MountConfig
 from cachefs.errors import ConfigError
 from cachefs.fuse_ops import Operations
@@ -54,6 +55,7 @@ async def run_mount(config: MountConfig, on_ready: Callable[[], None] = lambda: 
         reader = Reader(mem, disk, backend, config.chunk_size, config.read_ahead, nursery, peers)
         if config.serve:
             await serve_peers(config, node, config.serve, {backend.source: reader}, nursery)
+        metrics.register_source_usage([mem, disk], {backend.source: backend.source})
         namespace = Namespace(backend, config.attr_ttl, config.dir_ttl)
         ops = Operations(
             namespace,

@@ -12,6 +12,7 @@ import signal
 
 import trio
 
+from cachefs import metrics
 from cachefs.config import WorkerConfig
 from cachefs.reader import Reader
 from cachefs.stack import open_backend, open_tiers, serve_metrics, serve_peers
@@ -29,11 +30,14 @@ async def run_worker(config: WorkerConfig) -> None:
         await serve_metrics(config, nursery)
         mem, disk = await open_tiers(config)
         readers = {}
+        names = {}
         for name, url in config.sources.items():
             backend = await open_backend(url, config)
             # No read-ahead: mounts read ahead, and their requests fan out over the ring.
             readers[backend.source] = Reader(mem, disk, backend, config.chunk_size, 0, nursery)
+            names[name] = backend.source
             log.info("source %s = %s", name, backend.source)
+        metrics.register_source_usage([mem, disk], names)
         await serve_peers(config, config.node, config.listen, readers, nursery)
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
             async for signum in signals:

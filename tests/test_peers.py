@@ -166,6 +166,14 @@ def test_mounts_share_one_backend_fetch_per_chunk(s3_behind_proxy, secret_file, 
     assert served >= 25 * 3 - 3 * 2  # each mount got (nearly) every chunk from a worker
     for m in mounts:
         assert m.metric("cachefs_read_bytes_total", source="backend") == 0
+    # Which worker holds how much of the source: together, the whole file, once.
+    held = sum(w.metric("cachefs_source_cached_bytes", source="src", tier="disk") for w in workers)
+    assert held == len(data) + 25 * 40  # chunk files: data plus a 40-byte header each
+    out = subprocess.run([sys.executable, "-m", "cachefs", "status", *(w.metrics_addr for w in workers)],
+                         capture_output=True, text=True, cwd=REPO, env=hermetic_env())
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.count("source src: ") == 3 and "served to peers" in out.stdout
+    print(out.stdout)
 
 
 def test_killed_worker_never_fails_a_read(s3_behind_proxy, secret_file, cachefs_worker, cachefs_mount):

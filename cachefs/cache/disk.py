@@ -14,12 +14,13 @@ import logging
 import os
 import re
 import time
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from typing import ClassVar
 
 import trio
 
 from cachefs import hotpath, metrics
+from cachefs.cache import SOURCE_TAG_SIZE
 from cachefs.errors import ChunkCorrupt
 
 log = logging.getLogger(__name__)
@@ -47,6 +48,7 @@ class DiskTier:
         self.free_space_ratio = free_space_ratio
         self.used = 0  # bytes on disk, including writes in progress
         self._index: OrderedDict[bytes, int] = OrderedDict()  # digest -> file size, LRU first
+        self.by_source: Counter[bytes] = Counter()  # source tag -> bytes of indexed chunks
         self._writing: set[bytes] = set()
         self._limiter = trio.CapacityLimiter(io_threads)
         metrics.CACHE_CAPACITY.labels(self.name).set(capacity)
@@ -59,6 +61,7 @@ class DiskTier:
         for digest, size, _ in sorted(entries, key=lambda e: e[2]):
             self._index[digest] = size
             self.used += size
+            self.by_source[digest[:SOURCE_TAG_SIZE]] += size
         _, victims = self._claim_room(0)
         await trio.to_thread.run_sync(_unlink_all, victims)
         log.info("disk cache %s: %d chunks, %d bytes", self.root, len(self._index), self.used)
@@ -142,6 +145,7 @@ class DiskTier:
             if room:
                 await trio.to_thread.run_sync(self._write, digest, data, limiter=self._limiter)
                 self._index[digest] = size
+                self.by_source[digest[:SOURCE_TAG_SIZE]] += size
                 stored = True
             return stored
         except OSError as e:
@@ -208,6 +212,7 @@ class DiskTier:
                 return False, victims
             digest, old_size = self._index.popitem(last=False)
             self.used -= old_size
+            self.by_source[digest[:SOURCE_TAG_SIZE]] -= old_size
             freed += old_size
             victims.append(self._path(digest))
             metrics.CACHE_EVICTIONS.labels(self.name).inc()
@@ -217,6 +222,7 @@ class DiskTier:
         size = self._index.pop(digest, None)
         if size is not None:
             self.used -= size
+            self.by_source[digest[:SOURCE_TAG_SIZE]] -= size
             self._publish()
         try:
             await trio.to_thread.run_sync(os.unlink, self._path(digest))

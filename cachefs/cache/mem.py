@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from typing import ClassVar
 
 from cachefs import metrics
+from cachefs.cache import SOURCE_TAG_SIZE
 
 Buffer = bytes | memoryview
 
@@ -21,6 +22,7 @@ class MemTier:
     def __init__(self, capacity: int):
         self.capacity = capacity
         self.used = 0
+        self.by_source: Counter[bytes] = Counter()  # source tag -> bytes
         self._chunks: OrderedDict[bytes, Buffer] = OrderedDict()
         metrics.CACHE_CAPACITY.labels(self.name).set(capacity)
         self._publish()
@@ -45,22 +47,24 @@ class MemTier:
         size = len(data)
         if size > self.capacity:
             return
-        old = self._chunks.pop(digest, None)
-        if old is not None:
-            self.used -= len(old)
+        self._forget(digest)
         while self.used + size > self.capacity:
-            _, evicted = self._chunks.popitem(last=False)
-            self.used -= len(evicted)
+            self._forget(next(iter(self._chunks)))
             metrics.CACHE_EVICTIONS.labels(self.name).inc()
         self._chunks[digest] = data
         self.used += size
+        self.by_source[digest[:SOURCE_TAG_SIZE]] += size
         self._publish()
 
-    def remove(self, digest: bytes) -> None:
+    def _forget(self, digest: bytes) -> None:
         old = self._chunks.pop(digest, None)
         if old is not None:
             self.used -= len(old)
-            self._publish()
+            self.by_source[digest[:SOURCE_TAG_SIZE]] -= len(old)
+
+    def remove(self, digest: bytes) -> None:
+        self._forget(digest)
+        self._publish()
 
     def usage(self) -> tuple[int, int]:
         """Returns (bytes used, chunks held)."""
