@@ -101,12 +101,16 @@ class Reader:
         return hotpath.assemble(parts)
 
     def _note_access(self, obj: ObjectId, stream: ReadStream, start: int, end: int, last_index: int) -> None:
-        if start == stream.next_offset:
+        # The kernel's own read-ahead sends several requests of one sequential
+        # reader at once, and they arrive out of order: a read near the last
+        # position still counts as sequential.
+        window = self.chunk_size
+        if stream.next_offset - window <= start <= stream.next_offset + window:
             stream.sequential_reads += 1
         else:
             stream.sequential_reads = 0
             stream.ahead_until = 0
-        stream.next_offset = end
+        stream.next_offset = max(stream.next_offset, end) if stream.sequential_reads else end
         if stream.sequential_reads < 2 or not self.read_ahead:
             return
         n_chunks = -(-obj.size // self.chunk_size)

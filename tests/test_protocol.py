@@ -489,3 +489,36 @@ def test_a_full_handshake_through_frames():
 
     assert run(SECRET, SECRET) == (True, True)
     assert run(SECRET, b"other") == (False, False)
+
+
+@given(
+    payload_len=st.integers(min_value=64 << 10, max_value=300 << 10),
+    splits=st.lists(st.integers(min_value=1, max_value=100_000), min_size=1, max_size=30),
+    into=st.lists(st.booleans(), min_size=1, max_size=30),
+)
+@settings(max_examples=40, deadline=None)
+def test_large_payloads_received_in_place_match_fed_ones(payload_len, splits, into):
+    """The zero-copy path (receive_buffer/received_into) and feed() mix freely and
+    give the same frames as feeding everything."""
+    payload = bytes(range(256)) * (payload_len // 256) + b"x" * (payload_len % 256)
+    first = b"".join(encode_frame(ChunkData(1, 7).to_header(), payload))
+    second = b"".join(encode_frame(ChunkData(2, 8).to_header(), b"tail"))
+    wire = memoryview(first + second)
+    dec = FrameDecoder(max_payload=1 << 20)
+    frames, pos, i = [], 0, 0
+    while pos < len(wire):
+        size = splits[i % len(splits)]
+        target = dec.receive_buffer() if into[i % len(into)] else None
+        if target is not None and len(target):
+            n = min(size, len(target), len(wire) - pos)
+            target[:n] = wire[pos : pos + n]
+            dec.received_into(n)
+        else:
+            n = min(size, len(wire) - pos)
+            dec.feed(wire[pos : pos + n])
+        pos += n
+        i += 1
+        while (frame := dec.next_frame()) is not None:
+            frames.append(frame)
+    assert [(h["id"], bytes(p)) for h, p in frames] == [(1, payload), (2, b"tail")]
+    assert dec.buffered() == 0

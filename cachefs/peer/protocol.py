@@ -141,10 +141,15 @@ class FrameDecoder:
         self._pos = 0  # start of the unconsumed bytes in _buf
         self._lengths: tuple[int, int] | None = None  # (H, P) of the frame at _pos, once its prefix is in
         self._failed: str | None = None
+        # A large payload in progress is received straight into its own buffer
+        # (see receive_buffer), not through _buf: one copy instead of three.
+        self._header: dict[str, Any] | None = None
+        self._payload: bytearray | None = None
+        self._filled = 0
 
     def buffered(self) -> int:
         """Bytes received but not yet returned as part of a frame."""
-        return len(self._buf) - self._pos
+        return len(self._buf) - self._pos + self._filled
 
     def feed(self, data: Buffer) -> None:
         """Append received bytes.
@@ -155,16 +160,67 @@ class FrameDecoder:
                 decoder failed earlier.
         """
         self._check_failed()
+        if self._payload is not None:
+            take = min(len(data), len(self._payload) - self._filled)
+            self._payload[self._filled : self._filled + take] = memoryview(data)[:take]
+            self._filled += take
+            data = memoryview(data)[take:]
         self._buf += data
         self._prefix()
 
-    def next_frame(self) -> tuple[dict[str, Any], bytes] | None:
+    def receive_buffer(self, min_payload: int = 64 << 10) -> memoryview | None:
+        """Where to receive the rest of the current frame's payload directly
+        (e.g. with `socket.recv_into`), then report the count to `received_into`.
+
+        Returns:
+            A view of the unfilled part of the payload, once the frame's header is
+            in and its payload is at least `min_payload` bytes; None otherwise
+            (receive as usual and `feed`). An empty view means the frame is complete.
+        Raises:
+            ProtocolError: a malformed header, or the decoder failed earlier.
+        """
+        self._check_failed()
+        if self._payload is None:
+            lengths = self._prefix()
+            if lengths is None or lengths[1] < min_payload:
+                return None
+            header_len, payload_len = lengths
+            start = self._pos + PREFIX_SIZE
+            if len(self._buf) < start + header_len:
+                return None
+            try:
+                self._header = _unpack_header(bytes(self._buf[start : start + header_len]))
+            except ProtocolError as e:
+                self._failed = str(e)
+                raise
+            have = min(len(self._buf) - start - header_len, payload_len)
+            self._payload = bytearray(payload_len)
+            self._payload[:have] = self._buf[start + header_len : start + header_len + have]
+            self._filled = have
+            self._pos = start + header_len + have
+            self._compact()
+        return memoryview(self._payload)[self._filled :]
+
+    def received_into(self, n: int) -> None:
+        """`n` bytes were written into the view `receive_buffer` returned."""
+        assert self._payload is not None and 0 <= n <= len(self._payload) - self._filled
+        self._filled += n
+
+    def next_frame(self) -> tuple[dict[str, Any], bytes | bytearray] | None:
         """The next complete frame as (header, payload), or None until more bytes arrive.
 
         Raises:
             ProtocolError: a malformed or oversized frame, or the decoder failed earlier.
         """
         self._check_failed()
+        if self._payload is not None:
+            if self._filled < len(self._payload):
+                return None
+            assert self._header is not None
+            frame = (self._header, self._payload)
+            self._header, self._payload, self._filled, self._lengths = None, None, 0, None
+            self._prefix()  # validate the next prefix, if it is already here
+            return frame
         lengths = self._prefix()
         if lengths is None:
             return None
@@ -187,6 +243,8 @@ class FrameDecoder:
         return header, payload
 
     def _prefix(self) -> tuple[int, int] | None:
+        if self._payload is not None:
+            return None  # the current frame's prefix was consumed already
         if self._lengths is None and len(self._buf) - self._pos >= PREFIX_SIZE:
             header_len, payload_len = PREFIX.unpack_from(self._buf, self._pos)
             if not 0 < header_len <= MAX_HEADER:

@@ -6,7 +6,7 @@ import trio
 
 from cachefs.peer.protocol import FrameDecoder, ProtocolError, encode_frame
 
-RECEIVE_SIZE = 1 << 20
+RECEIVE_SIZE = 256 << 10
 
 
 class FrameStream:
@@ -24,7 +24,7 @@ class FrameStream:
             if len(body):
                 await self.stream.send_all(body)
 
-    async def receive(self) -> tuple[dict, bytes] | None:
+    async def receive(self) -> tuple[dict, bytes | bytearray] | None:
         """The next frame, or None at a clean end of stream.
 
         Raises:
@@ -34,6 +34,14 @@ class FrameStream:
             frame = self.decoder.next_frame()
             if frame is not None:
                 return frame
+            target = self.decoder.receive_buffer()
+            if target is not None and isinstance(self.stream, trio.SocketStream):
+                # A chunk: straight from the socket into its final buffer.
+                n = await self.stream.socket.recv_into(target)
+                if not n:
+                    raise ProtocolError("connection closed in the middle of a frame")
+                self.decoder.received_into(n)
+                continue
             data = await self.stream.receive_some(RECEIVE_SIZE)
             if not data:
                 if self.decoder.buffered():
