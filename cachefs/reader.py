@@ -23,6 +23,10 @@ from cachefs.peer.client import PeerTier
 log = logging.getLogger(__name__)
 
 
+# At most this many fetched chunks wait to be written to the SSD.
+WRITE_BEHIND_CHUNKS = 8
+
+
 class _Flight:
     """One chunk fetch in progress; followers wait on `done` and share the outcome."""
 
@@ -75,6 +79,9 @@ class Reader:
         # Read-ahead that cannot start at once is skipped, not queued: it must never
         # pile up memory or backend slots ahead of real reads.
         self._ahead_slots = trio.Semaphore(max(2 * read_ahead, 1))
+        # Chunks waiting for the SSD hold memory outside the MEM tier's budget:
+        # when the disk falls behind, readers wait for a slot instead.
+        self._write_slots = trio.Semaphore(WRITE_BEHIND_CHUNKS)
 
     def _chunk_len(self, obj: ObjectId, index: int) -> int:
         return min(self.chunk_size, obj.size - index * self.chunk_size)
@@ -193,10 +200,18 @@ class Reader:
         self.mem.put(digest, fetched)
         if self.disk is not None:
             if self.mem.capacity:
-                # Write-behind: the reader does not wait for the SSD.
-                self._nursery.start_soon(self.disk.put, digest, fetched)
+                # Write-behind: the reader does not wait for the SSD, unless it is far behind.
+                await self._write_slots.acquire()
+                self._nursery.start_soon(self._write_behind, digest, fetched)
             else:
                 # No MEM tier: the chunk must be on the SSD before the flight ends,
                 # or a read-ahead chunk would be fetched again by its reader.
                 await self.disk.put(digest, fetched)
         return fetched, "backend"
+
+    async def _write_behind(self, digest: bytes, data: Buffer) -> None:
+        assert self.disk is not None
+        try:
+            await self.disk.put(digest, data)
+        finally:
+            self._write_slots.release()
