@@ -13,6 +13,8 @@ import logging
 import time
 from typing import Callable
 
+import trio
+
 from cachefs.backend import Backend, ObjectInfo, join
 from cachefs.errors import BackendError, ObjectNotFound
 
@@ -29,6 +31,7 @@ class Namespace:
         self._clock = clock
         self._attrs: dict[str, tuple[ObjectInfo, float]] = {}
         self._dirs: dict[str, tuple[dict[str, ObjectInfo], float]] = {}
+        self._listing: dict[str, trio.Event] = {}  # single-flight of LIST per directory
 
     def _fresh(self, fetched_at: float, ttl: float) -> bool:
         return self._clock() - fetched_at < ttl
@@ -39,6 +42,16 @@ class Namespace:
         cached = self._attrs.get(path)
         if cached is not None and self._fresh(cached[1], ttl):
             return cached[0]
+        parent, _, name = path.rpartition("/")
+        if path and parent in self._dirs:
+            # A directory we listed before: one LIST revalidates all its entries,
+            # where a HEAD per file would cost thousands of requests for a
+            # dataset of small files read again after the TTL.
+            children = await self._children(parent, ttl)
+            if name not in children:
+                self._attrs.pop(path, None)
+                raise ObjectNotFound(f"{path}: not found")
+            return children[name]
         try:
             info = await self.backend.stat(path)
         except ObjectNotFound:
@@ -69,23 +82,35 @@ class Namespace:
 
     async def list_dir(self, path: str) -> list[ObjectInfo]:
         """The children of `path`, sorted by name, at most --dir-ttl seconds old."""
+        children = await self._children(path, self.dir_ttl)
+        return sorted(children.values(), key=lambda e: e.name)
+
+    async def _children(self, path: str, max_age: float) -> dict[str, ObjectInfo]:
         cached = self._dirs.get(path)
-        if cached is not None and self._fresh(cached[1], self.dir_ttl):
-            children = cached[0]
-        else:
+        if cached is not None and self._fresh(cached[1], max_age):
+            return cached[0]
+        while (listing := self._listing.get(path)) is not None:
+            await listing.wait()  # one LIST per directory at a time: take its result
+            cached = self._dirs.get(path)
+            if cached is not None:
+                return cached[0]
+        self._listing[path] = trio.Event()
+        try:
             try:
                 entries = await self.backend.list_dir(path)
             except BackendError as e:
                 if cached is None or isinstance(e, ObjectNotFound):
                     raise
                 log.info("serving a stale listing of %s: %s", path or "/", e)
-                return sorted(cached[0].values(), key=lambda e: e.name)
+                return cached[0]
             now = self._clock()
             children = {e.name: e for e in entries}
             self._dirs[path] = (children, now)
             for e in entries:
                 self._attrs[e.path] = (e, now)
-        return sorted(children.values(), key=lambda e: e.name)
+            return children
+        finally:
+            self._listing.pop(path).set()
 
     def invalidate(self, path: str) -> None:
         """Forget what we know of `path`, e.g. after the backend said it changed."""
