@@ -14,13 +14,14 @@ import logging
 import os
 import re
 import time
-from collections import Counter, OrderedDict
+from collections import Counter
 from typing import ClassVar
 
 import trio
 
 from cachefs import hotpath, metrics
 from cachefs.cache import SOURCE_TAG_SIZE
+from cachefs.cache.policy import SegmentedLRU
 from cachefs.errors import ChunkCorrupt
 
 log = logging.getLogger(__name__)
@@ -47,7 +48,7 @@ class DiskTier:
         self.capacity = capacity
         self.free_space_ratio = free_space_ratio
         self.used = 0  # bytes on disk, including writes in progress
-        self._index: OrderedDict[bytes, int] = OrderedDict()  # digest -> file size, LRU first
+        self._index = SegmentedLRU(capacity)  # digest -> file size, in eviction order
         self.by_source: Counter[bytes] = Counter()  # source tag -> bytes of indexed chunks
         self._writing: set[bytes] = set()
         self._limiter = trio.CapacityLimiter(io_threads)
@@ -59,7 +60,7 @@ class DiskTier:
         """Rebuild the index from the files on disk, so a restarted mount stays warm."""
         entries = await trio.to_thread.run_sync(self._scan)
         for digest, size, _ in sorted(entries, key=lambda e: e[2]):
-            self._index[digest] = size
+            self._index.add(digest, size)
             self.used += size
             self.by_source[digest[:SOURCE_TAG_SIZE]] += size
         _, victims = self._claim_room(0)
@@ -100,7 +101,7 @@ class DiskTier:
         if digest not in self._index:
             metrics.CACHE_MISSES.labels(self.name).inc()
             return None
-        self._index.move_to_end(digest)
+        self._index.touch(digest)
         try:
             data = await trio.to_thread.run_sync(self._read, digest, expected_len, limiter=self._limiter)
         except (ChunkCorrupt, OSError) as e:
@@ -144,7 +145,7 @@ class DiskTier:
                 await trio.to_thread.run_sync(_unlink_all, victims, limiter=self._limiter)
             if room:
                 await trio.to_thread.run_sync(self._write, digest, data, limiter=self._limiter)
-                self._index[digest] = size
+                self._index.add(digest, size)
                 self.by_source[digest[:SOURCE_TAG_SIZE]] += size
                 stored = True
             return stored
@@ -192,7 +193,7 @@ class DiskTier:
             return os.statvfs(self.root)
 
     def _claim_room(self, size: int) -> tuple[bool, list[str]]:
-        """Evict LRU chunks from the index until `self.used` (which already counts
+        """Evict chunks (SLRU order) from the index until `self.used` (which already counts
         `size`) fits the cap and writing `size` more bytes leaves --free-space-ratio
         of the disk free. Index changes stay on the trio thread; the caller unlinks.
 
@@ -210,7 +211,7 @@ class DiskTier:
         ):
             if not self._index:
                 return False, victims
-            digest, old_size = self._index.popitem(last=False)
+            digest, old_size = self._index.pop_victim()
             self.used -= old_size
             self.by_source[digest[:SOURCE_TAG_SIZE]] -= old_size
             freed += old_size
@@ -219,7 +220,7 @@ class DiskTier:
         return True, victims
 
     async def _drop(self, digest: bytes) -> None:
-        size = self._index.pop(digest, None)
+        size = self._index.pop(digest)
         if size is not None:
             self.used -= size
             self.by_source[digest[:SOURCE_TAG_SIZE]] -= size
