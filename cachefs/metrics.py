@@ -16,6 +16,17 @@ log = logging.getLogger(__name__)
 READ_BYTES = prom.Counter(
     "cachefs_read_bytes", "Bytes returned to readers, by where the chunk came from", ["source"]
 )
+_read_bytes_children: dict[str, prom.Counter] = {}
+
+
+def read_bytes(source: str) -> prom.Counter:
+    """READ_BYTES for one source, bound once: this runs on every read."""
+    child = _read_bytes_children.get(source)
+    if child is None:
+        child = _read_bytes_children[source] = READ_BYTES.labels(source)
+    return child
+
+
 CACHE_HITS = prom.Counter("cachefs_cache_hits", "Chunk lookups served by a tier", ["tier"])
 CACHE_MISSES = prom.Counter("cachefs_cache_misses", "Chunk lookups a tier could not serve", ["tier"])
 CACHE_ERRORS = prom.Counter(

@@ -104,7 +104,7 @@ class Reader:
         for index, start, end in spans:
             chunk, source = await self.chunk(obj, index)
             parts.append(memoryview(chunk)[start:end])
-            metrics.READ_BYTES.labels(source).inc(end - start)
+            metrics.read_bytes(source).inc(end - start)
         return hotpath.assemble(parts)
 
     def _note_access(self, obj: ObjectId, stream: ReadStream, start: int, end: int, last_index: int) -> None:

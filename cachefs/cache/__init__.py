@@ -6,6 +6,8 @@ changed object can never be served from old chunks or a mix of old and new.
 
 from __future__ import annotations
 
+import functools
+
 import xxhash
 
 from cachefs.backend import ObjectId
@@ -17,6 +19,7 @@ CACHE_FORMAT = 2
 SOURCE_TAG_SIZE = 4
 
 
+@functools.lru_cache(maxsize=256)
 def source_tag(source: str) -> bytes:
     """The first bytes of every chunk digest of `source`: lets a tier (and its file
     names, after a restart) account bytes per source without a separate index."""
