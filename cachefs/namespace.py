@@ -32,6 +32,7 @@ class Namespace:
         self._attrs: dict[str, tuple[ObjectInfo, float]] = {}
         self._dirs: dict[str, tuple[dict[str, ObjectInfo], float]] = {}
         self._listing: dict[str, trio.Event] = {}  # single-flight of LIST per directory
+        self._first_child: dict[str, str] = {}  # directory not listed yet -> the one child stat'ed
 
     def _fresh(self, fetched_at: float, ttl: float) -> bool:
         return self._clock() - fetched_at < ttl
@@ -43,10 +44,12 @@ class Namespace:
         if cached is not None and self._fresh(cached[1], ttl):
             return cached[0]
         parent, _, name = path.rpartition("/")
-        if path and parent in self._dirs:
-            # A directory we listed before: one LIST revalidates all its entries,
-            # where a HEAD per file would cost thousands of requests for a
-            # dataset of small files read again after the TTL.
+        if path and (parent in self._dirs or self._first_child.setdefault(parent, name) != name):
+            # A directory we listed before, or a second entry of one directory
+            # being opened: one LIST answers (and later revalidates) all its
+            # entries, where a HEAD per file costs thousands of requests for a
+            # dataset of small files.
+            self._first_child.pop(parent, None)
             children = await self._children(parent, ttl)
             if name not in children:
                 self._attrs.pop(path, None)

@@ -607,3 +607,18 @@ async def test_not_found_is_not_papered_over_with_stale_attributes(ns_store, clo
     with pytest.raises(ObjectNotFound):
         await ns.stat("top")
     assert ns_store.calls["stat"] == 3, "a miss is not cached"
+
+
+@pytest.mark.trio
+async def test_opening_a_second_entry_lists_the_directory(ns_store, clock):
+    """Small-file datasets: after two different entries of one directory, a LIST
+    answers every other entry, instead of a HEAD per file."""
+    ns = namespace(ns_store, clock, attr_ttl=1.0, dir_ttl=1.0)
+    await ns.stat("d/a")
+    assert ns_store.calls == {"stat": 1}
+    await ns.stat("d/b")
+    assert ns_store.calls == {"stat": 1, "list": 1}
+    await ns.stat("d/sub")
+    with pytest.raises(ObjectNotFound):
+        await ns.stat("d/nope")
+    assert ns_store.calls == {"stat": 1, "list": 1}
