@@ -20,7 +20,6 @@ import pyfuse3
 from cachefs import metrics
 from cachefs.backend import ObjectId, ObjectInfo
 from cachefs.errors import (
-    BackendError,
     BackendPermissionDenied,
     BackendUnavailable,
     CachefsError,

@@ -27,12 +27,16 @@ def _load():
 _impl, IMPLEMENTATION = _load()
 
 HEADER_SIZE = _impl.HEADER_SIZE
+BLOCK_SIZE = _impl.BLOCK_SIZE
 MAGIC = _impl.MAGIC
 VERSION = _impl.VERSION
 KEY_DIGEST_SIZE = _impl.KEY_DIGEST_SIZE
 checksum = _impl.checksum
+header_size = _impl.header_size
 seal_chunk = _impl.seal_chunk
 open_chunk = _impl.open_chunk
+read_layout = _impl.read_layout
+verify_blocks = _impl.verify_blocks
 chunk_spans = _impl.chunk_spans
 assemble = _impl.assemble
 

@@ -97,15 +97,33 @@ class Reader:
             return b""
         if stream is not None:
             self._note_access(obj, stream, offset, offset + size, spans[-1][0])
-        for index, _, _ in spans[1:]:
-            # A read across chunks: fetch the later ones while we wait for the first.
-            self._start_prefetch(obj, index)
+        # Random readers (and every reader without a MEM tier) take just the
+        # blocks they need from the SSD; sequential readers promote whole chunks.
+        partial = self.disk is not None and (
+            not self.mem.capacity or (stream is not None and stream.sequential_reads < 2)
+        )
+        if not partial:
+            for index, _, _ in spans[1:]:
+                # A read across chunks: fetch the later ones while we wait for the first.
+                self._start_prefetch(obj, index)
         parts = []
         for index, start, end in spans:
-            chunk, source = await self.chunk(obj, index)
-            parts.append(memoryview(chunk)[start:end])
+            part = await self._disk_range(obj, index, start, end) if partial else None
+            if part is not None:
+                source = "disk"
+            else:
+                chunk, source = await self.chunk(obj, index)
+                part = memoryview(chunk)[start:end]
+            parts.append(part)
             metrics.read_bytes(source).inc(end - start)
         return hotpath.assemble(parts)
+
+    async def _disk_range(self, obj: ObjectId, index: int, start: int, end: int) -> memoryview | None:
+        assert self.disk is not None
+        digest = chunk_digest(obj, self.chunk_size, index)
+        if digest in self.mem or digest in self._flights or digest not in self.disk:
+            return None
+        return await self.disk.get_range(digest, start, end, self._chunk_len(obj, index))
 
     def _note_access(self, obj: ObjectId, stream: ReadStream, start: int, end: int, last_index: int) -> None:
         # The kernel's own read-ahead sends several requests of one sequential

@@ -133,7 +133,7 @@ def _tail(path: Path, lines: int = 40) -> str:
     return "\n".join(text.splitlines()[-lines:])
 
 
-def _stop_process(proc: subprocess.Popen | None, timeout: float) -> None:
+def stop_process(proc: subprocess.Popen | None, timeout: float) -> None:
     """SIGTERM the process group of ``proc``, SIGKILL it after ``timeout``, and reap."""
     if proc is None:
         return
@@ -327,7 +327,7 @@ class JuicefsS3:
     def stop(self, timeout: float = 10.0) -> None:
         """Stop the gateway (SIGTERM, SIGKILL after ``timeout``) and reap it. Idempotent."""
         proc, self.proc = self.proc, None
-        _stop_process(proc, timeout)
+        stop_process(proc, timeout)
 
     def __enter__(self) -> "JuicefsS3":
         return self.start()
@@ -478,7 +478,7 @@ class JuicefsMount:
             proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             pass
-        _stop_process(proc, timeout)
+        stop_process(proc, timeout)
 
     def __enter__(self) -> "JuicefsMount":
         return self.start()

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -56,6 +55,7 @@ def _load_juicefs_backend():
 
 juicefs_backend = _load_juicefs_backend()
 free_port = juicefs_backend.free_port
+stop_process = juicefs_backend.stop_process
 is_mounted = juicefs_backend._mounted
 
 
@@ -306,13 +306,7 @@ class CachefsMount:
         """Tear down whatever is left: lazy unmount, SIGTERM, SIGKILL, reap."""
         if self.is_mounted():
             subprocess.run(["fusermount3", "-u", "-z", self.mountpoint], capture_output=True)
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc, timeout=10)
 
 
 @pytest.fixture

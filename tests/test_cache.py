@@ -203,7 +203,7 @@ def test_mem_matches_reference_lru(capacity, ops):
 
 def entry(size: int) -> int:
     """Bytes one chunk of `size` data bytes takes on disk."""
-    return HEADER + size
+    return hotpath.header_size(size) + size
 
 
 async def open_disk(cache_dir: Path, capacity: int, free_space_ratio: float = 0.0) -> DiskTier:
@@ -353,7 +353,7 @@ async def test_disk_corrupt_chunk_is_a_miss_and_deleted(tmp_path, damage):
     path = chunk_path(tmp_path, key(0))
     raw = bytearray(path.read_bytes())
     if damage == "flip_data_byte":
-        raw[HEADER + 500] ^= 0x01
+        raw[hotpath.header_size(1000) + 500] ^= 0x01
     elif damage == "flip_header_byte":
         raw[0] ^= 0x01
     elif damage == "truncate":
@@ -485,3 +485,26 @@ async def test_disk_failed_write_releases_its_reservation(tmp_path):
     assert disk.usage() == (entry(1000), 1), "only key(0), which nobody has looked up yet"
     assert sample("cachefs_cache_errors_total", tier="disk", reason="write") == errors + 1
 
+
+
+@pytest.mark.trio
+async def test_disk_range_reads_verify_only_the_blocks_they_read(tmp_path):
+    block = hotpath.BLOCK_SIZE
+    size = 5 * block + 777
+    disk = await open_disk(tmp_path, 4 * entry(size))
+    data = payload(size)
+    assert await disk.put(key(0), data)
+    for start, end in [(0, 1), (block - 10, block + 10), (3 * block, 5 * block + 777), (size - 1, size)]:
+        assert bytes(await disk.get_range(key(0), start, end, size)) == data[start:end]
+    path = chunk_path(tmp_path, key(0))
+    raw = bytearray(path.read_bytes())
+    raw[hotpath.header_size(size) + 2 * block + 5] ^= 0xFF  # damage block 2
+    path.write_bytes(raw)
+    # Blocks 0-1 are intact and verified on their own...
+    assert bytes(await disk.get_range(key(0), 0, 2 * block, size)) == data[: 2 * block]
+    errors = corrupt_errors()
+    # ...a read that touches block 2 is never served: the chunk is dropped.
+    assert await disk.get_range(key(0), 2 * block + 100, 2 * block + 200, size) is None
+    assert corrupt_errors() == errors + 1
+    assert not path.exists()
+    assert await disk.get_range(key(0), 0, 10, size) is None

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from conftest import REPO, free_port, hermetic_env, _tail
+from conftest import REPO, _tail, free_port, hermetic_env, stop_process
 
 pytestmark = pytest.mark.integration
 
@@ -121,13 +121,7 @@ def cachefs_worker(tmp_path, request):
 
     yield start
     for w in workers:
-        if w.proc.poll() is None:
-            w.proc.send_signal(signal.SIGTERM)
-            try:
-                w.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                w.proc.kill()
-                w.proc.wait()
+        stop_process(w.proc, timeout=10)
         if getattr(request.node, "rep_call", None) is not None and request.node.rep_call.failed:
             print(f"\n--- {w.log_path} ---\n{_tail(w.log_path)}")
 
@@ -167,8 +161,11 @@ def test_mounts_share_one_backend_fetch_per_chunk(s3_behind_proxy, secret_file, 
     for m in mounts:
         assert m.metric("cachefs_read_bytes_total", source="backend") == 0
     # Which worker holds how much of the source: together, the whole file, once.
+    from cachefs import hotpath
+
     held = sum(w.metric("cachefs_source_cached_bytes", source="src", tier="disk") for w in workers)
-    assert held == len(data) + 25 * 40  # chunk files: data plus a 40-byte header each
+    chunk_lengths = [min(CHUNK, len(data) - i) for i in range(0, len(data), CHUNK)]
+    assert held == sum(hotpath.header_size(n) + n for n in chunk_lengths)  # data plus headers
     out = subprocess.run([sys.executable, "-m", "cachefs", "status", *(w.metrics_addr for w in workers)],
                          capture_output=True, text=True, cwd=REPO, env=hermetic_env())
     assert out.returncode == 0, out.stderr

@@ -5,11 +5,10 @@ from __future__ import annotations
 
 from collections import OrderedDict
 
-import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cachefs.cache.policy import PROTECTED_SHARE, SegmentedLRU
+from cachefs.cache.policy import SegmentedLRU
 
 
 def _simulate(policy: str, capacity_chunks: int, dataset_chunks: int, epochs: int) -> float:

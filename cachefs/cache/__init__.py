@@ -13,7 +13,7 @@ import xxhash
 from cachefs.backend import ObjectId
 
 # Bump when the chunk format or key layout changes: old cache files then simply miss.
-CACHE_FORMAT = 2
+CACHE_FORMAT = 3
 
 
 SOURCE_TAG_SIZE = 4

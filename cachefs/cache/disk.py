@@ -2,8 +2,10 @@
 and --free-space-ratio.
 
 Layout: `DIR/chunks/ab/ab12...ef` (32 hex digits of the key digest). Each file
-is a 40-byte header (magic, length, xxh3 checksum, key digest) and the data; it
-is written to a temp file and renamed into place, and verified on every read.
+is a header (magic, length, key digest, an xxh3 checksum per 128 KiB block)
+and the data. Files are written to a temp file and renamed into place, and
+only verified blocks are ever served: a random read verifies the blocks it
+reads, a whole-chunk read all of them.
 We do not fsync: a file torn by a crash fails its length or checksum check and
 is dropped, which is the same outcome as never having cached it.
 """
@@ -30,6 +32,11 @@ _NAME_RE = re.compile(r"^[0-9a-f]{32}$")
 _DIR_RE = re.compile(r"^[0-9a-f]{2}$")
 
 
+# Enough of a chunk file to hold its whole header: 8 KiB covers a 64 MiB chunk
+# in 128 KiB blocks, and all of a small chunk.
+_HEAD_PROBE = 8192
+
+
 def _unlink_all(paths: list[str]) -> None:
     for path in paths:
         try:
@@ -53,6 +60,8 @@ class DiskTier:
         self._writing: set[bytes] = set()
         self._limiter = trio.CapacityLimiter(io_threads)
         metrics.CACHE_CAPACITY.labels(self.name).set(capacity)
+        self._hits = metrics.CACHE_HITS.labels(self.name)
+        self._misses = metrics.CACHE_MISSES.labels(self.name)
 
     # -- start-up -----------------------------------------------------------
 
@@ -97,22 +106,31 @@ class DiskTier:
         return digest in self._index
 
     async def get(self, digest: bytes, expected_len: int) -> memoryview | None:
-        """The verified chunk data, or None if absent, corrupt or of the wrong length."""
+        """The whole verified chunk, or None if absent, corrupt or of the wrong length."""
+        return await self._checked_read(digest, self._read, digest, expected_len)
+
+    async def get_range(self, digest: bytes, start: int, end: int, expected_len: int) -> memoryview | None:
+        """Bytes [start, end) of a chunk, reading and verifying only the blocks
+        they fall in (a 4 KiB random read costs one 128 KiB block, not the chunk).
+        None if absent, corrupt or of the wrong length."""
+        return await self._checked_read(digest, self._read_range, digest, start, end, expected_len)
+
+    async def _checked_read(self, digest: bytes, read, *args) -> memoryview | None:
         if digest not in self._index:
-            metrics.CACHE_MISSES.labels(self.name).inc()
+            self._misses.inc()
             return None
         self._index.touch(digest)
         try:
-            data = await trio.to_thread.run_sync(self._read, digest, expected_len, limiter=self._limiter)
+            data = await trio.to_thread.run_sync(read, *args, limiter=self._limiter)
         except (ChunkCorrupt, OSError) as e:
             reason = "corrupt" if isinstance(e, ChunkCorrupt) else "io"
             if not isinstance(e, FileNotFoundError):
                 log.warning("dropping cached chunk %s: %s", digest.hex(), e)
                 metrics.CACHE_ERRORS.labels(self.name, reason).inc()
             await self._drop(digest)
-            metrics.CACHE_MISSES.labels(self.name).inc()
+            self._misses.inc()
             return None
-        metrics.CACHE_HITS.labels(self.name).inc()
+        self._hits.inc()
         return data
 
     def _read(self, digest: bytes, expected_len: int) -> memoryview:
@@ -127,6 +145,24 @@ class DiskTier:
         os.utime(path, (now, now))
         return data
 
+    def _read_range(self, digest: bytes, start: int, end: int, expected_len: int) -> memoryview:
+        fd = os.open(self._path(digest), os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            head = os.pread(fd, _HEAD_PROBE, 0)
+            length, block_size, offset, sums = hotpath.read_layout(digest, head, os.fstat(fd).st_size)
+            if length != expected_len:
+                raise ChunkCorrupt(f"length {length}, expected {expected_len}")
+            first = start // block_size
+            lo, hi = first * block_size, min(-(-end // block_size) * block_size, length)
+            if offset + hi <= len(head):
+                data = head[offset + lo : offset + hi]  # a small chunk: already read
+            else:
+                data = os.pread(fd, hi - lo, offset + lo)
+        finally:
+            os.close(fd)
+        hotpath.verify_blocks(sums, block_size, first, data)
+        return memoryview(data)[start - lo : end - lo]
+
     async def put(self, digest: bytes, data: bytes | memoryview) -> bool:
         """Store a chunk unless present; evicts first so the cap is never exceeded.
 
@@ -135,7 +171,7 @@ class DiskTier:
         """
         if digest in self._index or digest in self._writing:
             return False
-        size = hotpath.HEADER_SIZE + len(data)
+        size = hotpath.header_size(len(data)) + len(data)
         self._writing.add(digest)
         self.used += size  # reserve before writing: concurrent puts cannot overshoot together
         stored = False
