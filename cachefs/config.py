@@ -63,7 +63,7 @@ class CacheConfig:
     mem_size: int = 512 << 20
     chunk_size: int = 4 << 20
     free_space_ratio: float = 0.1
-    read_ahead: int = 4
+    read_ahead: int = 8
     backend_concurrency: int = 16
     backend_timeout: float = 30.0
     backend_retries: int = 3
