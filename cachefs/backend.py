@@ -9,12 +9,16 @@ retries, so a dead backend turns into an error in bounded time and never a hang.
 from __future__ import annotations
 
 import dataclasses
+import email.utils
 import errno
+import http.client
 import logging
 import os
 import random
 import stat as stat_mod
+import threading
 import time
+import urllib.parse
 from typing import Callable, Literal, TypeVar
 
 import trio
@@ -164,8 +168,10 @@ class FsspecStore:
             raise ConfigError(f"{url}: unsupported source ({e})") from None
         self.root = root.rstrip("/")
         self.is_s3 = protocol in ("s3", "s3a")
+        self.fast: S3RangeGetter | None = None
         if self.is_s3:
             self.fs.retries = 1
+            self.fast = S3RangeGetter(endpoint_url, credentials, timeout)
 
     def _abs(self, path: str) -> str:
         return f"{self.root}/{path}" if path else self.root
@@ -213,6 +219,20 @@ class FsspecStore:
         fs = self.fs
         etag = obj.version.removeprefix("etag:") if obj.version.startswith("etag:") else ""
         conditions = {"IfMatch": f'"{etag}"'} if etag else {}
+        if self.fast is not None:
+            try:
+                data, headers = self.fast.get(bucket, key, start, end, {"If-Match": f'"{etag}"'} if etag else {})
+            except _FallBack as e:
+                log.warning("plain ranged GETs do not work with this S3 backend (%s); using s3fs", e)
+                self.fast = None
+            else:
+                last_modified = headers.get("Last-Modified")
+                self._check_version(
+                    obj,
+                    headers.get("Content-Range", ""),
+                    email.utils.parsedate_to_datetime(last_modified) if last_modified and not etag else None,
+                )
+                return data
 
         async def get() -> tuple[dict, bytes]:
             resp = await fs._call_s3(
@@ -230,16 +250,102 @@ class FsspecStore:
             if code in ("PreconditionFailed", "412"):
                 raise ObjectChanged(f"{obj.path}: changed since it was opened (ETag)") from None
             raise
-        # Servers without ETags (the JuiceFS gateway) still report the object's
-        # total size and mtime with every ranged GET: check them against the version.
-        total = resp.get("ContentRange", "").rpartition("/")[2]
+        self._check_version(obj, resp.get("ContentRange", ""), None if conditions else resp.get("LastModified"))
+        return data
+
+    @staticmethod
+    def _check_version(obj: ObjectId, content_range: str, last_modified) -> None:
+        """Servers without ETags (the JuiceFS gateway) still report the object's
+        total size and mtime with every ranged GET: check them against the version."""
+        total = content_range.rpartition("/")[2]
         if total.isdigit() and int(total) != obj.size:
             raise ObjectChanged(f"{obj.path}: size changed from {obj.size} to {total}")
-        if not conditions:
-            mtime = resp.get("LastModified")
-            if mtime is not None and obj.version != _remote_version("", obj.size, mtime.timestamp()):
-                raise ObjectChanged(f"{obj.path}: modified since it was opened")
-        return data
+        if last_modified is not None and obj.version != _remote_version("", obj.size, last_modified.timestamp()):
+            raise ObjectChanged(f"{obj.path}: modified since it was opened")
+
+
+class S3RangeGetter:
+    """Ranged GETs over plain HTTP keep-alive connections (one per thread) with
+    presigned URLs. The body goes from the socket straight into its buffer
+    (`readinto`, GIL released), where aiobotocore copies it several times in
+    Python: 598 vs 459 MiB/s with 8 streams on the bench machine.
+
+    Answers a backend cannot serve this way (a redirect to another region, a
+    malformed-request error) switch the store back to s3fs for good.
+    """
+
+    def __init__(self, endpoint_url: str | None, credentials: tuple[str, str] | None, timeout: float):
+        import botocore.config
+        import botocore.session
+
+        session = botocore.session.get_session()
+        config = botocore.config.Config(
+            signature_version="s3v4",
+            s3={"addressing_style": "path" if endpoint_url else "auto"},
+            connect_timeout=timeout,
+            read_timeout=timeout,
+        )
+        keys = dict(zip(("aws_access_key_id", "aws_secret_access_key"), credentials)) if credentials else {}
+        region = session.get_config_variable("region") or "us-east-1"
+        self.client = session.create_client("s3", endpoint_url=endpoint_url, region_name=region, config=config, **keys)
+        self.timeout = timeout
+        self._local = threading.local()
+
+    def _connection(self, scheme: str, netloc: str, fresh: bool) -> http.client.HTTPConnection:
+        conns = self._local.__dict__.setdefault("conns", {})
+        conn = conns.get(netloc)
+        if conn is None or fresh:
+            if conn is not None:
+                conn.close()
+            cls = http.client.HTTPSConnection if scheme == "https" else http.client.HTTPConnection
+            conn = conns[netloc] = cls(netloc, timeout=self.timeout)
+        return conn
+
+    def get(self, bucket: str, key: str, start: int, end: int, headers: dict[str, str]) -> tuple[bytearray, dict]:
+        """Bytes [start, end) and the response headers.
+
+        Raises:
+            FileNotFoundError, PermissionError, ObjectChanged (412/416), OSError (others),
+            _FallBack (an answer only s3fs can handle).
+        """
+        url = urllib.parse.urlsplit(
+            self.client.generate_presigned_url("get_object", Params={"Bucket": bucket, "Key": key}, ExpiresIn=900)
+        )
+        headers = {**headers, "Range": f"bytes={start}-{end - 1}"}
+        for attempt in (1, 2):
+            conn = self._connection(url.scheme, url.netloc, fresh=attempt == 2)
+            try:
+                conn.request("GET", f"{url.path}?{url.query}", headers=headers)
+                resp = conn.getresponse()
+                break
+            except (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError):
+                if attempt == 2:  # not just a kept-alive connection the server had closed
+                    raise
+        if resp.status == 206:
+            data = bytearray(end - start)
+            view, got = memoryview(data), 0
+            while got < len(data) and (n := resp.readinto(view[got:])):
+                got += n
+            view.release()
+            if got < len(data) or resp.read(1):
+                conn.close()
+                raise ConnectionError(f"{key}: {got} of {len(data)} bytes before the connection ended")
+            return data, dict(resp.getheaders())
+        body = resp.read(4096)
+        conn.close()
+        if resp.status == 404:
+            raise FileNotFoundError(errno.ENOENT, f"{bucket}/{key}")
+        if resp.status == 403:
+            raise PermissionError(errno.EACCES, f"{bucket}/{key}: {body[:200]!r}")
+        if resp.status in (412, 416):
+            raise ObjectChanged(f"{key}: changed since it was opened (HTTP {resp.status})")
+        if resp.status in (200, 301, 307, 400):
+            raise _FallBack(f"HTTP {resp.status}")
+        raise OSError(errno.EIO, f"{bucket}/{key}: HTTP {resp.status} {body[:200]!r}")
+
+
+class _FallBack(Exception):
+    """The fast S3 path cannot serve this backend; use s3fs."""
 
 
 Store = LocalStore | FsspecStore
