@@ -327,3 +327,20 @@ def test_malformed_frames_never_take_the_worker_down(local_source, secret_file, 
     good_request_works()
     assert worker.proc.poll() is None
     assert worker.metric("cachefs_peer_protocol_errors_total", side="server") >= 2
+
+
+def test_a_mount_can_share_its_cache(s3_behind_proxy, secret_file, cachefs_mount):
+    """--serve: a mount is a ring member too; another mount reads its chunks from it."""
+    src = s3_behind_proxy
+    data = os.urandom(8 * CHUNK + 5)
+    src.write("shared.bin", data)
+    addr = f"127.0.0.1:{free_port()}"
+    ring = ("--chunk-size", "256K", "--peers", addr, "--secret-file", str(secret_file))
+    sharer = cachefs_mount(src, *ring, "--serve", addr)
+    assert _read(os.path.join(sharer.mountpoint, "shared.bin")) == data  # it owns every chunk: from S3
+    reader = cachefs_mount(src, *ring)
+    assert _read(os.path.join(reader.mountpoint, "shared.bin")) == data
+    assert set(_ranges(src.proxy, "shared.bin").values()) == {1}
+    assert reader.metric("cachefs_read_bytes_total", source="peer") > 0
+    assert reader.metric("cachefs_backend_read_bytes_total") == 0
+    assert sharer.metric("cachefs_peer_served_total", outcome="ok") == 9
