@@ -99,9 +99,12 @@ class Reader:
             self._note_access(obj, stream, offset, offset + size, spans[-1][0])
         # Random readers (and every reader without a MEM tier) take just the
         # blocks they need from the SSD; sequential readers promote whole chunks.
-        partial = self.disk is not None and (
-            not self.mem.capacity or (stream is not None and stream.sequential_reads < 2)
-        )
+        randomly = stream is not None and stream.sequential_reads < 2
+        partial = self.disk is not None and (not self.mem.capacity or randomly)
+        # A reader that jumped (not just a first read at the start): misses take
+        # only the blocks they need from the backend. Not with peers: there the
+        # chunk's owner fetches it once for the whole cluster.
+        jumped = stream is not None and stream.sequential_reads == 0 and self.peers is None
         if not partial:
             for index, _, _ in spans[1:]:
                 # A read across chunks: fetch the later ones while we wait for the first.
@@ -111,12 +114,30 @@ class Reader:
             part = await self._disk_range(obj, index, start, end) if partial else None
             if part is not None:
                 source = "disk"
+            elif jumped and (part := await self._backend_range(obj, index, start, end)) is not None:
+                source = "backend"
             else:
                 chunk, source = await self.chunk(obj, index)
                 part = memoryview(chunk)[start:end]
             parts.append(part)
             metrics.read_bytes(source).inc(end - start)
         return hotpath.assemble(parts)
+
+    async def _backend_range(self, obj: ObjectId, index: int, start: int, end: int) -> memoryview | None:
+        """A random read of an uncached chunk: GET just the blocks it needs now (a
+        4 KiB read must not wait for 4 MiB), and fetch the whole chunk in the
+        background if a read-ahead slot is free, so the data still gets cached."""
+        digest = chunk_digest(obj, self.chunk_size, index)
+        if digest in self.mem or digest in self._flights or (self.disk is not None and digest in self.disk):
+            return None
+        block = hotpath.BLOCK_SIZE
+        lo, hi = start // block * block, min(-(-end // block) * block, self._chunk_len(obj, index))
+        if hi - lo >= self._chunk_len(obj, index):
+            return None  # the whole chunk anyway: fetch it the usual way, once
+        base = index * self.chunk_size
+        data = await self.backend.fetch(obj, base + lo, base + hi)
+        self._start_prefetch(obj, index, ahead=True)
+        return memoryview(data)[start - lo : end - lo]
 
     async def _disk_range(self, obj: ObjectId, index: int, start: int, end: int) -> memoryview | None:
         assert self.disk is not None

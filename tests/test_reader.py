@@ -133,6 +133,7 @@ async def open_reader(
     disk_size: int = 64 * (C + 64),
     read_ahead: int = 0,
     retries: int = 0,
+    chunk_size: int = C,
 ):
     async with trio.open_nursery() as nursery:
         disk = None
@@ -140,7 +141,7 @@ async def open_reader(
             disk = DiskTier(str(disk_dir), disk_size, 0.0)
             await disk.load()
         backend = Backend(store, concurrency=16, timeout=5.0, retries=retries)
-        reader = Reader(MemTier(mem), disk, backend, C, read_ahead, nursery)
+        reader = Reader(MemTier(mem), disk, backend, chunk_size, read_ahead, nursery)
         try:
             yield reader
         finally:
@@ -456,3 +457,23 @@ async def test_corrupt_disk_chunk_is_refetched(store, tmp_path):
         assert bytes(await reader.read(obj, 0, C)) == data[:C]
         assert sample("cachefs_cache_errors_total", tier="disk", reason="corrupt") == errors + 1
         assert store.fetches[("f", 0)] == 2
+
+
+@pytest.mark.trio
+async def test_a_random_jump_fetches_only_its_blocks_first(store):
+    """A reader that jumps into an uncached chunk gets its bytes from a ranged GET
+    of the blocks it needs; the whole chunk follows in the background."""
+    from cachefs import hotpath
+
+    block, chunk = hotpath.BLOCK_SIZE, 8 * hotpath.BLOCK_SIZE
+    data = payload(3 * chunk)
+    obj = store.add("f", data)
+    async with open_reader(store, chunk_size=chunk, mem=16 * chunk, read_ahead=2) as reader:
+        stream = ReadStream()
+        off = chunk + 3 * block + 10
+        assert bytes(await reader.read(obj, off, 100, stream)) == data[off : off + 100]
+        await wait_until(lambda: ("f", chunk) in store.fetches and store.in_flight == 0)
+        assert store.fetches == {("f", chunk + 3 * block): 1, ("f", chunk): 1}  # the block, then the chunk
+        # Now cached: the next random read costs nothing.
+        assert bytes(await reader.read(obj, off + 5 * block, 100, stream)) == data[off + 5 * block : off + 5 * block + 100]
+        assert sum(store.fetches.values()) == 2
