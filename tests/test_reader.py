@@ -475,5 +475,5 @@ async def test_a_random_jump_fetches_only_its_blocks_first(store):
         await wait_until(lambda: ("f", chunk) in store.fetches and store.in_flight == 0)
         assert store.fetches == {("f", chunk + 3 * block): 1, ("f", chunk): 1}  # the block, then the chunk
         # Now cached: the next random read costs nothing.
-        assert bytes(await reader.read(obj, off + 5 * block, 100, stream)) == data[off + 5 * block : off + 5 * block + 100]
-        assert sum(store.fetches.values()) == 2
+        assert bytes(await reader.read(obj, off + 2 * block, 100, stream)) == data[off + 2 * block : off + 2 * block + 100]
+        assert sum(store.fetches.values()) == 2, store.fetches
