@@ -24,7 +24,6 @@ import argparse
 import contextlib
 import dataclasses
 import datetime
-import importlib.util
 import os
 import shutil
 import signal
@@ -43,17 +42,6 @@ from bench.workloads import BY_KEY, QUICK_SKIPS, WORKLOADS, Workload, read_files
 
 RESULTS = host.REPO / "bench" / "results"
 WATCHDOG = 600.0  # seconds one measurement may take before its daemon is killed
-
-
-def load_juicefs_backend():
-    """scripts/juicefs_backend.py (scripts/ is not a package)."""
-    if "juicefs_backend" in sys.modules:
-        return sys.modules["juicefs_backend"]
-    spec = importlib.util.spec_from_file_location("juicefs_backend", host.REPO / "scripts" / "juicefs_backend.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["juicefs_backend"] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 @dataclasses.dataclass
@@ -140,6 +128,7 @@ class Recorder:
         self.data = data
 
     def measure(self, system: System, workload: Workload, state: str, repeat: int) -> dict:
+        system.before_cell(state)  # cachefs-peer: a fresh mount, so the worker serves the cell
         if state == WARM:
             # "Warm" means the page cache holds the files. This VM pages out file pages
             # that sat idle for a few seconds (a DAMON pageout scheme), so read them
@@ -192,6 +181,8 @@ class Recorder:
             extra += f"  rss {rec['peak_rss_bytes'] / MiB:.0f} MiB"
         if "delta_gets" in rec:
             extra += f"  {rec['delta_gets']:.0f} GETs"
+        if "delta_worker_gets" in rec:
+            extra += f" (worker {rec['delta_worker_gets']:.0f}, {rec['delta_worker_served_bytes'] / MiB:.0f} MiB served by it)"
         if rec["other_cpu_cores"] >= 0.2:
             extra += f"  (other work: {rec['other_cpu_cores']:.1f} cores)"
         log(f"  {system.key:<14} {state:<12} {workload.key:<17} #{repeat + 1}  "
@@ -357,7 +348,7 @@ def run(args: argparse.Namespace, data: dict, work: Path, shm: Path, stack: cont
         dataset=Dataset(args.size, args.small_files, ttfb_count=8 if args.quick else 20),
         runtime=args.runtime, repeat=args.repeat, prefault=args.prefault,
         skip=QUICK_SKIPS if args.quick else frozenset(),
-        juicefs_backend=load_juicefs_backend(),
+        juicefs_backend=host.juicefs_backend(),
     )
     data["machine"] = m = host.machine(work)
     m["cachefs_digest"] = host.cachefs_digest()

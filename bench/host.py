@@ -7,10 +7,10 @@ avoided on purpose: it never returns when the FUSE daemon behind it hangs.
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import os
 import platform
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -31,11 +31,21 @@ def parse_size(text: str) -> int:
     return int(text)
 
 
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that was free a moment ago."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+def juicefs_backend():
+    """scripts/juicefs_backend.py (scripts/ is not a package), loaded once."""
+    if "juicefs_backend" in sys.modules:
+        return sys.modules["juicefs_backend"]
+    spec = importlib.util.spec_from_file_location("juicefs_backend", REPO / "scripts" / "juicefs_backend.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["juicefs_backend"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+_jb = juicefs_backend()
+# The same helpers serve the gateway and JuiceFS mounts in scripts/juicefs_backend.py.
+free_port = _jb.free_port  # a TCP port on 127.0.0.1 that was free a moment ago
+is_mounted = _jb._mounted  # reads /proc/self/mountinfo, never stats the (maybe hung) mount point
 
 
 def require_root() -> None:
@@ -91,11 +101,6 @@ def mounts() -> list[tuple[str, str, str]]:
             fstype = line.split(" - ", 1)[1].split(" ")[0] if " - " in line else ""
             out.append((_unescape(fields[4]), fields[2], fstype))
     return out
-
-
-def is_mounted(path: str | os.PathLike) -> bool:
-    target = os.path.realpath(path)
-    return any(mp == target for mp, _, _ in mounts())
 
 
 def mount_device(path: str | os.PathLike) -> str | None:
@@ -242,20 +247,7 @@ def reset_peak_rss(sid: int) -> None:
 
 def stop_session(proc: subprocess.Popen, timeout: float = 10.0) -> None:
     """SIGTERM the process group of ``proc``, SIGKILL what is left after ``timeout``, reap it."""
-    if proc.poll() is None:
-        try:
-            os.killpg(proc.pid, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
-        try:
-            proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            pass
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
-    proc.wait()
+    _jb.stop_process(proc, timeout)
 
 
 def tail(path: str | os.PathLike, lines: int = 30) -> str:

@@ -193,7 +193,18 @@ def targets(data: dict, t: Table) -> list[tuple[str, str, str]]:
                 + (f" = {cold / raw:.2f}×" if raw and cold else "")))
 
     peer = data["systems"].get("cachefs-peer", {})
-    out.append(("peer hit ≥ 0.7 × local MEM hit", "not measured", peer.get("skip_reason") or "cachefs-peer not run"))
+    r = t.ratio("cachefs-peer", "cachefs", "warm-dropped", "seq-1m-1j")
+    if r is None:
+        nums = peer.get("skip_reason") or ("cachefs-peer not run" if not peer else "no seq 1M warm-dropped cell "
+                                           "for both cachefs-peer and cachefs")
+    else:
+        gets = t.median("cachefs-peer", "warm-dropped", "seq-1m-1j", "delta_gets")
+        nums = (f"{fmt(t.median('cachefs-peer', 'warm-dropped', 'seq-1m-1j'), '')} vs "
+                f"{fmt(t.median('cachefs', 'warm-dropped', 'seq-1m-1j'), '')} MiB/s = {fmt_ratio(r)} "
+                f"(seq 1M, page cache dropped); the peer mount's backend GETs: "
+                + ("—" if gets is None else f"{gets:,.0f}"))
+    out.append(("peer hit ≥ 0.7 × local MEM hit (seq 1M, warm-dropped)", verdict(None if r is None else r >= 0.7),
+                nums))
 
     for system, info in data["systems"].items():
         if "mem_size_bytes" not in info or info.get("skip_reason"):

@@ -15,15 +15,17 @@ from __future__ import annotations
 
 import contextlib
 import os
+import secrets
 import shutil
+import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 from typing import ClassVar, Iterator
 
 from bench import host
+from cachefs.status import scrape  # {(sample name, frozenset(labels)): value}
 from bench.dataset import BIG, PREFIX
 
 COLD, WARM, DROPPED = "cold", "warm", "warm-dropped"
@@ -31,20 +33,6 @@ ALL_STATES = (COLD, WARM, DROPPED)
 
 MOUNT_TIMEOUT = 60.0
 CACHE_SIZE = "8G"  # every cache gets the same capacity, larger than the dataset
-
-
-def scrape(addr: str) -> dict[tuple[str, frozenset], float]:
-    """Prometheus text from http://ADDR/metrics: {(sample name, frozenset(labels)): value}."""
-    from prometheus_client.parser import text_string_to_metric_families
-
-    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-    with opener.open(f"http://{addr}/metrics", timeout=10) as resp:
-        text = resp.read().decode()
-    return {
-        (sample.name, frozenset(sample.labels.items())): sample.value
-        for family in text_string_to_metric_families(text)
-        for sample in family.samples
-    }
 
 
 def metric(samples: dict, name: str, **labels: str) -> float:
@@ -161,6 +149,9 @@ class System:
 
     # -- caches and counters ---------------------------------------------------------
 
+    def before_cell(self, state: str) -> None:
+        """Called before each timed cell, before the page cache is dropped."""
+
     def wipe_cache(self) -> None:
         """Empty the system's own cache (not the page cache); only while unmounted."""
 
@@ -187,6 +178,7 @@ class Cachefs(System):
     key = "cachefs"
     label = "cachefs MEM"
     mem_size = "2G"
+    cache_size = CACHE_SIZE
     runs_cachefs = True
     extra_env: ClassVar[dict[str, str]] = {}
 
@@ -197,7 +189,7 @@ class Cachefs(System):
         self.metrics_addr: str | None = None
 
     def details(self) -> dict:
-        return {"mem_size_bytes": host.parse_size(self.mem_size), "cache_size_bytes": host.parse_size(CACHE_SIZE)}
+        return {"mem_size_bytes": host.parse_size(self.mem_size), "cache_size_bytes": host.parse_size(self.cache_size)}
 
     def _start(self) -> None:
         s3 = self.bench.s3
@@ -207,11 +199,15 @@ class Cachefs(System):
              "--endpoint-url", s3.endpoint_url,
              "--cache-dir", self.cache_dir,
              "--mem-size", self.mem_size,
-             "--cache-size", CACHE_SIZE,
-             "--metrics", self.metrics_addr],
+             "--cache-size", self.cache_size,
+             "--metrics", self.metrics_addr,
+             *self._extra_args()],
             env=host.hermetic_env(s3.env(), self.extra_env),
         )
         self._wait_mounted(read_ahead_kb=4096)
+
+    def _extra_args(self) -> list:
+        return []
 
     def wipe_cache(self) -> None:
         shutil.rmtree(self.cache_dir, ignore_errors=True)
@@ -253,11 +249,119 @@ class CachefsPurePython(Cachefs):
     extra_env = {"CACHEFS_PUREPYTHON": "1"}
 
 
-class CachefsPeer(System):
+class CachefsPeer(Cachefs):
+    """A fresh cachefs mount (empty MEM, no SSD tier) whose chunks come from a warm `cachefs worker`.
+
+    The worker (MEM 2G + SSD 8G, its own cache directory) starts with the first
+    mount and stops with unmount(). The warm-up pass reads the dataset through the
+    mount, so the worker fetches every chunk from the backend once. Before each
+    timed cell the mount is restarted over a new empty cache directory: its MEM
+    is empty, so every chunk comes from the worker (the mount's GETs stay 0).
+    """
+
     key = "cachefs-peer"
     label = "cachefs peer hit"
+    mem_size = "2G"
+    cache_size = "0"  # no SSD tier: a hit can only be the worker's
     states = (DROPPED,)
-    skip_reason = "needs issue 4 (peer cache): a fresh mount whose chunks come from a warm worker"
+    note = ("a fresh mount (empty MEM, --cache-size 0) per cell, served by a warm `cachefs worker` "
+            "on 127.0.0.1 (--mem-size 2G --cache-size 8G)")
+
+    def __init__(self, bench) -> None:
+        super().__init__(bench)
+        self.worker: subprocess.Popen | None = None
+        self.worker_addr: str | None = None
+        self.worker_metrics_addr: str | None = None
+        self.worker_cache_dir = bench.work / f"{self.key}-worker-cache"
+        self.worker_log_path = bench.work / "logs" / f"{self.key}-worker.log"
+        self.secret_file = bench.work / f"{self.key}.secret"
+        self.cells = 0
+
+    def details(self) -> dict:
+        return {**super().details(), "worker_mem_size_bytes": host.parse_size("2G"),
+                "worker_cache_size_bytes": host.parse_size(CACHE_SIZE)}
+
+    def _source(self) -> str:
+        # Spelled exactly as the mount spells it: the worker refuses any other source.
+        return f"s3://{self.bench.s3.bucket}/{PREFIX}"
+
+    def _extra_args(self) -> list:
+        return ["--peers", self.worker_addr, "--secret-file", self.secret_file]
+
+    def _start(self) -> None:
+        if self.worker is None or self.worker.poll() is not None:
+            self._start_worker()
+        super()._start()
+
+    def _start_worker(self) -> None:
+        self._stop_worker()
+        fd = os.open(self.secret_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(secrets.token_hex(32))
+        s3 = self.bench.s3
+        port = host.free_port()
+        self.worker_addr = f"127.0.0.1:{port}"
+        self.worker_metrics_addr = f"127.0.0.1:{host.free_port()}"
+        cmd = [sys.executable, "-m", "cachefs", "worker",
+               "--listen", self.worker_addr,
+               "--source", f"bench={self._source()}",
+               "--endpoint-url", s3.endpoint_url,
+               "--secret-file", self.secret_file,
+               "--cache-dir", self.worker_cache_dir,
+               "--mem-size", "2G",
+               "--cache-size", CACHE_SIZE,
+               "--metrics", self.worker_metrics_addr]
+        with open(self.worker_log_path, "ab") as log:
+            log.write(f"\n=== {' '.join(map(str, cmd))}\n".encode())
+            log.flush()
+            self.worker = subprocess.Popen(
+                [str(c) for c in cmd], stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                env=host.hermetic_env(s3.env()), cwd=self.bench.work, start_new_session=True,
+            )
+        try:
+            host.wait_for(lambda: _accepts(port), MOUNT_TIMEOUT, "cachefs worker: listening",
+                          lambda: self.worker.poll() is None, interval=0.1)
+        except RuntimeError as exc:
+            raise RuntimeError(f"{exc}; log {self.worker_log_path}:\n{host.tail(self.worker_log_path)}") from None
+
+    def _stop_worker(self) -> None:
+        if self.worker is not None:
+            host.stop_session(self.worker)  # SIGTERM, SIGKILL after 10 s, reap
+            self.worker = None
+
+    def unmount(self) -> None:
+        try:
+            super().unmount()
+        finally:
+            self._stop_worker()
+
+    def before_cell(self, state: str) -> None:
+        # A fresh mount: nothing in its MEM, so the cell's reads go to the worker.
+        super().unmount()  # the mount only; the worker keeps its cache
+        self.wipe_cache()
+        self.mount()
+        self.cells += 1
+
+    def wipe_cache(self) -> None:
+        super().wipe_cache()
+        if self.worker is None:
+            shutil.rmtree(self.worker_cache_dir, ignore_errors=True)
+
+    def settle(self) -> None:
+        # The worker writes its SSD tier behind the reads.
+        settle(lambda: metric(scrape(self.worker_metrics_addr), "cachefs_cache_used_bytes", tier="disk"))
+
+    def backend_counters(self) -> dict[str, float]:
+        counters = super().backend_counters()  # the mount's: its GETs should stay 0
+        m = self.metrics()
+        w = scrape(self.worker_metrics_addr)
+        counters.update(
+            peer_bytes=metric(m, "cachefs_read_bytes_total", source="peer"),
+            peer_requests=metric(m, "cachefs_peer_requests_total"),
+            worker_gets=metric(w, "cachefs_backend_requests_total", op="get"),
+            worker_served_bytes=metric(w, "cachefs_peer_served_bytes_total"),
+        )
+        return counters
 
 
 # -- JuiceFS -----------------------------------------------------------------------
@@ -412,6 +516,15 @@ SYSTEMS: dict[str, type[System]] = {
     for cls in (Cachefs, CachefsSsd, CachefsPeer, CachefsPurePython, Juicefs, JuicefsDisk, Rclone, Ceiling, Tmpfs)
 }
 DEFAULT_SYSTEMS = ["cachefs", "cachefs-ssd", "cachefs-purepy", "cachefs-peer", "juicefs", "juicefs-disk", "rclone", "ceiling", "tmpfs"]
+
+
+def _accepts(port: int) -> bool:
+    """True once something accepts TCP connections on 127.0.0.1:``port``."""
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=1):
+            return True
+    except OSError:
+        return False
 
 
 def _du(path: Path) -> int:
