@@ -154,6 +154,7 @@ def test_mounts_share_one_backend_fetch_per_chunk(s3_behind_proxy, secret_file, 
         results = list(pool.map(_read, [os.path.join(m.mountpoint, "hot.bin") for m in mounts * 2]))
     assert all(r == data for r in results)
     gets = _ranges(src.proxy, "hot.bin")
+    print(f"\nbackend GETs per chunk, 3 mounts x 2 readers each: {sum(gets.values()) / 25:.2f}")
     assert len(gets) == 25, gets  # every chunk fetched...
     assert set(gets.values()) == {1}, gets  # ...once, for all mounts together
     served = sum(w.metric("cachefs_peer_served_total", outcome="ok") for w in workers)
