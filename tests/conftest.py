@@ -19,6 +19,7 @@ Nothing here imports cachefs: the mount runs in a subprocess.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 import subprocess
@@ -98,28 +99,31 @@ def _test_failed(request: pytest.FixtureRequest) -> bool:
 # -- the S3 backend --------------------------------------------------------------
 
 
-@pytest.fixture(scope="session")
-def juicefs_s3(tmp_path_factory):
-    """A ``JuicefsS3`` gateway (real ETags) for the whole session. Fails if it cannot start."""
-    gateway = juicefs_backend.JuicefsS3(tmp_path_factory.mktemp("juicefs-s3"))
+@contextlib.contextmanager
+def _gateway(workdir, **kwargs):
+    gateway = juicefs_backend.JuicefsS3(workdir, **kwargs)
     try:
         gateway.start()
     except juicefs_backend.JuicefsError as exc:
         pytest.fail(f"cannot start the JuiceFS S3 gateway: {exc}", pytrace=False)
-    yield gateway
-    gateway.stop()
+    try:
+        yield gateway
+    finally:
+        gateway.stop()
+
+
+@pytest.fixture(scope="session")
+def juicefs_s3(tmp_path_factory):
+    """A ``JuicefsS3`` gateway (real ETags) for the whole session. Fails if it cannot start."""
+    with _gateway(tmp_path_factory.mktemp("juicefs-s3")) as gateway:
+        yield gateway
 
 
 @pytest.fixture(scope="session")
 def juicefs_s3_noetag(tmp_path_factory):
     """A second gateway that serves every object with an empty ETag (no ``--keep-etag``)."""
-    gateway = juicefs_backend.JuicefsS3(tmp_path_factory.mktemp("juicefs-s3-noetag"), keep_etag=False)
-    try:
-        gateway.start()
-    except juicefs_backend.JuicefsError as exc:
-        pytest.fail(f"cannot start the JuiceFS S3 gateway: {exc}", pytrace=False)
-    yield gateway
-    gateway.stop()
+    with _gateway(tmp_path_factory.mktemp("juicefs-s3-noetag"), keep_etag=False) as gateway:
+        yield gateway
 
 
 # -- sources -----------------------------------------------------------------------
