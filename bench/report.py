@@ -88,7 +88,7 @@ def _header(data: dict) -> list[str]:
         f"- **Method**: median of {data['repeat']} repeat(s); random jobs run {data['runtime_s']:g} s; "
         f"fio psync; small files read by 4 threads; the run took {data.get('duration_s', 0) / 60:.1f} min; "
         f"load average at start {m.get('loadavg_at_start', [0.0])[0]:.2f}",
-        f"- **Raw S3**: ranged 4 MiB GETs with s3fs, 8 streams, page cache dropped: "
+        "- **Raw S3**: ranged 4 MiB GETs with s3fs, 8 streams, page cache dropped: "
         + (f"**{raw:.0f} MiB/s**" if raw else "not measured"),
     ]
     other = sorted(r["other_cpu_cores"] for r in data["runs"] if "other_cpu_cores" in r)

@@ -19,13 +19,7 @@ import pyfuse3
 
 from cachefs import metrics
 from cachefs.backend import ObjectId, ObjectInfo
-from cachefs.errors import (
-    BackendPermissionDenied,
-    BackendUnavailable,
-    CachefsError,
-    ObjectChanged,
-    ObjectNotFound,
-)
+from cachefs.errors import BackendPermissionDenied, CachefsError, ObjectChanged, ObjectNotFound
 from cachefs.inodes import ROOT_INODE, InodeTable
 from cachefs.namespace import Namespace
 from cachefs.reader import Reader, ReadStream
@@ -44,9 +38,7 @@ def _errno_of(e: CachefsError) -> int:
         return errno.ESTALE
     if isinstance(e, BackendPermissionDenied):
         return errno.EACCES
-    if isinstance(e, BackendUnavailable):
-        return errno.EIO
-    return errno.EIO
+    return errno.EIO  # unavailable, timed out, or failed after retries
 
 
 def fuse_errors(fn: F) -> F:
