@@ -1,6 +1,7 @@
 """Peer protocol throughput without FUSE or a backend: a PeerServer in a child
 process serves one 4 MiB chunk from memory; PeerClients in this process fetch it
-at several concurrencies. Isolates the wire path behind the "peer hit" cells.
+at several concurrencies. Isolates the wire path behind the "peer hit" cells
+(about 2 GiB/s here, so a slow peer hit is the mount's side, not the wire).
 
     .venv/bin/python -m bench.peer_wire [--concurrency 1,4,16] [--requests 256]
 
@@ -56,7 +57,8 @@ async def _fetch(addr: str, requests: int, concurrency: int, outside: bool) -> f
         async def one(i: int) -> None:
             nonlocal total
             async with gate:
-                total += len(await client.get_chunk(addr, obj, CHUNK, i))
+                data = await client.get_chunk(addr, obj, CHUNK, i)
+            total += len(data)  # not `total += len(await ...)`: that reads total before the await
 
         async with trio.open_nursery() as requests_nursery:
             for i in range(requests):
