@@ -111,13 +111,18 @@ class Reader:
                 self._start_prefetch(obj, index)
         parts = []
         for index, start, end in spans:
-            part = await self._disk_range(obj, index, start, end) if partial else None
-            if part is not None:
+            digest = chunk_digest(obj, self.chunk_size, index)
+            # Only a chunk that no tier holds whole and no fetch is bringing can be read in part.
+            whole = digest in self.mem or digest in self._flights
+            part = None
+            if partial and not whole and digest in self.disk:
+                part = await self.disk.get_range(digest, start, end, self._chunk_len(obj, index))
                 source = "disk"
-            elif jumped and (part := await self._backend_range(obj, index, start, end)) is not None:
+            if part is None and jumped and not whole and (self.disk is None or digest not in self.disk):
+                part = await self._backend_range(obj, index, start, end)
                 source = "backend"
-            else:
-                chunk, source = await self.chunk(obj, index)
+            if part is None:
+                chunk, source = await self._chunk(obj, index, digest)
                 part = memoryview(chunk)[start:end]
             parts.append(part)
             metrics.read_bytes(source).inc(end - start)
@@ -126,10 +131,8 @@ class Reader:
     async def _backend_range(self, obj: ObjectId, index: int, start: int, end: int) -> memoryview | None:
         """A random read of an uncached chunk: GET just the blocks it needs now (a
         4 KiB read must not wait for 4 MiB), and fetch the whole chunk in the
-        background if a read-ahead slot is free, so the data still gets cached."""
-        digest = chunk_digest(obj, self.chunk_size, index)
-        if digest in self.mem or digest in self._flights or (self.disk is not None and digest in self.disk):
-            return None
+        background if a read-ahead slot is free, so the data still gets cached.
+        None if the blocks would be the whole chunk anyway."""
         block = hotpath.BLOCK_SIZE
         lo, hi = start // block * block, min(-(-end // block) * block, self._chunk_len(obj, index))
         if hi - lo >= self._chunk_len(obj, index):
@@ -138,13 +141,6 @@ class Reader:
         data = await self.backend.fetch(obj, base + lo, base + hi)
         self._start_prefetch(obj, index, ahead=True)
         return memoryview(data)[start - lo : end - lo]
-
-    async def _disk_range(self, obj: ObjectId, index: int, start: int, end: int) -> memoryview | None:
-        assert self.disk is not None
-        digest = chunk_digest(obj, self.chunk_size, index)
-        if digest in self.mem or digest in self._flights or digest not in self.disk:
-            return None
-        return await self.disk.get_range(digest, start, end, self._chunk_len(obj, index))
 
     def _note_access(self, obj: ObjectId, stream: ReadStream, start: int, end: int, last_index: int) -> None:
         # The kernel's own read-ahead sends several requests of one sequential
@@ -191,6 +187,10 @@ class Reader:
                 self._ahead_slots.release()
 
     async def chunk(self, obj: ObjectId, index: int) -> tuple[Buffer, str]:
+        """One whole chunk, from the fastest tier that has it; see `_chunk`."""
+        return await self._chunk(obj, index, chunk_digest(obj, self.chunk_size, index))
+
+    async def _chunk(self, obj: ObjectId, index: int, digest: bytes) -> tuple[Buffer, str]:
         """One whole chunk, from the fastest tier that has it.
 
         Returns:
@@ -198,7 +198,6 @@ class Reader:
         Raises:
             BackendError: the backend fetch failed; every waiter sees the same error.
         """
-        digest = chunk_digest(obj, self.chunk_size, index)
         data = self.mem.get(digest)
         if data is not None:
             return data, self.mem.name
