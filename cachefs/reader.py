@@ -23,6 +23,10 @@ from cachefs.peer.client import PeerTier
 log = logging.getLogger(__name__)
 
 
+# A reader counts as random (its misses fetch just the blocks they need) after
+# this many non-sequential reads in a row.
+RANDOM_AFTER_JUMPS = 3
+
 # At most this many fetched chunks wait to be written to the SSD.
 WRITE_BEHIND_CHUNKS = 8
 
@@ -45,6 +49,7 @@ class ReadStream:
 
     next_offset: int = 0
     sequential_reads: int = 0
+    jumps: int = 0  # non-sequential reads in a row
     ahead_until: int = 0  # first chunk index not yet scheduled for read-ahead
 
 
@@ -101,10 +106,12 @@ class Reader:
         # blocks they need from the SSD; sequential readers promote whole chunks.
         randomly = stream is not None and stream.sequential_reads < 2
         partial = self.disk is not None and (not self.mem.capacity or randomly)
-        # A reader that jumped (not just a first read at the start): misses take
-        # only the blocks they need from the backend. Not with peers: there the
-        # chunk's owner fetches it once for the whole cluster.
-        jumped = stream is not None and stream.sequential_reads == 0 and self.peers is None
+        # A reader that keeps jumping: misses take only the blocks they need from
+        # the backend. One jump is not enough: several sequential readers of one
+        # file share the page cache, so each one's requests skip ahead now and
+        # then, and must not cost extra GETs. Not with peers: there the chunk's
+        # owner fetches it once for the whole cluster.
+        jumped = stream is not None and stream.jumps >= RANDOM_AFTER_JUMPS and self.peers is None
         if not partial:
             for index, _, _ in spans[1:]:
                 # A read across chunks: fetch the later ones while we wait for the first.
@@ -149,8 +156,10 @@ class Reader:
         window = self.chunk_size
         if stream.next_offset - window <= start <= stream.next_offset + window:
             stream.sequential_reads += 1
+            stream.jumps = 0
         else:
             stream.sequential_reads = 0
+            stream.jumps += 1
             stream.ahead_until = 0
         stream.next_offset = max(stream.next_offset, end) if stream.sequential_reads else end
         if stream.sequential_reads < 2 or not self.read_ahead:

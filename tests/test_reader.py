@@ -26,7 +26,7 @@ from cachefs.cache import chunk_digest
 from cachefs.cache.disk import DiskTier
 from cachefs.cache.mem import MemTier
 from cachefs.errors import BackendError, ObjectChanged
-from cachefs.reader import Reader, ReadStream
+from cachefs.reader import RANDOM_AFTER_JUMPS, Reader, ReadStream
 
 C = 64 << 10  # chunk size
 
@@ -469,7 +469,7 @@ async def test_a_random_jump_fetches_only_its_blocks_first(store):
     data = payload(3 * chunk)
     obj = store.add("f", data)
     async with open_reader(store, chunk_size=chunk, mem=16 * chunk, read_ahead=2) as reader:
-        stream = ReadStream()
+        stream = ReadStream(jumps=RANDOM_AFTER_JUMPS - 1)  # it has been jumping around already
         off = chunk + 3 * block + 10
         assert bytes(await reader.read(obj, off, 100, stream)) == data[off : off + 100]
         await wait_until(lambda: ("f", chunk) in store.fetches and store.in_flight == 0)
@@ -477,3 +477,19 @@ async def test_a_random_jump_fetches_only_its_blocks_first(store):
         # Now cached: the next random read costs nothing.
         assert bytes(await reader.read(obj, off + 2 * block, 100, stream)) == data[off + 2 * block : off + 2 * block + 100]
         assert sum(store.fetches.values()) == 2, store.fetches
+
+
+@pytest.mark.trio
+async def test_a_single_jump_still_fetches_whole_chunks(store):
+    """Sequential readers sharing the page cache skip ahead now and then: one jump
+    must not turn into an extra ranged GET."""
+    from cachefs import hotpath
+
+    chunk = 8 * hotpath.BLOCK_SIZE
+    data = payload(3 * chunk)
+    obj = store.add("f", data)
+    async with open_reader(store, chunk_size=chunk, mem=16 * chunk) as reader:
+        stream = ReadStream()
+        off = chunk + 3 * hotpath.BLOCK_SIZE
+        assert bytes(await reader.read(obj, off, 100, stream)) == data[off : off + 100]
+    assert store.fetches == {("f", chunk): 1}
