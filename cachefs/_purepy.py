@@ -31,6 +31,7 @@ __all__ = [
     "verify_blocks",
     "chunk_spans",
     "assemble",
+    "empty_buffer",
 ]
 
 MAGIC = b"CFCH"
@@ -243,3 +244,11 @@ def assemble(parts):
     if len(parts) == 1:
         return parts[0]
     return b"".join(parts)
+
+
+def empty_buffer(size: int) -> bytearray:
+    """A bytearray of `size` bytes for a receive to fill; its contents are undefined
+    (here zeroed: Python has no way to skip that)."""
+    if size < 0:
+        raise ValueError(f"negative size {size}")
+    return bytearray(size)

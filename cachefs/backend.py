@@ -23,7 +23,7 @@ from typing import Callable, Literal, TypeVar
 
 import trio
 
-from cachefs import metrics
+from cachefs import hotpath, metrics
 from cachefs.errors import (
     BackendError,
     BackendPermissionDenied,
@@ -322,7 +322,7 @@ class S3RangeGetter:
                 if attempt == 2:  # not just a kept-alive connection the server had closed
                     raise
         if resp.status == 206:
-            data = bytearray(end - start)
+            data = hotpath.empty_buffer(end - start)  # filled below or raised
             view, got = memoryview(data), 0
             while got < len(data) and (n := resp.readinto(view[got:])):
                 got += n

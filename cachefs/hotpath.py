@@ -39,5 +39,6 @@ read_layout = _impl.read_layout
 verify_blocks = _impl.verify_blocks
 chunk_spans = _impl.chunk_spans
 assemble = _impl.assemble
+empty_buffer = _impl.empty_buffer
 
 __all__ = [*_impl.__all__, "IMPLEMENTATION"]

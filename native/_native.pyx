@@ -15,6 +15,7 @@ compiled frame keeps no locals, so a failed check never pins a bytearray.
 
 cimport cython
 from cpython.buffer cimport PyBUF_SIMPLE, PyBuffer_Release, PyObject_GetBuffer
+from cpython.bytearray cimport PyByteArray_FromStringAndSize
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize
 from cpython.mem cimport PyMem_Free, PyMem_Malloc
 from libc.stdint cimport uint16_t, uint32_t, uint64_t
@@ -40,6 +41,7 @@ __all__ = [
     "verify_blocks",
     "chunk_spans",
     "assemble",
+    "empty_buffer",
 ]
 
 # Offsets in the fixed <4sHHQII16s part; the u64 block checksums follow it.
@@ -370,3 +372,15 @@ def assemble(parts):
             PyBuffer_Release(&views[i])
         PyMem_Free(views)
     return out
+
+
+def empty_buffer(Py_ssize_t size):
+    """A bytearray of `size` bytes for a receive to fill; its contents are undefined.
+
+    Unlike bytearray(size) nothing is zeroed, so a fresh page is touched once,
+    by the receive that fills it, and that happens with the GIL released (the
+    zeroing pass would hold it).
+    """
+    if size < 0:
+        raise ValueError(f"negative size {size}")
+    return PyByteArray_FromStringAndSize(NULL, size)

@@ -636,6 +636,22 @@ def test_assemble_rejects_non_buffers(impl):
         impl.assemble([b"a", "b"])
 
 
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("size", [0, 1, 4096, 4 * MiB + 3])
+def test_empty_buffer_is_a_writable_bytearray_of_that_size(impl, size):
+    buf = impl.empty_buffer(size)
+    assert type(buf) is bytearray and len(buf) == size
+    data = payload(size)
+    memoryview(buf)[:] = data
+    assert buf == data
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_empty_buffer_rejects_a_negative_size(impl):
+    with pytest.raises(ValueError):
+        impl.empty_buffer(-1)
+
+
 # --- both implementations agree -------------------------------------------------
 
 

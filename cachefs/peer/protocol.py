@@ -38,6 +38,7 @@ from typing import Any, ClassVar, Mapping, Union
 
 import msgpack
 
+from cachefs import hotpath
 from cachefs.errors import CachefsError
 
 PROTOCOL_VERSION = 1
@@ -194,7 +195,7 @@ class FrameDecoder:
                 self._failed = str(e)
                 raise
             have = min(len(self._buf) - start - header_len, payload_len)
-            self._payload = bytearray(payload_len)
+            self._payload = hotpath.empty_buffer(payload_len)  # a frame is returned only once filled
             self._payload[:have] = self._buf[start + header_len : start + header_len + have]
             self._filled = have
             self._pos = start + header_len + have
