@@ -51,8 +51,26 @@ class PeerConnection:
         self.closed = False
         self._pending: dict[int, _Pending] = {}
         self._ids = itertools.count(1)
+        self._receiving = trio.CancelScope()
+
+    def close(self) -> None:
+        """Stop receiving; `receive_loop` fails what is pending and closes the stream."""
+        self.closed = True
+        self._receiving.cancel()
 
     async def receive_loop(self) -> None:
+        try:
+            with self._receiving:
+                await self._receive_frames()
+        finally:
+            self.closed = True
+            for pending in self._pending.values():
+                pending.done.set()  # header stays None: connection lost
+            self._pending.clear()
+            with trio.CancelScope(shield=True):
+                await self.frames.stream.aclose()
+
+    async def _receive_frames(self) -> None:
         try:
             while (frame := await self.frames.receive()) is not None:
                 header, payload = frame
@@ -68,13 +86,6 @@ class PeerConnection:
             log.warning("peer %s: %s; dropping the connection", self.peer, e)
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
             pass
-        finally:
-            self.closed = True
-            for pending in self._pending.values():
-                pending.done.set()  # header stays None: connection lost
-            self._pending.clear()
-            with trio.CancelScope(shield=True):
-                await self.frames.stream.aclose()
 
     async def request(self, req_fields: dict) -> tuple[protocol.ChunkData | ChunkError, bytes]:
         """Send one GetChunk and wait for its answer. Checkpoints; cancel to time out.
@@ -131,8 +142,7 @@ class PeerClient:
         log.warning("peer %s failed (%s); skipping it for %.1fs", peer, why, backoff)
         conn = self._conns.pop(peer, None)
         if conn is not None:
-            conn.closed = True
-            self._nursery.start_soon(conn.frames.stream.aclose)
+            conn.close()
 
     def mark_ok(self, peer: str) -> None:
         if self._failures.pop(peer, None) is not None:
@@ -166,7 +176,7 @@ class PeerClient:
         try:
             with trio.fail_after(CONNECT_TIMEOUT):
                 stream = await trio.open_tcp_stream(host.strip("[]"), int(port))
-                frames = FrameStream(stream, self.max_payload)
+                frames = FrameStream(stream, self.max_payload, thread_receive=True)
                 nonce = os.urandom(16)
                 await frames.send(Hello(protocol.PROTOCOL_VERSION, self.node, nonce).to_header())
                 frame = await frames.receive()

@@ -2,20 +2,55 @@
 
 from __future__ import annotations
 
+import os
+import select
+
 import trio
 
 from cachefs.peer.protocol import FrameDecoder, ProtocolError, encode_frame
 
 RECEIVE_SIZE = 256 << 10
+# Payloads at least this big are received by a worker thread (see FrameStream).
+THREAD_RECEIVE_MIN = 1 << 20
+# How often a receiving thread looks up from the socket to see if it was cancelled.
+_POLL_MS = 100
+
+
+def _fill(fd: int, view: memoryview) -> int:
+    """Receive into `view` from a non-blocking socket until it is full or the peer
+    closes; runs in a worker thread and ends early when its task is cancelled."""
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
+    got = 0
+    while got < len(view):
+        trio.from_thread.check_cancelled()
+        if not poller.poll(_POLL_MS):
+            continue
+        try:
+            n = os.readv(fd, [view[got:]])
+        except BlockingIOError:
+            continue
+        if not n:
+            break
+        got += n
+    return got
 
 
 class FrameStream:
-    """Sends and receives whole frames; sends are serialised so frames never interleave."""
+    """Sends and receives whole frames; sends are serialised so frames never interleave.
 
-    def __init__(self, stream: trio.abc.Stream, max_payload: int):
+    With `thread_receive`, big payloads (chunks) are received by a worker thread
+    straight into their final buffer: the copy out of the socket and the first
+    touch of fresh memory (slow on VMs) then run beside the trio thread, which
+    keeps serving FUSE requests, instead of inside it. Cancel the receiving
+    task to stop it; never close the stream under it.
+    """
+
+    def __init__(self, stream: trio.abc.Stream, max_payload: int, thread_receive: bool = False):
         self.stream = stream
         self.decoder = FrameDecoder(max_payload=max_payload)
         self._send_lock = trio.Lock()
+        self._thread_receive = thread_receive and isinstance(stream, trio.SocketStream)
 
     async def send(self, header: dict, payload: bytes | memoryview = b"") -> None:
         prefix, body = encode_frame(header, payload)
@@ -37,7 +72,10 @@ class FrameStream:
             target = self.decoder.receive_buffer()
             if target is not None and isinstance(self.stream, trio.SocketStream):
                 # A chunk: straight from the socket into its final buffer.
-                n = await self.stream.socket.recv_into(target)
+                if self._thread_receive and len(target) >= THREAD_RECEIVE_MIN:
+                    n = await trio.to_thread.run_sync(_fill, self.stream.socket.fileno(), target)
+                else:
+                    n = await self.stream.socket.recv_into(target)
                 if not n:
                     raise ProtocolError("connection closed in the middle of a frame")
                 self.decoder.received_into(n)
