@@ -176,6 +176,9 @@ class Reader:
         digest = chunk_digest(obj, self.chunk_size, index)
         if digest in self._flights or digest in self.mem:
             return True
+        if not self.mem.capacity and self.disk is not None and digest in self.disk:
+            # Already where it would go: loading it would only read it and drop it.
+            return True
         if ahead:
             try:
                 self._ahead_slots.acquire_nowait()

@@ -385,6 +385,32 @@ async def test_read_ahead_without_mem_does_not_fetch_twice(store, tmp_path, tier
     assert store.fetches == {("f", k * C): 1 for k in range(6)}
 
 
+@pytest.mark.trio
+async def test_read_ahead_skips_chunks_the_ssd_holds_when_mem_is_off(store, tmp_path):
+    # With MEM off, reading a cached chunk ahead would load it from the SSD and
+    # drop it: pure waste. Readers take their ranges from the SSD themselves.
+    data = payload(6 * C)
+    obj = store.add("f", data)
+    async with open_reader(store, mem=0, disk_dir=tmp_path, read_ahead=2) as reader:
+        for k in range(6):
+            await reader.chunk(obj, k)  # the SSD tier holds the whole file
+        whole_loads = 0
+        disk_get = reader.disk.get
+
+        async def counting_get(*args):
+            nonlocal whole_loads
+            whole_loads += 1
+            return await disk_get(*args)
+
+        reader.disk.get = counting_get
+        stream = ReadStream()
+        for offset in range(0, 6 * C, C // 4):
+            assert bytes(await reader.read(obj, offset, C // 4, stream)) == data[offset : offset + C // 4]
+        await trio.testing.wait_all_tasks_blocked()
+    assert whole_loads == 0
+    assert store.fetches == {("f", k * C): 1 for k in range(6)}
+
+
 # -- errors ------------------------------------------------------------------------
 
 
