@@ -7,6 +7,7 @@ made on demand.
 
 from __future__ import annotations
 
+import errno
 import os
 import random
 import shutil
@@ -485,6 +486,50 @@ async def test_disk_failed_write_releases_its_reservation(tmp_path):
     assert disk.usage() == (entry(1000), 1), "only key(0), which nobody has looked up yet"
     assert sample("cachefs_cache_errors_total", tier="disk", reason="write") == errors + 1
 
+
+
+@pytest.mark.trio
+@pytest.mark.parametrize("refused", [False, True])
+async def test_disk_writes_direct_and_falls_back_when_refused_at_open(tmp_path, monkeypatch, refused):
+    # ext4 takes O_DIRECT (aligned, padded, then cut back to size); a file system
+    # that refuses it at open gets buffered writes. Either way a restarted tier
+    # reads back exactly what was written.
+    if refused:
+        real_open = os.open
+
+        def no_direct_open(path, flags, *args):
+            if flags & os.O_DIRECT:
+                raise OSError(errno.EINVAL, "Invalid argument")
+            return real_open(path, flags, *args)
+
+        monkeypatch.setattr(os, "open", no_direct_open)
+    sizes = [0, 1, 4095, 4096, 4097, 3 * hotpath.BLOCK_SIZE + 3]
+    disk = await open_disk(tmp_path, 100 * entry(max(sizes)))
+    for n, size in enumerate(sizes):
+        assert await disk.put(key(n), payload(size, n))
+    assert disk._direct is not refused
+    again = await open_disk(tmp_path, 100 * entry(max(sizes)))
+    for n, size in enumerate(sizes):
+        assert chunk_path(tmp_path, key(n)).stat().st_size == entry(size)
+        got = await again.get(key(n), size)
+        assert got is not None and bytes(got) == payload(size, n)
+
+
+@pytest.mark.trio
+async def test_disk_direct_write_refused_at_write_time_falls_back(tmp_path, monkeypatch):
+    # Some file systems open O_DIRECT but want another alignment: the write
+    # fails with EINVAL. That chunk and all later ones go through the page cache.
+    import cachefs.cache.disk as disk_module
+
+    monkeypatch.setattr(disk_module, "_DIRECT_ALIGN", 1000)  # never a valid alignment
+    disk = await open_disk(tmp_path, 10 * entry(5000))
+    assert await disk.put(key(0), payload(5000, 0))
+    assert await disk.put(key(1), payload(5000, 1))
+    assert disk._direct is False
+    for n in (0, 1):
+        got = await disk.get(key(n), 5000)
+        assert got is not None and bytes(got) == payload(5000, n)
+    assert not list(tmp_path.rglob("*.tmp*"))
 
 
 @pytest.mark.trio
