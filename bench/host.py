@@ -31,15 +31,20 @@ def parse_size(text: str) -> int:
     return int(text)
 
 
-def juicefs_backend():
-    """scripts/juicefs_backend.py (scripts/ is not a package), loaded once."""
-    if "juicefs_backend" in sys.modules:
-        return sys.modules["juicefs_backend"]
-    spec = importlib.util.spec_from_file_location("juicefs_backend", REPO / "scripts" / "juicefs_backend.py")
+def script_module(name: str):
+    """scripts/NAME.py (scripts/ is not a package), loaded once."""
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, REPO / "scripts" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
-    sys.modules["juicefs_backend"] = module
+    sys.modules[name] = module
     spec.loader.exec_module(module)
     return module
+
+
+def juicefs_backend():
+    """scripts/juicefs_backend.py: the embedded S3 gateway and JuiceFS mounts."""
+    return script_module("juicefs_backend")
 
 
 _jb = juicefs_backend()

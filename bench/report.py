@@ -71,16 +71,23 @@ def fmt_ratio(r: float | None) -> str:
     return "—" if r is None else f"{r:.2f}×"
 
 
+def machine_lines(m: dict) -> list[str]:
+    """The Machine and cachefs lines of a report header, from host.machine()."""
+    return [
+        f"- **Machine**: {m['cores']} cores ({m['cpu']}), {m['memory_bytes'] / GiB:.1f} GiB RAM, "
+        f"kernel {m['kernel']}, Python {m['python']}, work dir on {m['workdir_disk']}",
+        f"- **cachefs**: {m['cachefs']}, git {m['cachefs_git']}; pyfuse3 {m['pyfuse3']}, {m['libfuse']}, "
+        f"fuse max_pages_limit {m['fuse_max_pages_limit']}",
+    ]
+
+
 def _header(data: dict) -> list[str]:
     m, d = data["machine"], data["dataset"]
     raw = data.get("raw_s3", {}).get("mib_s")
     lines = [
         f"# cachefs benchmark {data['started']} on {m['hostname']}",
         "",
-        f"- **Machine**: {m['cores']} cores ({m['cpu']}), {m['memory_bytes'] / GiB:.1f} GiB RAM, "
-        f"kernel {m['kernel']}, Python {m['python']}, work dir on {m['workdir_disk']}",
-        f"- **cachefs**: {m['cachefs']}, git {m['cachefs_git']}; pyfuse3 {m['pyfuse3']}, {m['libfuse']}, "
-        f"fuse max_pages_limit {m['fuse_max_pages_limit']}",
+        *machine_lines(m),
         f"- **Others**: {m['juicefs']}; {m['rclone']}; {m['fio']}",
         f"- **Dataset**: big.bin {d['big_size'] / MiB:.0f} MiB, {d['small_count']} × 64 KiB, "
         f"{d['ttfb_count']} × 8 MiB (TTFB), random bytes, written through S3 to a local JuiceFS volume "

@@ -128,24 +128,10 @@ class System:
         """Anything before the generic unmount + stop of the process group."""
 
     def _spawn(self, cmd: list[str], env: dict[str, str] | None = None) -> None:
-        with open(self.log_path, "ab") as log:
-            log.write(f"\n=== {' '.join(map(str, cmd))}\n".encode())
-            log.flush()
-            self.proc = subprocess.Popen(
-                [str(c) for c in cmd], stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                env=env, cwd=self.bench.work, start_new_session=True,
-            )
+        self.proc = spawn(cmd, self.log_path, env, self.bench.work)
 
     def _wait_mounted(self, read_ahead_kb: int | None = None) -> None:
-        """Until the mount point is in the mount table (and, if given, its bdi read-ahead is set)."""
-        alive = lambda: self.proc is None or self.proc.poll() is None  # noqa: E731
-        try:
-            host.wait_for(lambda: host.is_mounted(self.mountpoint), MOUNT_TIMEOUT, f"mount {self.key}", alive)
-            if read_ahead_kb is not None:
-                host.wait_for(lambda: host.read_ahead_kb(self.mountpoint) == read_ahead_kb, 10.0,
-                              f"{self.key}: read_ahead_kb={read_ahead_kb}", alive)
-        except RuntimeError as exc:
-            raise RuntimeError(f"{exc}; log {self.log_path}:\n{host.tail(self.log_path)}") from None
+        wait_mounted(self.proc, self.mountpoint, self.key, self.log_path, read_ahead_kb)
 
     # -- caches and counters ---------------------------------------------------------
 
@@ -295,9 +281,7 @@ class CachefsPeer(Cachefs):
 
     def _start_worker(self) -> None:
         self._stop_worker()
-        fd = os.open(self.secret_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write(secrets.token_hex(32))
+        write_secret(self.secret_file)
         s3 = self.bench.s3
         port = host.free_port()
         self.worker_addr = f"127.0.0.1:{port}"
@@ -311,18 +295,8 @@ class CachefsPeer(Cachefs):
                "--mem-size", "2G",
                "--cache-size", CACHE_SIZE,
                "--metrics", self.worker_metrics_addr]
-        with open(self.worker_log_path, "ab") as log:
-            log.write(f"\n=== {' '.join(map(str, cmd))}\n".encode())
-            log.flush()
-            self.worker = subprocess.Popen(
-                [str(c) for c in cmd], stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                env=host.hermetic_env(s3.env()), cwd=self.bench.work, start_new_session=True,
-            )
-        try:
-            host.wait_for(lambda: _accepts(port), MOUNT_TIMEOUT, "cachefs worker: listening",
-                          lambda: self.worker.poll() is None, interval=0.1)
-        except RuntimeError as exc:
-            raise RuntimeError(f"{exc}; log {self.worker_log_path}:\n{host.tail(self.worker_log_path)}") from None
+        self.worker = spawn(cmd, self.worker_log_path, host.hermetic_env(s3.env()), self.bench.work)
+        wait_listening(self.worker, port, self.worker_log_path)
 
     def _stop_worker(self) -> None:
         if self.worker is not None:
@@ -516,6 +490,53 @@ SYSTEMS: dict[str, type[System]] = {
     for cls in (Cachefs, CachefsSsd, CachefsPeer, CachefsPurePython, Juicefs, JuicefsDisk, Rclone, Ceiling, Tmpfs)
 }
 DEFAULT_SYSTEMS = ["cachefs", "cachefs-ssd", "cachefs-purepy", "cachefs-peer", "juicefs", "juicefs-disk", "rclone", "ceiling", "tmpfs"]
+
+
+# -- starting daemons (also used by bench/scale.py) ------------------------------------
+
+
+def spawn(cmd: list, log_path: Path, env: dict[str, str] | None, cwd: Path) -> subprocess.Popen:
+    """Start ``cmd`` in its own session (host.stop_session then stops all of it), output appended to ``log_path``."""
+    with open(log_path, "ab") as log:
+        log.write(f"\n=== {' '.join(map(str, cmd))}\n".encode())
+        log.flush()
+        return subprocess.Popen(
+            [str(c) for c in cmd], stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+            env=env, cwd=cwd, start_new_session=True,
+        )
+
+
+def wait_mounted(proc: subprocess.Popen | None, mountpoint: Path, what: str, log_path: Path,
+                 read_ahead_kb: int | None = None) -> None:
+    """Until ``mountpoint`` is in the mount table (and, if given, its bdi read-ahead is set).
+
+    Raises:
+        RuntimeError: ``proc`` exited first or it took too long; the message holds the log's tail.
+    """
+    alive = lambda: proc is None or proc.poll() is None  # noqa: E731
+    try:
+        host.wait_for(lambda: host.is_mounted(mountpoint), MOUNT_TIMEOUT, f"mount {what}", alive)
+        if read_ahead_kb is not None:
+            host.wait_for(lambda: host.read_ahead_kb(mountpoint) == read_ahead_kb, 10.0,
+                          f"{what}: read_ahead_kb={read_ahead_kb}", alive)
+    except RuntimeError as exc:
+        raise RuntimeError(f"{exc}; log {log_path}:\n{host.tail(log_path)}") from None
+
+
+def wait_listening(proc: subprocess.Popen, port: int, log_path: Path) -> None:
+    """Until a `cachefs worker` accepts connections on 127.0.0.1:``port``; RuntimeError with its log's tail if not."""
+    try:
+        host.wait_for(lambda: _accepts(port), MOUNT_TIMEOUT, "cachefs worker: listening",
+                      lambda: proc.poll() is None, interval=0.1)
+    except RuntimeError as exc:
+        raise RuntimeError(f"{exc}; log {log_path}:\n{host.tail(log_path)}") from None
+
+
+def write_secret(path: Path) -> None:
+    """A new random peer secret, readable by its owner only."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(secrets.token_hex(32))
 
 
 def _accepts(port: int) -> bool:
