@@ -16,7 +16,15 @@ from cachefs.errors import ConfigError
 from cachefs.fuse_ops import Operations
 from cachefs.namespace import Namespace
 from cachefs.reader import Reader
-from cachefs.stack import client_node_name, open_backend, open_peer_tier, open_tiers, serve_metrics, serve_peers
+from cachefs.stack import (
+    client_node_name,
+    freeze_startup_objects,
+    open_backend,
+    open_peer_tier,
+    open_tiers,
+    serve_metrics,
+    serve_peers,
+)
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +89,7 @@ async def run_mount(config: MountConfig, on_ready: Callable[[], None] = lambda: 
             # the mount answers and the read-ahead can now be set for good.
             await trio.to_thread.run_sync(os.stat, real_mountpoint)
             _set_kernel_read_ahead(real_mountpoint, config.kernel_read_ahead_kb)
+            freeze_startup_objects()
             log.info("mounted %s at %s", config.source, config.mountpoint)
             on_ready()
 

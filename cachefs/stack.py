@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import gc
 import logging
 import os
 import socket
@@ -27,6 +28,18 @@ from cachefs.peer.server import PeerServer
 from cachefs.reader import Reader
 
 log = logging.getLogger(__name__)
+
+
+def freeze_startup_objects() -> None:
+    """Keep what start-up built out of the cyclic collector's way.
+
+    botocore's service models, s3fs and trio leave ~90k long-lived objects
+    that every full collection walks again (45 ms each here); reads allocate
+    enough to trigger collections, and perf of a cold read showed
+    gc_collect_main at 3.5% of the mount's CPU.
+    """
+    gc.collect()
+    gc.freeze()
 
 
 async def serve_metrics(config: CacheConfig, nursery: trio.Nursery) -> None:

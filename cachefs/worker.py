@@ -15,7 +15,7 @@ import trio
 from cachefs import metrics
 from cachefs.config import WorkerConfig
 from cachefs.reader import Reader
-from cachefs.stack import open_backend, open_tiers, serve_metrics, serve_peers
+from cachefs.stack import freeze_startup_objects, open_backend, open_tiers, serve_metrics, serve_peers
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +39,7 @@ async def run_worker(config: WorkerConfig) -> None:
             log.info("source %s = %s", name, backend.source)
         metrics.register_source_usage([mem, disk], names)
         await serve_peers(config, config.node, config.listen, readers, nursery)
+        freeze_startup_objects()
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
             async for signum in signals:
                 log.info("got %s, stopping", signal.Signals(signum).name)
