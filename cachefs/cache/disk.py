@@ -250,10 +250,12 @@ class DiskTier:
                         # Opened, but not writable that way (alignment): go buffered for good.
                         self._refuse_direct()
                         os.close(fd)
+                        fd = -1  # closed: never close its number twice
                         fd = self._create(tmp)
                         self._write_buffered(fd, header, data)
             finally:
-                os.close(fd)
+                if fd >= 0:
+                    os.close(fd)
             os.rename(tmp, path)
         except BaseException:
             try:
@@ -290,7 +292,10 @@ class DiskTier:
         # back to the real length.
         length = len(header) + len(data)
         padded = -(-length // _DIRECT_ALIGN) * _DIRECT_ALIGN
-        buf = self._aligned.pop() if self._aligned else None
+        try:
+            buf = self._aligned.pop()  # atomic: writer threads never share a buffer
+        except IndexError:
+            buf = None
         if buf is None or len(buf) < padded:
             buf = mmap.mmap(-1, padded)  # page-aligned
         try:
