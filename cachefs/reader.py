@@ -177,7 +177,10 @@ class Reader:
         if digest in self._flights or digest in self.mem:
             return True
         if not self.mem.capacity and self.disk is not None and digest in self.disk:
-            # Already where it would go: loading it would only read it and drop it.
+            # Already where it would go: loading it would only read it and drop
+            # it. Have the kernel read the file ahead into the page cache instead.
+            if ahead:
+                self._nursery.start_soon(self.disk.will_need, digest)
             return True
         if ahead:
             try:

@@ -403,11 +403,21 @@ async def test_read_ahead_skips_chunks_the_ssd_holds_when_mem_is_off(store, tmp_
             return await disk_get(*args)
 
         reader.disk.get = counting_get
+        advised = []
+        will_need = reader.disk.will_need
+
+        async def recording_will_need(digest):
+            advised.append(digest)
+            await will_need(digest)
+
+        reader.disk.will_need = recording_will_need
         stream = ReadStream()
         for offset in range(0, 6 * C, C // 4):
             assert bytes(await reader.read(obj, offset, C // 4, stream)) == data[offset : offset + C // 4]
         await trio.testing.wait_all_tasks_blocked()
     assert whole_loads == 0
+    # ...but the kernel is asked to read the chunks ahead of the reader, each once.
+    assert sorted(advised) == sorted(digest(obj, k) for k in range(1, 6))
     assert store.fetches == {("f", k * C): 1 for k in range(6)}
 
 

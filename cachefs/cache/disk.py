@@ -61,6 +61,14 @@ def _unlink_all(paths: list[str]) -> None:
             pass
 
 
+def _advise_will_need(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
+    finally:
+        os.close(fd)
+
+
 class DiskTier:
     """Chunks on local disk. `get` and `put` checkpoint (file I/O runs in threads)."""
 
@@ -193,6 +201,15 @@ class DiskTier:
             raise ChunkCorrupt(f"short read: {len(data)} of {hi - lo} bytes")
         hotpath.verify_blocks(sums, block_size, first, data)
         return memoryview(data)[start - lo : end - lo]
+
+    async def will_need(self, digest: bytes) -> None:
+        """Start the kernel reading a chunk's file into the page cache: read-ahead
+        for readers that take their ranges straight from the SSD, at a deeper
+        queue than their own requests and without daemon memory."""
+        try:
+            await trio.to_thread.run_sync(_advise_will_need, self._path(digest), limiter=self._limiter)
+        except OSError:
+            pass  # only a hint: a chunk evicted meanwhile is just not read ahead
 
     async def put(self, digest: bytes, data: bytes | memoryview) -> bool:
         """Store a chunk unless present; evicts first so the cap is never exceeded.
