@@ -553,3 +553,48 @@ async def test_disk_range_reads_verify_only_the_blocks_they_read(tmp_path):
     assert corrupt_errors() == errors + 1
     assert not path.exists()
     assert await disk.get_range(key(0), 0, 10, size) is None
+
+
+@pytest.mark.trio
+async def test_disk_range_read_from_the_page_cache_needs_no_worker_thread(tmp_path, monkeypatch):
+    # Random readers come back to blocks the kernel still caches: those are read
+    # on the trio thread (RWF_NOWAIT), without the two thread switches of a hop.
+    if not hasattr(os, "RWF_NOWAIT"):
+        pytest.skip("no RWF_NOWAIT")
+    block = hotpath.BLOCK_SIZE
+    size = 4 * block
+    disk = await open_disk(tmp_path, 4 * entry(size))
+    data = payload(size)
+    assert await disk.put(key(0), data)
+    assert bytes(await disk.get_range(key(0), 10, 20, size)) == data[10:20]  # opens, parses, caches block 0
+    hops = 0
+    run_sync = trio.to_thread.run_sync
+
+    async def counting_run_sync(*args, **kwargs):
+        nonlocal hops
+        hops += 1
+        return await run_sync(*args, **kwargs)
+
+    monkeypatch.setattr(trio.to_thread, "run_sync", counting_run_sync)
+    assert bytes(await disk.get_range(key(0), 100, 4196, size)) == data[100:4196]
+    assert hops == 0, "block 0 is in the page cache"
+    fd = os.open(chunk_path(tmp_path, key(0)), os.O_RDONLY)
+    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)  # the kernel forgets the file's pages
+    os.close(fd)
+    assert bytes(await disk.get_range(key(0), 2 * block, 2 * block + 5, size)) == data[2 * block : 2 * block + 5]
+    assert hops == 1, "a block the kernel does not hold is read by a worker thread"
+
+
+@pytest.mark.trio
+async def test_disk_evicted_chunks_leave_no_open_files(tmp_path):
+    # Kept descriptors are closed on eviction: an unlinked file held open would
+    # keep its blocks in use and throw off the free-space accounting.
+    size = 10_000
+    disk = await open_disk(tmp_path, 3 * entry(size))
+    for n in range(3):
+        assert await disk.put(key(n), payload(size, n))
+        assert await disk.get_range(key(n), 0, 10, size) is not None
+    for n in range(3, 6):
+        assert await disk.put(key(n), payload(size, n))  # evicts 0, 1, 2
+    fds = [os.readlink(f"/proc/self/fd/{fd}") for fd in os.listdir("/proc/self/fd") if os.path.exists(f"/proc/self/fd/{fd}")]
+    assert not [p for p in fds if p.endswith("(deleted)") and str(tmp_path) in p]
