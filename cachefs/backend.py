@@ -310,6 +310,11 @@ class S3FastPath:
         self.timeout = timeout
         self._local = threading.local()
 
+    def close(self) -> None:
+        """Close the calling thread's kept-alive connections (each thread has its own)."""
+        for conn in self._local.__dict__.pop("conns", {}).values():
+            conn.close()
+
     def _connection(self, scheme: str, netloc: str, fresh: bool) -> http.client.HTTPConnection:
         conns = self._local.__dict__.setdefault("conns", {})
         conn = conns.get(netloc)

@@ -13,7 +13,15 @@ pytestmark = pytest.mark.integration
 NAMES = ["plain", "with space", "plus+sign", "per%cent", "amp&lt<gt>", "quote\"'", "é-ü-日本", "tilde~"]
 
 
-def store_for(src) -> FsspecStore:
+@pytest.fixture
+def stores():
+    made: list[FsspecStore] = []
+    yield made
+    for store in made:
+        store.fast.close()  # the test's thread holds their keep-alive connections
+
+
+def store_for(src, stores) -> FsspecStore:
     env = src.env
     store = open_store(
         f"s3://{src.prefix}",
@@ -22,6 +30,7 @@ def store_for(src) -> FsspecStore:
         credentials=(env["AWS_ACCESS_KEY_ID"], env["AWS_SECRET_ACCESS_KEY"]),
     )
     assert isinstance(store, FsspecStore) and store.fast is not None
+    stores.append(store)
     return store
 
 
@@ -37,14 +46,14 @@ def both_listings(store: FsspecStore, path: str):
 
 
 @pytest.mark.parametrize("etags", ["etag", "noetag"])
-def test_fast_listing_equals_s3fs_listing(request, etags):
+def test_fast_listing_equals_s3fs_listing(request, etags, stores):
     src = request.getfixturevalue("s3_source" if etags == "etag" else "s3_source_noetag")
     for n, name in enumerate(NAMES):
         src.write(f"d/{name}", bytes([n]) * (n + 1))
     src.write("d/sub/deeper/x", b"x")
     src.write("d/sub2/y", b"yy")
     src.write("top", b"t")
-    store = store_for(src)
+    store = store_for(src, stores)
 
     fast, slow = both_listings(store, "d")
     assert fast == slow
@@ -64,11 +73,11 @@ def test_fast_listing_equals_s3fs_listing(request, etags):
     assert store.fetch(obj, 0, entry.size) == bytes([NAMES.index("é-ü-日本")]) * entry.size
 
 
-def test_fast_listing_follows_pages(s3_source):
+def test_fast_listing_follows_pages(s3_source, stores):
     for i in range(7):
         s3_source.write(f"many/f{i}", b"z")
     s3_source.write("many/sub/a", b"z")
-    store = store_for(s3_source)
+    store = store_for(s3_source, stores)
     bucket, _, prefix = s3_source.prefix.partition("/")
     paged = store.fast.list(bucket, f"{prefix}/many/", max_keys=3)
     assert sorted(d["name"].rpartition("/")[2] for d in paged) == [*(f"f{i}" for i in range(7)), "sub"]
@@ -76,9 +85,9 @@ def test_fast_listing_follows_pages(s3_source):
     assert fast == slow
 
 
-def test_fast_listing_of_a_missing_directory_is_not_found(s3_source):
+def test_fast_listing_of_a_missing_directory_is_not_found(s3_source, stores):
     s3_source.write("present", b"p")
-    store = store_for(s3_source)
+    store = store_for(s3_source, stores)
     with pytest.raises(FileNotFoundError):
         store.list_dir("absent")
     store.fast_list = False
