@@ -25,8 +25,6 @@ import contextlib
 import dataclasses
 import datetime
 import os
-import shutil
-import signal
 import statistics
 import sys
 import tempfile
@@ -36,7 +34,7 @@ from pathlib import Path
 
 from bench import host, report
 from bench.dataset import Dataset, raw_s3_read
-from bench.host import GiB, MiB
+from bench.host import GiB, MiB, log
 from bench.systems import ALL_STATES, COLD, DEFAULT_SYSTEMS, DROPPED, SYSTEMS, WARM, System
 from bench.workloads import BY_KEY, QUICK_SKIPS, WORKLOADS, Workload, read_files, warm_up
 
@@ -107,14 +105,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.repeat < 1 or args.size < 16 * MiB or args.runtime <= 0:
         p.error("--repeat must be >= 1, --size >= 16M and --runtime > 0")
     return args
-
-
-def log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
-
-
-def _raise_interrupt(signum, frame):
-    raise KeyboardInterrupt(f"signal {signum}")
 
 
 # -- one measurement -------------------------------------------------------------------
@@ -297,11 +287,7 @@ def prepare_warm(system: System, bench: Bench, info: dict) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     host.require_root()
-    # SIGTERM and SIGHUP unwind like Ctrl-C, so the teardown below runs; a signal
-    # the caller chose to ignore (nohup, `cmd &` in a script) stays ignored.
-    for signum in (signal.SIGTERM, signal.SIGHUP):
-        if signal.getsignal(signum) is not signal.SIG_IGN:
-            signal.signal(signum, _raise_interrupt)
+    host.unwind_on_signals()
     started = datetime.datetime.now(datetime.timezone.utc)
     t0 = time.monotonic()
     stamp = started.strftime("%Y%m%dT%H%M%SZ")
@@ -312,16 +298,11 @@ def main(argv: list[str] | None = None) -> int:
                       for w in WORKLOADS if w.key in args.workloads},
         "systems": {}, "runs": [], "errors": [], "raw_s3": {},
     }
-    Path(args.workdir).mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix="cachefs-bench.", dir=args.workdir)).resolve()
-    shm = Path(tempfile.mkdtemp(prefix="cachefs-bench.", dir="/dev/shm")).resolve()
     finished = False
     try:
-        with contextlib.ExitStack() as stack:
-            # Run last to first on the way out: systems, gateway, leftover mounts, directories.
-            stack.callback(_remove_dirs, work, shm, args.keep_workdir,
-                           lambda: Path(args.results) / "tmp" / f"{stamp}-logs" if data["errors"] else None)
-            stack.callback(_unmount_leftovers, work)
+        with host.scratch_dirs(args.workdir, "cachefs-bench.", args.keep_workdir,
+                               lambda: Path(args.results) / "tmp" / f"{stamp}-logs" if data["errors"] else None
+                               ) as (work, shm, stack):
             run(args, data, work, shm, stack)
         finished = True
     except KeyboardInterrupt:
@@ -336,8 +317,6 @@ def main(argv: list[str] | None = None) -> int:
             print()
             print(paths["markdown"].read_text())
             log(f"wrote {paths['markdown']} and {paths['json']}")
-        for mp in host.mounts_under(work):
-            log(f"WARNING: still mounted: {mp}")
     return 0 if data["runs"] else 1
 
 
@@ -390,31 +369,6 @@ def run(args: argparse.Namespace, data: dict, work: Path, shm: Path, stack: cont
     for system in systems:
         if system.runs_cachefs and host.cachefs_digest() != data["systems"][system.key]["cachefs_digest"]:
             data["systems"][system.key]["cachefs_digest_end"] = host.cachefs_digest()
-
-
-def _unmount_leftovers(work: Path) -> None:
-    for mp in host.mounts_under(work):
-        log(f"lazy-unmounting leftover {mp}")
-        host.lazy_unmount(mp)
-
-
-def _remove_dirs(work: Path, shm: Path, keep: bool, save_logs_to) -> None:
-    """Remove the work directories; first copy the logs if ``save_logs_to()`` names a place."""
-    dest = save_logs_to()
-    if dest is not None:
-        dest.mkdir(parents=True, exist_ok=True)
-        for log_file in [*work.glob("logs/*.log"), work / "backend" / "gateway.log"]:
-            if log_file.is_file():
-                shutil.copy(log_file, dest / log_file.name)
-        log(f"something failed: logs copied to {dest}")
-    shutil.rmtree(shm, ignore_errors=True)
-    if keep:
-        log(f"kept the work directory {work}")
-        return
-    if host.mounts_under(work):
-        log(f"not removing {work}: something is still mounted under it")
-        return
-    shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":

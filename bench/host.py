@@ -1,4 +1,5 @@
-"""The machine: what it is, its page cache, its mount table and its processes.
+"""The machine: what it is, its page cache, its mount table and its processes;
+and a benchmark run's scratch directories, torn down whatever happens.
 
 Everything here reads /proc and /sys directly. A stat() of a mount point is
 avoided on purpose: it never returns when the FUSE daemon behind it hangs.
@@ -6,16 +7,20 @@ avoided on purpose: it never returns when the FUSE daemon behind it hangs.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import os
 import platform
 import shutil
+import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
+from typing import Callable, Iterator
 
 REPO = Path(__file__).resolve().parent.parent
 MiB = 1 << 20
@@ -349,3 +354,71 @@ def machine(workdir: str | os.PathLike) -> dict:
         "rclone": _run(["rclone", "version"]) if shutil.which("rclone") else "not installed",
         "workdir_disk": disk,
     }
+
+
+# -- a run's scratch space and teardown ------------------------------------------------
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def _raise_interrupt(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def unwind_on_signals() -> None:
+    """SIGTERM and SIGHUP unwind like Ctrl-C, so a run's teardown runs; a signal
+    the caller chose to ignore (nohup, `cmd &` in a script) stays ignored."""
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        if signal.getsignal(signum) is not signal.SIG_IGN:
+            signal.signal(signum, _raise_interrupt)
+
+
+@contextlib.contextmanager
+def scratch_dirs(
+    parent: str | os.PathLike, prefix: str, keep: bool, save_logs_to: Callable[[], Path | None]
+) -> Iterator[tuple[Path, Path, contextlib.ExitStack]]:
+    """A work directory under `parent` and one on /dev/shm, and an ExitStack for
+    what the run starts in them.
+
+    On the way out, also after a failure or Ctrl-C: the stack's callbacks last to
+    first (the run's daemons), then leftover mounts under the work directory are
+    lazily unmounted, then the logs are copied if `save_logs_to()` names a place,
+    and both directories are removed (the work directory not if `keep`).
+    """
+    Path(parent).mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=prefix, dir=parent)).resolve()
+    shm = Path(tempfile.mkdtemp(prefix=prefix, dir="/dev/shm")).resolve()
+    try:
+        with contextlib.ExitStack() as stack:
+            stack.callback(_remove_dirs, work, shm, keep, save_logs_to)
+            stack.callback(_unmount_leftovers, work)
+            yield work, shm, stack
+    finally:
+        for mp in mounts_under(work):
+            log(f"WARNING: still mounted: {mp}")
+
+
+def _unmount_leftovers(work: Path) -> None:
+    for mp in mounts_under(work):
+        log(f"lazy-unmounting leftover {mp}")
+        lazy_unmount(mp)
+
+
+def _remove_dirs(work: Path, shm: Path, keep: bool, save_logs_to: Callable[[], Path | None]) -> None:
+    dest = save_logs_to()
+    if dest is not None:
+        dest.mkdir(parents=True, exist_ok=True)
+        for log_file in [*work.glob("logs/*.log"), work / "backend" / "gateway.log"]:
+            if log_file.is_file():
+                shutil.copy(log_file, dest / log_file.name)
+        log(f"something failed: logs copied to {dest}")
+    shutil.rmtree(shm, ignore_errors=True)
+    if keep:
+        log(f"kept the work directory {work}")
+        return
+    if mounts_under(work):
+        log(f"not removing {work}: something is still mounted under it")
+        return
+    shutil.rmtree(work, ignore_errors=True)

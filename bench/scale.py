@@ -25,7 +25,6 @@ import json
 import os
 import select
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -34,9 +33,8 @@ import zlib
 from pathlib import Path
 
 from bench import host, report
-from bench.__main__ import _raise_interrupt, _remove_dirs, _unmount_leftovers, log
 from bench.dataset import BIG, PREFIX, Dataset
-from bench.host import GiB, MiB
+from bench.host import GiB, MiB, log
 from bench.systems import metric, object_get_bytes, spawn, wait_listening, wait_mounted, write_secret
 from cachefs.status import scrape
 
@@ -330,24 +328,18 @@ def main(argv: list[str] | None = None) -> int:
         read_file(args.read)
         return 0
     host.require_root()
-    for signum in (signal.SIGTERM, signal.SIGHUP):  # unwind like Ctrl-C, so the teardown runs
-        if signal.getsignal(signum) is not signal.SIG_IGN:
-            signal.signal(signum, _raise_interrupt)
+    host.unwind_on_signals()
     started = datetime.datetime.now(datetime.timezone.utc)
     t0 = time.monotonic()
     stamp = started.strftime("%Y%m%dT%H%M%SZ")
     data = {"started": started.isoformat(timespec="seconds"), "size": args.size, "rate": args.rate,
             "readers": args.readers, "workers": args.workers, "chunk_size": CHUNK_SIZE,
             "worker_mem_size": WORKER_MEM, "mount_mem_size": MOUNT_MEM, "cells": [], "errors": []}
-    Path(args.workdir).mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix="cachefs-scale.", dir=args.workdir)).resolve()
-    shm = Path(tempfile.mkdtemp(prefix="cachefs-scale.", dir="/dev/shm")).resolve()
     finished = False
     try:
-        with contextlib.ExitStack() as stack:
-            stack.callback(_remove_dirs, work, shm, False,
-                           lambda: Path(args.results) / "tmp" / f"{stamp}-scale-logs" if data["errors"] else None)
-            stack.callback(_unmount_leftovers, work)
+        with host.scratch_dirs(args.workdir, "cachefs-scale.", False,
+                               lambda: Path(args.results) / "tmp" / f"{stamp}-scale-logs" if data["errors"] else None
+                               ) as (work, shm, stack):
             try:
                 run(args, data, work, shm, stack)
             except Exception as exc:
@@ -369,8 +361,6 @@ def main(argv: list[str] | None = None) -> int:
             print()
             print(render(data))
             log(f"wrote {directory / name}.md and .json")
-        for mp in host.mounts_under(work):
-            log(f"WARNING: still mounted: {mp}")
     return 0
 
 
