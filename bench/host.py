@@ -260,23 +260,9 @@ def stop_session(proc: subprocess.Popen, timeout: float = 10.0) -> None:
     _jb.stop_process(proc, timeout)
 
 
-def tail(path: str | os.PathLike, lines: int = 30) -> str:
-    try:
-        return "\n".join(Path(path).read_text(errors="replace").splitlines()[-lines:])
-    except OSError as exc:
-        return f"<cannot read {path}: {exc}>"
-
-
-def hermetic_env(*overlays: dict[str, str] | None) -> dict[str, str]:
-    """os.environ without AWS_* (profiles, endpoints, AWS_CA_BUNDLE that breaks rclone 1.60),
-    loopback exempt from proxies, plus ``overlays``."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "RCLONE_"))}
-    for var in ("no_proxy", "NO_PROXY"):
-        hosts = [h for h in env.get(var, "").split(",") if h]
-        env[var] = ",".join(dict.fromkeys([*hosts, "127.0.0.1", "localhost"]))
-    for overlay in overlays:
-        env.update(overlay or {})
-    return env
+# The environment daemons start in, and log tails for errors: shared with the tests.
+hermetic_env = _jb.hermetic_env
+tail = _jb.tail
 
 
 # -- what the machine is ---------------------------------------------------------

@@ -125,12 +125,26 @@ def format_volume(workdir: str | os.PathLike, volume: str = DEFAULT_VOLUME, juic
     return url
 
 
-def _tail(path: Path, lines: int = 40) -> str:
+def tail(path: str | os.PathLike, lines: int = 40) -> str:
+    """The last `lines` lines of a log file, for error messages."""
     try:
-        text = path.read_text(errors="replace")
+        return "\n".join(Path(path).read_text(errors="replace").splitlines()[-lines:])
     except OSError as exc:
         return f"<cannot read {path}: {exc}>"
-    return "\n".join(text.splitlines()[-lines:])
+
+
+def hermetic_env(*overlays: dict[str, str] | None) -> dict[str, str]:
+    """os.environ without AWS_* settings that could point a client elsewhere
+    (profiles, endpoints, session tokens, an AWS_CA_BUNDLE that breaks rclone
+    1.60) or RCLONE_* ones, loopback exempt from proxies, plus `overlays`: the
+    environment tests and benchmarks start cachefs and its peers in."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "RCLONE_"))}
+    for var in ("no_proxy", "NO_PROXY"):
+        hosts = [h for h in env.get(var, "").split(",") if h]
+        env[var] = ",".join(dict.fromkeys([*hosts, "127.0.0.1", "localhost"]))
+    for overlay in overlays:
+        env.update(overlay or {})
+    return env
 
 
 def stop_process(proc: subprocess.Popen | None, timeout: float) -> None:
@@ -252,7 +266,7 @@ class JuicefsS3:
                 self._wait_ready()
                 return self
             except JuicefsError:
-                log = _tail(self.log_path, 5).lower()
+                log = tail(self.log_path, 5).lower()
                 self.stop()
                 # MinIO says "Specified port is already in use".
                 port_taken = "already in use" in log
@@ -299,7 +313,7 @@ class JuicefsS3:
             if self.proc.poll() is not None:
                 raise JuicefsError(
                     f"juicefs gateway exited with {self.proc.returncode} before answering; "
-                    f"log {self.log_path}:\n{_tail(self.log_path)}"
+                    f"log {self.log_path}:\n{tail(self.log_path)}"
                 )
             try:
                 if stage == "health":
@@ -320,7 +334,7 @@ class JuicefsS3:
                 raise JuicefsError(
                     f"juicefs gateway at {self.endpoint_url} did not answer within "
                     f"{self.startup_timeout:g}s (last error: {last_error!r}); "
-                    f"log {self.log_path}:\n{_tail(self.log_path)}"
+                    f"log {self.log_path}:\n{tail(self.log_path)}"
                 )
             time.sleep(0.05)
 
@@ -454,13 +468,13 @@ class JuicefsMount:
                 self.stop()
                 raise JuicefsError(
                     f"juicefs mount exited with {code} before mounting; "
-                    f"log {self.log_path}:\n{_tail(self.log_path)}"
+                    f"log {self.log_path}:\n{tail(self.log_path)}"
                 )
             if time.monotonic() > deadline:
                 self.stop()
                 raise JuicefsError(
                     f"juicefs mount did not mount {self.mountpoint} within {self.startup_timeout:g}s; "
-                    f"log {self.log_path}:\n{_tail(self.log_path)}"
+                    f"log {self.log_path}:\n{tail(self.log_path)}"
                 )
             time.sleep(0.05)
         return self
@@ -517,7 +531,7 @@ def _serve(args: argparse.Namespace) -> int:
             if gateway.proc.poll() is not None:
                 print(
                     f"juicefs_backend: gateway exited with {gateway.proc.returncode}; "
-                    f"log {gateway.log_path}:\n{_tail(gateway.log_path)}",
+                    f"log {gateway.log_path}:\n{tail(gateway.log_path)}",
                     file=sys.stderr,
                 )
                 return 1

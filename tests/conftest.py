@@ -58,25 +58,11 @@ juicefs_backend = _load_juicefs_backend()
 free_port = juicefs_backend.free_port
 stop_process = juicefs_backend.stop_process
 is_mounted = juicefs_backend._mounted
+hermetic_env = juicefs_backend.hermetic_env  # the same environment as bench/ starts daemons in
 
 
 def _tail(path: Path, lines: int = 60) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-    except OSError as exc:
-        return f"<cannot read {path}: {exc}>"
-
-
-def hermetic_env(*overlays: dict[str, str] | None) -> dict[str, str]:
-    """os.environ without AWS_* settings that could point a client elsewhere
-    (profiles, endpoints, session tokens), loopback exempt from proxies, plus ``overlays``."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
-    for var in ("no_proxy", "NO_PROXY"):
-        hosts = [h for h in env.get(var, "").split(",") if h]
-        env[var] = ",".join(dict.fromkeys([*hosts, "127.0.0.1", "localhost"]))
-    for overlay in overlays:
-        env.update(overlay or {})
-    return env
+    return juicefs_backend.tail(path, lines)
 
 
 # -- test outcome for finalizers -----------------------------------------------
