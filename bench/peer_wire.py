@@ -43,7 +43,7 @@ async def _serve(port: int) -> None:
 
 
 async def _fetch(addr: str, requests: int, concurrency: int, outside: bool) -> float:
-    from cachefs.backend import ObjectId
+    from cachefs.objects import ObjectId
     from cachefs.peer.client import PeerClient
 
     obj = ObjectId("src", "f", "v", 1 << 40)

@@ -20,7 +20,7 @@ import stat as stat_mod
 import threading
 import time
 import urllib.parse
-from typing import Callable, Literal, NoReturn, TypeVar
+from typing import Callable, NoReturn, TypeVar
 from xml.etree import ElementTree
 
 import trio
@@ -34,53 +34,11 @@ from cachefs.errors import (
     ObjectChanged,
     ObjectNotFound,
 )
+from cachefs.objects import Kind, ObjectId, ObjectInfo, check_relative_path, join
 
 log = logging.getLogger(__name__)
 
-Kind = Literal["file", "dir", "link"]
 T = TypeVar("T")
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class ObjectInfo:
-    """One entry of the source. `path` is relative to the source root ("" is the root)."""
-
-    path: str
-    kind: Kind
-    size: int
-    mtime: float
-    version: str  # "etag:<ETag>" if the backend has one, else "stat:<size>-<mtime>"
-    link_target: str | None = None
-
-    @property
-    def name(self) -> str:
-        return self.path.rpartition("/")[2]
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class ObjectId:
-    """The exact object version a chunk belongs to. Part of every chunk key."""
-
-    source: str
-    path: str
-    version: str
-    size: int
-
-
-def join(parent: str, name: str) -> str:
-    return f"{parent}/{name}" if parent else name
-
-
-def check_relative_path(path: str) -> None:
-    """Paths come from the kernel or from peers: refuse anything that could leave the source root.
-
-    Raises:
-        ValueError: an absolute path, or one with empty, "." or ".." components or NUL.
-    """
-    if path == "":
-        return
-    if path.startswith("/") or "\0" in path or any(part in ("", ".", "..") for part in path.split("/")):
-        raise ValueError(f"bad path {path!r}")
 
 
 def _local_version(st: os.stat_result) -> str:

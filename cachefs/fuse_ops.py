@@ -18,7 +18,7 @@ from typing import Any, Awaitable, Callable, TypeVar
 import pyfuse3
 
 from cachefs import metrics
-from cachefs.backend import ObjectId, ObjectInfo
+from cachefs.objects import ObjectId, ObjectInfo
 from cachefs.errors import BackendPermissionDenied, CachefsError, ObjectChanged, ObjectNotFound
 from cachefs.inodes import ROOT_INODE, InodeTable
 from cachefs.namespace import Namespace

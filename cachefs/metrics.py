@@ -109,7 +109,7 @@ class SourceUsage:
     tiers' per-source counters: which node holds how much of each source."""
 
     def __init__(self, tiers: list, sources: dict[str, str]):
-        from cachefs.cache import source_tag
+        from cachefs.objects import source_tag
 
         self.tiers = [t for t in tiers if t is not None]
         self.tags = {name: source_tag(url) for name, url in sources.items()}

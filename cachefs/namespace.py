@@ -15,7 +15,8 @@ from typing import Callable
 
 import trio
 
-from cachefs.backend import Backend, ObjectInfo, join
+from cachefs.backend import Backend
+from cachefs.objects import ObjectInfo, join
 from cachefs.errors import BackendError, ObjectNotFound
 
 log = logging.getLogger(__name__)

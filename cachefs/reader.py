@@ -13,11 +13,11 @@ import logging
 import trio
 
 from cachefs import hotpath, metrics
-from cachefs.backend import Backend, ObjectId
-from cachefs.cache import chunk_digest
+from cachefs.backend import Backend
 from cachefs.cache.disk import DiskTier
-from cachefs.cache.mem import Buffer, MemTier
+from cachefs.cache.mem import MemTier
 from cachefs.errors import BackendError
+from cachefs.objects import Buffer, ObjectId, chunk_digest
 from cachefs.peer.client import PeerTier
 
 log = logging.getLogger(__name__)

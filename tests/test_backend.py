@@ -25,7 +25,8 @@ import trio.testing
 from prometheus_client import REGISTRY
 
 from cachefs import backend as backend_mod
-from cachefs.backend import Backend, LocalStore, ObjectId, ObjectInfo, open_store
+from cachefs.backend import Backend, LocalStore, open_store
+from cachefs.objects import ObjectId, ObjectInfo
 from cachefs.errors import (
     BackendError,
     BackendPermissionDenied,

@@ -22,10 +22,9 @@ from hypothesis import strategies as st
 from prometheus_client import REGISTRY
 
 from cachefs import hotpath
-from cachefs.backend import ObjectId
-from cachefs.cache import chunk_digest
 from cachefs.cache.disk import DiskTier
 from cachefs.cache.mem import MemTier
+from cachefs.objects import ObjectId, chunk_digest
 
 HEADER = hotpath.HEADER_SIZE
 CHUNK = 64 << 10

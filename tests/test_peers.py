@@ -208,8 +208,7 @@ def test_stopped_worker_costs_one_timeout_not_a_hang(s3_behind_proxy, secret_fil
 
 
 def test_a_new_worker_takes_only_its_share(s3_behind_proxy, tmp_path, secret_file, cachefs_worker, cachefs_mount):
-    from cachefs.backend import ObjectId
-    from cachefs.cache import chunk_digest
+    from cachefs.objects import ObjectId, chunk_digest
     from cachefs.peer.ring import Ring
 
     src = s3_behind_proxy
@@ -260,7 +259,7 @@ def test_wrong_secret_is_refused_and_reads_still_work(s3_behind_proxy, tmp_path,
 
 
 def _fetch_chunk(addr: str, secret: bytes, source: str, path: str, version: str, size: int, index: int) -> bytes:
-    from cachefs.backend import ObjectId
+    from cachefs.objects import ObjectId
     from cachefs.peer.client import PeerClient
 
     async def main():

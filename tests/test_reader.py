@@ -21,11 +21,11 @@ import trio
 import trio.testing
 from prometheus_client import REGISTRY
 
-from cachefs.backend import Backend, ObjectId, ObjectInfo
-from cachefs.cache import chunk_digest
+from cachefs.backend import Backend
 from cachefs.cache.disk import DiskTier
 from cachefs.cache.mem import MemTier
 from cachefs.errors import BackendError, ObjectChanged
+from cachefs.objects import ObjectId, ObjectInfo, chunk_digest
 from cachefs.reader import RANDOM_AFTER_JUMPS, Reader, ReadStream
 
 C = 64 << 10  # chunk size

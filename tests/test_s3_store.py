@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from cachefs.backend import FsspecStore, ObjectId, open_store
+from cachefs.backend import FsspecStore, open_store
+from cachefs.objects import ObjectId
 
 pytestmark = pytest.mark.integration
 

@@ -32,7 +32,7 @@ from typing import ClassVar
 import trio
 
 from cachefs import hotpath, metrics
-from cachefs.cache import SOURCE_TAG_SIZE
+from cachefs.objects import SOURCE_TAG_SIZE
 from cachefs.cache.policy import SegmentedLRU
 from cachefs.errors import ChunkCorrupt
 

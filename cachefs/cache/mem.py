@@ -6,9 +6,7 @@ from collections import Counter, OrderedDict
 from typing import ClassVar
 
 from cachefs import metrics
-from cachefs.cache import SOURCE_TAG_SIZE
-
-Buffer = bytes | memoryview
+from cachefs.objects import SOURCE_TAG_SIZE, Buffer
 
 
 class MemTier:

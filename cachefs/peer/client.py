@@ -18,7 +18,7 @@ from typing import Callable
 import trio
 
 from cachefs import hotpath, metrics
-from cachefs.backend import ObjectId
+from cachefs.objects import ObjectId
 from cachefs.errors import PeerError
 from cachefs.peer import protocol
 from cachefs.peer.protocol import Auth, ChunkData, ChunkError, GetChunk, Hello, ProtocolError, Ready

@@ -376,7 +376,7 @@ class Ready:
 class GetChunk:
     """A request for chunk `index` (of `chunk_size` bytes) of one object version.
 
-    source, path, version and size are the fields of `cachefs.backend.ObjectId`.
+    source, path, version and size are the fields of `cachefs.objects.ObjectId`.
     `from_header` also rejects chunk_size 0.
     """
 

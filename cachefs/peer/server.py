@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Mapping
 import trio
 
 from cachefs import hotpath, metrics
-from cachefs.backend import ObjectId, check_relative_path
+from cachefs.objects import ObjectId, check_relative_path
 from cachefs.errors import BackendError, ObjectChanged, ObjectNotFound
 from cachefs.peer import protocol
 from cachefs.peer.protocol import Auth, ChunkData, ChunkError, GetChunk, Hello, ProtocolError, Ready

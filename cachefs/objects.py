@@ -1,0 +1,83 @@
+"""The vocabulary every layer shares: what an object and a chunk are, and a chunk's key.
+
+This module does no I/O and imports no other cachefs module, so any layer may
+import it without pulling in the layers above or below it (mountpoint-s3 keeps
+`ObjectId` in its own small module the same way).
+
+The chunk digest covers the source, path, object version, chunk size and index,
+so a changed object can never be served from old chunks or a mix of old and new.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Literal
+
+import xxhash
+
+Kind = Literal["file", "dir", "link"]
+Buffer = bytes | memoryview
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ObjectInfo:
+    """One entry of the source. `path` is relative to the source root ("" is the root)."""
+
+    path: str
+    kind: Kind
+    size: int
+    mtime: float
+    version: str  # "etag:<ETag>" if the backend has one, else "stat:<size>-<mtime>"
+    link_target: str | None = None
+
+    @property
+    def name(self) -> str:
+        return self.path.rpartition("/")[2]
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ObjectId:
+    """The exact object version a chunk belongs to. Part of every chunk key."""
+
+    source: str
+    path: str
+    version: str
+    size: int
+
+
+def join(parent: str, name: str) -> str:
+    return f"{parent}/{name}" if parent else name
+
+
+def check_relative_path(path: str) -> None:
+    """Paths come from the kernel or from peers: refuse anything that could leave the source root.
+
+    Raises:
+        ValueError: an absolute path, or one with empty, "." or ".." components or NUL.
+    """
+    if path == "":
+        return
+    if path.startswith("/") or "\0" in path or any(part in ("", ".", "..") for part in path.split("/")):
+        raise ValueError(f"bad path {path!r}")
+
+
+# Bump when the chunk format or key layout changes: old cache files then simply miss.
+CACHE_FORMAT = 3
+
+SOURCE_TAG_SIZE = 4
+
+
+@functools.lru_cache(maxsize=256)
+def source_tag(source: str) -> bytes:
+    """The first bytes of every chunk digest of `source`: lets a tier (and its file
+    names, after a restart) account bytes per source without a separate index."""
+    return xxhash.xxh3_64_digest(source.encode("utf-8", "surrogateescape"))[:SOURCE_TAG_SIZE]
+
+
+def chunk_digest(obj: ObjectId, chunk_size: int, index: int) -> bytes:
+    """The 16-byte key of one chunk of one object version: a source tag, then
+    96 bits of hash over everything that identifies the chunk."""
+    key = f"cachefs-v{CACHE_FORMAT}\0{obj.source}\0{obj.path}\0{obj.version}\0{obj.size}\0{chunk_size}\0{index}"
+    body = xxhash.xxh3_128_digest(key.encode("utf-8", "surrogateescape"))
+    return source_tag(obj.source) + body[: 16 - SOURCE_TAG_SIZE]
