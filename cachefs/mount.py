@@ -22,6 +22,7 @@ from cachefs.stack import (
     open_backend,
     open_peer_tier,
     open_tiers,
+    reader_tiers,
     serve_metrics,
     serve_peers,
 )
@@ -60,7 +61,7 @@ async def run_mount(config: MountConfig, on_ready: Callable[[], None] = lambda: 
         mem, disk = await open_tiers(config)
         node = f"{config.serve[0]}:{config.serve[1]}" if config.serve else client_node_name()
         peers = open_peer_tier(config, node, nursery)
-        reader = Reader(mem, disk, backend, config.chunk_size, config.read_ahead, nursery, peers)
+        reader = Reader(reader_tiers(mem, disk, peers), backend, config.chunk_size, config.read_ahead, nursery)
         if config.serve:
             await serve_peers(config, node, config.serve, {backend.source: reader}, nursery)
         metrics.register_source_usage([mem, disk], {backend.source: backend.source})

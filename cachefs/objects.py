@@ -1,4 +1,5 @@
-"""The vocabulary every layer shares: what an object and a chunk are, and a chunk's key.
+"""The vocabulary every layer shares: what an object and a chunk are, a chunk's
+key, and the interface of a chunk tier.
 
 This module does no I/O and imports no other cachefs module, so any layer may
 import it without pulling in the layers above or below it (mountpoint-s3 keeps
@@ -12,12 +13,13 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Literal
+from typing import ClassVar, Literal, Protocol
 
 import xxhash
 
 Kind = Literal["file", "dir", "link"]
 Buffer = bytes | memoryview
+Medium = Literal["memory", "disk", "network"]  # how a chunk tier holds its chunks
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -81,3 +83,58 @@ def chunk_digest(obj: ObjectId, chunk_size: int, index: int) -> bytes:
     key = f"cachefs-v{CACHE_FORMAT}\0{obj.source}\0{obj.path}\0{obj.version}\0{obj.size}\0{chunk_size}\0{index}"
     body = xxhash.xxh3_128_digest(key.encode("utf-8", "surrogateescape"))
     return source_tag(obj.source) + body[: 16 - SOURCE_TAG_SIZE]
+
+
+@dataclasses.dataclass(slots=True)
+class ChunkKey:
+    """One chunk of one object version: what the reader asks a tier for.
+
+    Local tiers need only `digest` and `length`; the peer tier sends the rest
+    to the chunk's owner. Not frozen, and built by `chunk_key`: the reader makes
+    one per chunk of every read, and a frozen dataclass costs four times as much.
+    """
+
+    obj: ObjectId
+    chunk_size: int
+    index: int
+    digest: bytes
+    length: int  # bytes in this chunk: chunk_size, less for the object's last chunk
+
+
+def chunk_key(obj: ObjectId, chunk_size: int, index: int) -> ChunkKey:
+    return ChunkKey(obj, chunk_size, index, chunk_digest(obj, chunk_size, index), min(chunk_size, obj.size - index * chunk_size))
+
+
+class ChunkTier(Protocol):
+    """What the reader asks of a tier (mountpoint-s3's `DataCache`, JuiceFS's
+    `CacheManager`): MEM (cache/mem.py), SSD (cache/disk.py), the ring's owner
+    of a chunk (peer/client.py). The reader walks them as a list, fastest first.
+
+    Every method may fail only by missing: a corrupt, unreadable or unreachable
+    chunk is logged, counted and answered with None (or False). Which methods
+    checkpoint depends on `medium`: "memory" never does, the others may.
+    """
+
+    name: ClassVar[str]  # in logs, and the `tier` label of the cache metrics
+    # How the tier holds chunks: the reader's optimisations depend on it (see reader.py).
+    medium: ClassVar[Medium]
+
+    def __contains__(self, digest: bytes) -> bool:
+        """Whether the tier holds the chunk, known without I/O (the peer tier cannot know: False)."""
+        ...
+
+    async def get(self, key: ChunkKey) -> Buffer | None:
+        """The whole chunk, verified, or None."""
+        ...
+
+    async def get_range(self, key: ChunkKey, start: int, end: int) -> Buffer | None:
+        """Bytes [start, end) of the chunk, or None; the SSD reads only the blocks they fall in."""
+        ...
+
+    async def put(self, key: ChunkKey, data: Buffer) -> bool:
+        """Keep the chunk if there is room. Returns whether it was stored."""
+        ...
+
+    async def will_need(self, key: ChunkKey) -> None:
+        """A hint that the chunk will be read soon (the SSD has the kernel read it ahead)."""
+        ...

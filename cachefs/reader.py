@@ -1,24 +1,34 @@
 """The reader: turns (object, offset, size) into chunks and walks the tiers.
 
-MEM → SSD → peer (the chunk's owner on the ring) → backend, with one fetch per chunk at a time (single-flight),
-sequential-read detection that fetches the next chunks ahead in the nursery,
-and a bound on how much read-ahead may be in flight at once.
+The tiers are a list, fastest first (MEM → SSD → peer: the chunk's owner on the
+ring), all asked through one interface (`cachefs.objects.ChunkTier`), then the
+backend. One fetch per chunk at a time (single-flight), sequential-read
+detection that fetches the next chunks ahead in the nursery, and a bound on how
+much read-ahead may be in flight at once.
+
+What the reader optimises depends on each tier's `medium`, worked out once in
+`Reader.__init__`:
+- "memory" on top: asked before single-flight (a hit has no I/O to share), and
+  the tier every other hit and fetch is copied into.
+- "disk": serves random reads (and all reads with no memory tier above it) by
+  range, reading only the blocks they need; with nothing above it, read-ahead
+  of chunks it holds is the kernel's (`will_need`), not ours.
+- "network": its hits are kept in memory only, and with it misses never take
+  ranges from the backend: the chunk's owner fetches each chunk once for the ring.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+from typing import Sequence
 
 import trio
 
 from cachefs import hotpath, metrics
 from cachefs.backend import Backend
-from cachefs.cache.disk import DiskTier
-from cachefs.cache.mem import MemTier
 from cachefs.errors import BackendError
-from cachefs.objects import Buffer, ObjectId, chunk_digest
-from cachefs.peer.client import PeerTier
+from cachefs.objects import Buffer, ChunkKey, ChunkTier, ObjectId, chunk_key
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +39,10 @@ RANDOM_AFTER_JUMPS = 3
 
 # At most this many fetched chunks wait to be written to the SSD.
 WRITE_BEHIND_CHUNKS = 8
+
+# Chunk keys remembered, so that reads of a chunk read before do not hash its
+# key again: the digest is ~1 us of a ~5 us MEM hit.
+KEYS_KEPT = 4096
 
 
 class _Flight:
@@ -57,30 +71,36 @@ class Reader:
     """Serves byte ranges of object versions from the chunk tiers.
 
     Args:
+        tiers: the tiers to ask, fastest first; only tiers that are on (a MEM
+            tier of capacity 0 is left out, not passed).
         nursery: where read-ahead and SSD write-behind tasks run.
-        peers: the peer tier, asked after the local tiers and before the backend.
     """
 
     def __init__(
         self,
-        mem: MemTier,
-        disk: DiskTier | None,
+        tiers: Sequence[ChunkTier],
         backend: Backend,
         chunk_size: int,
         read_ahead: int,
         nursery: trio.Nursery,
-        peers: PeerTier | None = None,
     ):
-        self.mem = mem
-        self.disk = disk
-        self.peers = peers
+        self.tiers = list(tiers)
         self.backend = backend
         self.chunk_size = chunk_size
-        # Read-ahead hands chunks to the reader through a tier; with none there is
-        # nowhere to keep them, and reading ahead would only fetch everything twice.
-        self.read_ahead = read_ahead if mem.capacity or disk is not None else 0
+        top = self.tiers[0] if self.tiers else None
+        self._memory = top if top is not None and top.medium == "memory" else None
+        # Asked inside a flight, in order: all but the memory tier, asked before it.
+        self._io_tiers = self.tiers[1:] if self._memory is not None else self.tiers
+        self._ranged = [t for t in self.tiers if t.medium == "disk"]
+        self._peers = any(t.medium == "network" for t in self.tiers)
+        # Read-ahead hands chunks to the reader through a local tier; with none there
+        # is nowhere to keep them, and reading ahead would only fetch everything twice.
+        self.read_ahead = read_ahead if any(t.medium != "network" for t in self.tiers) else 0
         self._nursery = nursery
         self._flights: dict[bytes, _Flight] = {}
+        # (id(obj), index) -> key. Each entry holds its ObjectId, so its id cannot
+        # be reused for another object while the entry is here.
+        self._keys: dict[tuple[int, int], ChunkKey] = {}
         # Read-ahead that cannot start at once is skipped, not queued: it must never
         # pile up memory or backend slots ahead of real reads.
         self._ahead_slots = trio.Semaphore(max(2 * read_ahead, 1))
@@ -88,8 +108,19 @@ class Reader:
         # when the disk falls behind, readers wait for a slot instead.
         self._write_slots = trio.Semaphore(WRITE_BEHIND_CHUNKS)
 
-    def _chunk_len(self, obj: ObjectId, index: int) -> int:
-        return min(self.chunk_size, obj.size - index * self.chunk_size)
+    def _key(self, obj: ObjectId, index: int) -> ChunkKey:
+        key = self._keys.get((id(obj), index))
+        if key is None:
+            if len(self._keys) >= KEYS_KEPT:
+                self._keys.clear()
+            key = self._keys[(id(obj), index)] = chunk_key(obj, self.chunk_size, index)
+        return key
+
+    def _ranged_holder(self, digest: bytes) -> ChunkTier | None:
+        for tier in self._ranged:
+            if digest in tier:
+                return tier
+        return None
 
     async def read(self, obj: ObjectId, offset: int, size: int, stream: ReadStream | None = None) -> Buffer:
         """Bytes [offset, offset+size) of `obj`, short at EOF.
@@ -102,51 +133,55 @@ class Reader:
             return b""
         if stream is not None:
             self._note_access(obj, stream, offset, offset + size, spans[-1][0])
-        # Random readers (and every reader without a MEM tier) take just the
-        # blocks they need from the SSD; sequential readers promote whole chunks.
+        # Random readers (and every reader without a memory tier above the SSD)
+        # take just the blocks they need from the SSD; sequential readers promote whole chunks.
         randomly = stream is not None and stream.sequential_reads < 2
-        partial = self.disk is not None and (not self.mem.capacity or randomly)
+        partial = bool(self._ranged) and (self._memory is None or randomly)
         # A reader that keeps jumping: misses take only the blocks they need from
         # the backend. One jump is not enough: several sequential readers of one
         # file share the page cache, so each one's requests skip ahead now and
         # then, and must not cost extra GETs. Not with peers: there the chunk's
         # owner fetches it once for the whole cluster.
-        jumped = stream is not None and stream.jumps >= RANDOM_AFTER_JUMPS and self.peers is None
+        jumped = stream is not None and stream.jumps >= RANDOM_AFTER_JUMPS and not self._peers
         if not partial:
             for index, _, _ in spans[1:]:
                 # A read across chunks: fetch the later ones while we wait for the first.
-                self._start_prefetch(obj, index)
+                self._start_prefetch(self._key(obj, index))
+        memory = self._memory
         parts = []
         for index, start, end in spans:
-            digest = chunk_digest(obj, self.chunk_size, index)
-            # Only a chunk that no tier holds whole and no fetch is bringing can be read in part.
-            whole = digest in self.mem or digest in self._flights
+            key = self._key(obj, index)
             part = None
-            if partial and not whole and digest in self.disk:
-                part = await self.disk.get_range(digest, start, end, self._chunk_len(obj, index))
-                source = "disk"
-            if part is None and jumped and not whole and (self.disk is None or digest not in self.disk):
-                part = await self._backend_range(obj, index, start, end)
-                source = "backend"
+            if partial or jumped:
+                digest = key.digest
+                # Only a chunk that no tier holds whole and no fetch is bringing can be read in part.
+                if not ((memory is not None and digest in memory) or digest in self._flights):
+                    holder = self._ranged_holder(digest) if partial else None
+                    if holder is not None:
+                        part = await holder.get_range(key, start, end)
+                        source = holder.name
+                    if part is None and jumped and self._ranged_holder(digest) is None:
+                        part = await self._backend_range(key, start, end)
+                        source = "backend"
             if part is None:
-                chunk, source = await self._chunk(obj, index, digest)
+                chunk, source = await self._chunk(key)
                 part = memoryview(chunk)[start:end]
             parts.append(part)
             metrics.read_bytes(source).inc(end - start)
         return hotpath.assemble(parts)
 
-    async def _backend_range(self, obj: ObjectId, index: int, start: int, end: int) -> memoryview | None:
+    async def _backend_range(self, key: ChunkKey, start: int, end: int) -> memoryview | None:
         """A random read of an uncached chunk: GET just the blocks it needs now (a
         4 KiB read must not wait for 4 MiB), and fetch the whole chunk in the
         background if a read-ahead slot is free, so the data still gets cached.
         None if the blocks would be the whole chunk anyway."""
         block = hotpath.BLOCK_SIZE
-        lo, hi = start // block * block, min(-(-end // block) * block, self._chunk_len(obj, index))
-        if hi - lo >= self._chunk_len(obj, index):
+        lo, hi = start // block * block, min(-(-end // block) * block, key.length)
+        if hi - lo >= key.length:
             return None  # the whole chunk anyway: fetch it the usual way, once
-        base = index * self.chunk_size
-        data = await self.backend.fetch(obj, base + lo, base + hi)
-        self._start_prefetch(obj, index, ahead=True)
+        base = key.index * self.chunk_size
+        data = await self.backend.fetch(key.obj, base + lo, base + hi)
+        self._start_prefetch(key, ahead=True)
         return memoryview(data)[start - lo : end - lo]
 
     def _note_access(self, obj: ObjectId, stream: ReadStream, start: int, end: int, last_index: int) -> None:
@@ -168,19 +203,21 @@ class Reader:
         first = max(last_index + 1, stream.ahead_until)
         last = min(last_index + self.read_ahead, n_chunks - 1)
         for index in range(first, last + 1):
-            if not self._start_prefetch(obj, index, ahead=True):
+            if not self._start_prefetch(self._key(obj, index), ahead=True):
                 return  # retry these next time round
             stream.ahead_until = index + 1
 
-    def _start_prefetch(self, obj: ObjectId, index: int, ahead: bool = False) -> bool:
-        digest = chunk_digest(obj, self.chunk_size, index)
-        if digest in self._flights or digest in self.mem:
+    def _start_prefetch(self, key: ChunkKey, ahead: bool = False) -> bool:
+        digest = key.digest
+        if digest in self._flights:
             return True
-        if not self.mem.capacity and self.disk is not None and digest in self.disk:
-            # Already where it would go: loading it would only read it and drop
-            # it. Have the kernel read the file ahead into the page cache instead.
-            if ahead:
-                self._nursery.start_soon(self.disk.will_need, digest)
+        top = self.tiers[0] if self.tiers else None
+        if top is not None and digest in top:
+            # Already where it would go. Off memory, loading it would only read
+            # it and drop it: have the tier read it ahead instead (the SSD asks
+            # the kernel to read the file into the page cache).
+            if ahead and top is not self._memory:
+                self._nursery.start_soon(top.will_need, key)
             return True
         if ahead:
             try:
@@ -188,24 +225,24 @@ class Reader:
             except trio.WouldBlock:
                 return False
             metrics.READAHEAD_CHUNKS.inc()
-        self._nursery.start_soon(self._prefetch, obj, index, ahead)
+        self._nursery.start_soon(self._prefetch, key, ahead)
         return True
 
-    async def _prefetch(self, obj: ObjectId, index: int, ahead: bool) -> None:
+    async def _prefetch(self, key: ChunkKey, ahead: bool) -> None:
         try:
-            await self.chunk(obj, index)
+            await self._chunk(key)
         except BackendError as e:
             # The reader that needs this chunk will fetch it again and report the error.
-            log.debug("prefetch of %s chunk %d failed: %s", obj.path, index, e)
+            log.debug("prefetch of %s chunk %d failed: %s", key.obj.path, key.index, e)
         finally:
             if ahead:
                 self._ahead_slots.release()
 
     async def chunk(self, obj: ObjectId, index: int) -> tuple[Buffer, str]:
         """One whole chunk, from the fastest tier that has it; see `_chunk`."""
-        return await self._chunk(obj, index, chunk_digest(obj, self.chunk_size, index))
+        return await self._chunk(self._key(obj, index))
 
-    async def _chunk(self, obj: ObjectId, index: int, digest: bytes) -> tuple[Buffer, str]:
+    async def _chunk(self, key: ChunkKey) -> tuple[Buffer, str]:
         """One whole chunk, from the fastest tier that has it.
 
         Returns:
@@ -213,9 +250,12 @@ class Reader:
         Raises:
             BackendError: the backend fetch failed; every waiter sees the same error.
         """
-        data = self.mem.get(digest)
-        if data is not None:
-            return data, self.mem.name
+        memory = self._memory
+        if memory is not None:
+            data = await memory.get(key)  # never checkpoints
+            if data is not None:
+                return data, memory.name
+        digest = key.digest
         flight = self._flights.get(digest)
         if flight is not None:
             metrics.SINGLEFLIGHT_WAITS.inc()
@@ -226,45 +266,55 @@ class Reader:
             return flight.data, flight.source
         flight = self._flights[digest] = _Flight()
         try:
-            flight.data, flight.source = await self._load(obj, index, digest)
+            flight.data, flight.source = await self._load(key)
             return flight.data, flight.source
         except BaseException as e:
-            flight.error = e if isinstance(e, BackendError) else BackendError(f"fetch of {obj.path} cancelled")
+            flight.error = e if isinstance(e, BackendError) else BackendError(f"fetch of {key.obj.path} cancelled")
             raise
         finally:
             del self._flights[digest]
             flight.done.set()
 
-    async def _load(self, obj: ObjectId, index: int, digest: bytes) -> tuple[Buffer, str]:
-        length = self._chunk_len(obj, index)
-        if self.disk is not None:
-            data = await self.disk.get(digest, length)
+    async def _load(self, key: ChunkKey) -> tuple[Buffer, str]:
+        for tier in self._io_tiers:
+            data = await tier.get(key)
             if data is not None:
-                self.mem.put(digest, data)
-                return data, self.disk.name
-        if self.peers is not None:
-            data = await self.peers.get(obj, self.chunk_size, index, digest, length)
-            if data is not None:
-                # Kept in MEM only: the owner holds it on its SSD already.
-                self.mem.put(digest, data)
-                return data, self.peers.name
-        start = index * self.chunk_size
-        fetched = await self.backend.fetch(obj, start, start + length)
-        self.mem.put(digest, fetched)
-        if self.disk is not None:
-            if self.mem.capacity:
-                # Write-behind: the reader does not wait for the SSD, unless it is far behind.
-                await self._write_slots.acquire()
-                self._nursery.start_soon(self._write_behind, digest, fetched)
-            else:
-                # No MEM tier: the chunk must be on the SSD before the flight ends,
-                # or a read-ahead chunk would be fetched again by its reader.
-                await self.disk.put(digest, fetched)
+                await self._keep(key, data, tier)
+                return data, tier.name
+        start = key.index * self.chunk_size
+        fetched = await self.backend.fetch(key.obj, start, start + key.length)
+        await self._keep(key, fetched, None)
         return fetched, "backend"
 
-    async def _write_behind(self, digest: bytes, data: Buffer) -> None:
-        assert self.disk is not None
+    async def _keep(self, key: ChunkKey, data: Buffer, found_in: ChunkTier | None) -> None:
+        """Copy a chunk into the tiers above `found_in` (None: it came from the backend).
+
+        Nothing is pushed to peers, and a chunk from a peer is kept in memory
+        only: its owner holds it on its SSD already.
+        """
+        from_peer = found_in is not None and found_in.medium == "network"
+        held_above = False  # whether a tier above holds the chunk now
+        for tier in self.tiers:
+            if tier is found_in:
+                return
+            if tier.medium == "memory":
+                await tier.put(key, data)  # never checkpoints
+                held_above = True
+            elif tier.medium == "network" or from_peer:
+                continue
+            elif held_above:
+                # Write-behind: readers find the chunk above meanwhile, so the
+                # reader does not wait for the SSD, unless it is far behind.
+                await self._write_slots.acquire()
+                self._nursery.start_soon(self._write_behind, tier, key, data)
+            else:
+                # Nothing above holds it: the chunk must be here before the flight
+                # ends, or a read-ahead chunk would be fetched again by its reader.
+                await tier.put(key, data)
+                held_above = True
+
+    async def _write_behind(self, tier: ChunkTier, key: ChunkKey, data: Buffer) -> None:
         try:
-            await self.disk.put(digest, data)
+            await tier.put(key, data)
         finally:
             self._write_slots.release()

@@ -22,6 +22,7 @@ from cachefs.errors import (
     ConfigError,
     ObjectNotFound,
 )
+from cachefs.objects import ChunkTier
 from cachefs.peer.client import PeerClient, PeerTier
 from cachefs.peer.membership import Membership
 from cachefs.peer.server import PeerServer
@@ -58,6 +59,11 @@ async def open_tiers(config: CacheConfig) -> tuple[MemTier, DiskTier | None]:
         disk = DiskTier(config.cache_dir, config.cache_size, config.free_space_ratio)
         await disk.load()
     return mem, disk
+
+
+def reader_tiers(mem: MemTier, disk: DiskTier | None, peers: PeerTier | None = None) -> list[ChunkTier]:
+    """The tiers a reader walks, fastest first: those that are on."""
+    return [t for t in (mem if mem.capacity else None, disk, peers) if t is not None]
 
 
 async def open_backend(url: str, config: CacheConfig) -> Backend:

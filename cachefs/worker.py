@@ -15,7 +15,14 @@ import trio
 from cachefs import metrics
 from cachefs.config import WorkerConfig
 from cachefs.reader import Reader
-from cachefs.stack import freeze_startup_objects, open_backend, open_tiers, serve_metrics, serve_peers
+from cachefs.stack import (
+    freeze_startup_objects,
+    open_backend,
+    open_tiers,
+    reader_tiers,
+    serve_metrics,
+    serve_peers,
+)
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +41,7 @@ async def run_worker(config: WorkerConfig) -> None:
         for name, url in config.sources.items():
             backend = await open_backend(url, config)
             # No read-ahead: mounts read ahead, and their requests fan out over the ring.
-            readers[backend.source] = Reader(mem, disk, backend, config.chunk_size, 0, nursery)
+            readers[backend.source] = Reader(reader_tiers(mem, disk), backend, config.chunk_size, 0, nursery)
             names[name] = backend.source
             log.info("source %s = %s", name, backend.source)
         metrics.register_source_usage([mem, disk], names)

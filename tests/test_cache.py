@@ -24,14 +24,34 @@ from prometheus_client import REGISTRY
 from cachefs import hotpath
 from cachefs.cache.disk import DiskTier
 from cachefs.cache.mem import MemTier
-from cachefs.objects import ObjectId, chunk_digest
+from cachefs.objects import ChunkKey, ObjectId, chunk_digest
 
 HEADER = hotpath.HEADER_SIZE
 CHUNK = 64 << 10
 
 
+def chunk(n: int, length: int = 1000, version: str = "v1") -> ChunkKey:
+    """The key of chunk n, said to hold `length` bytes: a tier checks the length it reads."""
+    obj = ObjectId("test://src", f"obj{n // 1000}", version, 1 << 30)
+    return ChunkKey(obj, CHUNK, n % 1000, chunk_digest(obj, CHUNK, n % 1000), length)
+
+
 def key(n: int, version: str = "v1") -> bytes:
-    return chunk_digest(ObjectId("test://src", f"obj{n // 1000}", version, 1 << 30), CHUNK, n % 1000)
+    return chunk(n, version=version).digest
+
+
+def chunk_of(digest: bytes, length: int = 1000) -> ChunkKey:
+    """A key for a digest: local tiers look at nothing else but the length."""
+    return ChunkKey(ObjectId("test://src", "any", "v1", 1 << 30), CHUNK, 0, digest, length)
+
+
+def now(coro):
+    """Run a coroutine of the MEM tier to its end: it must never checkpoint."""
+    try:
+        coro.send(None)
+    except StopIteration as done:
+        return done.value
+    raise AssertionError("a MemTier method checkpointed")
 
 
 def payload(size: int, seed: int = 0) -> bytes:
@@ -78,12 +98,12 @@ def test_chunk_digest_does_not_confuse_fields():
 def test_mem_get_refreshes_lru_order():
     mem = MemTier(3 * 100)
     for n in range(3):
-        mem.put(key(n), payload(100, n))
-    assert mem.get(key(0)) == payload(100, 0)  # now key(1) is the oldest
-    mem.put(key(3), payload(100, 3))
+        now(mem.put(chunk(n), payload(100, n)))
+    assert now(mem.get(chunk(0))) == payload(100, 0)  # now key(1) is the oldest
+    now(mem.put(chunk(3), payload(100, 3)))
     assert key(1) not in mem
     assert all(key(n) in mem for n in (0, 2, 3))
-    mem.put(key(4), payload(100, 4))
+    now(mem.put(chunk(4), payload(100, 4)))
     assert key(2) not in mem and key(0) in mem
     assert mem.usage() == (300, 3)
 
@@ -91,9 +111,9 @@ def test_mem_get_refreshes_lru_order():
 def test_mem_evicts_as_many_as_needed():
     mem = MemTier(1000)
     for n in range(10):
-        mem.put(key(n), payload(100, n))
+        now(mem.put(chunk(n), payload(100, n)))
     assert mem.usage() == (1000, 10)
-    mem.put(key(99), payload(550, 99))
+    now(mem.put(chunk(99), payload(550, 99)))
     # 550 more bytes need six 100-byte chunks out: the six oldest.
     assert [n for n in range(10) if key(n) in mem] == [6, 7, 8, 9]
     assert mem.usage() == (950, 5)
@@ -101,40 +121,40 @@ def test_mem_evicts_as_many_as_needed():
 
 def test_mem_capacity_zero_is_off():
     mem = MemTier(0)
-    mem.put(key(0), b"x")
+    now(mem.put(chunk(0), b"x"))
     assert key(0) not in mem
-    assert mem.get(key(0)) is None
+    assert now(mem.get(chunk(0))) is None
     assert mem.usage() == (0, 0)
 
 
 def test_mem_chunk_larger_than_capacity_is_ignored():
     mem = MemTier(100)
-    mem.put(key(0), payload(60))
-    mem.put(key(1), payload(101))
+    now(mem.put(chunk(0), payload(60)))
+    now(mem.put(chunk(1), payload(101)))
     assert key(1) not in mem
-    assert mem.get(key(0)) == payload(60), "an oversized put must not evict anything"
+    assert now(mem.get(chunk(0))) == payload(60), "an oversized put must not evict anything"
     assert mem.usage() == (60, 1)
 
 
 def test_mem_put_replaces_and_remove_frees():
     mem = MemTier(100)
-    mem.put(key(0), payload(40, 1))
-    mem.put(key(0), payload(70, 2))
+    now(mem.put(chunk(0), payload(40, 1)))
+    now(mem.put(chunk(0), payload(70, 2)))
     assert mem.usage() == (70, 1)
-    assert mem.get(key(0)) == payload(70, 2)
+    assert now(mem.get(chunk(0))) == payload(70, 2)
     mem.remove(key(0))
     mem.remove(key(0))  # removing an absent chunk is a no-op
     assert mem.usage() == (0, 0)
-    assert mem.get(key(0)) is None
+    assert now(mem.get(chunk(0))) is None
 
 
 def test_mem_hit_and_miss_metrics():
     mem = MemTier(100)
     hits, misses = sample("cachefs_cache_hits_total", tier="mem"), sample("cachefs_cache_misses_total", tier="mem")
-    mem.put(key(0), b"abc")
-    mem.get(key(0))
-    mem.get(key(1))
-    mem.get(key(1))
+    now(mem.put(chunk(0), b"abc"))
+    now(mem.get(chunk(0)))
+    now(mem.get(chunk(1)))
+    now(mem.get(chunk(1)))
     assert sample("cachefs_cache_hits_total", tier="mem") == hits + 1
     assert sample("cachefs_cache_misses_total", tier="mem") == misses + 2
 
@@ -185,10 +205,10 @@ def test_mem_matches_reference_lru(capacity, ops):
     for i, (op, k, size) in enumerate(ops):
         if op == "put":
             data = bytes([i % 256]) * size
-            mem.put(k, data)
+            now(mem.put(chunk_of(k), data))
             ref.put(k, data)
         elif op == "get":
-            got = mem.get(k)
+            got = now(mem.get(chunk_of(k)))
             assert (None if got is None else bytes(got)) == ref.get(k)
         else:
             mem.remove(k)
@@ -227,38 +247,38 @@ def chunk_path(cache_dir: Path, digest: bytes) -> Path:
 async def test_disk_round_trip(tmp_path):
     disk = await open_disk(tmp_path, 10 * entry(1000))
     data = payload(1000)
-    assert await disk.put(key(0), data) is True
-    assert await disk.put(key(0), data) is False, "already present"
-    got = await disk.get(key(0), 1000)
+    assert await disk.put(chunk(0), data) is True
+    assert await disk.put(chunk(0), data) is False, "already present"
+    got = await disk.get(chunk(0, 1000))
     assert got is not None and bytes(got) == data
     path = chunk_path(tmp_path, key(0))
     assert path.stat().st_size == entry(1000)
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
     assert disk.usage() == (entry(1000), 1)
-    assert await disk.get(key(1), 1000) is None
+    assert await disk.get(chunk(1, 1000)) is None
 
 
 @pytest.mark.trio
 async def test_disk_lru_eviction_order(tmp_path):
     disk = await open_disk(tmp_path, 3 * entry(1000))
     for n in range(3):
-        assert await disk.put(key(n), payload(1000, n))
+        assert await disk.put(chunk(n), payload(1000, n))
     evictions = sample("cachefs_cache_evictions_total", tier="disk")
-    assert await disk.get(key(0), 1000) is not None  # key(1) is now the oldest
-    assert await disk.put(key(3), payload(1000, 3))
+    assert await disk.get(chunk(0, 1000)) is not None  # key(1) is now the oldest
+    assert await disk.put(chunk(3), payload(1000, 3))
     assert key(1) not in disk
     assert not chunk_path(tmp_path, key(1)).exists()
     assert sorted(chunk_files(tmp_path)) == sorted(key(n).hex() for n in (0, 2, 3))
     assert disk.usage() == (3 * entry(1000), 3)
     assert sample("cachefs_cache_evictions_total", tier="disk") == evictions + 1
     for n in (0, 2, 3):
-        assert bytes(await disk.get(key(n), 1000)) == payload(1000, n)
+        assert bytes(await disk.get(chunk(n, 1000))) == payload(1000, n)
 
 
 @pytest.mark.trio
 async def test_disk_chunk_larger_than_capacity_is_refused(tmp_path):
     disk = await open_disk(tmp_path, 3 * entry(1000))
-    assert await disk.put(key(9), payload(3 * entry(1000))) is False
+    assert await disk.put(chunk(9), payload(3 * entry(1000))) is False
     assert disk.used <= disk.capacity
     assert chunk_files(tmp_path) == {}
 
@@ -273,7 +293,7 @@ async def test_disk_concurrent_puts_never_exceed_capacity(tmp_path):
     done = False
 
     async def put(k, data):
-        if await disk.put(k, data):
+        if await disk.put(chunk_of(k), data):
             stored.append(k)
         assert disk.used <= capacity
 
@@ -298,14 +318,14 @@ async def test_disk_concurrent_puts_never_exceed_capacity(tmp_path):
     assert set(files) == {k.hex() for k in present}, "index and files disagree"
     assert disk.usage() == (sum(entry(len(chunks[k])) for k in present), len(present))
     for k in present:
-        assert bytes(await disk.get(k, len(chunks[k]))) == chunks[k]
+        assert bytes(await disk.get(chunk_of(k, len(chunks[k])))) == chunks[k]
 
 
 @pytest.mark.trio
 async def test_disk_warm_restart(tmp_path):
     disk = await open_disk(tmp_path, 10 * entry(1000))
     for n in range(4):
-        assert await disk.put(key(n), payload(1000, n))
+        assert await disk.put(chunk(n), payload(1000, n))
     sub = chunk_path(tmp_path, key(0)).parent
     stray = [
         sub / f"{key(0).hex()}.tmp12345",  # a writer that crashed before its rename
@@ -322,7 +342,7 @@ async def test_disk_warm_restart(tmp_path):
     for path in stray:
         assert not path.exists(), f"{path.name} survived the restart scan"
     for n in range(4):
-        got = await again.get(key(n), 1000)
+        got = await again.get(chunk(n, 1000))
         assert got is not None and bytes(got) == payload(1000, n)
 
 
@@ -330,9 +350,9 @@ async def test_disk_warm_restart(tmp_path):
 async def test_disk_restart_keeps_lru_order_and_evicts_to_a_smaller_capacity(tmp_path):
     disk = await open_disk(tmp_path, 10 * entry(1000))
     for n in range(4):
-        assert await disk.put(key(n), payload(1000, n))
+        assert await disk.put(chunk(n), payload(1000, n))
         await trio.sleep(0.02)  # file mtimes are coarse; keep the write order visible
-    assert await disk.get(key(0), 1000) is not None  # a hit bumps the mtime: key(0) is newest
+    assert await disk.get(chunk(0, 1000)) is not None  # a hit bumps the mtime: key(0) is newest
 
     smaller = await open_disk(tmp_path, 2 * entry(1000))
     assert smaller.usage() == (2 * entry(1000), 2)
@@ -348,8 +368,8 @@ async def test_disk_restart_keeps_lru_order_and_evicts_to_a_smaller_capacity(tmp
 async def test_disk_corrupt_chunk_is_a_miss_and_deleted(tmp_path, damage):
     disk = await open_disk(tmp_path, 10 * entry(1000))
     data = payload(1000)
-    assert await disk.put(key(0), data)
-    assert await disk.put(key(1), payload(1000, 1))
+    assert await disk.put(chunk(0), data)
+    assert await disk.put(chunk(1), payload(1000, 1))
     path = chunk_path(tmp_path, key(0))
     raw = bytearray(path.read_bytes())
     if damage == "flip_data_byte":
@@ -367,22 +387,22 @@ async def test_disk_corrupt_chunk_is_a_miss_and_deleted(tmp_path, damage):
     path.write_bytes(raw)
     errors = corrupt_errors()
 
-    assert await disk.get(key(0), 1000) is None
+    assert await disk.get(chunk(0, 1000)) is None
     assert not path.exists()
     assert key(0) not in disk
     assert disk.usage() == (entry(1000), 1)
     assert corrupt_errors() == errors + 1
-    assert await disk.get(key(0), 1000) is None
+    assert await disk.get(chunk(0, 1000)) is None
     assert corrupt_errors() == errors + 1, "a dropped chunk is a plain miss afterwards"
-    assert bytes(await disk.get(key(1), 1000)) == payload(1000, 1)
+    assert bytes(await disk.get(chunk(1, 1000))) == payload(1000, 1)
 
 
 @pytest.mark.trio
 async def test_disk_wrong_expected_length_is_a_miss(tmp_path):
     disk = await open_disk(tmp_path, 10 * entry(1000))
-    assert await disk.put(key(0), payload(1000))
+    assert await disk.put(chunk(0), payload(1000))
     errors = corrupt_errors()
-    assert await disk.get(key(0), 999) is None
+    assert await disk.get(chunk(0, 999)) is None
     assert not chunk_path(tmp_path, key(0)).exists()
     assert disk.usage() == (0, 0)
     assert corrupt_errors() == errors + 1
@@ -391,13 +411,13 @@ async def test_disk_wrong_expected_length_is_a_miss(tmp_path):
 @pytest.mark.trio
 async def test_disk_file_deleted_behind_our_back_is_a_miss(tmp_path):
     disk = await open_disk(tmp_path, 10 * entry(1000))
-    assert await disk.put(key(0), payload(1000))
+    assert await disk.put(chunk(0), payload(1000))
     chunk_path(tmp_path, key(0)).unlink()
     errors = corrupt_errors()
-    assert await disk.get(key(0), 1000) is None
+    assert await disk.get(chunk(0, 1000)) is None
     assert disk.usage() == (0, 0)
     assert corrupt_errors() == errors
-    assert await disk.put(key(0), payload(1000)), "can be cached again"
+    assert await disk.put(chunk(0), payload(1000)), "can be cached again"
 
 
 class FakeDisk:
@@ -425,7 +445,7 @@ async def test_disk_free_space_ratio_evicts_then_refuses(tmp_path, monkeypatch):
     keep_free = 100_000
 
     for n in range(10):
-        assert await disk.put(key(n), payload(10_000, n)) is True
+        assert await disk.put(chunk(n), payload(10_000, n)) is True
         assert fake.free() >= keep_free
     # 150 000 free minus 100 000 to keep leaves room for four 10 040-byte chunks;
     # the capacity is far away, so only the ratio evicted, oldest first.
@@ -434,7 +454,7 @@ async def test_disk_free_space_ratio_evicts_then_refuses(tmp_path, monkeypatch):
 
     # Someone else fills the disk: nothing we can evict makes room.
     fake.other = 960_000
-    assert await disk.put(key(20), payload(10_000, 20)) is False
+    assert await disk.put(chunk(20), payload(10_000, 20)) is False
     assert key(20) not in disk and key(20).hex() not in chunk_files(tmp_path)
     assert disk.used == sum(chunk_files(tmp_path).values())
 
@@ -446,17 +466,17 @@ async def test_disk_free_space_ratio_zero_ignores_free_space(tmp_path, monkeypat
 
     monkeypatch.setattr("cachefs.cache.disk.os.statvfs", statvfs)
     disk = await open_disk(tmp_path, 10 * entry(1000), free_space_ratio=0.0)
-    assert await disk.put(key(0), payload(1000))
+    assert await disk.put(chunk(0), payload(1000))
 
 
 @pytest.mark.trio
 async def test_disk_survives_cache_dir_removal_without_free_space_check(tmp_path):
     disk = await open_disk(tmp_path, 10 * entry(1000), free_space_ratio=0.0)
-    assert await disk.put(key(0), payload(1000, 0))
+    assert await disk.put(chunk(0), payload(1000, 0))
     shutil.rmtree(tmp_path / "chunks")
-    assert await disk.get(key(0), 1000) is None
-    assert await disk.put(key(1), payload(1000, 1)) is True
-    assert bytes(await disk.get(key(1), 1000)) == payload(1000, 1)
+    assert await disk.get(chunk(0, 1000)) is None
+    assert await disk.put(chunk(1), payload(1000, 1)) is True
+    assert bytes(await disk.get(chunk(1, 1000))) == payload(1000, 1)
 
 
 @pytest.mark.trio
@@ -464,11 +484,11 @@ async def test_disk_survives_cache_dir_removal_with_free_space_check(tmp_path):
     # The free-space rule needs statvfs of the cache directory; a vanished
     # directory must cost cache hits, never raise (put runs as write-behind).
     disk = await open_disk(tmp_path, 10 * entry(1000), free_space_ratio=0.1)
-    assert await disk.put(key(0), payload(1000, 0))
+    assert await disk.put(chunk(0), payload(1000, 0))
     shutil.rmtree(tmp_path / "chunks")
-    assert await disk.put(key(1), payload(1000, 1)) is True
-    assert bytes(await disk.get(key(1), 1000)) == payload(1000, 1)
-    assert await disk.get(key(0), 1000) is None
+    assert await disk.put(chunk(1), payload(1000, 1)) is True
+    assert bytes(await disk.get(chunk(1, 1000))) == payload(1000, 1)
+    assert await disk.get(chunk(0, 1000)) is None
     assert disk.usage() == (entry(1000), 1), "no reservation leaked"
     assert disk.used == sum(chunk_files(tmp_path).values())
 
@@ -476,11 +496,11 @@ async def test_disk_survives_cache_dir_removal_with_free_space_check(tmp_path):
 @pytest.mark.trio
 async def test_disk_failed_write_releases_its_reservation(tmp_path):
     disk = await open_disk(tmp_path, 10 * entry(1000), free_space_ratio=0.1)
-    assert await disk.put(key(0), payload(1000, 0))
+    assert await disk.put(chunk(0), payload(1000, 0))
     shutil.rmtree(tmp_path / "chunks")
     (tmp_path / "chunks").write_bytes(b"")  # the cache directory is now a file: every write fails
     errors = sample("cachefs_cache_errors_total", tier="disk", reason="write")
-    assert await disk.put(key(1), payload(1000, 1)) is False
+    assert await disk.put(chunk(1), payload(1000, 1)) is False
     assert key(1) not in disk
     assert disk.usage() == (entry(1000), 1), "only key(0), which nobody has looked up yet"
     assert sample("cachefs_cache_errors_total", tier="disk", reason="write") == errors + 1
@@ -505,12 +525,12 @@ async def test_disk_writes_direct_and_falls_back_when_refused_at_open(tmp_path, 
     sizes = [0, 1, 4095, 4096, 4097, 3 * hotpath.BLOCK_SIZE + 3]
     disk = await open_disk(tmp_path, 100 * entry(max(sizes)))
     for n, size in enumerate(sizes):
-        assert await disk.put(key(n), payload(size, n))
+        assert await disk.put(chunk(n), payload(size, n))
     assert disk._direct is not refused
     again = await open_disk(tmp_path, 100 * entry(max(sizes)))
     for n, size in enumerate(sizes):
         assert chunk_path(tmp_path, key(n)).stat().st_size == entry(size)
-        got = await again.get(key(n), size)
+        got = await again.get(chunk(n, size))
         assert got is not None and bytes(got) == payload(size, n)
 
 
@@ -522,11 +542,11 @@ async def test_disk_direct_write_refused_at_write_time_falls_back(tmp_path, monk
 
     monkeypatch.setattr(disk_module, "_DIRECT_ALIGN", 1000)  # never a valid alignment
     disk = await open_disk(tmp_path, 10 * entry(5000))
-    assert await disk.put(key(0), payload(5000, 0))
-    assert await disk.put(key(1), payload(5000, 1))
+    assert await disk.put(chunk(0), payload(5000, 0))
+    assert await disk.put(chunk(1), payload(5000, 1))
     assert disk._direct is False
     for n in (0, 1):
-        got = await disk.get(key(n), 5000)
+        got = await disk.get(chunk(n, 5000))
         assert got is not None and bytes(got) == payload(5000, n)
     assert not list(tmp_path.rglob("*.tmp*"))
 
@@ -537,21 +557,21 @@ async def test_disk_range_reads_verify_only_the_blocks_they_read(tmp_path):
     size = 5 * block + 777
     disk = await open_disk(tmp_path, 4 * entry(size))
     data = payload(size)
-    assert await disk.put(key(0), data)
+    assert await disk.put(chunk(0), data)
     for start, end in [(0, 1), (block - 10, block + 10), (3 * block, 5 * block + 777), (size - 1, size)]:
-        assert bytes(await disk.get_range(key(0), start, end, size)) == data[start:end]
+        assert bytes(await disk.get_range(chunk(0, size), start, end)) == data[start:end]
     path = chunk_path(tmp_path, key(0))
     raw = bytearray(path.read_bytes())
     raw[hotpath.header_size(size) + 2 * block + 5] ^= 0xFF  # damage block 2
     path.write_bytes(raw)
     # Blocks 0-1 are intact and verified on their own...
-    assert bytes(await disk.get_range(key(0), 0, 2 * block, size)) == data[: 2 * block]
+    assert bytes(await disk.get_range(chunk(0, size), 0, 2 * block)) == data[: 2 * block]
     errors = corrupt_errors()
     # ...a read that touches block 2 is never served: the chunk is dropped.
-    assert await disk.get_range(key(0), 2 * block + 100, 2 * block + 200, size) is None
+    assert await disk.get_range(chunk(0, size), 2 * block + 100, 2 * block + 200) is None
     assert corrupt_errors() == errors + 1
     assert not path.exists()
-    assert await disk.get_range(key(0), 0, 10, size) is None
+    assert await disk.get_range(chunk(0, size), 0, 10) is None
 
 
 @pytest.mark.trio
@@ -564,8 +584,8 @@ async def test_disk_range_read_from_the_page_cache_needs_no_worker_thread(tmp_pa
     size = 4 * block
     disk = await open_disk(tmp_path, 4 * entry(size))
     data = payload(size)
-    assert await disk.put(key(0), data)
-    assert bytes(await disk.get_range(key(0), 10, 20, size)) == data[10:20]  # opens, parses, caches block 0
+    assert await disk.put(chunk(0), data)
+    assert bytes(await disk.get_range(chunk(0, size), 10, 20)) == data[10:20]  # opens, parses, caches block 0
     hops = 0
     run_sync = trio.to_thread.run_sync
 
@@ -575,12 +595,12 @@ async def test_disk_range_read_from_the_page_cache_needs_no_worker_thread(tmp_pa
         return await run_sync(*args, **kwargs)
 
     monkeypatch.setattr(trio.to_thread, "run_sync", counting_run_sync)
-    assert bytes(await disk.get_range(key(0), 100, 4196, size)) == data[100:4196]
+    assert bytes(await disk.get_range(chunk(0, size), 100, 4196)) == data[100:4196]
     assert hops == 0, "block 0 is in the page cache"
     fd = os.open(chunk_path(tmp_path, key(0)), os.O_RDONLY)
     os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)  # the kernel forgets the file's pages
     os.close(fd)
-    assert bytes(await disk.get_range(key(0), 2 * block, 2 * block + 5, size)) == data[2 * block : 2 * block + 5]
+    assert bytes(await disk.get_range(chunk(0, size), 2 * block, 2 * block + 5)) == data[2 * block : 2 * block + 5]
     assert hops == 1, "a block the kernel does not hold is read by a worker thread"
 
 
@@ -591,9 +611,9 @@ async def test_disk_evicted_chunks_leave_no_open_files(tmp_path):
     size = 10_000
     disk = await open_disk(tmp_path, 3 * entry(size))
     for n in range(3):
-        assert await disk.put(key(n), payload(size, n))
-        assert await disk.get_range(key(n), 0, 10, size) is not None
+        assert await disk.put(chunk(n), payload(size, n))
+        assert await disk.get_range(chunk(n, size), 0, 10) is not None
     for n in range(3, 6):
-        assert await disk.put(key(n), payload(size, n))  # evicts 0, 1, 2
+        assert await disk.put(chunk(n), payload(size, n))  # evicts 0, 1, 2
     fds = [os.readlink(f"/proc/self/fd/{fd}") for fd in os.listdir("/proc/self/fd") if os.path.exists(f"/proc/self/fd/{fd}")]
     assert not [p for p in fds if p.endswith("(deleted)") and str(tmp_path) in p]

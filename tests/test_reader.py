@@ -141,7 +141,8 @@ async def open_reader(
             disk = DiskTier(str(disk_dir), disk_size, 0.0)
             await disk.load()
         backend = Backend(store, concurrency=16, timeout=5.0, retries=retries)
-        reader = Reader(MemTier(mem), disk, backend, chunk_size, read_ahead, nursery)
+        tiers = [t for t in (MemTier(mem) if mem else None, disk) if t is not None]
+        reader = Reader(tiers, backend, chunk_size, read_ahead, nursery)
         try:
             yield reader
         finally:
@@ -150,6 +151,11 @@ async def open_reader(
 
 def digest(obj: ObjectId, index: int) -> bytes:
     return chunk_digest(obj, C, index)
+
+
+def tier(reader: Reader, name: str):
+    """The reader's tier called `name` ("mem", "disk")."""
+    return next(t for t in reader.tiers if t.name == name)
 
 
 # -- byte-exact reads -------------------------------------------------------------
@@ -192,7 +198,7 @@ async def test_reads_are_byte_exact(store, tmp_path, size, tiers):
                 # Let the write-behind land, so the next read may find every chunk read so far.
                 last = min(offset + n, size)
                 indexes = range(offset // C, -(-last // C)) if offset < last else ()
-                await wait_until(lambda: all(digest(obj, i) in reader.disk for i in indexes))
+                await wait_until(lambda: all(digest(obj, i) in tier(reader, "disk") for i in indexes))
         n_chunks = -(-size // C)
         assert len(store.fetches) == n_chunks
         if tiers != "mem+disk":
@@ -200,7 +206,7 @@ async def test_reads_are_byte_exact(store, tmp_path, size, tiers):
             # (A MEM tier smaller than one read may drop a prefetched chunk before
             # the read gets to it, while its write-behind is still under way.)
             assert all(count == 1 for count in store.fetches.values()), store.fetches
-        await wait_until(lambda: all(digest(obj, i) in (reader.disk or reader.mem) for i in range(n_chunks)))
+        await wait_until(lambda: all(digest(obj, i) in (reader.tiers[-1]) for i in range(n_chunks)))
         calls = store.calls
         assert bytes(await reader.read(obj, 0, size)) == data
         assert store.calls == calls, "a full second pass must not touch the backend"
@@ -250,7 +256,7 @@ async def test_concurrent_reads_of_one_chunk_fetch_it_once(store, tmp_path):
             assert results[i] == data[C + 1000 * i : C + 1000 * i + 500]
 
         # mem is off: the second pass must come from the SSD, once the write-behind is done.
-        await wait_until(lambda: digest(obj, 1) in reader.disk)
+        await wait_until(lambda: digest(obj, 1) in tier(reader, "disk"))
         from_disk = sample("cachefs_read_bytes_total", source="disk")
         assert bytes(await reader.read(obj, C, C)) == data[C : 2 * C]
         assert store.calls == 1
@@ -305,7 +311,7 @@ async def test_sequential_reads_trigger_read_ahead(store):
         assert store.order == [("f", 0)], "one read is not yet a sequential stream"
         assert bytes(await reader.read(obj, C, C, stream)) == data[C : 2 * C]
         # The second sequential read schedules chunks 2 and 3 before anyone asks for them.
-        await wait_until(lambda: digest(obj, 2) in reader.mem and digest(obj, 3) in reader.mem)
+        await wait_until(lambda: digest(obj, 2) in tier(reader, "mem") and digest(obj, 3) in tier(reader, "mem"))
         assert store.fetches[("f", 2 * C)] == store.fetches[("f", 3 * C)] == 1
         for k in range(2, 8):
             assert bytes(await reader.read(obj, k * C, C, stream)) == data[k * C : (k + 1) * C]
@@ -395,22 +401,22 @@ async def test_read_ahead_skips_chunks_the_ssd_holds_when_mem_is_off(store, tmp_
         for k in range(6):
             await reader.chunk(obj, k)  # the SSD tier holds the whole file
         whole_loads = 0
-        disk_get = reader.disk.get
+        disk_get = tier(reader, "disk").get
 
         async def counting_get(*args):
             nonlocal whole_loads
             whole_loads += 1
             return await disk_get(*args)
 
-        reader.disk.get = counting_get
+        tier(reader, "disk").get = counting_get
         advised = []
-        will_need = reader.disk.will_need
+        will_need = tier(reader, "disk").will_need
 
-        async def recording_will_need(digest):
-            advised.append(digest)
-            await will_need(digest)
+        async def recording_will_need(key):
+            advised.append(key.digest)
+            await will_need(key)
 
-        reader.disk.will_need = recording_will_need
+        tier(reader, "disk").will_need = recording_will_need
         stream = ReadStream()
         for offset in range(0, 6 * C, C // 4):
             assert bytes(await reader.read(obj, offset, C // 4, stream)) == data[offset : offset + C // 4]
@@ -483,7 +489,7 @@ async def test_corrupt_disk_chunk_is_refetched(store, tmp_path):
     obj = store.add("f", data)
     async with open_reader(store, mem=0, disk_dir=tmp_path) as reader:
         assert bytes(await reader.read(obj, 0, C)) == data[:C]
-        await wait_until(lambda: digest(obj, 0) in reader.disk)
+        await wait_until(lambda: digest(obj, 0) in tier(reader, "disk"))
         path = tmp_path / "chunks" / digest(obj, 0).hex()[:2] / digest(obj, 0).hex()
         raw = bytearray(path.read_bytes())
         raw[-1] ^= 0xFF

@@ -32,9 +32,9 @@ from typing import ClassVar
 import trio
 
 from cachefs import hotpath, metrics
-from cachefs.objects import SOURCE_TAG_SIZE
 from cachefs.cache.policy import SegmentedLRU
 from cachefs.errors import ChunkCorrupt
+from cachefs.objects import SOURCE_TAG_SIZE, Buffer, ChunkKey, Medium
 
 log = logging.getLogger(__name__)
 
@@ -78,9 +78,11 @@ def _advise_will_need(path: str) -> None:
 
 
 class DiskTier:
-    """Chunks on local disk. `get` and `put` checkpoint (file I/O runs in threads)."""
+    """Chunks on local disk: a `ChunkTier`. `get` and `put` checkpoint (file I/O
+    runs in threads); `get_range` need not (see `_read_range`)."""
 
     name: ClassVar[str] = "disk"
+    medium: ClassVar[Medium] = "disk"
 
     def __init__(self, cache_dir: str, capacity: int, free_space_ratio: float, io_threads: int = 8):
         self.root = os.path.join(cache_dir, "chunks")
@@ -146,15 +148,16 @@ class DiskTier:
     def __contains__(self, digest: bytes) -> bool:
         return digest in self._index
 
-    async def get(self, digest: bytes, expected_len: int) -> memoryview | None:
+    async def get(self, key: ChunkKey) -> memoryview | None:
         """The whole verified chunk, or None if absent, corrupt or of the wrong length."""
-        return await self._checked_read(digest, self._read, digest, expected_len)
+        return await self._checked_read(key.digest, self._read, key.digest, key.length)
 
-    async def get_range(self, digest: bytes, start: int, end: int, expected_len: int) -> memoryview | None:
+    async def get_range(self, key: ChunkKey, start: int, end: int) -> memoryview | None:
         """Bytes [start, end) of a chunk, reading and verifying only the blocks
         they fall in (a 4 KiB random read costs one 128 KiB block, not the chunk).
         None if absent, corrupt or of the wrong length."""
-        return await self._checked_read(digest, self._read_range, digest, start, end, expected_len, try_nowait=True)
+        digest = key.digest
+        return await self._checked_read(digest, self._read_range, digest, start, end, key.length, try_nowait=True)
 
     async def _checked_read(self, digest: bytes, read, *args, try_nowait: bool = False) -> memoryview | None:
         if digest not in self._index:
@@ -261,21 +264,22 @@ class DiskTier:
         if fd is not None:
             os.close(fd)
 
-    async def will_need(self, digest: bytes) -> None:
+    async def will_need(self, key: ChunkKey) -> None:
         """Start the kernel reading a chunk's file into the page cache: read-ahead
         for readers that take their ranges straight from the SSD, at a deeper
         queue than their own requests and without daemon memory."""
         try:
-            await trio.to_thread.run_sync(_advise_will_need, self._path(digest), limiter=self._limiter)
+            await trio.to_thread.run_sync(_advise_will_need, self._path(key.digest), limiter=self._limiter)
         except OSError:
             pass  # only a hint: a chunk evicted meanwhile is just not read ahead
 
-    async def put(self, digest: bytes, data: bytes | memoryview) -> bool:
+    async def put(self, key: ChunkKey, data: Buffer) -> bool:
         """Store a chunk unless present; evicts first so the cap is never exceeded.
 
         Returns:
             True if stored; False if already present, being written, or no room.
         """
+        digest = key.digest
         if digest in self._index or digest in self._writing:
             return False
         size = hotpath.header_size(len(data)) + len(data)

@@ -6,16 +6,18 @@ from collections import Counter, OrderedDict
 from typing import ClassVar
 
 from cachefs import metrics
-from cachefs.objects import SOURCE_TAG_SIZE, Buffer
+from cachefs.objects import SOURCE_TAG_SIZE, Buffer, ChunkKey, Medium
 
 
 class MemTier:
-    """An LRU of chunks bounded by bytes. No I/O, so no method checkpoints.
+    """An LRU of chunks bounded by bytes: a `ChunkTier`. No I/O, so no method
+    checkpoints, async ones included (they are async to match the other tiers).
 
     Capacity 0 turns the tier off: `put` is then a no-op and every `get` misses.
     """
 
     name: ClassVar[str] = "mem"
+    medium: ClassVar[Medium] = "memory"
 
     def __init__(self, capacity: int):
         self.capacity = capacity
@@ -35,7 +37,8 @@ class MemTier:
     def __contains__(self, digest: bytes) -> bool:
         return digest in self._chunks
 
-    def get(self, digest: bytes) -> Buffer | None:
+    async def get(self, key: ChunkKey) -> Buffer | None:
+        digest = key.digest
         data = self._chunks.get(digest)
         if data is None:
             self._misses.inc()
@@ -44,10 +47,18 @@ class MemTier:
         self._hits.inc()
         return data
 
-    def put(self, digest: bytes, data: Buffer) -> None:
+    async def get_range(self, key: ChunkKey, start: int, end: int) -> Buffer | None:
+        data = await self.get(key)
+        return None if data is None else memoryview(data)[start:end]
+
+    async def will_need(self, key: ChunkKey) -> None:
+        pass  # in memory already, or not here at all
+
+    async def put(self, key: ChunkKey, data: Buffer) -> bool:
+        digest = key.digest
         size = len(data)
         if size > self.capacity:
-            return
+            return False
         self._forget(digest)
         while self.used + size > self.capacity:
             self._forget(next(iter(self._chunks)))
@@ -56,6 +67,7 @@ class MemTier:
         self.used += size
         self.by_source[digest[:SOURCE_TAG_SIZE]] += size
         self._publish()
+        return True
 
     def _forget(self, digest: bytes) -> None:
         old = self._chunks.pop(digest, None)

@@ -13,12 +13,12 @@ import itertools
 import logging
 import os
 import time
-from typing import Callable
+from typing import Callable, ClassVar
 
 import trio
 
 from cachefs import hotpath, metrics
-from cachefs.objects import ObjectId
+from cachefs.objects import Buffer, ChunkKey, Medium, ObjectId
 from cachefs.errors import PeerError
 from cachefs.peer import protocol
 from cachefs.peer.protocol import Auth, ChunkData, ChunkError, GetChunk, Hello, ProtocolError, Ready
@@ -227,14 +227,28 @@ class PeerTier:
     timeout, never a failed read.
     """
 
-    name = "peer"
+    name: ClassVar[str] = "peer"
+    medium: ClassVar[Medium] = "network"
 
     def __init__(self, client: PeerClient, ring: Callable[[], Ring], timeout: float):
         self.client = client
         self.ring = ring
         self.timeout = timeout
 
-    async def get(self, obj: ObjectId, chunk_size: int, index: int, digest: bytes, length: int) -> bytes | None:
+    def __contains__(self, digest: bytes) -> bool:
+        return False  # only asking tells
+
+    async def get_range(self, key: ChunkKey, start: int, end: int) -> None:
+        return None  # owners serve whole chunks: each is fetched once for the whole ring
+
+    async def put(self, key: ChunkKey, data: Buffer) -> bool:
+        return False  # never pushed: the owner fetches its chunks itself
+
+    async def will_need(self, key: ChunkKey) -> None:
+        pass
+
+    async def get(self, key: ChunkKey) -> bytes | None:
+        obj, chunk_size, index, digest, length = key.obj, key.chunk_size, key.index, key.digest, key.length
         tried = 0
         for peer in self.ring().owners(digest, PEER_ATTEMPTS + 2):
             if peer == self.client.node:
