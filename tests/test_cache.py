@@ -24,6 +24,7 @@ from prometheus_client import REGISTRY
 from cachefs import hotpath
 from cachefs.cache.disk import DiskTier
 from cachefs.cache.mem import MemTier
+from cachefs.errors import ConfigError
 from cachefs.objects import ChunkKey, ObjectId, chunk_digest
 
 HEADER = hotpath.HEADER_SIZE
@@ -337,6 +338,8 @@ async def test_disk_warm_restart(tmp_path):
     for path in stray:
         path.write_bytes(b"junk")
 
+    disk.close()  # one process, one owner: as a restart would
+
     again = await open_disk(tmp_path, 10 * entry(1000))
     assert again.usage() == disk.usage() == (4 * entry(1000), 4)
     for path in stray:
@@ -347,12 +350,27 @@ async def test_disk_warm_restart(tmp_path):
 
 
 @pytest.mark.trio
+async def test_disk_dir_has_one_owner(tmp_path):
+    disk = await open_disk(tmp_path, 10 * entry(1000))
+    assert await disk.put(chunk(0), payload(1000))
+    with pytest.raises(ConfigError, match=f"--cache-dir {tmp_path}: in use by another cachefs process \\(pid {os.getpid()}\\)"):
+        await open_disk(tmp_path, 10 * entry(1000))
+    assert key(0) in disk and chunk_files(tmp_path), "the refused tier touched nothing"
+    disk.close()
+    again = await open_disk(tmp_path, 10 * entry(1000))
+    assert bytes(await again.get(chunk(0))) == payload(1000)
+    again.close()
+
+
+@pytest.mark.trio
 async def test_disk_restart_keeps_lru_order_and_evicts_to_a_smaller_capacity(tmp_path):
     disk = await open_disk(tmp_path, 10 * entry(1000))
     for n in range(4):
         assert await disk.put(chunk(n), payload(1000, n))
         await trio.sleep(0.02)  # file mtimes are coarse; keep the write order visible
     assert await disk.get(chunk(0, 1000)) is not None  # a hit bumps the mtime: key(0) is newest
+
+    disk.close()  # one process, one owner: as a restart would
 
     smaller = await open_disk(tmp_path, 2 * entry(1000))
     assert smaller.usage() == (2 * entry(1000), 2)
@@ -527,6 +545,7 @@ async def test_disk_writes_direct_and_falls_back_when_refused_at_open(tmp_path, 
     for n, size in enumerate(sizes):
         assert await disk.put(chunk(n), payload(size, n))
     assert disk._direct is not refused
+    disk.close()  # one process, one owner: as a restart would
     again = await open_disk(tmp_path, 100 * entry(max(sizes)))
     for n, size in enumerate(sizes):
         assert chunk_path(tmp_path, key(n)).stat().st_size == entry(size)

@@ -171,3 +171,43 @@ def test_credentials_from_flags(s3_source, tmp_path, cachefs_mount, run_cachefs)
     mp.mkdir()
     r = run_cachefs("mount", s3_source.url, mp, *s3_source.mount_args, "--access-key", "x", "--secret-key-file", tmp_path / "missing")
     _check_refused(r, "--secret-key-file", "No such file")
+
+
+def test_a_cache_dir_has_one_owner(local_source, mp, tmp_path, cachefs_mount, run_cachefs):
+    """A second mount or worker on a cache directory in use is refused with exit 2
+    and one line naming the directory and its owner; the owner keeps working. The
+    owner's start removes temp files a crashed owner left behind."""
+    data = os.urandom(3 << 20)
+    local_source.write("f", data)
+    cache = tmp_path / "shared-cache"
+    stale = cache / "chunks" / "ab" / f"{'ab' * 16}.tmp4242"  # a writer that crashed before its rename
+    stale.parent.mkdir(parents=True)
+    stale.write_bytes(b"half a chunk")
+
+    owner = cachefs_mount(local_source, cache_dir=cache)
+    assert not stale.exists(), "stale temp file survived the start"
+    with open(os.path.join(owner.mountpoint, "f"), "rb") as f:
+        assert f.read() == data
+
+    r = run_cachefs("mount", local_source.url, mp, "--cache-dir", cache)
+    _check_refused(r, f"--cache-dir {cache}: in use", f"pid {owner.proc.pid}")
+    assert r.returncode == 2
+    assert not os.path.ismount(mp)
+    from conftest import free_port
+
+    secret = tmp_path / "secret"
+    secret.write_text("s3cret\n")
+    r = run_cachefs("worker", "--listen", f"127.0.0.1:{free_port()}", "--source", f"src={local_source.url}",
+                    "--secret-file", secret, "--cache-dir", cache)
+    _check_refused(r, f"--cache-dir {cache}: in use")
+    assert r.returncode == 2
+
+    assert owner.is_mounted()
+    with open(os.path.join(owner.mountpoint, "f"), "rb") as f:
+        assert f.read() == data
+    assert owner.umount() == 0
+    # Gone with its owner: the next mount takes the directory, warm.
+    again = cachefs_mount(local_source, cache_dir=cache)
+    with open(os.path.join(again.mountpoint, "f"), "rb") as f:
+        assert f.read() == data
+    assert again.metric("cachefs_read_bytes_total", source="backend") == 0

@@ -9,6 +9,11 @@ reads, a whole-chunk read all of them.
 We do not fsync: a file torn by a crash fails its length or checksum check and
 is dropped, which is the same outcome as never having cached it.
 
+The directory has one owner: `load` takes an exclusive flock on `DIR/lock`
+(holding the owner's pid) before it scans, so a second process pointed at it
+fails with a ConfigError instead of evicting, or deleting the temp files of,
+chunks that are not its own. The kernel drops the lock when the owner exits.
+
 Files are written with O_DIRECT where the file system takes it: on our VMs a
 buffered write of a new 4 MiB file costs ~25x the CPU of a direct one (fresh
 page-cache pages and their first touch), and dirty page cache would count
@@ -19,6 +24,7 @@ also lives in the page cache.
 from __future__ import annotations
 
 import errno
+import fcntl
 import logging
 import mmap
 import os
@@ -33,7 +39,7 @@ import trio
 
 from cachefs import hotpath, metrics
 from cachefs.cache.policy import SegmentedLRU
-from cachefs.errors import ChunkCorrupt
+from cachefs.errors import ChunkCorrupt, ConfigError
 from cachefs.objects import SOURCE_TAG_SIZE, Buffer, ChunkKey, Medium
 
 log = logging.getLogger(__name__)
@@ -56,6 +62,8 @@ _NOWAIT = getattr(os, "RWF_NOWAIT", 0)
 # O_DIRECT wants the buffer, the file offset and the length aligned to the
 # device's block size; a page covers every device we expect.
 _DIRECT_ALIGN = mmap.PAGESIZE
+# In the cache directory, next to chunks/: held by the process that owns the directory.
+LOCK_FILE = "lock"
 # Writes at once, each holding one aligned buffer of a chunk for as long as
 # the tier lives: part of the memory budget (docs/configuration.md).
 WRITE_THREADS = 4
@@ -67,6 +75,36 @@ def _unlink_all(paths: list[str]) -> None:
             os.unlink(path)
         except FileNotFoundError:
             pass
+
+
+def _own_dir(cache_dir: str) -> int:
+    """Lock `cache_dir` for this process and write our pid into the lock file.
+
+    Returns:
+        The lock file's descriptor: the lock lasts until it is closed.
+    Raises:
+        ConfigError: another process holds the lock.
+    """
+    try:
+        os.makedirs(cache_dir, mode=0o700, exist_ok=True)
+        fd = os.open(os.path.join(cache_dir, LOCK_FILE), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    except OSError as e:
+        raise ConfigError(f"--cache-dir {cache_dir}: cannot create its lock file ({e.strerror})") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        owner = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
+        os.close(fd)
+        pid = f" (pid {owner})" if owner.isdigit() else ""
+        raise ConfigError(
+            f"--cache-dir {cache_dir}: in use by another cachefs process{pid}; give each mount and worker its own"
+        ) from None
+    except OSError as e:
+        # A file system without flock (some network ones): run, but unguarded.
+        log.warning("--cache-dir %s: cannot lock it (%s); make sure no other process uses it", cache_dir, e.strerror)
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
 
 
 def _advise_will_need(path: str) -> None:
@@ -85,7 +123,9 @@ class DiskTier:
     medium: ClassVar[Medium] = "disk"
 
     def __init__(self, cache_dir: str, capacity: int, free_space_ratio: float, io_threads: int = 8):
+        self.cache_dir = cache_dir
         self.root = os.path.join(cache_dir, "chunks")
+        self._lock_fd: int | None = None  # while we own the directory
         self.capacity = capacity
         self.free_space_ratio = free_space_ratio
         self.used = 0  # bytes on disk, including writes in progress
@@ -109,7 +149,13 @@ class DiskTier:
     # -- start-up -----------------------------------------------------------
 
     async def load(self) -> None:
-        """Rebuild the index from the files on disk, so a restarted mount stays warm."""
+        """Take the cache directory for this process, then rebuild the index from
+        the files on disk, so a restarted mount stays warm.
+
+        Raises:
+            ConfigError: another process owns the directory.
+        """
+        self._lock_fd = await trio.to_thread.run_sync(_own_dir, self.cache_dir)
         entries = await trio.to_thread.run_sync(self._scan)
         for digest, size, _ in sorted(entries, key=lambda e: e[2]):
             self._index.add(digest, size)
@@ -138,6 +184,17 @@ class DiskTier:
                     except OSError:
                         pass
         return entries
+
+    def close(self) -> None:
+        """Close the kept descriptors and give up the directory; the tier is unusable after."""
+        with self._fds_lock:
+            fds = list(self._fds.values())
+            self._fds.clear()
+        for fd in fds:
+            os.close(fd)
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
 
     # -- the tier interface ---------------------------------------------------
 
