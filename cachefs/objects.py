@@ -90,8 +90,8 @@ class ChunkKey:
     """One chunk of one object version: what the reader asks a tier for.
 
     Local tiers need only `digest` and `length`; the peer tier sends the rest
-    to the chunk's owner. Not frozen, and built by `chunk_key`: the reader makes
-    one per chunk of every read, and a frozen dataclass costs four times as much.
+    to the chunk's owner. Built by `chunk_key`; treat it as immutable (not
+    frozen only because a frozen dataclass is several times slower to build).
     """
 
     obj: ObjectId
@@ -102,7 +102,8 @@ class ChunkKey:
 
 
 def chunk_key(obj: ObjectId, chunk_size: int, index: int) -> ChunkKey:
-    return ChunkKey(obj, chunk_size, index, chunk_digest(obj, chunk_size, index), min(chunk_size, obj.size - index * chunk_size))
+    length = min(chunk_size, obj.size - index * chunk_size)
+    return ChunkKey(obj, chunk_size, index, chunk_digest(obj, chunk_size, index), length)
 
 
 class ChunkTier(Protocol):

@@ -134,6 +134,7 @@ async def open_reader(
     read_ahead: int = 0,
     retries: int = 0,
     chunk_size: int = C,
+    peers=None,
 ):
     async with trio.open_nursery() as nursery:
         disk = None
@@ -141,7 +142,7 @@ async def open_reader(
             disk = DiskTier(str(disk_dir), disk_size, 0.0)
             await disk.load()
         backend = Backend(store, concurrency=16, timeout=5.0, retries=retries)
-        tiers = [t for t in (MemTier(mem) if mem else None, disk) if t is not None]
+        tiers = [t for t in (MemTier(mem) if mem else None, disk, peers) if t is not None]
         reader = Reader(tiers, backend, chunk_size, read_ahead, nursery)
         try:
             yield reader
@@ -535,3 +536,60 @@ async def test_a_single_jump_still_fetches_whole_chunks(store):
         off = chunk + 3 * hotpath.BLOCK_SIZE
         assert bytes(await reader.read(obj, off, 100, stream)) == data[off : off + 100]
     assert store.fetches == {("f", chunk): 1}
+
+
+class FakePeers:
+    """A peer tier (medium "network") that serves chunks of the store's objects
+    without the backend, and records what it was asked for."""
+
+    name = "peer"
+    medium = "network"
+
+    def __init__(self, store: FakeStore):
+        self.store = store
+        self.asked: list[int] = []
+
+    def __contains__(self, digest: bytes) -> bool:
+        return False
+
+    async def get(self, key):
+        self.asked.append(key.index)
+        data, _ = self.store.objects[key.obj.path]
+        start = key.index * key.chunk_size
+        return data[start : start + key.length]
+
+    async def get_range(self, key, start, end):
+        return None
+
+    async def put(self, key, data):
+        raise AssertionError("nothing is pushed to peers")
+
+    async def will_need(self, key):
+        pass
+
+
+@pytest.mark.trio
+@pytest.mark.parametrize("mem", [16, 0], ids=["mem+disk", "disk"])
+async def test_a_peer_hit_is_kept_in_memory_only_and_jumps_fetch_whole_chunks(store, tmp_path, mem):
+    """A chunk from the ring's owner goes to MEM, not to our SSD (the owner holds
+    it on its SSD); with peers, a jumping reader asks for whole chunks, never
+    backend ranges: the owner fetches each chunk once for the ring."""
+    from cachefs import hotpath
+
+    chunk = 8 * hotpath.BLOCK_SIZE  # a jump needs fewer blocks than the chunk
+    data = payload(4 * chunk)
+    obj = store.add("f", data)
+    peers = FakePeers(store)
+    async with open_reader(store, chunk_size=chunk, mem=mem * chunk, disk_dir=tmp_path, peers=peers) as reader:
+        stream = ReadStream(jumps=RANDOM_AFTER_JUMPS)
+        for index in (2, 0, 3):
+            off = index * chunk + 100
+            assert bytes(await reader.read(obj, off, 10, stream)) == data[off : off + 10]
+        assert peers.asked == [2, 0, 3]
+        assert store.calls == 0
+        assert not tier(reader, "disk").usage()[1]
+        if mem:
+            assert all(chunk_digest(obj, chunk, i) in tier(reader, "mem") for i in (0, 2, 3))
+            # Served from MEM now: the peer is not asked again.
+            assert bytes(await reader.read(obj, 2 * chunk, chunk, stream)) == data[2 * chunk : 3 * chunk]
+            assert peers.asked == [2, 0, 3]
