@@ -6,6 +6,7 @@ import argparse
 import logging
 import os
 import re
+import stat
 import subprocess
 import sys
 import tempfile
@@ -170,8 +171,19 @@ def _worker_config(a: argparse.Namespace) -> WorkerConfig:
 
 
 def _read_secret(path: str, flag: str) -> str:
+    """The secret in `path`, which only its owner may read (like ssh's private keys).
+
+    Raises:
+        ConfigError: unreadable, empty, or readable or writable by group or others.
+    """
     try:
         with open(path) as f:
+            mode = os.fstat(f.fileno()).st_mode
+            if mode & 0o077:
+                raise ConfigError(
+                    f"{flag} {path}: permissions {stat.S_IMODE(mode):04o} are too open; "
+                    f"the secret must be readable by its owner only (chmod 600 {path})"
+                )
             secret = f.read().strip()
     except OSError as e:
         raise ConfigError(f"{flag} {path}: {e.strerror}") from None
@@ -308,7 +320,8 @@ def main(argv: list[str] | None = None) -> int:
             return status.main(args.nodes)
         return _umount(args)
     except ConfigError as e:
-        log.error("%s", e)
+        if logging.getLogger().handlers:  # the log file too, once there is one; else stderr says it once
+            log.error("%s", e)
         print(f"cachefs: error: {e}", file=sys.stderr)
         return e.exitcode
     except KeyboardInterrupt:
