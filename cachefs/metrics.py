@@ -69,6 +69,12 @@ PEER_PROTOCOL_ERRORS = prom.Counter(
 )
 PEER_AUTH_FAILURES = prom.Counter("cachefs_peer_auth_failures", "Peer connections refused by the handshake")
 FUSE_ERRORS = prom.Counter("cachefs_fuse_errors", "Errors returned to the kernel", ["op", "errno"])
+INODES = prom.Gauge("cachefs_inodes", "Inodes the mount holds: those the kernel has looked up, plus open files")
+META_CACHE_ENTRIES = prom.Gauge(
+    "cachefs_meta_cache_entries",
+    "Metadata cache entries: an object's attributes, or a directory listing and each of its children",
+    ["kind"],
+)
 
 
 async def serve(host: str, port: int, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
