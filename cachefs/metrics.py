@@ -72,8 +72,7 @@ FUSE_ERRORS = prom.Counter("cachefs_fuse_errors", "Errors returned to the kernel
 INODES = prom.Gauge("cachefs_inodes", "Inodes the mount holds: those the kernel has looked up, plus open files")
 META_CACHE_ENTRIES = prom.Gauge(
     "cachefs_meta_cache_entries",
-    "Metadata cache entries: an object's attributes, or a directory listing and each of its children",
-    ["kind"],
+    "Metadata cache entries held: one per object's attributes, one per directory listing and per child in it",
 )
 
 
