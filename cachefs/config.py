@@ -13,7 +13,7 @@ import stat
 from cachefs.errors import ConfigError
 
 _SIZE_RE = re.compile(r"^\s*(\d{1,30}(?:\.\d{1,30})?)\s*([KMGTP]?)(i?B?)?\s*$", re.IGNORECASE)
-# Attributes and listings a mount keeps: about 50 MiB (docs/configuration.md).
+# Attributes and listings a mount keeps: about 35 MiB (docs/configuration.md).
 DEFAULT_META_CACHE_ENTRIES = 100_000
 _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40, "P": 1 << 50}
 
