@@ -87,6 +87,11 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--attr-ttl", type=float, default=d.attr_ttl, help="seconds to trust file attributes (default %(default)s)")
     g.add_argument("--entry-ttl", type=float, default=d.entry_ttl, help="seconds the kernel may cache name lookups (default %(default)s)")
     g.add_argument("--dir-ttl", type=float, default=d.dir_ttl, help="seconds to trust a directory listing (default %(default)s)")
+    g.add_argument(
+        "--meta-cache-entries", type=int, default=d.meta_cache_entries,
+        help="attributes and directory listings to keep, counted as one per object and one per listed "
+        "child; least recently used go first (default %(default)s)",
+    )
     g = m.add_argument_group("sharing")
     g.add_argument("--serve", metavar="HOST:PORT", help="also serve this mount's cache to the ring (list HOST:PORT in every node's --peers)")
 
@@ -146,6 +151,7 @@ def _mount_config(a: argparse.Namespace) -> MountConfig:
         attr_ttl=a.attr_ttl,
         entry_ttl=a.entry_ttl,
         dir_ttl=a.dir_ttl,
+        meta_cache_entries=a.meta_cache_entries,
         serve=parse_addr(a.serve, "--serve") if a.serve else None,
         **_cache_fields(a),
     )

@@ -13,6 +13,8 @@ import stat
 from cachefs.errors import ConfigError
 
 _SIZE_RE = re.compile(r"^\s*(\d{1,30}(?:\.\d{1,30})?)\s*([KMGTP]?)(i?B?)?\s*$", re.IGNORECASE)
+# Attributes and listings a mount keeps: about 35 MiB (docs/configuration.md).
+DEFAULT_META_CACHE_ENTRIES = 100_000
 _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40, "P": 1 << 50}
 
 
@@ -142,6 +144,7 @@ class MountConfig(CacheConfig):
     attr_ttl: float = 1.0
     entry_ttl: float = 1.0
     dir_ttl: float = 1.0
+    meta_cache_entries: int = DEFAULT_META_CACHE_ENTRIES
     serve: tuple[str, int] | None = None  # share this mount's cache with the ring
     fuse_tasks: int = 64
     # The bdi read_ahead_kb of the mount: big enough that buffered sequential reads
@@ -150,6 +153,8 @@ class MountConfig(CacheConfig):
 
     def check(self) -> None:
         self._check_durations("attr_ttl", "entry_ttl", "dir_ttl")
+        if self.meta_cache_entries < 1:
+            raise ConfigError(f"--meta-cache-entries {self.meta_cache_entries}: must be at least 1")
         super().check()
         if (self.peers or self.serve) and not self.peer_secret:
             raise ConfigError("--peers and --serve need --secret-file: peers authenticate each other")

@@ -74,6 +74,11 @@ PEER_CONNECTIONS_CLOSED = prom.Counter(
     ["reason"],
 )
 FUSE_ERRORS = prom.Counter("cachefs_fuse_errors", "Errors returned to the kernel", ["op", "errno"])
+INODES = prom.Gauge("cachefs_inodes", "Inodes the mount holds: those the kernel has looked up, plus open files")
+META_CACHE_ENTRIES = prom.Gauge(
+    "cachefs_meta_cache_entries",
+    "Metadata cache entries held: one per object's attributes, one per directory listing and per child in it",
+)
 
 
 async def serve(host: str, port: int, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
