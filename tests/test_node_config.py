@@ -382,3 +382,18 @@ def test_cli_mountpoint_after_options(node_dir, run_cachefs):
     r = run_cachefs("mount", "src", "--print-config", node_dir / "mnt")
     assert r.returncode == 0, r.stderr
     assert tomllib.loads(r.stdout)["source"]["url"] == "src"
+
+
+def test_the_documented_example_loads(node_dir):
+    """docs/configuration.md's node file is a working file (mountpoint-s3 semantics_doc_test)."""
+    import re
+    from pathlib import Path
+
+    doc = (Path(__file__).parent.parent / "docs" / "configuration.md").read_text()
+    example = re.search(r"```toml\n(.*?)```", doc, re.S).group(1)
+    for secret in re.findall(r'"(/etc/cachefs/[^"]+)"', example):
+        example = example.replace(secret, str(node_dir / "secret"))
+    node = load_node(flags={}, config_file=_write(node_dir, example), environment=False)
+    assert [d.name for d in node.datasets] == ["feats", "ticks"]
+    assert node.datasets[0].credentials.source == "keys" and node.datasets[1].credentials.source == "environment"
+    assert node.peers and node.metrics and node.cache_size == 100 * G
