@@ -77,7 +77,7 @@ class CacheConfig:
     backend_timeout: float = 30.0
     backend_retries: int = 3
     endpoint_url: str | None = None
-    access_key: str | None = None
+    access_key: str | None = dataclasses.field(default=None, repr=False)
     secret_key: str | None = dataclasses.field(default=None, repr=False)
     peers: str | None = None  # --peers spec: static list, dns+NAME:PORT or file:PATH
     peer_secret: bytes | None = dataclasses.field(default=None, repr=False)

@@ -337,6 +337,7 @@ def test_print_config_shows_where_credentials_come_from(node_dir):
                      datasets=["a=s3://a", "b=s3://b,profile=team", f"l={node_dir}"])
     shown = render(node)
     assert ACCESS not in shown and SECRET not in shown
+    assert ACCESS not in repr(node) and SECRET not in repr(node)
     assert 'access_key = "***"' in shown and "AWS profile team" in shown
 
 
