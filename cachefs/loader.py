@@ -512,7 +512,10 @@ def render(node: NodeConfig) -> str:
     an access key as "***". A dataset served at the mount root (SOURCE) shows as
     [source], which the file format does not take.
     """
-    addr = lambda a: f"{a[0]}:{a[1]}" if a else None  # noqa: E731
+
+    def addr(a: tuple[str, int] | None) -> str | None:
+        return f"{a[0]}:{a[1]}" if a else None
+
     tables: list[tuple[str, list[tuple[str, Any, str]]]] = [
         ("", [("mountpoint", node.mountpoint, ""), ("run_dir", node.run_dir, ""), ("log_level", node.log_level.lower(), "")]),
         ("cache", [
