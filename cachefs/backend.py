@@ -34,9 +34,11 @@ from cachefs.errors import (
     ObjectChanged,
     ObjectNotFound,
 )
+from cachefs.logsafe import LogLimiter
 from cachefs.objects import Kind, ObjectId, ObjectInfo, check_relative_path, join
 
 log = logging.getLogger(__name__)
+_fallbacks = LogLimiter(log, interval=60.0)
 
 T = TypeVar("T")
 
@@ -194,8 +196,9 @@ class FsspecStore:
             try:
                 data, headers = self.fast.get(bucket, key, start, end, {"If-Match": f'"{etag}"'} if etag else {})
             except _FallBack as e:
-                log.warning("plain ranged GETs do not work with this S3 backend (%s); using s3fs", e)
-                self.fast = None
+                # This request only: one odd answer must not change how every later one is made.
+                _fallbacks.warning("get-fallback", "a plain ranged GET got an answer only s3fs handles (%s); "
+                                   "using s3fs for this request", e)
             else:
                 last_modified = headers.get("Last-Modified")
                 self._check_version(
@@ -246,9 +249,9 @@ class S3FastPath:
     270 ms through s3fs, whose botocore parser (a dateutil parse per key) was
     most of the difference; a small-file workload pays that on every refresh.
 
-    Answers a backend cannot serve this way (a redirect to another region, a
-    malformed-request error, a body we cannot parse) switch the store back to
-    s3fs for good.
+    A GET answered in a way only s3fs handles (a redirect to another region, a
+    malformed-request error) is retried through s3fs, that request alone; a
+    listing we cannot parse switches LISTs back to s3fs for good.
     """
 
     def __init__(self, endpoint_url: str | None, credentials: tuple[str, str] | None, timeout: float):
@@ -515,7 +518,10 @@ class Backend:
 
         Raises:
             ObjectChanged: the backend holds another version now.
+            ValueError: not a non-empty range inside the object (a caller's bug; nothing is fetched).
         """
+        if not 0 <= start < end <= obj.size:
+            raise ValueError(f"{obj.path}: bad range [{start}, {end}) of an object of {obj.size} bytes")
         data = await self._call("get", f"{obj.path}[{start}:{end}]", self.store.fetch, obj, start, end)
         if len(data) != end - start:
             raise ObjectChanged(f"{obj.path}: short read at {start} ({len(data)} of {end - start} bytes)")

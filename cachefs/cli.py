@@ -11,7 +11,8 @@ import sys
 import tempfile
 
 from cachefs import __version__
-from cachefs.config import CacheConfig, MountConfig, WorkerConfig, format_size, parse_addr, parse_size
+from cachefs.config import CacheConfig, MountConfig, NodeConfig, WorkerConfig, format_size, parse_addr
+from cachefs.loader import CREDENTIAL_FLAGS, SETTINGS, cache_settings, load_node, render
 from cachefs.errors import ConfigError
 
 log = logging.getLogger("cachefs")
@@ -27,25 +28,28 @@ def _version() -> str:
 
 
 def _add_cache_args(p: argparse.ArgumentParser, d: CacheConfig) -> None:
+    # No argparse defaults: a flag not given must not override the --config file.
+    # The defaults shown are the dataclass's, which apply when neither sets a value.
     g = p.add_argument_group("cache")
-    g.add_argument("--cache-dir", default=d.cache_dir, help="directory of the SSD tier (default %(default)s)")
-    g.add_argument("--cache-size", default=format_size(d.cache_size), help="SSD tier capacity, e.g. 100G; 0 turns it off (default %(default)s)")
-    g.add_argument("--mem-size", default=format_size(d.mem_size), help="MEM tier capacity, e.g. 2G; 0 turns it off (default %(default)s)")
-    g.add_argument("--chunk-size", default=format_size(d.chunk_size), help="cache chunk size, a power of two from 64K to 64M; the same on every node of a ring (default %(default)s)")
-    g.add_argument("--free-space-ratio", type=float, default=d.free_space_ratio, help="keep at least this share of the cache disk free (default %(default)s)")
-    g.add_argument("--read-ahead", type=int, default=d.read_ahead, help="chunks to fetch ahead of a sequential reader (default %(default)s)")
+    g.add_argument("--cache-dir", help=f"directory of the SSD tier (default {d.cache_dir})")
+    g.add_argument("--cache-size", help=f"SSD tier capacity, e.g. 100G; 0 turns it off (default {format_size(d.cache_size)})")
+    g.add_argument("--mem-size", help=f"MEM tier capacity, e.g. 2G; 0 turns it off (default {format_size(d.mem_size)})")
+    g.add_argument("--chunk-size", help=f"cache chunk size, a power of two from 64K to 64M; the same on every node of a ring (default {format_size(d.chunk_size)})")
+    g.add_argument("--free-space-ratio", type=float, help=f"keep at least this share of the cache disk free (default {d.free_space_ratio})")
+    g.add_argument("--read-ahead", type=int, help=f"chunks to fetch ahead of a sequential reader (default {d.read_ahead})")
     g = p.add_argument_group("backend")
     g.add_argument("--endpoint-url", help="S3 endpoint, e.g. http://127.0.0.1:9000")
     g.add_argument("--access-key", help="S3 access key (default: AWS_ACCESS_KEY_ID or the AWS config files)")
+    g.add_argument("--access-key-file", metavar="PATH", help="file holding the S3 access key, instead of --access-key")
     g.add_argument(
         "--secret-key-file",
         metavar="PATH",
         help="file holding the S3 secret key (default: AWS_SECRET_ACCESS_KEY or the AWS config files); "
         "a file, not a flag, so the secret does not show in ps",
     )
-    g.add_argument("--backend-concurrency", type=int, default=d.backend_concurrency, help="parallel backend requests (default %(default)s)")
-    g.add_argument("--backend-timeout", type=float, default=d.backend_timeout, help="seconds one backend request may take, retries included (default %(default)s)")
-    g.add_argument("--backend-retries", type=int, default=d.backend_retries, help="retries after a failed attempt (default %(default)s)")
+    g.add_argument("--backend-concurrency", type=int, help=f"parallel backend requests (default {d.backend_concurrency})")
+    g.add_argument("--backend-timeout", type=float, help=f"seconds one backend request may take, retries included (default {d.backend_timeout})")
+    g.add_argument("--backend-retries", type=int, help=f"retries after a failed attempt (default {d.backend_retries})")
     g = p.add_argument_group("peers")
     g.add_argument(
         "--peers",
@@ -53,11 +57,11 @@ def _add_cache_args(p: argparse.ArgumentParser, d: CacheConfig) -> None:
         help="the cache ring: HOST:PORT[@WEIGHT],... or dns+NAME:PORT (re-resolved every 30s) "
         "or file:PATH (re-read on change)",
     )
-    g.add_argument("--secret-file", metavar="PATH", help="shared secret that peers authenticate each other with (HMAC)")
-    g.add_argument("--peer-timeout", type=float, default=d.peer_timeout, help="seconds to wait for a peer before trying the next one (default %(default)s)")
+    g.add_argument("--secret-file", dest="peer_secret_file", metavar="PATH", help="shared secret that peers authenticate each other with (HMAC)")
+    g.add_argument("--peer-timeout", type=float, help=f"seconds to wait for a peer before trying the next one (default {d.peer_timeout})")
     g = p.add_argument_group("operation")
     g.add_argument("--metrics", metavar="HOST:PORT", help="serve Prometheus metrics at http://HOST:PORT/metrics")
-    g.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"], help="(default %(default)s)")
+    g.add_argument("--log-level", choices=["debug", "info", "warning", "error"], help=f"(default {d.log_level.lower()})")
     g.add_argument("--log-file", help="log here instead of stderr (with -d: default /tmp/cachefs-MOUNTPOINT.log)")
 
 
@@ -70,22 +74,43 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=_version())
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    d = MountConfig(source="", mountpoint="")
+    d = NodeConfig(mountpoint="")
     m = sub.add_parser(
         "mount",
-        help="mount SOURCE at MOUNTPOINT (foreground unless -d)",
-        description="Mount SOURCE read-only at MOUNTPOINT, serving reads through the chunk cache. "
+        help="mount SOURCE at MOUNTPOINT, or datasets at MOUNTPOINT/NAME (foreground unless -d)",
+        usage="cachefs mount [options] SOURCE MOUNTPOINT\n"
+        "       cachefs mount [options] [MOUNTPOINT] (--dataset NAME=URL[,opt...] ... | --config FILE)",
+        description="Mount SOURCE read-only at MOUNTPOINT, or each --dataset (and each dataset of "
+        "--config FILE) at MOUNTPOINT/NAME, serving reads through the chunk cache. "
         "Runs in the foreground until unmounted (fusermount3 -u, `cachefs umount`) or sent "
-        "SIGTERM/SIGINT. S3 credentials come from the standard AWS environment variables or config files.",
+        "SIGTERM/SIGINT. S3 credentials come from the standard AWS environment variables or config files, "
+        "or per dataset from a profile or a secret key file. Flags override the --config file.",
     )
-    m.add_argument("source", metavar="SOURCE", help="s3://bucket/prefix, any fsspec URL, a local path or file://PATH")
-    m.add_argument("mountpoint", metavar="MOUNTPOINT", help="an existing, empty, unmounted directory")
+    m.add_argument("source", metavar="SOURCE", nargs="?", help="s3://bucket/prefix, any fsspec URL, a local path or file://PATH")
+    m.add_argument("mountpoint", metavar="MOUNTPOINT", nargs="?", help="an existing, empty, unmounted directory")
     m.add_argument("-d", "--background", action="store_true", help="return once the mount is ready (or exit non-zero with the reason)")
+    g = m.add_argument_group("node")
+    g.add_argument(
+        "--dataset",
+        action="append",
+        default=[],
+        metavar="NAME=URL[,OPT...]",
+        help="serve URL at MOUNTPOINT/NAME (repeatable); options: ro (the default), rw, subdir=PATH, quota=SIZE, "
+        "endpoint=URL, profile=NAME, access_key_file=PATH, secret_key_file=PATH; see docs/configuration.md",
+    )
+    g.add_argument("--config", metavar="FILE", help="the node's configuration as TOML (see docs/configuration.md); flags override it")
+    g.add_argument("--print-config", action="store_true", help="print the effective configuration, secrets masked, and exit without mounting")
+    g.add_argument("--run-dir", help="directory of the control socket (default CACHE_DIR/run)")
     _add_cache_args(m, d)
     g = m.add_argument_group("metadata")
-    g.add_argument("--attr-ttl", type=float, default=d.attr_ttl, help="seconds to trust file attributes (default %(default)s)")
-    g.add_argument("--entry-ttl", type=float, default=d.entry_ttl, help="seconds the kernel may cache name lookups (default %(default)s)")
-    g.add_argument("--dir-ttl", type=float, default=d.dir_ttl, help="seconds to trust a directory listing (default %(default)s)")
+    g.add_argument("--attr-ttl", type=float, help=f"seconds to trust file attributes (default {d.attr_ttl})")
+    g.add_argument("--entry-ttl", type=float, help=f"seconds the kernel may cache name lookups (default {d.entry_ttl})")
+    g.add_argument("--dir-ttl", type=float, help=f"seconds to trust a directory listing (default {d.dir_ttl})")
+    g.add_argument(
+        "--meta-cache-entries", type=int,
+        help="attributes and directory listings to keep, counted as one per object and one per listed "
+        f"child; least recently used go first (default {d.meta_cache_entries})",
+    )
     g = m.add_argument_group("sharing")
     g.add_argument("--serve", metavar="HOST:PORT", help="also serve this mount's cache to the ring (list HOST:PORT in every node's --peers)")
 
@@ -116,40 +141,34 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _cache_fields(a: argparse.Namespace) -> dict:
-    return dict(
-        cache_dir=os.path.abspath(a.cache_dir),
-        cache_size=parse_size(a.cache_size, "--cache-size"),
-        mem_size=parse_size(a.mem_size, "--mem-size"),
-        chunk_size=parse_size(a.chunk_size, "--chunk-size"),
-        free_space_ratio=a.free_space_ratio,
-        read_ahead=a.read_ahead,
-        backend_concurrency=a.backend_concurrency,
-        backend_timeout=a.backend_timeout,
-        backend_retries=a.backend_retries,
-        endpoint_url=a.endpoint_url,
-        access_key=a.access_key,
-        secret_key=_read_secret(a.secret_key_file, "--secret-key-file") if a.secret_key_file else None,
-        peers=a.peers,
-        peer_secret=_read_secret(a.secret_file, "--secret-file").encode() if a.secret_file else None,
-        peer_timeout=a.peer_timeout,
-        metrics=parse_addr(a.metrics, "--metrics") if a.metrics else None,
-        log_level=a.log_level.upper(),
-    )
+# Flags that name files or directories: made absolute here, against the cwd.
+_PATH_FLAGS = ("cache_dir", "run_dir", "peer_secret_file", "access_key_file", "secret_key_file")
 
 
-def _mount_config(a: argparse.Namespace) -> MountConfig:
-    c = MountConfig(
-        source=a.source,
-        mountpoint=os.path.abspath(a.mountpoint),
-        attr_ttl=a.attr_ttl,
-        entry_ttl=a.entry_ttl,
-        dir_ttl=a.dir_ttl,
-        serve=parse_addr(a.serve, "--serve") if a.serve else None,
-        **_cache_fields(a),
+def _flags(a: argparse.Namespace) -> dict:
+    """The settings flags given, by config field (see loader.SETTINGS)."""
+    known = {s.field for s in SETTINGS} | set(CREDENTIAL_FLAGS)
+    flags = {k: v for k, v in vars(a).items() if k in known and v is not None}
+    for k in _PATH_FLAGS:
+        if k in flags:
+            flags[k] = os.path.abspath(flags[k])
+    return flags
+
+
+def _node_config(a: argparse.Namespace, extra: list[str]) -> NodeConfig:
+    """SOURCE MOUNTPOINT, or [MOUNTPOINT] with --dataset/--config, into one checked NodeConfig."""
+    positionals = [x for x in (a.source, a.mountpoint) if x is not None] + extra
+    if len(positionals) > 2:
+        raise ConfigError(f"unexpected argument {positionals[2]!r}: give SOURCE MOUNTPOINT, or MOUNTPOINT with --dataset/--config")
+    source = positionals[0] if len(positionals) == 2 else None
+    flags = _flags(a)
+    if positionals:
+        flags["mountpoint"] = os.path.abspath(positionals[-1])
+    if source is None and not a.dataset and not a.config:
+        raise ConfigError("nothing to mount: give SOURCE MOUNTPOINT, --dataset NAME=URL or --config FILE")
+    return load_node(
+        flags=flags, config_file=a.config, source=source, datasets=a.dataset, environment=not a.print_config
     )
-    c.check()
-    return c
 
 
 def _worker_config(a: argparse.Namespace) -> WorkerConfig:
@@ -164,20 +183,9 @@ def _worker_config(a: argparse.Namespace) -> WorkerConfig:
     listen = parse_addr(a.listen, "--listen")
     if a.advertise:
         parse_addr(a.advertise, "--advertise")
-    c = WorkerConfig(listen=listen, sources=sources, advertise=a.advertise, **_cache_fields(a))
+    c = WorkerConfig(listen=listen, sources=sources, advertise=a.advertise, **cache_settings(_flags(a)))
     c.check()
     return c
-
-
-def _read_secret(path: str, flag: str) -> str:
-    try:
-        with open(path) as f:
-            secret = f.read().strip()
-    except OSError as e:
-        raise ConfigError(f"{flag} {path}: {e.strerror}") from None
-    if not secret:
-        raise ConfigError(f"{flag} {path}: the file is empty")
-    return secret
 
 
 def _setup_logging(level: str, log_file: str | None) -> None:
@@ -191,10 +199,15 @@ def _setup_logging(level: str, log_file: str | None) -> None:
         logging.getLogger(name).setLevel(max(logging.getLevelName(level), logging.INFO))
 
 
-def _mount(a: argparse.Namespace, argv: list[str]) -> int:
-    config = _mount_config(a)
+def _mount(a: argparse.Namespace, argv: list[str], extra: list[str]) -> int:
+    node = _node_config(a, extra)
+    if a.print_config:
+        sys.stdout.write(render(node))
+        return 0
+    # Datasets at MOUNTPOINT/NAME wait for the node runtime; this refuses them in one line.
+    config = node.mount_config()
     if a.background:
-        return _spawn_background(a, argv)
+        return _spawn_background(a, argv, config)
     _setup_logging(config.log_level, a.log_file)
     from cachefs.mount import run_mount
 
@@ -234,10 +247,10 @@ def _run_trio(fn, *args) -> None:
         raise
 
 
-def _spawn_background(a: argparse.Namespace, argv: list[str]) -> int:
+def _spawn_background(a: argparse.Namespace, argv: list[str], config: MountConfig) -> int:
     """Start the mount as a detached child and wait until it says it is ready or dies."""
     log_file = a.log_file or os.path.join(
-        tempfile.gettempdir(), "cachefs-" + re.sub(r"[^A-Za-z0-9]+", "-", os.path.abspath(a.mountpoint)).strip("-") + ".log"
+        tempfile.gettempdir(), "cachefs-" + re.sub(r"[^A-Za-z0-9]+", "-", config.mountpoint).strip("-") + ".log"
     )
     child_argv = [arg for arg in argv if arg not in _BACKGROUND_FLAGS]
     if not a.log_file:
@@ -257,7 +270,7 @@ def _spawn_background(a: argparse.Namespace, argv: list[str]) -> int:
     with os.fdopen(read_end, "rb") as ready:
         status = ready.read()
     if status == b"ready":
-        print(f"cachefs: mounted {a.source} at {a.mountpoint} (pid {child.pid}, log {log_file})")
+        print(f"cachefs: mounted {config.source} at {config.mountpoint} (pid {child.pid}, log {log_file})")
         return 0
     code = child.wait()
     print(f"cachefs: mount failed: {_last_error(log_file)} (log {log_file})", file=sys.stderr)
@@ -296,10 +309,15 @@ def _umount(a: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    # parse_known_args: SOURCE and MOUNTPOINT are optional (nargs="?"), so argparse
+    # leaves a MOUNTPOINT written after an option over; _node_config takes it back.
+    args, extra = parser.parse_known_args(argv)
+    if extra and (args.command != "mount" or any(x.startswith("-") for x in extra)):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         if args.command == "mount":
-            return _mount(args, argv)
+            return _mount(args, argv, extra)
         if args.command == "worker":
             return _worker(args)
         if args.command == "status":
@@ -308,7 +326,8 @@ def main(argv: list[str] | None = None) -> int:
             return status.main(args.nodes)
         return _umount(args)
     except ConfigError as e:
-        log.error("%s", e)
+        if logging.getLogger().handlers:  # else logging's last resort repeats the line on stderr
+            log.error("%s", e)
         print(f"cachefs: error: {e}", file=sys.stderr)
         return e.exitcode
     except KeyboardInterrupt:

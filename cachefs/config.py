@@ -13,6 +13,8 @@ import stat
 from cachefs.errors import ConfigError
 
 _SIZE_RE = re.compile(r"^\s*(\d{1,30}(?:\.\d{1,30})?)\s*([KMGTP]?)(i?B?)?\s*$", re.IGNORECASE)
+# Attributes and listings a mount keeps: about 35 MiB (docs/configuration.md).
+DEFAULT_META_CACHE_ENTRIES = 100_000
 _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40, "P": 1 << 50}
 
 
@@ -46,6 +48,15 @@ def parse_addr(text: str, what: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
+# Fields whose flag is not their name with dashes.
+_FLAGS = {"peer_secret": "--secret-file", "peer_secret_file": "--secret-file", "secret_key": "--secret-key-file"}
+
+
+def flag_name(field: str) -> str:
+    """The command-line flag that sets config field `field`."""
+    return _FLAGS.get(field) or "--" + field.replace("_", "-")
+
+
 def format_size(n: int) -> str:
     for unit in ("P", "T", "G", "M", "K"):
         if n >= _UNITS[unit] and n % _UNITS[unit] == 0:
@@ -68,50 +79,62 @@ class CacheConfig:
     backend_timeout: float = 30.0
     backend_retries: int = 3
     endpoint_url: str | None = None
-    access_key: str | None = None
+    access_key: str | None = dataclasses.field(default=None, repr=False)
     secret_key: str | None = dataclasses.field(default=None, repr=False)
     peers: str | None = None  # --peers spec: static list, dns+NAME:PORT or file:PATH
     peer_secret: bytes | None = dataclasses.field(default=None, repr=False)
     peer_timeout: float = 5.0
     metrics: tuple[str, int] | None = None
     log_level: str = "INFO"
+    # Where a field's value came from ("node.toml: cache.size"), so that check()
+    # names the key the user wrote; a field not listed is named by its flag.
+    labels: dict[str, str] = dataclasses.field(default_factory=dict, repr=False, compare=False)
 
-    def check(self) -> None:
+    def label(self, name: str) -> str:
+        """How to name field `name` in an error: its file key, else its flag."""
+        return self.labels.get(name) or flag_name(name)
+
+    def check(self, *, environment: bool = True) -> None:
         """Validate every field.
+
+        Args:
+            environment: also check the machine (the cache dir is writable); off for
+                `--print-config`, which must not touch the disk.
 
         Raises:
             ConfigError: with one sentence naming the bad value.
         """
+        L = self.label
         if self.chunk_size < 64 << 10 or self.chunk_size > 64 << 20 or self.chunk_size & (self.chunk_size - 1):
-            raise ConfigError(f"--chunk-size {format_size(self.chunk_size)}: must be a power of two from 64K to 64M")
+            raise ConfigError(f"{L('chunk_size')} {format_size(self.chunk_size)}: must be a power of two from 64K to 64M")
         if self.mem_size < 0:
-            raise ConfigError("--mem-size must not be negative")
+            raise ConfigError(f"{L('mem_size')} must not be negative")
         if self.mem_size and self.mem_size < 2 * self.chunk_size:
             raise ConfigError(
-                f"--mem-size {format_size(self.mem_size)}: must be 0 (off) or at least two chunks "
+                f"{L('mem_size')} {format_size(self.mem_size)}: must be 0 (off) or at least two chunks "
                 f"({format_size(2 * self.chunk_size)})"
             )
         if self.cache_size < 0:
-            raise ConfigError("--cache-size must not be negative")
+            raise ConfigError(f"{L('cache_size')} must not be negative")
         if self.cache_size and self.cache_size < 2 * self.chunk_size:
             raise ConfigError(
-                f"--cache-size {format_size(self.cache_size)}: must be 0 (no SSD tier) or at least two chunks"
+                f"{L('cache_size')} {format_size(self.cache_size)}: must be 0 (no SSD tier) or at least two chunks"
             )
         if not 0.0 <= self.free_space_ratio < 1.0:
-            raise ConfigError(f"--free-space-ratio {self.free_space_ratio}: must be in [0, 1)")
+            raise ConfigError(f"{L('free_space_ratio')} {self.free_space_ratio}: must be in [0, 1)")
         self._check_durations("backend_timeout", "peer_timeout")
         if self.read_ahead < 0:
-            raise ConfigError("--read-ahead must not be negative")
+            raise ConfigError(f"{L('read_ahead')} must not be negative")
         if self.backend_concurrency < 1:
-            raise ConfigError("--backend-concurrency must be at least 1")
+            raise ConfigError(f"{L('backend_concurrency')} must be at least 1")
         for name in ("backend_timeout", "peer_timeout"):
             if getattr(self, name) == 0:
-                raise ConfigError(f"--{name.replace('_', '-')} must be positive")
+                raise ConfigError(f"{L(name)} must be positive")
         if self.backend_retries < 0:
-            raise ConfigError("--backend-retries must not be negative")
+            raise ConfigError(f"{L('backend_retries')} must not be negative")
         if (self.access_key is None) != (self.secret_key is None):
             raise ConfigError("--access-key and --secret-key-file go together")
-        if self.cache_size:
+        if self.cache_size and environment:
             self._check_cache_dir()
 
     def _check_cache_dir(self) -> None:
@@ -122,37 +145,48 @@ class CacheConfig:
                 f.write(b"x")
             os.unlink(probe)
         except OSError as e:
-            raise ConfigError(f"--cache-dir {self.cache_dir}: not writable ({e.strerror})") from None
+            raise ConfigError(f"{self.label('cache_dir')} {self.cache_dir}: not writable ({e.strerror})") from None
 
     def _check_durations(self, *names: str) -> None:
         for name in names:
             value = getattr(self, name)
             if not math.isfinite(value):
-                raise ConfigError(f"--{name.replace('_', '-')} must be a finite number")
+                raise ConfigError(f"{self.label(name)} must be a finite number")
             if value < 0:
-                raise ConfigError(f"--{name.replace('_', '-')} must not be negative")
+                raise ConfigError(f"{self.label(name)} must not be negative")
 
 
 @dataclasses.dataclass(kw_only=True)
-class MountConfig(CacheConfig):
-    """Everything a mount needs."""
+class MountOptions(CacheConfig):
+    """What every mount needs besides its sources: where, the kernel's caches, sharing."""
 
-    source: str
     mountpoint: str
     attr_ttl: float = 1.0
     entry_ttl: float = 1.0
     dir_ttl: float = 1.0
+    meta_cache_entries: int = DEFAULT_META_CACHE_ENTRIES
     serve: tuple[str, int] | None = None  # share this mount's cache with the ring
     fuse_tasks: int = 64
     # The bdi read_ahead_kb of the mount: big enough that buffered sequential reads
     # reach the daemon as 1 MiB requests instead of 128 KiB ones.
     kernel_read_ahead_kb: int = 4096
 
-    def check(self) -> None:
+    def check(self, *, environment: bool = True) -> None:
         self._check_durations("attr_ttl", "entry_ttl", "dir_ttl")
-        super().check()
+        if self.meta_cache_entries < 1:
+            raise ConfigError(f"{self.label('meta_cache_entries')} {self.meta_cache_entries}: must be at least 1")
+        super().check(environment=environment)
         if (self.peers or self.serve) and not self.peer_secret:
-            raise ConfigError("--peers and --serve need --secret-file: peers authenticate each other")
+            raise ConfigError(
+                f"{self.label('peers') if self.peers else self.label('serve')} needs "
+                f"{self.label('peer_secret')}: peers authenticate each other"
+            )
+        if not self.mountpoint:
+            raise ConfigError("no MOUNTPOINT: give it on the command line or as mountpoint in the config file")
+        if environment:
+            self._check_mountpoint()
+
+    def _check_mountpoint(self) -> None:
         try:
             is_dir = stat.S_ISDIR(os.stat(self.mountpoint).st_mode)
         except OSError as e:
@@ -167,6 +201,17 @@ class MountConfig(CacheConfig):
 
 
 @dataclasses.dataclass(kw_only=True)
+class MountConfig(MountOptions):
+    """A mount of one source at its mountpoint: what `run_mount` serves today.
+
+    `NodeConfig.mount_config()` makes one from a node whose only dataset is
+    served at the mount root; it goes once the node runtime serves datasets.
+    """
+
+    source: str
+
+
+@dataclasses.dataclass(kw_only=True)
 class WorkerConfig(CacheConfig):
     """A cache worker: serves chunks of its sources to mounts and other workers."""
 
@@ -174,8 +219,8 @@ class WorkerConfig(CacheConfig):
     sources: dict[str, str]  # name -> source URL
     advertise: str | None = None  # HOST:PORT others know this worker by (default: --listen)
 
-    def check(self) -> None:
-        super().check()
+    def check(self, *, environment: bool = True) -> None:
+        super().check(environment=environment)
         if not self.sources:
             raise ConfigError("a worker needs at least one --source NAME=URL")
         if not self.peer_secret:
@@ -184,3 +229,207 @@ class WorkerConfig(CacheConfig):
     @property
     def node(self) -> str:
         return self.advertise or f"{self.listen[0]}:{self.listen[1]}"
+
+
+_NAME_MAX = 255  # bytes: a dataset is a directory entry of the mount
+_BAD_NAME_CHARS = re.compile(r"[/,=\s\x00-\x1f\x7f]")
+_SCHEME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+S3_SCHEMES = ("s3", "s3a")
+
+
+def check_dataset_name(name: str, what: str) -> None:
+    """A dataset name is a directory of the mount and a word of `--dataset NAME=...`.
+
+    Raises:
+        ConfigError: empty, too long, starts with '.', or holds '/', ',', '=',
+            white space or a control character.
+    """
+    if not name:
+        raise ConfigError(f"{what}: a dataset needs a name")
+    if len(name.encode()) > _NAME_MAX:
+        raise ConfigError(f"{what}: dataset name {name[:20]!r}... is longer than {_NAME_MAX} bytes")
+    if name.startswith("."):
+        raise ConfigError(f"{what}: dataset name {name!r} must not start with '.'")
+    bad = _BAD_NAME_CHARS.search(name)
+    if bad:
+        raise ConfigError(f"{what}: dataset name {name!r} must not contain {bad.group()!r}")
+
+
+def url_scheme(url: str) -> str:
+    """'s3' for s3://bucket/prefix; '' for a local path (file:// included)."""
+    if not _SCHEME_RE.match(url):
+        return ""
+    scheme = url.partition("://")[0].lower()
+    return "" if scheme == "file" else scheme
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Credentials:
+    """How a dataset's backend gets its keys: an access key and a secret key file,
+    an AWS profile, or (neither given) the environment: AWS_* variables and the AWS
+    config files. Secrets are only ever read from files, never passed as arguments,
+    so they cannot show in `ps`; repr() shows where they come from, not what they are."""
+
+    profile: str | None = None
+    access_key: str | None = dataclasses.field(default=None, repr=False)
+    access_key_file: str | None = None
+    secret_key_file: str | None = None
+    secret_key: str | None = dataclasses.field(default=None, repr=False)  # read from secret_key_file
+
+    @property
+    def source(self) -> str:
+        """'profile', 'keys' or 'environment'."""
+        if self.profile:
+            return "profile"
+        if self.access_key or self.secret_key_file:
+            return "keys"
+        return "environment"
+
+    def key_pair(self) -> tuple[str, str] | None:
+        """(access key, secret key) for the backend; None: use the profile or the environment."""
+        if self.access_key and self.secret_key:
+            return self.access_key, self.secret_key
+        return None
+
+    def check(self, label) -> None:
+        if self.profile and (self.access_key or self.access_key_file or self.secret_key_file):
+            raise ConfigError(f"{label('profile')}: give a profile or access_key + secret_key_file, not both")
+        if (self.access_key is None) != (self.secret_key is None):
+            raise ConfigError(f"{label('secret_key_file')}: access_key (or access_key_file) and secret_key_file go together")
+
+
+@dataclasses.dataclass(kw_only=True)
+class DatasetConfig:
+    """One dataset of a node: `url` (and `subdir` below it) served read-only at
+    MOUNTPOINT/NAME, or at the mount root for the one-source form
+    `cachefs mount SOURCE MOUNTPOINT` (name "")."""
+
+    name: str
+    url: str
+    read_only: bool = True
+    subdir: str = ""  # relative, no '.' or '..' parts; the mount enforces it stays below
+    quota: int | None = None  # bytes of cache this dataset may hold; None: no own limit
+    endpoint_url: str | None = None
+    credentials: Credentials = dataclasses.field(default_factory=Credentials)
+    # How errors name this dataset's keys: "node.toml: datasets.feats." or "--dataset feats: ".
+    origin: str = dataclasses.field(default="", repr=False, compare=False)
+
+    @property
+    def at_root(self) -> bool:
+        """Served at the mount root: the one-source form."""
+        return not self.name
+
+    @property
+    def is_s3(self) -> bool:
+        return url_scheme(self.url) in S3_SCHEMES
+
+    @property
+    def source(self) -> str:
+        """The URL the backend opens: `url` with `subdir` below it."""
+        return f"{self.url.rstrip('/')}/{self.subdir}" if self.subdir else self.url
+
+    def label(self, key: str) -> str:
+        return f"{self.origin or f'dataset {self.name}: '}{key}"
+
+    def check(self) -> None:
+        """Validate this dataset on its own (NodeConfig.check looks across datasets).
+
+        Raises:
+            ConfigError: one sentence naming the dataset and the key.
+        """
+        L = self.label
+        if not self.at_root:
+            check_dataset_name(self.name, L("name"))
+        if not self.url:
+            raise ConfigError(f"{L('url')}: a dataset needs a URL")
+        if re.search(r"[\x00-\x1f\x7f]", self.url):
+            raise ConfigError(f"{L('url')}: {self.url!r} holds a control character")
+        if not self.at_root and not _SCHEME_RE.match(self.url) and not os.path.isabs(self.url):
+            raise ConfigError(f"{L('url')}: {self.url!r} is neither a URL (s3://...) nor an absolute path")
+        if not self.read_only:
+            raise ConfigError(f"{L('read_only')}: read-write datasets are not supported yet")
+        self._check_subdir()
+        if self.quota is not None and self.quota <= 0:
+            raise ConfigError(f"{L('quota')}: {self.quota} must be positive (leave it out for no quota)")
+        if not self.is_s3:
+            for key, value in (("endpoint", self.endpoint_url), ("credentials", self.credentials.source != "environment")):
+                if value:
+                    raise ConfigError(f"{L(key)}: only S3 datasets take an {key}; {self.url} is not s3://")
+        if self.endpoint_url and not re.match(r"^https?://[^/\s]+", self.endpoint_url):
+            raise ConfigError(f"{L('endpoint')}: {self.endpoint_url!r} is not an http:// or https:// URL")
+        self.credentials.check(L)
+
+    def _check_subdir(self) -> None:
+        if not self.subdir:
+            return
+        what = self.label("subdir")
+        if self.subdir.startswith("/"):
+            raise ConfigError(f"{what}: {self.subdir!r} must be relative to the dataset's URL")
+        if re.search(r"[\x00-\x1f\x7f]", self.subdir):
+            raise ConfigError(f"{what}: {self.subdir!r} holds a control character")
+        parts = self.subdir.split("/")
+        if parts[-1] == "":
+            parts.pop()  # one trailing slash is harmless
+        for part in parts:
+            if part in ("", ".", ".."):
+                raise ConfigError(f"{what}: {self.subdir!r} must not have empty, '.' or '..' parts")
+
+
+@dataclasses.dataclass(kw_only=True)
+class NodeConfig(MountOptions):
+    """A cachefs node: its tiers, peers and metrics, and the datasets it serves,
+    each at MOUNTPOINT/NAME, or one dataset named "" at the mount root.
+
+    Built by `cachefs.loader.load_node` from flags and a TOML file; `check()` once.
+    """
+
+    datasets: list[DatasetConfig] = dataclasses.field(default_factory=list)
+    run_dir: str = ""  # the control socket's directory; "" means CACHE_DIR/run
+    peer_secret_file: str | None = None  # where peer_secret was read from, for --print-config
+
+    def __post_init__(self) -> None:
+        if not self.run_dir:
+            self.run_dir = os.path.join(self.cache_dir, "run")
+
+    @property
+    def root_dataset(self) -> DatasetConfig | None:
+        """The dataset served at the mount root (the one-source form), if that is what this node is."""
+        if len(self.datasets) == 1 and self.datasets[0].at_root:
+            return self.datasets[0]
+        return None
+
+    def check(self, *, environment: bool = True) -> None:
+        super().check(environment=environment)
+        if not os.path.isabs(self.run_dir):
+            raise ConfigError(f"{self.label('run_dir')} {self.run_dir}: must be an absolute path")
+        if not self.datasets:
+            raise ConfigError("nothing to mount: give SOURCE MOUNTPOINT, --dataset NAME=URL or [datasets.NAME] in --config")
+        seen: set[str] = set()
+        for dataset in self.datasets:
+            if dataset.at_root and len(self.datasets) > 1:
+                raise ConfigError("SOURCE serves one source at the mount root; it cannot be combined with datasets")
+            if dataset.name in seen:
+                raise ConfigError(f"{dataset.label('name')}: dataset {dataset.name!r} is given twice")
+            seen.add(dataset.name)
+            dataset.check()
+
+    def mount_config(self) -> MountConfig:
+        """The single-source MountConfig that `run_mount` serves today.
+
+        Raises:
+            ConfigError: the node has named datasets, which need the node runtime.
+        """
+        root = self.root_dataset
+        if root is None:
+            raise ConfigError(
+                "serving datasets at MOUNTPOINT/NAME is not supported yet; "
+                "use `cachefs mount SOURCE MOUNTPOINT` (or --print-config to check a configuration)"
+            )
+        keys = root.credentials.key_pair()
+        common = {f.name: getattr(self, f.name) for f in dataclasses.fields(MountOptions)}
+        common.update(
+            endpoint_url=root.endpoint_url,
+            access_key=keys[0] if keys else None,
+            secret_key=keys[1] if keys else None,
+        )
+        return MountConfig(source=root.source, **common)

@@ -107,6 +107,7 @@ class Operations(pyfuse3.Operations):
         # cache across opens only while this is unchanged.
         self._opened_versions: dict[int, str] = {}
         self._uid = os.getuid()
+        metrics.INODES.set_function(lambda: len(self.inodes))
         self._gid = os.getgid()
 
     # -- attributes -------------------------------------------------------
@@ -154,9 +155,7 @@ class Operations(pyfuse3.Operations):
         else:
             info = await self.namespace.lookup(parent, name)
             path = info.path
-        inode = self.inodes.inode(path)
-        self.inodes.add_lookup(inode)
-        return self._attrs(inode, info)
+        return self._attrs(self.inodes.lookup(path), info)
 
     @fuse_errors
     async def getattr(self, inode, ctx=None):
@@ -164,8 +163,17 @@ class Operations(pyfuse3.Operations):
         return self._attrs(inode, info)
 
     async def forget(self, inode_list):
+        # Must not raise (pyfuse3 `Operations.forget`); nothing here can.
         for inode, nlookup in inode_list:
-            self.inodes.forget(inode, nlookup)
+            self._forget(inode, nlookup)
+
+    def _forget(self, inode: int, nlookup: int) -> None:
+        if self.inodes.forget(inode, nlookup):
+            self._dropped(inode)
+
+    def _dropped(self, inode: int) -> None:
+        """`inode` left the table: drop everything kept per inode with it."""
+        self._opened_versions.pop(inode, None)
 
     @fuse_errors
     async def readlink(self, inode, ctx):
@@ -204,10 +212,12 @@ class Operations(pyfuse3.Operations):
         entries = self._dirs[fh]
         for i in range(start_id, len(entries)):
             info = entries[i]
-            inode = self.inodes.inode(info.path)
+            # readdirplus: each entry the reply takes counts as a lookup (pyfuse3
+            # always asks the kernel for readdirplus); one it refuses does not.
+            inode = self.inodes.lookup(info.path)
             if not pyfuse3.readdir_reply(token, os.fsencode(info.name), self._attrs(inode, info), i + 1):
+                self._forget(inode, 1)
                 return
-            self.inodes.add_lookup(inode)
 
     async def releasedir(self, fh):
         self._dirs.pop(fh, None)
@@ -225,6 +235,7 @@ class Operations(pyfuse3.Operations):
         obj = ObjectId(self.source, path, info.version, info.size)
         fh = next(self._fh)
         self._files[fh] = OpenFile(inode, obj, ReadStream())
+        self.inodes.opened(inode)
         fi = pyfuse3.FileInfo(fh=fh)
         fi.keep_cache = self._opened_versions.get(inode) == info.version
         self._opened_versions[inode] = info.version
@@ -241,7 +252,9 @@ class Operations(pyfuse3.Operations):
             raise
 
     async def release(self, fh):
-        self._files.pop(fh, None)
+        f = self._files.pop(fh, None)
+        if f is not None and self.inodes.closed(f.inode):
+            self._dropped(f.inode)
 
     # -- everything that would modify the source -------------------------------
 

@@ -68,7 +68,17 @@ PEER_PROTOCOL_ERRORS = prom.Counter(
     "cachefs_peer_protocol_errors", "Connections closed for malformed or oversized frames", ["side"]
 )
 PEER_AUTH_FAILURES = prom.Counter("cachefs_peer_auth_failures", "Peer connections refused by the handshake")
+PEER_CONNECTIONS_CLOSED = prom.Counter(
+    "cachefs_peer_connections_closed",
+    "Peer connections a server closed by a limit or an error of its own (see docs/operations.md)",
+    ["reason"],
+)
 FUSE_ERRORS = prom.Counter("cachefs_fuse_errors", "Errors returned to the kernel", ["op", "errno"])
+INODES = prom.Gauge("cachefs_inodes", "Inodes the mount holds: those the kernel has looked up, plus open files")
+META_CACHE_ENTRIES = prom.Gauge(
+    "cachefs_meta_cache_entries",
+    "Metadata cache entries held: one per object's attributes, one per directory listing and per child in it",
+)
 
 
 async def serve(host: str, port: int, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
@@ -93,10 +103,13 @@ async def serve(host: str, port: int, *, task_status=trio.TASK_STATUS_IGNORED) -
                     + b"\r\nContent-Length: " + str(len(body)).encode() + b"\r\nConnection: close\r\n\r\n"
                 )
                 await stream.send_all(head + body)
-        except trio.BrokenResourceError:
-            pass
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            pass  # the scraper went away
+        except Exception:  # noqa: BLE001 - one bad request must not stop the metrics server
+            log.exception("metrics: request failed")
         finally:
-            await stream.aclose()
+            with trio.CancelScope(shield=True):
+                await stream.aclose()
 
     listeners = await trio.open_tcp_listeners(port, host=host)
     log.info("metrics on http://%s:%d/metrics", host, port)

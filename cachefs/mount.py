@@ -65,7 +65,7 @@ async def run_mount(config: MountConfig, on_ready: Callable[[], None] = lambda: 
         if config.serve:
             await serve_peers(config, node, config.serve, {backend.source: reader}, nursery)
         metrics.register_source_usage([mem, disk], {backend.source: backend.source})
-        namespace = Namespace(backend, config.attr_ttl, config.dir_ttl)
+        namespace = Namespace(backend, config.attr_ttl, config.dir_ttl, max_entries=config.meta_cache_entries)
         ops = Operations(
             namespace,
             reader,

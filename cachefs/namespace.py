@@ -5,35 +5,116 @@ listing for --dir-ttl; a fresh listing also answers lookups and attributes of
 its children, so `ls -l` or opening many small files costs one LIST, not one
 HEAD per file. When the backend fails, what we already know is served stale
 rather than failing: cached data must stay readable while the backend is down.
+
+What we know is bounded: attributes and listings share one LRU of
+--meta-cache-entries entries (one per object's attributes; one per listing plus
+one per child in it), so walking a dataset of millions of files holds at most
+that many. What is evicted is asked for again, like what expired.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from typing import Callable
+from collections import OrderedDict
+from typing import Callable, Generic, Hashable, TypeVar
 
 import trio
 
+from cachefs import metrics
 from cachefs.backend import Backend
-from cachefs.objects import ObjectInfo, join
+from cachefs.config import DEFAULT_META_CACHE_ENTRIES
 from cachefs.errors import BackendError, ObjectNotFound
+from cachefs.objects import ObjectInfo, join
 
 log = logging.getLogger(__name__)
+
+# Directories whose first entry was stat'ed but which were not listed (yet): only
+# a hint for when to list, so a small fixed bound is enough.
+FIRST_CHILD_DIRS = 4096
+
+K = TypeVar("K", bound=Hashable)
+V = TypeVar("V")
+
+
+class BoundedLru(Generic[K, V]):
+    """An LRU map whose values each weigh some entries, holding at most `max_entries`
+    of them in total. One value heavier than that alone is still kept, alone: a huge
+    directory listed over and over would cost far more than the memory.
+
+    `get` refreshes an entry; `in` does not. No method checkpoints.
+    """
+
+    def __init__(self, max_entries: int):
+        if max_entries < 1:
+            raise ValueError(f"max_entries must be at least 1, not {max_entries}")
+        self.max_entries = max_entries
+        self.entries = 0  # the sum of the weights held
+        self._items: OrderedDict[K, tuple[V, int]] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def __contains__(self, key: K) -> bool:
+        return key in self._items
+
+    def get(self, key: K) -> V | None:
+        item = self._items.get(key)
+        if item is None:
+            return None
+        self._items.move_to_end(key)
+        return item[0]
+
+    def put(self, key: K, value: V, weight: int = 1) -> None:
+        self.pop(key)
+        self._items[key] = (value, weight)
+        self.entries += weight
+        while self.entries > self.max_entries and len(self._items) > 1:
+            _, (_, w) = self._items.popitem(last=False)
+            self.entries -= w
+
+    def pop(self, key: K) -> V | None:
+        item = self._items.pop(key, None)
+        if item is None:
+            return None
+        self.entries -= item[1]
+        return item[0]
 
 
 class Namespace:
     """Every method that may ask the backend checkpoints and raises `BackendError`s."""
 
-    def __init__(self, backend: Backend, attr_ttl: float, dir_ttl: float, clock: Callable[[], float] = time.monotonic):
+    def __init__(
+        self,
+        backend: Backend,
+        attr_ttl: float,
+        dir_ttl: float,
+        clock: Callable[[], float] = time.monotonic,
+        max_entries: int = DEFAULT_META_CACHE_ENTRIES,
+    ):
         self.backend = backend
         self.attr_ttl = attr_ttl
         self.dir_ttl = dir_ttl
         self._clock = clock
-        self._attrs: dict[str, tuple[ObjectInfo, float]] = {}
-        self._dirs: dict[str, tuple[dict[str, ObjectInfo], float]] = {}
+        # Keys ("attr", path) and ("dir", path): one LRU order, one budget.
+        self._cache: BoundedLru[tuple[str, str], tuple] = BoundedLru(max_entries)
         self._listing: dict[str, trio.Event] = {}  # single-flight of LIST per directory
-        self._first_child: dict[str, str] = {}  # directory not listed yet -> the one child stat'ed
+        # directory not listed yet -> the one child stat'ed
+        self._first_child: BoundedLru[str, str] = BoundedLru(FIRST_CHILD_DIRS)
+        metrics.META_CACHE_ENTRIES.set_function(lambda: self._cache.entries)
+
+    # The two kinds of entry in the one LRU.
+    def _attr(self, path: str) -> tuple[ObjectInfo, float] | None:
+        return self._cache.get(("attr", path))
+
+    def _set_attr(self, path: str, info: ObjectInfo, fetched_at: float) -> None:
+        self._cache.put(("attr", path), (info, fetched_at))
+
+    def _listed(self, path: str) -> tuple[dict[str, ObjectInfo], float] | None:
+        return self._cache.get(("dir", path))
+
+    def _set_listed(self, path: str, children: dict[str, ObjectInfo], fetched_at: float) -> None:
+        self._cache.put(("dir", path), (children, fetched_at), 1 + len(children))
 
     def _fresh(self, fetched_at: float, ttl: float) -> bool:
         return self._clock() - fetched_at < ttl
@@ -41,25 +122,25 @@ class Namespace:
     async def stat(self, path: str, max_age: float | None = None) -> ObjectInfo:
         """Attributes of `path`, at most `max_age` (default --attr-ttl) seconds old."""
         ttl = self.attr_ttl if max_age is None else max_age
-        cached = self._attrs.get(path)
+        cached = self._attr(path)
         if cached is not None and self._fresh(cached[1], ttl):
             return cached[0]
         parent, _, name = path.rpartition("/")
-        if path and (parent in self._dirs or self._first_child.setdefault(parent, name) != name):
+        if path and (("dir", parent) in self._cache or self._second_child(parent, name)):
             # A directory we listed before, or a second entry of one directory
             # being opened: one LIST answers (and later revalidates) all its
             # entries, where a HEAD per file costs thousands of requests for a
             # dataset of small files.
-            self._first_child.pop(parent, None)
+            self._first_child.pop(parent)
             children = await self._children(parent, ttl)
             if name not in children:
-                self._attrs.pop(path, None)
+                self._cache.pop(("attr", path))
                 raise ObjectNotFound(f"{path}: not found")
             return children[name]
         try:
             info = await self.backend.stat(path)
         except ObjectNotFound:
-            self._attrs.pop(path, None)
+            self._cache.pop(("attr", path))
             raise
         except BackendError as e:
             if cached is None:
@@ -67,8 +148,16 @@ class Namespace:
             # Backend down: keep serving what we know, so cached data stays readable.
             log.info("serving stale attributes of %s: %s", path or "/", e)
             return cached[0]
-        self._attrs[path] = (info, self._clock())
+        self._set_attr(path, info, self._clock())
         return info
+
+    def _second_child(self, parent: str, name: str) -> bool:
+        """Remember `name` as the first child of `parent` stat'ed; True if another came first."""
+        first = self._first_child.get(parent)
+        if first is None:
+            self._first_child.put(parent, name)
+            return False
+        return first != name
 
     async def lookup(self, parent: str, name: str) -> ObjectInfo:
         """The child `name` of directory `parent`.
@@ -76,7 +165,7 @@ class Namespace:
         Raises:
             ObjectNotFound: no such entry.
         """
-        listing = self._dirs.get(parent)
+        listing = self._listed(parent)
         if listing is not None and self._fresh(listing[1], self.dir_ttl):
             child = listing[0].get(name)
             if child is None:
@@ -90,12 +179,12 @@ class Namespace:
         return sorted(children.values(), key=lambda e: e.name)
 
     async def _children(self, path: str, max_age: float) -> dict[str, ObjectInfo]:
-        cached = self._dirs.get(path)
+        cached = self._listed(path)
         if cached is not None and self._fresh(cached[1], max_age):
             return cached[0]
         while (listing := self._listing.get(path)) is not None:
             await listing.wait()  # one LIST per directory at a time: take its result
-            cached = self._dirs.get(path)
+            cached = self._listed(path)
             if cached is not None:
                 return cached[0]
         self._listing[path] = trio.Event()
@@ -107,18 +196,17 @@ class Namespace:
                     raise
                 log.info("serving a stale listing of %s: %s", path or "/", e)
                 return cached[0]
-            now = self._clock()
             children = {e.name: e for e in entries}
-            self._dirs[path] = (children, now)
-            for e in entries:
-                self._attrs[e.path] = (e, now)
+            # The listing alone answers its children's attributes too (`stat` asks
+            # it first), so they are not also cached one by one: half the memory.
+            self._set_listed(path, children, self._clock())
             return children
         finally:
             self._listing.pop(path).set()
 
     def invalidate(self, path: str) -> None:
         """Forget what we know of `path`, e.g. after the backend said it changed."""
-        self._attrs.pop(path, None)
+        self._cache.pop(("attr", path))
         parent = path.rpartition("/")[0]
-        self._dirs.pop(parent, None)
-        self._dirs.pop(path, None)
+        self._cache.pop(("dir", parent))
+        self._cache.pop(("dir", path))

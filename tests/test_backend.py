@@ -4,7 +4,8 @@
   retries, a deadline that holds even when the store hangs, errors that must
   not be retried, the short circuit-breaker, and the request metrics.
 - ``LocalStore`` over real files, symlinks and directories in ``tmp_path``.
-- ``Namespace`` (attribute and listing TTLs) over a Backend, with a fake clock.
+- ``Namespace`` (attribute and listing TTLs, the bounded LRU they live in) over a
+  Backend, with a fake clock.
 
 Store calls run in worker threads, so Backend timeouts are real wall time;
 they are kept to a fraction of a second.
@@ -34,7 +35,8 @@ from cachefs.errors import (
     ObjectChanged,
     ObjectNotFound,
 )
-from cachefs.namespace import Namespace
+from cachefs import namespace as namespace_mod
+from cachefs.namespace import BoundedLru, Namespace
 
 
 def sample(name: str, **labels: str) -> float:
@@ -479,9 +481,9 @@ def ns_store():
     s.release()
 
 
-def namespace(store, clock, attr_ttl=1.0, dir_ttl=5.0) -> Namespace:
+def namespace(store, clock, attr_ttl=1.0, dir_ttl=5.0, max_entries=100_000) -> Namespace:
     backend = Backend(store, concurrency=4, timeout=5.0, retries=0, clock=clock)
-    return Namespace(backend, attr_ttl=attr_ttl, dir_ttl=dir_ttl, clock=clock)
+    return Namespace(backend, attr_ttl=attr_ttl, dir_ttl=dir_ttl, clock=clock, max_entries=max_entries)
 
 
 @pytest.mark.trio
@@ -623,3 +625,149 @@ async def test_opening_a_second_entry_lists_the_directory(ns_store, clock):
     with pytest.raises(ObjectNotFound):
         await ns.stat("d/nope")
     assert ns_store.calls == {"stat": 1, "list": 1}
+
+
+# -- the bounded metadata cache ------------------------------------------------------
+
+
+def test_bounded_lru_evicts_least_recently_used_by_weight():
+    lru: BoundedLru[str, int] = BoundedLru(5)
+    lru.put("a", 1)
+    lru.put("b", 2, weight=2)
+    lru.put("c", 3, weight=2)
+    assert lru.entries == 5 and len(lru) == 3
+    assert lru.get("a") == 1  # now the most recently used
+    lru.put("d", 4)
+    assert "b" not in lru, "the least recently used went first"
+    assert lru.entries == 4 and lru.get("a") == 1 and lru.get("c") == 3
+    assert "d" in lru
+    lru.put("c", 30, weight=1)  # replacing an entry re-weighs it
+    assert lru.entries == 3 and lru.get("c") == 30
+    assert lru.pop("c") == 30 and lru.pop("c") is None
+    assert lru.entries == 2
+
+
+def test_bounded_lru_keeps_one_oversized_value_alone():
+    lru: BoundedLru[str, str] = BoundedLru(10)
+    lru.put("small", "s")
+    lru.put("huge", "h", weight=50)
+    assert len(lru) == 1 and lru.get("huge") == "h" and lru.entries == 50
+    lru.put("small", "s")
+    assert "huge" not in lru and lru.entries == 1
+
+
+def test_bounded_lru_refuses_a_bound_below_one():
+    with pytest.raises(ValueError):
+        BoundedLru(0)
+
+
+@pytest.fixture
+def wide_store():
+    """20 directories of 9 files each."""
+    s = FakeStore()
+    for d in range(20):
+        for f in range(9):
+            s.add(f"d{d:02}/f{f}", b"x" * f)
+    yield s
+    s.release()
+
+
+@pytest.mark.trio
+async def test_listings_stay_within_the_entry_bound(wide_store, clock):
+    ns = namespace(wide_store, clock, attr_ttl=100.0, dir_ttl=100.0, max_entries=35)
+    for d in range(20):
+        assert len(await ns.list_dir(f"d{d:02}")) == 9
+        assert ns._cache.entries <= 35
+    assert len(ns._cache) == 3, "three listings of 1 + 9 entries fit in 35"
+    assert sample("cachefs_meta_cache_entries") == ns._cache.entries == 30
+    # The three most recent listings answer lookups; an evicted one is listed again.
+    assert wide_store.calls["list"] == 20
+    assert (await ns.lookup("d19", "f3")).size == 3
+    assert wide_store.calls["list"] == 20
+    assert (await ns.lookup("d00", "f3")).size == 3
+    assert (await ns.lookup("d00", "f4")).size == 4
+    assert wide_store.calls == {"list": 21, "stat": 1}, "evicted: as if never listed, one HEAD then one LIST"
+    assert (await ns.lookup("d00", "f5")).size == 5
+    assert wide_store.calls == {"list": 21, "stat": 1}
+
+
+@pytest.mark.trio
+async def test_attributes_stay_within_the_entry_bound(wide_store, clock):
+    ns = namespace(wide_store, clock, attr_ttl=100.0, dir_ttl=100.0, max_entries=10)
+    for d in range(20):
+        await ns.stat(f"d{d:02}/f1")  # the first entry of each: a HEAD, no LIST
+    assert wide_store.calls == {"stat": 20}
+    assert ns._cache.entries == 10
+    await ns.stat("d19/f1")
+    assert wide_store.calls == {"stat": 20}, "recent: still cached"
+    await ns.stat("d00")  # evicted long ago, and a first entry of the root
+    assert wide_store.calls == {"stat": 21}
+
+
+@pytest.mark.trio
+async def test_recently_used_entries_survive_eviction(wide_store, clock):
+    ns = namespace(wide_store, clock, attr_ttl=100.0, dir_ttl=100.0, max_entries=25)
+    await ns.list_dir("d00")
+    for d in range(1, 20):
+        await ns.lookup("d00", "f0")  # keeps d00 the most recently used
+        await ns.list_dir(f"d{d:02}")
+    assert wide_store.calls["list"] == 20
+    assert (await ns.lookup("d00", "f8")).size == 8
+    assert wide_store.calls["list"] == 20, "d00 was used all along: never evicted"
+
+
+@pytest.mark.trio
+async def test_ttls_hold_within_the_bound(wide_store, clock):
+    ns = namespace(wide_store, clock, attr_ttl=1.0, dir_ttl=5.0, max_entries=50)
+    await ns.list_dir("d00")
+    clock.now += 4.9
+    await ns.list_dir("d00")
+    assert wide_store.calls["list"] == 1
+    clock.now += 0.1
+    await ns.list_dir("d00")
+    assert wide_store.calls["list"] == 2, "at the dir TTL: listed again"
+
+
+@pytest.mark.trio
+async def test_only_what_is_still_cached_is_served_stale(wide_store, clock):
+    ns = namespace(wide_store, clock, attr_ttl=1.0, dir_ttl=1.0, max_entries=20)
+    await ns.list_dir("d00")
+    await ns.list_dir("d01")  # 2 × 10 entries: both fit
+    await ns.list_dir("d02")  # evicts d00
+    clock.now += 10
+    wide_store.fail_next = 100
+    wide_store.error = lambda: ConnectionRefusedError(errno.ECONNREFUSED, "refused")
+    assert len(await ns.list_dir("d02")) == 9, "still cached: served stale"
+    assert (await ns.stat("d01/f2")).size == 2
+    with pytest.raises(BackendUnavailable):
+        await ns.list_dir("d00")  # evicted: nothing to serve
+
+
+@pytest.mark.trio
+async def test_first_child_hints_are_bounded(wide_store, clock, monkeypatch):
+    monkeypatch.setattr(namespace_mod, "FIRST_CHILD_DIRS", 4)
+    ns = namespace(wide_store, clock)
+    for d in range(20):
+        await ns.stat(f"d{d:02}/f0")
+    assert len(ns._first_child) == 4
+    await ns.stat("d19/f1")  # a second entry of a recent directory: one LIST
+    assert wide_store.calls == {"stat": 20, "list": 1}
+    assert "d19" not in ns._first_child
+
+
+@pytest.mark.trio
+async def test_single_flight_holds_when_listings_evict_each_other(wide_store, clock):
+    """Waiters of a LIST whose result another listing evicted before they woke
+    list again, once between them, and never fail."""
+    ns = namespace(wide_store, clock, attr_ttl=100.0, dir_ttl=100.0, max_entries=10)
+    results = []
+
+    async def list_it(path):
+        results.append((path, len(await ns.list_dir(path))))
+
+    async with trio.open_nursery() as nursery:
+        for _ in range(4):
+            nursery.start_soon(list_it, "d00")
+            nursery.start_soon(list_it, "d01")
+    assert sorted(results) == [("d00", 9)] * 4 + [("d01", 9)] * 4
+    assert 2 <= wide_store.calls["list"] <= 4, "at most one LIST per directory at a time, and one retry each"

@@ -142,6 +142,7 @@ def test_no_ssd_tier_skips_the_cache_dir(good, tmp_path):
         (dict(attr_ttl=-1), "--attr-ttl"),
         (dict(entry_ttl=-0.5), "--entry-ttl"),
         (dict(dir_ttl=-1), "--dir-ttl"),
+        (dict(meta_cache_entries=0), "--meta-cache-entries"),
         (dict(read_ahead=-1), "--read-ahead"),
         (dict(backend_concurrency=0), "--backend-concurrency"),
         (dict(backend_timeout=0), "--backend-timeout"),

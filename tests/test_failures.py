@@ -157,6 +157,7 @@ def test_credentials_from_flags(s3_source, tmp_path, cachefs_mount, run_cachefs)
     s3_source.write("k", b"key from a flag")
     secret = tmp_path / "secret"
     secret.write_text(s3_source.backend.secret_key + "\n")
+    secret.chmod(0o600)
     creds = ["--access-key", s3_source.backend.access_key, "--secret-key-file", str(secret)]
 
     class NoEnv:  # the same source, with no credentials in the environment

@@ -24,7 +24,7 @@ LAYERS = [
     ["cachefs.cache.disk"],
     ["cachefs.peer.client"],
     ["cachefs.backend"],
-    ["cachefs.objects", "cachefs.errors", "cachefs.metrics", "cachefs.hotpath"],  # shared by all
+    ["cachefs.objects", "cachefs.errors", "cachefs.metrics", "cachefs.hotpath", "cachefs.logsafe"],  # shared by all
 ]
 
 

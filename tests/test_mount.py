@@ -8,6 +8,7 @@ import errno
 import os
 import random
 import stat
+import time
 
 import pytest
 
@@ -82,7 +83,7 @@ def test_tree_listing_and_attributes(source, cachefs_mount):
     assert stat.S_ISDIR(os.stat(os.path.join(m.mountpoint, "a", "b")).st_mode)
     with open(os.path.join(m.mountpoint, "a/b/c.txt"), "rb") as f:
         assert f.read() == b"deep"
-    # Inode numbers are stable for the mount's life.
+    # Inode numbers are stable while the kernel holds them.
     first = os.stat(os.path.join(m.mountpoint, "a/b/c.txt")).st_ino
     os.listdir(os.path.join(m.mountpoint, "a/b"))
     assert os.stat(os.path.join(m.mountpoint, "a/b/c.txt")).st_ino == first
@@ -90,6 +91,45 @@ def test_tree_listing_and_attributes(source, cachefs_mount):
         os.stat(os.path.join(m.mountpoint, "a/nope"))
     statvfs = os.statvfs(m.mountpoint)
     assert statvfs.f_bsize > 0
+
+
+def _drop_dentries() -> None:
+    with open("/proc/sys/vm/drop_caches", "w") as f:
+        f.write("2")  # reclaimable slab: dentries and inodes, so the kernel sends FORGETs
+
+
+def test_inodes_are_forgotten_when_the_kernel_drops_them(local_source, cachefs_mount):
+    dirs, per_dir = 30, 100
+    for d in range(dirs):
+        for f in range(per_dir):
+            local_source.write(f"t/d{d:02}/f{f:03}", b"x" * (f % 5))
+    m = cachefs_mount(local_source, "--meta-cache-entries", "1000")
+    held = os.path.join(m.mountpoint, "t/d00/f003")
+    with open(held, "rb") as f:
+        ino = os.fstat(f.fileno()).st_ino
+        seen = 0
+        for dirpath, _, files in os.walk(m.mountpoint):
+            for name in files:
+                assert os.stat(os.path.join(dirpath, name)).st_size == int(name[1:]) % 5
+                seen += 1
+        assert seen == dirs * per_dir
+        peak = m.metric("cachefs_inodes")
+        assert peak >= dirs * per_dir
+        # The metadata cache stays within its bound although the kernel holds every inode.
+        assert 0 < m.metric("cachefs_meta_cache_entries") <= 1000
+
+        deadline = time.monotonic() + 30
+        while (held_now := m.metric("cachefs_inodes")) >= 0.05 * peak:
+            assert time.monotonic() < deadline, f"{held_now:.0f} of {peak:.0f} inodes still held after drop_caches"
+            _drop_dentries()
+            time.sleep(0.2)
+        # The open file keeps its inode: the same number, still readable.
+        assert os.fstat(f.fileno()).st_ino == ino
+        assert os.stat(held).st_ino == ino
+        assert f.read() == b"xxx"
+    # A forgotten path is looked up afresh and served as before.
+    assert os.stat(os.path.join(m.mountpoint, "t/d17/f042")).st_size == 2
+    assert len(os.listdir(os.path.join(m.mountpoint, "t/d29"))) == per_dir
 
 
 def test_symlinks_are_readable(local_source, cachefs_mount):

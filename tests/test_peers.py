@@ -11,121 +11,15 @@ import socket
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
-from pathlib import Path
 
 import pytest
 import trio
 
-from conftest import REPO, _tail, free_port, hermetic_env, stop_process
+from conftest import REPO, SECRET, free_port, hermetic_env
 
 pytestmark = pytest.mark.integration
 
 CHUNK = 256 << 10
-SECRET = "correct horse battery staple"
-
-
-def _load_proxy():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("s3_proxy", REPO / "scripts" / "s3_proxy.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-S3Proxy = _load_proxy().S3Proxy
-
-
-@dataclass
-class Worker:
-    addr: str
-    proc: subprocess.Popen
-    log_path: Path
-    metrics_addr: str
-
-    def metric(self, name: str, **labels: str) -> float:
-        import urllib.request
-
-        from prometheus_client.parser import text_string_to_metric_families
-
-        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-        with opener.open(f"http://{self.metrics_addr}/metrics", timeout=10) as resp:
-            text = resp.read().decode()
-        wanted = set(labels.items())
-        return sum(
-            s.value
-            for fam in text_string_to_metric_families(text)
-            for s in fam.samples
-            if s.name == name and wanted <= set(s.labels.items())
-        )
-
-
-@pytest.fixture
-def secret_file(tmp_path):
-    path = tmp_path / "secret"
-    path.write_text(SECRET)
-    return path
-
-
-@pytest.fixture
-def s3_behind_proxy(s3_source):
-    """The test's S3 prefix, reached through a counting proxy."""
-    with S3Proxy(s3_source.backend.endpoint_url) as proxy:
-
-        class Source:
-            url = s3_source.url
-            mount_args = ["--endpoint-url", proxy.endpoint_url]
-            env = s3_source.env
-            write = s3_source.write
-            info = s3_source.info
-            prefix = s3_source.prefix
-
-        Source.proxy = proxy
-        yield Source
-
-
-@pytest.fixture
-def cachefs_worker(tmp_path, request):
-    workers: list[Worker] = []
-
-    def start(source, *extra: str, secret=None, port=None) -> Worker:
-        n = len(workers)
-        addr = f"127.0.0.1:{port or free_port()}"
-        metrics_addr = f"127.0.0.1:{free_port()}"
-        log_path = tmp_path / f"worker{n}.log"
-        secret_path = secret or tmp_path / "secret"
-        cmd = [
-            sys.executable, "-m", "cachefs", "worker", "--listen", addr, "--source", f"src={source.url}",
-            "--secret-file", str(secret_path), "--cache-dir", str(tmp_path / f"wcache{n}"),
-            "--chunk-size", "256K", "--mem-size", "64M", "--cache-size", "256M",
-            "--metrics", metrics_addr, "--log-level", "debug", *source.mount_args, *extra,
-        ]
-        with open(log_path, "ab") as log:
-            proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                                    env=hermetic_env(source.env), cwd=REPO, start_new_session=True)
-        worker = Worker(addr, proc, log_path, metrics_addr)
-        workers.append(worker)
-        host, port_ = addr.rsplit(":", 1)
-        deadline = time.monotonic() + 30
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"worker exited with {proc.returncode}:\n{_tail(log_path)}")
-            try:
-                socket.create_connection((host, int(port_)), timeout=1).close()
-                return worker
-            except OSError:
-                if time.monotonic() > deadline:
-                    pytest.fail(f"worker did not listen within 30s:\n{_tail(log_path)}")
-                time.sleep(0.05)
-
-    yield start
-    for w in workers:
-        stop_process(w.proc, timeout=10)
-        if getattr(request.node, "rep_call", None) is not None and request.node.rep_call.failed:
-            print(f"\n--- {w.log_path} ---\n{_tail(w.log_path)}")
-
-
 def _peer_args(workers, secret_file, *extra):
     return ("--chunk-size", "256K", "--mem-size", "64M", "--cache-size", "256M",
             "--peers", ",".join(w.addr for w in workers), "--secret-file", str(secret_file), *extra)
@@ -251,6 +145,7 @@ def test_wrong_secret_is_refused_and_reads_still_work(s3_behind_proxy, tmp_path,
     worker = cachefs_worker(src)
     wrong = tmp_path / "wrong"
     wrong.write_text("not the secret")
+    wrong.chmod(0o600)
     m = cachefs_mount(src, *_peer_args([worker], wrong))
     assert _read(os.path.join(m.mountpoint, "s.bin")) == data  # from the backend
     assert worker.metric("cachefs_peer_auth_failures_total") >= 1

@@ -20,6 +20,7 @@ import trio
 from cachefs import hotpath, metrics
 from cachefs.objects import Buffer, ChunkKey, Medium, ObjectId
 from cachefs.errors import PeerError
+from cachefs.logsafe import loggable
 from cachefs.peer import protocol
 from cachefs.peer.protocol import Auth, ChunkData, ChunkError, GetChunk, Hello, ProtocolError, Ready
 from cachefs.peer.ring import Ring
@@ -34,11 +35,11 @@ PEER_ATTEMPTS = 2
 
 
 class _Pending:
-    __slots__ = ("done", "header", "payload")
+    __slots__ = ("done", "reply", "payload")
 
     def __init__(self) -> None:
         self.done = trio.Event()
-        self.header: dict | None = None
+        self.reply: ChunkData | ChunkError | None = None  # None: the connection was lost
         self.payload = b""
 
 
@@ -59,13 +60,17 @@ class PeerConnection:
         self._receiving.cancel()
 
     async def receive_loop(self) -> None:
+        """Runs in the client's nursery: nothing a peer sends may end it with an error."""
         try:
             with self._receiving:
                 await self._receive_frames()
+        except Exception:  # noqa: BLE001 - the per-connection boundary: a bug here must not end the mount
+            metrics.PEER_PROTOCOL_ERRORS.labels("client").inc()
+            log.exception("peer %s: receiving failed; dropping the connection", self.peer)
         finally:
             self.closed = True
             for pending in self._pending.values():
-                pending.done.set()  # header stays None: connection lost
+                pending.done.set()  # reply stays None: connection lost
             self._pending.clear()
             with trio.CancelScope(shield=True):
                 await self.frames.stream.aclose()
@@ -79,7 +84,7 @@ class PeerConnection:
                     raise ProtocolError(f"unexpected {header.get('t')!r} from a server")
                 pending = self._pending.pop(message.id, None)
                 if pending is not None:  # else: the requester timed out and left
-                    pending.header, pending.payload = header, payload
+                    pending.reply, pending.payload = message, payload
                     pending.done.set()
         except ProtocolError as e:
             metrics.PEER_PROTOCOL_ERRORS.labels("client").inc()
@@ -101,13 +106,13 @@ class PeerConnection:
             await self.frames.send(GetChunk(id=request_id, **req_fields).to_header())
             await pending.done.wait()
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as e:
-            self.closed = True
+            self.close()
             raise PeerError(f"peer {self.peer}: {e}") from None
         finally:
             self._pending.pop(request_id, None)
-        if pending.header is None:
+        if pending.reply is None:
             raise PeerError(f"peer {self.peer}: connection lost")
-        return protocol.parse_message(pending.header), pending.payload
+        return pending.reply, pending.payload
 
 
 class PeerClient:
@@ -212,7 +217,7 @@ class PeerClient:
             dict(source=obj.source, path=obj.path, version=obj.version, size=obj.size, chunk_size=chunk_size, index=index)
         )
         if isinstance(reply, ChunkError):
-            raise PeerError(f"peer {peer}: {reply.code}: {reply.message}", code=reply.code)
+            raise PeerError(f"peer {peer}: {reply.code}: {loggable(reply.message)}", code=reply.code)
         if hotpath.checksum(payload) != reply.checksum:
             metrics.CACHE_ERRORS.labels("peer", "corrupt").inc()
             raise PeerError(f"peer {peer}: checksum mismatch on {obj.path} chunk {index}", code="corrupt")
@@ -263,7 +268,10 @@ class PeerTier:
             with trio.move_on_after(self.timeout) as scope:
                 try:
                     data = await self.client.get_chunk(peer, obj, chunk_size, index)
-                except PeerError as e:
+                except Exception as e:  # noqa: BLE001 - whatever a peer does is a miss, never a failed read
+                    if not isinstance(e, PeerError):
+                        log.exception("peer %s: unexpected error", peer)
+                        e = PeerError(f"peer {peer}: {type(e).__name__}")
                     outcome = e.code or "error"
                     if outcome in ("notfound", "changed"):
                         # The peer reached the backend and it said so: ask it ourselves, not the next peer.

@@ -132,12 +132,19 @@ class FrameDecoder:
 
     Args:
         max_payload: the largest payload accepted, in bytes.
+        max_header: the largest header accepted, in bytes (1..MAX_HEADER).
+
+    Both limits may be changed between frames (a server raises `max_header`
+    once a peer has authenticated).
     """
 
-    def __init__(self, max_payload: int = DEFAULT_MAX_PAYLOAD):
+    def __init__(self, max_payload: int = DEFAULT_MAX_PAYLOAD, max_header: int = MAX_HEADER):
         if isinstance(max_payload, bool) or not isinstance(max_payload, int) or not 0 <= max_payload <= _U32_MAX:
             raise ValueError(f"max_payload must be an int in 0..{_U32_MAX}, not {max_payload!r}")
+        if isinstance(max_header, bool) or not isinstance(max_header, int) or not 0 < max_header <= MAX_HEADER:
+            raise ValueError(f"max_header must be an int in 1..{MAX_HEADER}, not {max_header!r}")
         self.max_payload = max_payload
+        self.max_header = max_header
         self._buf = bytearray()
         self._pos = 0  # start of the unconsumed bytes in _buf
         self._lengths: tuple[int, int] | None = None  # (H, P) of the frame at _pos, once its prefix is in
@@ -248,8 +255,8 @@ class FrameDecoder:
             return None  # the current frame's prefix was consumed already
         if self._lengths is None and len(self._buf) - self._pos >= PREFIX_SIZE:
             header_len, payload_len = PREFIX.unpack_from(self._buf, self._pos)
-            if not 0 < header_len <= MAX_HEADER:
-                self._fail(f"header length {header_len} not in 1..{MAX_HEADER}")
+            if not 0 < header_len <= self.max_header:
+                self._fail(f"header length {header_len} not in 1..{self.max_header}")
             if payload_len > self.max_payload:
                 self._fail(f"payload length {payload_len} > {self.max_payload}")
             self._lengths = header_len, payload_len

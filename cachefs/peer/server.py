@@ -1,13 +1,18 @@
 """Serve chunks to peers: the worker side of the peer protocol.
 
 One task per connection: a mutual HMAC handshake, then requests handled
-concurrently (bounded per connection) and answered in any order by id. A
-malformed, oversized or unauthenticated frame closes that connection with a
-log line; nothing a peer sends can take the server down.
+concurrently (bounded per connection) and answered in any order by id.
+
+Each connection is a boundary: whatever happens inside it (a reset, a
+malformed frame, a bug) is logged and closes that connection only; the
+server and every other connection go on. Before a peer has proven it knows
+the secret it can make the server hold very little: frames without payload,
+small headers, a handshake deadline, and a cap on such connections.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from typing import TYPE_CHECKING, Mapping
@@ -20,44 +25,109 @@ from cachefs.errors import BackendError, ObjectChanged, ObjectNotFound
 from cachefs.peer import protocol
 from cachefs.peer.protocol import Auth, ChunkData, ChunkError, GetChunk, Hello, ProtocolError, Ready
 from cachefs.peer.stream import FrameStream
+from cachefs.logsafe import LogLimiter, loggable
 
 if TYPE_CHECKING:
     from cachefs.reader import Reader
 
 log = logging.getLogger(__name__)
 
-HANDSHAKE_TIMEOUT = 5.0
-MAX_REQUESTS_PER_CONNECTION = 64
+# Before authentication only Hello and Auth arrive; both fit in this.
+HANDSHAKE_MAX_HEADER = 8 << 10
+# Longest path component a request may name (NAME_MAX on Linux).
+NAME_MAX = 255
+
+
+@dataclasses.dataclass(frozen=True)
+class ServerLimits:
+    """What one peer can make a server hold. Defaults are documented in docs/operations.md."""
+
+    handshake_timeout: float = 5.0  # seconds from accept to Ready
+    idle_timeout: float = 300.0  # an authenticated connection with nothing in flight is closed after this
+    max_unauthenticated: int = 64  # connections still in their handshake, all peers together
+    max_connections_per_host: int = 64  # authenticated connections from one address
+    max_requests_per_connection: int = 64  # requests in flight on one connection
+    send_timeout: float = 60.0  # an answer the peer does not take within this closes the connection
 
 
 class PeerServer:
     """Serves the chunks of `sources` (source URL → its Reader) to authenticated peers."""
 
-    def __init__(self, node: str, secret: bytes, sources: Mapping[str, "Reader"], max_payload: int):
+    def __init__(
+        self,
+        node: str,
+        secret: bytes,
+        sources: Mapping[str, "Reader"],
+        max_payload: int,
+        limits: ServerLimits = ServerLimits(),
+    ):
         self.node = node
         self.secret = secret
         self.sources = dict(sources)
         self.max_payload = max_payload
+        self.limits = limits
+        self._unauthenticated = 0
+        self._per_host: dict[str, int] = {}
+        self._warnings = LogLimiter(log)
 
-    async def handle(self, stream: trio.SocketStream) -> None:
-        peer = _peer_name(stream)
-        frames = FrameStream(stream, self.max_payload)
+    async def handle(self, stream: trio.abc.Stream) -> None:
+        """Serve one connection until it ends. Never raises, except to cancel (shutdown)."""
+        host, peer = _peer_address(stream)
         try:
-            with trio.move_on_after(HANDSHAKE_TIMEOUT) as scope:
-                ok = await self._handshake(frames, peer)
-            if scope.cancelled_caught:
-                log.warning("peer %s: handshake timed out", peer)
-                return
-            if ok:
-                await self._serve(frames, peer)
-        except ProtocolError as e:
-            metrics.PEER_PROTOCOL_ERRORS.labels("server").inc()
-            log.warning("peer %s: %s; closing the connection", peer, e)
-        except (trio.BrokenResourceError, trio.ClosedResourceError, ConnectionError):
-            pass
+            await self._handle(stream, host, peer)
+        except Exception as exc:  # noqa: BLE001 - the per-connection boundary (ExceptionGroups included)
+            self._connection_failed(peer, exc)
         finally:
             with trio.CancelScope(shield=True):
                 await stream.aclose()
+
+    async def _handle(self, stream: trio.abc.Stream, host: str, peer: str) -> None:
+        if self._unauthenticated >= self.limits.max_unauthenticated:
+            metrics.PEER_CONNECTIONS_CLOSED.labels("unauthenticated-cap").inc()
+            self._warnings.warning(
+                "unauthenticated", "peer %s: %d connections are in their handshake already; refusing",
+                peer, self._unauthenticated,
+            )
+            return
+        # No client message has a payload: a peer cannot make us allocate one.
+        frames = FrameStream(stream, max_payload=0, max_header=HANDSHAKE_MAX_HEADER)
+        self._unauthenticated += 1
+        try:
+            with trio.move_on_after(self.limits.handshake_timeout) as scope:
+                ok = await self._handshake(frames, peer) and await self._admit(frames, host, peer)
+        finally:
+            self._unauthenticated -= 1
+        if scope.cancelled_caught:
+            metrics.PEER_CONNECTIONS_CLOSED.labels("handshake-timeout").inc()
+            self._warnings.warning("handshake-timeout", "peer %s: handshake timed out", peer)
+            return
+        if not ok:
+            return
+        frames.decoder.max_header = protocol.MAX_HEADER
+        try:
+            await self._serve(frames)
+        finally:
+            self._release(host)
+
+    def _connection_failed(self, peer: str, exc: Exception) -> None:
+        """Log why a connection ended abnormally: quietly for what peers do, loudly for our bugs."""
+        rest: BaseException | None = exc
+        if isinstance(exc, BaseExceptionGroup):
+            # Protocol errors and transport errors are a peer's doing; anything else is ours.
+            protocol_errors, rest = exc.split(ProtocolError)
+            _, rest = rest.split(_TRANSPORT_ERRORS) if rest is not None else (None, None)
+            first = _first_leaf(protocol_errors) if protocol_errors is not None else None
+        else:
+            first = exc if isinstance(exc, ProtocolError) else None
+            if isinstance(exc, (ProtocolError, *_TRANSPORT_ERRORS)):
+                rest = None
+        if first is not None:
+            metrics.PEER_PROTOCOL_ERRORS.labels("server").inc()
+            self._warnings.warning("protocol", "peer %s: %s; closing the connection", peer, first)
+        if rest is not None:
+            metrics.PEER_CONNECTIONS_CLOSED.labels("internal-error").inc()
+            if self._warnings.log(logging.ERROR, "internal", "peer %s: connection failed; closing it", peer):
+                log.error("the error was:", exc_info=rest)
 
     async def _handshake(self, frames: FrameStream, peer: str) -> bool:
         frame = await frames.receive()
@@ -74,55 +144,93 @@ class PeerServer:
         expected = protocol.hello_mac(self.secret, "client", hello.nonce, nonce)
         if not isinstance(auth, Auth) or not protocol.verify_mac(expected, auth.mac):
             metrics.PEER_AUTH_FAILURES.inc()
-            log.warning("peer %s (%s): authentication failed; closing", peer, hello.node)
+            self._warnings.warning(
+                "auth", "peer %s (calls itself %s): authentication failed; closing", peer, loggable(hello.node)
+            )
             return False
-        await frames.send(Ready().to_header())
         return True
 
-    async def _serve(self, frames: FrameStream, peer: str) -> None:
-        slots = trio.Semaphore(MAX_REQUESTS_PER_CONNECTION)
+    async def _admit(self, frames: FrameStream, host: str, peer: str) -> bool:
+        """Tell an authenticated peer it may send requests, unless its host is at its cap."""
+        if self._per_host.get(host, 0) >= self.limits.max_connections_per_host:
+            metrics.PEER_CONNECTIONS_CLOSED.labels("per-host-cap").inc()
+            self._warnings.warning(
+                f"per-host:{host}", "peer %s: %d connections from %s already; refusing",
+                peer, self._per_host[host], host,
+            )
+            return False
+        # Counted from here, before the Ready goes out: the cap holds however the sends interleave.
+        self._per_host[host] = self._per_host.get(host, 0) + 1
+        try:
+            await frames.send(Ready().to_header())
+        except BaseException:
+            self._release(host)
+            raise
+        return True
+
+    def _release(self, host: str) -> None:
+        if self._per_host[host] == 1:
+            del self._per_host[host]
+        else:
+            self._per_host[host] -= 1
+
+    async def _serve(self, frames: FrameStream) -> None:
         async with trio.open_nursery() as nursery:
+            session = _Session(frames, self.limits.max_requests_per_connection, nursery.cancel_scope)
             try:
-                while (frame := await frames.receive()) is not None:
+                while True:
+                    # While answers are being worked on, look again an idle timeout from now.
+                    since = trio.current_time() if session.busy else session.last_active
+                    with trio.move_on_at(since + self.limits.idle_timeout) as idle:
+                        frame = await frames.receive()
+                    if idle.cancelled_caught:
+                        if session.busy or trio.current_time() < session.last_active + self.limits.idle_timeout:
+                            continue  # a request is being answered, or one was answered since: not idle
+                        metrics.PEER_CONNECTIONS_CLOSED.labels("idle").inc()
+                        log.debug("closing a connection idle for %gs", self.limits.idle_timeout)
+                        return
+                    if frame is None:
+                        return
+                    session.last_active = trio.current_time()
                     request = protocol.parse_message(frame[0])
                     if not isinstance(request, GetChunk):
                         raise ProtocolError(f"unexpected {frame[0].get('t')!r} after the handshake")
-                    await slots.acquire()
-                    nursery.start_soon(self._answer, frames, request, slots)
+                    await session.slots.acquire()
+                    nursery.start_soon(self._answer, session, request)
             finally:
                 # The connection is finished; requests still running have no one to answer.
                 nursery.cancel_scope.cancel()
 
-    async def _answer(self, frames: FrameStream, req: GetChunk, slots: trio.Semaphore) -> None:
+    async def _answer(self, session: _Session, req: GetChunk) -> None:
         try:
             reply = await self._chunk(req)
-            if isinstance(reply, ChunkError):
-                await frames.send(reply.to_header())
-            else:
-                await frames.send(ChunkData(req.id, hotpath.checksum(reply)).to_header(), reply)
-                metrics.PEER_SERVED_BYTES.inc(len(reply))
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            pass
+            with trio.move_on_after(self.limits.send_timeout) as sending:
+                if isinstance(reply, ChunkError):
+                    await session.frames.send(reply.to_header())
+                else:
+                    await session.frames.send(ChunkData(req.id, hotpath.checksum(reply)).to_header(), reply)
+                    metrics.PEER_SERVED_BYTES.inc(len(reply))
+            if sending.cancelled_caught:
+                # Half a frame may be out: the stream is unusable. A peer that stops reading loses it.
+                metrics.PEER_CONNECTIONS_CLOSED.labels("send-timeout").inc()
+                log.debug("an answer was not taken within %gs; closing the connection", self.limits.send_timeout)
+                session.scope.cancel()
+        except _TRANSPORT_ERRORS:
+            pass  # the peer left; the receive loop sees it too and ends the connection
         finally:
-            slots.release()
+            session.last_active = trio.current_time()
+            session.slots.release()
 
     async def _chunk(self, req: GetChunk) -> bytes | memoryview | ChunkError:
         reader = self.sources.get(req.source)
         if reader is None:
             # A worker serves its own sources only; it never becomes a proxy to arbitrary URLs.
             metrics.PEER_SERVED.labels("refused").inc()
-            return ChunkError(req.id, "refused", f"source {req.source!r} is not served here")
-        if req.chunk_size != reader.chunk_size:
+            return ChunkError(req.id, "refused", f"source {loggable(req.source)} is not served here")
+        problem = _check_request(req, reader.chunk_size)
+        if problem is not None:
             metrics.PEER_SERVED.labels("bad-request").inc()
-            return ChunkError(req.id, "bad-request", f"chunk size {req.chunk_size} != {reader.chunk_size}")
-        try:
-            check_relative_path(req.path)
-        except ValueError as e:
-            metrics.PEER_SERVED.labels("bad-request").inc()
-            return ChunkError(req.id, "bad-request", str(e))
-        if req.size < 0 or req.index * req.chunk_size >= max(req.size, 1):
-            metrics.PEER_SERVED.labels("bad-request").inc()
-            return ChunkError(req.id, "bad-request", "chunk index past the end of the object")
+            return ChunkError(req.id, "bad-request", problem)
         obj = ObjectId(req.source, req.path, req.version, req.size)
         try:
             data, _ = await reader.chunk(obj, req.index)
@@ -139,9 +247,53 @@ class PeerServer:
         return ChunkError(req.id, code, message)
 
 
-def _peer_name(stream: trio.SocketStream) -> str:
+class _Session:
+    """One authenticated connection's state, shared by its receive loop and its answers."""
+
+    def __init__(self, frames: FrameStream, max_requests: int, scope: trio.CancelScope):
+        self.frames = frames
+        self.max_requests = max_requests
+        self.slots = trio.Semaphore(max_requests)
+        self.scope = scope  # cancel to close the connection
+        self.last_active = trio.current_time()  # the last request received or answer sent
+
+    @property
+    def busy(self) -> bool:
+        return self.slots.value < self.max_requests
+
+
+# What a peer that goes away mid-conversation raises; not an error of ours.
+_TRANSPORT_ERRORS = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)
+
+
+def _check_request(req: GetChunk, chunk_size: int) -> str | None:
+    """Why `req` cannot be served, or None: checked before any tier or backend is asked."""
+    if req.chunk_size != chunk_size:
+        return f"chunk size {req.chunk_size} != {chunk_size}"
+    if not req.path or any(len(part.encode()) > NAME_MAX for part in req.path.split("/")):
+        return f"bad path {loggable(req.path)}"
     try:
-        host, port = stream.socket.getpeername()[:2]
-        return f"{host}:{port}"
-    except OSError:
-        return "?"
+        check_relative_path(req.path)
+    except ValueError:
+        return f"bad path {loggable(req.path)}"
+    if not req.version:
+        return "empty version"
+    # An empty object has no chunks: nothing a peer can ask for.
+    if req.index * req.chunk_size >= req.size:
+        return f"chunk {req.index} is past the end of an object of {req.size} bytes"
+    return None
+
+
+def _first_leaf(group: BaseException) -> BaseException:
+    while isinstance(group, BaseExceptionGroup):
+        group = group.exceptions[0]
+    return group
+
+
+def _peer_address(stream: trio.abc.Stream) -> tuple[str, str]:
+    """(the peer's host, "host:port") for limits and logs; ("?", "?") for a stream without a socket."""
+    try:
+        host, port = stream.socket.getpeername()[:2]  # type: ignore[attr-defined]
+        return host, f"{host}:{port}"
+    except (AttributeError, OSError):
+        return "?", "?"

@@ -7,7 +7,7 @@ import select
 
 import trio
 
-from cachefs.peer.protocol import FrameDecoder, ProtocolError, encode_frame
+from cachefs.peer.protocol import MAX_HEADER, FrameDecoder, ProtocolError, encode_frame
 
 RECEIVE_SIZE = 256 << 10
 # Payloads at least this big are received by a worker thread (see FrameStream).
@@ -46,18 +46,29 @@ class FrameStream:
     task to stop it; never close the stream under it.
     """
 
-    def __init__(self, stream: trio.abc.Stream, max_payload: int, thread_receive: bool = False):
+    def __init__(
+        self, stream: trio.abc.Stream, max_payload: int, thread_receive: bool = False, max_header: int = MAX_HEADER
+    ):
         self.stream = stream
-        self.decoder = FrameDecoder(max_payload=max_payload)
+        self.decoder = FrameDecoder(max_payload=max_payload, max_header=max_header)
         self._send_lock = trio.Lock()
+        self._send_broken = False
         self._thread_receive = thread_receive and isinstance(stream, trio.SocketStream)
 
     async def send(self, header: dict, payload: bytes | memoryview = b"") -> None:
         prefix, body = encode_frame(header, payload)
         async with self._send_lock:
-            await self.stream.send_all(prefix)
-            if len(body):
-                await self.stream.send_all(body)
+            if self._send_broken:
+                raise trio.ClosedResourceError("an earlier frame was cut short; the stream is out of sync")
+            try:
+                await self.stream.send_all(prefix)
+                if len(body):
+                    await self.stream.send_all(body)
+            except BaseException:
+                # Cancelled or failed part-way: part of a frame may be out, so no
+                # later frame on this stream could be parsed.
+                self._send_broken = True
+                raise
 
     async def receive(self) -> tuple[dict, bytes | bytearray] | None:
         """The next frame, or None at a clean end of stream.
