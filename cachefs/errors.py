@@ -13,6 +13,10 @@ class ConfigError(CachefsError):
         self.exitcode = exitcode
 
 
+class CacheDirInUse(CachefsError):
+    """Another process owns the SSD tier's directory; the message names it and, if known, the owner's pid."""
+
+
 class ChunkCorrupt(CachefsError):
     """A cached chunk failed its header, length or checksum check; never serve it."""
 

@@ -17,6 +17,7 @@ from cachefs.cache.mem import MemTier
 from cachefs.config import CacheConfig
 from cachefs.errors import (
     BackendError,
+    CacheDirInUse,
     BackendPermissionDenied,
     BackendUnavailable,
     ConfigError,
@@ -53,11 +54,21 @@ async def serve_metrics(config: CacheConfig, nursery: trio.Nursery) -> None:
 
 
 async def open_tiers(config: CacheConfig) -> tuple[MemTier, DiskTier | None]:
+    """The local tiers; the SSD tier's directory is this process's until it exits.
+
+    Raises:
+        ConfigError: the cache directory is in use by another process, or unusable.
+    """
     mem = MemTier(config.mem_size)
     disk = None
     if config.cache_size:
         disk = DiskTier(config.cache_dir, config.cache_size, config.free_space_ratio)
-        await disk.load()
+        try:
+            await disk.load()
+        except CacheDirInUse as e:
+            raise ConfigError(f"{config.label('cache_dir')} {e}; give each mount and worker its own") from None
+        except OSError as e:
+            raise ConfigError(f"{config.label('cache_dir')} {config.cache_dir}: unusable ({e})") from None
     return mem, disk
 
 

@@ -24,7 +24,7 @@ from prometheus_client import REGISTRY
 from cachefs import hotpath
 from cachefs.cache.disk import DiskTier
 from cachefs.cache.mem import MemTier
-from cachefs.errors import ConfigError
+from cachefs.errors import CacheDirInUse
 from cachefs.objects import ChunkKey, ObjectId, chunk_digest
 
 HEADER = hotpath.HEADER_SIZE
@@ -353,13 +353,31 @@ async def test_disk_warm_restart(tmp_path):
 async def test_disk_dir_has_one_owner(tmp_path):
     disk = await open_disk(tmp_path, 10 * entry(1000))
     assert await disk.put(chunk(0), payload(1000))
-    with pytest.raises(ConfigError, match=f"--cache-dir {tmp_path}: in use by another cachefs process \\(pid {os.getpid()}\\)"):
+    with pytest.raises(CacheDirInUse, match=f"{tmp_path}: in use by another cachefs process \\(pid {os.getpid()}\\)"):
         await open_disk(tmp_path, 10 * entry(1000))
     assert key(0) in disk and chunk_files(tmp_path), "the refused tier touched nothing"
     disk.close()
     again = await open_disk(tmp_path, 10 * entry(1000))
     assert bytes(await again.get(chunk(0))) == payload(1000)
     again.close()
+
+
+@pytest.mark.trio
+async def test_a_cache_dir_in_use_is_a_config_error_named_like_the_setting(tmp_path):
+    from cachefs.config import CacheConfig
+    from cachefs.errors import ConfigError
+    from cachefs.stack import open_tiers
+
+    owner = await open_disk(tmp_path, 10 * entry(1000))
+    config = CacheConfig(cache_dir=str(tmp_path), cache_size=10 * entry(1000), labels={"cache_dir": "node.toml: cache.dir"})
+    with pytest.raises(ConfigError) as refused:
+        await open_tiers(config)
+    assert str(refused.value) == (
+        f"node.toml: cache.dir {tmp_path}: in use by another cachefs process (pid {os.getpid()}); "
+        "give each mount and worker its own"
+    )
+    assert refused.value.exitcode == 2
+    owner.close()
 
 
 @pytest.mark.trio

@@ -198,6 +198,7 @@ def test_a_cache_dir_has_one_owner(local_source, mp, tmp_path, cachefs_mount, ru
 
     secret = tmp_path / "secret"
     secret.write_text("s3cret\n")
+    secret.chmod(0o600)
     r = run_cachefs("worker", "--listen", f"127.0.0.1:{free_port()}", "--source", f"src={local_source.url}",
                     "--secret-file", secret, "--cache-dir", cache)
     _check_refused(r, f"--cache-dir {cache}: in use")

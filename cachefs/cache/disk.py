@@ -11,7 +11,7 @@ is dropped, which is the same outcome as never having cached it.
 
 The directory has one owner: `load` takes an exclusive flock on `DIR/lock`
 (holding the owner's pid) before it scans, so a second process pointed at it
-fails with a ConfigError instead of evicting, or deleting the temp files of,
+fails (CacheDirInUse) instead of evicting, or deleting the temp files of,
 chunks that are not its own. The kernel drops the lock when the owner exits.
 
 Files are written with O_DIRECT where the file system takes it: on our VMs a
@@ -39,7 +39,7 @@ import trio
 
 from cachefs import hotpath, metrics
 from cachefs.cache.policy import SegmentedLRU
-from cachefs.errors import ChunkCorrupt, ConfigError
+from cachefs.errors import CacheDirInUse, ChunkCorrupt
 from cachefs.objects import SOURCE_TAG_SIZE, Buffer, ChunkKey, Medium
 
 log = logging.getLogger(__name__)
@@ -83,25 +83,21 @@ def _own_dir(cache_dir: str) -> int:
     Returns:
         The lock file's descriptor: the lock lasts until it is closed.
     Raises:
-        ConfigError: another process holds the lock.
+        CacheDirInUse: another process holds the lock.
+        OSError: the lock file cannot be created.
     """
-    try:
-        os.makedirs(cache_dir, mode=0o700, exist_ok=True)
-        fd = os.open(os.path.join(cache_dir, LOCK_FILE), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-    except OSError as e:
-        raise ConfigError(f"--cache-dir {cache_dir}: cannot create its lock file ({e.strerror})") from None
+    os.makedirs(cache_dir, mode=0o700, exist_ok=True)
+    fd = os.open(os.path.join(cache_dir, LOCK_FILE), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         owner = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
         os.close(fd)
         pid = f" (pid {owner})" if owner.isdigit() else ""
-        raise ConfigError(
-            f"--cache-dir {cache_dir}: in use by another cachefs process{pid}; give each mount and worker its own"
-        ) from None
+        raise CacheDirInUse(f"{cache_dir}: in use by another cachefs process{pid}") from None
     except OSError as e:
         # A file system without flock (some network ones): run, but unguarded.
-        log.warning("--cache-dir %s: cannot lock it (%s); make sure no other process uses it", cache_dir, e.strerror)
+        log.warning("cache directory %s: cannot lock it (%s); make sure no other process uses it", cache_dir, e.strerror)
     os.ftruncate(fd, 0)
     os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
     return fd
@@ -153,7 +149,8 @@ class DiskTier:
         the files on disk, so a restarted mount stays warm.
 
         Raises:
-            ConfigError: another process owns the directory.
+            CacheDirInUse: another process owns the directory.
+            OSError: the directory cannot be locked or scanned.
         """
         self._lock_fd = await trio.to_thread.run_sync(_own_dir, self.cache_dir)
         entries = await trio.to_thread.run_sync(self._scan)
