@@ -164,9 +164,10 @@ async def _dataset_add(node: NodeControl, args: dict) -> None:
     dataset = parse_dataset_spec(spec)
     if dataset.at_root:
         raise ConfigError("dataset spec: a dataset added at run time needs a NAME")
-    dataset.check()
-    # Reads the key files the spec names: a little blocking I/O, off the event loop.
+    # Reads the key files the spec names (a little blocking I/O, off the event loop);
+    # check() wants the keys read, as NodeConfig.check does.
     dataset = await trio.to_thread.run_sync(_read_credentials, dataset)
+    dataset.check()
     await node.add_dataset(dataset)
     return None
 
@@ -214,6 +215,7 @@ class ControlServer:
         try:
             if self.connections > self.limits.max_connections:
                 await stream.send_all(encode(error_reply("busy: too many control connections; try again")))
+                await _linger(stream)
                 return
             await self._serve(stream)
         except trio.BrokenResourceError:
@@ -235,6 +237,7 @@ class ControlServer:
             reply, close = await self._answer(line)
             await stream.send_all(reply)
             if close:
+                await _linger(stream)
                 return
 
     async def _answer(self, line: bytes | RequestError) -> tuple[bytes, bool]:
@@ -252,6 +255,21 @@ class ControlServer:
         except Exception as e:  # noqa: BLE001 - a bug (ours or the node's) fails this request, not the server
             log.exception("control request %r failed", line[:200] if isinstance(line, bytes) else line)
             return encode(error_reply(f"internal error: {type(e).__name__}: {e}")), True
+
+
+async def _linger(stream: trio.abc.Stream) -> None:
+    """Close politely after a reply the client may still be sending into.
+
+    Closing a unix socket with unread input resets it, and the client would see
+    ECONNRESET instead of our error reply; so say EOF, then read and drop what
+    follows for a little while (bounded in bytes and time).
+    """
+    with trio.move_on_after(1):
+        if isinstance(stream, trio.abc.HalfCloseableStream):
+            await stream.send_eof()
+        dropped = 0
+        while dropped < 1 << 20 and (data := await stream.receive_some(64 << 10)):
+            dropped += len(data)
 
 
 async def _read_line(stream: trio.abc.ReceiveStream, buffer: bytearray, cap: int) -> bytes | RequestError | None:
