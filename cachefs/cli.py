@@ -340,8 +340,7 @@ def _dataset(a: argparse.Namespace) -> int:
         # paths are taken from the user's directory, not the daemon's.
         spec = format_dataset_spec(parse_dataset_spec(a.spec))
         _control(a.mountpoint, "dataset.add", {"spec": spec})
-        name = spec.partition("=")[0]
-        print(f"cachefs: {a.mountpoint}: serving dataset {name} at {os.path.join(a.mountpoint, name)}")
+        print(f"cachefs: {a.mountpoint}: added dataset {spec.partition('=')[0]}")
     elif a.action == "remove":
         _control(a.mountpoint, "dataset.remove", {"name": a.name, "force": a.force})
         print(f"cachefs: {a.mountpoint}: removed dataset {a.name}")

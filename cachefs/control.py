@@ -161,9 +161,7 @@ async def _dataset_add(node: NodeControl, args: dict) -> None:
 
     spec = _arg(args, "spec", str)
     _absolute_paths(spec)
-    dataset = parse_dataset_spec(spec)
-    if dataset.at_root:
-        raise ConfigError("dataset spec: a dataset added at run time needs a NAME")
+    dataset = parse_dataset_spec(spec)  # NAME is required: nothing is added at the mount root
     # Reads the key files the spec names (a little blocking I/O, off the event loop);
     # check() wants the keys read, as NodeConfig.check does.
     dataset = await trio.to_thread.run_sync(_read_credentials, dataset)
@@ -242,6 +240,7 @@ class ControlServer:
 
     async def _answer(self, line: bytes | RequestError) -> tuple[bytes, bool]:
         """The reply to one request line, and whether to close the connection after it."""
+        op = "?"
         try:
             if isinstance(line, RequestError):
                 raise line
@@ -253,7 +252,8 @@ class ControlServer:
         except ConfigError as e:
             return encode(error_reply(str(e))), False
         except Exception as e:  # noqa: BLE001 - a bug (ours or the node's) fails this request, not the server
-            log.exception("control request %r failed", line[:200] if isinstance(line, bytes) else line)
+            # The op only: a request's arguments may name key files and keys.
+            log.exception("control request %r failed", op)
             return encode(error_reply(f"internal error: {type(e).__name__}: {e}")), True
 
 
@@ -484,6 +484,8 @@ def _locate(target: str) -> str:
     except OSError as e:
         if e.errno == errno.ENOTCONN:
             raise ConfigError(f"{target}: the mount's daemon is gone (run fusermount3 -u {target})") from None
+        if e.errno == errno.EACCES:
+            raise ConfigError(f"{target}: permission denied: only root can use cachefs control sockets") from None
         raise ConfigError(f"{target}: {e.strerror}") from None
     if stat.S_ISSOCK(st.st_mode):
         return target

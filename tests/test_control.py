@@ -376,6 +376,29 @@ def test_socket_for(sock, run_dir, tmp_path):
         socket_for(str(tmp_path / "d"))
 
 
+def test_socket_for_asks_the_xattr_up_to_the_mount_root(tmp_path, sock):
+    root = tmp_path / "mnt"
+    (root / "feats" / "a").mkdir(parents=True)
+    try:
+        os.setxattr(root, control.XATTR, sock.encode())
+    except OSError as e:
+        pytest.skip(f"no user xattrs here ({e.strerror})")
+    assert socket_for(str(root)) == sock
+    assert socket_for(str(root / "feats" / "a")) == sock
+
+
+def test_socket_for_gives_up_on_a_hung_mount(monkeypatch, tmp_path):
+    import threading
+
+    release = threading.Event()
+    monkeypatch.setattr(control, "_locate", lambda target: release.wait())
+    try:
+        with pytest.raises(ConfigError, match=r"/mnt: no answer within 0.05 s \(a hung mount\?\)"):
+            socket_for(str(tmp_path / "mnt"), timeout=0.05)
+    finally:
+        release.set()
+
+
 # -- the CLI ---------------------------------------------------------------------------------
 
 
@@ -397,7 +420,7 @@ async def test_cli_through_the_socket(served, node, run_cachefs, tmp_path):
 
     data = tmp_path / "data"
     r = await cli("dataset", "add", served, f"feats={data},quota=2G")
-    assert r.returncode == 0, r.stderr
+    assert r.returncode == 0 and r.stdout == f"cachefs: {served}: added dataset feats\n", r.stderr
     assert node.datasets["feats"].url == str(data)  # made absolute by the CLI
     r = await cli("dataset", "list", served)
     assert r.returncode == 0
