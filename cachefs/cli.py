@@ -1,8 +1,9 @@
-"""Command line: `cachefs mount`, `cachefs worker`, `cachefs status`, `cachefs umount`, `cachefs --version`."""
+"""Command line: `cachefs mount`, `cachefs worker`, `cachefs dataset`, `cachefs status`, `cachefs umount`, `cachefs --version`."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import re
@@ -127,13 +128,40 @@ def _parser() -> argparse.ArgumentParser:
     w.add_argument("--source", action="append", required=True, metavar="NAME=URL", help="a source to serve (repeatable), e.g. md=s3://bucket/market")
     _add_cache_args(w, dw)
 
+    ds = sub.add_parser(
+        "dataset",
+        help="add, remove or list the datasets of a running mount",
+        description="Change what a running mount serves at MOUNTPOINT/NAME, through its control socket "
+        "(root only). MOUNTPOINT may also be the control socket itself.",
+    )
+    dsub = ds.add_subparsers(dest="action", required=True, metavar="ACTION")
+    a = dsub.add_parser("add", help="serve a dataset at MOUNTPOINT/NAME", description="Serve URL at MOUNTPOINT/NAME from now on.")
+    a.add_argument("mountpoint", metavar="MOUNTPOINT")
+    a.add_argument(
+        "spec", metavar="NAME=URL[,OPT...]",
+        help="as for `cachefs mount --dataset`: options ro, subdir=PATH, quota=SIZE, endpoint=URL, profile=NAME, "
+        "access_key_file=PATH, secret_key_file=PATH",
+    )
+    r = dsub.add_parser(
+        "remove", help="stop serving a dataset",
+        description="Stop serving MOUNTPOINT/NAME. Refused while files of it are open, unless --force.",
+    )
+    r.add_argument("mountpoint", metavar="MOUNTPOINT")
+    r.add_argument("name", metavar="NAME")
+    r.add_argument("--force", action="store_true", help="remove it even while files of it are open")
+    ls = dsub.add_parser("list", help="list the datasets a mount serves", description="List the datasets MOUNTPOINT serves.")
+    ls.add_argument("mountpoint", metavar="MOUNTPOINT")
+    ls.add_argument("--json", action="store_true", help="print them as JSON")
+
     st = sub.add_parser(
         "status",
         help="show what nodes hold and serve",
-        description="Reads the --metrics endpoint of each mount or worker and shows its tiers, how much "
-        "of each source it holds, its cache ratio, what it served to peers and which peers are down.",
+        description="For a MOUNTPOINT (or a control socket), asks the node through its control socket: its "
+        "tiers, datasets, peers and version. For HOST:PORT, reads the node's --metrics endpoint and shows its "
+        "tiers, how much of each source it holds, its cache ratio, what it served to peers and which peers are down.",
     )
-    st.add_argument("nodes", nargs="+", metavar="HOST:PORT", help="a node's --metrics address")
+    st.add_argument("nodes", nargs="+", metavar="MOUNTPOINT|HOST:PORT", help="a mountpoint, or a node's --metrics address")
+    st.add_argument("--json", action="store_true", help="print a MOUNTPOINT's status as JSON (one MOUNTPOINT)")
 
     u = sub.add_parser("umount", help="unmount a cachefs mount", description="Unmount MOUNTPOINT; the daemon then exits.")
     u.add_argument("mountpoint", metavar="MOUNTPOINT")
@@ -296,6 +324,48 @@ def _is_mounted(mountpoint: str) -> bool:
         return any(line.split()[4] == mountpoint for line in f)
 
 
+def _control(target: str, op: str, args: dict | None = None):
+    """The result of `op` on the node of `target` (a mountpoint or its control socket)."""
+    from cachefs import control
+
+    return control.request(control.socket_for(target), op, args, label=target)
+
+
+def _dataset(a: argparse.Namespace) -> int:
+    from cachefs import status
+    from cachefs.loader import format_dataset_spec, parse_dataset_spec
+
+    if a.action == "add":
+        # Checked here too, so a typo is caught before the node is asked, and relative
+        # paths are taken from the user's directory, not the daemon's.
+        spec = format_dataset_spec(parse_dataset_spec(a.spec))
+        _control(a.mountpoint, "dataset.add", {"spec": spec})
+        print(f"cachefs: {a.mountpoint}: added dataset {spec.partition('=')[0]}")
+    elif a.action == "remove":
+        _control(a.mountpoint, "dataset.remove", {"name": a.name, "force": a.force})
+        print(f"cachefs: {a.mountpoint}: removed dataset {a.name}")
+    else:
+        rows = _control(a.mountpoint, "dataset.list")
+        print(json.dumps(rows, indent=2) if a.json else status.render_datasets(rows))
+    return 0
+
+
+def _status(a: argparse.Namespace) -> int:
+    from cachefs import status
+
+    targets = [(t, status.is_metrics_addr(t)) for t in a.nodes]
+    if a.json and (len(targets) != 1 or targets[0][1]):
+        raise ConfigError("--json takes one MOUNTPOINT (HOST:PORT shows metrics as text only)")
+    for target, metrics in targets:
+        if metrics:
+            print(status.render(target, status.scrape(target)))
+        elif a.json:
+            print(json.dumps(_control(target, "status"), indent=2))
+        else:
+            print(status.render_node(target, _control(target, "status")))
+    return 0
+
+
 def _umount(a: argparse.Namespace) -> int:
     mountpoint = os.path.abspath(a.mountpoint)
     if not _is_mounted(mountpoint):
@@ -320,10 +390,10 @@ def main(argv: list[str] | None = None) -> int:
             return _mount(args, argv, extra)
         if args.command == "worker":
             return _worker(args)
+        if args.command == "dataset":
+            return _dataset(args)
         if args.command == "status":
-            from cachefs import status
-
-            return status.main(args.nodes)
+            return _status(args)
         return _umount(args)
     except ConfigError as e:
         if logging.getLogger().handlers:  # else logging's last resort repeats the line on stderr

@@ -1,4 +1,5 @@
-"""`cachefs status`: what each node (mount or worker) holds and serves, from its metrics."""
+"""`cachefs status` and `cachefs dataset list` as text: a node's metrics (HOST:PORT), or
+what its control socket answers (MOUNTPOINT; see cachefs.control)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from collections import defaultdict
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from cachefs.config import parse_addr
+from cachefs.config import format_size, parse_addr
 from cachefs.errors import ConfigError
 
 Samples = dict[tuple[str, frozenset], float]
@@ -82,7 +83,68 @@ def render(addr: str, samples: Samples) -> str:
     return "\n".join(lines)
 
 
-def main(addrs: list[str]) -> int:
-    for addr in addrs:
-        print(render(addr, scrape(addr)))
-    return 0
+def is_metrics_addr(target: str) -> bool:
+    """HOST:PORT (a --metrics address) rather than a path; write ./NAME for a directory named like one."""
+    if "/" in target or target in (".", ".."):
+        return False
+    try:
+        parse_addr(target, "status")
+    except ConfigError:
+        return False
+    return True
+
+
+def _table(header: list[str], rows: list[list[str]]) -> str:
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in [header, *rows])
+
+
+def _quota(value) -> str:
+    return format_size(value) if isinstance(value, int) and value > 0 else "-"
+
+
+def render_datasets(rows: list[dict]) -> str:
+    """`cachefs dataset list`: one line a dataset (the dataset.list result)."""
+    if not rows:
+        return "no datasets"
+    return _table(
+        ["NAME", "URL", "MODE", "SUBDIR", "QUOTA", "OPEN FILES"],
+        [
+            [
+                str(d.get("name") or "(root)"),
+                str(d.get("url", "")),
+                "ro" if d.get("read_only", True) else "rw",
+                str(d.get("subdir") or "-"),
+                _quota(d.get("quota")),
+                str(d.get("open_files", "-")),
+            ]
+            for d in rows
+        ],
+    )
+
+
+def render_node(target: str, status: dict) -> str:
+    """`cachefs status MOUNTPOINT`: the status op's result (shape in docs/operations.md) as text."""
+    head = f"{target}: cachefs {status.get('version', '?')}"
+    if status.get("hot_path"):
+        head += f" (hot path: {status['hot_path']})"
+    if status.get("pid"):
+        head += f", pid {status['pid']}"
+    lines = [head]
+    for tier in status.get("tiers") or []:
+        lines.append(
+            f"  {str(tier.get('name', '?')):<5} {_size(tier.get('used_bytes', 0)):>8} of "
+            f"{_size(tier.get('capacity_bytes', 0)):>8}  ({tier.get('chunks', 0)} chunks)"
+        )
+    datasets = status.get("datasets") or []
+    if datasets:
+        lines.append("  " + render_datasets(datasets).replace("\n", "\n  "))
+    peers = status.get("peers") or []
+    if peers:
+        down = sorted(str(p.get("node")) for p in peers if not p.get("up"))
+        lines.append(f"  peers {len(peers)}; down: {', '.join(down) or 'none'}")
+    shown = {"version", "hot_path", "pid", "tiers", "datasets", "peers"}
+    for key, value in status.items():
+        if key not in shown and not isinstance(value, (dict, list)):
+            lines.append(f"  {key}: {value}")
+    return "\n".join(lines)

@@ -1,0 +1,528 @@
+"""The control socket: how `cachefs dataset ...` and `cachefs status MOUNTPOINT` talk to a node.
+
+Each mount (and worker) listens on a unix stream socket, mode 0600 in a run
+directory of mode 0700 (default CACHE_DIR/run, or --run-dir), so only root (the
+node's owner) can use it. The protocol is newline-delimited JSON, one request and
+one reply per line, several requests per connection, answered in order::
+
+    → {"v": 1, "op": "dataset.list", "args": {}}
+    ← {"v": 1, "ok": true, "result": [...]}
+    ← {"v": 1, "ok": false, "error": "one line that says what is wrong"}
+
+Ops (see OPS and docs/operations.md): `hello`, `dataset.add` {spec},
+`dataset.remove` {name, force}, `dataset.list`, `status`.
+
+Versioning: `v` must equal PROTOCOL_VERSION; unknown fields (top level or in
+`args`) are ignored, so a later version can add optional ones. A request that is
+not valid JSON, is longer than MAX_LINE or arrives unterminated gets an error
+reply and the connection is closed; any other bad request (unknown op, wrong
+type, missing argument, wrong version) gets an error reply and the connection
+stays open. Nothing a client sends ends the server.
+
+A mount tells where its socket is through the xattr XATTR of its mountpoint, so
+the CLI takes a MOUNTPOINT (`socket_for`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import errno
+import hashlib
+import json
+import logging
+import os
+import re
+import socket
+import stat
+from typing import Any, Callable, Protocol
+
+import trio
+
+from cachefs import __version__
+from cachefs.config import DatasetConfig, url_scheme
+from cachefs.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+PROTOCOL_VERSION = 1
+XATTR = "user.cachefs.control"
+MAX_LINE = 64 << 10  # bytes of one request, newline included
+MAX_REPLY = 16 << 20  # bytes of one reply the client accepts
+_SUN_PATH_MAX = 107  # sockaddr_un.sun_path is 108 bytes, NUL included
+
+
+class NodeControl(Protocol):
+    """What the control socket needs of a node (mount or worker); `Node` satisfies it."""
+
+    async def add_dataset(self, dataset: DatasetConfig) -> None:
+        """Open and serve `dataset`. Raises ConfigError (one line): name taken, cannot be opened."""
+
+    async def remove_dataset(self, name: str, force: bool) -> None:
+        """Stop serving dataset `name`. Raises ConfigError: unknown, or busy (open files) and not force."""
+
+    def list_datasets(self) -> list[dict]:
+        """JSON-able, one dict per dataset: name, url, read_only, subdir, quota, open_files, ..."""
+
+    def status(self) -> dict:
+        """JSON-able node status: version, hot_path, tiers, datasets, peers (docs/operations.md)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ControlLimits:
+    max_connections: int = 8  # at once; the next one gets a "busy" reply and is closed
+    request_timeout: float = 30.0  # seconds a connection may take to send (the rest of) a request
+
+
+# -- messages ---------------------------------------------------------------------------------
+
+
+class RequestError(Exception):
+    """A bad request: reply with its message; `close` ends the connection too."""
+
+    def __init__(self, msg: str, close: bool = False):
+        super().__init__(msg)
+        self.close = close
+
+
+def _arg(args: dict, key: str, kind: type, default: Any = ...) -> Any:
+    if key not in args:
+        if default is ...:
+            raise RequestError(f"args.{key}: missing")
+        return default
+    value = args[key]
+    # bool is an int in Python; JSON keeps them apart, and so do we.
+    if not isinstance(value, kind) or (kind is not bool and isinstance(value, bool)):
+        raise RequestError(f"args.{key}: expected {kind.__name__}, not {type(value).__name__}")
+    return value
+
+
+def encode(message: dict) -> bytes:
+    """One message as a JSON line (ASCII: no encoding questions)."""
+    return json.dumps(message, separators=(",", ":"), allow_nan=False).encode() + b"\n"
+
+
+def decode_request(line: bytes) -> tuple[str, dict]:
+    """(op, args) of one request line, strictly checked.
+
+    Raises:
+        RequestError: not JSON (close), not an object, wrong `v`, unknown `op`, `args` not an object.
+    """
+    try:
+        message = json.loads(line)
+    except (UnicodeDecodeError, ValueError):
+        raise RequestError("request is not valid JSON", close=True) from None
+    if not isinstance(message, dict):
+        raise RequestError(f"request is a JSON {type(message).__name__}, not an object")
+    v = message.get("v")
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise RequestError('request has no integer "v" (protocol version)')
+    if v != PROTOCOL_VERSION:
+        raise RequestError(f"protocol version {v} is not supported (this node speaks {PROTOCOL_VERSION})")
+    op = message.get("op")
+    if not isinstance(op, str):
+        raise RequestError('request has no string "op"')
+    if op not in OPS:
+        raise RequestError(f"unknown op {op[:40]!r} (known: {', '.join(OPS)})")
+    args = message.get("args", {})
+    if not isinstance(args, dict):
+        raise RequestError('"args" must be an object')
+    return op, args
+
+
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split()) or "unknown error"
+
+
+def error_reply(msg: str) -> dict:
+    return {"v": PROTOCOL_VERSION, "ok": False, "error": _one_line(msg)}
+
+
+# -- ops ----------------------------------------------------------------------------------------
+
+
+def _absolute_paths(spec: str) -> None:
+    """The daemon's working directory means nothing to the user: refuse relative paths.
+
+    Raises:
+        RequestError: the URL or a key file of `spec` is a relative path.
+    """
+    _, _, rest = spec.partition("=")
+    url, *options = rest.split(",")
+    if url and not url_scheme(url) and not url.startswith("file://") and not os.path.isabs(url):
+        raise RequestError(f"dataset spec: URL {url!r} must be absolute over the control socket")
+    for option in options:
+        key, _, value = option.partition("=")
+        if key.strip().replace("-", "_") in ("access_key_file", "secret_key_file") and value and not os.path.isabs(value):
+            raise RequestError(f"dataset spec: {key.strip()} {value!r} must be an absolute path")
+
+
+async def _dataset_add(node: NodeControl, args: dict) -> None:
+    from cachefs.loader import _read_credentials, parse_dataset_spec
+
+    spec = _arg(args, "spec", str)
+    _absolute_paths(spec)
+    dataset = parse_dataset_spec(spec)  # NAME is required: nothing is added at the mount root
+    # Reads the key files the spec names (a little blocking I/O, off the event loop);
+    # check() wants the keys read, as NodeConfig.check does.
+    dataset = await trio.to_thread.run_sync(_read_credentials, dataset)
+    dataset.check()
+    await node.add_dataset(dataset)
+    return None
+
+
+async def _dataset_remove(node: NodeControl, args: dict) -> None:
+    await node.remove_dataset(_arg(args, "name", str), _arg(args, "force", bool, False))
+    return None
+
+
+async def _dataset_list(node: NodeControl, args: dict) -> list[dict]:
+    return node.list_datasets()
+
+
+async def _status(node: NodeControl, args: dict) -> dict:
+    return node.status()
+
+
+async def _hello(node: NodeControl, args: dict) -> dict:
+    return {"protocol": PROTOCOL_VERSION, "version": __version__, "ops": list(OPS)}
+
+
+OPS: dict[str, Callable[[NodeControl, dict], Any]] = {
+    "hello": _hello,
+    "dataset.add": _dataset_add,
+    "dataset.remove": _dataset_remove,
+    "dataset.list": _dataset_list,
+    "status": _status,
+}
+
+
+# -- server ---------------------------------------------------------------------------------------
+
+
+class ControlServer:
+    """Serves the control protocol for one node over already-accepted streams."""
+
+    def __init__(self, node: NodeControl, limits: ControlLimits = ControlLimits()):
+        self.node = node
+        self.limits = limits
+        self.connections = 0
+
+    async def handle(self, stream: trio.abc.Stream) -> None:
+        """Serve one connection until it ends. Never raises, except to cancel (shutdown)."""
+        self.connections += 1
+        try:
+            if self.connections > self.limits.max_connections:
+                await stream.send_all(encode(error_reply("busy: too many control connections; try again")))
+                await _linger(stream)
+                return
+            await self._serve(stream)
+        except trio.BrokenResourceError:
+            pass  # the client went away before its reply
+        except Exception as exc:  # noqa: BLE001 - the per-connection boundary (ExceptionGroups included)
+            log.error("control connection failed: %s", _one_line(repr(exc)), exc_info=exc)
+        finally:
+            self.connections -= 1
+            with trio.CancelScope(shield=True):
+                await stream.aclose()
+
+    async def _serve(self, stream: trio.abc.Stream) -> None:
+        buffer = bytearray()
+        while True:
+            with trio.move_on_after(self.limits.request_timeout) as scope:
+                line = await _read_line(stream, buffer, MAX_LINE)
+            if scope.cancelled_caught or line is None:  # a slow client, or EOF between requests
+                return
+            reply, close = await self._answer(line)
+            await stream.send_all(reply)
+            if close:
+                await _linger(stream)
+                return
+
+    async def _answer(self, line: bytes | RequestError) -> tuple[bytes, bool]:
+        """The reply to one request line, and whether to close the connection after it."""
+        op = "?"
+        try:
+            if isinstance(line, RequestError):
+                raise line
+            op, args = decode_request(line)
+            result = await OPS[op](self.node, args)
+            return encode({"v": PROTOCOL_VERSION, "ok": True, "result": result}), False
+        except RequestError as e:
+            return encode(error_reply(str(e))), e.close
+        except ConfigError as e:
+            return encode(error_reply(str(e))), False
+        except Exception as e:  # noqa: BLE001 - a bug (ours or the node's) fails this request, not the server
+            # The op only: a request's arguments may name key files and keys.
+            log.exception("control request %r failed", op)
+            return encode(error_reply(f"internal error: {type(e).__name__}: {e}")), True
+
+
+async def _linger(stream: trio.abc.Stream) -> None:
+    """Close politely after a reply the client may still be sending into.
+
+    Closing a unix socket with unread input resets it, and the client would see
+    ECONNRESET instead of our error reply; so say EOF, then read and drop what
+    follows for a little while (bounded in bytes and time).
+    """
+    with trio.move_on_after(1):
+        if isinstance(stream, trio.abc.HalfCloseableStream):
+            await stream.send_eof()
+        dropped = 0
+        while dropped < 1 << 20 and (data := await stream.receive_some(64 << 10)):
+            dropped += len(data)
+
+
+async def _read_line(stream: trio.abc.ReceiveStream, buffer: bytearray, cap: int) -> bytes | RequestError | None:
+    """The next line (without its newline) from `stream`, buffering what follows it.
+
+    Returns:
+        The line; a RequestError (close) if it is longer than `cap` or cut off by
+        EOF; None at EOF between lines.
+    """
+    while True:
+        end = buffer.find(b"\n")
+        if end >= 0:
+            if end + 1 > cap:
+                return RequestError(f"request longer than {cap} bytes", close=True)
+            line = bytes(buffer[:end])
+            del buffer[: end + 1]
+            return line
+        if len(buffer) >= cap:
+            return RequestError(f"request longer than {cap} bytes", close=True)
+        data = await stream.receive_some(cap - len(buffer) + 1)
+        if not data:
+            if buffer:
+                return RequestError("request not terminated by a newline", close=True)
+            return None
+        buffer += data
+
+
+def socket_path(run_dir: str, name: str) -> str:
+    """Where a node named `name` (its mountpoint, or a worker's listen address) puts its socket.
+
+    Readable and short: sun_path holds 107 bytes, so a long name is cut and told
+    apart by a hash.
+    """
+    slug = re.sub(r"[^A-Za-z0-9]+", "-", name).strip("-")[:40] or "node"
+    digest = hashlib.sha256(name.encode()).hexdigest()[:8]
+    return os.path.join(run_dir, f"{slug}-{digest}.sock")
+
+
+def _make_run_dir(run_dir: str) -> None:
+    try:
+        os.makedirs(run_dir, mode=0o700, exist_ok=True)
+        st = os.stat(run_dir)
+    except OSError as e:
+        raise ConfigError(f"run dir {run_dir}: cannot create it ({e.strerror})") from None
+    if not stat.S_ISDIR(st.st_mode):
+        raise ConfigError(f"run dir {run_dir}: not a directory")
+
+
+async def _claim(path: str) -> None:
+    """Make `path` free for a new socket: remove a stale one, refuse a live one or any other file.
+
+    Raises:
+        ConfigError: another process listens there, or the path is not a socket.
+    """
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    except OSError as e:
+        raise ConfigError(f"control socket {path}: {e.strerror}") from None
+    if not stat.S_ISSOCK(st.st_mode):
+        raise ConfigError(f"control socket {path}: exists and is not a socket; remove it or choose another --run-dir")
+    probe = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        # A live node accepts at once; a hung one may not, and is as good as live.
+        with trio.move_on_after(2):
+            await probe.connect(path)
+        raise ConfigError(f"control socket {path} is in use by another cachefs (unmount it or choose another --run-dir)")
+    except ConnectionRefusedError:
+        pass  # stale: its node died without cleaning up
+    except FileNotFoundError:
+        return
+    except OSError as e:
+        raise ConfigError(f"control socket {path}: cannot tell whether it is in use ({e.strerror})") from None
+    finally:
+        probe.close()
+    log.info("removing the stale control socket %s", path)
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+def _bind(path: str) -> socket.socket:
+    """A listening unix socket at `path`, mode 0600 from birth (umask), checked after bind."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        old = os.umask(0o177)  # no await between: nothing else runs with this umask but threads' creates, made stricter
+        try:
+            sock.bind(path)
+        finally:
+            os.umask(old)
+        mode = stat.S_IMODE(os.lstat(path).st_mode)
+        if mode != 0o600:
+            os.unlink(path)
+            raise ConfigError(f"control socket {path}: has mode {mode:04o} after bind, not 0600")
+        sock.listen(16)
+    except OSError as e:
+        sock.close()
+        raise ConfigError(f"control socket {path}: cannot listen ({e.strerror})") from None
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+async def serve_control(
+    node: NodeControl,
+    path: str,
+    *,
+    limits: ControlLimits = ControlLimits(),
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve the control socket at `path` for `node` until cancelled; start with `nursery.start`.
+
+    Creates the run dir (0700) if missing, removes a stale socket, binds with mode
+    0600 and reports started once listening. The socket file is removed on every
+    way out (cancellation and errors too), unless another process has replaced it.
+
+    Raises:
+        ConfigError: before started: the path is too long, the run dir cannot be
+            made, or another live cachefs owns the socket.
+    """
+    path = os.path.abspath(path)
+    if len(os.fsencode(path)) > _SUN_PATH_MAX:
+        raise ConfigError(f"control socket {path}: longer than {_SUN_PATH_MAX} bytes; choose a shorter --run-dir")
+    _make_run_dir(os.path.dirname(path))
+    await _claim(path)
+    sock = _bind(path)
+    st = os.lstat(path)
+    try:
+        listener = trio.SocketListener(trio.socket.from_stdlib_socket(sock))
+        server = ControlServer(node, limits)
+        log.info("control socket at %s", path)
+        await trio.serve_listeners(server.handle, [listener], task_status=task_status)
+    finally:
+        sock.close()
+        try:
+            now = os.lstat(path)
+            if (now.st_dev, now.st_ino) == (st.st_dev, st.st_ino):
+                os.unlink(path)
+        except FileNotFoundError:
+            pass
+
+
+# -- client ------------------------------------------------------------------------------------
+
+
+def _connect_error(e: OSError, path: str, label: str) -> ConfigError:
+    if isinstance(e, FileNotFoundError):
+        return ConfigError(f"{label}: no cachefs control socket (is it a cachefs mount?)")
+    if isinstance(e, ConnectionRefusedError):
+        return ConfigError(f"{label}: control socket {path} is stale: no cachefs listens there (did the daemon die?)")
+    if isinstance(e, PermissionError):
+        return ConfigError(f"{label}: permission denied: only root can use the control socket {path}")
+    return ConfigError(f"{label}: cannot reach the control socket {path} ({e.strerror or e})")
+
+
+async def call(path: str, op: str, args: dict | None = None, *, label: str | None = None) -> Any:
+    """Send one request to the control socket at `path` and return its result.
+
+    The caller sets the timeout. `label` names the target in errors (default `path`).
+
+    Raises:
+        ConfigError: one line. exitcode 1 for an error reply of the node; 2 when it
+            cannot be reached or answers garbage.
+    """
+    label = label or path
+    try:
+        stream = await trio.open_unix_socket(path)
+    except OSError as e:
+        raise _connect_error(e, path, label) from None
+    async with stream:
+        try:
+            await stream.send_all(encode({"v": PROTOCOL_VERSION, "op": op, "args": args or {}}))
+            line = await _read_line(stream, bytearray(), MAX_REPLY)
+        except (trio.BrokenResourceError, OSError) as e:
+            raise ConfigError(f"{label}: the control connection broke ({e})") from None
+    if line is None or isinstance(line, RequestError):
+        raise ConfigError(f"{label}: the node closed the control connection without a reply")
+    try:
+        reply = json.loads(line)
+        ok = reply["ok"]
+        if reply.get("v") != PROTOCOL_VERSION or not isinstance(ok, bool):
+            raise ValueError
+    except (ValueError, TypeError, KeyError):
+        raise ConfigError(f"{label}: the node's reply is not control protocol v{PROTOCOL_VERSION}") from None
+    if not ok:
+        raise ConfigError(_one_line(reply.get("error")), exitcode=1)
+    return reply.get("result")
+
+
+def request(path: str, op: str, args: dict | None = None, timeout: float = 10, *, label: str | None = None) -> Any:
+    """`call` for the CLI: its own event loop and a timeout.
+
+    Raises:
+        ConfigError: as `call`, and no reply within `timeout` seconds (exitcode 2).
+    """
+
+    async def run() -> Any:
+        with trio.move_on_after(timeout):
+            return await call(path, op, args, label=label)
+        raise ConfigError(f"{label or path}: no reply from the node within {timeout:g} s")
+
+    return trio.run(run)
+
+
+def _locate(target: str) -> str:
+    """Blocking part of socket_for: may hang on a hung FUSE mount, so it runs in a thread."""
+    try:
+        st = os.stat(target)
+    except OSError as e:
+        if e.errno == errno.ENOTCONN:
+            raise ConfigError(f"{target}: the mount's daemon is gone (run fusermount3 -u {target})") from None
+        if e.errno == errno.EACCES:
+            raise ConfigError(f"{target}: permission denied: only root can use cachefs control sockets") from None
+        raise ConfigError(f"{target}: {e.strerror}") from None
+    if stat.S_ISSOCK(st.st_mode):
+        return target
+    # Ask the path, then its parents on the same file system: the mount root answers.
+    path = target
+    while True:
+        try:
+            value = os.getxattr(path, XATTR)
+        except OSError as e:
+            if e.errno == errno.ENOTCONN:
+                raise ConfigError(f"{target}: the mount's daemon is gone (run fusermount3 -u {path})") from None
+            if e.errno not in (errno.ENODATA, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EPERM, errno.EACCES):
+                raise ConfigError(f"{target}: cannot ask for its control socket ({e.strerror})") from None
+        else:
+            sock = os.fsdecode(value)
+            if not os.path.isabs(sock):
+                raise ConfigError(f"{target}: the mount names a control socket that is not an absolute path")
+            return sock
+        parent = os.path.dirname(path)
+        if parent == path or os.stat(parent).st_dev != st.st_dev:
+            raise ConfigError(f"{target}: not a cachefs mount")
+        path = parent
+
+
+def socket_for(target: str, timeout: float = 5) -> str:
+    """The control socket of `target`: a socket file itself, or a cachefs mountpoint (or a path in one).
+
+    Raises:
+        ConfigError: one line: no such path, not a cachefs mount, the daemon is
+            gone, or the mount does not answer within `timeout` seconds.
+    """
+    target = os.path.abspath(target)
+
+    async def run() -> str:
+        with trio.move_on_after(timeout):
+            # Abandoned on timeout: stat and getxattr change nothing, and a hung mount never returns.
+            return await trio.to_thread.run_sync(_locate, target, abandon_on_cancel=True)
+        raise ConfigError(f"{target}: no answer within {timeout:g} s (a hung mount?)")
+
+    return trio.run(run)
