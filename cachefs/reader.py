@@ -256,20 +256,23 @@ class Reader:
             if data is not None:
                 return data, memory.name
         digest = key.digest
-        flight = self._flights.get(digest)
-        if flight is not None:
+        while (flight := self._flights.get(digest)) is not None:
             metrics.SINGLEFLIGHT_WAITS.inc()
             await flight.done.wait()
             if flight.error is not None:
                 raise flight.error
-            assert flight.data is not None
-            return flight.data, flight.source
+            if flight.data is not None:
+                return flight.data, flight.source
+            # Its leader was cancelled (a peer that asked went away): the fetch is ours now.
         flight = self._flights[digest] = _Flight()
         try:
             flight.data, flight.source = await self._load(key)
             return flight.data, flight.source
         except BaseException as e:
-            flight.error = e if isinstance(e, BackendError) else BackendError(f"fetch of {key.obj.path} cancelled")
+            if isinstance(e, BackendError):
+                flight.error = e
+            elif not isinstance(e, trio.Cancelled):
+                flight.error = BackendError(f"fetch of {key.obj.path} failed ({type(e).__name__})")
             raise
         finally:
             del self._flights[digest]

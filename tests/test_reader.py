@@ -593,3 +593,32 @@ async def test_a_peer_hit_is_kept_in_memory_only_and_jumps_fetch_whole_chunks(st
             # Served from MEM now: the peer is not asked again.
             assert bytes(await reader.read(obj, 2 * chunk, chunk, stream)) == data[2 * chunk : 3 * chunk]
             assert peers.asked == [2, 0, 3]
+
+
+@pytest.mark.trio
+async def test_a_cancelled_leader_hands_the_fetch_to_a_waiter(store):
+    """A worker's fetch for a mount that was killed must not fail the other mounts waiting on it."""
+    data = payload(2 * C)
+    obj = store.add("f", data)
+    got: list[bytes] = []
+    leader = trio.CancelScope()
+
+    async def lead() -> None:
+        with leader:
+            await reader.chunk(obj, 1)
+
+    async def follow() -> None:
+        chunk, _ = await reader.chunk(obj, 1)
+        got.append(bytes(chunk))
+
+    async with open_reader(store, read_ahead=0) as reader:
+        store.hold()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(lead)
+            await wait_until(lambda: store.calls == 1)  # the leader is fetching
+            nursery.start_soon(follow)
+            await trio.testing.wait_all_tasks_blocked()  # the follower waits on the leader's flight
+            leader.cancel()
+            await wait_until(lambda: store.calls == 2)  # and then fetches the chunk itself
+            store.release()
+    assert got == [data[C:]]

@@ -1,0 +1,206 @@
+"""One node, many datasets: real mounts serving several datasets at
+MOUNTPOINT/NAME, changed at run time through the control socket."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import subprocess
+import threading
+import time
+
+import pytest
+
+from conftest import hermetic_env
+
+pytestmark = pytest.mark.integration
+
+CHUNK = 256 << 10
+SMALL = ("--chunk-size", "256K", "--mem-size", "32M", "--cache-size", "128M")
+
+
+def _keys_files(tmp_path, gateway, name: str) -> list[str]:
+    """access_key_file=…,secret_key_file=… options for `gateway`, in files only root can read."""
+    out = []
+    for option, value in (("access_key_file", gateway.access_key), ("secret_key_file", gateway.secret_key)):
+        path = tmp_path / f"{name}-{option}"
+        path.write_text(value)
+        path.chmod(0o600)
+        out.append(f"{option}={path}")
+    return out
+
+
+def _fds_and_threads(pid: int) -> tuple[int, int]:
+    return len(os.listdir(f"/proc/{pid}/fd")), len(os.listdir(f"/proc/{pid}/task"))
+
+
+def test_two_datasets_with_their_own_credentials(tmp_path, local_source, s3_source, s3_source_noetag, cachefs_mount, run_cachefs):
+    """A local dataset and two S3 datasets on two servers with different keys,
+    none of them in the environment, side by side under one mount."""
+    local_data, a_data, b_data = os.urandom(3 * CHUNK + 7), os.urandom(2 * CHUNK), os.urandom(CHUNK + 1)
+    local_source.write("dir/l.bin", local_data)
+    s3_source.write("x/a.bin", a_data)
+    s3_source_noetag.write("b.bin", b_data)
+    ga, gb = s3_source.backend, s3_source_noetag.backend
+    assert ga.secret_key != gb.secret_key
+    specs = [
+        f"local={local_source.url}",
+        ",".join([f"feats={s3_source.url}", "subdir=x", f"endpoint={ga.endpoint_url}", *_keys_files(tmp_path, ga, "a")]),
+        ",".join([f"other={s3_source_noetag.url}", f"endpoint={gb.endpoint_url}", *_keys_files(tmp_path, gb, "b")]),
+    ]
+    m = cachefs_mount(None, *SMALL, *(arg for spec in specs for arg in ("--dataset", spec)))
+    assert sorted(os.listdir(m.mountpoint)) == ["feats", "local", "other"]
+    assert os.listdir(os.path.join(m.mountpoint, "feats")) == ["a.bin"]  # the subdir, nothing beside it
+    for path, data in (("local/dir/l.bin", local_data), ("feats/a.bin", a_data), ("other/b.bin", b_data)):
+        with open(os.path.join(m.mountpoint, path), "rb") as f:
+            assert f.read() == data
+        assert os.getxattr(os.path.join(m.mountpoint, path), "user.cachefs.dataset") == path.split("/")[0].encode()
+    for path in ("local/new", "feats/a.bin"):
+        with pytest.raises(OSError) as e:
+            open(os.path.join(m.mountpoint, path), "wb")
+        assert e.value.errno == errno.EROFS
+    # No secret in the process table or the log.
+    cmdline = open(f"/proc/{m.proc.pid}/cmdline", "rb").read()
+    for secret in (ga.secret_key, gb.secret_key):
+        assert secret.encode() not in cmdline
+        assert secret not in m.log_path.read_text()
+
+    status = run_cachefs("status", m.mountpoint, "--json")
+    assert status.returncode == 0, status.stderr
+    doc = json.loads(status.stdout)
+    print("\ncachefs status MOUNTPOINT --json:\n" + json.dumps(doc, indent=2))
+    assert sorted(d["name"] for d in doc["datasets"]) == ["feats", "local", "other"]
+    assert all(secret not in status.stdout for secret in (ga.secret_key, gb.secret_key))
+
+
+def test_datasets_come_and_go_without_disturbing_a_reader(tmp_path, local_source, cachefs_mount, run_cachefs):
+    data = os.urandom(16 * CHUNK)
+    local_source.write("stream.bin", data)
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "o.txt").write_bytes(b"other dataset")
+    m = cachefs_mount(None, *SMALL, "--dataset", f"main={local_source.url}")
+
+    errors: list[BaseException] = []
+    longest_pause = [0.0]
+    passes = [0]
+    stop = threading.Event()
+
+    def stream() -> None:
+        try:
+            while not stop.is_set():
+                got = bytearray()
+                with open(os.path.join(m.mountpoint, "main", "stream.bin"), "rb", buffering=0) as f:
+                    last = time.monotonic()
+                    while block := f.read(64 << 10):
+                        got += block
+                        now = time.monotonic()
+                        longest_pause[0] = max(longest_pause[0], now - last)
+                        last = now
+                assert bytes(got) == data
+                passes[0] += 1
+        except BaseException as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    reader = threading.Thread(target=stream)
+    reader.start()
+    try:
+        for _ in range(20):
+            res = run_cachefs("dataset", "add", m.mountpoint, f"extra={other}")
+            assert res.returncode == 0, res.stderr
+            assert open(os.path.join(m.mountpoint, "extra", "o.txt"), "rb").read() == b"other dataset"
+            res = run_cachefs("dataset", "remove", m.mountpoint, "extra")
+            assert res.returncode == 0, res.stderr
+    finally:
+        stop.set()
+        reader.join(60)
+    assert not errors, errors
+    assert passes[0] >= 1
+    print(f"\nreader passes: {passes[0]}, longest pause between reads: {longest_pause[0] * 1000:.0f} ms")
+    assert longest_pause[0] < 1.0
+    assert sorted(os.listdir(m.mountpoint)) == ["main"]
+
+
+def test_a_dataset_with_open_files_is_removed_only_with_force(tmp_path, local_source, cachefs_mount, run_cachefs):
+    local_source.write("f.txt", b"held open")
+    m = cachefs_mount(None, *SMALL, "--dataset", f"d={local_source.url}")
+    with open(os.path.join(m.mountpoint, "d", "f.txt"), "rb") as f:
+        res = run_cachefs("dataset", "remove", m.mountpoint, "d")
+        assert res.returncode != 0
+        assert "open" in res.stderr and len(res.stderr.strip().splitlines()) == 1
+        listing = json.loads(run_cachefs("dataset", "list", m.mountpoint, "--json").stdout)
+        assert [(d["name"], d["open_files"]) for d in listing] == [("d", 1)]
+        res = run_cachefs("dataset", "remove", m.mountpoint, "d", "--force")
+        assert res.returncode == 0, res.stderr
+        with pytest.raises(OSError) as e:
+            f.read()
+        assert e.value.errno == errno.ESTALE
+    assert os.listdir(m.mountpoint) == []
+
+
+def test_adding_and_removing_a_dataset_50_times_leaks_no_fd_or_thread(tmp_path, local_source, cachefs_mount, run_cachefs):
+    local_source.write("f.txt", b"x")
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "g.txt").write_bytes(b"g")
+    m = cachefs_mount(None, *SMALL, "--dataset", f"main={local_source.url}")
+
+    def cycle() -> None:
+        assert run_cachefs("dataset", "add", m.mountpoint, f"extra={other}").returncode == 0
+        assert open(os.path.join(m.mountpoint, "extra", "g.txt"), "rb").read() == b"g"
+        assert run_cachefs("dataset", "remove", m.mountpoint, "extra").returncode == 0
+
+    cycle()  # the first one starts what stays: worker threads, the kernel's caches
+    before = _fds_and_threads(m.proc.pid)
+    for _ in range(50):
+        cycle()
+    # trio's idle worker threads linger a few seconds before they exit; the count
+    # must come back to where it was, and stay there.
+    deadline = time.monotonic() + 30
+    while (after := _fds_and_threads(m.proc.pid)) != before and time.monotonic() < deadline:
+        time.sleep(0.5)
+    print(f"\nfds, threads before: {before}, after 50 add/remove: {after}")
+    assert after == before
+
+
+def test_symlinks_and_names_never_lead_out_of_a_dataset(tmp_path, cachefs_mount):
+    root = tmp_path / "bucket"
+    (root / "ds" / "sub").mkdir(parents=True)
+    (root / "secret.txt").write_bytes(b"outside the dataset")
+    (root / "ds" / "sub" / "in.txt").write_bytes(b"inside")
+    os.symlink("sub/in.txt", root / "ds" / "inside-link")
+    os.symlink("../secret.txt", root / "ds" / "up-link")
+    os.symlink(str(root / "secret.txt"), root / "ds" / "abs-link")
+    os.symlink("../../ds/sub/in.txt", root / "ds" / "sub" / "roundabout")  # up and back in: stays inside
+    m = cachefs_mount(None, *SMALL, "--dataset", f"d={root},subdir=ds")
+    d = os.path.join(m.mountpoint, "d")
+    assert sorted(os.listdir(d)) == ["abs-link", "inside-link", "sub", "up-link"]
+    assert open(os.path.join(d, "inside-link"), "rb").read() == b"inside"
+    for name in ("up-link", "abs-link"):
+        with pytest.raises(OSError) as e:
+            os.readlink(os.path.join(d, name))
+        assert e.value.errno == errno.EACCES
+        with pytest.raises(OSError):
+            open(os.path.join(d, name), "rb")
+    with pytest.raises(OSError) as e:
+        os.stat(os.path.join(d, "x" * 256))
+    assert e.value.errno == errno.ENAMETOOLONG
+    for name in ("..", "%2e%2e", "..%2fsecret.txt"):
+        path = os.path.join(d, name, "secret.txt")
+        assert not os.path.exists(path) or open(path, "rb").read() != b"outside the dataset"
+
+
+def test_a_node_that_fails_to_start_leaves_nothing_behind(tmp_path, local_source, run_cachefs):
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    cache = tmp_path / "cache"
+    res = run_cachefs("mount", mnt, "--cache-dir", cache, "--dataset", f"good={local_source.url}",
+                      "--dataset", f"bad={tmp_path / 'missing'}")
+    assert res.returncode != 0
+    assert "missing" in res.stderr and len(res.stderr.strip().splitlines()) == 1
+    assert not os.path.ismount(mnt)
+    assert not list((cache / "run").glob("*.sock")) if (cache / "run").exists() else True
+    # And the cache dir is free: a second node can take it at once.
+    res = subprocess.run(["flock", "-n", str(cache / "lock"), "true"], capture_output=True, env=hermetic_env())
+    assert res.returncode == 0
