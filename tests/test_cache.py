@@ -654,3 +654,41 @@ async def test_disk_evicted_chunks_leave_no_open_files(tmp_path):
         assert await disk.put(chunk(n), payload(size, n))  # evicts 0, 1, 2
     fds = [os.readlink(f"/proc/self/fd/{fd}") for fd in os.listdir("/proc/self/fd") if os.path.exists(f"/proc/self/fd/{fd}")]
     assert not [p for p in fds if p.endswith("(deleted)") and str(tmp_path) in p]
+
+
+@pytest.mark.trio
+async def test_a_dataset_quota_bounds_its_source_and_leaves_the_others_alone(tmp_path):
+    disk = await open_disk(tmp_path, 100 * entry(1000))
+    other = ObjectId("test://other", "o", "v1", 1 << 30)
+    disk.set_quota("test://src", 5 * entry(1000))
+    for i in range(5):
+        assert await disk.put(ChunkKey(other, CHUNK, i, chunk_digest(other, CHUNK, i), 1000), payload(1000, i))
+    for n in range(12):
+        assert await disk.put(chunk(n), payload(1000, n))
+        assert disk.by_source[key(0)[:4]] <= 5 * entry(1000)  # never over, not even for a moment
+    # The quota'd source keeps its 5 newest chunks; the other source lost nothing.
+    assert [n for n in range(12) if key(n) in disk] == list(range(7, 12))
+    assert all(chunk_digest(other, CHUNK, i) in disk for i in range(5))
+    assert disk.used == 10 * entry(1000)
+    # A chunk larger than the whole quota is not kept; lifting the quota lets the source grow.
+    assert not await disk.put(chunk(100, length=6 * entry(1000)), payload(6 * entry(1000)))
+    disk.set_quota("test://src", None)
+    assert await disk.put(chunk(12), payload(1000, 12)) and key(7) in disk
+
+
+@pytest.mark.trio
+async def test_concurrent_puts_never_overshoot_a_quota(tmp_path):
+    disk = await open_disk(tmp_path, 100 * entry(1000))
+    disk.set_quota("test://src", 3 * entry(1000))
+    peak = 0
+
+    async def put(n: int) -> None:
+        nonlocal peak
+        await disk.put(chunk(n), payload(1000, n))
+        peak = max(peak, disk.by_source[key(0)[:4]])
+
+    async with trio.open_nursery() as nursery:
+        for n in range(20):
+            nursery.start_soon(put, n)
+    assert peak <= 3 * entry(1000)
+    assert sum(key(n) in disk for n in range(20)) <= 3

@@ -40,7 +40,7 @@ import trio
 from cachefs import hotpath, metrics
 from cachefs.cache.policy import SegmentedLRU
 from cachefs.errors import CacheDirInUse, ChunkCorrupt
-from cachefs.objects import SOURCE_TAG_SIZE, Buffer, ChunkKey, Medium
+from cachefs.objects import SOURCE_TAG_SIZE, Buffer, ChunkKey, Medium, source_tag
 
 log = logging.getLogger(__name__)
 
@@ -127,6 +127,8 @@ class DiskTier:
         self.used = 0  # bytes on disk, including writes in progress
         self._index = SegmentedLRU(capacity)  # digest -> file size, in eviction order
         self.by_source: Counter[bytes] = Counter()  # source tag -> bytes of indexed chunks
+        self._quotas: dict[bytes, int] = {}  # source tag -> bytes that source may hold (dataset quota)
+        self._reserved: Counter[bytes] = Counter()  # source tag -> bytes of its writes in progress
         self._writing: set[bytes] = set()
         self._layouts: dict[bytes, tuple] = {}  # digest -> read_layout() of its file
         self._limiter = trio.CapacityLimiter(io_threads)
@@ -327,6 +329,15 @@ class DiskTier:
         except OSError:
             pass  # only a hint: a chunk evicted meanwhile is just not read ahead
 
+    def set_quota(self, source: str, limit: int | None) -> None:
+        """Bound the bytes chunks of `source` may hold here (None: only the tier's cap).
+        A source over a new, lower quota gives back room as its next chunks arrive."""
+        tag = source_tag(source)
+        if limit is None:
+            self._quotas.pop(tag, None)
+        else:
+            self._quotas[tag] = limit
+
     async def put(self, key: ChunkKey, data: Buffer) -> bool:
         """Store a chunk unless present; evicts first so the cap is never exceeded.
 
@@ -337,11 +348,14 @@ class DiskTier:
         if digest in self._index or digest in self._writing:
             return False
         size = hotpath.header_size(len(data)) + len(data)
+        tag = digest[:SOURCE_TAG_SIZE]
         self._writing.add(digest)
-        self.used += size  # reserve before writing: concurrent puts cannot overshoot together
+        # Reserve before writing: concurrent puts cannot overshoot the cap or a quota together.
+        self.used += size
+        self._reserved[tag] += size
         stored = False
         try:
-            room, victims = self._claim_room(size)
+            room, victims = self._claim_room(size, tag)
             if victims:
                 await trio.to_thread.run_sync(_unlink_all, victims, limiter=self._limiter)
             if room:
@@ -359,6 +373,9 @@ class DiskTier:
         finally:
             if not stored:
                 self.used -= size
+            self._reserved[tag] -= size
+            if not self._reserved[tag]:
+                del self._reserved[tag]
             self._writing.discard(digest)
             self._publish()
 
@@ -450,10 +467,12 @@ class DiskTier:
             os.makedirs(self.root, mode=0o700, exist_ok=True)  # removed under us (a tmp cleaner)
             return os.statvfs(self.root)
 
-    def _claim_room(self, size: int) -> tuple[bool, list[str]]:
-        """Evict chunks (SLRU order) from the index until `self.used` (which already counts
-        `size`) fits the cap and writing `size` more bytes leaves --free-space-ratio
-        of the disk free. Index changes stay on the trio thread; the caller unlinks.
+    def _claim_room(self, size: int, tag: bytes = b"") -> tuple[bool, list[str]]:
+        """Evict chunks (SLRU order) from the index until the source `tag`'s chunks
+        (with its writes in progress, `size` among them) fit its quota, `self.used`
+        (which already counts `size`) fits the cap, and writing `size` more bytes
+        leaves --free-space-ratio of the disk free. Index changes stay on the trio
+        thread; the caller unlinks.
 
         Returns:
             (whether there is room, paths of the evicted files to unlink).
@@ -462,6 +481,14 @@ class DiskTier:
         """
         victims: list[str] = []
         freed = 0
+        quota = self._quotas.get(tag)
+        if quota is not None and size > quota:
+            return False, victims  # would never fit: keep what the source has
+        while quota is not None and self.by_source[tag] + self._reserved[tag] > quota:
+            victim = self._index.pop_victim_with_prefix(tag)
+            if victim is None:
+                return False, victims  # its writes in progress alone fill the quota
+            freed += self._evicted(*victim, victims)
         st = self._statvfs() if self.free_space_ratio else None
         while self.used > self.capacity or (
             st is not None
@@ -469,15 +496,18 @@ class DiskTier:
         ):
             if not self._index:
                 return False, victims
-            digest, old_size = self._index.pop_victim()
-            self._layouts.pop(digest, None)
-            self._forget_fd(digest)  # else its space stays in use until the fd closes
-            self.used -= old_size
-            self.by_source[digest[:SOURCE_TAG_SIZE]] -= old_size
-            freed += old_size
-            victims.append(self._path(digest))
-            metrics.CACHE_EVICTIONS.labels(self.name).inc()
+            freed += self._evicted(*self._index.pop_victim(), victims)
         return True, victims
+
+    def _evicted(self, digest: bytes, size: int, victims: list[str]) -> int:
+        """Account for a chunk taken out of the index; its file joins `victims`. Returns its size."""
+        self._layouts.pop(digest, None)
+        self._forget_fd(digest)  # else its space stays in use until the fd closes
+        self.used -= size
+        self.by_source[digest[:SOURCE_TAG_SIZE]] -= size
+        victims.append(self._path(digest))
+        metrics.CACHE_EVICTIONS.labels(self.name).inc()
+        return size
 
     async def _drop(self, digest: bytes) -> None:
         self._layouts.pop(digest, None)

@@ -67,6 +67,18 @@ class SegmentedLRU:
                 self._protected_bytes -= size
         return size
 
+    def pop_victim_with_prefix(self, prefix: bytes) -> tuple[bytes, int] | None:
+        """The next entry to evict among keys starting with `prefix` (one source's
+        chunks, for its quota), in the same order as `pop_victim`; None if there is none.
+        Walks the segments from their cold ends, so it costs more the hotter the source is."""
+        for segment in (self._probation, self._protected):
+            for key in segment:
+                if key.startswith(prefix):
+                    size = self.pop(key)
+                    assert size is not None
+                    return key, size
+        return None
+
     def pop_victim(self) -> tuple[bytes, int]:
         """The entry to evict next: probation's LRU, else protected's.
 
