@@ -73,6 +73,9 @@ class LocalStore:
         target = os.readlink(self._abs(path)) if kind == "link" else None
         return ObjectInfo(path, kind, st.st_size, st.st_mtime, _local_version(st), target)
 
+    def close(self) -> None:
+        """Nothing is kept open between requests."""
+
     def stat(self, path: str) -> ObjectInfo:
         return self._info(path, os.lstat(self._abs(path)))
 
@@ -103,7 +106,14 @@ class LocalStore:
 class FsspecStore:
     """Any fsspec filesystem; S3 gets conditional ranged GETs."""
 
-    def __init__(self, url: str, endpoint_url: str | None, timeout: float, credentials: tuple[str, str] | None = None):
+    def __init__(
+        self,
+        url: str,
+        endpoint_url: str | None,
+        timeout: float,
+        credentials: tuple[str, str] | None = None,
+        profile: str | None = None,
+    ):
         import fsspec  # imported here: the local store must not pay for it
 
         # The URL names the source in chunk keys on every node: one spelling only.
@@ -124,6 +134,8 @@ class FsspecStore:
                 options["endpoint_url"] = endpoint_url
             if credentials:
                 options["key"], options["secret"] = credentials
+            elif profile:
+                options["profile"] = profile
         try:
             self.fs, root = fsspec.core.url_to_fs(url, **options)
         except (ValueError, ImportError) as e:
@@ -134,7 +146,15 @@ class FsspecStore:
         self.fast_list = True  # LISTs can fall back to s3fs on their own
         if self.is_s3:
             self.fs.retries = 1
-            self.fast = S3FastPath(endpoint_url, credentials, timeout)
+            self.fast = S3FastPath(endpoint_url, credentials, timeout, profile)
+
+    def close(self) -> None:
+        """Close the store's connections (s3fs's session; the fast path's, of this thread)."""
+        if self.fast is not None:
+            self.fast.close()
+        s3 = getattr(self.fs, "_s3", None)
+        if s3 is not None:
+            type(self.fs).close_session(self.fs.loop, s3)
 
     def _abs(self, path: str) -> str:
         return f"{self.root}/{path}" if path else self.root
@@ -254,11 +274,13 @@ class S3FastPath:
     listing we cannot parse switches LISTs back to s3fs for good.
     """
 
-    def __init__(self, endpoint_url: str | None, credentials: tuple[str, str] | None, timeout: float):
+    def __init__(
+        self, endpoint_url: str | None, credentials: tuple[str, str] | None, timeout: float, profile: str | None = None
+    ):
         import botocore.config
         import botocore.session
 
-        session = botocore.session.get_session()
+        session = botocore.session.Session(profile=profile) if profile and not credentials else botocore.session.get_session()
         config = botocore.config.Config(
             signature_version="s3v4",
             s3={"addressing_style": "path" if endpoint_url else "auto"},
@@ -400,7 +422,11 @@ Store = LocalStore | FsspecStore
 
 
 def open_store(
-    url: str, endpoint_url: str | None = None, timeout: float = 30.0, credentials: tuple[str, str] | None = None
+    url: str,
+    endpoint_url: str | None = None,
+    timeout: float = 30.0,
+    credentials: tuple[str, str] | None = None,
+    profile: str | None = None,
 ) -> Store:
     """Pick the store for a source URL: a plain path or file:// is local, anything else fsspec.
 
@@ -411,7 +437,7 @@ def open_store(
         return LocalStore(url[len("file://") :])
     if "://" not in url:
         return LocalStore(url)
-    return FsspecStore(url, endpoint_url, timeout, credentials)
+    return FsspecStore(url, endpoint_url, timeout, credentials, profile)
 
 
 def _translate(e: BaseException, what: str) -> BackendError:
@@ -506,6 +532,13 @@ class Backend:
             log.warning("%s %s failed (attempt %d of %d), retrying: %s", op, what, attempt, self.retries + 1, error)
             await trio.sleep(pause)
             delay = min(delay * 4, 2.0)
+
+    def close(self) -> None:
+        """Close the store's connections; the backend is not used after."""
+        try:
+            self.store.close()
+        except Exception:  # noqa: BLE001 - closing is best effort: the process may be going anyway
+            log.warning("closing %s failed", self.source, exc_info=True)
 
     async def stat(self, path: str) -> ObjectInfo:
         return await self._call("stat", path or "/", self.store.stat, path)

@@ -12,7 +12,7 @@ import sys
 import tempfile
 
 from cachefs import __version__
-from cachefs.config import CacheConfig, MountConfig, NodeConfig, WorkerConfig, format_size, parse_addr
+from cachefs.config import CacheConfig, NodeConfig, WorkerConfig, format_size, parse_addr
 from cachefs.loader import CREDENTIAL_FLAGS, SETTINGS, cache_settings, load_node, render
 from cachefs.errors import ConfigError
 
@@ -232,8 +232,7 @@ def _mount(a: argparse.Namespace, argv: list[str], extra: list[str]) -> int:
     if a.print_config:
         sys.stdout.write(render(node))
         return 0
-    # Datasets at MOUNTPOINT/NAME wait for the node runtime; this refuses them in one line.
-    config = node.mount_config()
+    config = node
     if a.background:
         return _spawn_background(a, argv, config)
     _setup_logging(config.log_level, a.log_file)
@@ -275,7 +274,7 @@ def _run_trio(fn, *args) -> None:
         raise
 
 
-def _spawn_background(a: argparse.Namespace, argv: list[str], config: MountConfig) -> int:
+def _spawn_background(a: argparse.Namespace, argv: list[str], config: NodeConfig) -> int:
     """Start the mount as a detached child and wait until it says it is ready or dies."""
     log_file = a.log_file or os.path.join(
         tempfile.gettempdir(), "cachefs-" + re.sub(r"[^A-Za-z0-9]+", "-", config.mountpoint).strip("-") + ".log"
@@ -298,7 +297,8 @@ def _spawn_background(a: argparse.Namespace, argv: list[str], config: MountConfi
     with os.fdopen(read_end, "rb") as ready:
         status = ready.read()
     if status == b"ready":
-        print(f"cachefs: mounted {config.source} at {config.mountpoint} (pid {child.pid}, log {log_file})")
+        what = config.root_dataset.source if config.root_dataset else ", ".join(d.name for d in config.datasets)
+        print(f"cachefs: mounted {what} at {config.mountpoint} (pid {child.pid}, log {log_file})")
         return 0
     code = child.wait()
     print(f"cachefs: mount failed: {_last_error(log_file)} (log {log_file})", file=sys.stderr)

@@ -201,17 +201,6 @@ class MountOptions(CacheConfig):
 
 
 @dataclasses.dataclass(kw_only=True)
-class MountConfig(MountOptions):
-    """A mount of one source at its mountpoint: what `run_mount` serves today.
-
-    `NodeConfig.mount_config()` makes one from a node whose only dataset is
-    served at the mount root; it goes once the node runtime serves datasets.
-    """
-
-    source: str
-
-
-@dataclasses.dataclass(kw_only=True)
 class WorkerConfig(CacheConfig):
     """A cache worker: serves chunks of its sources to mounts and other workers."""
 
@@ -229,6 +218,21 @@ class WorkerConfig(CacheConfig):
     @property
     def node(self) -> str:
         return self.advertise or f"{self.listen[0]}:{self.listen[1]}"
+
+    def datasets(self) -> list[DatasetConfig]:
+        """The --source NAME=URLs as datasets, with the node-wide endpoint and keys."""
+        keys = Credentials(access_key=self.access_key, secret_key=self.secret_key) if self.access_key else Credentials()
+        out = []
+        for name, url in self.sources.items():
+            s3 = url_scheme(url) in S3_SCHEMES
+            out.append(DatasetConfig(
+                name=name,
+                url=url if "://" in url else os.path.abspath(url),
+                endpoint_url=self.endpoint_url if s3 else None,
+                credentials=keys if s3 else Credentials(),
+                origin=f"--source {name}: ",
+            ))
+        return out
 
 
 _NAME_MAX = 255  # bytes: a dataset is a directory entry of the mount
@@ -413,23 +417,4 @@ class NodeConfig(MountOptions):
             seen.add(dataset.name)
             dataset.check()
 
-    def mount_config(self) -> MountConfig:
-        """The single-source MountConfig that `run_mount` serves today.
 
-        Raises:
-            ConfigError: the node has named datasets, which need the node runtime.
-        """
-        root = self.root_dataset
-        if root is None:
-            raise ConfigError(
-                "serving datasets at MOUNTPOINT/NAME is not supported yet; "
-                "use `cachefs mount SOURCE MOUNTPOINT` (or --print-config to check a configuration)"
-            )
-        keys = root.credentials.key_pair()
-        common = {f.name: getattr(self, f.name) for f in dataclasses.fields(MountOptions)}
-        common.update(
-            endpoint_url=root.endpoint_url,
-            access_key=keys[0] if keys else None,
-            secret_key=keys[1] if keys else None,
-        )
-        return MountConfig(source=root.source, **common)

@@ -25,6 +25,7 @@ the CLI takes a MOUNTPOINT (`socket_for`).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import errno
 import hashlib
@@ -34,7 +35,7 @@ import os
 import re
 import socket
 import stat
-from typing import Any, Callable, Protocol
+from typing import Any, Callable, Iterator, Protocol
 
 import trio
 
@@ -157,14 +158,14 @@ def _absolute_paths(spec: str) -> None:
 
 
 async def _dataset_add(node: NodeControl, args: dict) -> None:
-    from cachefs.loader import _read_credentials, parse_dataset_spec
+    from cachefs.loader import read_credentials, parse_dataset_spec
 
     spec = _arg(args, "spec", str)
     _absolute_paths(spec)
     dataset = parse_dataset_spec(spec)  # NAME is required: nothing is added at the mount root
     # Reads the key files the spec names (a little blocking I/O, off the event loop);
     # check() wants the keys read, as NodeConfig.check does.
-    dataset = await trio.to_thread.run_sync(_read_credentials, dataset)
+    dataset = await trio.to_thread.run_sync(read_credentials, dataset)
     dataset.check()
     await node.add_dataset(dataset)
     return None
@@ -308,6 +309,21 @@ def socket_path(run_dir: str, name: str) -> str:
     return os.path.join(run_dir, f"{slug}-{digest}.sock")
 
 
+@contextlib.contextmanager
+def _addressable(path: str) -> Iterator[str]:
+    """A name for the socket at `path` that fits sun_path (107 bytes): `path` itself
+    if short enough, else the same file reached through an open descriptor of its
+    directory (/proc/self/fd/N/NAME), so a deep --cache-dir or --run-dir still works."""
+    if len(os.fsencode(path)) <= _SUN_PATH_MAX:
+        yield path
+        return
+    fd = os.open(os.path.dirname(path), os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        yield f"/proc/self/fd/{fd}/{os.path.basename(path)}"
+    finally:
+        os.close(fd)
+
+
 def _make_run_dir(run_dir: str) -> None:
     try:
         os.makedirs(run_dir, mode=0o700, exist_ok=True)
@@ -336,7 +352,8 @@ async def _claim(path: str) -> None:
     try:
         # A live node accepts at once; a hung one may not, and is as good as live.
         with trio.move_on_after(2):
-            await probe.connect(path)
+            with _addressable(path) as address:
+                await probe.connect(address)
         raise ConfigError(f"control socket {path} is in use by another cachefs (unmount it or choose another --run-dir)")
     except ConnectionRefusedError:
         pass  # stale: its node died without cleaning up
@@ -359,7 +376,8 @@ def _bind(path: str) -> socket.socket:
     try:
         old = os.umask(0o177)  # no await between: nothing else runs with this umask but threads' creates, made stricter
         try:
-            sock.bind(path)
+            with _addressable(path) as address:
+                sock.bind(address)
         finally:
             os.umask(old)
         mode = stat.S_IMODE(os.lstat(path).st_mode)
@@ -394,8 +412,6 @@ async def serve_control(
             made, or another live cachefs owns the socket.
     """
     path = os.path.abspath(path)
-    if len(os.fsencode(path)) > _SUN_PATH_MAX:
-        raise ConfigError(f"control socket {path}: longer than {_SUN_PATH_MAX} bytes; choose a shorter --run-dir")
     _make_run_dir(os.path.dirname(path))
     await _claim(path)
     sock = _bind(path)
@@ -439,7 +455,8 @@ async def call(path: str, op: str, args: dict | None = None, *, label: str | Non
     """
     label = label or path
     try:
-        stream = await trio.open_unix_socket(path)
+        with _addressable(path) as address:
+            stream = await trio.open_unix_socket(address)
     except OSError as e:
         raise _connect_error(e, path, label) from None
     async with stream:

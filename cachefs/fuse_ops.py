@@ -18,17 +18,19 @@ from typing import Any, Awaitable, Callable, TypeVar
 import pyfuse3
 
 from cachefs import metrics
-from cachefs.objects import ObjectId, ObjectInfo
+from cachefs.objects import ObjectId, ObjectInfo, join
 from cachefs.errors import BackendPermissionDenied, CachefsError, ObjectChanged, ObjectNotFound
 from cachefs.inodes import ROOT_INODE, InodeTable
-from cachefs.namespace import Namespace
-from cachefs.reader import Reader, ReadStream
+from cachefs.node import Dataset, Node
+from cachefs.reader import ReadStream
 
 log = logging.getLogger(__name__)
 
 assert ROOT_INODE == pyfuse3.ROOT_INODE
 
 F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
+
+NAME_MAX = 255  # bytes in one path component
 
 
 def _errno_of(e: CachefsError) -> int:
@@ -73,29 +75,30 @@ class OpenFile:
     inode: int
     obj: ObjectId
     stream: ReadStream
+    dataset: Dataset
+
+
+# Extended attributes the mount answers (getfattr -n NAME); all read-only.
+XATTR_CONTROL = b"user.cachefs.control"  # on the mount root: the node's control socket
+XATTR_DATASET = b"user.cachefs.dataset"  # on anything: the dataset it belongs to
 
 
 class Operations(pyfuse3.Operations):
-    """pyfuse3 handlers over a `Namespace` (metadata) and a `Reader` (data)."""
+    """pyfuse3 handlers over a node's datasets: each dataset's `Namespace`
+    (metadata) and `Reader` (data).
+
+    Paths are the mount's: a dataset NAME is the directory NAME at the root, and
+    the mount root lists the datasets; a node whose one dataset has no name (the
+    `cachefs mount SOURCE MOUNTPOINT` form) serves it at the root itself.
+    """
 
     supports_dot_lookup = True
     enable_writeback_cache = False
     enable_acl = False
 
-    def __init__(
-        self,
-        namespace: Namespace,
-        reader: Reader,
-        source: str,
-        *,
-        entry_ttl: float,
-        attr_ttl: float,
-        block_size: int,
-    ):
+    def __init__(self, node: Node, *, entry_ttl: float, attr_ttl: float, block_size: int):
         super().__init__()
-        self.namespace = namespace
-        self.reader = reader
-        self.source = source
+        self.node = node
         self.entry_ttl = entry_ttl
         self.attr_ttl = attr_ttl
         self.block_size = block_size
@@ -109,6 +112,50 @@ class Operations(pyfuse3.Operations):
         self._uid = os.getuid()
         metrics.INODES.set_function(lambda: len(self.inodes))
         self._gid = os.getgid()
+
+    # -- datasets ------------------------------------------------------------
+
+    def _locate(self, path: str) -> tuple[Dataset, str]:
+        """The dataset `path` lies in, and the path inside it.
+
+        Raises:
+            FUSEError(ENOENT): no dataset there (the root of a multi-dataset mount has none).
+        """
+        datasets = self.node.datasets
+        root = datasets.get("")
+        if root is not None:
+            return root, path
+        name, _, inner = path.partition("/")
+        dataset = datasets.get(name) if name else None
+        if dataset is None:
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        return dataset, inner
+
+    def _lists_datasets(self, path: str) -> bool:
+        """Whether `path` is the mount root of a node that serves named datasets."""
+        return path == "" and "" not in self.node.datasets
+
+    @staticmethod
+    def _outer(dataset: Dataset, info: ObjectInfo) -> ObjectInfo:
+        """`info` with its path as the mount sees it."""
+        if not dataset.name:
+            return info
+        return dataclasses.replace(info, path=join(dataset.name, info.path))
+
+    async def _stat(self, path: str) -> ObjectInfo:
+        if self._lists_datasets(path):
+            return ObjectInfo("", "dir", 0, self.node.started, "datasets")
+        dataset, inner = self._locate(path)
+        return self._outer(dataset, await dataset.namespace.stat(inner))
+
+    def dataset_removed(self, dataset: Dataset) -> None:
+        """Call while mounted, when `dataset` is no longer served."""
+        if dataset.name:
+            try:
+                # Let the kernel drop its cached entry now, not after --entry-ttl.
+                pyfuse3.invalidate_entry_async(ROOT_INODE, os.fsencode(dataset.name), ignore_enoent=True)
+            except Exception:  # noqa: BLE001 - not mounted (yet): nothing cached to drop
+                pass
 
     # -- attributes -------------------------------------------------------
 
@@ -146,21 +193,20 @@ class Operations(pyfuse3.Operations):
     async def lookup(self, parent_inode, name, ctx=None):
         parent = self._path(parent_inode)
         name = os.fsdecode(name)
-        if name == ".":
-            path = parent
-            info = await self.namespace.stat(path)
-        elif name == "..":
-            path = parent.rpartition("/")[0]
-            info = await self.namespace.stat(path)
+        if len(os.fsencode(name)) > NAME_MAX:
+            raise pyfuse3.FUSEError(errno.ENAMETOOLONG)
+        if name in (".", ".."):
+            info = await self._stat(parent if name == "." else parent.rpartition("/")[0])
+        elif self._lists_datasets(parent):
+            info = await self._stat(name)
         else:
-            info = await self.namespace.lookup(parent, name)
-            path = info.path
-        return self._attrs(self.inodes.lookup(path), info)
+            dataset, inner = self._locate(parent)
+            info = self._outer(dataset, await dataset.namespace.lookup(inner, name))
+        return self._attrs(self.inodes.lookup(info.path), info)
 
     @fuse_errors
     async def getattr(self, inode, ctx=None):
-        info = await self.namespace.stat(self._path(inode))
-        return self._attrs(inode, info)
+        return self._attrs(inode, await self._stat(self._path(inode)))
 
     async def forget(self, inode_list):
         # Must not raise (pyfuse3 `Operations.forget`); nothing here can.
@@ -177,10 +223,30 @@ class Operations(pyfuse3.Operations):
 
     @fuse_errors
     async def readlink(self, inode, ctx):
-        info = await self.namespace.stat(self._path(inode))
+        path = self._path(inode)
+        info = await self._stat(path)
         if info.kind != "link" or info.link_target is None:
             raise pyfuse3.FUSEError(errno.EINVAL)
+        dataset, inner = self._locate(path)
+        if not link_stays_inside(inner, info.link_target):
+            # Shown, but never followed out of the dataset (the kernel would follow it on the host).
+            raise pyfuse3.FUSEError(errno.EACCES)
         return os.fsencode(info.link_target)
+
+    @fuse_errors
+    async def getxattr(self, inode, name, ctx):
+        if name == XATTR_CONTROL and inode == ROOT_INODE and self.node.control_socket:
+            return os.fsencode(self.node.control_socket)
+        if name == XATTR_DATASET:
+            dataset, _ = self._locate(self._path(inode))
+            return os.fsencode(dataset.name)
+        raise pyfuse3.FUSEError(errno.ENODATA)
+
+    async def listxattr(self, inode, ctx):
+        names = [XATTR_DATASET]
+        if inode == ROOT_INODE and self.node.control_socket:
+            names.append(XATTR_CONTROL)
+        return names
 
     @fuse_errors
     async def statfs(self, ctx):
@@ -202,7 +268,12 @@ class Operations(pyfuse3.Operations):
         path = self._path(inode)
         # One snapshot per open directory: paging through it with offsets can then
         # neither repeat nor skip entries, however the backend changes meanwhile.
-        entries = await self.namespace.list_dir(path)
+        if self._lists_datasets(path):
+            started = self.node.started
+            entries = [ObjectInfo(name, "dir", 0, started, "dataset") for name in sorted(self.node.datasets)]
+        else:
+            dataset, inner = self._locate(path)
+            entries = [self._outer(dataset, e) for e in await dataset.namespace.list_dir(inner)]
         fh = next(self._fh)
         self._dirs[fh] = entries
         return fh
@@ -229,12 +300,14 @@ class Operations(pyfuse3.Operations):
         if flags & os.O_ACCMODE != os.O_RDONLY or flags & (os.O_TRUNC | os.O_APPEND):
             raise pyfuse3.FUSEError(errno.EROFS)
         path = self._path(inode)
-        info = await self.namespace.stat(path)
+        info = await self._stat(path)
         if info.kind == "dir":
             raise pyfuse3.FUSEError(errno.EISDIR)
-        obj = ObjectId(self.source, path, info.version, info.size)
+        dataset, inner = self._locate(path)
+        obj = ObjectId(dataset.source, inner, info.version, info.size)
         fh = next(self._fh)
-        self._files[fh] = OpenFile(inode, obj, ReadStream())
+        self._files[fh] = OpenFile(inode, obj, ReadStream(), dataset)
+        dataset.open_files += 1
         self.inodes.opened(inode)
         fi = pyfuse3.FileInfo(fh=fh)
         fi.keep_cache = self._opened_versions.get(inode) == info.version
@@ -244,16 +317,21 @@ class Operations(pyfuse3.Operations):
     @fuse_errors
     async def read(self, fh, off, size):
         f = self._files[fh]
+        if f.dataset.removed:
+            raise pyfuse3.FUSEError(errno.ESTALE)  # removed with --force while open
         try:
-            return await self.reader.read(f.obj, off, size, f.stream)
+            return await f.dataset.reader.read(f.obj, off, size, f.stream)
         except ObjectChanged:
-            self.namespace.invalidate(f.obj.path)
+            f.dataset.namespace.invalidate(f.obj.path)
             self._opened_versions.pop(f.inode, None)
             raise
 
     async def release(self, fh):
         f = self._files.pop(fh, None)
-        if f is not None and self.inodes.closed(f.inode):
+        if f is None:
+            return
+        f.dataset.open_files -= 1
+        if self.inodes.closed(f.inode):
             self._dropped(f.inode)
 
     # -- everything that would modify the source -------------------------------
@@ -263,3 +341,18 @@ class Operations(pyfuse3.Operations):
 
     setattr = create = mkdir = mknod = symlink = link = unlink = rmdir = rename = _read_only
     write = setxattr = removexattr = _read_only
+
+
+def link_stays_inside(path: str, target: str) -> bool:
+    """Whether symlink `path` (inside its dataset) pointing at `target` resolves inside the dataset."""
+    if not target or target.startswith("/"):
+        return False
+    depth = path.count("/")  # directories between the dataset root and the link
+    for part in target.split("/"):
+        if part == "..":
+            depth -= 1
+            if depth < 0:
+                return False
+        elif part not in ("", "."):
+            depth += 1
+    return True

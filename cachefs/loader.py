@@ -407,7 +407,7 @@ def _node_credentials(flags: dict[str, Any]) -> tuple[str | None, Credentials]:
     )
 
 
-def _read_credentials(dataset: DatasetConfig) -> DatasetConfig:
+def read_credentials(dataset: DatasetConfig) -> DatasetConfig:
     c = dataset.credentials
     if c.access_key and c.access_key_file:
         raise ConfigError(f"{dataset.label('access_key_file')}: give access_key or access_key_file, not both")
@@ -470,7 +470,7 @@ def load_node(
 
     endpoint, credentials = _node_credentials(flags)
     for i, dataset in enumerate(chosen):
-        dataset = _read_credentials(dataset)
+        dataset = read_credentials(dataset)
         if url_scheme(dataset.url) in S3_SCHEMES:
             if dataset.endpoint_url is None:
                 dataset.endpoint_url = endpoint

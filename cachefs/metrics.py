@@ -7,6 +7,7 @@ separate series. Later layers (peers, workers) add to these, never rename them.
 from __future__ import annotations
 
 import logging
+from typing import Callable
 
 import prometheus_client as prom
 import trio
@@ -119,25 +120,43 @@ async def serve(host: str, port: int, *, task_status=trio.TASK_STATUS_IGNORED) -
 
 class SourceUsage:
     """Collects `cachefs_source_cached_bytes{source,tier}` at scrape time from the
-    tiers' per-source counters: which node holds how much of each source."""
+    tiers' per-source counters: which node holds how much of each source.
 
-    def __init__(self, tiers: list, sources: dict[str, str]):
-        from cachefs.objects import source_tag
+    `sources` is asked at every scrape (name → source URL), so datasets added
+    or removed while the node runs show up or go."""
 
+    def __init__(self, tiers: list, sources: Callable[[], dict[str, str]]):
         self.tiers = [t for t in tiers if t is not None]
-        self.tags = {name: source_tag(url) for name, url in sources.items()}
+        self.sources = sources
 
     def collect(self):
         from prometheus_client.core import GaugeMetricFamily
 
+        from cachefs.objects import source_tag
+
         family = GaugeMetricFamily(
             "cachefs_source_cached_bytes", "Bytes of each source held by a cache tier", labels=["source", "tier"]
         )
-        for name, tag in self.tags.items():
+        for name, url in self.sources().items():
+            tag = source_tag(url)
             for tier in self.tiers:
                 family.add_metric([name, tier.name], tier.by_source.get(tag, 0))
         yield family
 
 
-def register_source_usage(tiers: list, sources: dict[str, str]) -> None:
-    prom.REGISTRY.register(SourceUsage(tiers, sources))
+_source_usage: SourceUsage | None = None
+
+
+def register_source_usage(tiers: list, sources: Callable[[], dict[str, str]]) -> None:
+    """Serve the per-source usage of `tiers` (one node per process: replaces an earlier one)."""
+    global _source_usage
+    unregister_source_usage()
+    _source_usage = SourceUsage(tiers, sources)
+    prom.REGISTRY.register(_source_usage)
+
+
+def unregister_source_usage() -> None:
+    global _source_usage
+    if _source_usage is not None:
+        prom.REGISTRY.unregister(_source_usage)
+        _source_usage = None

@@ -10,22 +10,12 @@ from typing import Callable
 import pyfuse3
 import trio
 
-from cachefs import metrics
-from cachefs.config import MountConfig
+from cachefs import control
+from cachefs.config import NodeConfig
 from cachefs.errors import ConfigError
 from cachefs.fuse_ops import Operations
-from cachefs.namespace import Namespace
-from cachefs.reader import Reader
-from cachefs.stack import (
-    client_node_name,
-    freeze_startup_objects,
-    open_backend,
-    open_peer_tier,
-    open_tiers,
-    reader_tiers,
-    serve_metrics,
-    serve_peers,
-)
+from cachefs.node import Node
+from cachefs.stack import client_node_name, freeze_startup_objects
 
 log = logging.getLogger(__name__)
 
@@ -49,33 +39,26 @@ def _set_kernel_read_ahead(real_mountpoint: str, kb: int) -> None:
         log.warning("cannot raise read-ahead of %s: %s", real_mountpoint, e)
 
 
-async def run_mount(config: MountConfig, on_ready: Callable[[], None] = lambda: None) -> None:
-    """Mount `config.source` at `config.mountpoint` and serve until unmounted.
+async def run_mount(config: NodeConfig, on_ready: Callable[[], None] = lambda: None) -> None:
+    """Mount the node's datasets at `config.mountpoint` and serve until unmounted.
 
     Raises:
-        ConfigError: the source or mountpoint cannot be used; nothing is mounted then.
+        ConfigError: a source or the mountpoint cannot be used; nothing is mounted then.
     """
-    async with trio.open_nursery() as nursery:
-        await serve_metrics(config, nursery)
-        backend = await open_backend(config.source, config)
-        mem, disk = await open_tiers(config)
-        node = f"{config.serve[0]}:{config.serve[1]}" if config.serve else client_node_name()
-        peers = open_peer_tier(config, node, nursery)
-        reader = Reader(reader_tiers(mem, disk, peers), backend, config.chunk_size, config.read_ahead, nursery)
-        if config.serve:
-            await serve_peers(config, node, config.serve, {backend.source: reader}, nursery)
-        metrics.register_source_usage([mem, disk], {backend.source: backend.source})
-        namespace = Namespace(backend, config.attr_ttl, config.dir_ttl, max_entries=config.meta_cache_entries)
+    name = f"{config.serve[0]}:{config.serve[1]}" if config.serve else client_node_name()
+    socket = control.socket_path(config.run_dir, config.mountpoint)
+    async with Node(config, config.datasets, name=name, serve=config.serve, control_socket=socket) as node:
         ops = Operations(
-            namespace,
-            reader,
-            backend.source,
+            node,
             entry_ttl=config.entry_ttl,
             attr_ttl=config.attr_ttl,
             block_size=min(config.chunk_size, 1 << 20),
         )
+        root = config.root_dataset
+        fsname = root.source if root is not None else "+".join(d.name for d in config.datasets)
         options = set(pyfuse3.default_options)
-        options |= {"ro", "noatime", f"fsname=cachefs:{config.source}", "subtype=cachefs"}
+        # A comma would end the option: libfuse splits -o on them.
+        options |= {"ro", "noatime", f"fsname=cachefs:{fsname.replace(',', '%2C')}", "subtype=cachefs"}
         if os.getuid() == 0:
             options.add("allow_other")  # jobs run as other users than the daemon
         real_mountpoint = os.path.realpath(config.mountpoint)
@@ -91,17 +74,20 @@ async def run_mount(config: MountConfig, on_ready: Callable[[], None] = lambda: 
             await trio.to_thread.run_sync(os.stat, real_mountpoint)
             _set_kernel_read_ahead(real_mountpoint, config.kernel_read_ahead_kb)
             freeze_startup_objects()
-            log.info("mounted %s at %s", config.source, config.mountpoint)
+            log.info("mounted %s at %s", fsname, config.mountpoint)
             on_ready()
 
+        node.on_removed = ops.dataset_removed  # the kernel's entries can be dropped now
         try:
-            nursery.start_soon(_terminate_on_signals)
-            nursery.start_soon(when_serving)
-            await pyfuse3.main(min_tasks=4, max_tasks=config.fuse_tasks)
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(_terminate_on_signals)
+                nursery.start_soon(when_serving)
+                await pyfuse3.main(min_tasks=4, max_tasks=config.fuse_tasks)
+                nursery.cancel_scope.cancel()
         finally:
+            node.on_removed = lambda dataset: None
             # Unmount even after a crash: a dead mount would hang every job that touches it.
             pyfuse3.close(unmount=True)
-            nursery.cancel_scope.cancel()
     log.info("unmounted %s", config.mountpoint)
 
 

@@ -26,7 +26,7 @@ import trio
 
 from cachefs import control, hotpath, metrics
 from cachefs.backend import Backend
-from cachefs.config import CacheConfig, DatasetConfig, MountOptions
+from cachefs.config import CacheConfig, Credentials, DatasetConfig, MountOptions
 from cachefs.errors import ConfigError
 from cachefs.namespace import Namespace
 from cachefs.reader import Reader
@@ -160,6 +160,7 @@ class Node:
         """
         assert self._nursery is not None, "enter the node first"
         async with self._changing:
+            config = self._with_node_defaults(config)
             config.check()
             if config.name in self.datasets:
                 raise ConfigError(f"dataset {config.name!r} exists already")
@@ -181,10 +182,23 @@ class Node:
                 c = self.config
                 namespace = Namespace(backend, c.attr_ttl, c.dir_ttl, max_entries=c.meta_cache_entries)
             dataset = Dataset(config, backend, reader, namespace, tasks)
+            if self.disk is not None and config.quota is not None:
+                self.disk.set_quota(dataset.source, config.quota)
             self.datasets[config.name] = dataset
             self.readers[dataset.source] = reader
             log.info("dataset %s = %s%s", config.name or "/", dataset.source, "" if config.read_only else " (rw)")
             return dataset
+
+    def _with_node_defaults(self, config: DatasetConfig) -> DatasetConfig:
+        """An S3 dataset that names no endpoint or keys of its own uses the node's."""
+        if not config.is_s3:
+            return config
+        if config.endpoint_url is None and self.config.endpoint_url:
+            config = dataclasses.replace(config, endpoint_url=self.config.endpoint_url)
+        if config.credentials.source == "environment" and self.config.access_key and self.config.secret_key:
+            keys = Credentials(access_key=self.config.access_key, secret_key=self.config.secret_key)
+            config = dataclasses.replace(config, credentials=keys)
+        return config
 
     async def remove_dataset(self, name: str, force: bool = False) -> None:
         """Stop serving dataset `name`: its tasks are cancelled and its store closed.
@@ -208,6 +222,8 @@ class Node:
         dataset.removed = True
         dataset.tasks.cancel_scope.cancel()
         dataset.backend.close()
+        if self.disk is not None:
+            self.disk.set_quota(dataset.source, None)
         self.on_removed(dataset)
         log.info("dataset %s removed", dataset.name or "/")
 
@@ -218,11 +234,11 @@ class Node:
         """What this node holds and serves, JSON-able (`cachefs status`)."""
         from cachefs import __version__
 
-        tiers = {}
+        tiers = []
         for tier in (self.mem, self.disk):
             if tier is not None:
                 used, chunks = tier.usage()
-                tiers[tier.name] = {"used_bytes": used, "capacity_bytes": tier.capacity, "chunks": chunks}
+                tiers.append({"name": tier.name, "used_bytes": used, "capacity_bytes": tier.capacity, "chunks": chunks})
         return {
             "node": self.name,
             "version": __version__,

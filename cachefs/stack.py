@@ -14,7 +14,7 @@ from cachefs import metrics
 from cachefs.backend import Backend, open_store
 from cachefs.cache.disk import DiskTier
 from cachefs.cache.mem import MemTier
-from cachefs.config import CacheConfig
+from cachefs.config import CacheConfig, DatasetConfig
 from cachefs.errors import (
     BackendError,
     CacheDirInUse,
@@ -77,26 +77,29 @@ def reader_tiers(mem: MemTier, disk: DiskTier | None, peers: PeerTier | None = N
     return [t for t in (mem if mem.capacity else None, disk, peers) if t is not None]
 
 
-async def open_backend(url: str, config: CacheConfig) -> Backend:
-    """The backend of one source, checked to be readable.
+async def open_backend(dataset: DatasetConfig, config: CacheConfig) -> Backend:
+    """The backend of one dataset, checked to be readable.
 
     Raises:
         ConfigError: naming what is wrong with the source: a clear error beats an empty mount.
     """
-    credentials = (config.access_key, config.secret_key) if config.access_key and config.secret_key else None
-    store = open_store(url, config.endpoint_url, config.backend_timeout, credentials)
+    url = dataset.source
+    c = dataset.credentials
+    store = open_store(url, dataset.endpoint_url, config.backend_timeout, c.key_pair(), profile=c.profile)
     backend = Backend(store, config.backend_concurrency, config.backend_timeout, config.backend_retries)
     try:
         info = await backend.stat("")
-    except ObjectNotFound:
-        raise ConfigError(f"{url}: no such bucket, prefix or directory") from None
-    except BackendPermissionDenied as e:
-        raise ConfigError(f"{url}: access denied; check the credentials ({e})") from None
-    except BackendUnavailable as e:
-        raise ConfigError(f"{url}: cannot reach the backend ({e})") from None
     except BackendError as e:
+        backend.close()
+        if isinstance(e, ObjectNotFound):
+            raise ConfigError(f"{url}: no such bucket, prefix or directory") from None
+        if isinstance(e, BackendPermissionDenied):
+            raise ConfigError(f"{url}: access denied; check the credentials ({e})") from None
+        if isinstance(e, BackendUnavailable):
+            raise ConfigError(f"{url}: cannot reach the backend ({e})") from None
         raise ConfigError(f"{url}: cannot read the source ({e})") from None
     if info.kind != "dir":
+        backend.close()
         raise ConfigError(f"{url}: is a file, not a directory or prefix")
     return backend
 

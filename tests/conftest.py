@@ -304,6 +304,9 @@ class CachefsMount:
 def cachefs_mount(tmp_path, request) -> Callable[..., CachefsMount]:
     """Factory: ``cachefs_mount(source, *extra_args, cache_dir=None, env=None)``.
 
+    ``source`` None mounts no SOURCE: the datasets come from ``extra_args``
+    (``--dataset NAME=URL``, ``--config FILE``).
+
     Each call gets a new mount point, metrics port and log file under
     ``tmp_path``; ``cache_dir`` defaults to a new directory, and passing an
     earlier mount's ``cache_dir`` tests a warm restart. ``env`` is added to
@@ -321,11 +324,11 @@ def cachefs_mount(tmp_path, request) -> Callable[..., CachefsMount]:
         metrics_addr = f"127.0.0.1:{free_port()}"
         log_path = tmp_path / f"mount{n}.log"
         cmd = [
-            sys.executable, "-m", "cachefs", "mount", source.url, str(mountpoint),
+            sys.executable, "-m", "cachefs", "mount", *([source.url] if source else []), str(mountpoint),
             "--cache-dir", str(cache_dir),
             "--metrics", metrics_addr,
             "--log-level", "debug",
-            *source.mount_args,
+            *(source.mount_args if source else []),
             *extra_args,
         ]
         with open(log_path, "ab") as log:
@@ -333,7 +336,7 @@ def cachefs_mount(tmp_path, request) -> Callable[..., CachefsMount]:
             log.flush()
             proc = subprocess.Popen(
                 cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                env=hermetic_env(source.env, env), cwd=REPO, start_new_session=True,
+                env=hermetic_env(source.env if source else None, env), cwd=REPO, start_new_session=True,
             )
         mount = CachefsMount(str(mountpoint), str(cache_dir), metrics_addr, proc, log_path, cmd)
         mounts.append(mount)

@@ -1,4 +1,4 @@
-"""Configuration: parse_size and MountConfig.check reject nonsense with one
+"""Configuration: parse_size and NodeConfig.check reject nonsense with one
 sentence that names the flag, and accept every sensible value unchanged."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import stat
 
 import pytest
 
-from cachefs.config import MountConfig, format_size, parse_addr, parse_size
+from cachefs.config import DatasetConfig, NodeConfig, format_size, parse_addr, parse_size
 from cachefs.errors import ConfigError
 
 K, M, G, T = 1 << 10, 1 << 20, 1 << 30, 1 << 40
@@ -71,15 +71,15 @@ def test_parse_addr():
             parse_addr(bad, "--metrics")
 
 
-# -- MountConfig.check ---------------------------------------------------------------
+# -- NodeConfig.check ---------------------------------------------------------------
 
 
 @pytest.fixture
-def good(tmp_path) -> MountConfig:
+def good(tmp_path) -> NodeConfig:
     mountpoint = tmp_path / "mnt"
     mountpoint.mkdir()
-    return MountConfig(
-        source=str(tmp_path / "src"),
+    return NodeConfig(
+        datasets=[DatasetConfig(name="", url=str(tmp_path / "src"))],
         mountpoint=str(mountpoint),
         cache_dir=str(tmp_path / "cache"),
         cache_size=1 * G,

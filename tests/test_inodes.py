@@ -86,7 +86,10 @@ def test_forgetting_an_unknown_inode_is_harmless():
 async def test_forget_drops_what_fuse_ops_keeps_per_inode():
     from cachefs.fuse_ops import Operations
 
-    ops = Operations(None, None, "src", entry_ttl=1.0, attr_ttl=1.0, block_size=4096)
+    from types import SimpleNamespace
+
+    node = SimpleNamespace(datasets={}, on_removed=None)  # forget needs none of the node
+    ops = Operations(node, entry_ttl=1.0, attr_ttl=1.0, block_size=4096)
     ino = ops.inodes.lookup("f")
     ops._opened_versions[ino] = "etag:1"
     assert _gauge("cachefs_inodes") == 2

@@ -289,18 +289,12 @@ def test_node_credential_flags_are_defaults_for_s3_datasets(node_dir):
 def test_the_one_source_form_is_a_root_dataset(node_dir):
     node = load_node(flags=_flags(node_dir, endpoint_url="http://h:1"), source="s3://bucket/p")
     assert node.root_dataset is not None and node.root_dataset.at_root
-    mount = node.mount_config()
-    assert (mount.source, mount.mountpoint, mount.endpoint_url) == ("s3://bucket/p", str(node_dir / "mnt"), "http://h:1")
+    root = node.root_dataset
+    assert (root.source, node.mountpoint, root.endpoint_url) == ("s3://bucket/p", str(node_dir / "mnt"), "http://h:1")
 
 
 def test_source_and_datasets_do_not_mix(node_dir):
     _refused("cannot be combined with datasets", flags=_flags(node_dir), source="s3://b", datasets=["a=s3://c"])
-
-
-def test_named_datasets_cannot_be_mounted_yet(node_dir):
-    node = load_node(flags=_flags(node_dir), datasets=["a=s3://c"])
-    with pytest.raises(ConfigError, match="not supported yet"):
-        node.mount_config()
 
 
 def test_nothing_to_mount(node_dir):
@@ -359,7 +353,6 @@ def test_cli_refuses_bad_input_in_one_line(node_dir, run_cachefs):
     _check_refused(run_cachefs("mount", mnt, "--dataset", "feats=s3://b,rw"), "read-write datasets are not supported yet")
     path = _write(node_dir, "[datasets.feats]\nurl = 's3://b'\nquota = 'lots'\n")
     _check_refused(run_cachefs("mount", mnt, "--config", path), f"{path}: datasets.feats.quota: 'lots' is not a size")
-    _check_refused(run_cachefs("mount", mnt, "--dataset", "a=s3://b", "--cache-dir", node_dir / "c"), "not supported yet")
     _check_refused(run_cachefs("mount", mnt), "nothing to mount")
 
 

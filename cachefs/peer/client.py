@@ -240,6 +240,13 @@ class PeerTier:
         self.ring = ring
         self.timeout = timeout
 
+    def describe(self) -> list[dict]:
+        """Each node on the ring and whether its circuit breaker lets it be asked (for status)."""
+        return [
+            {"node": node, "up": self.client.available(node), "self": node == self.client.node}
+            for node in sorted(self.ring().nodes)
+        ]
+
     def __contains__(self, digest: bytes) -> bool:
         return False  # only asking tells
 

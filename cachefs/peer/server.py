@@ -51,7 +51,8 @@ class ServerLimits:
 
 
 class PeerServer:
-    """Serves the chunks of `sources` (source URL → its Reader) to authenticated peers."""
+    """Serves the chunks of `sources` (source URL → its Reader, kept up to date by the
+    node) to authenticated peers."""
 
     def __init__(
         self,
@@ -63,7 +64,7 @@ class PeerServer:
     ):
         self.node = node
         self.secret = secret
-        self.sources = dict(sources)
+        self.sources = sources  # not copied: a node adds and removes datasets while serving
         self.max_payload = max_payload
         self.limits = limits
         self._unauthenticated = 0
