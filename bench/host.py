@@ -8,7 +8,9 @@ avoided on purpose: it never returns when the FUSE daemon behind it hangs.
 from __future__ import annotations
 
 import contextlib
+import datetime
 import hashlib
+import json
 import importlib.util
 import os
 import platform
@@ -384,6 +386,57 @@ def scratch_dirs(
     finally:
         for mp in mounts_under(work):
             log(f"WARNING: still mounted: {mp}")
+
+
+def run_experiment(
+    kind: str,
+    args,
+    data: dict,
+    run: Callable[..., None],
+    render: Callable[[dict], str],
+    has_results: Callable[[dict], bool],
+) -> bool | None:
+    """The shell every experiment of bench/ (scale, metadata) runs in: root, signals,
+    scratch directories, `run(args, data, work, shm, stack)`, and the results written
+    as `<stamp>-<host>-<kind>.md` and `.json` under `args.results` (under tmp/ if the
+    run did not finish), also after a failure or Ctrl-C, when `has_results(data)`.
+
+    Returns:
+        True if the run finished, False if it failed, None if it was interrupted.
+    """
+    require_root()
+    unwind_on_signals()
+    started = datetime.datetime.now(datetime.timezone.utc)
+    t0 = time.monotonic()
+    stamp = started.strftime("%Y%m%dT%H%M%SZ")
+    data.update(started=started.isoformat(timespec="seconds"), errors=[])
+    finished = False
+    try:
+        with scratch_dirs(args.workdir, f"cachefs-{kind}.", False,
+                          lambda: Path(args.results) / "tmp" / f"{stamp}-{kind}-logs" if data["errors"] else None
+                          ) as (work, shm, stack):
+            try:
+                run(args, data, work, shm, stack)
+            except Exception as exc:
+                data["errors"].append(f"{type(exc).__name__}: {exc}")
+                raise
+        finished = True
+    except KeyboardInterrupt:
+        log("interrupted; everything started has been unmounted and stopped")
+        return None
+    finally:
+        data["duration_s"] = time.monotonic() - t0
+        if has_results(data):
+            directory = Path(args.results) / ("" if finished else "tmp")
+            directory.mkdir(parents=True, exist_ok=True)
+            data["partial"] = not finished
+            name = f"{stamp}-{data['machine']['hostname']}-{kind}"
+            (directory / f"{name}.json").write_text(json.dumps(data, indent=1, default=str) + "\n")
+            (directory / f"{name}.md").write_text(render(data))
+            print()
+            print(render(data))
+            log(f"wrote {directory / name}.md and .json")
+    return finished
 
 
 def _unmount_leftovers(work: Path) -> None:

@@ -26,9 +26,7 @@ failure or Ctrl-C.
 from __future__ import annotations
 
 import argparse
-import datetime
 import gc
-import json
 import os
 import subprocess
 import sys
@@ -331,40 +329,11 @@ def render(data: dict, args: argparse.Namespace) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    host.require_root()
-    host.unwind_on_signals()
-    started = datetime.datetime.now(datetime.timezone.utc)
-    t0 = time.monotonic()
-    stamp = started.strftime("%Y%m%dT%H%M%SZ")
-    data = {"started": started.isoformat(timespec="seconds"), "files": args.files, "dirs": args.dirs,
-            "mem_size": args.mem_size, "meta_cache_entries": args.meta_cache_entries,
-            "dataset_on_disk": args.dataset_on_disk, "errors": []}
-    finished = False
-    try:
-        with host.scratch_dirs(args.workdir, "cachefs-metadata.", False,
-                               lambda: Path(args.results) / "tmp" / f"{stamp}-metadata-logs" if data["errors"] else None
-                               ) as (work, shm, stack):
-            try:
-                run(args, data, work, shm, stack)
-            except Exception as exc:
-                data["errors"].append(f"{type(exc).__name__}: {exc}")
-                raise
-        finished = True
-    except KeyboardInterrupt:
-        log("interrupted; the mount has been unmounted and stopped")
+    data = {"files": args.files, "dirs": args.dirs, "mem_size": args.mem_size,
+            "meta_cache_entries": args.meta_cache_entries, "dataset_on_disk": args.dataset_on_disk}
+    finished = host.run_experiment("metadata", args, data, run, lambda d: render(d, args), lambda d: "machine" in d)
+    if finished is None:
         return 130
-    finally:
-        data["duration_s"] = time.monotonic() - t0
-        if "machine" in data:
-            directory = Path(args.results) / ("" if finished else "tmp")
-            directory.mkdir(parents=True, exist_ok=True)
-            data["partial"] = not finished
-            name = f"{stamp}-{data['machine']['hostname']}-metadata"
-            (directory / f"{name}.json").write_text(json.dumps(data, indent=1, default=str) + "\n")
-            (directory / f"{name}.md").write_text(render(data, args))
-            print()
-            print(render(data, args))
-            log(f"wrote {directory / name}.md and .json")
     return 0 if finished and all(data.get("targets", {}).values()) else 1
 
 

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import datetime
 import json
 import os
 import select
@@ -327,41 +326,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.read:
         read_file(args.read)
         return 0
-    host.require_root()
-    host.unwind_on_signals()
-    started = datetime.datetime.now(datetime.timezone.utc)
-    t0 = time.monotonic()
-    stamp = started.strftime("%Y%m%dT%H%M%SZ")
-    data = {"started": started.isoformat(timespec="seconds"), "size": args.size, "rate": args.rate,
-            "readers": args.readers, "workers": args.workers, "chunk_size": CHUNK_SIZE,
-            "worker_mem_size": WORKER_MEM, "mount_mem_size": MOUNT_MEM, "cells": [], "errors": []}
-    finished = False
-    try:
-        with host.scratch_dirs(args.workdir, "cachefs-scale.", False,
-                               lambda: Path(args.results) / "tmp" / f"{stamp}-scale-logs" if data["errors"] else None
-                               ) as (work, shm, stack):
-            try:
-                run(args, data, work, shm, stack)
-            except Exception as exc:
-                data["errors"].append(f"{type(exc).__name__}: {exc}")
-                raise
-        finished = True
-    except KeyboardInterrupt:
-        log("interrupted; everything started has been unmounted and stopped")
-        return 130
-    finally:
-        data["duration_s"] = time.monotonic() - t0
-        if data["cells"]:
-            directory = Path(args.results) / ("" if finished else "tmp")
-            directory.mkdir(parents=True, exist_ok=True)
-            data["partial"] = not finished
-            name = f"{stamp}-{data['machine']['hostname']}-scale"
-            (directory / f"{name}.json").write_text(json.dumps(data, indent=1, default=str) + "\n")
-            (directory / f"{name}.md").write_text(render(data))
-            print()
-            print(render(data))
-            log(f"wrote {directory / name}.md and .json")
-    return 0
+    data = {"size": args.size, "rate": args.rate, "readers": args.readers, "workers": args.workers,
+            "chunk_size": CHUNK_SIZE, "worker_mem_size": WORKER_MEM, "mount_mem_size": MOUNT_MEM, "cells": []}
+    finished = host.run_experiment("scale", args, data, run, render, lambda d: bool(d["cells"]))
+    return 130 if finished is None else 0
 
 
 def run(args: argparse.Namespace, data: dict, work: Path, shm: Path, stack: contextlib.ExitStack) -> None:

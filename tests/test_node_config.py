@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cachefs.config import Credentials, DatasetConfig, NodeConfig
+from cachefs.config import Credentials, DatasetConfig
 from cachefs.errors import ConfigError
 from cachefs.loader import format_dataset_spec, load_node, parse_dataset_spec, parse_duration, render
 
@@ -279,7 +279,7 @@ def test_a_bad_flag_over_a_file_is_named_by_its_flag(node_dir):
 
 def test_node_credential_flags_are_defaults_for_s3_datasets(node_dir):
     flags = _flags(node_dir, endpoint_url="http://127.0.0.1:9000", access_key="AK", secret_key_file=str(node_dir / "secret"))
-    node = load_node(flags=flags, datasets=["a=s3://a", f"b=s3://b,profile=team,endpoint=http://h:1", f"l={node_dir}"])
+    node = load_node(flags=flags, datasets=["a=s3://a", "b=s3://b,profile=team,endpoint=http://h:1", f"l={node_dir}"])
     a, b, local = node.datasets
     assert a.endpoint_url == "http://127.0.0.1:9000" and a.credentials.key_pair() == ("AK", SECRET)
     assert b.endpoint_url == "http://h:1" and b.credentials.source == "profile"
