@@ -112,6 +112,11 @@ def _parser() -> argparse.ArgumentParser:
         help="attributes and directory listings to keep, counted as one per object and one per listed "
         f"child; least recently used go first (default {d.meta_cache_entries})",
     )
+    g.add_argument(
+        "--meta-refresh", type=float, metavar="SECONDS",
+        help="ask the backend again for all cached attributes and listings every SECONDS, dropping the "
+        "kernel's and our caches of what changed (default 0: off; see also `cachefs refresh`)",
+    )
     g = m.add_argument_group("sharing")
     g.add_argument("--serve", metavar="HOST:PORT", help="also serve this mount's cache to the ring (list HOST:PORT in every node's --peers)")
 
@@ -162,6 +167,17 @@ def _parser() -> argparse.ArgumentParser:
     )
     st.add_argument("nodes", nargs="+", metavar="MOUNTPOINT|HOST:PORT", help="a mountpoint, or a node's --metrics address")
     st.add_argument("--json", action="store_true", help="print a MOUNTPOINT's status as JSON (one MOUNTPOINT)")
+
+    rf = sub.add_parser(
+        "refresh",
+        help="ask the backend again now for what a mount knows of PATH",
+        description="Revalidates the cached attributes and listing of PATH (a file or directory inside a "
+        "cachefs mount; with --recursive, everything cached below it) against the backend now. What changed or "
+        "went away leaves every cache: the mount's, the kernel's (names, attributes, pages) and the chunks of "
+        "its old version.",
+    )
+    rf.add_argument("paths", nargs="+", metavar="PATH")
+    rf.add_argument("-r", "--recursive", action="store_true", help="everything cached below PATH too")
 
     u = sub.add_parser("umount", help="unmount a cachefs mount", description="Unmount MOUNTPOINT; the daemon then exits.")
     u.add_argument("mountpoint", metavar="MOUNTPOINT")
@@ -366,6 +382,16 @@ def _status(a: argparse.Namespace) -> int:
     return 0
 
 
+def _refresh(a: argparse.Namespace) -> int:
+    from cachefs import control
+
+    for path in a.paths:
+        inner = control.mount_path(path)
+        result = _control(path, "refresh", {"path": inner, "recursive": a.recursive})
+        print(f"cachefs: {path}: {result['changed']} changed, {result['gone']} gone")
+    return 0
+
+
 def _umount(a: argparse.Namespace) -> int:
     mountpoint = os.path.abspath(a.mountpoint)
     if not _is_mounted(mountpoint):
@@ -394,6 +420,8 @@ def main(argv: list[str] | None = None) -> int:
             return _dataset(args)
         if args.command == "status":
             return _status(args)
+        if args.command == "refresh":
+            return _refresh(args)
         return _umount(args)
     except ConfigError as e:
         if logging.getLogger().handlers:  # else logging's last resort repeats the line on stderr

@@ -165,6 +165,7 @@ class MountOptions(CacheConfig):
     entry_ttl: float = 1.0
     dir_ttl: float = 1.0
     meta_cache_entries: int = DEFAULT_META_CACHE_ENTRIES
+    meta_refresh: float = 0.0  # seconds between background refreshes of cached metadata; 0: off
     serve: tuple[str, int] | None = None  # share this mount's cache with the ring
     fuse_tasks: int = 64
     # The bdi read_ahead_kb of the mount: big enough that buffered sequential reads
@@ -172,7 +173,7 @@ class MountOptions(CacheConfig):
     kernel_read_ahead_kb: int = 4096
 
     def check(self, *, environment: bool = True) -> None:
-        self._check_durations("attr_ttl", "entry_ttl", "dir_ttl")
+        self._check_durations("attr_ttl", "entry_ttl", "dir_ttl", "meta_refresh")
         if self.meta_cache_entries < 1:
             raise ConfigError(f"{self.label('meta_cache_entries')} {self.meta_cache_entries}: must be at least 1")
         super().check(environment=environment)

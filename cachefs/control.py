@@ -41,7 +41,7 @@ import trio
 
 from cachefs import __version__
 from cachefs.config import DatasetConfig, url_scheme
-from cachefs.errors import ConfigError
+from cachefs.errors import BackendError, ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +66,10 @@ class NodeControl(Protocol):
 
     def status(self) -> dict:
         """JSON-able node status: version, hot_path, tiers, datasets, peers (docs/operations.md)."""
+
+    async def refresh(self, path: str, recursive: bool) -> dict:
+        """Revalidate what is cached of mount path `path` now: {"changed": n, "gone": n}.
+        Raises ConfigError (no such dataset) or BackendError."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -184,6 +188,13 @@ async def _status(node: NodeControl, args: dict) -> dict:
     return node.status()
 
 
+async def _refresh(node: NodeControl, args: dict) -> dict:
+    try:
+        return await node.refresh(_arg(args, "path", str), _arg(args, "recursive", bool, False))
+    except BackendError as e:
+        raise RequestError(f"refresh: the backend could not be asked ({e})") from None
+
+
 async def _hello(node: NodeControl, args: dict) -> dict:
     return {"protocol": PROTOCOL_VERSION, "version": __version__, "ops": list(OPS)}
 
@@ -194,6 +205,7 @@ OPS: dict[str, Callable[[NodeControl, dict], Any]] = {
     "dataset.remove": _dataset_remove,
     "dataset.list": _dataset_list,
     "status": _status,
+    "refresh": _refresh,
 }
 
 
@@ -534,12 +546,40 @@ def socket_for(target: str, timeout: float = 5) -> str:
         ConfigError: one line: no such path, not a cachefs mount, the daemon is
             gone, or the mount does not answer within `timeout` seconds.
     """
-    target = os.path.abspath(target)
+    return _ask_mount(_locate, os.path.abspath(target), timeout)
+
+
+XATTR_PATH = "user.cachefs.path"
+
+
+def mount_path(target: str, timeout: float = 5) -> str:
+    """Where `target` (a path inside a cachefs mount) is, as the mount names it: "" for
+    its root, "NAME/..." inside dataset NAME.
+
+    Raises:
+        ConfigError: one line: no such path, not in a cachefs mount, or no answer.
+    """
+    return _ask_mount(_mount_path, os.path.abspath(target), timeout)
+
+
+def _mount_path(target: str) -> str:
+    try:
+        return os.fsdecode(os.getxattr(target, XATTR_PATH))
+    except OSError as e:
+        if e.errno in (errno.ENODATA, errno.ENOTSUP, errno.EOPNOTSUPP):
+            raise ConfigError(f"{target}: not in a cachefs mount") from None
+        if e.errno == errno.ENOTCONN:
+            raise ConfigError(f"{target}: the mount's daemon is gone") from None
+        raise ConfigError(f"{target}: {e.strerror}") from None
+
+
+def _ask_mount(ask: Callable[[str], str], target: str, timeout: float) -> str:
+    """`ask(target)` in a thread, given up after `timeout` seconds."""
 
     async def run() -> str:
         with trio.move_on_after(timeout):
             # Abandoned on timeout: stat and getxattr change nothing, and a hung mount never returns.
-            return await trio.to_thread.run_sync(_locate, target, abandon_on_cancel=True)
+            return await trio.to_thread.run_sync(ask, target, abandon_on_cancel=True)
         raise ConfigError(f"{target}: no answer within {timeout:g} s (a hung mount?)")
 
     return trio.run(run)

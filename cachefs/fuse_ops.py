@@ -16,6 +16,7 @@ import stat
 from typing import Any, Awaitable, Callable, TypeVar
 
 import pyfuse3
+import trio
 
 from cachefs import metrics
 from cachefs.objects import ObjectId, ObjectInfo, join
@@ -81,6 +82,7 @@ class OpenFile:
 # Extended attributes the mount answers (getfattr -n NAME); all read-only.
 XATTR_CONTROL = b"user.cachefs.control"  # on the mount root: the node's control socket
 XATTR_DATASET = b"user.cachefs.dataset"  # on anything: the dataset it belongs to
+XATTR_PATH = b"user.cachefs.path"  # on anything: its path inside the mount (for the CLI)
 
 
 class Operations(pyfuse3.Operations):
@@ -121,15 +123,10 @@ class Operations(pyfuse3.Operations):
         Raises:
             FUSEError(ENOENT): no dataset there (the root of a multi-dataset mount has none).
         """
-        datasets = self.node.datasets
-        root = datasets.get("")
-        if root is not None:
-            return root, path
-        name, _, inner = path.partition("/")
-        dataset = datasets.get(name) if name else None
-        if dataset is None:
+        located = self.node.locate(path)
+        if located is None:
             raise pyfuse3.FUSEError(errno.ENOENT)
-        return dataset, inner
+        return located
 
     def _lists_datasets(self, path: str) -> bool:
         """Whether `path` is the mount root of a node that serves named datasets."""
@@ -147,6 +144,25 @@ class Operations(pyfuse3.Operations):
             return ObjectInfo("", "dir", 0, self.node.started, "datasets")
         dataset, inner = self._locate(path)
         return self._outer(dataset, await dataset.namespace.stat(inner))
+
+    async def backend_changed(self, dataset: Dataset, changed: list[tuple[ObjectInfo, ObjectInfo | None]]) -> None:
+        """Entries of `dataset` changed or went away in the backend: drop the kernel's
+        cached pages and attributes of each, and the names of those that went away.
+        Call while mounted."""
+        for old, new in changed:
+            path = self._outer(dataset, old).path
+            inode = self.inodes.find(path)
+            if inode is not None:
+                self._opened_versions.pop(inode, None)  # the next open must not keep old pages
+                try:
+                    # Not on the trio thread: the kernel may wait for requests we must answer.
+                    await trio.to_thread.run_sync(pyfuse3.invalidate_inode, inode)
+                except OSError:
+                    pass  # the kernel had forgotten it meanwhile
+            parent, _, name = path.rpartition("/")
+            parent_inode = self.inodes.find(parent)
+            if new is None and parent_inode is not None:
+                pyfuse3.invalidate_entry_async(parent_inode, os.fsencode(name), ignore_enoent=True)
 
     def dataset_removed(self, dataset: Dataset) -> None:
         """Call while mounted, when `dataset` is no longer served."""
@@ -240,10 +256,12 @@ class Operations(pyfuse3.Operations):
         if name == XATTR_DATASET:
             dataset, _ = self._locate(self._path(inode))
             return os.fsencode(dataset.name)
+        if name == XATTR_PATH:
+            return os.fsencode(self._path(inode))
         raise pyfuse3.FUSEError(errno.ENODATA)
 
     async def listxattr(self, inode, ctx):
-        names = [XATTR_DATASET]
+        names = [XATTR_DATASET, XATTR_PATH]
         if inode == ROOT_INODE and self.node.control_socket:
             names.append(XATTR_CONTROL)
         return names

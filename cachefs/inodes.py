@@ -44,6 +44,10 @@ class InodeTable:
         self._lookups[ino] = self._lookups.get(ino, 0) + 1
         return ino
 
+    def find(self, path: str) -> int | None:
+        """The inode the kernel holds for `path`, if any (nothing is allocated or counted)."""
+        return self._inodes.get(path)
+
     def path(self, inode: int) -> str:
         """Raises KeyError for an inode the kernel does not hold (never handed out, or forgotten)."""
         return self._paths[inode]

@@ -187,6 +187,7 @@ SETTINGS = (
     Setting("metadata.entry_ttl", "entry_ttl", parse_duration),
     Setting("metadata.dir_ttl", "dir_ttl", parse_duration),
     Setting("metadata.cache_entries", "meta_cache_entries", _integer),
+    Setting("metadata.refresh", "meta_refresh", parse_duration),
     Setting("backend.concurrency", "backend_concurrency", _integer),
     Setting("backend.timeout", "backend_timeout", parse_duration),
     Setting("backend.retries", "backend_retries", _integer),
@@ -536,7 +537,7 @@ def render(node: NodeConfig) -> str:
             ("read_ahead", node.read_ahead, ""),
         ]),
         ("metadata", [("attr_ttl", node.attr_ttl, ""), ("entry_ttl", node.entry_ttl, ""), ("dir_ttl", node.dir_ttl, ""),
-                      ("cache_entries", node.meta_cache_entries, "")]),
+                      ("cache_entries", node.meta_cache_entries, ""), ("refresh", node.meta_refresh, "")]),
         ("backend", [
             ("concurrency", node.backend_concurrency, ""),
             ("timeout", node.backend_timeout, ""),

@@ -77,7 +77,9 @@ async def run_mount(config: NodeConfig, on_ready: Callable[[], None] = lambda: N
             log.info("mounted %s at %s", fsname, config.mountpoint)
             on_ready()
 
-        node.on_removed = ops.dataset_removed  # the kernel's entries can be dropped now
+        # The kernel's entries can be dropped now.
+        node.on_removed = ops.dataset_removed
+        node.on_changed = ops.backend_changed
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(_terminate_on_signals)
@@ -85,7 +87,7 @@ async def run_mount(config: NodeConfig, on_ready: Callable[[], None] = lambda: N
                 await pyfuse3.main(min_tasks=4, max_tasks=config.fuse_tasks)
                 nursery.cancel_scope.cancel()
         finally:
-            node.on_removed = lambda dataset: None
+            node.unhook()
             # Unmount even after a crash: a dead mount would hang every job that touches it.
             pyfuse3.close(unmount=True)
     log.info("unmounted %s", config.mountpoint)

@@ -73,6 +73,10 @@ class BoundedLru(Generic[K, V]):
             _, (_, w) = self._items.popitem(last=False)
             self.entries -= w
 
+    def keys(self) -> list[K]:
+        """The keys held, least recently used first (a copy: safe to change the map meanwhile)."""
+        return list(self._items)
+
     def pop(self, key: K) -> V | None:
         item = self._items.pop(key, None)
         if item is None:
@@ -203,6 +207,55 @@ class Namespace:
             return children
         finally:
             self._listing.pop(path).set()
+
+    async def refresh(self, path: str, recursive: bool = False) -> list[tuple[ObjectInfo, ObjectInfo | None]]:
+        """Ask the backend again now for what is cached of `path`: its attributes and
+        listing, and with `recursive` those of everything cached below it.
+
+        Returns:
+            (what was known, what is there now or None if it is gone) for each
+            entry whose version changed or that disappeared.
+        Raises:
+            BackendError: the backend could not be asked; what is cached stays as it was.
+        """
+        def under(p: str) -> bool:
+            return p == path or (recursive and (not path or p.startswith(path + "/")))
+
+        keys = [key for key in self._cache.keys() if under(key[1])]
+        changed: list[tuple[ObjectInfo, ObjectInfo | None]] = []
+        for kind, p in sorted(keys, key=lambda k: (k[1].count("/"), k[0] == "attr")):
+            if kind == "dir":
+                cached = self._cache.get(("dir", p))
+                if cached is None:
+                    continue  # evicted meanwhile
+                try:
+                    fresh = await self._children(p, max_age=0)
+                except ObjectNotFound:
+                    fresh = {}
+                    self._cache.pop(("dir", p))
+                for name, old in cached[0].items():
+                    new = fresh.get(name)
+                    if new is None or new.version != old.version:
+                        changed.append((old, new))
+            else:
+                cached = self._cache.get(("attr", p))
+                if cached is None:
+                    continue
+                try:
+                    new = await self.stat(p, max_age=0)
+                except ObjectNotFound:
+                    new = None
+                if new is None or new.version != cached[0].version:
+                    changed.append((cached[0], new))
+        # A child seen both in its own attributes and in a listing counts once.
+        unique = list({old.path: (old, new) for old, new in changed}.values())
+        now = self._clock()
+        for old, new in unique:
+            # `stat` asks an entry's own attributes before its parent's listing: they must agree.
+            self._cache.pop(("attr", old.path))
+            if new is not None:
+                self._set_attr(old.path, new, now)
+        return unique
 
     def invalidate(self, path: str) -> None:
         """Forget what we know of `path`, e.g. after the backend said it changed."""

@@ -20,15 +20,16 @@ import logging
 import os
 import sys
 import time
-from typing import Callable
+from typing import Awaitable, Callable
 
 import trio
 
 from cachefs import control, hotpath, metrics
 from cachefs.backend import Backend
 from cachefs.config import CacheConfig, Credentials, DatasetConfig, MountOptions
-from cachefs.errors import ConfigError
+from cachefs.errors import BackendError, ConfigError
 from cachefs.namespace import Namespace
+from cachefs.objects import ObjectId, ObjectInfo, chunk_digest
 from cachefs.reader import Reader
 from cachefs.stack import open_backend, open_peer_tier, open_tiers, reader_tiers, serve_metrics, serve_peers
 
@@ -102,6 +103,9 @@ class Node:
         self.readers: dict[str, Reader] = {}
         self.started = time.time()
         self.on_removed: Callable[[Dataset], None] = lambda dataset: None
+        # Told which entries of a dataset changed or disappeared in the backend (fuse_ops
+        # drops the kernel's caches of them).
+        self.on_changed: Callable[[Dataset, list[tuple[ObjectInfo, ObjectInfo | None]]], Awaitable[None]] = _nothing
         self._initial = list(datasets)
         self._stack = contextlib.AsyncExitStack()
         self._nursery: trio.Nursery | None = None
@@ -186,6 +190,9 @@ class Node:
                 self.disk.set_quota(dataset.source, config.quota)
             self.datasets[config.name] = dataset
             self.readers[dataset.source] = reader
+            refresh_every = getattr(self.config, "meta_refresh", 0)
+            if namespace is not None and refresh_every:
+                tasks.start_soon(self._refresh_every, dataset, refresh_every)
             log.info("dataset %s = %s%s", config.name or "/", dataset.source, "" if config.read_only else " (rw)")
             return dataset
 
@@ -227,6 +234,69 @@ class Node:
         self.on_removed(dataset)
         log.info("dataset %s removed", dataset.name or "/")
 
+    def unhook(self) -> None:
+        """Forget `on_removed` and `on_changed` (the mount they told is gone)."""
+        self.on_removed = lambda dataset: None
+        self.on_changed = _nothing
+
+    def locate(self, path: str) -> tuple[Dataset, str] | None:
+        """The dataset a mount path lies in and the path inside it; None for the
+        root of a node with named datasets, or a name that is no dataset."""
+        root = self.datasets.get("")
+        if root is not None:
+            return root, path
+        name, _, inner = path.partition("/")
+        dataset = self.datasets.get(name) if name else None
+        return (dataset, inner) if dataset is not None else None
+
+    async def refresh(self, path: str, recursive: bool = False) -> dict:
+        """Ask the backend again now for what is known of `path` (and below it, with
+        `recursive`); changed and deleted entries leave every cache: ours, the
+        kernel's, and the chunks of their old versions.
+
+        Raises:
+            ConfigError: `path` is in no dataset.
+            BackendError: the backend could not be asked.
+        """
+        located = self.locate(path)
+        if located is None:
+            if path == "":  # the root of a multi-dataset mount: all of them
+                found = [await self._refresh(d, "", recursive) for d in list(self.datasets.values())]
+                return {"changed": sum(f["changed"] for f in found), "gone": sum(f["gone"] for f in found)}
+            raise ConfigError(f"{path!r} is in no dataset of this node")
+        return await self._refresh(*located, recursive)
+
+    async def _refresh(self, dataset: Dataset, inner: str, recursive: bool) -> dict:
+        if dataset.namespace is None:
+            raise ConfigError("a worker keeps no metadata to refresh")
+        changed = await dataset.namespace.refresh(inner, recursive)
+        for old, _ in changed:
+            if old.kind == "file":
+                await self._drop_chunks(dataset, old)
+        if changed:
+            log.info("dataset %s: %d entries changed in the backend", dataset.name or "/", len(changed))
+            await self.on_changed(dataset, changed)
+        return {"changed": sum(new is not None for _, new in changed), "gone": sum(new is None for _, new in changed)}
+
+    async def _drop_chunks(self, dataset: Dataset, old: ObjectInfo) -> None:
+        """Chunks of a version no one will ask for again go first, not after the LRU reaches them."""
+        obj = ObjectId(dataset.source, old.path, old.version, old.size)
+        size = self.config.chunk_size
+        for index in range((old.size + size - 1) // size):
+            digest = chunk_digest(obj, size, index)
+            self.mem.remove(digest)
+            if self.disk is not None:
+                await self.disk.remove(digest)
+
+    async def _refresh_every(self, dataset: Dataset, seconds: float) -> None:
+        """--meta-refresh: revalidate the dataset's cached metadata in the background."""
+        while True:
+            await trio.sleep(seconds)
+            try:
+                await self._refresh(dataset, "", recursive=True)
+            except BackendError as e:
+                log.warning("dataset %s: background refresh failed: %s", dataset.name or "/", e)
+
     def list_datasets(self) -> list[dict]:
         return [d.describe() for d in self.datasets.values()]
 
@@ -250,6 +320,10 @@ class Node:
             "datasets": self.list_datasets(),
             "peers": self.peers.describe() if self.peers is not None else [],
         }
+
+
+async def _nothing(*args) -> None:
+    pass
 
 
 async def _run_tasks(*, task_status=trio.TASK_STATUS_IGNORED) -> None:

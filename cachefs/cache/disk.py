@@ -509,6 +509,11 @@ class DiskTier:
         metrics.CACHE_EVICTIONS.labels(self.name).inc()
         return size
 
+    async def remove(self, digest: bytes) -> None:
+        """Drop a chunk now (an old version of a changed object), if held."""
+        if digest in self._index:
+            await self._drop(digest)
+
     async def _drop(self, digest: bytes) -> None:
         self._layouts.pop(digest, None)
         self._forget_fd(digest)
