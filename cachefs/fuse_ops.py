@@ -10,6 +10,7 @@ import dataclasses
 import errno
 import functools
 import itertools
+import json
 import logging
 import os
 import stat
@@ -83,6 +84,7 @@ class OpenFile:
 XATTR_CONTROL = b"user.cachefs.control"  # on the mount root: the node's control socket
 XATTR_DATASET = b"user.cachefs.dataset"  # on anything: the dataset it belongs to
 XATTR_PATH = b"user.cachefs.path"  # on anything: its path inside the mount (for the CLI)
+XATTR_CACHED = b"user.cachefs.cached"  # on a file or directory: what this node's tiers hold of it (JSON)
 
 
 class Operations(pyfuse3.Operations):
@@ -258,10 +260,15 @@ class Operations(pyfuse3.Operations):
             return os.fsencode(dataset.name)
         if name == XATTR_PATH:
             return os.fsencode(self._path(inode))
+        if name == XATTR_CACHED:
+            path = self._path(inode)
+            dataset, inner = self._locate(path)
+            info = await dataset.namespace.stat(inner)
+            return json.dumps(await self.node.residency(dataset, info), separators=(",", ":")).encode()
         raise pyfuse3.FUSEError(errno.ENODATA)
 
     async def listxattr(self, inode, ctx):
-        names = [XATTR_DATASET, XATTR_PATH]
+        names = [XATTR_DATASET, XATTR_PATH, XATTR_CACHED]
         if inode == ROOT_INODE and self.node.control_socket:
             names.append(XATTR_CONTROL)
         return names

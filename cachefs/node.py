@@ -29,7 +29,7 @@ from cachefs.backend import Backend
 from cachefs.config import CacheConfig, Credentials, DatasetConfig, MountOptions
 from cachefs.errors import BackendError, ConfigError
 from cachefs.namespace import Namespace
-from cachefs.objects import ObjectId, ObjectInfo, chunk_digest
+from cachefs.objects import ObjectId, ObjectInfo, chunk_digest, source_tag
 from cachefs.reader import Reader
 from cachefs.stack import open_backend, open_peer_tier, open_tiers, reader_tiers, serve_metrics, serve_peers
 
@@ -298,7 +298,40 @@ class Node:
                 log.warning("dataset %s: background refresh failed: %s", dataset.name or "/", e)
 
     def list_datasets(self) -> list[dict]:
-        return [d.describe() for d in self.datasets.values()]
+        rows = []
+        for dataset in self.datasets.values():
+            row = dataset.describe()
+            tag = source_tag(dataset.source)
+            row["cached_bytes"] = {t.name: t.by_source.get(tag, 0) for t in (self.mem, self.disk) if t is not None}
+            rows.append(row)
+        return rows
+
+    async def residency(self, dataset: Dataset, info: ObjectInfo) -> dict:
+        """How much of a file (or of the files right in a directory) this node's
+        tiers hold: bytes, chunks, and the ratio of the bytes."""
+        files = [info] if info.kind == "file" else []
+        if info.kind == "dir" and dataset.namespace is not None:
+            files = [e for e in await dataset.namespace.list_dir(info.path) if e.kind == "file"]
+        size = self.config.chunk_size
+        tiers = [t for t in (self.mem, self.disk) if t is not None and t.capacity]
+        total = cached = chunks = held = 0
+        for f in files:
+            obj = ObjectId(dataset.source, f.path, f.version, f.size)
+            total += f.size
+            for index in range((f.size + size - 1) // size):
+                chunks += 1
+                digest = chunk_digest(obj, size, index)
+                if any(digest in tier for tier in tiers):
+                    held += 1
+                    cached += min(size, f.size - index * size)
+        return {
+            "files": len(files),
+            "bytes": total,
+            "cached_bytes": cached,
+            "ratio": round(cached / total, 4) if total else 1.0,
+            "chunks": chunks,
+            "cached_chunks": held,
+        }
 
     def status(self) -> dict:
         """What this node holds and serves, JSON-able (`cachefs status`)."""

@@ -2,7 +2,7 @@
 # Prepare a Debian machine to build, test and demo cachefs. Idempotent; a
 # second run only checks and returns.
 #
-#   1. apt: fuse3 (fusermount3), libfuse3-dev + pkg-config + gcc + libc and
+#   1. apt: fuse3 (fusermount3), attr (getfattr), libfuse3-dev + pkg-config + gcc + libc and
 #      Python headers (pyfuse3 is sdist-only and compiles against libfuse3;
 #      the native hot path is Cython), fio (benchmarks), and python3 + venv
 #      if there is no Python 3.11+. Only what is missing; needs root then.
@@ -37,6 +37,7 @@ if ! { command -v pkg-config >/dev/null 2>&1 && pkg-config --exists fuse3; }; th
     missing+=(libfuse3-dev)
 fi
 command -v fio >/dev/null 2>&1 || missing+=(fio)
+command -v getfattr >/dev/null 2>&1 || missing+=(attr)  # getfattr: the residency xattrs, in tests and docs
 command -v gcc >/dev/null 2>&1 || missing+=(gcc)
 [[ -e /usr/include/stdio.h ]] || missing+=(libc6-dev)  # gcc only recommends it
 

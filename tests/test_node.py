@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 import json
+import mmap
 import os
 import subprocess
 import threading
@@ -30,6 +31,12 @@ def _keys_files(tmp_path, gateway, name: str) -> list[str]:
         path.chmod(0o600)
         out.append(f"{option}={path}")
     return out
+
+
+def _cli() -> list[str]:
+    import sys
+
+    return [sys.executable, "-m", "cachefs"]
 
 
 def _control(mountpoint: str, op: str, **args):
@@ -252,3 +259,35 @@ def test_a_dataset_quota_bounds_its_ssd_bytes(tmp_path, local_source, cachefs_mo
     print(f"\nSSD bytes held per dataset after reading 3 MiB of each, capped at 1M: {held}")
     assert 0 < held["capped"] <= 1 << 20
     assert held["free"] > 3 << 20  # 12 chunks with their headers
+
+
+def test_residency_of_a_file_and_a_directory_through_getxattr(local_source, cachefs_mount):
+    data = os.urandom(8 * CHUNK)
+    local_source.write("d/f.bin", data)
+    local_source.write("d/small.txt", b"x" * 1000)
+    m = cachefs_mount(None, *SMALL, "--read-ahead", "0", "--dataset", f"ds={local_source.url}")
+    f = Path(m.mountpoint, "ds", "d", "f.bin")
+
+    def cached(path: Path) -> dict:
+        return json.loads(os.getxattr(path, "user.cachefs.cached"))
+
+    assert cached(f) == {"files": 1, "bytes": len(data), "cached_bytes": 0, "ratio": 0.0, "chunks": 8, "cached_chunks": 0}
+    fd = os.open(f, os.O_RDONLY | os.O_DIRECT)  # no kernel read-ahead: chunks 0-2 only
+    try:
+        buf = mmap.mmap(-1, 3 * CHUNK)  # page-aligned, as O_DIRECT wants
+        assert os.preadv(fd, [buf], 0) == 3 * CHUNK
+    finally:
+        os.close(fd)
+    got = cached(f)
+    print(f"\ngetfattr -n user.cachefs.cached after reading 3 of 8 chunks: {got}")
+    assert (got["cached_bytes"], got["cached_chunks"], got["ratio"]) == (3 * CHUNK, 3, 0.375)
+    assert f.read_bytes() == data
+    assert cached(f)["ratio"] == 1.0
+    folder = cached(f.parent)
+    assert (folder["files"], folder["bytes"], folder["cached_bytes"]) == (2, len(data) + 1000, len(data))
+    out = subprocess.run(["getfattr", "--only-values", "-n", "user.cachefs.cached", str(f)], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["ratio"] == 1.0
+    rows = json.loads(subprocess.run([*_cli(), "dataset", "list", m.mountpoint, "--json"], capture_output=True,
+                                     text=True, env=hermetic_env()).stdout)
+    assert rows[0]["cached_bytes"]["disk"] > len(data)  # with chunk headers
