@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import re
+import signal
 import subprocess
 import sys
 import tempfile
@@ -298,27 +299,48 @@ def _spawn_background(a: argparse.Namespace, argv: list[str], config: NodeConfig
     child_argv = [arg for arg in argv if arg not in _BACKGROUND_FLAGS]
     if not a.log_file:
         child_argv += ["--log-file", log_file]
+    try:
+        child = start_mount(child_argv, log_file)
+    except ConfigError as e:
+        print(f"cachefs: mount failed: {e} (log {log_file})", file=sys.stderr)
+        return e.exitcode
+    what = config.root_dataset.source if config.root_dataset else ", ".join(d.name for d in config.datasets)
+    print(f"cachefs: mounted {what} at {config.mountpoint} (pid {child.pid}, log {log_file})")
+    return 0
+
+
+def start_mount(argv: list[str], log_file: str, env: dict[str, str] | None = None) -> subprocess.Popen:
+    """Run `cachefs ARGV` (a foreground mount) as a detached child logging to `log_file`,
+    and return once it says the mount answers.
+
+    Raises:
+        ConfigError: the child exited first; the message is its last error line, and
+            `exitcode` its exit code.
+    """
     read_end, write_end = os.pipe()
     with open(os.devnull, "rb") as devnull, open(log_file, "ab") as out:
         child = subprocess.Popen(
-            [sys.executable, "-m", "cachefs", *child_argv],
+            [sys.executable, "-m", "cachefs", *argv],
             stdin=devnull,
             stdout=out,
             stderr=out,
-            env={**os.environ, _READY_FD: str(write_end)},
+            env={**(os.environ if env is None else env), _READY_FD: str(write_end)},
             pass_fds=(write_end,),
             start_new_session=True,
         )
     os.close(write_end)
-    with os.fdopen(read_end, "rb") as ready:
-        status = ready.read()
+    try:
+        with os.fdopen(read_end, "rb") as ready:
+            status = ready.read()
+    except BaseException:
+        # Interrupted while it starts: it must not stay mounted with no one to unmount it.
+        os.killpg(child.pid, signal.SIGTERM)
+        child.wait()
+        raise
     if status == b"ready":
-        what = config.root_dataset.source if config.root_dataset else ", ".join(d.name for d in config.datasets)
-        print(f"cachefs: mounted {what} at {config.mountpoint} (pid {child.pid}, log {log_file})")
-        return 0
+        return child
     code = child.wait()
-    print(f"cachefs: mount failed: {_last_error(log_file)} (log {log_file})", file=sys.stderr)
-    return code or 1
+    raise ConfigError(_last_error(log_file), exitcode=code or 1)
 
 
 def _last_error(log_file: str) -> str:

@@ -1,0 +1,201 @@
+"""The Python API: what the `cachefs` commands do, for notebooks and job scripts.
+
+    import cachefs
+
+    with cachefs.mount("/mnt/data", datasets={"md": "s3://bucket/market"},
+                       options=["--endpoint-url", "http://127.0.0.1:9000"]) as m:
+        df = pandas.read_parquet(f"{m.mountpoint}/md/2026/ticks.parquet")
+        print(m.status().datasets)
+
+A mount runs as its own process (the same `cachefs mount` the shell starts), so a
+crash or Ctrl-C in the notebook never leaves its kernel holding a FUSE session:
+leaving the `with` block unmounts, whatever ends it. Everything else goes through
+the mount's control socket, like `cachefs dataset`, `status` and `refresh`.
+Errors are `cachefs.errors.ConfigError`, with the same one-line messages as the CLI.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import signal
+import subprocess
+import tempfile
+from typing import Any
+
+from cachefs import control
+from cachefs.errors import ConfigError
+
+
+@dataclasses.dataclass(frozen=True)
+class TierStatus:
+    name: str  # "mem" or "disk"
+    used_bytes: int
+    capacity_bytes: int
+    chunks: int
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetStatus:
+    name: str
+    url: str
+    subdir: str
+    read_only: bool
+    quota: int | None
+    open_files: int
+    cached_bytes: dict[str, int]  # tier name -> bytes of this dataset it holds
+
+
+@dataclasses.dataclass(frozen=True)
+class PeerStatus:
+    node: str
+    up: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class NodeStatus:
+    node: str
+    version: str
+    hot_path: str  # "native" or "purepy"
+    pid: int
+    tiers: list[TierStatus]
+    datasets: list[DatasetStatus]
+    peers: list[PeerStatus]
+
+
+@dataclasses.dataclass(frozen=True)
+class Residency:
+    """What a node's tiers hold of a file, or of the files right in a directory."""
+
+    files: int
+    bytes: int
+    cached_bytes: int
+    ratio: float
+    chunks: int
+    cached_chunks: int
+
+
+def _pick(cls: type, row: dict) -> Any:
+    """`cls` from a JSON row, ignoring fields a newer node adds."""
+    return cls(**{f.name: row.get(f.name) for f in dataclasses.fields(cls)})
+
+
+class Mount:
+    """A running cachefs mount. Use `cachefs.mount(...)`; leaving its `with` block unmounts."""
+
+    def __init__(self, mountpoint: str, process: subprocess.Popen, log_file: str):
+        self.mountpoint = mountpoint
+        self.process = process
+        self.log_file = log_file
+
+    def __enter__(self) -> Mount:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.unmount()
+
+    def _call(self, op: str, **args: Any) -> Any:
+        return control.request(control.socket_for(self.mountpoint), op, args, label=self.mountpoint)
+
+    def add_dataset(self, name: str, url: str, **options: Any) -> None:
+        """Serve `url` at MOUNTPOINT/`name` from now on, without a remount.
+
+        Args:
+            options: the `--dataset` options: subdir="v2", quota="20G", endpoint="http://...",
+                profile="research", access_key_file=..., secret_key_file=... (True for flags).
+        """
+        parts = [f"{name}={url}"]
+        for key, value in options.items():
+            parts.append(key if value is True else f"{key}={value}")
+        self._call("dataset.add", spec=",".join(parts))
+
+    def remove_dataset(self, name: str, force: bool = False) -> None:
+        """Stop serving dataset `name`; refused while files of it are open, unless `force`."""
+        self._call("dataset.remove", name=name, force=force)
+
+    def datasets(self) -> list[DatasetStatus]:
+        return [_pick(DatasetStatus, row) for row in self._call("dataset.list")]
+
+    def status(self) -> NodeStatus:
+        s = self._call("status")
+        return NodeStatus(
+            node=s["node"], version=s["version"], hot_path=s["hot_path"], pid=s["pid"],
+            tiers=[_pick(TierStatus, t) for t in s["tiers"]],
+            datasets=[_pick(DatasetStatus, d) for d in s["datasets"]],
+            peers=[_pick(PeerStatus, p) for p in s["peers"]],
+        )
+
+    def refresh(self, path: str = "", recursive: bool = False) -> dict[str, int]:
+        """Ask the backend again now for what the mount knows of `path` (relative to the
+        mountpoint, or absolute inside it). Returns {"changed": n, "gone": n}."""
+        return self._call("refresh", path=self._inner(path), recursive=recursive)
+
+    def residency(self, path: str) -> Residency:
+        """What this node caches of a file, or of the files right in a directory."""
+        return _pick(Residency, json.loads(os.getxattr(self._outer(path), "user.cachefs.cached")))
+
+    def _outer(self, path: str) -> str:
+        return path if os.path.isabs(path) else os.path.join(self.mountpoint, path)
+
+    def _inner(self, path: str) -> str:
+        return control.mount_path(self._outer(path))
+
+    def unmount(self, timeout: float = 30.0) -> None:
+        """Unmount and wait for the daemon to exit; lazily if files are still open."""
+        if self.process.poll() is not None:
+            return
+        result = subprocess.run(["fusermount3", "-u", self.mountpoint], capture_output=True)
+        if result.returncode != 0:
+            subprocess.run(["fusermount3", "-u", "-z", self.mountpoint], capture_output=True)
+        try:
+            self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait()
+
+
+def mount(
+    mountpoint: str,
+    source: str | None = None,
+    *,
+    datasets: dict[str, str] | None = None,
+    config: str | None = None,
+    cache_dir: str | None = None,
+    cache_size: str | int | None = None,
+    mem_size: str | int | None = None,
+    options: list[str] = (),
+    log_file: str | None = None,
+) -> Mount:
+    """Mount `source` at `mountpoint`, or `datasets` (name -> URL, or NAME=URL,OPTS
+    specs as values) at MOUNTPOINT/NAME, and return once the mount answers.
+
+    Args:
+        options: more `cachefs mount` flags, e.g. ["--peers", "dns+workers:7070", "--secret-file", "/etc/cachefs/secret"].
+        log_file: where the mount logs (default: a file in the temp directory, named after the mountpoint).
+
+    Raises:
+        ConfigError: the mount could not start; nothing is left mounted. The message
+            names the problem, as the CLI's does.
+    """
+    mountpoint = os.path.abspath(mountpoint)
+    argv = ["mount", *([source] if source else []), mountpoint]
+    for name, url in (datasets or {}).items():
+        argv += ["--dataset", url if url.startswith(f"{name}=") else f"{name}={url}"]
+    for flag, value in (("--config", config), ("--cache-dir", cache_dir), ("--cache-size", cache_size),
+                        ("--mem-size", mem_size)):
+        if value is not None:
+            argv += [flag, os.path.abspath(value) if flag in ("--config", "--cache-dir") else str(value)]
+    argv += list(options)
+    log_file = log_file or os.path.join(
+        tempfile.gettempdir(), "cachefs-" + re.sub(r"[^A-Za-z0-9]+", "-", mountpoint).strip("-") + ".log"
+    )
+    from cachefs.cli import start_mount
+
+    argv += ["--log-file", log_file]
+    try:
+        process = start_mount(argv, log_file)
+    except ConfigError as e:
+        raise ConfigError(f"mount {mountpoint}: {e}", exitcode=e.exitcode) from None
+    return Mount(mountpoint, process, log_file)

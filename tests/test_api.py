@@ -1,0 +1,90 @@
+"""The Python API as a researcher calls it: `with cachefs.mount(...) as m:` in a
+real process, against real sources; the mount is gone afterwards, whatever ended
+the block."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO, hermetic_env, is_mounted
+
+pytestmark = pytest.mark.integration
+
+
+def _run(code: str, tmp_path: Path, env: dict[str, str] | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
+    """Run `code` as a user's script would: its own interpreter, cachefs imported as a package."""
+    script = tmp_path / "user_script.py"
+    script.write_text(textwrap.dedent(code))
+    return subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=timeout,
+                          cwd=tmp_path, env=hermetic_env(env, {"PYTHONPATH": str(REPO)}))
+
+
+def test_mount_read_change_datasets_and_status(tmp_path, local_source, s3_source):
+    data = os.urandom(300_000)
+    local_source.write("a/x.bin", data)
+    s3_source.write("y.txt", b"from s3")
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    res = _run(f"""
+        import cachefs, json
+        with cachefs.mount({str(mnt)!r}, datasets={{"loc": {local_source.url!r}}},
+                           cache_dir={str(tmp_path / "cache")!r}, mem_size="64M", cache_size="256M",
+                           options=["--endpoint-url", {s3_source.backend.endpoint_url!r}]) as m:
+            assert open(m.mountpoint + "/loc/a/x.bin", "rb").read() == {data!r}
+            m.add_dataset("s3", {s3_source.url!r})
+            assert open(m.mountpoint + "/s3/y.txt", "rb").read() == b"from s3"
+            status = m.status()
+            assert isinstance(status, cachefs.NodeStatus) and status.hot_path in ("native", "purepy")
+            assert sorted(d.name for d in status.datasets) == ["loc", "s3"]
+            assert {{t.name for t in status.tiers}} == {{"mem", "disk"}}
+            r = m.residency("loc/a/x.bin")
+            assert isinstance(r, cachefs.Residency) and r.ratio == 1.0 and r.bytes == {len(data)}
+            assert m.refresh("loc", recursive=True) == {{"changed": 0, "gone": 0}}
+            m.remove_dataset("s3")
+            assert [d.name for d in m.datasets()] == ["loc"]
+            print("pid", m.process.pid)
+        print("done")
+    """, tmp_path, env=s3_source.env)  # the S3 keys, as a user's environment has them
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.splitlines()[-1] == "done"
+    assert not is_mounted(str(mnt))
+    pid = int(res.stdout.split()[1])
+    assert not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text()
+
+
+@pytest.mark.parametrize("ending", ["raise ValueError('a bug in the notebook')", "raise KeyboardInterrupt"])
+def test_leaving_the_block_unmounts_whatever_ends_it(tmp_path, local_source, ending):
+    local_source.write("f", b"x")
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    res = _run(f"""
+        import cachefs
+        with cachefs.mount({str(mnt)!r}, {local_source.url!r}, cache_dir={str(tmp_path / "cache")!r}) as m:
+            assert open(m.mountpoint + "/f", "rb").read() == b"x"
+            {ending}
+    """, tmp_path)
+    assert res.returncode != 0
+    assert not is_mounted(str(mnt))
+
+
+def test_a_mount_that_cannot_start_raises_one_line_and_leaves_nothing(tmp_path):
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    res = _run(f"""
+        import cachefs
+        from cachefs.errors import ConfigError
+        try:
+            cachefs.mount({str(mnt)!r}, {str(tmp_path / "missing")!r}, cache_dir={str(tmp_path / "cache")!r})
+        except ConfigError as e:
+            print("ConfigError:", e)
+    """, tmp_path)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.startswith("ConfigError: mount ") and "no such bucket, prefix or directory" in res.stdout
+    assert len(res.stdout.strip().splitlines()) == 1
+    assert not is_mounted(str(mnt))
