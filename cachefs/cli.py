@@ -39,6 +39,7 @@ def _add_cache_args(p: argparse.ArgumentParser, d: CacheConfig) -> None:
     g.add_argument("--chunk-size", help=f"cache chunk size, a power of two from 64K to 64M; the same on every node of a ring (default {format_size(d.chunk_size)})")
     g.add_argument("--free-space-ratio", type=float, help=f"keep at least this share of the cache disk free (default {d.free_space_ratio})")
     g.add_argument("--read-ahead", type=int, help=f"chunks to fetch ahead of a sequential reader (default {d.read_ahead})")
+    g.add_argument("--pin-quota", help="the most SSD space pinned chunks may hold, e.g. 50G (default: half of --cache-size)")
     g = p.add_argument_group("backend")
     g.add_argument("--endpoint-url", help="S3 endpoint, e.g. http://127.0.0.1:9000")
     g.add_argument("--access-key", help="S3 access key (default: AWS_ACCESS_KEY_ID or the AWS config files)")
@@ -179,6 +180,27 @@ def _parser() -> argparse.ArgumentParser:
     )
     rf.add_argument("paths", nargs="+", metavar="PATH")
     rf.add_argument("-r", "--recursive", action="store_true", help="everything cached below PATH too")
+
+    pn = sub.add_parser(
+        "pin",
+        help="keep PATHs' chunks from eviction for a while",
+        description="Pins the chunks of each PATH (a file, or every file below a directory, inside a cachefs mount) "
+        "on the mount's SSD tier until the lease ends (--ttl) or `cachefs unpin`. Pinned bytes count against "
+        "--pin-quota; a pin that would exceed it is refused. Leases survive a restart of the mount.",
+    )
+    pn.add_argument("paths", nargs="+", metavar="PATH")
+    pn.add_argument("--ttl", required=True, metavar="DURATION", help="how long the lease lasts, e.g. 90m, 6h, 2d")
+    pn.add_argument("--owner", default="cli", help="who holds the lease (a job id), to unpin all of its leases at once")
+    pn.add_argument("--json", action="store_true", help="print the lease as JSON")
+    up = sub.add_parser(
+        "unpin",
+        help="end pin leases",
+        description="Ends the leases pinning any PATH; with --owner, every lease of that owner on the mount "
+        "PATH is in; with --lease, that lease.",
+    )
+    up.add_argument("paths", nargs="+", metavar="PATH")
+    up.add_argument("--owner", help="end every lease of this owner")
+    up.add_argument("--lease", action="append", default=[], metavar="ID", help="end this lease (repeatable)")
 
     u = sub.add_parser("umount", help="unmount a cachefs mount", description="Unmount MOUNTPOINT; the daemon then exits.")
     u.add_argument("mountpoint", metavar="MOUNTPOINT")
@@ -414,6 +436,31 @@ def _refresh(a: argparse.Namespace) -> int:
     return 0
 
 
+def _pin(a: argparse.Namespace) -> int:
+    from cachefs import control
+    from cachefs.loader import parse_duration
+
+    ttl = parse_duration(a.ttl, "--ttl")
+    inner = [control.mount_path(p) for p in a.paths]
+    lease = _control(a.paths[0], "pin.add", {"paths": inner, "ttl": ttl, "owner": a.owner})
+    if a.json:
+        print(json.dumps(lease, indent=2))
+    else:
+        print(f"cachefs: pinned {format_size(lease['bytes'])} of {', '.join(a.paths)} "
+              f"for {a.ttl} (lease {lease['id']}, owner {lease['owner']})")
+    return 0
+
+
+def _unpin(a: argparse.Namespace) -> int:
+    from cachefs import control
+
+    by_path = not a.owner and not a.lease
+    inner = [control.mount_path(p) for p in a.paths] if by_path else []
+    gone = _control(a.paths[0], "pin.remove", {"paths": inner, "owner": a.owner, "ids": a.lease})
+    print(f"cachefs: ended {len(gone)} lease(s), {format_size(sum(g['bytes'] for g in gone))} unpinned")
+    return 0
+
+
 def _umount(a: argparse.Namespace) -> int:
     mountpoint = os.path.abspath(a.mountpoint)
     if not _is_mounted(mountpoint):
@@ -444,6 +491,10 @@ def main(argv: list[str] | None = None) -> int:
             return _status(args)
         if args.command == "refresh":
             return _refresh(args)
+        if args.command == "pin":
+            return _pin(args)
+        if args.command == "unpin":
+            return _unpin(args)
         return _umount(args)
     except ConfigError as e:
         if logging.getLogger().handlers:  # else logging's last resort repeats the line on stderr

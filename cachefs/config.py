@@ -74,6 +74,7 @@ class CacheConfig:
     mem_size: int = 512 << 20
     chunk_size: int = 4 << 20
     free_space_ratio: float = 0.1
+    pin_quota: int | None = None  # bytes pins may hold on the SSD tier; None: half of cache_size
     read_ahead: int = 8
     backend_concurrency: int = 16
     backend_timeout: float = 30.0
@@ -120,6 +121,11 @@ class CacheConfig:
             raise ConfigError(
                 f"{L('cache_size')} {format_size(self.cache_size)}: must be 0 (no SSD tier) or at least two chunks"
             )
+        if self.pin_quota is not None and not 0 <= self.pin_quota <= self.cache_size:
+            raise ConfigError(
+                f"{self.label('pin_quota')} {format_size(self.pin_quota)}: must be at most the SSD tier's "
+                f"size ({format_size(self.cache_size)})"
+            )
         if not 0.0 <= self.free_space_ratio < 1.0:
             raise ConfigError(f"{L('free_space_ratio')} {self.free_space_ratio}: must be in [0, 1)")
         self._check_durations("backend_timeout", "peer_timeout")
@@ -146,6 +152,11 @@ class CacheConfig:
             os.unlink(probe)
         except OSError as e:
             raise ConfigError(f"{self.label('cache_dir')} {self.cache_dir}: not writable ({e.strerror})") from None
+
+    @property
+    def pin_limit(self) -> int:
+        """Bytes pins may hold: --pin-quota, or half the SSD tier."""
+        return self.cache_size // 2 if self.pin_quota is None else self.pin_quota
 
     def _check_durations(self, *names: str) -> None:
         for name in names:

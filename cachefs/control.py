@@ -71,6 +71,15 @@ class NodeControl(Protocol):
         """Revalidate what is cached of mount path `path` now: {"changed": n, "gone": n}.
         Raises ConfigError (no such dataset) or BackendError."""
 
+    async def pin(self, paths: list[str], ttl: float, owner: str) -> dict:
+        """Pin the chunks of mount paths for `ttl` seconds: the lease. Raises ConfigError (quota, no SSD)."""
+
+    async def unpin(self, *, paths: list[str], owner: str | None, ids: list[str]) -> list[dict]:
+        """End the matching leases; returns them."""
+
+    def list_pins(self) -> list[dict]:
+        """The leases in force."""
+
 
 @dataclasses.dataclass(frozen=True)
 class ControlLimits:
@@ -89,7 +98,7 @@ class RequestError(Exception):
         self.close = close
 
 
-def _arg(args: dict, key: str, kind: type, default: Any = ...) -> Any:
+def _arg(args: dict, key: str, kind: type | tuple[type, ...], default: Any = ...) -> Any:
     if key not in args:
         if default is ...:
             raise RequestError(f"args.{key}: missing")
@@ -97,7 +106,8 @@ def _arg(args: dict, key: str, kind: type, default: Any = ...) -> Any:
     value = args[key]
     # bool is an int in Python; JSON keeps them apart, and so do we.
     if not isinstance(value, kind) or (kind is not bool and isinstance(value, bool)):
-        raise RequestError(f"args.{key}: expected {kind.__name__}, not {type(value).__name__}")
+        expected = "/".join(k.__name__ for k in kind) if isinstance(kind, tuple) else kind.__name__
+        raise RequestError(f"args.{key}: expected {expected}, not {type(value).__name__}")
     return value
 
 
@@ -195,6 +205,30 @@ async def _refresh(node: NodeControl, args: dict) -> dict:
         raise RequestError(f"refresh: the backend could not be asked ({e})") from None
 
 
+def _strings(args: dict, key: str) -> list[str]:
+    value = _arg(args, key, list, [])
+    if not all(isinstance(v, str) for v in value):
+        raise RequestError(f"argument {key!r} must be a list of strings")
+    return value
+
+
+async def _pin_add(node: NodeControl, args: dict) -> dict:
+    ttl = _arg(args, "ttl", (int, float))
+    try:
+        return await node.pin(_strings(args, "paths"), float(ttl), _arg(args, "owner", str, "cli"))
+    except BackendError as e:
+        raise RequestError(f"pin: the backend could not be asked ({e})") from None
+
+
+async def _pin_remove(node: NodeControl, args: dict) -> list[dict]:
+    owner = _arg(args, "owner", str, None) if args.get("owner") is not None else None
+    return await node.unpin(paths=_strings(args, "paths"), owner=owner, ids=_strings(args, "ids"))
+
+
+async def _pin_list(node: NodeControl, args: dict) -> list[dict]:
+    return node.list_pins()
+
+
 async def _hello(node: NodeControl, args: dict) -> dict:
     return {"protocol": PROTOCOL_VERSION, "version": __version__, "ops": list(OPS)}
 
@@ -206,6 +240,9 @@ OPS: dict[str, Callable[[NodeControl, dict], Any]] = {
     "dataset.list": _dataset_list,
     "status": _status,
     "refresh": _refresh,
+    "pin.add": _pin_add,
+    "pin.remove": _pin_remove,
+    "pin.list": _pin_list,
 }
 
 

@@ -94,12 +94,12 @@ def _size(value: Any, what: str) -> int:
     return value
 
 
-_DURATION_RE = re.compile(r"^\s*(\d{1,15}(?:\.\d{1,9})?)\s*(ms|s|m|h)?\s*$")
-_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
+_DURATION_RE = re.compile(r"^\s*(\d{1,15}(?:\.\d{1,9})?)\s*(ms|s|m|h|d)?\s*$")
+_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
 
 
 def parse_duration(value: Any, what: str) -> float:
-    """Seconds as a number, or a string such as "500ms", "30s", "5m", "1h".
+    """Seconds as a number, or a string such as "500ms", "30s", "5m", "1h", "2d".
 
     Raises:
         ConfigError: not a duration (a negative number is left for check() to refuse).
@@ -182,6 +182,7 @@ SETTINGS = (
     Setting("cache.mem_size", "mem_size", _size),
     Setting("cache.chunk_size", "chunk_size", _size),
     Setting("cache.free_space_ratio", "free_space_ratio", _number),
+    Setting("cache.pin_quota", "pin_quota", _size),
     Setting("cache.read_ahead", "read_ahead", _integer),
     Setting("metadata.attr_ttl", "attr_ttl", parse_duration),
     Setting("metadata.entry_ttl", "entry_ttl", parse_duration),
@@ -534,6 +535,7 @@ def render(node: NodeConfig) -> str:
             ("mem_size", format_size(node.mem_size), ""),
             ("chunk_size", format_size(node.chunk_size), ""),
             ("free_space_ratio", node.free_space_ratio, ""),
+            ("pin_quota", format_size(node.pin_limit), ""),
             ("read_ahead", node.read_ahead, ""),
         ]),
         ("metadata", [("attr_ttl", node.attr_ttl, ""), ("entry_ttl", node.entry_ttl, ""), ("dir_ttl", node.dir_ttl, ""),

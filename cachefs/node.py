@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import math
 import os
 import sys
 import time
@@ -26,10 +27,11 @@ import trio
 
 from cachefs import control, hotpath, metrics
 from cachefs.backend import Backend
-from cachefs.config import CacheConfig, Credentials, DatasetConfig, MountOptions
+from cachefs.config import CacheConfig, Credentials, DatasetConfig, MountOptions, format_size
 from cachefs.errors import BackendError, ConfigError
 from cachefs.namespace import Namespace
 from cachefs.objects import ObjectId, ObjectInfo, chunk_digest, source_tag
+from cachefs.pins import PinRegistry
 from cachefs.reader import Reader
 from cachefs.stack import open_backend, open_peer_tier, open_tiers, reader_tiers, serve_metrics, serve_peers
 
@@ -136,6 +138,14 @@ class Node:
         if self.disk is not None:
             self._stack.callback(self.disk.close)
         self.peers = open_peer_tier(config, self.name, nursery)
+        self.pins = PinRegistry(os.path.join(config.cache_dir, "pins.json") if self.disk is not None else None)
+        if self.disk is not None:
+            for lease in self.pins.load():
+                self.disk.pin(lease.digests)
+            if self.pins.leases:
+                log.info("%d pin leases kept from before the restart", len(self.pins.leases))
+        self._pins_changed = trio.Event()
+        nursery.start_soon(self._expire_pins)
         self._stack.push_async_callback(self._remove_all)
         for dataset in self._initial:
             await self.add_dataset(dataset)
@@ -297,6 +307,93 @@ class Node:
             except BackendError as e:
                 log.warning("dataset %s: background refresh failed: %s", dataset.name or "/", e)
 
+    # -- pins -----------------------------------------------------------------------
+
+    async def pin(self, paths: list[str], ttl: float, owner: str) -> dict:
+        """Keep the chunks of `paths` (files, or all files below directories) on the SSD
+        tier until the lease ends, `ttl` seconds from now, or they are unpinned.
+
+        Raises:
+            ConfigError: no SSD tier, a path in no dataset, or the pin quota would be exceeded.
+        """
+        if self.disk is None:
+            raise ConfigError("pins keep chunks on the SSD tier, and this node has none (--cache-size 0)")
+        if not 0 < ttl < 10 * 365 * 86400:
+            raise ConfigError(f"a lease of {ttl:g} s: give a positive duration")
+        digests: list[bytes] = []
+        per_dataset: dict[str, int] = {}
+        size = self.config.chunk_size
+        for path in paths:
+            dataset, inner = self._dataset_of(path)
+            for f in await self._files(dataset, inner):
+                obj = ObjectId(dataset.source, f.path, f.version, f.size)
+                digests += [chunk_digest(obj, size, i) for i in range((f.size + size - 1) // size)]
+                per_dataset[dataset.name] = per_dataset.get(dataset.name, 0) + f.size
+        wanted, pinned, limit = sum(per_dataset.values()), self.pins.pinned(), self.config.pin_limit
+        if pinned + wanted > limit:
+            raise ConfigError(
+                f"pinning {format_size(wanted)} more would pin {format_size(pinned + wanted)}, over the "
+                f"pin quota of {format_size(limit)} ({format_size(pinned)} pinned now); unpin something or raise --pin-quota"
+            )
+        lease = self.pins.new(owner, paths, ttl, digests, per_dataset)
+        self.disk.pin(digests)
+        await self._pins_saved()
+        log.info("pinned %s for %s (lease %s, %gs)", ", ".join(paths), owner, lease.id, ttl)
+        return lease.describe(self.pins.clock())
+
+    async def unpin(self, *, paths: list[str] = (), owner: str | None = None, ids: list[str] = ()) -> list[dict]:
+        """End the leases pinning any of `paths`, of `owner`, or with these ids."""
+        gone = self.pins.take(ids=list(ids), owner=owner, paths=list(paths))
+        for lease in gone:
+            self.disk.unpin(lease.digests)
+        if gone:
+            await self._pins_saved()
+        now = self.pins.clock()
+        return [lease.describe(now) for lease in gone]
+
+    def list_pins(self) -> list[dict]:
+        now = self.pins.clock()
+        return [lease.describe(now) for lease in self.pins.leases.values()]
+
+    async def _pins_saved(self) -> None:
+        await trio.to_thread.run_sync(self.pins.save)
+        self._pins_changed.set()
+
+    async def _expire_pins(self) -> None:
+        """End each lease when its time is up (also those that ran out while the node was down)."""
+        while True:
+            next_expiry = self.pins.next_expiry()
+            wait = math.inf if next_expiry is None else max(0.0, next_expiry - self.pins.clock())
+            with trio.move_on_after(wait):
+                await self._pins_changed.wait()
+            self._pins_changed = trio.Event()
+            expired = self.pins.take_expired()
+            for lease in expired:
+                self.disk.unpin(lease.digests)
+                log.info("pin lease %s of %s expired", lease.id, lease.owner)
+            if expired:
+                await trio.to_thread.run_sync(self.pins.save)
+
+    def _dataset_of(self, path: str) -> tuple[Dataset, str]:
+        located = self.locate(path)
+        if located is None or located[0].namespace is None:
+            raise ConfigError(f"{path!r} is in no dataset of this node")
+        return located
+
+    async def _files(self, dataset: Dataset, inner: str) -> list[ObjectInfo]:
+        """The file at `inner`, or every file below the directory `inner`."""
+        info = await dataset.namespace.stat(inner)
+        if info.kind != "dir":
+            return [info] if info.kind == "file" else []
+        files, todo = [], [inner]
+        while todo:
+            for entry in await dataset.namespace.list_dir(todo.pop()):
+                if entry.kind == "file":
+                    files.append(entry)
+                elif entry.kind == "dir":
+                    todo.append(entry.path)
+        return files
+
     def list_datasets(self) -> list[dict]:
         rows = []
         for dataset in self.datasets.values():
@@ -352,6 +449,9 @@ class Node:
             "tiers": tiers,
             "datasets": self.list_datasets(),
             "peers": self.peers.describe() if self.peers is not None else [],
+            "pins": self.list_pins(),
+            "pinned_bytes": self.pins.pinned(),
+            "pin_quota": self.config.pin_limit if self.disk is not None else 0,
         }
 
 

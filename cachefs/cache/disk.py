@@ -129,6 +129,7 @@ class DiskTier:
         self.by_source: Counter[bytes] = Counter()  # source tag -> bytes of indexed chunks
         self._quotas: dict[bytes, int] = {}  # source tag -> bytes that source may hold (dataset quota)
         self._reserved: Counter[bytes] = Counter()  # source tag -> bytes of its writes in progress
+        self._pins: Counter[bytes] = Counter()  # digest -> leases pinning it (held now or once written)
         self._writing: set[bytes] = set()
         self._layouts: dict[bytes, tuple] = {}  # digest -> read_layout() of its file
         self._limiter = trio.CapacityLimiter(io_threads)
@@ -329,6 +330,29 @@ class DiskTier:
         except OSError:
             pass  # only a hint: a chunk evicted meanwhile is just not read ahead
 
+    def pin(self, digests: list[bytes]) -> None:
+        """Keep these chunks from eviction (those held now, and the others once written)
+        until `unpin`ned as many times. A corrupt pinned chunk is still dropped."""
+        for digest in digests:
+            self._pins[digest] += 1
+            self._index.pin(digest)
+        self._publish()
+
+    def unpin(self, digests: list[bytes]) -> None:
+        for digest in digests:
+            left = self._pins[digest] - 1
+            if left > 0:
+                self._pins[digest] = left
+            else:
+                self._pins.pop(digest, None)
+                self._index.unpin(digest)
+        self._publish()
+
+    @property
+    def pinned_bytes(self) -> int:
+        """Bytes of pinned chunks held now."""
+        return self._index.pinned_bytes
+
     def set_quota(self, source: str, limit: int | None) -> None:
         """Bound the bytes chunks of `source` may hold here (None: only the tier's cap).
         A source over a new, lower quota gives back room as its next chunks arrive."""
@@ -361,6 +385,8 @@ class DiskTier:
             if room:
                 await trio.to_thread.run_sync(self._write, digest, data, limiter=self._write_limiter)
                 self._index.add(digest, size)
+                if digest in self._pins:
+                    self._index.pin(digest)
                 self.by_source[digest[:SOURCE_TAG_SIZE]] += size
                 stored = True
             return stored
@@ -494,9 +520,11 @@ class DiskTier:
             st is not None
             and st.f_bavail * st.f_frsize + freed - size < self.free_space_ratio * st.f_blocks * st.f_frsize
         ):
-            if not self._index:
-                return False, victims
-            freed += self._evicted(*self._index.pop_victim(), victims)
+            try:
+                victim = self._index.pop_victim()
+            except KeyError:
+                return False, victims  # nothing left but pinned chunks
+            freed += self._evicted(*victim, victims)
         return True, victims
 
     def _evicted(self, digest: bytes, size: int, victims: list[str]) -> int:

@@ -32,12 +32,33 @@ class SegmentedLRU:
         self._probation: OrderedDict[bytes, int] = OrderedDict()
         self._protected: OrderedDict[bytes, int] = OrderedDict()
         self._protected_bytes = 0
+        # Pinned entries are held outside both segments: never a victim, never scanned.
+        self._pinned: dict[bytes, int] = {}
+        self.pinned_bytes = 0
 
     def __contains__(self, key: bytes) -> bool:
-        return key in self._probation or key in self._protected
+        return key in self._probation or key in self._protected or key in self._pinned
 
     def __len__(self) -> int:
-        return len(self._probation) + len(self._protected)
+        return len(self._probation) + len(self._protected) + len(self._pinned)
+
+    def pin(self, key: bytes) -> bool:
+        """Keep an entry from eviction until `unpin`. Returns False if it is not held."""
+        if key in self._pinned:
+            return True
+        size = self.pop(key)
+        if size is None:
+            return False
+        self._pinned[key] = size
+        self.pinned_bytes += size
+        return True
+
+    def unpin(self, key: bytes) -> None:
+        """Let a pinned entry be evicted again: it rejoins as most recently used."""
+        size = self._pinned.pop(key, None)
+        if size is not None:
+            self.pinned_bytes -= size
+            self._probation[key] = size
 
     def add(self, key: bytes, size: int) -> None:
         """A new entry, on probation (most recently used end)."""
@@ -59,7 +80,11 @@ class SegmentedLRU:
             self._probation[old] = old_size  # most recently used end of probation: a second chance
 
     def pop(self, key: bytes) -> int | None:
-        """Remove an entry; returns its size, or None if absent."""
+        """Remove an entry, pinned or not; returns its size, or None if absent."""
+        size = self._pinned.pop(key, None)
+        if size is not None:
+            self.pinned_bytes -= size
+            return size
         size = self._probation.pop(key, None)
         if size is None:
             size = self._protected.pop(key, None)
@@ -80,10 +105,10 @@ class SegmentedLRU:
         return None
 
     def pop_victim(self) -> tuple[bytes, int]:
-        """The entry to evict next: probation's LRU, else protected's.
+        """The entry to evict next: probation's LRU, else protected's; never a pinned one.
 
         Raises:
-            KeyError: empty.
+            KeyError: nothing but pinned entries (or nothing) left.
         """
         if self._probation:
             return self._probation.popitem(last=False)
