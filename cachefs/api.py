@@ -63,6 +63,7 @@ class NodeStatus:
     tiers: list[TierStatus]
     datasets: list[DatasetStatus]
     peers: list[PeerStatus]
+    pins: list[dict]  # the leases in force: id, owner, paths, bytes, expires
 
 
 @dataclasses.dataclass(frozen=True)
@@ -125,12 +126,22 @@ class Mount:
             tiers=[_pick(TierStatus, t) for t in s["tiers"]],
             datasets=[_pick(DatasetStatus, d) for d in s["datasets"]],
             peers=[_pick(PeerStatus, p) for p in s["peers"]],
+            pins=s.get("pins", []),
         )
 
     def refresh(self, path: str = "", recursive: bool = False) -> dict[str, int]:
         """Ask the backend again now for what the mount knows of `path` (relative to the
         mountpoint, or absolute inside it). Returns {"changed": n, "gone": n}."""
         return self._call("refresh", path=self._inner(path), recursive=recursive)
+
+    def pin(self, *paths: str, ttl: float, owner: str = "python") -> dict:
+        """Keep the chunks of `paths` on the SSD tier for `ttl` seconds (or until `unpin`).
+        Returns the lease: id, owner, paths, bytes, expires."""
+        return self._call("pin.add", paths=[self._inner(p) for p in paths], ttl=float(ttl), owner=owner)
+
+    def unpin(self, *paths: str, owner: str | None = None) -> list[dict]:
+        """End the leases pinning any of `paths`, or all of `owner`'s. Returns them."""
+        return self._call("pin.remove", paths=[self._inner(p) for p in paths], owner=owner, ids=[])
 
     def residency(self, path: str) -> Residency:
         """What this node caches of a file, or of the files right in a directory."""

@@ -143,7 +143,13 @@ def render_node(target: str, status: dict) -> str:
     if peers:
         down = sorted(str(p.get("node")) for p in peers if not p.get("up"))
         lines.append(f"  peers {len(peers)}; down: {', '.join(down) or 'none'}")
-    shown = {"version", "hot_path", "pid", "tiers", "datasets", "peers"}
+    pins = status.get("pins") or []
+    if pins or status.get("pin_quota"):
+        lines.append(f"  pins: {_size(status.get('pinned_bytes', 0))} of {_size(status.get('pin_quota', 0))} pin quota")
+        for p in pins:
+            lines.append(f"    {p.get('id')}  {p.get('owner')}  {_size(p.get('bytes', 0))}  "
+                         f"{', '.join(p.get('paths', []))}  ({p.get('expires_in', 0):.0f} s left)")
+    shown = {"version", "hot_path", "pid", "tiers", "datasets", "peers", "pins", "pinned_bytes", "pin_quota"}
     for key, value in status.items():
         if key not in shown and not isinstance(value, (dict, list)):
             lines.append(f"  {key}: {value}")

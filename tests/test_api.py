@@ -46,6 +46,9 @@ def test_mount_read_change_datasets_and_status(tmp_path, local_source, s3_source
             r = m.residency("loc/a/x.bin")
             assert isinstance(r, cachefs.Residency) and r.ratio == 1.0 and r.bytes == {len(data)}
             assert m.refresh("loc", recursive=True) == {{"changed": 0, "gone": 0}}
+            lease = m.pin("loc/a", ttl=3600, owner="nb")
+            assert lease["bytes"] == {len(data)} and [p["owner"] for p in m.status().pins] == ["nb"]
+            assert [g["id"] for g in m.unpin(owner="nb")] == [lease["id"]]
             m.remove_dataset("s3")
             assert [d.name for d in m.datasets()] == ["loc"]
             print("pid", m.process.pid)
