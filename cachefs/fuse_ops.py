@@ -20,7 +20,7 @@ import pyfuse3
 import trio
 
 from cachefs import metrics
-from cachefs.objects import ObjectId, ObjectInfo, join
+from cachefs.objects import ObjectId, ObjectInfo
 from cachefs.errors import BackendPermissionDenied, CachefsError, ObjectChanged, ObjectNotFound
 from cachefs.inodes import ROOT_INODE, InodeTable
 from cachefs.node import Dataset, Node
@@ -139,7 +139,7 @@ class Operations(pyfuse3.Operations):
         """`info` with its path as the mount sees it."""
         if not dataset.name:
             return info
-        return dataclasses.replace(info, path=join(dataset.name, info.path))
+        return dataclasses.replace(info, path=f"{dataset.name}/{info.path}" if info.path else dataset.name)
 
     async def _stat(self, path: str) -> ObjectInfo:
         if self._lists_datasets(path):

@@ -291,3 +291,12 @@ def test_residency_of_a_file_and_a_directory_through_getxattr(local_source, cach
     rows = json.loads(subprocess.run([*_cli(), "dataset", "list", m.mountpoint, "--json"], capture_output=True,
                                      text=True, env=hermetic_env()).stdout)
     assert rows[0]["cached_bytes"]["disk"] > len(data)  # with chunk headers
+
+
+def test_a_dataset_directory_has_one_inode_however_it_is_reached(local_source, cachefs_mount):
+    local_source.write("sub/f.txt", b"f")
+    m = cachefs_mount(None, *SMALL, "--dataset", f"ds={local_source.url}")
+    top = os.stat(Path(m.mountpoint, "ds")).st_ino
+    assert os.stat(Path(m.mountpoint, "ds", "sub", "..")).st_ino == top
+    assert os.stat(Path(m.mountpoint, "ds", ".")).st_ino == top
+    assert os.getxattr(Path(m.mountpoint, "ds"), "user.cachefs.path") == b"ds"
