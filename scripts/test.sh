@@ -8,6 +8,13 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 bash scripts/setup.sh
 
+# The native hot path must have been built: without it the first pass would
+# quietly test the fallback twice.
+if ! .venv/bin/python -c 'import sys, cachefs.hotpath as h; sys.exit(h.IMPLEMENTATION != "native")'; then
+    echo "test.sh: the native extension (cachefs._native) was not built; see the pip output of scripts/setup.sh" >&2
+    exit 1
+fi
+
 status=0
 .venv/bin/python -m pytest tests "$@" || status=$?
 

@@ -27,6 +27,9 @@ from cachefs.cache.mem import MemTier
 from cachefs.errors import CacheDirInUse
 from cachefs.objects import ChunkKey, ObjectId, chunk_digest
 
+# The hot path's users: run again with CACHEFS_PUREPYTHON=1 (scripts/test.sh).
+pytestmark = pytest.mark.fallback
+
 HEADER = hotpath.HEADER_SIZE
 CHUNK = 64 << 10
 

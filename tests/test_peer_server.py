@@ -18,6 +18,9 @@ from cachefs.peer.protocol import Auth, ChunkData, GetChunk, Hello, Ready
 from cachefs.peer.server import PeerServer, ServerLimits
 from cachefs.peer.stream import FrameStream
 
+# The hot path's users: run again with CACHEFS_PUREPYTHON=1 (scripts/test.sh).
+pytestmark = pytest.mark.fallback
+
 SECRET = b"test secret"
 CHUNK = 64 << 10
 SOURCE = "mem://src"

@@ -28,6 +28,9 @@ from cachefs.errors import BackendError, ObjectChanged
 from cachefs.objects import ObjectId, ObjectInfo, chunk_digest
 from cachefs.reader import RANDOM_AFTER_JUMPS, Reader, ReadStream
 
+# The hot path's users: run again with CACHEFS_PUREPYTHON=1 (scripts/test.sh).
+pytestmark = pytest.mark.fallback
+
 C = 64 << 10  # chunk size
 
 
