@@ -1,4 +1,5 @@
-"""Command line: `cachefs mount`, `cachefs worker`, `cachefs dataset`, `cachefs status`, `cachefs umount`, `cachefs --version`."""
+"""Command line: `cachefs mount`, `cachefs worker`, `cachefs dataset`, `cachefs status`, `cachefs warmup`,
+`cachefs umount`, `cachefs --version`."""
 
 from __future__ import annotations
 
@@ -162,6 +163,23 @@ def _parser() -> argparse.ArgumentParser:
     )
     st.add_argument("nodes", nargs="+", metavar="MOUNTPOINT|HOST:PORT", help="a mountpoint, or a node's --metrics address")
     st.add_argument("--json", action="store_true", help="print a MOUNTPOINT's status as JSON (one MOUNTPOINT)")
+
+    wu = sub.add_parser(
+        "warmup",
+        help="load files of a mount into the cache before they are read",
+        description="Have the mount's node load PATHs (files, or directories: their files; with --recursive "
+        "their trees) into the cache that will serve them: with --peers each chunk's owner on the ring, else "
+        "the mount's own tiers. The bytes do not pass through FUSE. Chunks already cached are skipped, so a "
+        "rerun after Ctrl-C resumes. Shows a progress bar on a terminal, a line every few seconds otherwise.",
+    )
+    wu.add_argument("paths", nargs="+", metavar="PATH", help="a file or directory inside a cachefs mount (MOUNTPOINT/NAME/...)")
+    wu.add_argument("-r", "--recursive", action="store_true", help="warm up directories' whole trees, not only their own files")
+    wu.add_argument("--concurrency", type=int, default=8, metavar="N", help="chunks loaded at once (default 8)")
+    wu.add_argument(
+        "--wait-ratio", type=float, metavar="R",
+        help="exit 0 as soon as this share (0..1] of the bytes is cached; the node goes on loading the rest",
+    )
+    wu.add_argument("--json", action="store_true", help="print one JSON object per line, the last one the summary")
 
     u = sub.add_parser("umount", help="unmount a cachefs mount", description="Unmount MOUNTPOINT; the daemon then exits.")
     u.add_argument("mountpoint", metavar="MOUNTPOINT")
@@ -366,6 +384,14 @@ def _status(a: argparse.Namespace) -> int:
     return 0
 
 
+def _warmup(a: argparse.Namespace) -> int:
+    from cachefs import warmup_client
+
+    return warmup_client.run(
+        a.paths, recursive=a.recursive, concurrency=a.concurrency, wait_ratio=a.wait_ratio, as_json=a.json
+    )
+
+
 def _umount(a: argparse.Namespace) -> int:
     mountpoint = os.path.abspath(a.mountpoint)
     if not _is_mounted(mountpoint):
@@ -394,6 +420,8 @@ def main(argv: list[str] | None = None) -> int:
             return _dataset(args)
         if args.command == "status":
             return _status(args)
+        if args.command == "warmup":
+            return _warmup(args)
         return _umount(args)
     except ConfigError as e:
         if logging.getLogger().handlers:  # else logging's last resort repeats the line on stderr

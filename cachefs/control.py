@@ -10,7 +10,9 @@ one reply per line, several requests per connection, answered in order::
     ← {"v": 1, "ok": false, "error": "one line that says what is wrong"}
 
 Ops (see OPS and docs/operations.md): `hello`, `dataset.add` {spec},
-`dataset.remove` {name, force}, `dataset.list`, `status`.
+`dataset.remove` {name, force}, `dataset.list`, `status`, `warmup.start`
+{paths, recursive, concurrency} → the job's progress (its id in "job"),
+`warmup.progress` {job}, `warmup.cancel` {job} (see cachefs/warmup.py).
 
 Versioning: `v` must equal PROTOCOL_VERSION; unknown fields (top level or in
 `args`) are ignored, so a later version can add optional ones. A request that is
@@ -66,6 +68,8 @@ class NodeControl(Protocol):
 
     def status(self) -> dict:
         """JSON-able node status: version, hot_path, tiers, datasets, peers (docs/operations.md)."""
+
+    # warmups: cachefs.warmup.Warmups, the node's warm-up jobs (start, progress, cancel)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -184,6 +188,25 @@ async def _status(node: NodeControl, args: dict) -> dict:
     return node.status()
 
 
+async def _warmup_start(node: NodeControl, args: dict) -> dict:
+    from cachefs.warmup import DEFAULT_CONCURRENCY
+
+    paths = _arg(args, "paths", list)
+    if not all(isinstance(p, str) for p in paths):
+        raise RequestError("args.paths: expected a list of str")
+    recursive = _arg(args, "recursive", bool, False)
+    concurrency = _arg(args, "concurrency", int, DEFAULT_CONCURRENCY)
+    return await node.warmups.start(paths, recursive, concurrency)
+
+
+async def _warmup_progress(node: NodeControl, args: dict) -> dict:
+    return node.warmups.progress(_arg(args, "job", str))
+
+
+async def _warmup_cancel(node: NodeControl, args: dict) -> dict:
+    return node.warmups.cancel(_arg(args, "job", str))
+
+
 async def _hello(node: NodeControl, args: dict) -> dict:
     return {"protocol": PROTOCOL_VERSION, "version": __version__, "ops": list(OPS)}
 
@@ -194,6 +217,9 @@ OPS: dict[str, Callable[[NodeControl, dict], Any]] = {
     "dataset.remove": _dataset_remove,
     "dataset.list": _dataset_list,
     "status": _status,
+    "warmup.start": _warmup_start,
+    "warmup.progress": _warmup_progress,
+    "warmup.cancel": _warmup_cancel,
 }
 
 

@@ -31,6 +31,7 @@ from cachefs.errors import ConfigError
 from cachefs.namespace import Namespace
 from cachefs.reader import Reader
 from cachefs.stack import open_backend, open_peer_tier, open_tiers, reader_tiers, serve_metrics, serve_peers
+from cachefs.warmup import Warmups
 
 log = logging.getLogger(__name__)
 
@@ -132,6 +133,7 @@ class Node:
         if self.disk is not None:
             self._stack.callback(self.disk.close)
         self.peers = open_peer_tier(config, self.name, nursery)
+        self.warmups = Warmups(self, nursery)  # `cachefs warmup` jobs; they end with the node
         self._stack.push_async_callback(self._remove_all)
         for dataset in self._initial:
             await self.add_dataset(dataset)
