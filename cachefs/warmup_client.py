@@ -132,7 +132,7 @@ class PlainOutput:
         self._last = now
         total = p["bytes_total"]
         if p["state"] == "listing":
-            line = f"listing: {p['files_total']} files, {_mib(total)} so far"
+            line = f"listing the files to load ({p['files_total']} so far, {_mib(total)})"
         else:
             pct = 100 * p["bytes_done"] / total if total else 100.0
             line = (

@@ -283,14 +283,14 @@ def _read_all(root: str, files: dict[str, bytes]) -> None:
 def test_warmup_then_reading_it_all_makes_no_backend_gets(s3_behind_proxy, cachefs_mount):
     src = s3_behind_proxy
     files = _tree(src)
-    m = cachefs_mount(None, "--dataset", f"ds={src.url}", *src.mount_args, *SMALL)
+    m = cachefs_mount(None, "--dataset", f"ds={src.url}", *src.mount_args, *SMALL, env=src.env)
     total = sum(map(len, files.values()))
     out = _warmup(os.path.join(m.mountpoint, "ds"), "--recursive", "--json")
     assert out.returncode == 0, out.stderr
     summary = _json_lines(out)[-1]
     assert summary["state"] == "done" and summary["exit"] == 0 and summary["files_done"] == len(files)
     assert summary["bytes_total"] == summary["bytes_loaded"] == total and summary["bytes_cached"] == 0
-    assert _data_gets(src.proxy, src.prefix) == summary["chunks_loaded"] == 5 + 1 + 1 + 1 + 2  # each chunk once
+    assert _data_gets(src.proxy, src.prefix) == summary["chunks_loaded"] == 6 + 1 + 1 + 0 + 2  # each chunk once
     src.proxy.reset()
     _read_all(os.path.join(m.mountpoint, "ds"), files)
     assert _data_gets(src.proxy, src.prefix) == 0
@@ -365,6 +365,43 @@ def test_wait_ratio_returns_early_and_the_node_goes_on(s3_source, cachefs_mount)
         with open(os.path.join(m.mountpoint, "slow.bin"), "rb") as f:
             assert f.read() == data
         assert _data_gets(proxy, s3_source.prefix) == 0
+
+
+@pytest_integration
+def test_ctrl_c_cancels_the_job_and_a_rerun_resumes(s3_source, cachefs_mount):
+    import signal
+
+    data = os.urandom(32 * CHUNK)
+    s3_source.write("slow.bin", data)
+    with S3Proxy(s3_source.backend.endpoint_url, rate=2 << 20) as proxy:
+        m = cachefs_mount(s3_source, "--endpoint-url", proxy.endpoint_url, *SMALL)
+        cmd = [sys.executable, "-m", "cachefs", "warmup", m.mountpoint, "-r", "--json", "--concurrency", "1"]
+        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True, env=hermetic_env(), cwd=REPO)
+        first = json.loads(proc.stdout.readline())  # the job has started
+        time.sleep(1.5)
+        proc.send_signal(signal.SIGINT)
+        stdout, stderr = proc.communicate(timeout=30)
+        assert proc.returncode == 130, stderr
+        assert stderr.splitlines() == ["cachefs: warmup interrupted; loaded chunks stay cached, so running it again resumes"]
+        summary = json.loads(stdout.splitlines()[-1])
+        assert summary["type"] == "summary" and summary["job"] == first["job"]
+        loaded = summary["bytes_loaded"]
+        assert 0 < loaded < len(data)
+        from cachefs import control
+
+        sock = control.socket_for(m.mountpoint)
+        deadline = time.monotonic() + 10
+        while (p := control.request(sock, "warmup.progress", {"job": first["job"]}))["state"] != "cancelled":
+            assert time.monotonic() < deadline, p
+            time.sleep(0.1)
+        gets_before = _data_gets(proxy, s3_source.prefix)
+        rerun = _warmup(m.mountpoint, "-r", "--json")
+        assert rerun.returncode == 0, rerun.stderr
+        summary = _json_lines(rerun)[-1]
+        assert summary["bytes_cached"] >= loaded and summary["bytes_done"] == len(data)
+        # Only what the first run had not loaded is fetched now.
+        assert _data_gets(proxy, s3_source.prefix) - gets_before == summary["chunks_loaded"] < 32
 
 
 @pytest_integration
