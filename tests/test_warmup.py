@@ -4,6 +4,7 @@ workers and an S3 server whose GETs are counted at a proxy in front of it."""
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import subprocess
@@ -234,6 +235,47 @@ async def test_a_v1_client_gets_v1_and_cannot_load():
         assert header["t"] == ChunkData.t
         await frames.send(LoadChunk(id=2, **fields).to_header())
         assert await frames.receive() is None  # not a v1 message: the connection is closed
+
+
+class V1Server(PeerServer):
+    """A server of protocol version 1: it refuses any other Hello by closing the connection."""
+
+    async def _handshake(self, frames, peer):
+        hello = protocol.parse_message((await frames.receive())[0])
+        if hello.version != 1:
+            raise protocol.ProtocolError(f"expected hello v1, got v{hello.version}")
+        nonce = os.urandom(16)
+        mac = protocol.hello_mac(self.secret, "server", nonce, hello.nonce)
+        await frames.send(Hello(1, self.node, nonce, mac).to_header())
+        auth = protocol.parse_message((await frames.receive())[0])
+        expected = protocol.hello_mac(self.secret, "client", hello.nonce, nonce)
+        return 1 if protocol.verify_mac(expected, auth.mac) else None
+
+
+@pytest.mark.trio
+async def test_a_v2_client_reads_from_a_v1_server_and_does_not_ask_it_to_load():
+    from cachefs.errors import PeerError
+    from cachefs.objects import ObjectId
+    from cachefs.peer.client import PeerClient
+
+    reader = FakeReader(delay=0)
+    reader.chunk = types.MethodType(lambda self, obj, index: _chunk_of(index), reader)
+    server = V1Server("w", b"s", {"mem://src": reader}, max_payload=CHUNK)
+    obj = ObjectId("mem://src", "f.bin", "v", 3 * CHUNK)
+    async with trio.open_nursery() as nursery:
+        serve = functools.partial(trio.serve_tcp, server.handle, 0, host="127.0.0.1")
+        listeners = await nursery.start(serve)
+        peer = "127.0.0.1:%d" % listeners[0].socket.getsockname()[1]
+        client = PeerClient("mount", b"s", nursery, max_payload=CHUNK)
+        assert await client.get_chunk(peer, obj, CHUNK, 2) == bytes([2]) * CHUNK
+        with pytest.raises(PeerError) as e:
+            await client.load_chunk(peer, obj, CHUNK, 2)
+        assert e.value.code == "version"
+        nursery.cancel_scope.cancel()
+
+
+async def _chunk_of(index: int):
+    return bytes([index]) * CHUNK, "mem"
 
 
 # -- real processes -----------------------------------------------------------------------------

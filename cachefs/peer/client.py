@@ -120,6 +120,10 @@ class PeerConnection:
         return pending.reply, pending.payload
 
 
+class _HelloRefused(Exception):
+    """The server closed the connection on our Hello: maybe a server of an older version."""
+
+
 class PeerClient:
     """Connections to peers, made on first use and remade after failures."""
 
@@ -173,14 +177,18 @@ class PeerClient:
                 raise PeerError(f"peer {peer}: cannot connect")
         self._connecting[peer] = trio.Event()
         try:
-            conn = await self._connect(peer)
+            try:
+                conn = await self._connect(peer, protocol.PROTOCOL_VERSION)
+            except _HelloRefused:
+                # A v1 server (a rolling upgrade) closes on a v2 hello: speak v1, read as before.
+                conn = await self._connect(peer, 1)
             self._conns[peer] = conn
             self._nursery.start_soon(conn.receive_loop)
             return conn
         finally:
             self._connecting.pop(peer).set()
 
-    async def _connect(self, peer: str) -> PeerConnection:
+    async def _connect(self, peer: str, version: int) -> PeerConnection:
         host, _, port = peer.rpartition(":")
         stream = None
         try:
@@ -188,8 +196,13 @@ class PeerClient:
                 stream = await trio.open_tcp_stream(host.strip("[]"), int(port))
                 frames = FrameStream(stream, self.max_payload, thread_receive=True)
                 nonce = os.urandom(16)
-                await frames.send(Hello(protocol.PROTOCOL_VERSION, self.node, nonce).to_header())
-                frame = await frames.receive()
+                await frames.send(Hello(version, self.node, nonce).to_header())
+                try:
+                    frame = await frames.receive()
+                except (OSError, trio.BrokenResourceError):
+                    frame = None
+                if frame is None and version > 1:
+                    raise _HelloRefused
                 hello = protocol.parse_message(frame[0]) if frame else None
                 if not isinstance(hello, Hello) or hello.mac is None:
                     raise PeerError(f"peer {peer}: no hello from the server")

@@ -28,11 +28,12 @@ or `ChunkError`; warm-up uses it to fill each chunk's owner without pulling
 the chunk back. A server accepts a Hello of any version in SUPPORTED_VERSIONS
 and answers with the lower of the client's and its own, which is then the
 connection's version: a client sends "load" only on a connection of version 2
-or later. A version-1 server refuses a version-2 Hello and closes the
-connection, and a version-2 client then simply has no peers for warm-up: reads
-(GetChunk) are the same in both versions, so a rolling upgrade never stops
-them. A v1 server would also close a connection on "load" (an unexpected
-message), which is why the version is negotiated, not assumed.
+or later. A version-1 server closes the connection on a version-2 Hello; the
+client then connects again with a version-1 Hello. Reads (GetChunk) are the
+same in both versions, so a rolling upgrade never stops them; only warm-up
+loads chunks locally instead. A v1 server would also close a connection on
+"load" (an unexpected message), which is why the version is negotiated, not
+assumed.
 
 Every message validates its fields strictly in `from_header`: a wrong type, a
 missing field, a negative int, a str longer than MAX_STR or an unknown "t" is a
