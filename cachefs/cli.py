@@ -1,4 +1,5 @@
-"""Command line: `cachefs mount`, `cachefs worker`, `cachefs dataset`, `cachefs status`, `cachefs umount`, `cachefs --version`."""
+"""Command line: `cachefs mount`, `cachefs worker`, `cachefs dataset`, `cachefs status`, `cachefs warmup`,
+`cachefs umount`, `cachefs --version`."""
 
 from __future__ import annotations
 
@@ -201,6 +202,22 @@ def _parser() -> argparse.ArgumentParser:
     up.add_argument("paths", nargs="+", metavar="PATH")
     up.add_argument("--owner", help="end every lease of this owner")
     up.add_argument("--lease", action="append", default=[], metavar="ID", help="end this lease (repeatable)")
+    wu = sub.add_parser(
+        "warmup",
+        help="load files of a mount into the cache before they are read",
+        description="Have the mount's node load PATHs (files, or directories: their files; with --recursive "
+        "their trees) into the cache that will serve them: with --peers each chunk's owner on the ring, else "
+        "the mount's own tiers. The bytes do not pass through FUSE. Chunks already cached are skipped, so a "
+        "rerun after Ctrl-C resumes. Shows a progress bar on a terminal, a line every few seconds otherwise.",
+    )
+    wu.add_argument("paths", nargs="+", metavar="PATH", help="a file or directory inside a cachefs mount (MOUNTPOINT/NAME/...)")
+    wu.add_argument("-r", "--recursive", action="store_true", help="warm up directories' whole trees, not only their own files")
+    wu.add_argument("--concurrency", type=int, default=8, metavar="N", help="chunks loaded at once (default 8)")
+    wu.add_argument(
+        "--wait-ratio", type=float, metavar="R",
+        help="exit 0 as soon as this share (0..1] of the bytes is cached; the node goes on loading the rest",
+    )
+    wu.add_argument("--json", action="store_true", help="print one JSON object per line, the last one the summary")
 
     u = sub.add_parser("umount", help="unmount a cachefs mount", description="Unmount MOUNTPOINT; the daemon then exits.")
     u.add_argument("mountpoint", metavar="MOUNTPOINT")
@@ -459,6 +476,12 @@ def _unpin(a: argparse.Namespace) -> int:
     gone = _control(a.paths[0], "pin.remove", {"paths": inner, "owner": a.owner, "ids": a.lease})
     print(f"cachefs: ended {len(gone)} lease(s), {format_size(sum(g['bytes'] for g in gone))} unpinned")
     return 0
+def _warmup(a: argparse.Namespace) -> int:
+    from cachefs import warmup_client
+
+    return warmup_client.run(
+        a.paths, recursive=a.recursive, concurrency=a.concurrency, wait_ratio=a.wait_ratio, as_json=a.json
+    )
 
 
 def _umount(a: argparse.Namespace) -> int:
@@ -495,6 +518,8 @@ def main(argv: list[str] | None = None) -> int:
             return _pin(args)
         if args.command == "unpin":
             return _unpin(args)
+        if args.command == "warmup":
+            return _warmup(args)
         return _umount(args)
     except ConfigError as e:
         if logging.getLogger().handlers:  # else logging's last resort repeats the line on stderr

@@ -10,7 +10,9 @@ one reply per line, several requests per connection, answered in order::
     ← {"v": 1, "ok": false, "error": "one line that says what is wrong"}
 
 Ops (see OPS and docs/operations.md): `hello`, `dataset.add` {spec},
-`dataset.remove` {name, force}, `dataset.list`, `status`.
+`dataset.remove` {name, force}, `dataset.list`, `status`, `warmup.start`
+{paths, recursive, concurrency} → the job's progress (its id in "job"),
+`warmup.progress` {job}, `warmup.cancel` {job} (see cachefs/warmup.py).
 
 Versioning: `v` must equal PROTOCOL_VERSION; unknown fields (top level or in
 `args`) are ignored, so a later version can add optional ones. A request that is
@@ -79,6 +81,7 @@ class NodeControl(Protocol):
 
     def list_pins(self) -> list[dict]:
         """The leases in force."""
+    # warmups: cachefs.warmup.Warmups, the node's warm-up jobs (start, progress, cancel)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -227,6 +230,23 @@ async def _pin_remove(node: NodeControl, args: dict) -> list[dict]:
 
 async def _pin_list(node: NodeControl, args: dict) -> list[dict]:
     return node.list_pins()
+async def _warmup_start(node: NodeControl, args: dict) -> dict:
+    from cachefs.warmup import DEFAULT_CONCURRENCY
+
+    paths = _arg(args, "paths", list)
+    if not all(isinstance(p, str) for p in paths):
+        raise RequestError("args.paths: expected a list of str")
+    recursive = _arg(args, "recursive", bool, False)
+    concurrency = _arg(args, "concurrency", int, DEFAULT_CONCURRENCY)
+    return await node.warmups.start(paths, recursive, concurrency)
+
+
+async def _warmup_progress(node: NodeControl, args: dict) -> dict:
+    return node.warmups.progress(_arg(args, "job", str))
+
+
+async def _warmup_cancel(node: NodeControl, args: dict) -> dict:
+    return node.warmups.cancel(_arg(args, "job", str))
 
 
 async def _hello(node: NodeControl, args: dict) -> dict:
@@ -243,6 +263,9 @@ OPS: dict[str, Callable[[NodeControl, dict], Any]] = {
     "pin.add": _pin_add,
     "pin.remove": _pin_remove,
     "pin.list": _pin_list,
+    "warmup.start": _warmup_start,
+    "warmup.progress": _warmup_progress,
+    "warmup.cancel": _warmup_cancel,
 }
 
 

@@ -34,6 +34,7 @@ from cachefs.objects import ObjectId, ObjectInfo, chunk_digest, source_tag
 from cachefs.pins import PinRegistry
 from cachefs.reader import Reader
 from cachefs.stack import open_backend, open_peer_tier, open_tiers, reader_tiers, serve_metrics, serve_peers
+from cachefs.warmup import Warmups
 
 log = logging.getLogger(__name__)
 
@@ -146,6 +147,7 @@ class Node:
                 log.info("%d pin leases kept from before the restart", len(self.pins.leases))
         self._pins_changed = trio.Event()
         nursery.start_soon(self._expire_pins)
+        self.warmups = Warmups(self, nursery)  # `cachefs warmup` jobs; they end with the node
         self._stack.push_async_callback(self._remove_all)
         for dataset in self._initial:
             await self.add_dataset(dataset)

@@ -29,6 +29,8 @@ from cachefs.peer.protocol import (
     FrameDecoder,
     GetChunk,
     Hello,
+    LoadChunk,
+    Loaded,
     ProtocolError,
     Ready,
     encode_frame,
@@ -349,6 +351,8 @@ EXAMPLES = [
     GetChunk(1, "s3://bucket/market", "2024/01/trades.parquet", "etag:abc", 1 << 30, 4 << 20, 5),
     ChunkData(1, U64_MAX),
     ChunkError(1, "refused", "source 's3://x' is not served here"),
+    LoadChunk(2, "s3://bucket/market", "2024/01/trades.parquet", "etag:abc", 1 << 30, 4 << 20, 5),
+    Loaded(2, True),
 ]
 # One value of each msgpack type; a field given any type but its own must be rejected.
 TYPE_VALUES = {
@@ -357,6 +361,7 @@ TYPE_VALUES = {
 FIELD_TYPES = {
     "version": "int", "node": "str", "nonce": "bytes", "mac": "bytes", "id": "int", "source": "str", "path": "str",
     "size": "int", "chunk_size": "int", "index": "int", "checksum": "int", "code": "str", "message": "str",
+    "cached": "bool",
 }
 
 

@@ -5,6 +5,8 @@ requests over it by id. Each peer has a circuit breaker: after a failure it is
 skipped for a back-off that doubles up to PEER_MAX_BACKOFF, then tried again.
 `PeerTier` is what the reader sees: ask the chunk's owner on the ring, then the
 next node, and give up (the reader goes to the backend) on any failure.
+Warm-up asks an owner to load a chunk into its own tiers (`load_chunk`, protocol
+v2; a v1 peer is reported as unable to, and the caller loads the chunk itself).
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from cachefs.objects import Buffer, ChunkKey, Medium, ObjectId
 from cachefs.errors import PeerError
 from cachefs.logsafe import loggable
 from cachefs.peer import protocol
-from cachefs.peer.protocol import Auth, ChunkData, ChunkError, GetChunk, Hello, ProtocolError, Ready
+from cachefs.peer.protocol import Auth, ChunkData, ChunkError, GetChunk, Hello, LoadChunk, Loaded, ProtocolError, Ready
 from cachefs.peer.ring import Ring
 from cachefs.peer.stream import FrameStream
 
@@ -39,16 +41,17 @@ class _Pending:
 
     def __init__(self) -> None:
         self.done = trio.Event()
-        self.reply: ChunkData | ChunkError | None = None  # None: the connection was lost
+        self.reply: ChunkData | Loaded | ChunkError | None = None  # None: the connection was lost
         self.payload = b""
 
 
 class PeerConnection:
     """One authenticated connection; `receive_loop` runs in the client's nursery."""
 
-    def __init__(self, peer: str, frames: FrameStream):
+    def __init__(self, peer: str, frames: FrameStream, version: int = protocol.PROTOCOL_VERSION):
         self.peer = peer
         self.frames = frames
+        self.version = version  # what the server's Hello said: the connection's protocol version
         self.closed = False
         self._pending: dict[int, _Pending] = {}
         self._ids = itertools.count(1)
@@ -80,7 +83,7 @@ class PeerConnection:
             while (frame := await self.frames.receive()) is not None:
                 header, payload = frame
                 message = protocol.parse_message(header)
-                if not isinstance(message, (ChunkData, ChunkError)):
+                if not isinstance(message, (ChunkData, Loaded, ChunkError)):
                     raise ProtocolError(f"unexpected {header.get('t')!r} from a server")
                 pending = self._pending.pop(message.id, None)
                 if pending is not None:  # else: the requester timed out and left
@@ -92,8 +95,10 @@ class PeerConnection:
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
             pass
 
-    async def request(self, req_fields: dict) -> tuple[protocol.ChunkData | ChunkError, bytes]:
-        """Send one GetChunk and wait for its answer. Checkpoints; cancel to time out.
+    async def request(
+        self, req_fields: dict, kind: type[GetChunk] = GetChunk
+    ) -> tuple[ChunkData | Loaded | ChunkError, bytes]:
+        """Send one GetChunk (or LoadChunk) and wait for its answer. Checkpoints; cancel to time out.
 
         Raises:
             PeerError: the connection is or becomes unusable.
@@ -103,7 +108,7 @@ class PeerConnection:
         request_id = next(self._ids)
         pending = self._pending[request_id] = _Pending()
         try:
-            await self.frames.send(GetChunk(id=request_id, **req_fields).to_header())
+            await self.frames.send(kind(id=request_id, **req_fields).to_header())
             await pending.done.wait()
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as e:
             self.close()
@@ -113,6 +118,10 @@ class PeerConnection:
         if pending.reply is None:
             raise PeerError(f"peer {self.peer}: connection lost")
         return pending.reply, pending.payload
+
+
+class _HelloRefused(Exception):
+    """The server closed the connection on our Hello: maybe a server of an older version."""
 
 
 class PeerClient:
@@ -168,14 +177,18 @@ class PeerClient:
                 raise PeerError(f"peer {peer}: cannot connect")
         self._connecting[peer] = trio.Event()
         try:
-            conn = await self._connect(peer)
+            try:
+                conn = await self._connect(peer, protocol.PROTOCOL_VERSION)
+            except _HelloRefused:
+                # A v1 server (a rolling upgrade) closes on a v2 hello: speak v1, read as before.
+                conn = await self._connect(peer, 1)
             self._conns[peer] = conn
             self._nursery.start_soon(conn.receive_loop)
             return conn
         finally:
             self._connecting.pop(peer).set()
 
-    async def _connect(self, peer: str) -> PeerConnection:
+    async def _connect(self, peer: str, version: int) -> PeerConnection:
         host, _, port = peer.rpartition(":")
         stream = None
         try:
@@ -183,8 +196,13 @@ class PeerClient:
                 stream = await trio.open_tcp_stream(host.strip("[]"), int(port))
                 frames = FrameStream(stream, self.max_payload, thread_receive=True)
                 nonce = os.urandom(16)
-                await frames.send(Hello(protocol.PROTOCOL_VERSION, self.node, nonce).to_header())
-                frame = await frames.receive()
+                await frames.send(Hello(version, self.node, nonce).to_header())
+                try:
+                    frame = await frames.receive()
+                except (OSError, trio.BrokenResourceError):
+                    frame = None
+                if frame is None and version > 1:
+                    raise _HelloRefused
                 hello = protocol.parse_message(frame[0]) if frame else None
                 if not isinstance(hello, Hello) or hello.mac is None:
                     raise PeerError(f"peer {peer}: no hello from the server")
@@ -195,7 +213,7 @@ class PeerClient:
                 frame = await frames.receive()
                 if frame is None or not isinstance(protocol.parse_message(frame[0]), Ready):
                     raise PeerError(f"peer {peer}: refused our authentication (wrong secret?)")
-                return PeerConnection(peer, frames)
+                return PeerConnection(peer, frames, hello.version)
         except BaseException as e:
             if stream is not None:
                 with trio.CancelScope(shield=True):
@@ -213,15 +231,39 @@ class PeerClient:
             PeerError: connection failure, refusal, or a bad checksum.
         """
         conn = await self._connection(peer)
-        reply, payload = await conn.request(
-            dict(source=obj.source, path=obj.path, version=obj.version, size=obj.size, chunk_size=chunk_size, index=index)
-        )
+        reply, payload = await conn.request(_fields(obj, chunk_size, index))
+        if isinstance(reply, Loaded):
+            raise PeerError(f"peer {peer}: answered a get with {reply.t!r}")
         if isinstance(reply, ChunkError):
             raise PeerError(f"peer {peer}: {reply.code}: {loggable(reply.message)}", code=reply.code)
         if hotpath.checksum(payload) != reply.checksum:
             metrics.CACHE_ERRORS.labels("peer", "corrupt").inc()
             raise PeerError(f"peer {peer}: checksum mismatch on {obj.path} chunk {index}", code="corrupt")
         return payload
+
+    async def load_chunk(self, peer: str, obj: ObjectId, chunk_size: int, index: int) -> bool:
+        """Have `peer` load one chunk into its own tiers (warm-up); the chunk is not sent back.
+
+        Returns:
+            Whether the peer held the chunk already.
+        Raises:
+            PeerError: connection failure, a refusal or backend error at the peer
+                (`code` as in ChunkError), or code "version": the peer speaks
+                protocol v1 and cannot load.
+        """
+        conn = await self._connection(peer)
+        if conn.version < protocol.LOAD_VERSION:
+            raise PeerError(f"peer {peer}: speaks protocol v{conn.version}, cannot load chunks", code="version")
+        reply, _ = await conn.request(_fields(obj, chunk_size, index), LoadChunk)
+        if isinstance(reply, ChunkError):
+            raise PeerError(f"peer {peer}: {reply.code}: {loggable(reply.message)}", code=reply.code)
+        if not isinstance(reply, Loaded):
+            raise PeerError(f"peer {peer}: answered a load with {reply.t!r}")
+        return reply.cached
+
+
+def _fields(obj: ObjectId, chunk_size: int, index: int) -> dict:
+    return dict(source=obj.source, path=obj.path, version=obj.version, size=obj.size, chunk_size=chunk_size, index=index)
 
 
 class PeerTier:
@@ -249,6 +291,14 @@ class PeerTier:
 
     def __contains__(self, digest: bytes) -> bool:
         return False  # only asking tells
+
+    def owner(self, digest: bytes) -> str | None:
+        """The ring's owner of a chunk if it is another node and its circuit breaker
+        lets it be asked; None if we own it, the ring is empty, or the owner is down."""
+        owner = self.ring().owner(digest)
+        if owner is None or owner == self.client.node or not self.client.available(owner):
+            return None
+        return owner
 
     async def get_range(self, key: ChunkKey, start: int, end: int) -> None:
         return None  # owners serve whole chunks: each is fetched once for the whole ring

@@ -22,6 +22,19 @@ Then the client sends `GetChunk` requests, and the server answers each with
 by `id`. The role is part of every MAC, so a peer that echoes a MAC back
 (reflection) does not authenticate.
 
+Versions: 2 adds `LoadChunk` ("load": the same fields as GetChunk), which has
+the server load the chunk into its own tiers and answer `Loaded` (no payload)
+or `ChunkError`; warm-up uses it to fill each chunk's owner without pulling
+the chunk back. A server accepts a Hello of any version in SUPPORTED_VERSIONS
+and answers with the lower of the client's and its own, which is then the
+connection's version: a client sends "load" only on a connection of version 2
+or later. A version-1 server closes the connection on a version-2 Hello; the
+client then connects again with a version-1 Hello. Reads (GetChunk) are the
+same in both versions, so a rolling upgrade never stops them; only warm-up
+loads chunks locally instead. A v1 server would also close a connection on
+"load" (an unexpected message), which is why the version is negotiated, not
+assumed.
+
 Every message validates its fields strictly in `from_header`: a wrong type, a
 missing field, a negative int, a str longer than MAX_STR or an unknown "t" is a
 `ProtocolError`, and the caller closes that connection. Unknown extra fields
@@ -41,7 +54,11 @@ import msgpack
 from cachefs import hotpath
 from cachefs.errors import CachefsError
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
+# Hello versions a server accepts; a connection runs at min(client's, server's).
+SUPPORTED_VERSIONS = frozenset({1, 2})
+# The first version with LoadChunk/Loaded.
+LOAD_VERSION = 2
 
 PREFIX = struct.Struct(">II")
 PREFIX_SIZE = PREFIX.size
@@ -312,6 +329,13 @@ def _str(h: Mapping[str, Any], t: str, name: str) -> str:
     return value
 
 
+def _bool(h: Mapping[str, Any], t: str, name: str) -> bool:
+    value = _get(h, t, name)
+    if type(value) is not bool:
+        raise ProtocolError(f"{t}: {name!r} is a {type(value).__name__}, not a bool")
+    return value
+
+
 def _bytes(h: Mapping[str, Any], t: str, name: str, min_len: int, max_len: int) -> bytes:
     value = _get(h, t, name)
     if type(value) is not bytes:
@@ -469,10 +493,34 @@ class ChunkError:
         return cls(_uint(h, cls.t, "id"), code, _str(h, cls.t, "message"))
 
 
-Message = Union[Hello, Auth, Ready, GetChunk, ChunkData, ChunkError]
+@dataclasses.dataclass(frozen=True, slots=True)
+class LoadChunk(GetChunk):
+    """Protocol v2: load chunk `index` into the server's own tiers; answered with
+    `Loaded` (no payload) or `ChunkError`. The same fields and checks as GetChunk."""
+
+    t: ClassVar[str] = "load"
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Loaded:
+    """The answer to LoadChunk `id`: the server holds the chunk now; `cached`: it held it before."""
+
+    t: ClassVar[str] = "loaded"
+    id: int
+    cached: bool
+
+    def to_header(self) -> dict[str, Any]:
+        return {"t": self.t, "id": self.id, "cached": self.cached}
+
+    @classmethod
+    def from_header(cls, h: Mapping[str, Any]) -> Loaded:
+        return cls(_uint(h, cls.t, "id"), _bool(h, cls.t, "cached"))
+
+
+Message = Union[Hello, Auth, Ready, GetChunk, LoadChunk, ChunkData, Loaded, ChunkError]
 
 MESSAGE_TYPES: Mapping[str, type[Message]] = {
-    cls.t: cls for cls in (Hello, Auth, Ready, GetChunk, ChunkData, ChunkError)
+    cls.t: cls for cls in (Hello, Auth, Ready, GetChunk, LoadChunk, ChunkData, Loaded, ChunkError)
 }
 
 

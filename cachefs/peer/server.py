@@ -2,6 +2,8 @@
 
 One task per connection: a mutual HMAC handshake, then requests handled
 concurrently (bounded per connection) and answered in any order by id.
+Requests are GetChunk (answered with the chunk) and, on connections of protocol
+version 2 or later, LoadChunk (warm-up: load it into our tiers, answer Loaded).
 
 Each connection is a boundary: whatever happens inside it (a reset, a
 malformed frame, a bug) is logged and closes that connection only; the
@@ -20,10 +22,10 @@ from typing import TYPE_CHECKING, Mapping
 import trio
 
 from cachefs import hotpath, metrics
-from cachefs.objects import ObjectId, check_relative_path
+from cachefs.objects import ObjectId, check_relative_path, chunk_key
 from cachefs.errors import BackendError, ObjectChanged, ObjectNotFound
 from cachefs.peer import protocol
-from cachefs.peer.protocol import Auth, ChunkData, ChunkError, GetChunk, Hello, ProtocolError, Ready
+from cachefs.peer.protocol import Auth, ChunkData, ChunkError, GetChunk, Hello, LoadChunk, Loaded, ProtocolError, Ready
 from cachefs.peer.stream import FrameStream
 from cachefs.logsafe import LogLimiter, loggable
 
@@ -95,7 +97,8 @@ class PeerServer:
         self._unauthenticated += 1
         try:
             with trio.move_on_after(self.limits.handshake_timeout) as scope:
-                ok = await self._handshake(frames, peer) and await self._admit(frames, host, peer)
+                version = await self._handshake(frames, peer)
+                ok = version is not None and await self._admit(frames, host, peer)
         finally:
             self._unauthenticated -= 1
         if scope.cancelled_caught:
@@ -106,7 +109,7 @@ class PeerServer:
             return
         frames.decoder.max_header = protocol.MAX_HEADER
         try:
-            await self._serve(frames)
+            await self._serve(frames, version)
         finally:
             self._release(host)
 
@@ -130,16 +133,20 @@ class PeerServer:
             if self._warnings.log(logging.ERROR, "internal", "peer %s: connection failed; closing it", peer):
                 log.error("the error was:", exc_info=rest)
 
-    async def _handshake(self, frames: FrameStream, peer: str) -> bool:
+    async def _handshake(self, frames: FrameStream, peer: str) -> int | None:
+        """The connection's protocol version once the peer has authenticated; None if it did not."""
         frame = await frames.receive()
         if frame is None:
-            return False
+            return None
         hello = protocol.parse_message(frame[0])
-        if not isinstance(hello, Hello) or hello.version != protocol.PROTOCOL_VERSION:
-            raise ProtocolError(f"expected hello v{protocol.PROTOCOL_VERSION}, got {frame[0].get('t')!r}")
+        if not isinstance(hello, Hello) or hello.version not in protocol.SUPPORTED_VERSIONS:
+            versions = "/".join(f"v{v}" for v in sorted(protocol.SUPPORTED_VERSIONS))
+            raise ProtocolError(f"expected hello {versions}, got {frame[0].get('t')!r} {frame[0].get('version')!r}")
+        # A v1 client (a rolling upgrade) gets v1: it never sends what v1 lacks.
+        version = min(hello.version, protocol.PROTOCOL_VERSION)
         nonce = os.urandom(16)
         mac = protocol.hello_mac(self.secret, "server", nonce, hello.nonce)
-        await frames.send(Hello(protocol.PROTOCOL_VERSION, self.node, nonce, mac).to_header())
+        await frames.send(Hello(version, self.node, nonce, mac).to_header())
         frame = await frames.receive()
         auth = protocol.parse_message(frame[0]) if frame else None
         expected = protocol.hello_mac(self.secret, "client", hello.nonce, nonce)
@@ -148,8 +155,8 @@ class PeerServer:
             self._warnings.warning(
                 "auth", "peer %s (calls itself %s): authentication failed; closing", peer, loggable(hello.node)
             )
-            return False
-        return True
+            return None
+        return version
 
     async def _admit(self, frames: FrameStream, host: str, peer: str) -> bool:
         """Tell an authenticated peer it may send requests, unless its host is at its cap."""
@@ -175,7 +182,7 @@ class PeerServer:
         else:
             self._per_host[host] -= 1
 
-    async def _serve(self, frames: FrameStream) -> None:
+    async def _serve(self, frames: FrameStream, version: int) -> None:
         async with trio.open_nursery() as nursery:
             session = _Session(frames, self.limits.max_requests_per_connection, nursery.cancel_scope)
             try:
@@ -194,8 +201,10 @@ class PeerServer:
                         return
                     session.last_active = trio.current_time()
                     request = protocol.parse_message(frame[0])
-                    if not isinstance(request, GetChunk):
-                        raise ProtocolError(f"unexpected {frame[0].get('t')!r} after the handshake")
+                    if not isinstance(request, GetChunk) or (
+                        isinstance(request, LoadChunk) and version < protocol.LOAD_VERSION
+                    ):
+                        raise ProtocolError(f"unexpected {frame[0].get('t')!r} after a v{version} handshake")
                     await session.slots.acquire()
                     nursery.start_soon(self._answer, session, request)
             finally:
@@ -204,9 +213,9 @@ class PeerServer:
 
     async def _answer(self, session: _Session, req: GetChunk) -> None:
         try:
-            reply = await self._chunk(req)
+            reply = await (self._load(req) if isinstance(req, LoadChunk) else self._chunk(req))
             with trio.move_on_after(self.limits.send_timeout) as sending:
-                if isinstance(reply, ChunkError):
+                if isinstance(reply, (ChunkError, Loaded)):
                     await session.frames.send(reply.to_header())
                 else:
                     await session.frames.send(ChunkData(req.id, hotpath.checksum(reply)).to_header(), reply)
@@ -222,7 +231,8 @@ class PeerServer:
             session.last_active = trio.current_time()
             session.slots.release()
 
-    async def _chunk(self, req: GetChunk) -> bytes | memoryview | ChunkError:
+    def _resolve(self, req: GetChunk) -> tuple[Reader, ObjectId] | ChunkError:
+        """The reader and object `req` asks for, or the error to answer with."""
         reader = self.sources.get(req.source)
         if reader is None:
             # A worker serves its own sources only; it never becomes a proxy to arbitrary URLs.
@@ -232,7 +242,35 @@ class PeerServer:
         if problem is not None:
             metrics.PEER_SERVED.labels("bad-request").inc()
             return ChunkError(req.id, "bad-request", problem)
-        obj = ObjectId(req.source, req.path, req.version, req.size)
+        return reader, ObjectId(req.source, req.path, req.version, req.size)
+
+    async def _load(self, req: LoadChunk) -> Loaded | ChunkError:
+        """Warm-up: have the chunk in our tiers (one backend fetch at most, shared with
+        readers by the reader's single-flight) and say whether it was there before."""
+        resolved = self._resolve(req)
+        if isinstance(resolved, ChunkError):
+            return resolved
+        reader, obj = resolved
+        digest = chunk_key(obj, reader.chunk_size, req.index).digest
+        if any(digest in tier for tier in reader.tiers if tier.medium != "network"):
+            metrics.PEER_SERVED.labels("loaded").inc()
+            return Loaded(req.id, cached=True)
+        reply = await self._fetch(req, reader, obj)
+        if isinstance(reply, ChunkError):
+            return reply
+        metrics.PEER_SERVED.labels("loaded").inc()
+        return Loaded(req.id, cached=False)
+
+    async def _chunk(self, req: GetChunk) -> bytes | memoryview | ChunkError:
+        resolved = self._resolve(req)
+        if isinstance(resolved, ChunkError):
+            return resolved
+        reply = await self._fetch(req, *resolved)
+        if not isinstance(reply, ChunkError):
+            metrics.PEER_SERVED.labels("ok").inc()
+        return reply
+
+    async def _fetch(self, req: GetChunk, reader: Reader, obj: ObjectId) -> bytes | memoryview | ChunkError:
         try:
             data, _ = await reader.chunk(obj, req.index)
         except ObjectNotFound as e:
@@ -242,7 +280,6 @@ class PeerServer:
         except BackendError as e:
             code, message = "unavailable", str(e)
         else:
-            metrics.PEER_SERVED.labels("ok").inc()
             return data
         metrics.PEER_SERVED.labels(code).inc()
         return ChunkError(req.id, code, message)

@@ -1,0 +1,332 @@
+"""`cachefs warmup`: start a warm-up job in a mount's node and follow its progress.
+
+The node does the work (cachefs/warmup.py); this side finds the mount a PATH is
+in, starts the job over the control socket, polls its counters every POLL
+seconds and shows them: a progress bar on a terminal (rich), a plain line every
+PLAIN_EVERY seconds otherwise, or one JSON object per line with --json, the last
+one the summary. Ctrl-C cancels the job (exit 130); what was loaded stays
+cached, so running the same command again resumes.
+
+Exit codes: 0 all loaded (or --wait-ratio reached; the node goes on loading),
+1 the job failed or some files failed (listed, at most 20, with their count),
+2 a bad PATH or an unreachable mount, 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import collections
+import errno
+import json
+import os
+import sys
+import time
+from typing import Any, Callable, TextIO
+
+import trio
+
+from cachefs import control
+from cachefs.errors import ConfigError
+
+POLL = 0.5  # seconds between progress requests
+PLAIN_EVERY = 5.0  # seconds between plain progress lines
+RATE_WINDOW = 10.0  # seconds of history the rate (and so the ETA) is taken over
+START_TIMEOUT = 120.0  # seconds the node may take to check the paths (a stat each, at the backend)
+CALL_TIMEOUT = 30.0
+
+
+def _find_mount(target: str) -> tuple[str, str]:
+    """(control socket, path relative to the mount root) of a path inside a cachefs mount.
+
+    The path need not exist (the node says what is wrong with it): its nearest
+    ancestor that names a control socket is the mount root. Blocking; a hung
+    mount hangs it, so it runs in a thread.
+
+    Raises:
+        ConfigError: not inside a cachefs mount, or the mount's daemon is gone.
+    """
+    path = os.path.realpath(target)
+    inside: list[str] = []
+    while True:
+        try:
+            value = os.getxattr(path, control.XATTR)
+        except OSError as e:
+            if e.errno == errno.ENOTCONN:
+                raise ConfigError(f"{target}: the mount's daemon is gone (run fusermount3 -u {path})") from None
+            if e.errno not in (errno.ENOENT, errno.ENODATA, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EPERM, errno.EACCES, errno.ENOTDIR):
+                raise ConfigError(f"{target}: cannot ask for its control socket ({e.strerror})") from None
+        else:
+            sock = os.fsdecode(value)
+            if not os.path.isabs(sock):
+                raise ConfigError(f"{target}: the mount names a control socket that is not an absolute path")
+            return sock, "/".join(reversed(inside))
+        parent = os.path.dirname(path)
+        if parent == path:
+            raise ConfigError(f"{target}: not inside a cachefs mount")
+        inside.append(os.path.basename(path))
+        path = parent
+
+
+def find_mount(target: str, timeout: float = 5) -> tuple[str, str]:
+    async def run() -> tuple[str, str]:
+        with trio.move_on_after(timeout):
+            # Abandoned on timeout: getxattr changes nothing, and a hung mount never returns.
+            return await trio.to_thread.run_sync(_find_mount, target, abandon_on_cancel=True)
+        raise ConfigError(f"{target}: no answer within {timeout:g} s (a hung mount?)")
+
+    return trio.run(run)
+
+
+# -- output --------------------------------------------------------------------------
+
+
+def _mib(n: float) -> str:
+    return f"{n / (1 << 20):.1f} MiB"
+
+
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "?"
+    if seconds < 10:
+        return f"{seconds:.1f}s"
+    seconds = int(seconds + 0.5)
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds // 60 % 60:02d}m"
+
+
+class Rate:
+    """Loaded bytes per second over the last RATE_WINDOW seconds (already-cached bytes
+    cost nothing and would make the rate and ETA lie), and the ETA it gives."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic):
+        self._clock = clock
+        self._samples: collections.deque[tuple[float, int]] = collections.deque()
+
+    def update(self, p: dict) -> tuple[float, float | None]:
+        now = self._clock()
+        self._samples.append((now, p["bytes_loaded"]))
+        while len(self._samples) > 2 and now - self._samples[1][0] >= RATE_WINDOW:
+            self._samples.popleft()
+        t0, b0 = self._samples[0]
+        rate = (p["bytes_loaded"] - b0) / (now - t0) if now > t0 else 0.0
+        left = p["bytes_total"] - p["bytes_done"] - p["bytes_failed"]
+        eta = 0.0 if left <= 0 else (left / rate if rate > 0 else None)
+        return rate, eta
+
+
+class PlainOutput:
+    """A line now and then, for logs: stdout is not a terminal."""
+
+    def __init__(self, out: TextIO):
+        self.out = out
+        self.rate = Rate()
+        self._last = -PLAIN_EVERY
+
+    def update(self, p: dict, final: bool = False) -> None:
+        rate, eta = self.rate.update(p)
+        now = time.monotonic()
+        if not final and now - self._last < PLAIN_EVERY:
+            return
+        self._last = now
+        total = p["bytes_total"]
+        if p["state"] == "listing":
+            line = f"listing the files to load ({p['files_total']} so far, {_mib(total)})"
+        else:
+            pct = 100 * p["bytes_done"] / total if total else 100.0
+            line = (
+                f"{p['files_done']}/{p['files_total']} files, {_mib(p['bytes_done'])}/{_mib(total)} ({pct:.0f}%), "
+                f"{_mib(p['bytes_cached'])} already cached, {rate / (1 << 20):.1f} MiB/s, ETA {_duration(eta)}"
+            )
+            if p["failed_count"]:
+                line += f", {p['failed_count']} failed"
+        print(f"warmup {p['job']}: {line}", file=self.out, flush=True)
+
+    def close(self) -> None:
+        pass
+
+
+class JsonOutput:
+    """One JSON object per poll; `summary` prints the last one."""
+
+    def __init__(self, out: TextIO):
+        self.out = out
+        self.rate = Rate()
+
+    def update(self, p: dict, final: bool = False) -> None:
+        rate, eta = self.rate.update(p)
+        if not final:
+            self._print({"type": "progress", **p, "bytes_per_second": round(rate), "eta_seconds": eta})
+
+    def _print(self, obj: dict) -> None:
+        print(json.dumps(obj, separators=(",", ":")), file=self.out, flush=True)
+
+    def close(self) -> None:
+        pass
+
+
+class BarOutput:
+    """A rich progress bar: files, bytes, MiB/s and ETA."""
+
+    def __init__(self, out: TextIO):
+        from rich.console import Console
+        from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn
+
+        self.rate = Rate()
+        self.progress = Progress(
+            TextColumn("[bold]warmup {task.fields[job]}"),
+            BarColumn(),
+            TextColumn("{task.percentage:>3.0f}%"),
+            TextColumn("{task.fields[files]} files"),
+            DownloadColumn(binary_units=True),
+            TextColumn("{task.fields[rate]}"),
+            TextColumn("ETA {task.fields[eta]}"),
+            TextColumn("{task.fields[note]}"),
+            console=Console(file=out),
+            transient=False,
+        )
+        self.progress.start()
+        self.task = None
+
+    def update(self, p: dict, final: bool = False) -> None:
+        rate, eta = self.rate.update(p)
+        fields = dict(
+            job=p["job"],
+            files=f"{p['files_done']}/{p['files_total']}",
+            rate=f"{rate / (1 << 20):.1f} MiB/s",
+            eta=_duration(eta),
+            note=("listing…" if p["state"] == "listing" else f"[red]{p['failed_count']} failed" if p["failed_count"] else ""),
+        )
+        total = p["bytes_total"] if p["state"] != "listing" else None
+        done = p["bytes_done"] + p["bytes_failed"]
+        if self.task is None:
+            self.task = self.progress.add_task("warmup", total=total, completed=done, **fields)
+        else:
+            self.progress.update(self.task, total=total, completed=done, **fields)
+
+    def close(self) -> None:
+        self.progress.stop()
+
+
+def _summary(p: dict) -> str:
+    elapsed = p["elapsed"] or 0.0
+    rate = p["bytes_loaded"] / elapsed if elapsed else 0.0
+    return (
+        f"warmup {p['job']} {p['state']}: {p['files_done']}/{p['files_total']} files, "
+        f"{_mib(p['bytes_done'])} of {_mib(p['bytes_total'])} cached ({_mib(p['bytes_loaded'])} loaded, "
+        f"{_mib(p['bytes_cached'])} already cached) in {_duration(elapsed)}, {rate / (1 << 20):.1f} MiB/s"
+    )
+
+
+def _failures(p: dict) -> list[str]:
+    lines = [f"  {f['path']}: {f['error']}" for f in p["failures"]]
+    if p["failed_count"] > len(p["failures"]):
+        lines.append(f"  (and {p['failed_count'] - len(p['failures'])} more)")
+    return lines
+
+
+# -- the command ------------------------------------------------------------------------
+
+
+def run(
+    paths: list[str],
+    *,
+    recursive: bool,
+    concurrency: int,
+    wait_ratio: float | None,
+    as_json: bool,
+    out: TextIO = sys.stdout,
+    err: TextIO = sys.stderr,
+) -> int:
+    """`cachefs warmup`; returns the exit code.
+
+    Raises:
+        ConfigError: a bad PATH or option, or the mount cannot be reached (one line).
+    """
+    if wait_ratio is not None and not 0 < wait_ratio <= 1:
+        raise ConfigError(f"--wait-ratio must be in (0, 1], not {wait_ratio:g}")
+    located = [find_mount(p) for p in paths]
+    sockets = {sock for sock, _ in located}
+    if len(sockets) > 1:
+        raise ConfigError("the PATHs are in different mounts; warm up one mount at a time")
+    sock = sockets.pop()
+    label = paths[0] if len(paths) == 1 else os.path.commonpath([os.path.abspath(p) for p in paths])
+    args = {"paths": [rel for _, rel in located], "recursive": recursive, "concurrency": concurrency}
+    if as_json:
+        output: Any = JsonOutput(out)
+    elif out.isatty():
+        output = BarOutput(out)
+    else:
+        output = PlainOutput(out)
+    started: dict = {}
+    try:
+        final, early = trio.run(_follow, sock, label, args, wait_ratio, output, started)
+    except KeyboardInterrupt:
+        output.close()
+        if "job" in started:
+            try:
+                p = control.request(sock, "warmup.cancel", {"job": started["job"]}, timeout=5, label=label)
+                if as_json:
+                    output._print({"type": "summary", **p, "exit": 130})
+            except ConfigError:
+                pass
+        print("cachefs: warmup interrupted; loaded chunks stay cached, so running it again resumes", file=err)
+        return 130
+    output.close()
+    return _report(final, early, wait_ratio, as_json, output, out, err)
+
+
+async def _follow(sock: str, label: str, args: dict, wait_ratio: float | None, output, started: dict):
+    """Start the job and poll it until it ends, or until `wait_ratio` of its bytes are cached.
+
+    Returns:
+        (the last progress, whether we left early at the ratio).
+    """
+
+    async def call(op: str, a: dict, timeout: float = CALL_TIMEOUT) -> dict:
+        with trio.move_on_after(timeout):
+            return await control.call(sock, op, a, label=label)
+        raise ConfigError(f"{label}: no reply from the node within {timeout:g} s")
+
+    p = await call("warmup.start", args, START_TIMEOUT)
+    started["job"] = p["job"]
+    while True:
+        output.update(p)
+        if p["state"] in ("done", "failed", "cancelled"):
+            return p, False
+        if wait_ratio is not None and p["ratio"] is not None and p["ratio"] >= wait_ratio:
+            return p, True
+        await trio.sleep(POLL)
+        p = await call("warmup.progress", {"job": p["job"]})
+
+
+def _report(p: dict, early: bool, wait_ratio: float | None, as_json: bool, output, out: TextIO, err: TextIO) -> int:
+    if early:
+        code, line = 0, (
+            f"warmup {p['job']}: {p['ratio']:.0%} of {_mib(p['bytes_total'])} cached (--wait-ratio {wait_ratio:g}); "
+            "the mount goes on loading the rest"
+        )
+    elif p["state"] == "failed":
+        code, line = 1, f"warmup {p['job']} failed: {p['error']}"
+    elif p["state"] == "cancelled":
+        code, line = 1, f"warmup {p['job']} was cancelled"
+    elif p["failed_count"]:
+        code, line = 1, f"warmup {p['job']}: {p['failed_count']} file(s) failed; " + _summary(p)
+    else:
+        code, line = 0, _summary(p)
+    if as_json:
+        output.update(p, final=True)
+        output._print({"type": "summary", **p, "early": early, "exit": code})
+        if code:
+            print(f"cachefs: error: {line}", file=err)
+        return code
+    if code:
+        print(f"cachefs: error: {line}", file=err)
+        for failure in _failures(p):
+            print(failure, file=err)
+    else:
+        if isinstance(output, PlainOutput):
+            output.update(p, final=True)
+        print(f"cachefs: {line}", file=out)
+    return code
