@@ -76,6 +76,12 @@ PEER_CONNECTIONS_CLOSED = prom.Counter(
     ["reason"],
 )
 FUSE_ERRORS = prom.Counter("cachefs_fuse_errors", "Errors returned to the kernel", ["op", "errno"])
+FUSE_OP_SECONDS = prom.Histogram(
+    "cachefs_fuse_op_seconds",
+    "Time cachefs took to answer a FUSE request, errors included, by operation",
+    ["op"],
+    buckets=(0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+)
 INODES = prom.Gauge("cachefs_inodes", "Inodes the mount holds: those the kernel has looked up, plus open files")
 META_CACHE_ENTRIES = prom.Gauge(
     "cachefs_meta_cache_entries",
