@@ -195,7 +195,7 @@ class Reader:
                 chunk, source = await self._chunk(key, for_reader=True)
                 part = memoryview(chunk)[start:end]
             parts.append(part)
-            if origins and key.digest in origins:
+            if origins and key.digest in origins:  # `_count` inlined below: most reads are MEM hits
                 self._count_first_read(key.digest, start, end, source)
             else:
                 self._read_bytes[source].inc(end - start)
@@ -211,7 +211,7 @@ class Reader:
         counts[1] += reads
 
     def _count_first_read(self, digest: bytes, start: int, end: int, source: str) -> None:
-        """Count a read of a chunk loaded for this reader: the blocks no read has
+        """Count a read of a chunk loaded for this reader: the parts no read has
         returned yet count under the chunk's origin, the rest under `source`."""
         entry = self._origins[digest]
         part = self._part
