@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import stat
+import time
 from typing import Any, Awaitable, Callable, TypeVar
 
 import pyfuse3
@@ -46,12 +47,16 @@ def _errno_of(e: CachefsError) -> int:
 
 
 def fuse_errors(fn: F) -> F:
-    """Translate typed errors into FUSEError at the edge; anything else would kill the mount."""
+    """Translate typed errors into FUSEError at the edge; anything else would kill the mount.
+
+    Also times every request (`cachefs_fuse_op_seconds{op}`), errors included."""
 
     op = fn.__name__
+    seconds = metrics.FUSE_OP_SECONDS.labels(op)  # bound once: this runs on every request
 
     @functools.wraps(fn)
     async def wrapper(*args, **kwargs):
+        t0 = time.perf_counter()
         try:
             return await fn(*args, **kwargs)
         except pyfuse3.FUSEError as e:
@@ -68,6 +73,8 @@ def fuse_errors(fn: F) -> F:
             log.exception("%s failed unexpectedly", op)
             metrics.FUSE_ERRORS.labels(op, "EIO").inc()
             raise pyfuse3.FUSEError(errno.EIO) from None
+        finally:
+            seconds.observe(time.perf_counter() - t0)
 
     return wrapper  # type: ignore[return-value]
 

@@ -7,6 +7,7 @@ separate series. Later layers (peers, workers) add to these, never rename them.
 from __future__ import annotations
 
 import logging
+import weakref
 from typing import Callable
 
 import prometheus_client as prom
@@ -75,6 +76,12 @@ PEER_CONNECTIONS_CLOSED = prom.Counter(
     ["reason"],
 )
 FUSE_ERRORS = prom.Counter("cachefs_fuse_errors", "Errors returned to the kernel", ["op", "errno"])
+FUSE_OP_SECONDS = prom.Histogram(
+    "cachefs_fuse_op_seconds",
+    "Time cachefs took to answer a FUSE request, errors included, by operation",
+    ["op"],
+    buckets=(0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+)
 INODES = prom.Gauge("cachefs_inodes", "Inodes the mount holds: those the kernel has looked up, plus open files")
 META_CACHE_ENTRIES = prom.Gauge(
     "cachefs_meta_cache_entries",
@@ -160,3 +167,63 @@ def unregister_source_usage() -> None:
     if _source_usage is not None:
         prom.REGISTRY.unregister(_source_usage)
         _source_usage = None
+
+
+# The readers of this process (one per dataset), read at scrape time by ReaderStats.
+_readers: weakref.WeakSet = weakref.WeakSet()
+
+
+def track_reader(reader) -> None:
+    """Export `reader`'s per-dataset counters while it lives (called by `Reader.__init__`)."""
+    _readers.add(reader)
+
+
+class ReaderStats:
+    """Collects the per-dataset series from the readers' plain-int counters at
+    scrape time, so that a read pays a dict update instead of a locked inc:
+
+    - `cachefs_dataset_read_bytes_total{dataset,source}`: bytes returned to
+      readers, by where they truly came from (`Reader._origins`).
+    - `cachefs_dataset_cache_hits_total{dataset,tier}` and
+      `cachefs_dataset_cache_misses_total{dataset,tier}`: chunk reads a tier
+      served, and those it did not (served by a tier below it or the backend).
+    - `cachefs_fetches_in_flight{dataset,tier}`: chunk fetches waiting on a
+      tier below MEM or on the backend (`tier`="backend") right now.
+    """
+
+    def collect(self):
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        read_bytes: dict[tuple[str, str], int] = {}
+        hits: dict[tuple[str, str], int] = {}
+        misses: dict[tuple[str, str], int] = {}
+        in_flight: dict[tuple[str, str], int] = {}
+        for reader in list(_readers):
+            dataset = reader.dataset
+            names = [t.name for t in reader.tiers]
+            reads = {source: n for source, (_, n) in reader.reads.items()}
+            for source, (n, _) in reader.reads.items():
+                read_bytes[dataset, source] = read_bytes.get((dataset, source), 0) + n
+            for i, tier in enumerate(names):
+                hits[dataset, tier] = hits.get((dataset, tier), 0) + reads[tier]
+                below = sum(reads[s] for s in names[i + 1 :]) + reads["backend"]
+                misses[dataset, tier] = misses.get((dataset, tier), 0) + below
+            for tier, n in reader.in_flight.items():
+                in_flight[dataset, tier] = in_flight.get((dataset, tier), 0) + n
+        families = [
+            (CounterMetricFamily, "cachefs_dataset_read_bytes", "source", read_bytes,
+             "Bytes returned to readers of a dataset, by where they came from the first time they were read"),
+            (CounterMetricFamily, "cachefs_dataset_cache_hits", "tier", hits, "Chunk reads of a dataset a tier served"),
+            (CounterMetricFamily, "cachefs_dataset_cache_misses", "tier", misses,
+             "Chunk reads of a dataset a tier did not serve (a tier below it or the backend did)"),
+            (GaugeMetricFamily, "cachefs_fetches_in_flight", "tier", in_flight,
+             "Chunk fetches waiting on a tier below MEM, or on the backend"),
+        ]
+        for kind, name, label, values, doc in families:
+            family = kind(name, doc, labels=["dataset", label])
+            for labels, value in sorted(values.items()):
+                family.add_metric(list(labels), value)
+            yield family
+
+
+prom.REGISTRY.register(ReaderStats())

@@ -192,7 +192,9 @@ class Node:
             tiers = reader_tiers(self.mem, self.disk, self.peers)
             # Workers do not read ahead: mounts do, and their requests fan out over the ring.
             read_ahead = self.config.read_ahead if self.mount else 0
-            reader = Reader(tiers, backend, self.config.chunk_size, read_ahead, tasks)
+            reader = Reader(
+                tiers, backend, self.config.chunk_size, read_ahead, tasks, dataset=config.name or backend.source
+            )
             namespace = None
             if isinstance(self.config, MountOptions):
                 c = self.config

@@ -44,6 +44,13 @@ WRITE_BEHIND_CHUNKS = 8
 # key again: the digest is ~1 us of a ~5 us MEM hit.
 KEYS_KEPT = 4096
 
+# Chunks remembered that were loaded for this reader and not yet read in full
+# (see `Reader._origins`); past this, the oldest is forgotten.
+ORIGINS_KEPT = 4096
+# What has been read of such a chunk is kept in at most this many parts of it,
+# none smaller than a page (the kernel reads whole pages).
+ORIGIN_PARTS = 64
+
 
 class _Flight:
     """One chunk fetch in progress; followers wait on `done` and share the outcome."""
@@ -74,6 +81,7 @@ class Reader:
         tiers: the tiers to ask, fastest first; only tiers that are on (a MEM
             tier of capacity 0 is left out, not passed).
         nursery: where read-ahead and SSD write-behind tasks run.
+        dataset: the dataset's name, for the `dataset` label of its metrics.
     """
 
     def __init__(
@@ -83,8 +91,10 @@ class Reader:
         chunk_size: int,
         read_ahead: int,
         nursery: trio.Nursery,
+        dataset: str = "",
     ):
         self.tiers = list(tiers)
+        self.dataset = dataset
         self.backend = backend
         self.chunk_size = chunk_size
         top = self.tiers[0] if self.tiers else None
@@ -107,6 +117,23 @@ class Reader:
         # Chunks waiting for the SSD hold memory outside the MEM tier's budget:
         # when the disk falls behind, readers wait for a slot instead.
         self._write_slots = trio.Semaphore(WRITE_BEHIND_CHUNKS)
+        # Where each chunk this reader had loaded came from, and which of its
+        # parts no read has returned yet: digest -> [source, bitmask of unread
+        # parts]. Hit ratios count what a cache held before anyone asked: a
+        # chunk read ahead from the backend (or brought whole for a read of part
+        # of it) is found in MEM by the reads that follow, but their bytes
+        # came from the backend the first time they are read.
+        self._origins: dict[bytes, list] = {}
+        self._part = max(chunk_size // ORIGIN_PARTS, 4096)
+        # Per-dataset counters, plain ints (a prometheus inc costs a lock):
+        # `metrics.ReaderStats` reads them at scrape time.
+        # source -> [bytes returned, chunk reads served], by where they truly came from.
+        self.reads = {source: [0, 0] for source in [t.name for t in self.tiers] + ["backend"]}
+        # READ_BYTES children, bound once: this runs on every read.
+        self._read_bytes = {source: metrics.read_bytes(source) for source in self.reads}
+        # Fetches waiting on a tier below MEM or on the backend.
+        self.in_flight = dict.fromkeys([t.name for t in self._io_tiers] + ["backend"], 0)
+        metrics.track_reader(self)
 
     def _key(self, obj: ObjectId, index: int) -> ChunkKey:
         key = self._keys.get((id(obj), index))
@@ -148,6 +175,7 @@ class Reader:
                 # A read across chunks: fetch the later ones while we wait for the first.
                 self._start_prefetch(self._key(obj, index))
         memory = self._memory
+        origins = self._origins
         parts = []
         for index, start, end in spans:
             key = self._key(obj, index)
@@ -164,11 +192,44 @@ class Reader:
                         part = await self._backend_range(key, start, end)
                         source = "backend"
             if part is None:
-                chunk, source = await self._chunk(key)
+                chunk, source = await self._chunk(key, for_reader=True)
                 part = memoryview(chunk)[start:end]
             parts.append(part)
-            metrics.read_bytes(source).inc(end - start)
+            if origins and key.digest in origins:  # `_count` inlined below: most reads are MEM hits
+                self._count_first_read(key.digest, start, end, source)
+            else:
+                self._read_bytes[source].inc(end - start)
+                counts = self.reads[source]
+                counts[0] += end - start
+                counts[1] += 1
         return hotpath.assemble(parts)
+
+    def _count(self, source: str, n: int, reads: int = 1) -> None:
+        self._read_bytes[source].inc(n)
+        counts = self.reads[source]
+        counts[0] += n
+        counts[1] += reads
+
+    def _count_first_read(self, digest: bytes, start: int, end: int, source: str) -> None:
+        """Count a read of a chunk loaded for this reader: the parts no read has
+        returned yet count under the chunk's origin, the rest under `source`."""
+        entry = self._origins[digest]
+        part = self._part
+        lo, hi = start // part, -(-end // part)
+        mask = ((1 << (hi - lo)) - 1) << lo
+        new = entry[1] & mask
+        if not new:
+            self._count(source, end - start)
+            return
+        entry[1] ^= new
+        if not entry[1]:
+            del self._origins[digest]
+        # A read that is partly a re-read (not page-aligned, or overlapping an
+        # earlier one) splits by parts: exact for the kernel's aligned reads.
+        first = end - start if new == mask else (end - start) * new.bit_count() // (hi - lo)
+        self._count(entry[0], first)
+        if end - start - first:
+            self._count(source, end - start - first, reads=0)
 
     async def _backend_range(self, key: ChunkKey, start: int, end: int) -> memoryview | None:
         """A random read of an uncached chunk: GET just the blocks it needs now (a
@@ -180,7 +241,11 @@ class Reader:
         if hi - lo >= key.length:
             return None  # the whole chunk anyway: fetch it the usual way, once
         base = key.index * self.chunk_size
-        data = await self.backend.fetch(key.obj, base + lo, base + hi)
+        self.in_flight["backend"] += 1
+        try:
+            data = await self.backend.fetch(key.obj, base + lo, base + hi)
+        finally:
+            self.in_flight["backend"] -= 1
         self._start_prefetch(key, ahead=True)
         return memoryview(data)[start - lo : end - lo]
 
@@ -230,7 +295,7 @@ class Reader:
 
     async def _prefetch(self, key: ChunkKey, ahead: bool) -> None:
         try:
-            await self._chunk(key)
+            await self._chunk(key, for_reader=True)
         except BackendError as e:
             # The reader that needs this chunk will fetch it again and report the error.
             log.debug("prefetch of %s chunk %d failed: %s", key.obj.path, key.index, e)
@@ -239,12 +304,18 @@ class Reader:
                 self._ahead_slots.release()
 
     async def chunk(self, obj: ObjectId, index: int) -> tuple[Buffer, str]:
-        """One whole chunk, from the fastest tier that has it; see `_chunk`."""
+        """One whole chunk, from the fastest tier that has it; see `_chunk`.
+
+        For others (peers asking this node): a chunk it loads counts as held
+        when this node's own readers come to it."""
         return await self._chunk(self._key(obj, index))
 
-    async def _chunk(self, key: ChunkKey) -> tuple[Buffer, str]:
+    async def _chunk(self, key: ChunkKey, for_reader: bool = False) -> tuple[Buffer, str]:
         """One whole chunk, from the fastest tier that has it.
 
+        Args:
+            for_reader: loaded for this reader's reads (theirs or read-ahead):
+                remember where from, for `read` to count its first reads there.
         Returns:
             (the chunk's bytes, the name of the tier or "backend" it came from).
         Raises:
@@ -266,7 +337,7 @@ class Reader:
             # Its leader was cancelled (a peer that asked went away): the fetch is ours now.
         flight = self._flights[digest] = _Flight()
         try:
-            flight.data, flight.source = await self._load(key)
+            flight.data, flight.source = await self._load(key, for_reader)
             return flight.data, flight.source
         except BaseException as e:
             if isinstance(e, BackendError):
@@ -278,16 +349,37 @@ class Reader:
             del self._flights[digest]
             flight.done.set()
 
-    async def _load(self, key: ChunkKey) -> tuple[Buffer, str]:
+    async def _load(self, key: ChunkKey, for_reader: bool) -> tuple[Buffer, str]:
+        in_flight = self.in_flight
         for tier in self._io_tiers:
-            data = await tier.get(key)
+            in_flight[tier.name] += 1
+            try:
+                data = await tier.get(key)
+            finally:
+                in_flight[tier.name] -= 1
             if data is not None:
+                if for_reader:
+                    self._note_origin(key, tier.name)
                 await self._keep(key, data, tier)
                 return data, tier.name
         start = key.index * self.chunk_size
-        fetched = await self.backend.fetch(key.obj, start, start + key.length)
+        in_flight["backend"] += 1
+        try:
+            fetched = await self.backend.fetch(key.obj, start, start + key.length)
+        finally:
+            in_flight["backend"] -= 1
+        if for_reader:
+            self._note_origin(key, "backend")
         await self._keep(key, fetched, None)
         return fetched, "backend"
+
+    def _note_origin(self, key: ChunkKey, source: str) -> None:
+        """Remember where a chunk loaded for this reader came from, before `_keep`
+        puts it where reads find it (it may checkpoint while the chunk is in MEM)."""
+        origins = self._origins
+        if len(origins) >= ORIGINS_KEPT:
+            del origins[next(iter(origins))]
+        origins[key.digest] = [source, (1 << -(-key.length // self._part)) - 1]
 
     async def _keep(self, key: ChunkKey, data: Buffer, found_in: ChunkTier | None) -> None:
         """Copy a chunk into the tiers above `found_in` (None: it came from the backend).

@@ -199,9 +199,9 @@ nbytes = sum(n for _, n, _ in results)
 delta = lambda name, **l: total(after, name, **l) - total(before, name, **l)
 src = {s: delta("cachefs_read_bytes_total", source=s) for s in ("mem", "disk", "peer", "backend")}
 served = sum(src.values())
-# Chunks read ahead land in MEM before the reader asks, so "where the read found
-# it" overstates hits; the bytes the backend actually sent are the honest miss count.
-hits = max(served - delta("cachefs_backend_read_bytes_total"), 0)
+# Read bytes count where they came from the first time they are read (read-ahead
+# from the backend counts as backend), so the hit ratio is what the caches held.
+hits = served - src["backend"]
 requests = delta("cachefs_backend_requests_total")
 gets = delta("cachefs_backend_requests_total", op="get")
 ratio = f"{100 * hits / served:.1f}%" if served else "n/a (no reads reached cachefs)"

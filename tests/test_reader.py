@@ -261,6 +261,12 @@ async def test_concurrent_reads_of_one_chunk_fetch_it_once(store, tmp_path):
 
         # mem is off: the second pass must come from the SSD, once the write-behind is done.
         await wait_until(lambda: digest(obj, 1) in tier(reader, "disk"))
+        # The bytes no read had asked for yet came from the backend, for this reader.
+        counted = sample("cachefs_read_bytes_total", source="disk") + sample("cachefs_read_bytes_total", source="backend")
+        assert bytes(await reader.read(obj, C, C)) == data[C : 2 * C]
+        assert sample("cachefs_read_bytes_total", source="disk") + sample(
+            "cachefs_read_bytes_total", source="backend"
+        ) == counted + C
         from_disk = sample("cachefs_read_bytes_total", source="disk")
         assert bytes(await reader.read(obj, C, C)) == data[C : 2 * C]
         assert store.calls == 1
@@ -625,3 +631,36 @@ async def test_a_cancelled_leader_hands_the_fetch_to_a_waiter(store):
             await wait_until(lambda: store.calls == 2)  # and then fetches the chunk itself
             store.release()
     assert got == [data[C:]]
+
+
+# -- attribution: bytes count where they came from the first time they are read -------
+
+
+@pytest.mark.trio
+async def test_read_ahead_bytes_count_as_backend_until_read_once(store):
+    data = payload(6 * C)
+    obj = store.add("f", data)
+    async with open_reader(store, read_ahead=4) as reader:
+        before = {s: sample("cachefs_read_bytes_total", source=s) for s in ("mem", "backend")}
+        stream = ReadStream()
+        for off in range(0, len(data), C // 2):
+            assert bytes(await reader.read(obj, off, C // 2, stream)) == data[off : off + C // 2]
+            await trio.testing.wait_all_tasks_blocked()
+        assert sample("cachefs_readahead_chunks_total") > 0
+        assert sample("cachefs_read_bytes_total", source="backend") - before["backend"] == len(data)
+        assert sample("cachefs_read_bytes_total", source="mem") == before["mem"]
+        assert reader.reads["backend"][0] == len(data) and reader.reads["mem"][0] == 0
+        # Read once: now they are hits.
+        assert bytes(await reader.read(obj, 0, len(data))) == data
+        assert sample("cachefs_read_bytes_total", source="mem") - before["mem"] == len(data)
+
+
+@pytest.mark.trio
+async def test_chunk_loaded_for_a_peer_is_a_hit_for_a_local_reader(store):
+    data = payload(2 * C)
+    obj = store.add("f", data)
+    async with open_reader(store) as reader:
+        await reader.chunk(obj, 0)  # the peer server asking for it
+        assert bytes(await reader.read(obj, 0, C)) == data[:C]
+        assert reader.reads["mem"] == [C, 1]
+        assert reader.reads["backend"] == [0, 0]
