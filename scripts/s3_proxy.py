@@ -62,18 +62,10 @@ class _TokenBucket:
             time.sleep(wait)
 
 
-class S3Proxy:
-    def __init__(self, upstream: str, rate: float | None = None, port: int = 0):
-        url = urllib.parse.urlsplit(upstream)
-        self.upstream = (url.hostname or "127.0.0.1", url.port or 80)
-        self.gets: collections.Counter[tuple[str, str]] = collections.Counter()
-        self.requests: collections.Counter[str] = collections.Counter()
-        self.response_bytes = 0
-        self.fault: str | None = None
-        self.fault_scope = "data"
-        self.faults: collections.Counter[str] = collections.Counter()
-        self._lock = threading.Lock()
-        self._bucket = _TokenBucket(rate) if rate else None
+class _Listener:
+    """A threaded TCP server on 127.0.0.1 that hands each connection to `_relay`."""
+
+    def __init__(self, port: int, name: str):
         proxy = self
 
         class Handler(socketserver.BaseRequestHandler):
@@ -86,10 +78,12 @@ class S3Proxy:
 
         self._server = Server(("127.0.0.1", port), Handler)
         self.port = self._server.server_address[1]
-        self.endpoint_url = f"http://127.0.0.1:{self.port}"
-        self._thread = threading.Thread(target=self._server.serve_forever, name="s3-proxy", daemon=True)
+        self._thread = threading.Thread(target=self._server.serve_forever, name=name, daemon=True)
 
-    def start(self) -> "S3Proxy":
+    def _relay(self, client: socket.socket) -> None:
+        raise NotImplementedError
+
+    def start(self):
         self._thread.start()
         return self
 
@@ -97,11 +91,27 @@ class S3Proxy:
         self._server.shutdown()
         self._server.server_close()
 
-    def __enter__(self) -> "S3Proxy":
+    def __enter__(self):
         return self.start()
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+class S3Proxy(_Listener):
+    def __init__(self, upstream: str, rate: float | None = None, port: int = 0):
+        url = urllib.parse.urlsplit(upstream)
+        self.upstream = (url.hostname or "127.0.0.1", url.port or 80)
+        self.gets: collections.Counter[tuple[str, str]] = collections.Counter()
+        self.requests: collections.Counter[str] = collections.Counter()
+        self.response_bytes = 0
+        self.fault: str | None = None
+        self.fault_scope = "data"
+        self.faults: collections.Counter[str] = collections.Counter()
+        self._lock = threading.Lock()
+        self._bucket = _TokenBucket(rate) if rate else None
+        super().__init__(port, "s3-proxy")
+        self.endpoint_url = f"http://127.0.0.1:{self.port}"
 
     def reset(self) -> None:
         with self._lock:
@@ -239,7 +249,7 @@ class S3Proxy:
             done.set()
 
 
-class TcpProxy:
+class TcpProxy(_Listener):
     """A TCP relay from 127.0.0.1:port to `upstream` ("HOST:PORT") that can play a partition.
 
     While `blackhole` is set, connections (new and open ones) are accepted and
@@ -255,35 +265,12 @@ class TcpProxy:
         self.connections = 0
         self._lock = threading.Lock()
         self._broken: list[socket.socket] = []
-        proxy = self
-
-        class Handler(socketserver.BaseRequestHandler):
-            def handle(self) -> None:
-                proxy._relay(self.request)
-
-        class Server(socketserver.ThreadingTCPServer):
-            daemon_threads = True
-            allow_reuse_address = True
-
-        self._server = Server(("127.0.0.1", port), Handler)
-        self.port = self._server.server_address[1]
+        super().__init__(port, "tcp-proxy")
         self.addr = f"127.0.0.1:{self.port}"
-        self._thread = threading.Thread(target=self._server.serve_forever, name="tcp-proxy", daemon=True)
-
-    def start(self) -> "TcpProxy":
-        self._thread.start()
-        return self
 
     def stop(self) -> None:
-        self._server.shutdown()
-        self._server.server_close()
+        super().stop()
         self.restore()
-
-    def __enter__(self) -> "TcpProxy":
-        return self.start()
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
 
     def restore(self) -> None:
         """End the partition: close the connections it broke; new ones are relayed."""

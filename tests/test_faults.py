@@ -22,20 +22,12 @@ from contextlib import contextmanager
 import pytest
 
 from conftest import _load_proxy
+from test_peers import CHUNK, _read
 
 pytestmark = pytest.mark.integration
 
-CHUNK = 256 << 10
 SMALL = ("--chunk-size", "256K")
 TcpProxy = _load_proxy().TcpProxy
-
-
-def _read(path: str, block: int = CHUNK // 2) -> bytes:
-    out = bytearray()
-    with open(path, "rb", buffering=0) as f:
-        while data := f.read(block):
-            out += data
-    return bytes(out)
 
 
 def _read_uncached(path: str) -> bytes:
