@@ -319,9 +319,14 @@ class S3FastPath:
         if resp.status == 206:
             data = hotpath.empty_buffer(end - start)  # filled below or raised
             view, got = memoryview(data), 0
-            while got < len(data) and (n := resp.readinto(view[got:])):
-                got += n
-            view.release()
+            try:
+                while got < len(data) and (n := resp.readinto(view[got:])):
+                    got += n
+            except BaseException:
+                conn.close()  # a body cut short (timeout, IncompleteRead) must not poison the next request
+                raise
+            finally:
+                view.release()
             if got < len(data) or resp.read(1):
                 conn.close()
                 raise ConnectionError(f"{key}: {got} of {len(data)} bytes before the connection ended")
@@ -349,6 +354,9 @@ class S3FastPath:
             except ElementTree.ParseError as e:
                 conn.close()
                 raise _FallBack(f"unparsable listing ({e})") from None
+            except BaseException:
+                conn.close()  # as in get: a half-read answer must not stay on the kept connection
+                raise
             fields = {_local_name(e.tag): e for e in page}
             decode = urllib.parse.unquote_plus if _text(fields.get("EncodingType")) == "url" else str
             for entry in page:
@@ -382,6 +390,11 @@ class S3FastPath:
             except (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError):
                 if attempt == 2:  # not just a kept-alive connection the server had closed
                     raise
+            except BaseException:
+                # A timeout leaves the connection waiting for its answer ("Request-sent"):
+                # kept, it would fail every later request of this thread.
+                conn.close()
+                raise
         raise AssertionError("unreachable")
 
     @staticmethod

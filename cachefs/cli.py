@@ -321,11 +321,12 @@ def _run_trio(fn, *args) -> None:
         trio.run(fn, *args)
     except BaseExceptionGroup as group:
         # A ConfigError raised inside a nursery arrives wrapped; unwrap it so the
-        # user gets its one sentence, not a traceback.
+        # user gets its one sentence, not a traceback. So does the KeyboardInterrupt
+        # of a second ^C during shutdown (the first one unmounts): exit 130, quietly.
         leaf: BaseException = group
         while isinstance(leaf, BaseExceptionGroup) and len(leaf.exceptions) == 1:
             leaf = leaf.exceptions[0]
-        if isinstance(leaf, ConfigError):
+        if isinstance(leaf, (ConfigError, KeyboardInterrupt)):
             raise leaf from None
         raise
 

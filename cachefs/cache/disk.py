@@ -516,9 +516,11 @@ class DiskTier:
                 return False, victims  # its writes in progress alone fill the quota
             freed += self._evicted(*victim, victims)
         st = self._statvfs() if self.free_space_ratio else None
+        # statvfs does not see writes still in progress (this one among them): count them as written.
+        writing = sum(self._reserved.values()) if st is not None else 0
         while self.used > self.capacity or (
             st is not None
-            and st.f_bavail * st.f_frsize + freed - size < self.free_space_ratio * st.f_blocks * st.f_frsize
+            and st.f_bavail * st.f_frsize + freed - writing < self.free_space_ratio * st.f_blocks * st.f_frsize
         ):
             try:
                 victim = self._index.pop_victim()
