@@ -218,6 +218,9 @@ def _parser() -> argparse.ArgumentParser:
         help="exit 0 as soon as this share (0..1] of the bytes is cached; the node goes on loading the rest",
     )
     wu.add_argument("--json", action="store_true", help="print one JSON object per line, the last one the summary")
+    wu.add_argument("--pin", action="store_true", help="also pin the PATHs (see `cachefs pin`); needs --ttl")
+    wu.add_argument("--ttl", metavar="DURATION", help="with --pin: how long the lease lasts, e.g. 6h")
+    wu.add_argument("--owner", default="cli", help="with --pin: who holds the lease")
 
     u = sub.add_parser("umount", help="unmount a cachefs mount", description="Unmount MOUNTPOINT; the daemon then exits.")
     u.add_argument("mountpoint", metavar="MOUNTPOINT")
@@ -479,9 +482,13 @@ def _unpin(a: argparse.Namespace) -> int:
     return 0
 def _warmup(a: argparse.Namespace) -> int:
     from cachefs import warmup_client
+    from cachefs.loader import parse_duration
 
+    if a.pin != (a.ttl is not None):
+        raise ConfigError("--pin and --ttl go together: a pin needs a lease time")
+    pin = (parse_duration(a.ttl, "--ttl"), a.owner) if a.pin else None
     return warmup_client.run(
-        a.paths, recursive=a.recursive, concurrency=a.concurrency, wait_ratio=a.wait_ratio, as_json=a.json
+        a.paths, recursive=a.recursive, concurrency=a.concurrency, wait_ratio=a.wait_ratio, as_json=a.json, pin=pin
     )
 
 

@@ -236,10 +236,12 @@ def run(
     concurrency: int,
     wait_ratio: float | None,
     as_json: bool,
+    pin: tuple[float, str] | None = None,
     out: TextIO = sys.stdout,
     err: TextIO = sys.stderr,
 ) -> int:
-    """`cachefs warmup`; returns the exit code.
+    """`cachefs warmup`; returns the exit code. With `pin` = (ttl, owner), the paths are
+    pinned first, so each chunk is kept from eviction from the moment it arrives.
 
     Raises:
         ConfigError: a bad PATH or option, or the mount cannot be reached (one line).
@@ -253,6 +255,13 @@ def run(
     sock = sockets.pop()
     label = paths[0] if len(paths) == 1 else os.path.commonpath([os.path.abspath(p) for p in paths])
     args = {"paths": [rel for _, rel in located], "recursive": recursive, "concurrency": concurrency}
+    if pin is not None:
+        from cachefs import control
+
+        ttl, owner = pin
+        lease = control.request(sock, "pin.add", {"paths": args["paths"], "ttl": ttl, "owner": owner}, label=label)
+        print(f"cachefs: pinned {_mib(lease['bytes'])} for {ttl:g} s (lease {lease['id']}, owner {owner})",
+              file=err if as_json else out)
     if as_json:
         output: Any = JsonOutput(out)
     elif out.isatty():

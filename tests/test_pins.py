@@ -96,3 +96,20 @@ def test_a_lease_ends_on_its_own(tmp_path, local_source, cachefs_mount, run_cach
         assert time.monotonic() < deadline, "the lease never expired"
         time.sleep(0.3)
     assert json.loads(run_cachefs("status", "--json", m.mountpoint).stdout)["pinned_bytes"] == 0
+
+
+@pytest.mark.integration
+def test_warmup_with_pin_loads_and_pins(tmp_path, local_source, cachefs_mount, run_cachefs):
+    hot, big = os.urandom(3 * CHUNK), os.urandom(16 * CHUNK)
+    local_source.write("hot/a.bin", hot)
+    local_source.write("big.bin", big)
+    m = cachefs_mount(local_source, *TIERS)
+    res = run_cachefs("warmup", Path(m.mountpoint, "hot"), "-r", "--pin", "--ttl", "1h", "--owner", "job-9")
+    assert res.returncode == 0, res.stderr
+    assert "owner job-9" in res.stdout
+    assert Path(m.mountpoint, "big.bin").read_bytes() == big  # a scan larger than the SSD tier
+    before = m.metric("cachefs_backend_read_bytes_total")
+    assert Path(m.mountpoint, "hot", "a.bin").read_bytes() == hot
+    assert m.metric("cachefs_backend_read_bytes_total") == before  # loaded by the warm-up, kept by the pin
+    res = run_cachefs("warmup", Path(m.mountpoint, "hot"), "--pin")
+    assert res.returncode != 0 and "--pin and --ttl go together" in res.stderr
