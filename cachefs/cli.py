@@ -170,6 +170,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     st.add_argument("nodes", nargs="+", metavar="MOUNTPOINT|HOST:PORT", help="a mountpoint, or a node's --metrics address")
     st.add_argument("--json", action="store_true", help="print a MOUNTPOINT's status as JSON (one MOUNTPOINT)")
+    st.add_argument("--deep", action="store_true", help="also walk every dataset and report its total and cached bytes")
 
     rf = sub.add_parser(
         "refresh",
@@ -440,11 +441,22 @@ def _status(a: argparse.Namespace) -> int:
     for target, metrics in targets:
         if metrics:
             print(status.render(target, status.scrape(target)))
-        elif a.json:
-            print(json.dumps(_control(target, "status"), indent=2))
-        else:
-            print(status.render_node(target, _control(target, "status")))
+            continue
+        result = _control(target, "status")
+        if a.deep or not _is_mountpoint(target):
+            # A path inside a mount (or --deep): what is cached of its whole subtree, from one walk.
+            from cachefs import control
+
+            result["path"] = {"path": control.mount_path(target), **_control(target, "residency",
+                                                                            {"path": control.mount_path(target)})}
+        print(json.dumps(result, indent=2) if a.json else status.render_node(target, result))
     return 0
+
+
+def _is_mountpoint(target: str) -> bool:
+    """Whether `target` is a mountpoint itself (or a control socket), not a path inside a mount."""
+    path = os.path.abspath(target)
+    return _is_mounted(path) or not os.path.isdir(path)
 
 
 def _refresh(a: argparse.Namespace) -> int:

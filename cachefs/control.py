@@ -81,6 +81,9 @@ class NodeControl(Protocol):
 
     def list_pins(self) -> list[dict]:
         """The leases in force."""
+
+    async def subtree_residency(self, path: str) -> dict:
+        """What this node caches of every file below mount path `path`: files, bytes, cached_bytes, ratio, chunks."""
     # warmups: cachefs.warmup.Warmups, the node's warm-up jobs (start, progress, cancel)
 
 
@@ -230,6 +233,13 @@ async def _pin_remove(node: NodeControl, args: dict) -> list[dict]:
 
 async def _pin_list(node: NodeControl, args: dict) -> list[dict]:
     return node.list_pins()
+
+
+async def _residency(node: NodeControl, args: dict) -> dict:
+    try:
+        return await node.subtree_residency(_arg(args, "path", str))
+    except BackendError as e:
+        raise RequestError(f"residency: the backend could not be asked ({e})") from None
 async def _warmup_start(node: NodeControl, args: dict) -> dict:
     from cachefs.warmup import DEFAULT_CONCURRENCY
 
@@ -263,6 +273,7 @@ OPS: dict[str, Callable[[NodeControl, dict], Any]] = {
     "pin.add": _pin_add,
     "pin.remove": _pin_remove,
     "pin.list": _pin_list,
+    "residency": _residency,
     "warmup.start": _warmup_start,
     "warmup.progress": _warmup_progress,
     "warmup.cancel": _warmup_cancel,

@@ -413,6 +413,24 @@ class Node:
         files = [info] if info.kind == "file" else []
         if info.kind == "dir" and dataset.namespace is not None:
             files = [e for e in await dataset.namespace.list_dir(info.path) if e.kind == "file"]
+        return self._held(dataset, files)
+
+    async def subtree_residency(self, path: str) -> dict:
+        """`residency` of every file below mount path `path` ("" on a multi-dataset
+        mount: every dataset), one walk of the listings.
+
+        Raises:
+            ConfigError: `path` is in no dataset.
+        """
+        if self.locate(path) is None and path == "":
+            parts = [await self.subtree_residency(name) for name in self.datasets]
+            return {k: sum(p[k] for p in parts) for k in ("files", "bytes", "cached_bytes", "chunks", "cached_chunks")} | {
+                "ratio": _ratio(sum(p["cached_bytes"] for p in parts), sum(p["bytes"] for p in parts))
+            }
+        dataset, inner = self._dataset_of(path)
+        return self._held(dataset, await self._files(dataset, inner))
+
+    def _held(self, dataset: Dataset, files: list[ObjectInfo]) -> dict:
         size = self.config.chunk_size
         tiers = [t for t in (self.mem, self.disk) if t is not None and t.capacity]
         total = cached = chunks = held = 0
@@ -429,7 +447,7 @@ class Node:
             "files": len(files),
             "bytes": total,
             "cached_bytes": cached,
-            "ratio": round(cached / total, 4) if total else 1.0,
+            "ratio": _ratio(cached, total),
             "chunks": chunks,
             "cached_chunks": held,
         }
@@ -457,6 +475,10 @@ class Node:
             "pinned_bytes": self.pins.pinned(),
             "pin_quota": self.config.pin_limit if self.disk is not None else 0,
         }
+
+
+def _ratio(part: int, whole: int) -> float:
+    return round(part / whole, 4) if whole else 1.0
 
 
 async def _nothing(*args) -> None:

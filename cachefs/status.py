@@ -149,7 +149,14 @@ def render_node(target: str, status: dict) -> str:
         for p in pins:
             lines.append(f"    {p.get('id')}  {p.get('owner')}  {_size(p.get('bytes', 0))}  "
                          f"{', '.join(p.get('paths', []))}  ({p.get('expires_in', 0):.0f} s left)")
-    shown = {"version", "hot_path", "pid", "tiers", "datasets", "peers", "pins", "pinned_bytes", "pin_quota"}
+    held = status.get("path")
+    if held:
+        lines.append(
+            f"  {held.get('path') or '/'}: {held.get('files', 0)} files, {_size(held.get('cached_bytes', 0))} of "
+            f"{_size(held.get('bytes', 0))} cached ({held.get('ratio', 0):.1%}), "
+            f"{held.get('cached_chunks', 0)}/{held.get('chunks', 0)} chunks"
+        )
+    shown = {"version", "hot_path", "pid", "tiers", "datasets", "peers", "pins", "pinned_bytes", "pin_quota", "path"}
     for key, value in status.items():
         if key not in shown and not isinstance(value, (dict, list)):
             lines.append(f"  {key}: {value}")

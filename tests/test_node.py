@@ -291,6 +291,13 @@ def test_residency_of_a_file_and_a_directory_through_getxattr(local_source, cach
     rows = json.loads(subprocess.run([*_cli(), "dataset", "list", m.mountpoint, "--json"], capture_output=True,
                                      text=True, env=hermetic_env()).stdout)
     assert rows[0]["cached_bytes"]["disk"] > len(data)  # with chunk headers
+    # The whole subtree of a path, and of the mount with --deep, from one walk.
+    sub = json.loads(subprocess.run([*_cli(), "status", str(Path(m.mountpoint, "ds")), "--json"], capture_output=True,
+                                    text=True, env=hermetic_env()).stdout)["path"]
+    assert (sub["path"], sub["files"], sub["bytes"], sub["cached_bytes"]) == ("ds", 2, len(data) + 1000, len(data))
+    out = subprocess.run([*_cli(), "status", m.mountpoint, "--deep"], capture_output=True, text=True, env=hermetic_env())
+    assert out.returncode == 0, out.stderr
+    assert "/: 2 files, 2.0M of 2.0M cached" in out.stdout, out.stdout
 
 
 def test_a_dataset_directory_has_one_inode_however_it_is_reached(local_source, cachefs_mount):
