@@ -92,6 +92,7 @@ XATTR_CONTROL = b"user.cachefs.control"  # on the mount root: the node's control
 XATTR_DATASET = b"user.cachefs.dataset"  # on anything: the dataset it belongs to
 XATTR_PATH = b"user.cachefs.path"  # on anything: its path inside the mount (for the CLI)
 XATTR_CACHED = b"user.cachefs.cached"  # on a file or directory: what this node's tiers hold of it (JSON)
+XATTR_LOCATIONS = b"user.cachefs.locations"  # on a file: which nodes hold how many of its chunks (JSON)
 
 
 class Operations(pyfuse3.Operations):
@@ -267,15 +268,20 @@ class Operations(pyfuse3.Operations):
             return os.fsencode(dataset.name)
         if name == XATTR_PATH:
             return os.fsencode(self._path(inode))
-        if name == XATTR_CACHED:
-            path = self._path(inode)
-            dataset, inner = self._locate(path)
+        if name in (XATTR_CACHED, XATTR_LOCATIONS):
+            dataset, inner = self._locate(self._path(inode))
             info = await dataset.namespace.stat(inner)
-            return json.dumps(await self.node.residency(dataset, info), separators=(",", ":")).encode()
+            if name == XATTR_CACHED:
+                answer = await self.node.residency(dataset, info)
+            elif info.kind == "file":
+                answer = await self.node.locations(dataset, info)
+            else:
+                raise pyfuse3.FUSEError(errno.ENODATA)
+            return json.dumps(answer, separators=(",", ":")).encode()
         raise pyfuse3.FUSEError(errno.ENODATA)
 
     async def listxattr(self, inode, ctx):
-        names = [XATTR_DATASET, XATTR_PATH, XATTR_CACHED]
+        names = [XATTR_DATASET, XATTR_PATH, XATTR_CACHED, XATTR_LOCATIONS]
         if inode == ROOT_INODE and self.node.control_socket:
             names.append(XATTR_CONTROL)
         return names

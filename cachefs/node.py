@@ -28,7 +28,7 @@ import trio
 from cachefs import control, hotpath, metrics
 from cachefs.backend import Backend
 from cachefs.config import CacheConfig, Credentials, DatasetConfig, MountOptions, format_size
-from cachefs.errors import BackendError, ConfigError
+from cachefs.errors import BackendError, ConfigError, PeerError
 from cachefs.namespace import Namespace
 from cachefs.objects import ObjectId, ObjectInfo, chunk_digest, source_tag
 from cachefs.pins import PinRegistry
@@ -429,6 +429,44 @@ class Node:
             }
         dataset, inner = self._dataset_of(path)
         return self._held(dataset, await self._files(dataset, inner))
+
+    async def locations(self, dataset: Dataset, info: ObjectInfo) -> dict:
+        """Which nodes hold how many of a file's chunks: this node's own tiers, and each
+        chunk's owner on the ring (asked with HasChunk, all at once, within --peer-timeout).
+        A chunk held both here and by its owner counts for both."""
+        if info.kind != "file":
+            raise ConfigError(f"{info.path or '/'}: locations are per file")
+        size = self.config.chunk_size
+        obj = ObjectId(dataset.source, info.path, info.version, info.size)
+        digests = [chunk_digest(obj, size, i) for i in range((info.size + size - 1) // size)]
+        local = [t for t in (self.mem, self.disk) if t is not None and t.capacity]
+        counts: dict[str, int] = {self.name: sum(any(d in t for t in local) for d in digests)}
+        unanswered: set[str] = set()
+        if self.peers is not None:
+            ring = self.peers.ring()
+            limit = trio.CapacityLimiter(16)
+
+            async def ask(index: int, owner: str) -> None:
+                async with limit:
+                    with trio.move_on_after(self.config.peer_timeout):
+                        try:
+                            if await self.peers.client.has_chunk(owner, obj, size, index):
+                                counts[owner] = counts.get(owner, 0) + 1
+                            else:
+                                counts.setdefault(owner, 0)
+                            return
+                        except PeerError:
+                            pass
+                    unanswered.add(owner)
+
+            async with trio.open_nursery() as nursery:
+                for index, digest in enumerate(digests):
+                    owner = ring.owners(digest, 1)[0] if ring.nodes else self.name
+                    if owner != self.name and self.peers.client.available(owner):
+                        nursery.start_soon(ask, index, owner)
+                    elif owner != self.name:
+                        unanswered.add(owner)
+        return {"chunks": len(digests), "nodes": counts, "unanswered": sorted(unanswered)}
 
     def _held(self, dataset: Dataset, files: list[ObjectInfo]) -> dict:
         size = self.config.chunk_size

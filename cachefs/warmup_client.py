@@ -256,8 +256,6 @@ def run(
     label = paths[0] if len(paths) == 1 else os.path.commonpath([os.path.abspath(p) for p in paths])
     args = {"paths": [rel for _, rel in located], "recursive": recursive, "concurrency": concurrency}
     if pin is not None:
-        from cachefs import control
-
         ttl, owner = pin
         lease = control.request(sock, "pin.add", {"paths": args["paths"], "ttl": ttl, "owner": owner}, label=label)
         print(f"cachefs: pinned {_mib(lease['bytes'])} for {ttl:g} s (lease {lease['id']}, owner {owner})",

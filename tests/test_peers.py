@@ -239,3 +239,30 @@ def test_a_mount_can_share_its_cache(s3_behind_proxy, secret_file, cachefs_mount
     assert reader.metric("cachefs_read_bytes_total", source="peer") > 0
     assert reader.metric("cachefs_backend_read_bytes_total") == 0
     assert sharer.metric("cachefs_peer_served_total", outcome="ok") == 9
+
+
+def test_locations_say_which_node_holds_how_many_chunks(s3_behind_proxy, secret_file, cachefs_worker, cachefs_mount):
+    import json
+
+    from cachefs.objects import ObjectId, chunk_digest
+    from cachefs.peer.ring import Ring
+
+    src = s3_behind_proxy
+    data = os.urandom(20 * CHUNK)
+    src.write("loc.bin", data)
+    workers = [cachefs_worker(src) for _ in range(3)]
+    m = cachefs_mount(src, *_peer_args(workers, secret_file))
+    path = os.path.join(m.mountpoint, "loc.bin")
+    before = json.loads(os.getxattr(path, "user.cachefs.locations"))
+    assert before["chunks"] == 20 and sum(before["nodes"].values()) == 0 and before["unanswered"] == []
+    assert _read(path) == data
+    after = json.loads(os.getxattr(path, "user.cachefs.locations"))
+    print(f"\ngetfattr -n user.cachefs.locations after one read: {after}")
+    etag = src.info("loc.bin")["ETag"].strip('"')
+    obj = ObjectId(src.url, "loc.bin", f"etag:{etag}", len(data))
+    ring = Ring({w.addr: 1.0 for w in workers})
+    owned = [ring.owner(chunk_digest(obj, CHUNK, i)) for i in range(20)]
+    for w in workers:
+        assert after["nodes"].get(w.addr, 0) == owned.count(w.addr)  # each owner holds its share
+    mount_node = next(n for n in after["nodes"] if n.startswith("mount:"))
+    assert after["nodes"][mount_node] == 20  # and the mount kept what it read in MEM

@@ -24,7 +24,19 @@ from cachefs.objects import Buffer, ChunkKey, Medium, ObjectId
 from cachefs.errors import PeerError
 from cachefs.logsafe import loggable
 from cachefs.peer import protocol
-from cachefs.peer.protocol import Auth, ChunkData, ChunkError, GetChunk, Hello, LoadChunk, Loaded, ProtocolError, Ready
+from cachefs.peer.protocol import (
+    Auth,
+    ChunkData,
+    ChunkError,
+    GetChunk,
+    HasChunk,
+    Held,
+    Hello,
+    LoadChunk,
+    Loaded,
+    ProtocolError,
+    Ready,
+)
 from cachefs.peer.ring import Ring
 from cachefs.peer.stream import FrameStream
 
@@ -41,7 +53,7 @@ class _Pending:
 
     def __init__(self) -> None:
         self.done = trio.Event()
-        self.reply: ChunkData | Loaded | ChunkError | None = None  # None: the connection was lost
+        self.reply: ChunkData | Loaded | Held | ChunkError | None = None  # None: the connection was lost
         self.payload = b""
 
 
@@ -83,7 +95,7 @@ class PeerConnection:
             while (frame := await self.frames.receive()) is not None:
                 header, payload = frame
                 message = protocol.parse_message(header)
-                if not isinstance(message, (ChunkData, Loaded, ChunkError)):
+                if not isinstance(message, (ChunkData, Loaded, Held, ChunkError)):
                     raise ProtocolError(f"unexpected {header.get('t')!r} from a server")
                 pending = self._pending.pop(message.id, None)
                 if pending is not None:  # else: the requester timed out and left
@@ -97,8 +109,8 @@ class PeerConnection:
 
     async def request(
         self, req_fields: dict, kind: type[GetChunk] = GetChunk
-    ) -> tuple[ChunkData | Loaded | ChunkError, bytes]:
-        """Send one GetChunk (or LoadChunk) and wait for its answer. Checkpoints; cancel to time out.
+    ) -> tuple[ChunkData | Loaded | Held | ChunkError, bytes]:
+        """Send one GetChunk (or LoadChunk, HasChunk) and wait for its answer. Checkpoints; cancel to time out.
 
         Raises:
             PeerError: the connection is or becomes unusable.
@@ -232,7 +244,7 @@ class PeerClient:
         """
         conn = await self._connection(peer)
         reply, payload = await conn.request(_fields(obj, chunk_size, index))
-        if isinstance(reply, Loaded):
+        if isinstance(reply, (Loaded, Held)):
             raise PeerError(f"peer {peer}: answered a get with {reply.t!r}")
         if isinstance(reply, ChunkError):
             raise PeerError(f"peer {peer}: {reply.code}: {loggable(reply.message)}", code=reply.code)
@@ -260,6 +272,23 @@ class PeerClient:
         if not isinstance(reply, Loaded):
             raise PeerError(f"peer {peer}: answered a load with {reply.t!r}")
         return reply.cached
+
+
+    async def has_chunk(self, peer: str, obj: ObjectId, chunk_size: int, index: int) -> bool:
+        """Whether `peer`'s own tiers hold one chunk (nothing is fetched or sent).
+
+        Raises:
+            PeerError: as `load_chunk`.
+        """
+        conn = await self._connection(peer)
+        if conn.version < protocol.LOAD_VERSION:
+            raise PeerError(f"peer {peer}: speaks protocol v{conn.version}, cannot say what it holds", code="version")
+        reply, _ = await conn.request(_fields(obj, chunk_size, index), HasChunk)
+        if isinstance(reply, ChunkError):
+            raise PeerError(f"peer {peer}: {reply.code}: {loggable(reply.message)}", code=reply.code)
+        if not isinstance(reply, Held):
+            raise PeerError(f"peer {peer}: answered a has with {reply.t!r}")
+        return reply.held
 
 
 def _fields(obj: ObjectId, chunk_size: int, index: int) -> dict:

@@ -25,7 +25,9 @@ by `id`. The role is part of every MAC, so a peer that echoes a MAC back
 Versions: 2 adds `LoadChunk` ("load": the same fields as GetChunk), which has
 the server load the chunk into its own tiers and answer `Loaded` (no payload)
 or `ChunkError`; warm-up uses it to fill each chunk's owner without pulling
-the chunk back. A server accepts a Hello of any version in SUPPORTED_VERSIONS
+the chunk back. It also adds `HasChunk` ("has", the same fields), answered with
+`Held`: whether the server's own tiers hold the chunk (nothing is fetched); the
+`user.cachefs.locations` xattr asks each chunk's owner with it. A server accepts a Hello of any version in SUPPORTED_VERSIONS
 and answers with the lower of the client's and its own, which is then the
 connection's version: a client sends "load" only on a connection of version 2
 or later. A version-1 server closes the connection on a version-2 Hello; the
@@ -517,10 +519,34 @@ class Loaded:
         return cls(_uint(h, cls.t, "id"), _bool(h, cls.t, "cached"))
 
 
-Message = Union[Hello, Auth, Ready, GetChunk, LoadChunk, ChunkData, Loaded, ChunkError]
+@dataclasses.dataclass(frozen=True, slots=True)
+class HasChunk(GetChunk):
+    """Protocol v2: does the server's own tiers hold chunk `index`? Answered with `Held`
+    (or ChunkError for a bad request); nothing is fetched. The same fields as GetChunk."""
+
+    t: ClassVar[str] = "has"
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Held:
+    """The answer to HasChunk `id`."""
+
+    t: ClassVar[str] = "held"
+    id: int
+    held: bool
+
+    def to_header(self) -> dict[str, Any]:
+        return {"t": self.t, "id": self.id, "held": self.held}
+
+    @classmethod
+    def from_header(cls, h: Mapping[str, Any]) -> Held:
+        return cls(_uint(h, cls.t, "id"), _bool(h, cls.t, "held"))
+
+
+Message = Union[Hello, Auth, Ready, GetChunk, LoadChunk, HasChunk, ChunkData, Loaded, Held, ChunkError]
 
 MESSAGE_TYPES: Mapping[str, type[Message]] = {
-    cls.t: cls for cls in (Hello, Auth, Ready, GetChunk, LoadChunk, ChunkData, Loaded, ChunkError)
+    cls.t: cls for cls in (Hello, Auth, Ready, GetChunk, LoadChunk, HasChunk, ChunkData, Loaded, Held, ChunkError)
 }
 
 

@@ -25,7 +25,19 @@ from cachefs import hotpath, metrics
 from cachefs.objects import ObjectId, check_relative_path, chunk_key
 from cachefs.errors import BackendError, ObjectChanged, ObjectNotFound
 from cachefs.peer import protocol
-from cachefs.peer.protocol import Auth, ChunkData, ChunkError, GetChunk, Hello, LoadChunk, Loaded, ProtocolError, Ready
+from cachefs.peer.protocol import (
+    Auth,
+    ChunkData,
+    ChunkError,
+    GetChunk,
+    HasChunk,
+    Held,
+    Hello,
+    LoadChunk,
+    Loaded,
+    ProtocolError,
+    Ready,
+)
 from cachefs.peer.stream import FrameStream
 from cachefs.logsafe import LogLimiter, loggable
 
@@ -202,7 +214,7 @@ class PeerServer:
                     session.last_active = trio.current_time()
                     request = protocol.parse_message(frame[0])
                     if not isinstance(request, GetChunk) or (
-                        isinstance(request, LoadChunk) and version < protocol.LOAD_VERSION
+                        isinstance(request, (LoadChunk, HasChunk)) and version < protocol.LOAD_VERSION
                     ):
                         raise ProtocolError(f"unexpected {frame[0].get('t')!r} after a v{version} handshake")
                     await session.slots.acquire()
@@ -213,9 +225,12 @@ class PeerServer:
 
     async def _answer(self, session: _Session, req: GetChunk) -> None:
         try:
-            reply = await (self._load(req) if isinstance(req, LoadChunk) else self._chunk(req))
+            if isinstance(req, HasChunk):
+                reply = self._has(req)
+            else:
+                reply = await (self._load(req) if isinstance(req, LoadChunk) else self._chunk(req))
             with trio.move_on_after(self.limits.send_timeout) as sending:
-                if isinstance(reply, (ChunkError, Loaded)):
+                if isinstance(reply, (ChunkError, Loaded, Held)):
                     await session.frames.send(reply.to_header())
                 else:
                     await session.frames.send(ChunkData(req.id, hotpath.checksum(reply)).to_header(), reply)
@@ -243,6 +258,15 @@ class PeerServer:
             metrics.PEER_SERVED.labels("bad-request").inc()
             return ChunkError(req.id, "bad-request", problem)
         return reader, ObjectId(req.source, req.path, req.version, req.size)
+
+    def _has(self, req: HasChunk) -> Held | ChunkError:
+        """Whether our own tiers hold the chunk (where a file's chunks are, for status)."""
+        resolved = self._resolve(req)
+        if isinstance(resolved, ChunkError):
+            return resolved
+        reader, obj = resolved
+        digest = chunk_key(obj, reader.chunk_size, req.index).digest
+        return Held(req.id, any(digest in tier for tier in reader.tiers if tier.medium != "network"))
 
     async def _load(self, req: LoadChunk) -> Loaded | ChunkError:
         """Warm-up: have the chunk in our tiers (one backend fetch at most, shared with
