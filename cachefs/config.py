@@ -325,6 +325,7 @@ class DatasetConfig:
     read_only: bool = True
     subdir: str = ""  # relative, no '.' or '..' parts; the mount enforces it stays below
     quota: int | None = None  # bytes of cache this dataset may hold; None: no own limit
+    pin_quota: int | None = None  # bytes of this dataset pins may hold; None: only the node's --pin-quota
     endpoint_url: str | None = None
     credentials: Credentials = dataclasses.field(default_factory=Credentials)
     # How errors name this dataset's keys: "node.toml: datasets.feats." or "--dataset feats: ".
@@ -367,6 +368,8 @@ class DatasetConfig:
         self._check_subdir()
         if self.quota is not None and self.quota <= 0:
             raise ConfigError(f"{L('quota')}: {self.quota} must be positive (leave it out for no quota)")
+        if self.pin_quota is not None and self.pin_quota < 0:
+            raise ConfigError(f"{L('pin_quota')}: {self.pin_quota} must not be negative")
         if not self.is_s3:
             for key, value in (("endpoint", self.endpoint_url), ("credentials", self.credentials.source != "environment")):
                 if value:

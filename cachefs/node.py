@@ -69,6 +69,7 @@ class Dataset:
             "source": self.source,
             "read_only": c.read_only,
             "quota": c.quota,
+            "pin_quota": c.pin_quota,
             "endpoint_url": c.endpoint_url,
             "credentials": c.credentials.source,
             "open_files": self.open_files,
@@ -333,12 +334,17 @@ class Node:
                 obj = ObjectId(dataset.source, f.path, f.version, f.size)
                 digests += [chunk_digest(obj, size, i) for i in range((f.size + size - 1) // size)]
                 per_dataset[dataset.name] = per_dataset.get(dataset.name, 0) + f.size
-        wanted, pinned, limit = sum(per_dataset.values()), self.pins.pinned(), self.config.pin_limit
-        if pinned + wanted > limit:
-            raise ConfigError(
-                f"pinning {format_size(wanted)} more would pin {format_size(pinned + wanted)}, over the "
-                f"pin quota of {format_size(limit)} ({format_size(pinned)} pinned now); unpin something or raise --pin-quota"
-            )
+        checks = [("the", sum(per_dataset.values()), self.pins.pinned(), self.config.pin_limit, "--pin-quota")]
+        for name, wanted in per_dataset.items():
+            limit = self.datasets[name].config.pin_quota
+            if limit is not None:
+                checks.append((f"dataset {name}'s", wanted, self.pins.pinned(name), limit, "its pin_quota"))
+        for whose, wanted, pinned, limit, knob in checks:
+            if pinned + wanted > limit:
+                raise ConfigError(
+                    f"pinning {format_size(wanted)} more would pin {format_size(pinned + wanted)}, over {whose} "
+                    f"pin quota of {format_size(limit)} ({format_size(pinned)} pinned now); unpin something or raise {knob}"
+                )
         lease = self.pins.new(owner, paths, ttl, digests, per_dataset)
         self.disk.pin(digests)
         await self._pins_saved()

@@ -113,3 +113,12 @@ def test_warmup_with_pin_loads_and_pins(tmp_path, local_source, cachefs_mount, r
     assert m.metric("cachefs_backend_read_bytes_total") == before  # loaded by the warm-up, kept by the pin
     res = run_cachefs("warmup", Path(m.mountpoint, "hot"), "--pin")
     assert res.returncode != 0 and "--pin and --ttl go together" in res.stderr
+
+
+@pytest.mark.integration
+def test_a_dataset_pin_quota_is_its_own_limit(tmp_path, local_source, cachefs_mount, run_cachefs):
+    local_source.write("a.bin", os.urandom(3 * CHUNK))
+    m = cachefs_mount(None, *TIERS, "--dataset", f"ds={local_source.url},pin_quota=512K")
+    res = run_cachefs("pin", Path(m.mountpoint, "ds", "a.bin"), "--ttl", "1h")
+    assert res.returncode != 0
+    assert "over dataset ds's pin quota of 512K (0 pinned now); unpin something or raise its pin_quota" in res.stderr
