@@ -16,6 +16,8 @@ load on the machine falls on all alike):
   directory on the same disk; `juicefs warmup MNT/bench`.
 - cachefs-local: a fresh mount without peers (--mem-size 0: straight into its
   SSD tier); `cachefs warmup MNT -r --json`.
+- s3-raw, a reference: the large file read through the gateway with ranged
+  GETs from 8 threads (bench.dataset.raw_s3_read), nothing stored.
 
 Each time is the warm-up command's wall clock, from its start to its exit.
 
@@ -38,7 +40,7 @@ import time
 from pathlib import Path
 
 from bench import host, report
-from bench.dataset import PREFIX, Dataset
+from bench.dataset import PREFIX, Dataset, raw_s3_read
 from bench.host import GiB, MiB, log
 from bench.systems import (CACHE_SIZE, metric, object_get_bytes, settle, spawn, wait_listening, wait_mounted,
                            write_secret)
@@ -50,11 +52,12 @@ WORKER_MEM = "2G"
 SMALL_FILES = 256  # of 64 KiB: per-file costs
 TARGET = 1.0  # issue: cachefs warm-up MiB/s >= 1.0 x juicefs warmup
 WARMUP_TIMEOUT = 900.0
-SYSTEMS = ("cachefs-peer", "juicefs", "cachefs-local")
+SYSTEMS = ("cachefs-peer", "juicefs", "cachefs-local", "s3-raw")
 LABELS = {
     "cachefs-peer": "cachefs → worker (`--peers`)",
     "juicefs": "juicefs warmup",
     "cachefs-local": "cachefs → mount's own SSD tier",
+    "s3-raw": "reference: raw S3 GETs of the large file, no cache",
 }
 
 
@@ -117,6 +120,8 @@ class Bench:
             with contextlib.ExitStack() as stack:
                 if system == "juicefs":
                     return self._juicefs(cell_dir, stack)
+                if system == "s3-raw":
+                    return self._raw_s3()
                 return self._cachefs(system, cell_dir, stack, verify)
         finally:
             shutil.rmtree(cell_dir, ignore_errors=True)
@@ -230,6 +235,17 @@ class Bench:
                                f"the dataset {self.total}")
         return r
 
+    def _raw_s3(self) -> dict:
+        """The gateway's own pace: the large file read by s3fs with ranged GETs, nothing stored."""
+        host.drop_page_cache()
+        gateway_before, own_before = host.cpu_seconds(self.gateway.proc.pid), host.own_cpu_seconds()
+        busy_before = host.busy_cpu_seconds()[0]
+        r = raw_s3_read(self.gateway, self.args.dataset.big_size)
+        return {"seconds": r["seconds"], "bytes": r["bytes"], "gets": r["gets"], "settle_s": 0.0,
+                "machine_busy_cores": (host.busy_cpu_seconds()[0] - busy_before) / r["seconds"],
+                "cpu": {"loader": host.own_cpu_seconds() - own_before,
+                        "gateway": host.cpu_seconds(self.gateway.proc.pid) - gateway_before}}
+
     def _timed(self, cmd: list, cpu_sessions: dict[str, int]) -> dict:
         """Drop the page cache, run ``cmd``, return its wall clock and the CPU seconds of the sessions."""
         host.drop_page_cache()
@@ -320,6 +336,9 @@ def render(data: dict) -> str:
         "does: no HTTP, no SigV4, no gateway process in its path (as for the cold-read rows of the main bench).",
         "- **cachefs-local**: a mount without peers (--mem-size 0 --cache-size "
         f"{CACHE_SIZE}: straight into its SSD tier); `cachefs warmup MNT -r --json`.",
+        f"- **s3-raw** (reference, not a warm-up): the large file ({ds['big'] / MiB:,.0f} MiB) read through the "
+        "gateway by s3fs in this process, 8 threads of ranged 4 MiB GETs, nothing stored: what the gateway "
+        "gives a plain S3 client on this machine.",
         "",
         *report.machine_lines(data["machine"]),
         f"- **Run**: took {data.get('duration_s', 0) / 60:.1f} min; load average at start "
@@ -348,12 +367,12 @@ def render(data: dict) -> str:
         lines += [
             "",
             "CPU: utime + stime from /proc of the process doing the loads (the worker; `juicefs mount`; the "
-            "local mount), of the cachefs mount that runs the job, and of the S3 gateway that serves "
+            "local mount; for s3-raw the bench process), of the cachefs mount that runs the job, and of the S3 gateway that serves "
             "cachefs's GETs (JuiceFS has none in its path), per GiB warmed. Busy cores: the whole machine "
             "during the warm-up (2 cores).",
         ]
         node = {system: statistics.median(r["bytes"] / MiB / r["node_seconds"] for r in data["runs"]
-                                          if r["system"] == system) for system in med if system != "juicefs"}
+                                          if r["system"] == system) for system in med if system.startswith("cachefs")}
         if node:
             lines += ["", "The node's own count (the job's `elapsed` in the summary: no CLI start-up, no 0.5 s "
                       "progress polling): " + ", ".join(f"{LABELS[k]} {v:,.0f} MiB/s" for k, v in node.items()) + "."]
