@@ -42,8 +42,8 @@ from pathlib import Path
 from bench import host, report
 from bench.dataset import PREFIX, Dataset, raw_s3_read
 from bench.host import GiB, MiB, log
-from bench.systems import (CACHE_SIZE, metric, object_get_bytes, settle, spawn, wait_listening, wait_mounted,
-                           write_secret)
+from bench.systems import (CACHE_SIZE, GatewayCells, metric, object_get_bytes, settle, spawn, wait_listening,
+                           wait_mounted)
 from cachefs.status import scrape
 
 RESULTS = host.REPO / "bench" / "results"
@@ -97,21 +97,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 # -- one cell each --------------------------------------------------------------------
 
 
-class Bench:
-    """What every cell shares: the gateway, the secret, the logs."""
+class Bench(GatewayCells):
+    """What every cell shares: the gateway, the secret, the logs, the dataset's size."""
 
     def __init__(self, args: argparse.Namespace, work: Path, gateway):
+        super().__init__(work, gateway)
         self.args = args
-        self.work = work
-        self.gateway = gateway
-        self.source = f"s3://{gateway.bucket}/{PREFIX}"  # workers refuse any other spelling
-        self.secret_file = work / "secret"
-        write_secret(self.secret_file)
-        self.env = host.hermetic_env(gateway.env())
-        self.logs = work / "logs"
-        self.logs.mkdir(exist_ok=True)
         self.total = args.dataset.total_bytes
-        self.files = 1 + args.dataset.small_count + args.dataset.ttfb_count
 
     def cell(self, system: str, n: int, verify: bool) -> dict:
         cell_dir = self.work / "cells" / f"{system}-{n}"
@@ -340,14 +332,8 @@ def render(data: dict) -> str:
         "gateway by s3fs in this process, 8 threads of ranged 4 MiB GETs, nothing stored: what the gateway "
         "gives a plain S3 client on this machine.",
         "",
-        *report.machine_lines(data["machine"]),
-        f"- **Run**: took {data.get('duration_s', 0) / 60:.1f} min; load average at start "
-        f"{data['machine'].get('loadavg_at_start', [0.0])[0]:.2f}; dataset written in {data.get('write_s', 0):.0f} s",
+        *report.experiment_lines(data),
     ]
-    if data.get("cachefs_digest_end"):
-        lines += ["", "**cachefs's code changed during the run**: the numbers may mix two versions."]
-    if data.get("partial"):
-        lines += ["", "**This run did not finish: the numbers are partial.**"]
     if med:
         lines += [
             "",
