@@ -281,14 +281,8 @@ def render(data: dict, args: argparse.Namespace) -> str:
         f"and the `cachefs_inodes` gauge once unchanged for {SETTLE_S:g} s; then both once more, on the same mount. RSS is the daemon's "
         f"(VmHWM reset before the walk for the peak; VmRSS otherwise).",
         "",
-        *report.machine_lines(data["machine"]),
-        f"- **Run**: took {data.get('duration_s', 0) / 60:.1f} min; load average at start "
-        f"{data['machine'].get('loadavg_at_start', [0.0])[0]:.2f}; dataset written in {data.get('write_s', 0):.0f} s",
+        *report.experiment_lines(data),
     ]
-    if data.get("cachefs_digest_end"):
-        lines += ["", "**cachefs's code changed during the run**: the numbers may mix two versions."]
-    if data.get("partial"):
-        lines += ["", "**This run did not finish: the numbers are partial.**"]
     if "targets" in data:
         t = data["targets"]
         lines += [

@@ -81,6 +81,22 @@ def machine_lines(m: dict) -> list[str]:
     ]
 
 
+def experiment_lines(data: dict) -> list[str]:
+    """The header lines of an experiment's report (bench.metadata, bench.warmup): the machine, the
+    run's duration and load, and warnings when the code changed mid-run or the run did not finish."""
+    m = data["machine"]
+    run = (f"- **Run**: took {data.get('duration_s', 0) / 60:.1f} min; load average at start "
+           f"{m.get('loadavg_at_start', [0.0])[0]:.2f}")
+    if "write_s" in data:
+        run += f"; dataset written in {data['write_s']:.0f} s"
+    lines = [*machine_lines(m), run]
+    if data.get("cachefs_digest_end"):
+        lines += ["", "**cachefs's code changed during the run**: the numbers may mix two versions."]
+    if data.get("partial"):
+        lines += ["", "**This run did not finish: the numbers are partial.**"]
+    return lines
+
+
 def _header(data: dict) -> list[str]:
     m, d = data["machine"], data["dataset"]
     raw = data.get("raw_s3", {}).get("mib_s")

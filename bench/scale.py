@@ -32,9 +32,9 @@ import zlib
 from pathlib import Path
 
 from bench import host, report
-from bench.dataset import BIG, PREFIX, Dataset
+from bench.dataset import BIG, Dataset
 from bench.host import GiB, MiB, log
-from bench.systems import metric, object_get_bytes, spawn, wait_listening, wait_mounted, write_secret
+from bench.systems import GatewayCells, metric, object_get_bytes, spawn, wait_listening, wait_mounted
 from cachefs.status import scrape
 
 RESULTS = host.REPO / "bench" / "results"
@@ -135,21 +135,14 @@ def finish_readers(procs: list[subprocess.Popen]) -> list[dict]:
 # -- the daemons -----------------------------------------------------------------------
 
 
-class Cluster:
+class Cluster(GatewayCells):
     """What every cell shares: the gateway, the throttled proxy in front of it, the secret."""
 
     def __init__(self, work: Path, gateway, proxy, size: int, crc32: int):
-        self.work = work
-        self.gateway = gateway
+        super().__init__(work, gateway)
         self.proxy = proxy
         self.size = size
         self.crc32 = crc32
-        self.source = f"s3://{gateway.bucket}/{PREFIX}"  # workers refuse any other spelling
-        self.secret_file = work / "secret"
-        write_secret(self.secret_file)
-        self.env = host.hermetic_env(gateway.env())
-        self.logs = work / "logs"
-        self.logs.mkdir(exist_ok=True)
 
     def start_workers(self, n: int, cell_dir: Path, stack: contextlib.ExitStack) -> list[dict]:
         """``n`` empty workers fetching through the proxy, listening on 127.0.0.1."""

@@ -492,7 +492,23 @@ SYSTEMS: dict[str, type[System]] = {
 DEFAULT_SYSTEMS = ["cachefs", "cachefs-ssd", "cachefs-purepy", "cachefs-peer", "juicefs", "juicefs-disk", "rclone", "ceiling", "tmpfs"]
 
 
-# -- starting daemons (also used by bench/scale.py) ------------------------------------
+# -- starting daemons (also used by bench/scale.py and bench/warmup.py) -----------------
+
+
+class GatewayCells:
+    """What the cells of an experiment on the S3 gateway share: the dataset's source URL,
+    a peer secret, the environment cachefs processes start in, and the log directory."""
+
+    def __init__(self, work: Path, gateway) -> None:
+        self.work = work
+        self.gateway = gateway
+        self.source = f"s3://{gateway.bucket}/{PREFIX}"  # workers refuse any other spelling
+        self.secret_file = work / "secret"
+        write_secret(self.secret_file)
+        self.env = host.hermetic_env(gateway.env())
+        self.logs = work / "logs"
+        self.logs.mkdir(exist_ok=True)
+
 
 
 def spawn(cmd: list, log_path: Path, env: dict[str, str] | None, cwd: Path) -> subprocess.Popen:
