@@ -263,16 +263,8 @@ class PeerClient:
                 (`code` as in ChunkError), or code "version": the peer speaks
                 protocol v1 and cannot load.
         """
-        conn = await self._connection(peer)
-        if conn.version < protocol.LOAD_VERSION:
-            raise PeerError(f"peer {peer}: speaks protocol v{conn.version}, cannot load chunks", code="version")
-        reply, _ = await conn.request(_fields(obj, chunk_size, index), LoadChunk)
-        if isinstance(reply, ChunkError):
-            raise PeerError(f"peer {peer}: {reply.code}: {loggable(reply.message)}", code=reply.code)
-        if not isinstance(reply, Loaded):
-            raise PeerError(f"peer {peer}: answered a load with {reply.t!r}")
+        reply = await self._ask_v2(peer, obj, chunk_size, index, LoadChunk, Loaded)
         return reply.cached
-
 
     async def has_chunk(self, peer: str, obj: ObjectId, chunk_size: int, index: int) -> bool:
         """Whether `peer`'s own tiers hold one chunk (nothing is fetched or sent).
@@ -280,15 +272,20 @@ class PeerClient:
         Raises:
             PeerError: as `load_chunk`.
         """
+        reply = await self._ask_v2(peer, obj, chunk_size, index, HasChunk, Held)
+        return reply.held
+
+    async def _ask_v2(self, peer: str, obj: ObjectId, chunk_size: int, index: int, kind: type[GetChunk], answer: type):
+        """Send a protocol-v2 request about one chunk; its reply, of type `answer`."""
         conn = await self._connection(peer)
         if conn.version < protocol.LOAD_VERSION:
-            raise PeerError(f"peer {peer}: speaks protocol v{conn.version}, cannot say what it holds", code="version")
-        reply, _ = await conn.request(_fields(obj, chunk_size, index), HasChunk)
+            raise PeerError(f"peer {peer}: speaks protocol v{conn.version}, not {kind.t!r}", code="version")
+        reply, _ = await conn.request(_fields(obj, chunk_size, index), kind)
         if isinstance(reply, ChunkError):
             raise PeerError(f"peer {peer}: {reply.code}: {loggable(reply.message)}", code=reply.code)
-        if not isinstance(reply, Held):
-            raise PeerError(f"peer {peer}: answered a has with {reply.t!r}")
-        return reply.held
+        if not isinstance(reply, answer):
+            raise PeerError(f"peer {peer}: answered a {kind.t!r} with {reply.t!r}")
+        return reply
 
 
 def _fields(obj: ObjectId, chunk_size: int, index: int) -> dict:
