@@ -83,6 +83,12 @@ FUSE_OP_SECONDS = prom.Histogram(
     buckets=(0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
 )
 INODES = prom.Gauge("cachefs_inodes", "Inodes the mount holds: those the kernel has looked up, plus open files")
+WARMUP_BYTES = prom.Counter(
+    "cachefs_warmup_bytes", "Bytes warm-up jobs went through, by outcome (loaded, cached: there already, failed)", ["outcome"]
+)
+WARMUP_FILES = prom.Counter("cachefs_warmup_files", "Files warm-up jobs finished, by outcome (done, failed)", ["outcome"])
+PINNED_BYTES = prom.Gauge("cachefs_pinned_bytes", "Bytes of pinned chunks the SSD tier holds")
+PINNED_LEASE_BYTES = prom.Gauge("cachefs_pin_lease_bytes", "Bytes of the files pin leases cover, cached or not")
 META_CACHE_ENTRIES = prom.Gauge(
     "cachefs_meta_cache_entries",
     "Metadata cache entries held: one per object's attributes, one per directory listing and per child in it",

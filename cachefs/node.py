@@ -148,6 +148,9 @@ class Node:
                 log.info("%d pin leases kept from before the restart", len(self.pins.leases))
         self._pins_changed = trio.Event()
         nursery.start_soon(self._expire_pins)
+        if self.disk is not None:
+            metrics.PINNED_BYTES.set_function(lambda: self.disk.pinned_bytes)
+        metrics.PINNED_LEASE_BYTES.set_function(self.pins.pinned)
         self.warmups = Warmups(self, nursery)  # `cachefs warmup` jobs; they end with the node
         self._stack.push_async_callback(self._remove_all)
         for dataset in self._initial:

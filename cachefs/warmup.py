@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
-from cachefs import hotpath
+from cachefs import hotpath, metrics
 from cachefs.errors import BackendError, ConfigError, ObjectChanged, ObjectNotFound, PeerError
 from cachefs.objects import ObjectId, check_relative_path, chunk_key, join
 
@@ -335,6 +335,7 @@ class Warmups:
                 outcome, error = "failed", f"internal error: {type(e).__name__}"
         finally:
             slots.release()
+        metrics.WARMUP_BYTES.labels(outcome).inc(key.length)
         if outcome == "failed":
             job.bytes_failed += key.length
             f.error = f.error or error
@@ -349,6 +350,7 @@ class Warmups:
                 job.bytes_by_peers += key.length
         f.chunks_left -= 1
         if f.chunks_left == 0:
+            metrics.WARMUP_FILES.labels("done" if f.error is None else "failed").inc()
             if f.error is None:
                 job.files_done += 1
             else:

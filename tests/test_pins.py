@@ -107,6 +107,10 @@ def test_warmup_with_pin_loads_and_pins(tmp_path, local_source, cachefs_mount, r
     res = run_cachefs("warmup", Path(m.mountpoint, "hot"), "-r", "--pin", "--ttl", "1h", "--owner", "job-9")
     assert res.returncode == 0, res.stderr
     assert "owner job-9" in res.stdout
+    assert m.metric("cachefs_warmup_bytes_total", outcome="loaded") == len(hot)
+    assert m.metric("cachefs_warmup_files_total", outcome="done") == 1
+    assert m.metric("cachefs_pin_lease_bytes") == len(hot)
+    assert m.metric("cachefs_pinned_bytes") > len(hot)  # the chunk files, with their headers
     assert Path(m.mountpoint, "big.bin").read_bytes() == big  # a scan larger than the SSD tier
     before = m.metric("cachefs_backend_read_bytes_total")
     assert Path(m.mountpoint, "hot", "a.bin").read_bytes() == hot
