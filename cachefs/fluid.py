@@ -22,7 +22,6 @@ reads with `df` and `ls -lR | grep ^- | wc -l`.
 
 from __future__ import annotations
 
-import dataclasses
 import errno
 import json
 import logging
@@ -33,7 +32,7 @@ from typing import Any
 
 from cachefs.config import Credentials, DatasetConfig, NodeConfig, S3_SCHEMES, check_dataset_name, flag_name
 from cachefs.errors import ConfigError
-from cachefs.loader import SETTINGS, parse_duration, read_secret
+from cachefs.loader import SETTINGS, read_secret
 
 log = logging.getLogger(__name__)
 
@@ -137,7 +136,7 @@ def _scheme_ok(url: str) -> bool:
         return True
     import fsspec
 
-    return scheme in fsspec.registry.known_implementations
+    return scheme in fsspec.available_protocols()
 
 
 def _string(value: Any, what: str) -> str:
@@ -253,18 +252,41 @@ def prepare_target(target: str, label: str) -> None:
     Raises:
         ConfigError: it cannot be made, or a live filesystem is mounted there (busy).
     """
-    try:
-        os.makedirs(target, exist_ok=True)
-        os.stat(target)
-    except OSError as e:
-        if e.errno != errno.ENOTCONN:  # ENOTCONN: a FUSE daemon died and left its mount
-            raise ConfigError(f"{label} {target}: {e.strerror}") from None
+    if _mounted(target):
+        problem = _probe(target)
+        if problem is None:
+            raise ConfigError(f"{label} {target}: busy: a filesystem is mounted there already")
+        if problem != errno.ENOTCONN:
+            raise ConfigError(f"{label} {target}: busy: a filesystem is mounted there and does not answer")
+        # ENOTCONN: a FUSE daemon died (an earlier fuse pod) and left its mount behind.
         log.warning("%s: cleaning a stale mount (fusermount3 -uz)", target)
         result = subprocess.run(["fusermount3", "-uz", target], capture_output=True, text=True)
         if result.returncode:
             raise ConfigError(f"{label} {target}: stale mount, and fusermount3 -uz failed: {result.stderr.strip()}")
-    if _mounted(target):
-        raise ConfigError(f"{label} {target}: busy: a filesystem is mounted there already")
+    try:
+        os.makedirs(target, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"{label} {target}: {e.strerror}") from None
+
+
+def _probe(path: str, timeout: float = 5.0) -> int | None:
+    """None if the filesystem at `path` answers statfs (which the kernel never answers from a
+    cache, unlike stat), else the errno; ETIMEDOUT if it does not answer within `timeout`."""
+    import threading
+
+    result: list[int | None] = []
+
+    def run() -> None:
+        try:
+            os.statvfs(path)
+            result.append(None)
+        except OSError as e:
+            result.append(e.errno)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(timeout)
+    return result[0] if result else errno.ETIMEDOUT
 
 
 def _mounted(path: str) -> bool:
@@ -349,6 +371,10 @@ async def watch_config(node, path: str, usage: Usage | None = None, poll: float 
 
     stamp = _stamp(path)
     pending = False
+    try:
+        runtime = read_config_json(path).get("runtimeOptions")
+    except ConfigError:
+        runtime = None
     while True:
         await trio.sleep(poll)
         now = _stamp(path)
@@ -356,11 +382,15 @@ async def watch_config(node, path: str, usage: Usage | None = None, poll: float 
             continue
         stamp = now
         try:
-            wanted = {d.name: d for d in datasets_of(read_config_json(path), path)}
+            doc = read_config_json(path)
+            wanted = {d.name: d for d in datasets_of(doc, path)}
         except ConfigError as e:
             log.error("config change not applied: %s", e)
             pending = False
             continue
+        if doc.get("runtimeOptions") != runtime:
+            log.warning("config change: runtimeOptions changed; they apply when the fuse pod restarts")
+            runtime = doc.get("runtimeOptions")
         pending = await _apply(node, wanted)
         if usage is not None:
             usage.stale()
