@@ -12,7 +12,7 @@ plus MOUNT_OPTIONS=k=v,k,... in the environment. Each mount becomes a dataset at
 targetPath/NAME (one mount: at targetPath itself); node settings come from
 MOUNT_OPTIONS, then runtimeOptions, by their `cachefs mount` flag name without the
 dashes. `access-key` and `secret-key` name files (Fluid mounts the Dataset's
-encryptOptions secrets there), read like every cachefs secret: owner-only files.
+encryptOptions secrets there, mode 0644: see `read_mount_secret`).
 
 While mounted, the file is polled (mtime, size, inode) every second; when Fluid
 rewrites it, datasets are added and removed to match without a remount. statfs
@@ -130,6 +130,33 @@ def _node_settings(options: list[tuple[dict[str, Any], str]]) -> tuple[dict[str,
     return kwargs, labels
 
 
+def read_mount_secret(path: str, what: str) -> str:
+    """The stripped content of a secret file Fluid mounted for a Dataset's encryptOptions.
+
+    Unlike `read_secret`, a file others may read is accepted: Fluid mounts these secret
+    volumes itself (pkg/ddc/thin/transform_config.go, transformEncryptOptionsWithSecretVolumes)
+    with no defaultMode, so the kubelet writes them 0644, and a ThinRuntimeProfile volume
+    of the same name is overridden by Fluid's. Writable by group or others is still refused:
+    then someone else could swap the keys.
+
+    Raises:
+        ConfigError: missing, unreadable, empty, or writable by others; never shows the content.
+    """
+    try:
+        with open(path) as f:
+            mode = os.fstat(f.fileno()).st_mode
+            if mode & 0o022:
+                raise ConfigError(f"{what} {path}: permissions {mode & 0o7777:04o}: writable by group or others")
+            secret = f.read().strip()
+    except OSError as e:
+        raise ConfigError(f"{what} {path}: {e.strerror}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{what} {path}: not a text file") from None
+    if not secret:
+        raise ConfigError(f"{what} {path}: the file is empty")
+    return secret
+
+
 def _scheme_ok(url: str) -> bool:
     scheme = url.partition("://")[0].lower()
     if scheme in (*S3_SCHEMES, "file", "local"):
@@ -174,9 +201,9 @@ def _mount_dataset(mount: Any, index: int, at_root: bool, read_only_modes: bool,
            for k, v in options.items()}
     access_key = secret_key = None
     if "access-key" in opt:
-        access_key = read_secret(opt["access-key"], f"{origin}options.access-key")
+        access_key = read_mount_secret(opt["access-key"], f"{origin}options.access-key")
     if "secret-key" in opt:
-        secret_key = read_secret(opt["secret-key"], f"{origin}options.secret-key")
+        secret_key = read_mount_secret(opt["secret-key"], f"{origin}options.secret-key")
     if (access_key is None) != (secret_key is None):
         missing = "secret-key" if secret_key is None else "access-key"
         raise ConfigError(f"{origin}options.{missing}: access-key and secret-key go together")

@@ -43,7 +43,7 @@ def _secrets(tmp_path: Path, gateway) -> dict[str, str]:
     out = {}
     for key, value in (("access-key", gateway.access_key), ("secret-key", gateway.secret_key)):
         (d / key).write_text(value)
-        (d / key).chmod(0o600)  # the ThinRuntimeProfile's secret volume sets defaultMode 0600
+        (d / key).chmod(0o644)  # what the kubelet writes: Fluid's secret volume sets no defaultMode
         out[key] = str(d / key)
     return out
 
@@ -202,11 +202,11 @@ def _doc(tmp_path: Path, **mount) -> dict:
 
 
 @pytest.mark.parametrize("case", ["missing", "malformed", "no-mounts", "scheme", "secret-missing",
-                                  "secret-open", "option", "rw"])
+                                  "secret-open", "secret-empty", "option", "rw", "peer-secret-open"])
 def test_bad_input_is_one_line_and_mounts_nothing(tmp_path, run_cachefs, case):
     sk = tmp_path / "sk"
     sk.write_text("secret")
-    sk.chmod(0o644 if case == "secret-open" else 0o600)
+    sk.chmod(0o666 if case == "secret-open" else 0o600)
     ak = tmp_path / "ak"
     ak.write_text("key")
     ak.chmod(0o600)
@@ -219,6 +219,8 @@ def test_bad_input_is_one_line_and_mounts_nothing(tmp_path, run_cachefs, case):
         "scheme": "mountPoint: unknown scheme 'nosuch'",
         "secret-missing": "options.access-key",
         "secret-open": "options.secret-key",
+        "secret-empty": "the file is empty",
+        "peer-secret-open": "secret-file",
         "option": "MOUNT_OPTIONS: cache-sise: unknown option",
         "rw": "readOnly: cachefs serves datasets read-only",
     }[case]
@@ -230,10 +232,18 @@ def test_bad_input_is_one_line_and_mounts_nothing(tmp_path, run_cachefs, case):
         doc["mounts"] = []
     elif case == "scheme":
         doc["mounts"][0]["mountPoint"] = "nosuch://bucket/x"
-    elif case in ("secret-missing", "secret-open"):
+    elif case in ("secret-missing", "secret-open", "secret-empty"):
+        if case == "secret-empty":
+            ak.write_text("\n")
         doc["mounts"][0].update(mountPoint="s3://bucket/x", options={
             "endpoint": "http://127.0.0.1:1",
             "access-key": str(tmp_path / "nope" if case == "secret-missing" else ak), "secret-key": str(sk)})
+    elif case == "peer-secret-open":
+        # The peer secret is a volume of the profile, which can set defaultMode 0400: the strict check.
+        peer = tmp_path / "peer"
+        peer.write_text("s")
+        peer.chmod(0o644)
+        doc["runtimeOptions"].update({"secret-file": str(peer), "peers": "127.0.0.1:7070"})
     elif case == "option":
         env["MOUNT_OPTIONS"] = "ro,cache-sise=1G"
     elif case == "rw":
