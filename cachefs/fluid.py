@@ -387,17 +387,22 @@ def _stamp(path: str) -> tuple[int, int, int] | None:
     return st.st_mtime_ns, st.st_size, st.st_ino
 
 
+ADD_RETRY_SECONDS = 30.0  # a dataset that could not be added (its backend down?) is tried again this often
+
+
 async def watch_config(node, path: str, usage: Usage | None = None, poll: float = POLL_SECONDS) -> None:
     """Poll config.json; when it changes, add and remove datasets to match its mounts[].
 
-    A dataset with open files is not removed: that is logged and retried every poll.
-    A change that cannot apply without a remount (one mount at the root to several
-    at NAME, or back; node options) is logged and left for the next restart.
+    A dataset with open files is not removed: that is logged once and retried every
+    poll. A dataset that cannot be added is logged and retried every ADD_RETRY_SECONDS.
+    A change that cannot apply without a remount (one mount at the root to several at
+    NAME, or back; runtimeOptions) is logged and left for the next restart.
     """
     import trio
 
     stamp = _stamp(path)
-    pending = False
+    retry_at: float | None = None
+    warned: set[str] = set()
     try:
         runtime = read_config_json(path).get("runtimeOptions")
     except ConfigError:
@@ -405,32 +410,35 @@ async def watch_config(node, path: str, usage: Usage | None = None, poll: float 
     while True:
         await trio.sleep(poll)
         now = _stamp(path)
-        if now == stamp and not pending:
+        if now == stamp and (retry_at is None or time.monotonic() < retry_at):
             continue
-        stamp = now
+        changed_file, stamp = now != stamp, now
         try:
             doc = read_config_json(path)
             wanted = {d.name: d for d in datasets_of(doc, path)}
         except ConfigError as e:
             log.error("config change not applied: %s", e)
-            pending = False
+            retry_at = None
             continue
-        if doc.get("runtimeOptions") != runtime:
+        if changed_file and doc.get("runtimeOptions") != runtime:
             log.warning("config change: runtimeOptions changed; they apply when the fuse pod restarts")
             runtime = doc.get("runtimeOptions")
-        pending = await _apply(node, wanted)
-        if usage is not None:
+        changed, delay = await _apply(node, wanted, warned)
+        retry_at = None if delay is None else time.monotonic() + delay
+        if changed and usage is not None:
             usage.stale()
 
 
-async def _apply(node, wanted: dict[str, DatasetConfig]) -> bool:
-    """Make node's datasets `wanted`; True if something must be retried later."""
+async def _apply(node, wanted: dict[str, DatasetConfig], warned: set[str]) -> tuple[bool, float | None]:
+    """Make node's datasets `wanted`: whether any changed, and in how many seconds to
+    try again (None: all done). `warned` holds the datasets whose busy removal was logged."""
     have = node.datasets
     if ("" in wanted) != ("" in have):
         log.error("config change not applied: going between one mount at the root and several at their names "
                   "needs a restart of the fuse pod")
-        return False
-    retry = False
+        return False, None
+    changed = False
+    delay: float | None = None
     for name, dataset in list(have.items()):
         new = wanted.get(name)
         if new is not None and _same(dataset.config, new):
@@ -438,18 +446,26 @@ async def _apply(node, wanted: dict[str, DatasetConfig]) -> bool:
         try:
             await node.remove_dataset(name, force=False)
             log.info("config change: dataset %s removed", name or "/")
+            warned.discard(name)
+            changed = True
         except ConfigError as e:
-            log.warning("config change: %s; retrying", e)
-            retry = True
+            if name not in warned:
+                log.warning("config change: %s; removing it once they are closed", e)
+                warned.add(name)
+            delay = POLL_SECONDS
+    warned &= set(node.datasets)
     for name, dataset in wanted.items():
         if name in node.datasets:
             continue
         try:
             await node.add_dataset(dataset)
             log.info("config change: dataset %s added", name or "/")
+            changed = True
         except ConfigError as e:
-            log.error("config change: dataset %s not added: %s", name or "/", e)
-    return retry
+            log.error("config change: dataset %s not added (trying again in %gs): %s", name or "/",
+                      ADD_RETRY_SECONDS, e)
+            delay = min(delay, ADD_RETRY_SECONDS) if delay is not None else ADD_RETRY_SECONDS
+    return changed, delay
 
 
 def _same(running: DatasetConfig, new: DatasetConfig) -> bool:

@@ -290,3 +290,42 @@ def test_options_become_the_node_configuration(tmp_path):
     doc["mounts"] = doc["mounts"][1:]  # one mount: at the root
     config.write_text(json.dumps(doc))
     assert load_fluid(str(config), {}).root_dataset.url == "/data/val"
+
+
+def test_config_change_waits_for_open_files_and_survives_bad_json(tmp_path):
+    """A removed mount whose files are open stays until they are closed; a config.json Fluid
+    is half-way through writing (not JSON) changes nothing."""
+    for name in ("a", "b", "c"):
+        (tmp_path / "src" / name).mkdir(parents=True)
+        (tmp_path / "src" / name / f"{name}.txt").write_text(name * 100)
+    target = str(tmp_path / "target")
+    doc = {"mounts": [{"mountPoint": f"local://{tmp_path / 'src' / n}", "name": n} for n in ("a", "b")],
+           "targetPath": target, "runtimeOptions": {"cache-dir": str(tmp_path / "cache"), "cache-size": "64M"}}
+    config = tmp_path / "config.json"
+    _write_config(config, doc)
+    log = tmp_path / "fluid.log"
+    proc = _fluid_mount(config, log, "log-level=debug")
+    try:
+        _wait("mount", lambda: _fstype(target) == "fuse.cachefs", proc, log)
+        held = open(os.path.join(target, "b", "b.txt"))
+        config.write_text('{"mounts": [')
+        time.sleep(2.5)
+        assert sorted(os.listdir(target)) == ["a", "b"]
+        assert "not valid JSON" in log.read_text()
+
+        doc["mounts"] = [doc["mounts"][0], {"mountPoint": f"local://{tmp_path / 'src' / 'c'}", "name": "c"}]
+        _write_config(config, doc)
+        _wait("c", lambda: "c" in os.listdir(target), proc, log)
+        time.sleep(2.5)
+        assert sorted(os.listdir(target)) == ["a", "b", "c"]  # b: a file of it is open
+        assert held.read() == "b" * 100
+        held.close()
+        _wait("b to go once closed", lambda: sorted(os.listdir(target)) == ["a", "c"], proc, log)
+        assert log.read_text().count("removing it once they are closed") == 1
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+        assert not is_mounted(target)
+    finally:
+        if is_mounted(target):
+            subprocess.run(["fusermount3", "-uz", target], capture_output=True)
+        stop_process(proc, timeout=10)
