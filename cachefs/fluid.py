@@ -373,6 +373,9 @@ class Usage:
         except (BackendError, ConfigError) as e:
             log.warning("usage walk failed: %s", e)
             self.at = time.monotonic()  # not again at once
+        except Exception:  # a bug here must not take the mount down with it
+            log.exception("usage walk failed")
+            self.at = time.monotonic()
         finally:
             self._walking = False
             self._done.set()
@@ -423,7 +426,11 @@ async def watch_config(node, path: str, usage: Usage | None = None, poll: float 
         if changed_file and doc.get("runtimeOptions") != runtime:
             log.warning("config change: runtimeOptions changed; they apply when the fuse pod restarts")
             runtime = doc.get("runtimeOptions")
-        changed, delay = await _apply(node, wanted, warned)
+        try:
+            changed, delay = await _apply(node, wanted, warned)
+        except Exception:  # a bug here must not take the mount down with it
+            log.exception("config change not applied")
+            changed, delay = True, ADD_RETRY_SECONDS
         retry_at = None if delay is None else time.monotonic() + delay
         if changed and usage is not None:
             usage.stale()

@@ -144,6 +144,11 @@ def test_fluid_mount_serves_follows_config_and_unmounts(fluid_env, run_cachefs):
         with open("/proc/self/mountinfo") as f:
             assert sum(line.split()[4] == target for line in f) == 1
 
+        gw = env["s3"].backend
+        for secret in (gw.secret_key,):  # the access key is "cachefs", in every log line
+            assert secret not in log.read_text()
+            assert secret not in Path(f"/proc/{proc.pid}/cmdline").read_text()
+
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=30) == 0, log.read_text()[-4000:]
         assert not is_mounted(target)
