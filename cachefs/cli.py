@@ -1,4 +1,4 @@
-"""Command line: `cachefs mount`, `cachefs worker`, `cachefs dataset`, `cachefs status`, `cachefs warmup`,
+"""Command line: `cachefs mount`, `cachefs fluid-mount`, `cachefs worker`, `cachefs dataset`, `cachefs status`, `cachefs warmup`,
 `cachefs umount`, `cachefs --version`."""
 
 from __future__ import annotations
@@ -223,6 +223,17 @@ def _parser() -> argparse.ArgumentParser:
     wu.add_argument("--ttl", metavar="DURATION", help="with --pin: how long the lease lasts, e.g. 6h")
     wu.add_argument("--owner", default="cli", help="with --pin: who holds the lease")
 
+    fl = sub.add_parser(
+        "fluid-mount",
+        help="the FUSE container command of a Fluid ThinRuntime",
+        description="Read Fluid's config.json (its mounts, targetPath, runtimeOptions), MOUNT_OPTIONS and the "
+        "secret files the mounts' options name; mount the datasets at targetPath in the foreground (type "
+        "fuse.cachefs), follow changes of config.json, and unmount on SIGTERM or umount. See docs/kubernetes.md.",
+    )
+    fl.add_argument("--fluid-config", metavar="PATH", default="/etc/fluid/config/config.json",
+                    help="Fluid's config file (default /etc/fluid/config/config.json)")
+    fl.add_argument("--log-file", help="log here instead of stderr")
+
     u = sub.add_parser("umount", help="unmount a cachefs mount", description="Unmount MOUNTPOINT; the daemon then exits.")
     u.add_argument("mountpoint", metavar="MOUNTPOINT")
     u.add_argument("-z", "--lazy", action="store_true", help="detach now even if busy")
@@ -306,6 +317,19 @@ def _mount(a: argparse.Namespace, argv: list[str], extra: list[str]) -> int:
             os.close(ready_fd)
 
     _run_trio(run_mount, config, on_ready)
+    return 0
+
+
+def _fluid_mount(a: argparse.Namespace) -> int:
+    from cachefs import fluid
+
+    config = fluid.load_fluid(a.fluid_config)
+    fluid.prepare_target(config.mountpoint, f"{a.fluid_config}: targetPath")
+    config.check()  # now with the machine: the cache dir, the target path
+    _setup_logging(config.log_level, a.log_file)
+    from cachefs.mount import run_mount
+
+    _run_trio(run_mount, config, lambda: None, fluid.start(a.fluid_config))
     return 0
 
 
@@ -528,6 +552,8 @@ def main(argv: list[str] | None = None) -> int:
             return _mount(args, argv, extra)
         if args.command == "worker":
             return _worker(args)
+        if args.command == "fluid-mount":
+            return _fluid_mount(args)
         if args.command == "dataset":
             return _dataset(args)
         if args.command == "status":

@@ -124,6 +124,9 @@ class Operations(pyfuse3.Operations):
         self._uid = os.getuid()
         metrics.INODES.set_function(lambda: len(self.inodes))
         self._gid = os.getgid()
+        # statfs: None reports a large, full filesystem; else an async function giving
+        # (bytes, files) of the datasets, or None while unknown (cachefs fluid-mount).
+        self.usage: Callable[[], Awaitable[tuple[int, int] | None]] | None = None
 
     # -- datasets ------------------------------------------------------------
 
@@ -297,6 +300,14 @@ class Operations(pyfuse3.Operations):
         s.f_files = 1 << 30
         s.f_ffree = s.f_favail = 0
         s.f_namemax = 255
+        usage = await self.usage() if self.usage is not None else None
+        if usage is not None:
+            # The datasets' total as a full filesystem: df's "used" is their bytes, exactly
+            # (1-byte fragments), and the inodes in use their files.
+            used, files = usage
+            s.f_frsize = 1
+            s.f_blocks = used
+            s.f_files = files
         return s
 
     # -- directories --------------------------------------------------------

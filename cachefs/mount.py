@@ -39,8 +39,16 @@ def _set_kernel_read_ahead(real_mountpoint: str, kb: int) -> None:
         log.warning("cannot raise read-ahead of %s: %s", real_mountpoint, e)
 
 
-async def run_mount(config: NodeConfig, on_ready: Callable[[], None] = lambda: None) -> None:
+async def run_mount(
+    config: NodeConfig,
+    on_ready: Callable[[], None] = lambda: None,
+    extra: Callable[[Node, Operations, trio.Nursery], None] | None = None,
+) -> None:
     """Mount the node's datasets at `config.mountpoint` and serve until unmounted.
+
+    `extra(node, ops, nursery)`, if given, is called once mounted, before the first
+    request is answered; it may start tasks in `nursery`, which lives as long as the
+    mount (`cachefs fluid-mount` starts its config watch there).
 
     Raises:
         ConfigError: a source or the mountpoint cannot be used; nothing is mounted then.
@@ -83,6 +91,8 @@ async def run_mount(config: NodeConfig, on_ready: Callable[[], None] = lambda: N
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(_terminate_on_signals)
+                if extra is not None:
+                    extra(node, ops, nursery)
                 nursery.start_soon(when_serving)
                 await pyfuse3.main(min_tasks=4, max_tasks=config.fuse_tasks)
                 nursery.cancel_scope.cancel()
