@@ -143,6 +143,43 @@ async def test_a_draining_server_stops_listening():
         nursery.cancel_scope.cancel()
 
 
+@pytest.mark.trio
+@pytest.mark.parametrize("version", [1, 2])
+async def test_a_busy_owner_sends_the_client_to_the_next_node_at_once(version, monkeypatch):
+    """Over TCP, at protocol v1 and v2: a request on an open connection to a draining
+    owner gets "busy", and the peer tier asks the next node instead, within the same get."""
+    from cachefs.objects import ObjectId, chunk_key
+    from cachefs.peer.client import PeerClient, PeerTier
+    from cachefs.peer.ring import Ring
+    from test_peer_server import CHUNK as SCHUNK, SECRET, SOURCE
+
+    monkeypatch.setattr(protocol, "PROTOCOL_VERSION", version)
+    async with trio.open_nursery() as nursery:
+        servers, nodes = [], []
+        for i in range(2):
+            server = _server()
+            listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+            await nursery.start(server.serve, listeners)
+            servers.append(server)
+            nodes.append(f"127.0.0.1:{listeners[0].socket.getsockname()[1]}")
+        ring = Ring({n: 1.0 for n in nodes})
+        client = PeerClient("mount", SECRET, nursery, max_payload=SCHUNK)
+        tier = PeerTier(client, lambda: ring, timeout=5.0)
+        obj = ObjectId(SOURCE, "f.bin", "v1", 4 * SCHUNK)
+        keys = [chunk_key(obj, SCHUNK, i) for i in range(4)]
+        owned = [k for k in keys if ring.owner(k.digest) == nodes[0]]
+        assert owned, "no chunk owned by the first node"
+        assert await tier.get(owned[0]) == bytes([owned[0].index]) * SCHUNK  # connects to the owner
+        assert client._conns[nodes[0]].version == version
+        assert await servers[0].drain(1.0) == (0, True)
+        with trio.fail_after(2):  # at once, not after a timeout
+            assert await tier.get(owned[0]) == bytes([owned[0].index]) * SCHUNK
+        assert metrics.PEER_REQUESTS.labels(nodes[0], "busy")._value.get() == 1
+        assert not client.available(nodes[0])  # skipped for a while...
+        assert client._failures.get(nodes[0]) is None  # ...but not counted as a failure
+        nursery.cancel_scope.cancel()
+
+
 # -- real processes -----------------------------------------------------------------
 
 
