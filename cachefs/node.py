@@ -140,7 +140,8 @@ class Node:
         self._stack.callback(nursery.cancel_scope.cancel)
         await serve_metrics(config, nursery)
         metrics.set_readiness(self.not_ready)
-        self._stack.callback(metrics.set_readiness, None)
+        # Torn down (datasets closing, servers stopping): not ready, until the metrics server goes.
+        self._stack.callback(metrics.set_readiness, lambda: "draining" if self.draining else "stopping")
         self.mem, self.disk = await open_tiers(config)
         if self.disk is not None:
             self._stack.callback(self.disk.close)

@@ -213,8 +213,8 @@ def test_worker_and_mount_answer_the_probes(local_source, secret_file, cachefs_w
 
 @pytest.fixture
 def slow_s3(s3_source):
-    """The test's S3 prefix behind a proxy throttled to 8 MiB/s, so that workers have requests in flight."""
-    with S3Proxy(s3_source.backend.endpoint_url, rate=8 << 20) as proxy:
+    """The test's S3 prefix behind a proxy throttled to 4 MiB/s, so that workers have requests in flight."""
+    with S3Proxy(s3_source.backend.endpoint_url, rate=4 << 20) as proxy:
 
         class Source:
             url = s3_source.url
@@ -247,7 +247,7 @@ def test_a_worker_drained_while_two_mounts_read_fails_no_read(slow_s3, secret_fi
     with concurrent.futures.ThreadPoolExecutor(4) as pool:
         reads = [pool.submit(read, m.mountpoint) for m in (following, static, following, static)]
         started.wait()
-        time.sleep(1.0)  # the workers are busy fetching chunks from the throttled backend
+        time.sleep(0.5)  # the workers are busy fetching chunks from the throttled backend (4 s in all)
         t0 = time.monotonic()
         victim.proc.send_signal(signal.SIGTERM)
         peers_file.write_text("".join(f"{w.addr}\n" for w in workers[1:]))
@@ -255,7 +255,7 @@ def test_a_worker_drained_while_two_mounts_read_fails_no_read(slow_s3, secret_fi
         try:
             status = _get(victim.metrics_addr, "/readyz")
             print(f"\n/readyz of the draining worker: {status}")
-            assert status[0] == 503 and status[1] == "draining\n"
+            assert status[0] == 503 and status[1] in ("draining\n", "stopping\n")
         except (urllib.error.URLError, ConnectionError):
             pass
         exit_code = victim.proc.wait(timeout=30)
