@@ -253,12 +253,19 @@ def test_a_worker_drained_while_two_mounts_read_fails_no_read(slow_s3, secret_fi
         victim.proc.send_signal(signal.SIGTERM)
         peers_file.write_text("".join(f"{w.addr}\n" for w in workers[1:]))
         # Draining: no longer ready, still healthy (or gone already, if nothing was in flight).
-        try:
-            status = _get(victim.metrics_addr, "/readyz")
-            print(f"\n/readyz of the draining worker: {status}")
-            assert status[0] == 503 and status[1] in ("draining\n", "stopping\n")
-        except (urllib.error.URLError, ConnectionError):
-            pass
+        # (Polled: the signal takes a moment to reach the worker's trio loop.)
+        status = None
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            try:
+                status = _get(victim.metrics_addr, "/readyz")
+            except (urllib.error.URLError, ConnectionError):
+                break
+            if status[0] != 200:
+                break
+            time.sleep(0.01)
+        print(f"\n/readyz of the draining worker: {status}")
+        assert status is None or (status[0] == 503 and status[1] in ("draining\n", "stopping\n"))
         exit_code = victim.proc.wait(timeout=30)
         drain_seconds = time.monotonic() - t0
         results, errors = [], []
