@@ -134,6 +134,11 @@ def _parser() -> argparse.ArgumentParser:
     w.add_argument("--listen", required=True, metavar="HOST:PORT", help="address to serve peers on")
     w.add_argument("--advertise", metavar="HOST:PORT", help="the address other nodes list in --peers (default: --listen)")
     w.add_argument("--source", action="append", required=True, metavar="NAME=URL", help="a source to serve (repeatable), e.g. md=s3://bucket/market")
+    w.add_argument(
+        "--drain-timeout", type=float, default=dw.drain_timeout, metavar="SECONDS",
+        help="on SIGTERM, stop taking chunk requests and wait this long at most for those in flight "
+        "(default %(default)gs; keep the pod's termination grace period longer)",
+    )
     _add_cache_args(w, dw)
 
     ds = sub.add_parser(
@@ -282,7 +287,8 @@ def _worker_config(a: argparse.Namespace) -> WorkerConfig:
     listen = parse_addr(a.listen, "--listen")
     if a.advertise:
         parse_addr(a.advertise, "--advertise")
-    c = WorkerConfig(listen=listen, sources=sources, advertise=a.advertise, **cache_settings(_flags(a)))
+    c = WorkerConfig(listen=listen, sources=sources, advertise=a.advertise, drain_timeout=a.drain_timeout,
+        **cache_settings(_flags(a)))
     c.check()
     return c
 

@@ -219,9 +219,12 @@ class WorkerConfig(CacheConfig):
     listen: tuple[str, int]
     sources: dict[str, str]  # name -> source URL
     advertise: str | None = None  # HOST:PORT others know this worker by (default: --listen)
+    drain_timeout: float = 30.0  # on SIGTERM, wait this long at most for requests in flight
 
     def check(self, *, environment: bool = True) -> None:
         super().check(environment=environment)
+        if not (math.isfinite(self.drain_timeout) and self.drain_timeout >= 0):
+            raise ConfigError(f"--drain-timeout {self.drain_timeout:g}: give a number of seconds, 0 or more")
         if not self.sources:
             raise ConfigError("a worker needs at least one --source NAME=URL")
         if not self.peer_secret:

@@ -95,8 +95,35 @@ META_CACHE_ENTRIES = prom.Gauge(
 )
 
 
+# Why this process is not ready for work, or None once it is (`set_readiness`).
+_not_ready: Callable[[], str | None] = lambda: "starting"
+
+
+def set_readiness(not_ready: Callable[[], str | None] | None) -> None:
+    """What /readyz asks: a callable giving a one-line reason the node is not ready,
+    or None when it is. None (the default): "starting"."""
+    global _not_ready
+    _not_ready = not_ready if not_ready is not None else (lambda: "starting")
+
+
+def _health(path: bytes) -> tuple[bytes, bytes] | None:
+    """(status, body) for the probes: /healthz while the process runs, /readyz once the node is ready."""
+    if path == b"/healthz":
+        return b"200 OK", b"ok\n"
+    if path == b"/readyz":
+        try:
+            reason = _not_ready()
+        except Exception as e:  # noqa: BLE001 - a probe answers; it never takes the server down
+            reason = f"readiness check failed: {type(e).__name__}"
+        if reason is None:
+            return b"200 OK", b"ready\n"
+        return b"503 Service Unavailable", reason.replace("\n", " ").encode() + b"\n"
+    return None
+
+
 async def serve(host: str, port: int, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
-    """Serve GET /metrics until cancelled. Started with `nursery.start`, so the port is bound on return."""
+    """Serve GET /metrics, /healthz and /readyz until cancelled. Started with
+    `nursery.start`, so the port is bound on return."""
 
     async def handle(stream: trio.SocketStream) -> None:
         try:
@@ -108,12 +135,18 @@ async def serve(host: str, port: int, *, task_status=trio.TASK_STATUS_IGNORED) -
                         return
                     request += data
                 path = request.split(b" ", 2)[1] if request.count(b" ") >= 2 else b""
-                if path.split(b"?")[0] in (b"/metrics", b"/"):
+                path = path.split(b"?")[0]
+                content_type = b"text/plain; charset=utf-8"
+                health = _health(path)
+                if health is not None:
+                    status, body = health
+                elif path in (b"/metrics", b"/"):
                     body, status = prom.generate_latest(), b"200 OK"
+                    content_type = prom.CONTENT_TYPE_LATEST.encode()
                 else:
                     body, status = b"not found\n", b"404 Not Found"
                 head = (
-                    b"HTTP/1.1 " + status + b"\r\nContent-Type: " + prom.CONTENT_TYPE_LATEST.encode()
+                    b"HTTP/1.1 " + status + b"\r\nContent-Type: " + content_type
                     + b"\r\nContent-Length: " + str(len(body)).encode() + b"\r\nConnection: close\r\n\r\n"
                 )
                 await stream.send_all(head + body)

@@ -83,6 +83,7 @@ async def run_mount(
             _set_kernel_read_ahead(real_mountpoint, config.kernel_read_ahead_kb)
             freeze_startup_objects()
             log.info("mounted %s at %s", fsname, config.mountpoint)
+            node.ready = True  # /readyz
             on_ready()
 
         # The kernel's entries can be dropped now.

@@ -114,6 +114,9 @@ class Node:
         self._stack = contextlib.AsyncExitStack()
         self._nursery: trio.Nursery | None = None
         self._changing = trio.Lock()  # one add or remove at a time
+        self.peer_server = None  # with `serve`: the PeerServer, once listening
+        self.ready = False  # set by the mount once the kernel answers, by the worker once it listens
+        self.draining = False
 
     # -- lifecycle ----------------------------------------------------------------
 
@@ -136,6 +139,9 @@ class Node:
         # nursery, runs just before it closes, once everything else has let go.
         self._stack.callback(nursery.cancel_scope.cancel)
         await serve_metrics(config, nursery)
+        metrics.set_readiness(self.not_ready)
+        # Torn down (datasets closing, servers stopping): not ready, until the metrics server goes.
+        self._stack.callback(metrics.set_readiness, lambda: "draining" if self.draining else "stopping")
         self.mem, self.disk = await open_tiers(config)
         if self.disk is not None:
             self._stack.callback(self.disk.close)
@@ -160,9 +166,30 @@ class Node:
         )
         self._stack.callback(metrics.unregister_source_usage)
         if self.serve:
-            await serve_peers(config, self.name, self.serve, self.readers, nursery)
+            self.peer_server = await serve_peers(config, self.name, self.serve, self.readers, nursery)
         if self.control_socket is not None:
             await nursery.start(control.serve_control, self, self.control_socket)
+
+    def not_ready(self) -> str | None:
+        """Why /readyz says 503 (one line), or None: ready for work."""
+        if self.draining:
+            return "draining"
+        if not self.ready:
+            return "starting"
+        return None
+
+    async def drain(self, timeout: float) -> tuple[int, bool]:
+        """Leave the ring gracefully: /readyz says "draining", the peer server stops
+        accepting connections and requests (answering "busy"), and the requests in
+        flight finish, within `timeout` seconds. Checkpoints.
+
+        Returns:
+            (the requests that were in flight, whether all finished in time).
+        """
+        self.draining = True
+        if self.peer_server is None:
+            return 0, True
+        return await self.peer_server.drain(timeout)
 
     async def _remove_all(self) -> None:
         with trio.CancelScope(shield=True):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import gc
 import logging
 import os
@@ -117,16 +116,22 @@ def open_peer_tier(config: CacheConfig, node: str, nursery: trio.Nursery) -> Pee
 
 async def serve_peers(
     config: CacheConfig, node: str, address: tuple[str, int], readers: dict[str, Reader], nursery: trio.Nursery
-) -> None:
-    """Serve the chunks of `readers` (source URL → reader) to authenticated peers at `address`."""
+) -> PeerServer:
+    """Serve the chunks of `readers` (source URL → reader) to authenticated peers at `address`.
+
+    Returns:
+        The server, listening (`drain` it to stop).
+    """
     assert config.peer_secret is not None
     server = PeerServer(node, config.peer_secret, readers, max_payload=config.chunk_size)
     host, port = address
     try:
-        await nursery.start(functools.partial(trio.serve_tcp, server.handle, port, host=host))
+        listeners = await trio.open_tcp_listeners(port, host=host)
     except OSError as e:
         raise ConfigError(f"{host}:{port}: cannot listen for peers ({e.strerror})") from None
+    await nursery.start(server.serve, listeners)
     log.info("serving %s to peers on %s:%d as %s", ", ".join(readers), host, port, node)
+    return server
 
 
 def client_node_name() -> str:

@@ -4,7 +4,9 @@
 requests over it by id. Each peer has a circuit breaker: after a failure it is
 skipped for a back-off that doubles up to PEER_MAX_BACKOFF, then tried again.
 `PeerTier` is what the reader sees: ask the chunk's owner on the ring, then the
-next node, and give up (the reader goes to the backend) on any failure.
+next node, and give up (the reader goes to the backend) on any failure. A peer
+that answers "busy" (a worker draining on SIGTERM) is skipped for a few seconds
+and the next node is asked at once, without counting as an attempt.
 Warm-up asks an owner to load a chunk into its own tiers (`load_chunk`, protocol
 v2; a v1 peer is reported as unable to, and the caller loads the chunk itself).
 """
@@ -46,6 +48,9 @@ CONNECT_TIMEOUT = 2.0
 PEER_MAX_BACKOFF = 30.0
 # The owner plus this many fallbacks are asked before the backend.
 PEER_ATTEMPTS = 2
+# A peer that answered "busy" (it is draining: leaving the ring) is skipped this
+# long, without counting as a failure: the membership drops it meanwhile.
+BUSY_BACKOFF = 5.0
 
 
 class _Pending:
@@ -169,6 +174,12 @@ class PeerClient:
         conn = self._conns.pop(peer, None)
         if conn is not None:
             conn.close()
+
+    def mark_busy(self, peer: str) -> None:
+        """`peer` said "busy" (draining): skip it for BUSY_BACKOFF, without growing its back-off."""
+        self._down_until[peer] = max(self._down_until.get(peer, 0.0), self._clock() + BUSY_BACKOFF)
+        metrics.PEER_UP.labels(peer).set(0)
+        log.info("peer %s is draining; skipping it for %gs", peer, BUSY_BACKOFF)
 
     def mark_ok(self, peer: str) -> None:
         if self._failures.pop(peer, None) is not None:
@@ -356,6 +367,12 @@ class PeerTier:
                         log.exception("peer %s: unexpected error", peer)
                         e = PeerError(f"peer {peer}: {type(e).__name__}")
                     outcome = e.code or "error"
+                    if outcome == "busy":
+                        # Draining: leaving the ring. Ask the next node now, as if this one were not there.
+                        metrics.PEER_REQUESTS.labels(peer, outcome).inc()
+                        self.client.mark_busy(peer)
+                        tried -= 1
+                        continue
                     if outcome in ("notfound", "changed"):
                         # The peer reached the backend and it said so: ask it ourselves, not the next peer.
                         metrics.PEER_REQUESTS.labels(peer, outcome).inc()

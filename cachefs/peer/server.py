@@ -84,6 +84,39 @@ class PeerServer:
         self._unauthenticated = 0
         self._per_host: dict[str, int] = {}
         self._warnings = LogLimiter(log)
+        self.draining = False
+        self._in_flight = 0  # requests being answered (not "busy" refusals)
+        self._idle = trio.Event()  # set while nothing is in flight
+        self._idle.set()
+        self._accepting: trio.CancelScope | None = None
+
+    async def serve(self, listeners: list[trio.SocketListener], *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        """Accept connections on `listeners` until cancelled; `drain` stops accepting
+        (and closes the listeners) while the connections go on."""
+        async with trio.open_nursery() as connections:
+            with trio.CancelScope() as self._accepting:
+                if self.draining:
+                    self._accepting.cancel()
+                task_status.started()
+                await trio.serve_listeners(self.handle, listeners, handler_nursery=connections)
+            for listener in listeners:
+                await listener.aclose()
+            # Draining: the connections run until the node closes.
+            await trio.sleep_forever()
+
+    async def drain(self, timeout: float) -> tuple[int, bool]:
+        """Stop accepting connections and requests, and wait for those in flight. Checkpoints.
+
+        Returns:
+            (the requests that were in flight, whether all of them finished within `timeout`).
+        """
+        self.draining = True
+        if self._accepting is not None:
+            self._accepting.cancel()
+        in_flight = self._in_flight
+        with trio.move_on_after(timeout):
+            await self._idle.wait()
+        return in_flight, self._in_flight == 0
 
     async def handle(self, stream: trio.abc.Stream) -> None:
         """Serve one connection until it ends. Never raises, except to cancel (shutdown)."""
@@ -218,7 +251,13 @@ class PeerServer:
                     ):
                         raise ProtocolError(f"unexpected {frame[0].get('t')!r} after a v{version} handshake")
                     await session.slots.acquire()
-                    nursery.start_soon(self._answer, session, request)
+                    if self.draining:
+                        nursery.start_soon(self._refuse, session, request)
+                    else:
+                        if self._in_flight == 0:
+                            self._idle = trio.Event()
+                        self._in_flight += 1
+                        nursery.start_soon(self._answer, session, request)
             finally:
                 # The connection is finished; requests still running have no one to answer.
                 nursery.cancel_scope.cancel()
@@ -242,6 +281,24 @@ class PeerServer:
                 session.scope.cancel()
         except _TRANSPORT_ERRORS:
             pass  # the peer left; the receive loop sees it too and ends the connection
+        finally:
+            session.last_active = trio.current_time()
+            session.slots.release()
+            self._in_flight -= 1
+            if self._in_flight == 0:
+                self._idle.set()
+
+    async def _refuse(self, session: _Session, req: GetChunk) -> None:
+        """Draining: tell the peer to ask the next node on the ring."""
+        metrics.PEER_SERVED.labels("busy").inc()
+        try:
+            with trio.move_on_after(self.limits.send_timeout) as sending:
+                await session.frames.send(ChunkError(req.id, "busy", f"{self.node} is draining").to_header())
+            if sending.cancelled_caught:
+                metrics.PEER_CONNECTIONS_CLOSED.labels("send-timeout").inc()
+                session.scope.cancel()
+        except _TRANSPORT_ERRORS:
+            pass
         finally:
             session.last_active = trio.current_time()
             session.slots.release()
