@@ -142,19 +142,7 @@ def read_mount_secret(path: str, what: str) -> str:
     Raises:
         ConfigError: missing, unreadable, empty, or writable by others; never shows the content.
     """
-    try:
-        with open(path) as f:
-            mode = os.fstat(f.fileno()).st_mode
-            if mode & 0o022:
-                raise ConfigError(f"{what} {path}: permissions {mode & 0o7777:04o}: writable by group or others")
-            secret = f.read().strip()
-    except OSError as e:
-        raise ConfigError(f"{what} {path}: {e.strerror}") from None
-    except UnicodeDecodeError:
-        raise ConfigError(f"{what} {path}: not a text file") from None
-    if not secret:
-        raise ConfigError(f"{what} {path}: the file is empty")
-    return secret
+    return read_secret(path, what, others_may_read=True)
 
 
 def _scheme_ok(url: str) -> bool:

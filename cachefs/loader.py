@@ -138,8 +138,13 @@ def _peer_ring(value: Any, what: str) -> str:
     return _string(value, what)
 
 
-def read_secret(path: str, what: str) -> str:
+def read_secret(path: str, what: str, others_may_read: bool = False) -> str:
     """The stripped content of a secret file, which only its owner may read (like ssh's private keys).
+
+    Args:
+        others_may_read: accept a file group or others may read (never one they may
+            write: then someone else could swap the keys), for files whose mode the
+            user cannot choose (Fluid's secret volumes).
 
     Raises:
         ConfigError: unreadable, empty, or readable or writable by group or others; the
@@ -148,7 +153,9 @@ def read_secret(path: str, what: str) -> str:
     try:
         with open(path) as f:
             mode = os.fstat(f.fileno()).st_mode
-            if mode & 0o077:
+            if others_may_read and mode & 0o022:
+                raise ConfigError(f"{what} {path}: permissions {stat.S_IMODE(mode):04o}: writable by group or others")
+            if not others_may_read and mode & 0o077:
                 raise ConfigError(
                     f"{what} {path}: permissions {stat.S_IMODE(mode):04o} are too open; "
                     f"the secret must be readable by its owner only (chmod 600 {path})"

@@ -25,6 +25,7 @@ from cachefs.peer import protocol
 from cachefs.peer.protocol import ChunkData, ChunkError, Ready
 from conftest import S3Proxy, free_port
 from test_peer_server import MemoryReader, _authenticate, _connect, _request, _server
+from test_peers import _read
 
 CHUNK = 256 << 10
 
@@ -187,14 +188,6 @@ async def test_a_busy_owner_sends_the_client_to_the_next_node_at_once(version, m
 def _peer_args(peers: str, secret_file, *extra):
     return ("--chunk-size", "256K", "--mem-size", "64M", "--cache-size", "256M",
             "--peers", peers, "--secret-file", str(secret_file), *extra)
-
-
-def _read(path: str, block: int = CHUNK // 2) -> bytes:
-    out = bytearray()
-    with open(path, "rb", buffering=0) as f:
-        while data := f.read(block):
-            out += data
-    return bytes(out)
 
 
 @pytest.mark.integration
