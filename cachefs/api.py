@@ -19,10 +19,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import re
 import signal
 import subprocess
-import tempfile
 from typing import Any
 
 from cachefs import control
@@ -199,10 +197,9 @@ def mount(
         if value is not None:
             argv += [flag, os.path.abspath(value) if flag in ("--config", "--cache-dir") else str(value)]
     argv += list(options)
-    log_file = log_file or os.path.join(
-        tempfile.gettempdir(), "cachefs-" + re.sub(r"[^A-Za-z0-9]+", "-", mountpoint).strip("-") + ".log"
-    )
-    from cachefs.cli import start_mount
+    from cachefs.cli import default_log_file, start_mount
+
+    log_file = log_file or default_log_file(mountpoint)
 
     argv += ["--log-file", log_file]
     try:

@@ -367,9 +367,7 @@ def _run_trio(fn, *args) -> None:
 
 def _spawn_background(a: argparse.Namespace, argv: list[str], config: NodeConfig) -> int:
     """Start the mount as a detached child and wait until it says it is ready or dies."""
-    log_file = a.log_file or os.path.join(
-        tempfile.gettempdir(), "cachefs-" + re.sub(r"[^A-Za-z0-9]+", "-", config.mountpoint).strip("-") + ".log"
-    )
+    log_file = a.log_file or default_log_file(config.mountpoint)
     child_argv = [arg for arg in argv if arg not in _BACKGROUND_FLAGS]
     if not a.log_file:
         child_argv += ["--log-file", log_file]
@@ -381,6 +379,11 @@ def _spawn_background(a: argparse.Namespace, argv: list[str], config: NodeConfig
     what = config.root_dataset.source if config.root_dataset else ", ".join(d.name for d in config.datasets)
     print(f"cachefs: mounted {what} at {config.mountpoint} (pid {child.pid}, log {log_file})")
     return 0
+
+
+def default_log_file(mountpoint: str) -> str:
+    """Where a background mount logs unless told: the temp directory, named after the mountpoint."""
+    return os.path.join(tempfile.gettempdir(), "cachefs-" + re.sub(r"[^A-Za-z0-9]+", "-", mountpoint).strip("-") + ".log")
 
 
 def start_mount(argv: list[str], log_file: str, env: dict[str, str] | None = None) -> subprocess.Popen:
@@ -477,8 +480,8 @@ def _status(a: argparse.Namespace) -> int:
             # A path inside a mount (or --deep): what is cached of its whole subtree, from one walk.
             from cachefs import control
 
-            result["path"] = {"path": control.mount_path(target), **_control(target, "residency",
-                                                                            {"path": control.mount_path(target)})}
+            inner = control.mount_path(target)
+            result["path"] = {"path": inner, **_control(target, "residency", {"path": inner})}
         print(json.dumps(result, indent=2) if a.json else status.render_node(target, result))
     return 0
 

@@ -37,7 +37,7 @@ import os
 import re
 import socket
 import stat
-from typing import Any, Callable, Iterator, Protocol
+from typing import Any, Callable, Iterator, Protocol, TypeVar
 
 import trio
 
@@ -46,6 +46,8 @@ from cachefs.config import DatasetConfig, url_scheme
 from cachefs.errors import BackendError, ConfigError
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 PROTOCOL_VERSION = 1
 XATTR = "user.cachefs.control"
@@ -617,7 +619,7 @@ def socket_for(target: str, timeout: float = 5) -> str:
         ConfigError: one line: no such path, not a cachefs mount, the daemon is
             gone, or the mount does not answer within `timeout` seconds.
     """
-    return _ask_mount(_locate, os.path.abspath(target), timeout)
+    return ask_mount(_locate, os.path.abspath(target), timeout)
 
 
 XATTR_PATH = "user.cachefs.path"
@@ -630,7 +632,7 @@ def mount_path(target: str, timeout: float = 5) -> str:
     Raises:
         ConfigError: one line: no such path, not in a cachefs mount, or no answer.
     """
-    return _ask_mount(_mount_path, os.path.abspath(target), timeout)
+    return ask_mount(_mount_path, os.path.abspath(target), timeout)
 
 
 def _mount_path(target: str) -> str:
@@ -644,10 +646,11 @@ def _mount_path(target: str) -> str:
         raise ConfigError(f"{target}: {e.strerror}") from None
 
 
-def _ask_mount(ask: Callable[[str], str], target: str, timeout: float) -> str:
-    """`ask(target)` in a thread, given up after `timeout` seconds."""
+def ask_mount(ask: Callable[[str], T], target: str, timeout: float) -> T:
+    """`ask(target)` in a thread, given up after `timeout` seconds: anything that
+    touches a FUSE mount may hang with its daemon, and the CLI must not."""
 
-    async def run() -> str:
+    async def run() -> T:
         with trio.move_on_after(timeout):
             # Abandoned on timeout: stat and getxattr change nothing, and a hung mount never returns.
             return await trio.to_thread.run_sync(ask, target, abandon_on_cancel=True)

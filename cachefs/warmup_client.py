@@ -67,13 +67,7 @@ def _find_mount(target: str) -> tuple[str, str]:
 
 
 def find_mount(target: str, timeout: float = 5) -> tuple[str, str]:
-    async def run() -> tuple[str, str]:
-        with trio.move_on_after(timeout):
-            # Abandoned on timeout: getxattr changes nothing, and a hung mount never returns.
-            return await trio.to_thread.run_sync(_find_mount, target, abandon_on_cancel=True)
-        raise ConfigError(f"{target}: no answer within {timeout:g} s (a hung mount?)")
-
-    return trio.run(run)
+    return control.ask_mount(_find_mount, target, timeout)
 
 
 # -- output --------------------------------------------------------------------------
