@@ -166,8 +166,9 @@ async def test_a_busy_owner_sends_the_client_to_the_next_node_at_once(version, m
         ring = Ring({n: 1.0 for n in nodes})
         client = PeerClient("mount", SECRET, nursery, max_payload=SCHUNK)
         tier = PeerTier(client, lambda: ring, timeout=5.0)
-        obj = ObjectId(SOURCE, "f.bin", "v1", 4 * SCHUNK)
-        keys = [chunk_key(obj, SCHUNK, i) for i in range(4)]
+        # The ports, so the ring, differ each run: 64 chunks make "none owned by node 0" (2^-64) impossible in practice.
+        obj = ObjectId(SOURCE, "f.bin", "v1", 64 * SCHUNK)
+        keys = [chunk_key(obj, SCHUNK, i) for i in range(64)]
         owned = [k for k in keys if ring.owner(k.digest) == nodes[0]]
         assert owned, "no chunk owned by the first node"
         assert await tier.get(owned[0]) == bytes([owned[0].index]) * SCHUNK  # connects to the owner
