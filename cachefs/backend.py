@@ -8,6 +8,7 @@ retries, so a dead backend turns into an error in bounded time and never a hang.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
 import email.utils
@@ -16,6 +17,7 @@ import http.client
 import logging
 import os
 import random
+import shutil
 import stat as stat_mod
 import threading
 import time
@@ -29,6 +31,7 @@ from cachefs import hotpath, metrics
 from cachefs.errors import (
     BackendError,
     BackendPermissionDenied,
+    BackendRefused,
     BackendUnavailable,
     ConfigError,
     ObjectChanged,
@@ -41,6 +44,14 @@ log = logging.getLogger(__name__)
 _fallbacks = LogLimiter(log, interval=60.0)
 
 T = TypeVar("T")
+
+
+def fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _local_version(st: os.stat_result) -> str:
@@ -101,6 +112,42 @@ class LocalStore:
             return os.pread(fd, end - start, start)
         finally:
             os.close(fd)
+
+    # -- changes (read-write datasets) --------------------------------------------
+
+    def put_file(self, path: str, staged: str) -> None:
+        """Copy `staged` to `path`: to a temporary name beside it, fsync'd, then renamed
+        over it, so `path` is never seen half-written."""
+        target = self._abs(path)
+        tmp = os.path.join(os.path.dirname(target), f".cachefs-upload-{os.getpid()}-{threading.get_ident()}")
+        try:
+            shutil.copyfile(staged, tmp)  # copy_file_range/sendfile: no bytes through Python
+            fd = os.open(tmp, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(tmp, target)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+        fsync_dir(os.path.dirname(target))
+
+    def delete(self, path: str) -> None:
+        os.unlink(self._abs(path))
+
+    def make_dir(self, path: str) -> None:
+        os.mkdir(self._abs(path), 0o755)
+
+    def remove_dir(self, path: str) -> None:
+        os.rmdir(self._abs(path))
+
+    def rename(self, old: str, new: str, kind: Kind) -> None:
+        os.rename(self._abs(old), self._abs(new))
+
+    def set_mtime(self, path: str, mtime: float) -> None:
+        os.utime(self._abs(path), (mtime, mtime), follow_symlinks=False)
 
 
 class FsspecStore:
@@ -247,6 +294,102 @@ class FsspecStore:
         self._check_version(obj, resp.get("ContentRange", ""), None if conditions else resp.get("LastModified"))
         return data
 
+    # -- changes (read-write datasets) --------------------------------------------
+    # S3 through botocore's client (thread-safe, one per store); other fsspec
+    # filesystems through fsspec's own calls, whole files only.
+
+    def _key(self, path: str) -> tuple[str, str]:
+        bucket, _, key = self._abs(path).partition("/")
+        return bucket, key
+
+    def put_file(self, path: str, staged: str) -> None:
+        """Upload `staged` as `path` in one request (a single PUT on S3)."""
+        if not self.is_s3:
+            self.fs.put_file(staged, self._abs(path))
+            return
+        bucket, key = self._key(path)
+        with open(staged, "rb") as f:
+            body = f.read()
+        self.fast.client.put_object(Bucket=bucket, Key=key, Body=body)
+
+    def start_multipart(self, path: str) -> str:
+        bucket, key = self._key(path)
+        return self.fast.client.create_multipart_upload(Bucket=bucket, Key=key)["UploadId"]
+
+    def put_part(self, path: str, upload_id: str, number: int, staged: str, start: int, end: int) -> str:
+        """Upload bytes [start, end) of `staged` as part `number`; returns its ETag."""
+        bucket, key = self._key(path)
+        fd = os.open(staged, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            body = os.pread(fd, end - start, start)
+        finally:
+            os.close(fd)
+        if len(body) != end - start:
+            raise OSError(errno.EIO, f"{staged}: short read of part {number}")
+        answer = self.fast.client.upload_part(Bucket=bucket, Key=key, UploadId=upload_id, PartNumber=number, Body=body)
+        return answer["ETag"]
+
+    def finish_multipart(self, path: str, upload_id: str, etags: list[str]) -> None:
+        bucket, key = self._key(path)
+        parts = [{"PartNumber": n, "ETag": etag} for n, etag in enumerate(etags, 1)]
+        self.fast.client.complete_multipart_upload(
+            Bucket=bucket, Key=key, UploadId=upload_id, MultipartUpload={"Parts": parts}
+        )
+
+    def abort_multipart(self, path: str, upload_id: str) -> None:
+        bucket, key = self._key(path)
+        self.fast.client.abort_multipart_upload(Bucket=bucket, Key=key, UploadId=upload_id)
+
+    def delete(self, path: str) -> None:
+        if not self.is_s3:
+            self.fs.rm_file(self._abs(path))
+            return
+        bucket, key = self._key(path)
+        self.fast.client.delete_object(Bucket=bucket, Key=key)
+
+    def make_dir(self, path: str) -> None:
+        """S3 has no directories: a zero-byte "NAME/" marker keeps an empty one listed."""
+        if not self.is_s3:
+            self.fs.makedirs(self._abs(path), exist_ok=False)
+            return
+        bucket, key = self._key(path)
+        self.fast.client.put_object(Bucket=bucket, Key=f"{key}/", Body=b"")
+
+    def remove_dir(self, path: str) -> None:
+        if not self.is_s3:
+            self.fs.rmdir(self._abs(path))
+            return
+        bucket, key = self._key(path)
+        listed = self.fast.client.list_objects_v2(Bucket=bucket, Prefix=f"{key}/", MaxKeys=2)
+        if any(item["Key"] != f"{key}/" for item in listed.get("Contents", [])):
+            raise BackendRefused(f"{path}: directory not empty", errno.ENOTEMPTY)
+        self.fast.client.delete_object(Bucket=bucket, Key=f"{key}/")
+
+    def rename(self, old: str, new: str, kind: Kind) -> None:
+        """A file: server-side copy, then delete (not atomic on S3; docs/semantics.md).
+        A directory would be a copy of every object under it: refused with EXDEV, so
+        that `mv` copies and deletes it itself."""
+        if kind == "dir":
+            raise BackendRefused(f"{old}: an object store cannot rename a directory", errno.EXDEV)
+        if not self.is_s3:
+            self.fs.mv(self._abs(old), self._abs(new))
+            return
+        bucket, key = self._key(old)
+        _, new_key = self._key(new)
+        self.fast.client.copy_object(Bucket=bucket, Key=new_key, CopySource={"Bucket": bucket, "Key": key})
+        self.fast.client.delete_object(Bucket=bucket, Key=key)
+
+    def set_mtime(self, path: str, mtime: float) -> None:
+        """An object's mtime is the time it was written; S3 cannot set it."""
+
+    def bucket_exists(self) -> bool:
+        bucket, _ = self._key("")
+        try:
+            self.fs.info(bucket)
+        except FileNotFoundError:
+            return False
+        return True
+
     @staticmethod
     def _check_version(obj: ObjectId, content_range: str, last_modified) -> None:
         """Servers without ETags (the JuiceFS gateway) still report the object's
@@ -286,6 +429,8 @@ class S3FastPath:
             s3={"addressing_style": "path" if endpoint_url else "auto"},
             connect_timeout=timeout,
             read_timeout=timeout,
+            # cachefs retries on its own (Backend._change), with its own bound.
+            retries={"total_max_attempts": 1, "mode": "standard"},
         )
         keys = dict(zip(("aws_access_key_id", "aws_secret_access_key"), credentials)) if credentials else {}
         region = session.get_config_variable("region") or "us-east-1"
@@ -463,6 +608,13 @@ def _translate(e: BaseException, what: str) -> BackendError:
         return BackendPermissionDenied(f"{what}: access denied ({e})")
     if isinstance(e, (NotADirectoryError, IsADirectoryError)):
         return ObjectNotFound(f"{what}: {e}")
+    if isinstance(e, OSError) and e.errno in _REFUSALS:
+        return BackendRefused(f"{what}: {e.strerror or e}", e.errno)
+    status = _http_status(e)
+    if status == 404:
+        return ObjectNotFound(f"{what}: not found")
+    if status == 403:
+        return BackendPermissionDenied(f"{what}: access denied ({e})")
     name = type(e).__name__
     if isinstance(e, (ConnectionError, TimeoutError)) or "Connect" in name or "Timeout" in name:
         return BackendUnavailable(f"{what}: backend unreachable ({name}: {e})")
@@ -470,8 +622,26 @@ def _translate(e: BaseException, what: str) -> BackendError:
 
 
 # Errors that another attempt cannot fix.
-_PERMANENT = (ObjectNotFound, ObjectChanged, BackendPermissionDenied)
+_PERMANENT = (ObjectNotFound, ObjectChanged, BackendPermissionDenied, BackendRefused)
 
+# Local (and NAS) refusals of a change that have an errno of their own for the caller.
+_REFUSALS = frozenset({
+    errno.ENOTEMPTY, errno.EEXIST, errno.EXDEV, errno.ENOSPC,
+    errno.EDQUOT, errno.EROFS, errno.ENAMETOOLONG, errno.EINVAL,
+})
+
+
+def _http_status(e: BaseException) -> int | None:
+    """The HTTP status of a botocore ClientError, if `e` is one."""
+    response = getattr(e, "response", None)
+    if not isinstance(response, dict):
+        return None
+    status = response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+    return status if isinstance(status, int) else None
+
+
+# S3 takes at most this many parts in one multipart upload.
+MAX_PARTS = 10_000
 
 # After the backend stops answering, fail new requests at once for this long
 # instead of making every miss wait out its own timeout; then let one request
@@ -488,12 +658,16 @@ class Backend:
     Errors are `BackendError` subclasses only.
     """
 
-    def __init__(self, store: Store, concurrency: int, timeout: float, retries: int, clock=time.monotonic):
+    def __init__(
+        self, store: Store, concurrency: int, timeout: float, retries: int, clock=time.monotonic, upload_concurrency: int = 4
+    ):
         self.store = store
         self.source = store.url
         self.timeout = timeout
         self.retries = retries
         self.limiter = trio.CapacityLimiter(concurrency)
+        # Uploads have their own slots: a big upload must not hold up reads' misses.
+        self.upload_limiter = trio.CapacityLimiter(upload_concurrency)
         self._clock = clock
         self._down_until: float | None = None  # None while the backend answers
         self._probing = False
@@ -573,3 +747,85 @@ class Backend:
             raise ObjectChanged(f"{obj.path}: short read at {start} ({len(data)} of {end - start} bytes)")
         metrics.BACKEND_READ_BYTES.inc(len(data))
         return data
+
+    # -- changes (read-write datasets) --------------------------------------------
+
+    async def _change(self, op: str, what: str, fn: Callable[..., T], *args) -> T:
+        """Run a change with bounded retries. Unlike a read, an attempt is never
+        abandoned: a PUT left running could land after a later one and undo it. Each
+        attempt is bounded by the store's own connect and read timeouts
+        (--backend-timeout), and a change does not fail fast while reads do (`is_down`):
+        a close must get its retries."""
+        delay = 0.05
+        attempt = 0
+        while True:
+            attempt += 1
+            t0 = time.monotonic()
+            try:
+                result = await trio.to_thread.run_sync(fn, *args, limiter=self.upload_limiter)
+            except Exception as e:  # noqa: BLE001 - translated right here
+                error = _translate(e, what)
+            else:
+                metrics.BACKEND_REQUESTS.labels(op, "ok").inc()
+                metrics.BACKEND_SECONDS.labels(op).observe(time.monotonic() - t0)
+                return result
+            metrics.BACKEND_REQUESTS.labels(op, "notfound" if isinstance(error, ObjectNotFound) else "error").inc()
+            if isinstance(error, _PERMANENT) or attempt > self.retries:
+                raise error
+            log.warning("%s %s failed (attempt %d of %d), retrying: %s", op, what, attempt, self.retries + 1, error)
+            await trio.sleep(delay * (1 + random.random()))
+            delay = min(delay * 4, 2.0)
+
+    async def upload(self, path: str, staged: str, size: int, part_size: int) -> ObjectInfo:
+        """Make `path` hold the bytes of local file `staged` (`size` bytes), whole or not
+        at all: one PUT up to `part_size`, else a multipart upload (parts in parallel
+        within the upload slots), which S3 shows only once completed. Returns the new
+        object's attributes (its version), as the backend reports them after.
+
+        Raises:
+            BackendError: after bounded retries of a request; a multipart upload is aborted.
+        """
+        store = self.store
+        if size <= part_size or not getattr(store, "is_s3", False):
+            await self._change("put", path, store.put_file, path, staged)
+        else:
+            part_size = max(part_size, -(-size // MAX_PARTS))
+            upload_id = await self._change("put", path, store.start_multipart, path)
+            etags: list[str] = [""] * (-(-size // part_size))
+            try:
+                async def put_part(index: int) -> None:
+                    start = index * part_size
+                    end = min(start + part_size, size)
+                    etags[index] = await self._change(
+                        "put", f"{path} part {index + 1}", store.put_part, path, upload_id, index + 1, staged, start, end
+                    )
+
+                async with trio.open_nursery() as nursery:
+                    for index in range(len(etags)):
+                        nursery.start_soon(put_part, index)
+                await self._change("put", path, store.finish_multipart, path, upload_id, etags)
+            except BaseException:
+                with trio.CancelScope(shield=True):
+                    try:
+                        await self._change("put", path, store.abort_multipart, path, upload_id)
+                    except BackendError as e:
+                        log.warning("could not abort the multipart upload of %s (the bucket's lifecycle rule "
+                                    "should clean it up): %s", path, e)
+                raise
+        metrics.BACKEND_WRITTEN_BYTES.inc(size)
+        return await self._change("stat", path, store.stat, path)
+
+    async def delete(self, path: str) -> None:
+        await self._change("delete", path, self.store.delete, path)
+
+    async def make_dir(self, path: str) -> None:
+        await self._change("mkdir", path, self.store.make_dir, path)
+
+    async def remove_dir(self, path: str) -> None:
+        await self._change("rmdir", path, self.store.remove_dir, path)
+
+    async def rename(self, old: str, new: str, kind: Kind) -> None:
+        await self._change("rename", f"{old} -> {new}", self.store.rename, old, new, kind)
+
+    async def set_mtime(self, path: str, mtime: float) -> None:
+        await self._change("setattr", path, self.store.set_mtime, path, mtime)

@@ -120,6 +120,17 @@ def _parser() -> argparse.ArgumentParser:
         help="ask the backend again for all cached attributes and listings every SECONDS, dropping the "
         "kernel's and our caches of what changed (default 0: off; see also `cachefs refresh`)",
     )
+    g = m.add_argument_group("writes (rw datasets; docs/semantics.md)")
+    g.add_argument("--read-write", action="store_true", help="serve SOURCE read-write (for --dataset: the rw option)")
+    g.add_argument("--writeback", action="store_true", default=None,
+                   help="close() returns before the upload: files are journaled on the SSD and uploaded in the background")
+    g.add_argument("--stage-size", help="the most bytes of written files staged at once; writers wait beyond it "
+                   "(default: half of --cache-size)")
+    g.add_argument("--upload-concurrency", type=int, help=f"uploads (PUTs, parts) at once per dataset (default {d.upload_concurrency})")
+    g.add_argument("--part-size", help=f"files up to this size go in one PUT, larger ones in parts of it (default {format_size(d.part_size)})")
+    g.add_argument("--uid", type=int, help="owner of every file and directory (default: the mount's user)")
+    g.add_argument("--gid", type=int, help="group of every file and directory (default: the mount's group)")
+    g.add_argument("--umask", help="permission bits to take off rw datasets' entries, in octal (default 022)")
     g = m.add_argument_group("sharing")
     g.add_argument("--serve", metavar="HOST:PORT", help="also serve this mount's cache to the ring (list HOST:PORT in every node's --peers)")
 
@@ -270,8 +281,11 @@ def _node_config(a: argparse.Namespace, extra: list[str]) -> NodeConfig:
         flags["mountpoint"] = os.path.abspath(positionals[-1])
     if source is None and not a.dataset and not a.config:
         raise ConfigError("nothing to mount: give SOURCE MOUNTPOINT, --dataset NAME=URL or --config FILE")
+    if a.read_write and source is None:
+        raise ConfigError("--read-write is for SOURCE MOUNTPOINT; give a --dataset the rw option instead")
     return load_node(
-        flags=flags, config_file=a.config, source=source, datasets=a.dataset, environment=not a.print_config
+        flags=flags, config_file=a.config, source=source, datasets=a.dataset, environment=not a.print_config,
+        read_write=a.read_write,
     )
 
 

@@ -182,9 +182,41 @@ class MountOptions(CacheConfig):
     # The bdi read_ahead_kb of the mount: big enough that buffered sequential reads
     # reach the daemon as 1 MiB requests instead of 128 KiB ones.
     kernel_read_ahead_kb: int = 4096
+    # Read-write datasets (docs/semantics.md, "Writes").
+    writeback: bool = False  # close() returns before the upload; journaled, uploaded in the background
+    stage_size: int | None = None  # bytes of written files staged at once; None: half of --cache-size (or 1G)
+    upload_concurrency: int = 4  # requests (PUTs, parts) uploading at once, per dataset
+    part_size: int = 8 << 20  # files up to this size go in one PUT; larger ones in parts of this size
+    uid: int | None = None  # owner of every entry; None: the mount process's
+    gid: int | None = None
+    umask: int = 0o022  # permission bits taken off rw datasets' entries (ro ones show no write bits)
+
+    @property
+    def stage_limit(self) -> int:
+        """Bytes the staging area may hold: --stage-size, or half the SSD tier (1G without one)."""
+        if self.stage_size is not None:
+            return self.stage_size
+        return self.cache_size // 2 if self.cache_size else 1 << 30
 
     def check(self, *, environment: bool = True) -> None:
         self._check_durations("attr_ttl", "entry_ttl", "dir_ttl", "meta_refresh")
+        if self.stage_size is not None and self.stage_size < 1 << 20:
+            raise ConfigError(f"{self.label('stage_size')} {format_size(self.stage_size)}: must be at least 1M")
+        if self.cache_size and self.stage_limit > self.cache_size:
+            raise ConfigError(
+                f"{self.label('stage_size')} {format_size(self.stage_limit)}: staged files count against "
+                f"--cache-size ({format_size(self.cache_size)}); give at most that"
+            )
+        if self.upload_concurrency < 1:
+            raise ConfigError(f"{self.label('upload_concurrency')} must be at least 1")
+        if not 5 << 20 <= self.part_size <= 5 << 30:
+            raise ConfigError(f"{self.label('part_size')} {format_size(self.part_size)}: S3 takes parts of 5M to 5G")
+        for name in ("uid", "gid"):
+            value = getattr(self, name)
+            if value is not None and not 0 <= value < 1 << 32:
+                raise ConfigError(f"{self.label(name)} {value}: not a user or group id")
+        if not 0 <= self.umask <= 0o777:
+            raise ConfigError(f"{self.label('umask')} {self.umask:o}: give an octal mask like 022")
         if self.meta_cache_entries < 1:
             raise ConfigError(f"{self.label('meta_cache_entries')} {self.meta_cache_entries}: must be at least 1")
         super().check(environment=environment)
@@ -366,8 +398,6 @@ class DatasetConfig:
             raise ConfigError(f"{L('url')}: {self.url!r} holds a control character")
         if not self.at_root and not _SCHEME_RE.match(self.url) and not os.path.isabs(self.url):
             raise ConfigError(f"{L('url')}: {self.url!r} is neither a URL (s3://...) nor an absolute path")
-        if not self.read_only:
-            raise ConfigError(f"{L('read_only')}: read-write datasets are not supported yet")
         self._check_subdir()
         if self.quota is not None and self.quota <= 0:
             raise ConfigError(f"{L('quota')}: {self.quota} must be positive (leave it out for no quota)")
@@ -434,5 +464,7 @@ class NodeConfig(MountOptions):
                 raise ConfigError(f"{dataset.label('name')}: dataset {dataset.name!r} is given twice")
             seen.add(dataset.name)
             dataset.check()
+        if environment and any(not d.read_only for d in self.datasets) and not self.cache_size:
+            self._check_cache_dir()  # the staging area lives there even without an SSD tier
 
 

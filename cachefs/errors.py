@@ -50,3 +50,17 @@ class PeerError(CachefsError):
     def __init__(self, msg: str, code: str = ""):
         super().__init__(msg)
         self.code = code
+
+
+class BackendRefused(BackendError):
+    """The backend refused a change for a reason POSIX has an errno for (a directory
+    not empty, a name that exists, a rename it cannot do): `errno` says which."""
+
+    def __init__(self, msg: str, errno: int):
+        super().__init__(msg)
+        self.errno = errno
+
+
+class StagingFull(CachefsError):
+    """The staging area is full of files still open for write: nothing being uploaded
+    would make room (ENOSPC). Closed files never cause it: their writers wait."""

@@ -1,7 +1,9 @@
 """The FUSE front end: the only module that imports pyfuse3.
 
-Turns kernel requests into namespace and reader calls, and typed errors into
-errnos. Read-only for now: every modifying request gets EROFS.
+Turns kernel requests into namespace, reader and write calls, and typed errors
+into errnos. Read-only datasets answer every modifying request with EROFS;
+read-write ones stage writes (writes.py) and upload them (upload.py); what each
+operation does on S3 and its errnos are in docs/semantics.md.
 """
 
 from __future__ import annotations
@@ -21,11 +23,20 @@ import pyfuse3
 import trio
 
 from cachefs import metrics
-from cachefs.objects import ObjectId, ObjectInfo
-from cachefs.errors import BackendPermissionDenied, CachefsError, ObjectChanged, ObjectNotFound
+from cachefs.objects import ObjectId, ObjectInfo, join
+from cachefs.errors import (
+    BackendPermissionDenied,
+    BackendRefused,
+    CachefsError,
+    ObjectChanged,
+    ObjectNotFound,
+    StagingFull,
+)
 from cachefs.inodes import ROOT_INODE, InodeTable
 from cachefs.node import Dataset, Node
 from cachefs.reader import ReadStream
+from cachefs.staging import StagedFile
+from cachefs.writes import WriteFile
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +48,10 @@ NAME_MAX = 255  # bytes in one path component
 
 
 def _errno_of(e: CachefsError) -> int:
+    if isinstance(e, BackendRefused):
+        return e.errno
+    if isinstance(e, StagingFull):
+        return errno.ENOSPC
     if isinstance(e, ObjectNotFound):
         return errno.ENOENT
     if isinstance(e, ObjectChanged):
@@ -82,9 +97,12 @@ def fuse_errors(fn: F) -> F:
 @dataclasses.dataclass
 class OpenFile:
     inode: int
-    obj: ObjectId
+    obj: ObjectId | None  # None: read from `write` or `staged`
     stream: ReadStream
     dataset: Dataset
+    write: WriteFile | None = None  # the path is open for write on this node: its bytes
+    writable: bool = False  # this handle was opened for write
+    staged: tuple[StagedFile, int] | None = None  # a closed file not uploaded yet, and an fd of it
 
 
 # Extended attributes the mount answers (getfattr -n NAME); all read-only.
@@ -121,9 +139,12 @@ class Operations(pyfuse3.Operations):
         # The version each inode had when last opened: the kernel keeps its page
         # cache across opens only while this is unchanged.
         self._opened_versions: dict[int, str] = {}
-        self._uid = os.getuid()
+        config = node.config
+        self._uid = os.getuid() if getattr(config, "uid", None) is None else config.uid
         metrics.INODES.set_function(lambda: len(self.inodes))
-        self._gid = os.getgid()
+        self._gid = os.getgid() if getattr(config, "gid", None) is None else config.gid
+        self._umask = getattr(config, "umask", 0o022)
+        self._writeback = bool(getattr(config, "writeback", False))
         # statfs: None reports a large, full filesystem; else an async function giving
         # (bytes, files) of the datasets, or None while unknown (cachefs fluid-mount).
         self.usage: Callable[[], Awaitable[tuple[int, int] | None]] | None = None
@@ -152,11 +173,36 @@ class Operations(pyfuse3.Operations):
             return info
         return dataclasses.replace(info, path=f"{dataset.name}/{info.path}" if info.path else dataset.name)
 
+    def _writable(self, path: str) -> Dataset:
+        """The read-write dataset `path` lies in.
+
+        Raises:
+            FUSEError(EROFS): a read-only dataset, or the root listing the datasets.
+        """
+        located = self.node.locate(path)
+        if located is None or located[0].config.read_only or self.node.writes is None:
+            raise pyfuse3.FUSEError(errno.EROFS)
+        return located[0]
+
+    def _is_rw(self, path: str) -> bool:
+        located = self.node.locate(path)
+        return located is not None and not located[0].config.read_only
+
     async def _stat(self, path: str) -> ObjectInfo:
         if self._lists_datasets(path):
             return ObjectInfo("", "dir", 0, self.node.started, "datasets")
         dataset, inner = self._locate(path)
+        written = self.node.writes.info(dataset, inner) if self.node.writes is not None else None
+        if written is not None:
+            return self._outer(dataset, written)
         return self._outer(dataset, await dataset.namespace.stat(inner))
+
+    async def _stored(self, dataset: Dataset, inner: str) -> ObjectInfo | None:
+        """What the backend has at `inner` (as far as we know), or None."""
+        try:
+            return await dataset.namespace.stat(inner)
+        except ObjectNotFound:
+            return None
 
     async def backend_changed(self, dataset: Dataset, changed: list[tuple[ObjectInfo, ObjectInfo | None]]) -> None:
         """Entries of `dataset` changed or went away in the backend: drop the kernel's
@@ -194,14 +240,15 @@ class Operations(pyfuse3.Operations):
         a.generation = 0
         a.entry_timeout = self.entry_ttl
         a.attr_timeout = self.attr_ttl
+        rw = self._is_rw(info.path)
         if info.kind == "dir":
-            a.st_mode = stat.S_IFDIR | 0o555
+            a.st_mode = stat.S_IFDIR | (0o777 & ~self._umask if rw else 0o555)
             a.st_nlink = 2
         elif info.kind == "link":
             a.st_mode = stat.S_IFLNK | 0o777
             a.st_nlink = 1
         else:
-            a.st_mode = stat.S_IFREG | 0o444
+            a.st_mode = stat.S_IFREG | (0o666 & ~self._umask if rw else 0o444)
             a.st_nlink = 1
         a.st_size = info.size
         a.st_blksize = self.block_size
@@ -230,7 +277,8 @@ class Operations(pyfuse3.Operations):
             info = await self._stat(name)
         else:
             dataset, inner = self._locate(parent)
-            info = self._outer(dataset, await dataset.namespace.lookup(inner, name))
+            written = self.node.writes.info(dataset, join(inner, name)) if self.node.writes is not None else None
+            info = self._outer(dataset, written or await dataset.namespace.lookup(inner, name))
         return self._attrs(self.inodes.lookup(info.path), info)
 
     @fuse_errors
@@ -294,9 +342,11 @@ class Operations(pyfuse3.Operations):
         s = pyfuse3.StatvfsData()
         s.f_bsize = self.block_size
         s.f_frsize = self.block_size
-        # An object store has no size; report a large, full, read-only filesystem.
+        # An object store has no size: report a large filesystem.
         s.f_blocks = 1 << 30
-        s.f_bfree = s.f_bavail = 0
+        # Room to write where a dataset takes writes (tools check df first), else none.
+        writable = any(not d.config.read_only for d in self.node.datasets.values())
+        s.f_bfree = s.f_bavail = s.f_blocks // 2 if writable else 0
         s.f_files = 1 << 30
         s.f_ffree = s.f_favail = 0
         s.f_namemax = 255
@@ -322,7 +372,13 @@ class Operations(pyfuse3.Operations):
             entries = [ObjectInfo(name, "dir", 0, started, "dataset") for name in sorted(self.node.datasets)]
         else:
             dataset, inner = self._locate(path)
-            entries = [self._outer(dataset, e) for e in await dataset.namespace.list_dir(inner)]
+            listed = await dataset.namespace.list_dir(inner)
+            if self.node.writes is not None:
+                written = {e.name: e for e in self.node.writes.children(dataset, inner)}
+                if written:
+                    listed = sorted([e for e in listed if e.name not in written] + list(written.values()),
+                                    key=lambda e: e.name)
+            entries = [self._outer(dataset, e) for e in listed]
         fh = next(self._fh)
         self._dirs[fh] = entries
         return fh
@@ -346,21 +402,48 @@ class Operations(pyfuse3.Operations):
 
     @fuse_errors
     async def open(self, inode, flags, ctx):
-        if flags & os.O_ACCMODE != os.O_RDONLY or flags & (os.O_TRUNC | os.O_APPEND):
-            raise pyfuse3.FUSEError(errno.EROFS)
         path = self._path(inode)
+        writing = flags & os.O_ACCMODE != os.O_RDONLY or bool(flags & os.O_TRUNC)
+        if writing:
+            self._writable(path)
         info = await self._stat(path)
         if info.kind == "dir":
             raise pyfuse3.FUSEError(errno.EISDIR)
         dataset, inner = self._locate(path)
-        obj = ObjectId(dataset.source, inner, info.version, info.size)
+        f = OpenFile(inode, None, ReadStream(), dataset)
+        writes = self.node.writes
+        if writing:
+            current = None if flags & os.O_TRUNC else await self._stored(dataset, inner)
+            f.write = await writes.open(dataset, inner, current, truncate=bool(flags & os.O_TRUNC))
+            f.writable = True
+        elif writes is not None and (wf := writes.find(dataset, inner)) is not None:
+            f.write = wf
+            wf.handles += 1  # reads see this node's writes, from the same staged file
+        elif writes is not None and (upload := writes.uploader.latest(dataset, inner)) is not None:
+            staged = upload.staged
+            writes.staging.hold(staged)
+            try:
+                fd = os.open(staged.path, os.O_RDONLY | os.O_CLOEXEC)
+            except OSError:
+                writes.staging.release(staged)
+                raise
+            f.staged = (staged, fd)
+        else:
+            f.obj = ObjectId(dataset.source, inner, info.version, info.size)
+        return self._opened(f, info.version)
+
+    def _opened(self, f: OpenFile, version: str) -> pyfuse3.FileInfo:
         fh = next(self._fh)
-        self._files[fh] = OpenFile(inode, obj, ReadStream(), dataset)
-        dataset.open_files += 1
-        self.inodes.opened(inode)
+        self._files[fh] = f
+        f.dataset.open_files += 1
+        self.inodes.opened(f.inode)
         fi = pyfuse3.FileInfo(fh=fh)
-        fi.keep_cache = self._opened_versions.get(inode) == info.version
-        self._opened_versions[inode] = info.version
+        local = f.obj is None  # bytes of this node's writes: the kernel's pages may be older
+        fi.keep_cache = not local and self._opened_versions.get(f.inode) == version
+        if local:
+            self._opened_versions.pop(f.inode, None)
+        else:
+            self._opened_versions[f.inode] = version
         return fi
 
     @fuse_errors
@@ -368,6 +451,10 @@ class Operations(pyfuse3.Operations):
         f = self._files[fh]
         if f.dataset.removed:
             raise pyfuse3.FUSEError(errno.ESTALE)  # removed with --force while open
+        if f.write is not None:
+            return f.write.read(off, size)
+        if f.staged is not None:
+            return os.pread(f.staged[1], size, off)
         try:
             return await f.dataset.reader.read(f.obj, off, size, f.stream)
         except ObjectChanged:
@@ -380,16 +467,213 @@ class Operations(pyfuse3.Operations):
         if f is None:
             return
         f.dataset.open_files -= 1
+        if f.write is not None:
+            self.node.writes.close(f.write)
+        if f.staged is not None:
+            os.close(f.staged[1])
+            self.node.writes.staging.release(f.staged[0])
         if self.inodes.closed(f.inode):
             self._dropped(f.inode)
 
-    # -- everything that would modify the source -------------------------------
+    # -- writes (read-write datasets) -------------------------------------------------
 
-    async def _read_only(self, *args, **kwargs):
-        raise pyfuse3.FUSEError(errno.EROFS)
+    def _writer(self, fh: int) -> WriteFile:
+        f = self._files[fh]
+        if not f.writable:
+            raise pyfuse3.FUSEError(errno.EBADF)
+        if f.dataset.removed:
+            raise pyfuse3.FUSEError(errno.ESTALE)
+        return f.write
 
-    setattr = create = mkdir = mknod = symlink = link = unlink = rmdir = rename = _read_only
-    write = setxattr = removexattr = _read_only
+    @fuse_errors
+    async def write(self, fh, off, buf):
+        return await self._writer(fh).write(off, buf)
+
+    @fuse_errors
+    async def flush(self, fh):
+        f = self._files.get(fh)
+        if f is not None and f.writable:
+            # close(): by default the upload is done when this returns (close-to-open).
+            await f.write.commit(background=self._writeback)
+
+    @fuse_errors
+    async def fsync(self, fh, datasync):
+        f = self._files.get(fh)
+        if f is not None and f.writable:
+            # Durable when this returns: uploaded, or (--writeback) fsync'd and journaled.
+            await f.write.commit(background=self._writeback)
+
+    @fuse_errors
+    async def create(self, parent_inode, name, mode, flags, ctx):
+        parent = self._path(parent_inode)
+        dataset = self._writable(parent)
+        _, inner_parent = self._locate(parent)
+        inner = join(inner_parent, self._name(name))
+        f = OpenFile(0, None, ReadStream(), dataset, writable=True)
+        f.write = await self.node.writes.open(dataset, inner, None, truncate=True)
+        info = self._outer(dataset, f.write.info)
+        try:
+            f.inode = self.inodes.lookup(info.path)
+            return self._opened(f, info.version), self._attrs(f.inode, info)
+        except BaseException:
+            self.node.writes.close(f.write)
+            raise
+
+    @staticmethod
+    def _name(name: bytes) -> str:
+        if len(name) > NAME_MAX:
+            raise pyfuse3.FUSEError(errno.ENAMETOOLONG)
+        return os.fsdecode(name)
+
+    async def _child(self, parent_inode: int, name: bytes) -> tuple[Dataset, str, str]:
+        """(dataset, path inside it, mount path) of entry `name` of a read-write directory."""
+        parent = self._path(parent_inode)
+        dataset = self._writable(parent)
+        _, inner_parent = self._locate(parent)
+        name = self._name(name)
+        return dataset, join(inner_parent, name), join(parent, name)
+
+    @fuse_errors
+    async def setattr(self, inode, attr, fields, fh, ctx):
+        path = self._path(inode)
+        changes = fields.update_size or fields.update_mtime
+        if changes or fields.update_mode or fields.update_uid or fields.update_gid:
+            dataset = self._writable(path)
+            _, inner = self._locate(path)
+            writes = self.node.writes
+            f = self._files.get(fh) if fh is not None else None
+            wf = f.write if f is not None and f.writable else writes.find(dataset, inner)
+            if fields.update_size:
+                if wf is not None:
+                    await wf.truncate(attr.st_size)
+                else:  # truncate(2) of a closed file: write it whole again
+                    current = None if attr.st_size == 0 else await self._stored(dataset, inner)
+                    wf = await writes.open(dataset, inner, current, truncate=attr.st_size == 0)
+                    try:
+                        await wf.truncate(attr.st_size)
+                        await wf.commit(background=self._writeback)
+                    finally:
+                        writes.close(wf)
+                    wf = None
+            if fields.update_mtime:
+                mtime = attr.st_mtime_ns / 1e9
+                if wf is not None:
+                    wf.set_mtime(mtime)
+                else:
+                    await dataset.backend.set_mtime(inner, mtime)  # S3: an object's mtime is its upload's
+                    dataset.namespace.invalidate(inner)
+            # Modes and owners are the mount's (--uid, --gid, --umask): accepted, not kept.
+        return self._attrs(inode, await self._stat(path))
+
+    @fuse_errors
+    async def unlink(self, parent_inode, name, ctx):
+        dataset, inner, path = await self._child(parent_inode, name)
+        info = await self._stat(path)
+        if info.kind == "dir":
+            raise pyfuse3.FUSEError(errno.EISDIR)
+        writes = self.node.writes
+        await writes.uploader.wait(dataset, inner)  # else a late upload would bring it back
+        if await self._stored(dataset, inner) is not None:
+            await dataset.backend.delete(inner)
+        writes.unlinked(dataset, inner)
+        dataset.namespace.drop_entry(inner)
+        self.inodes.unlinked(path)
+
+    @fuse_errors
+    async def mkdir(self, parent_inode, name, mode, ctx):
+        dataset, inner, path = await self._child(parent_inode, name)
+        if await self._stored(dataset, inner) is not None or self.node.writes.info(dataset, inner) is not None:
+            raise pyfuse3.FUSEError(errno.EEXIST)
+        await dataset.backend.make_dir(inner)
+        info = ObjectInfo(inner, "dir", 0, time.time(), "dir")
+        dataset.namespace.put_entry(info)
+        info = self._outer(dataset, info)
+        return self._attrs(self.inodes.lookup(path), info)
+
+    @fuse_errors
+    async def rmdir(self, parent_inode, name, ctx):
+        dataset, inner, path = await self._child(parent_inode, name)
+        info = await self._stat(path)
+        if info.kind != "dir":
+            raise pyfuse3.FUSEError(errno.ENOTDIR)
+        if not inner:
+            raise pyfuse3.FUSEError(errno.EBUSY)  # a dataset's root
+        try:
+            children = await dataset.namespace.list_dir(inner)
+        except ObjectNotFound:
+            children = []  # an S3 "directory" whose last object just went
+        if children or self.node.writes.children(dataset, inner):
+            raise pyfuse3.FUSEError(errno.ENOTEMPTY)
+        await dataset.backend.remove_dir(inner)
+        dataset.namespace.drop_entry(inner)
+        self.inodes.unlinked(path)
+
+    @fuse_errors
+    async def rename(self, parent_inode_old, name_old, parent_inode_new, name_new, flags, ctx):
+        dataset, old, old_path = await self._child(parent_inode_old, name_old)
+        other, new, new_path = await self._child(parent_inode_new, name_new)
+        if other is not dataset:
+            raise pyfuse3.FUSEError(errno.EXDEV)  # two datasets: mv copies
+        if flags & ~RENAME_NOREPLACE:
+            raise pyfuse3.FUSEError(errno.EINVAL)  # RENAME_EXCHANGE, RENAME_WHITEOUT
+        info = await self._stat(old_path)
+        try:
+            target = await self._stat(new_path)
+        except pyfuse3.FUSEError:
+            target = None
+        except ObjectNotFound:
+            target = None
+        if target is not None:
+            if flags & RENAME_NOREPLACE:
+                raise pyfuse3.FUSEError(errno.EEXIST)
+            if target.kind == "dir" and info.kind != "dir":
+                raise pyfuse3.FUSEError(errno.EISDIR)
+            if info.kind == "dir" and target.kind != "dir":
+                raise pyfuse3.FUSEError(errno.ENOTDIR)
+        writes = self.node.writes
+        if info.kind == "file":
+            # Only what the backend holds can be renamed there: land this node's writes first.
+            await writes.uploader.wait(dataset, old)
+            wf = writes.find(dataset, old)
+            if wf is not None:
+                await wf.commit(background=False)
+            await writes.uploader.wait(dataset, new)
+        await dataset.backend.rename(old, new, info.kind)
+        writes.moved(dataset, old, new)
+        dataset.namespace.drop_entry(old)
+        dataset.namespace.drop_entry(new)
+        dataset.namespace.invalidate(new)
+        self.inodes.renamed(old_path, new_path)
+
+    # -- what no dataset supports ------------------------------------------------------
+
+    @fuse_errors
+    async def link(self, inode, new_parent_inode, new_name, ctx):
+        self._writable(self._path(new_parent_inode))
+        raise pyfuse3.FUSEError(errno.EPERM)  # no hard links in an object store (as link(2) on FAT)
+
+    @fuse_errors
+    async def symlink(self, parent_inode, name, target, ctx):
+        self._writable(self._path(parent_inode))
+        raise pyfuse3.FUSEError(errno.ENOTSUP)
+
+    @fuse_errors
+    async def mknod(self, parent_inode, name, mode, rdev, ctx):
+        self._writable(self._path(parent_inode))
+        raise pyfuse3.FUSEError(errno.ENOTSUP)  # FIFOs, sockets and devices have no object
+
+    @fuse_errors
+    async def setxattr(self, inode, name, value, ctx):
+        self._writable(self._path(inode))
+        raise pyfuse3.FUSEError(errno.ENOTSUP)  # the user.cachefs.* attributes are answers, not storage
+
+    @fuse_errors
+    async def removexattr(self, inode, name, ctx):
+        self._writable(self._path(inode))
+        raise pyfuse3.FUSEError(errno.ENOTSUP)
+
+
+RENAME_NOREPLACE = 1  # <linux/fs.h>
 
 
 def link_stays_inside(path: str, target: str) -> bool:

@@ -85,8 +85,26 @@ class InodeTable:
         path = self._paths.pop(inode, None)
         if path is None:
             return False
-        del self._inodes[path]
+        if self._inodes.get(path) == inode:  # not unlinked and reused by a new file meanwhile
+            del self._inodes[path]
         return True
+
+    def unlinked(self, path: str) -> None:
+        """`path` was deleted: a new file made there gets a new inode, while the kernel
+        (and open handles) may still hold the old one until it forgets it."""
+        self._inodes.pop(path, None)
+
+    def renamed(self, old: str, new: str) -> None:
+        """`old` (and, for a directory, everything below it) is now called `new`."""
+        self.unlinked(new)  # replaced, if it was there
+        prefix = old + "/"
+        moved = [(p, ino) for p, ino in self._inodes.items() if p == old or p.startswith(prefix)]
+        for path, ino in moved:
+            del self._inodes[path]
+        for path, ino in moved:
+            renamed = new + path[len(old):]
+            self._inodes[renamed] = ino
+            self._paths[ino] = renamed
 
     def lookup_count(self, inode: int) -> int:
         return self._lookups.get(inode, 0)

@@ -180,6 +180,15 @@ class Setting:
     parse: Parse
 
 
+def _umask(value: Any, what: str) -> int:
+    """An octal mask: "027" (a string, as umask(1) prints it) or 0o27 (a TOML integer)."""
+    if isinstance(value, str) and re.fullmatch(r"[0-7]{1,4}", value):
+        return int(value, 8)
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    raise _wrong_type(value, what, 'an octal mask like "022"')
+
+
 SETTINGS = (
     Setting("mountpoint", "mountpoint", _path),
     Setting("run_dir", "run_dir", _path),
@@ -204,6 +213,13 @@ SETTINGS = (
     Setting("peers.timeout", "peer_timeout", parse_duration),
     Setting("peers.serve", "serve", _addr),
     Setting("metrics.listen", "metrics", _addr),
+    Setting("writes.writeback", "writeback", _bool),
+    Setting("writes.stage_size", "stage_size", _size),
+    Setting("writes.upload_concurrency", "upload_concurrency", _integer),
+    Setting("writes.part_size", "part_size", _size),
+    Setting("access.uid", "uid", _integer),
+    Setting("access.gid", "gid", _integer),
+    Setting("access.umask", "umask", _umask),
 )
 _BY_KEY = {s.key: s for s in SETTINGS}
 _TABLES = {s.key.partition(".")[0] for s in SETTINGS if "." in s.key} | {"datasets"}
@@ -448,6 +464,7 @@ def load_node(
     source: str | None = None,
     datasets: list[str] = (),
     environment: bool = True,
+    read_write: bool = False,
 ) -> NodeConfig:
     """The node's configuration, checked.
 
@@ -458,6 +475,7 @@ def load_node(
         source: SOURCE of `cachefs mount SOURCE MOUNTPOINT`: one dataset at the mount root.
         datasets: `--dataset` specs; each replaces the file's dataset of its name.
         environment: check the machine too (mountpoint, cache dir); off for --print-config.
+        read_write: serve `source` read-write (--read-write).
 
     Raises:
         ConfigError: the first problem, in one line naming the file and key or the flag.
@@ -478,7 +496,7 @@ def load_node(
         by_name[dataset.name] = dataset
     chosen = list(by_name.values())
     if source is not None:
-        chosen.append(DatasetConfig(name="", url=source, origin="SOURCE: "))
+        chosen.append(DatasetConfig(name="", url=source, read_only=not read_write, origin="SOURCE: "))
 
     endpoint, credentials = _node_credentials(flags)
     for i, dataset in enumerate(chosen):
@@ -562,6 +580,13 @@ def render(node: NodeConfig) -> str:
             ("serve", addr(node.serve), ""),
         ]),
         ("metrics", [("listen", addr(node.metrics), "")]),
+        ("writes", [
+            ("writeback", node.writeback, ""),
+            ("stage_size", format_size(node.stage_limit), ""),
+            ("upload_concurrency", node.upload_concurrency, ""),
+            ("part_size", format_size(node.part_size), ""),
+        ]),
+        ("access", [("uid", node.uid, ""), ("gid", node.gid, ""), ("umask", f"{node.umask:03o}", "")]),
     ]
     for d in node.datasets:
         c = d.credentials

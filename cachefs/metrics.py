@@ -43,6 +43,13 @@ BACKEND_REQUESTS = prom.Counter(
     "cachefs_backend_requests", "Backend requests by operation and outcome", ["op", "outcome"]
 )
 BACKEND_READ_BYTES = prom.Counter("cachefs_backend_read_bytes", "Bytes fetched from the backend")
+BACKEND_WRITTEN_BYTES = prom.Counter("cachefs_backend_written_bytes", "Bytes of files uploaded to the backend")
+STAGED_BYTES = prom.Gauge("cachefs_staged_bytes", "Bytes of written files held in the staging area")
+STAGING_CAPACITY = prom.Gauge("cachefs_staging_capacity_bytes", "The staging area's bound (--stage-size)")
+UPLOADS_PENDING = prom.Gauge("cachefs_uploads_pending", "Closed files not yet uploaded (--writeback)")
+UPLOADS_PENDING_BYTES = prom.Gauge("cachefs_uploads_pending_bytes", "Bytes of closed files not yet uploaded")
+UPLOADS = prom.Counter("cachefs_uploads", "File uploads by outcome (ok, error, retried later)", ["outcome"])
+STAGING_WAITS = prom.Counter("cachefs_staging_waits", "Writes that waited for uploads to free staging room")
 BACKEND_SECONDS = prom.Histogram(
     "cachefs_backend_request_seconds",
     "Latency of successful backend requests",

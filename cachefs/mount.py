@@ -66,7 +66,9 @@ async def run_mount(
         fsname = root.source if root is not None else "+".join(d.name for d in config.datasets)
         options = set(pyfuse3.default_options)
         # A comma would end the option: libfuse splits -o on them.
-        options |= {"ro", "noatime", f"fsname=cachefs:{fsname.replace(',', '%2C')}", "subtype=cachefs"}
+        # Not "ro": a read-write dataset may be added while mounted; read-only ones
+        # answer every change with EROFS themselves.
+        options |= {"noatime", f"fsname=cachefs:{fsname.replace(',', '%2C')}", "subtype=cachefs"}
         if os.getuid() == 0:
             options.add("allow_other")  # jobs run as other users than the daemon
         real_mountpoint = os.path.realpath(config.mountpoint)

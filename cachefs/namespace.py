@@ -145,7 +145,11 @@ class Namespace:
             info = await self.backend.stat(path)
         except ObjectNotFound:
             self._cache.pop(("attr", path))
-            raise
+            if path:
+                raise
+            # The dataset's root was there when it was mounted (or it is a read-write
+            # dataset's new prefix, made by its first write): an empty directory.
+            info = ObjectInfo("", "dir", 0, 0.0, "dir")
         except BackendError as e:
             if cached is None:
                 raise
@@ -195,8 +199,12 @@ class Namespace:
         try:
             try:
                 entries = await self.backend.list_dir(path)
+            except ObjectNotFound:
+                if path:
+                    raise
+                entries = []  # the root, emptied (or not made yet): see `stat`
             except BackendError as e:
-                if cached is None or isinstance(e, ObjectNotFound):
+                if cached is None:
                     raise
                 log.info("serving a stale listing of %s: %s", path or "/", e)
                 return cached[0]
@@ -256,6 +264,30 @@ class Namespace:
             if new is not None:
                 self._set_attr(old.path, new, now)
         return unique
+
+    def put_entry(self, info: ObjectInfo) -> None:
+        """This node changed the backend: `info` is there now (written, made, renamed to).
+        Known at once, without asking, also in the parent's listing if one is cached."""
+        now = self._clock()
+        parent = info.path.rpartition("/")[0]
+        listed = self._listed(parent)
+        if listed is not None:
+            # A copy: an open directory's snapshot may share the dict.
+            self._set_listed(parent, {**listed[0], info.name: info}, listed[1])
+            self._cache.pop(("attr", info.path))
+        else:
+            self._set_attr(info.path, info, now)
+
+    def drop_entry(self, path: str) -> None:
+        """This node removed `path` from the backend (deleted, renamed away)."""
+        self._cache.pop(("attr", path))
+        self._cache.pop(("dir", path))
+        parent, _, name = path.rpartition("/")
+        listed = self._listed(parent)
+        if listed is not None and name in listed[0]:
+            children = dict(listed[0])
+            del children[name]
+            self._set_listed(parent, children, listed[1])
 
     def invalidate(self, path: str) -> None:
         """Forget what we know of `path`, e.g. after the backend said it changed."""

@@ -34,7 +34,10 @@ from cachefs.objects import ObjectId, ObjectInfo, chunk_digest, source_tag
 from cachefs.pins import PinRegistry
 from cachefs.reader import Reader
 from cachefs.stack import open_backend, open_peer_tier, open_tiers, reader_tiers, serve_metrics, serve_peers
+from cachefs.staging import JournalEntry, Staging
+from cachefs.upload import Uploader
 from cachefs.warmup import Warmups
+from cachefs.writes import Writes
 
 log = logging.getLogger(__name__)
 
@@ -158,9 +161,21 @@ class Node:
             metrics.PINNED_BYTES.set_function(lambda: self.disk.pinned_bytes)
         metrics.PINNED_LEASE_BYTES.set_function(self.pins.pinned)
         self.warmups = Warmups(self, nursery)  # `cachefs warmup` jobs; they end with the node
+        # Written files (rw datasets): opened with the first rw dataset, or at once if
+        # uploads journaled before a restart are waiting.
+        self.staging: Staging | None = None
+        self.uploader: Uploader | None = None
+        self.writes: Writes | None = None
+        self._journal: list[JournalEntry] = []
+        if self.mount and (
+            any(not d.read_only for d in self._initial) or os.path.isdir(os.path.join(config.cache_dir, "journal"))
+        ):
+            await self._open_staging()
         self._stack.push_async_callback(self._remove_all)
         for dataset in self._initial:
             await self.add_dataset(dataset)
+        for entry in self._journal:
+            log.warning("upload of %s to %s waits in the journal for a dataset of that source", entry.path, entry.source)
         metrics.register_source_usage(
             [self.mem, self.disk], lambda: {d.name or d.source: d.source for d in self.datasets.values()}
         )
@@ -169,6 +184,30 @@ class Node:
             self.peer_server = await serve_peers(config, self.name, self.serve, self.readers, nursery)
         if self.control_socket is not None:
             await nursery.start(control.serve_control, self, self.control_socket)
+
+    async def _open_staging(self) -> None:
+        config = self.config
+        try:
+            staging = Staging(config.cache_dir, config.stage_limit, self.disk)
+            self._journal = await trio.to_thread.run_sync(staging.open)
+        except OSError as e:
+            raise ConfigError(f"{config.label('cache_dir')} {config.cache_dir}: cannot hold staged writes ({e})") from None
+        self.staging = staging
+        self.uploader = Uploader(staging, self._nursery, config.part_size, self._uploaded)
+        self.writes = Writes(staging, self.uploader)
+        if self._journal:
+            log.info("%d uploads journaled before the restart resume", len(self._journal))
+        self._stack.callback(self._report_unfinished)
+
+    def _report_unfinished(self) -> None:
+        left = [u for uploads in self.uploader.pending.values() for u in uploads if u.entry is not None]
+        if left:
+            log.warning("%d uploads not finished (%d bytes); they resume at the next start with --cache-dir %s",
+                        len(left), sum(u.size for u in left), self.config.cache_dir)
+
+    async def _uploaded(self, dataset: Dataset, path: str, info: ObjectInfo) -> None:
+        if dataset.namespace is not None and not dataset.removed:
+            dataset.namespace.put_entry(info)
 
     def not_ready(self) -> str | None:
         """Why /readyz says 503 (one line), or None: ready for work."""
@@ -209,6 +248,11 @@ class Node:
         async with self._changing:
             config = self._with_node_defaults(config)
             config.check()
+            if not config.read_only:
+                if not self.mount:
+                    raise ConfigError(f"dataset {config.name!r}: a worker serves datasets read-only")
+                if self.staging is None:
+                    await self._open_staging()
             if config.name in self.datasets:
                 raise ConfigError(f"dataset {config.name!r} exists already")
             backend = await open_backend(config, self.config)
@@ -239,6 +283,9 @@ class Node:
             if namespace is not None and refresh_every:
                 tasks.start_soon(self._refresh_every, dataset, refresh_every)
             log.info("dataset %s = %s%s", config.name or "/", dataset.source, "" if config.read_only else " (rw)")
+            for entry in [e for e in self._journal if e.source == dataset.source]:
+                self._journal.remove(entry)
+                self.uploader.resume(dataset, entry)
             return dataset
 
     def _with_node_defaults(self, config: DatasetConfig) -> DatasetConfig:
@@ -548,6 +595,20 @@ class Node:
             "pins": self.list_pins(),
             "pinned_bytes": self.pins.pinned(),
             "pin_quota": self.config.pin_limit if self.disk is not None else 0,
+            "writes": self._writes_status(),
+        }
+
+    def _writes_status(self) -> dict | None:
+        if self.staging is None:
+            return None
+        pending = [u for uploads in self.uploader.pending.values() for u in uploads]
+        return {
+            "writeback": bool(getattr(self.config, "writeback", False)),
+            "staged_bytes": self.staging.used,
+            "stage_limit": self.staging.limit,
+            "open_for_write": len(self.writes.files),
+            "pending_uploads": len(pending),
+            "pending_bytes": sum(u.size for u in pending),
         }
 
 

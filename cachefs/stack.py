@@ -85,9 +85,17 @@ async def open_backend(dataset: DatasetConfig, config: CacheConfig) -> Backend:
     url = dataset.source
     c = dataset.credentials
     store = open_store(url, dataset.endpoint_url, config.backend_timeout, c.key_pair(), profile=c.profile)
-    backend = Backend(store, config.backend_concurrency, config.backend_timeout, config.backend_retries)
+    backend = Backend(
+        store, config.backend_concurrency, config.backend_timeout, config.backend_retries,
+        upload_concurrency=getattr(config, "upload_concurrency", 4),
+    )
     try:
         info = await backend.stat("")
+    except ObjectNotFound:
+        if not dataset.read_only and dataset.is_s3 and await _bucket_exists(store):
+            return backend  # a new output prefix: empty until the first write makes it
+        backend.close()
+        raise ConfigError(f"{url}: no such bucket, prefix or directory") from None
     except BackendError as e:
         backend.close()
         if isinstance(e, ObjectNotFound):
@@ -101,6 +109,13 @@ async def open_backend(dataset: DatasetConfig, config: CacheConfig) -> Backend:
         backend.close()
         raise ConfigError(f"{url}: is a file, not a directory or prefix")
     return backend
+
+
+async def _bucket_exists(store) -> bool:
+    try:
+        return await trio.to_thread.run_sync(store.bucket_exists)
+    except Exception:  # noqa: BLE001 - unreadable counts as missing: the caller names the URL
+        return False
 
 
 def open_peer_tier(config: CacheConfig, node: str, nursery: trio.Nursery) -> PeerTier | None:

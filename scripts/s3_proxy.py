@@ -9,7 +9,7 @@ response bytes of all connections together).
 
 It also plays a sick backend: set `proxy.fault` at run time and the requests
 it applies to (`proxy.fault_scope`: "data", ranged GETs of object data, the
-default; or "all") get, instead of the real answer:
+default; "writes", PUTs, POSTs and DELETEs; or "all") get, instead of the real answer:
 
     "503", "500"     that status with an S3 error body, then the connection closes
     "slow:SECONDS"   the real answer, SECONDS late (longer than the client's
@@ -125,6 +125,8 @@ class S3Proxy(_Listener):
         if fault is None:
             return None
         if self.fault_scope == "data" and not (method == "GET" and "range" in headers):
+            return None
+        if self.fault_scope == "writes" and method not in ("PUT", "POST", "DELETE"):
             return None
         with self._lock:
             self.faults[fault] += 1

@@ -437,6 +437,7 @@ def s3_behind_proxy(s3_source):
             mount_args = ["--endpoint-url", proxy.endpoint_url]
             env = s3_source.env
             write = s3_source.write
+            read = s3_source.read
             info = s3_source.info
             prefix = s3_source.prefix
 

@@ -539,6 +539,43 @@ class DiskTier:
         metrics.CACHE_EVICTIONS.labels(self.name).inc()
         return size
 
+    # -- room for other files (staged writes) -------------------------------------
+
+    async def claim(self, size: int) -> bool:
+        """Take `size` bytes of this tier's capacity for files of the staging area,
+        evicting chunks first (within --cache-size and --free-space-ratio).
+
+        Returns:
+            False if that much cannot be freed (what is left is pinned); nothing is taken then.
+        """
+        self.used += size
+        self._reserved[b""] += size  # counted as being written until statvfs sees it
+        try:
+            room, victims = self._claim_room(size)
+        except OSError as e:
+            log.warning("cannot make room in %s: %s", self.root, e)
+            room, victims = False, []
+        finally:
+            self._reserved[b""] -= size
+            if not self._reserved[b""]:
+                del self._reserved[b""]
+        if victims:
+            await trio.to_thread.run_sync(_unlink_all, victims, limiter=self._limiter)
+        if not room:
+            self.used -= size
+        self._publish()
+        return room
+
+    def take(self, size: int) -> None:
+        """Count `size` bytes of staged files found on disk at start-up, room or not."""
+        self.used += size
+        self._publish()
+
+    def give_back(self, size: int) -> None:
+        """Room taken by `claim` or `take` is free again."""
+        self.used -= size
+        self._publish()
+
     async def remove(self, digest: bytes) -> None:
         """Drop a chunk now (an old version of a changed object), if held."""
         if digest in self._index:

@@ -1,0 +1,234 @@
+"""The staging area: written files on the SSD until the backend has them.
+
+Layout under --cache-dir: `staging/<id>` holds the bytes of one file being
+written (or closed and not yet uploaded), `journal/<seq>.json` one closed file
+waiting for its upload under --writeback. Eviction never touches either.
+
+Room: staged bytes count against --stage-size and against the SSD tier's
+--cache-size (chunks are evicted to make room), reserved a mebibyte at a time
+before the bytes are written, so neither bound is ever overshot. A writer that
+needs room while closed files are waiting for their uploads waits for them
+(back-pressure); if only files still open hold the room, nothing would ever
+free it, and the write fails with ENOSPC (`StagingFull`) instead of hanging.
+
+Durability (--writeback): a closed file's bytes are fsync'd, then its journal
+entry is written to a temporary name, fsync'd and renamed into place, then the
+directory is fsync'd. After a crash, `recover` finds every entry whole or not at
+all; staged files no entry names (files open at the crash) are deleted.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import json
+import logging
+import os
+import time
+import uuid
+from typing import TYPE_CHECKING
+
+import trio
+
+from cachefs import metrics
+from cachefs.backend import fsync_dir
+from cachefs.config import format_size
+from cachefs.errors import StagingFull
+
+if TYPE_CHECKING:
+    from cachefs.cache.disk import DiskTier
+
+log = logging.getLogger(__name__)
+
+# Room is reserved in steps of this many bytes, not per write.
+RESERVE_STEP = 1 << 20
+
+
+@dataclasses.dataclass(eq=False)
+class StagedFile:
+    """The bytes of one file on local disk. Held by the file open for write and by
+    each upload of it in flight; deleted when the last holder lets go."""
+
+    path: str
+    reserved: int = 0  # bytes of room held for it
+    holders: int = 1
+
+
+@dataclasses.dataclass
+class JournalEntry:
+    """A closed file waiting to be uploaded (--writeback), as kept on disk."""
+
+    seq: int
+    source: str  # the dataset's source URL
+    path: str  # inside the source
+    staged: str  # the StagedFile's path
+    size: int
+    sealed_at: float
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self))
+
+
+class Staging:
+    """Room, files and the journal of one node's written files.
+
+    Args:
+        cache_dir: where `staging/` and `journal/` live (the SSD tier's directory).
+        limit: --stage-size, in bytes.
+        disk: the SSD tier, whose --cache-size the staged bytes count against; None: no SSD tier.
+    """
+
+    def __init__(self, cache_dir: str, limit: int, disk: DiskTier | None):
+        self.dir = os.path.join(cache_dir, "staging")
+        self.journal_dir = os.path.join(cache_dir, "journal")
+        self.limit = limit
+        self.disk = disk
+        self.used = 0  # bytes reserved by staged files
+        self.draining = 0  # bytes of staged files waiting for or in an upload: they will free room
+        self._freed = trio.Event()
+        self._seq = itertools.count(1)
+        metrics.STAGING_CAPACITY.set(limit)
+        metrics.STAGED_BYTES.set_function(lambda: self.used)
+
+    def open(self) -> list[JournalEntry]:
+        """Create the directories; return the journal's entries (oldest first) and
+        delete staged files that none of them names. Blocking: run in a thread."""
+        os.makedirs(self.dir, mode=0o700, exist_ok=True)
+        os.makedirs(self.journal_dir, mode=0o700, exist_ok=True)
+        entries = []
+        for name in os.listdir(self.journal_dir):
+            full = os.path.join(self.journal_dir, name)
+            if not name.endswith(".json"):
+                os.unlink(full)  # an entry cut short before its rename: never promised to anyone
+                continue
+            try:
+                with open(full) as f:
+                    entry = JournalEntry(**json.load(f))
+                if os.path.getsize(entry.staged) != entry.size:
+                    raise ValueError(f"{entry.staged} is not {entry.size} bytes")
+            except (OSError, ValueError, TypeError) as e:
+                log.error("journal entry %s is unusable, dropped: %s", full, e)
+                os.unlink(full)
+                continue
+            entries.append(entry)
+        entries.sort(key=lambda e: e.seq)
+        self._seq = itertools.count(max((e.seq for e in entries), default=0) + 1)
+        named = {os.path.basename(e.staged) for e in entries}
+        for name in os.listdir(self.dir):
+            if name not in named:
+                os.unlink(os.path.join(self.dir, name))  # open for write at the crash: never closed
+        return entries
+
+    def adopt(self, entry: JournalEntry) -> StagedFile:
+        """The staged file of a journal entry found by `open`, with its room taken."""
+        room = _rounded(entry.size)
+        self.used += room  # already on disk: taken even if over a bound lowered since
+        if self.disk is not None:
+            self.disk.take(room)
+        return StagedFile(entry.staged, reserved=room)
+
+    # -- files ------------------------------------------------------------------------
+
+    def new_file(self) -> StagedFile:
+        """An empty staged file (created by the caller's first open)."""
+        return StagedFile(os.path.join(self.dir, uuid.uuid4().hex))
+
+    async def reserve(self, staged: StagedFile, size: int) -> None:
+        """Make sure `staged` has room for `size` bytes, waiting for uploads to free some.
+
+        Raises:
+            StagingFull: no upload is pending that could free room.
+        """
+        waited = False
+        while (need := _rounded(size) - staged.reserved) > 0:
+            if await self._take(need):
+                staged.reserved += need
+                return
+            if not self.draining:
+                raise StagingFull(
+                    f"staging is full ({format_size(self.used)} of {format_size(self.limit)} held by files "
+                    f"open for write); raise --stage-size or --cache-size"
+                )
+            if not waited:
+                metrics.STAGING_WAITS.inc()
+                waited = True
+            await self._freed.wait()
+
+    async def _take(self, need: int) -> bool:
+        if self.used + need > self.limit:
+            return False
+        if self.disk is not None and not await self.disk.claim(need):
+            return False
+        self.used += need
+        return True
+
+    def shrink(self, staged: StagedFile, size: int) -> None:
+        """`staged` was truncated to `size` bytes: give back the room it no longer needs."""
+        spare = staged.reserved - _rounded(size)
+        if spare > 0:
+            staged.reserved -= spare
+            self._give_back(spare)
+
+    def hold(self, staged: StagedFile) -> None:
+        staged.holders += 1
+
+    def release(self, staged: StagedFile, keep_file: bool = False) -> None:
+        """One holder lets go; the last one deletes the file (unless `keep_file`: a
+        journaled upload that must resume at the next start) and frees its room."""
+        staged.holders -= 1
+        if staged.holders > 0:
+            return
+        if not keep_file:
+            try:
+                os.unlink(staged.path)
+            except FileNotFoundError:
+                pass
+        room, staged.reserved = staged.reserved, 0
+        self._give_back(room)
+
+    def _give_back(self, room: int) -> None:
+        self.used -= room
+        if self.disk is not None:
+            self.disk.give_back(room)
+        self._freed.set()
+        self._freed = trio.Event()
+
+    def draining_changed(self, delta: int) -> None:
+        self.draining += delta
+        if not self.draining:
+            self._freed.set()  # waiters must see that nothing more will come
+            self._freed = trio.Event()
+
+    # -- journal ----------------------------------------------------------------------
+
+    def record(self, source: str, path: str, staged: StagedFile, size: int) -> JournalEntry:
+        """Make a closed file's upload survive a crash: fsync its bytes, then write its
+        journal entry atomically. Blocking: run in a thread."""
+        entry = JournalEntry(next(self._seq), source, path, staged.path, size, time.time())
+        fd = os.open(staged.path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        final = os.path.join(self.journal_dir, f"{entry.seq:012d}.json")
+        tmp = final + ".tmp"
+        with open(tmp, "w") as f:
+            f.write(entry.to_json())
+            f.flush()
+            os.fsync(f.fileno())
+        os.rename(tmp, final)
+        fsync_dir(self.journal_dir)
+        return entry
+
+    def forget(self, entry: JournalEntry) -> None:
+        """The entry's upload is done (or superseded). Blocking: run in a thread."""
+        try:
+            os.unlink(os.path.join(self.journal_dir, f"{entry.seq:012d}.json"))
+        except FileNotFoundError:
+            pass
+
+
+def _rounded(size: int) -> int:
+    return -(-size // RESERVE_STEP) * RESERVE_STEP
+
+

@@ -1,0 +1,191 @@
+"""Uploads: closed files from the staging area to the backend.
+
+A file is sealed at close (or fsync) and handed to `Uploader.submit`. By default
+the caller waits for its upload (close-to-open: once close() returns, any node
+that opens the file sees the new bytes), and a backend that fails after the
+bounded retries fails the close with EIO. With --writeback, `submit` journals
+the file (staging.py) and returns at once; the upload runs in the background
+and is retried until the backend takes it, also after a restart.
+
+Uploads of one path run one at a time, in the order the files were closed, so
+the last close wins, whole. After an upload the file's chunks go into the local
+tiers under the object's new version: the next read is a hit, and no node can
+serve a chunk of the old version for the new one (the version is in every
+chunk key).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from typing import TYPE_CHECKING, Awaitable, Callable
+
+import trio
+
+from cachefs import metrics
+from cachefs.errors import BackendError, CachefsError
+from cachefs.objects import ObjectId, ObjectInfo, chunk_key
+from cachefs.staging import JournalEntry, StagedFile, Staging
+
+if TYPE_CHECKING:
+    from cachefs.node import Dataset
+
+log = logging.getLogger(__name__)
+
+# Between retries of a background upload that failed: doubling from the first, up to the last.
+RETRY_FIRST = 1.0
+RETRY_MAX = 60.0
+
+
+@dataclasses.dataclass(eq=False)
+class Upload:
+    """One sealed file on its way to the backend."""
+
+    dataset: Dataset
+    path: str  # inside the dataset
+    staged: StagedFile
+    size: int
+    background: bool  # --writeback: retried until it lands; nobody waits for it
+    entry: JournalEntry | None = None
+    done: trio.Event = dataclasses.field(default_factory=trio.Event)
+    error: CachefsError | None = None
+    info: ObjectInfo | None = None  # the object as uploaded
+
+
+class Uploader:
+    """Uploads sealed files, one at a time per path, in a nursery of the node.
+
+    Args:
+        staging: where the files are and whose room they free.
+        part_size: the largest file sent in one PUT, and the part size of larger ones.
+        uploaded: called after each upload with (dataset, path, new info); the
+            mount updates its metadata there.
+    """
+
+    def __init__(
+        self,
+        staging: Staging,
+        nursery: trio.Nursery,
+        part_size: int,
+        uploaded: Callable[[Dataset, str, ObjectInfo], Awaitable[None]],
+    ):
+        self.staging = staging
+        self.part_size = part_size
+        self._nursery = nursery
+        self._uploaded = uploaded
+        self._locks: dict[tuple[str, str], trio.Lock] = {}
+        self.pending: dict[tuple[str, str], list[Upload]] = {}  # (source, path) -> not yet landed, oldest first
+        metrics.UPLOADS_PENDING.set_function(lambda: sum(len(u) for u in self.pending.values()))
+        metrics.UPLOADS_PENDING_BYTES.set_function(lambda: sum(x.size for u in self.pending.values() for x in u))
+
+    def latest(self, dataset: Dataset, path: str) -> Upload | None:
+        """The newest upload of `path` not landed yet: what a read of it must see."""
+        uploads = self.pending.get((dataset.source, path))
+        return uploads[-1] if uploads else None
+
+    async def submit(self, dataset: Dataset, path: str, staged: StagedFile, size: int, background: bool) -> Upload:
+        """Start uploading `staged` (its first `size` bytes) as `path`. The upload holds
+        the staged file until it is done. With `background`, the file is journaled
+        first (fsync'd), so it is uploaded even after a crash.
+
+        Raises:
+            OSError: the journal could not be written (background only); nothing was started.
+        """
+        upload = Upload(dataset, path, staged, size, background)
+        if background:
+            upload.entry = await trio.to_thread.run_sync(self.staging.record, dataset.source, path, staged, size)
+        self.staging.hold(staged)  # the upload's own hold: the writer may let go first
+        self._start(upload)
+        return upload
+
+    def resume(self, dataset: Dataset, entry: JournalEntry) -> Upload:
+        """Upload a journal entry left from before a restart."""
+        staged = self.staging.adopt(entry)  # held by this upload alone
+        upload = Upload(dataset, entry.path, staged, entry.size, background=True, entry=entry)
+        self._start(upload)
+        return upload
+
+    def _start(self, upload: Upload) -> None:
+        key = (upload.dataset.source, upload.path)
+        self.pending.setdefault(key, []).append(upload)
+        self.staging.draining_changed(+upload.size)
+        self._nursery.start_soon(self._run, upload)
+
+    async def wait(self, dataset: Dataset, path: str) -> None:
+        """Until every upload of `path` submitted so far has landed or failed."""
+        for upload in list(self.pending.get((dataset.source, path), ())):
+            await upload.done.wait()
+
+    async def _run(self, upload: Upload) -> None:
+        key = (upload.dataset.source, upload.path)
+        lock = self._locks.setdefault(key, trio.Lock())
+        delay = RETRY_FIRST
+        try:
+            async with lock:  # FIFO: the uploads of one path land in the order they were closed
+                while True:
+                    try:
+                        upload.info = await upload.dataset.backend.upload(
+                            upload.path, upload.staged.path, upload.size, self.part_size
+                        )
+                        break
+                    except Exception as e:  # noqa: BLE001 - an upload must never take the mount down
+                        if not isinstance(e, BackendError):
+                            log.exception("upload of %s failed unexpectedly", upload.path)
+                            e = BackendError(f"{upload.path}: upload failed ({type(e).__name__}: {e})")
+                        if upload.dataset.removed:
+                            upload.error = e
+                            log.error("upload of %s abandoned: dataset %s was removed", upload.path,
+                                      upload.dataset.name or "/")
+                            return
+                        if not upload.background:
+                            upload.error = e
+                            metrics.UPLOADS.labels("error").inc()
+                            log.error("upload of %s failed: %s", upload.path, e)
+                            return
+                        metrics.UPLOADS.labels("retry").inc()
+                        log.warning("upload of %s failed, retrying in %.0fs: %s", upload.path, delay, e)
+                        await trio.sleep(delay)
+                        delay = min(delay * 2, RETRY_MAX)
+                metrics.UPLOADS.labels("ok").inc()
+                await self._cache_chunks(upload)
+                await self._uploaded(upload.dataset, upload.path, upload.info)
+        finally:
+            with trio.CancelScope(shield=True):
+                if upload.entry is not None and upload.info is not None:
+                    await trio.to_thread.run_sync(self.staging.forget, upload.entry)
+                uploads = self.pending.get(key, [])
+                if upload in uploads:
+                    uploads.remove(upload)
+                if not uploads:
+                    self.pending.pop(key, None)
+                if not lock.locked() and not lock.statistics().tasks_waiting:
+                    self._locks.pop(key, None)
+                self.staging.draining_changed(-upload.size)
+                # A journaled upload cut short (unmount, dataset removed) resumes at the next start.
+                self.staging.release(upload.staged, keep_file=upload.entry is not None and upload.info is None)
+                upload.done.set()
+
+    async def _cache_chunks(self, upload: Upload) -> None:
+        """Put the uploaded bytes into the local tiers as chunks of the new version:
+        read-after-write is a hit, with no GET."""
+        info = upload.info
+        reader = upload.dataset.reader
+        tiers = [t for t in reader.tiers if t.medium != "network"]
+        if info is None or not tiers or info.size != upload.size:
+            return  # the backend shows other bytes than ours (a concurrent writer): cache nothing
+        obj = ObjectId(upload.dataset.source, upload.path, info.version, info.size)
+        size = reader.chunk_size
+        fd = await trio.to_thread.run_sync(os.open, upload.staged.path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            for index in range(-(-info.size // size)):
+                key = chunk_key(obj, size, index)
+                data = await trio.to_thread.run_sync(os.pread, fd, key.length, index * size)
+                if len(data) != key.length:
+                    return  # cut short under us: cache nothing more
+                for tier in tiers:
+                    await tier.put(key, data)
+        except OSError as e:
+            log.warning("could not cache the chunks of %s after its upload: %s", upload.path, e)
+        finally:
+            os.close(fd)

@@ -1,0 +1,247 @@
+"""Files open for write: their bytes in the staging area until close.
+
+A file opened for write on a read-write dataset gets one `WriteFile` per path
+on this node, shared by every handle open on it. Its bytes are a staged file on
+the SSD: created empty (create, O_TRUNC) or filled with the current content
+(through the reader: cached chunks are not fetched again). Writes and reads are
+plain pwrite/pread on it. Close (flush) and fsync seal the file and hand it to
+the uploader (upload.py); until its upload lands, reads and attributes of the
+path on this node come from the staged bytes, not the backend.
+
+An upload holds the staged file it was given. A write that comes while it does
+(another handle still open, or a write after fsync) first copies the file, so
+an upload always sends one closed or fsync'd state of the file, never a mix.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import time
+from typing import TYPE_CHECKING
+
+import trio
+
+from cachefs.objects import ObjectId, ObjectInfo, join
+from cachefs.staging import StagedFile, Staging
+from cachefs.upload import Upload, Uploader
+
+if TYPE_CHECKING:
+    from cachefs.node import Dataset
+
+log = logging.getLogger(__name__)
+
+_ids = itertools.count(1)
+
+
+def _open(path: str, create: bool) -> int:
+    flags = os.O_RDWR | os.O_CLOEXEC | (os.O_CREAT | os.O_EXCL if create else 0)
+    return os.open(path, flags, 0o600)
+
+
+class WriteFile:
+    """One path open for write on this node. Every method runs on the trio thread."""
+
+    def __init__(self, writes: Writes, dataset: Dataset, path: str, staged: StagedFile, fd: int, size: int):
+        self.writes = writes
+        self.dataset = dataset
+        self.path = path
+        self.staged = staged
+        self.fd = fd
+        self.size = size
+        self.mtime = time.time()
+        self.id = next(_ids)
+        self.handles = 0
+        self.dirty = False  # changed since the last seal
+        self.unlinked = False  # deleted while open: its bytes go nowhere
+
+    @property
+    def info(self) -> ObjectInfo:
+        return ObjectInfo(self.path, "file", self.size, self.mtime, f"local:{self.id}:{self.size}")
+
+    async def _own(self) -> None:
+        """Make the staged file this file's alone (an upload holds the one we had)."""
+        staging = self.writes.staging
+        if self.staged.holders == 1:
+            return
+        copy = staging.new_file()
+        fd = _open(copy.path, create=True)
+        try:
+            await staging.reserve(copy, self.size)
+            await trio.to_thread.run_sync(_copy_range, self.fd, fd, self.size)
+        except BaseException:
+            os.close(fd)
+            staging.release(copy)
+            raise
+        os.close(self.fd)
+        staging.release(self.staged)
+        self.staged, self.fd = copy, fd
+
+    async def write(self, offset: int, data: bytes) -> int:
+        end = offset + len(data)
+        while True:
+            await self._own()
+            await self.writes.staging.reserve(self.staged, max(end, self.size))
+            if self.staged.holders == 1:  # no seal came while we waited for room
+                break
+        written = os.pwrite(self.fd, data, offset)  # the page cache: no thread hop for 128 KiB
+        self.size = max(self.size, offset + written)
+        self.mtime = time.time()
+        self.dirty = True
+        return written
+
+    def read(self, offset: int, size: int) -> bytes:
+        return os.pread(self.fd, size, offset)
+
+    async def truncate(self, size: int) -> None:
+        while True:
+            await self._own()
+            await self.writes.staging.reserve(self.staged, size)
+            if self.staged.holders == 1:
+                break
+        os.ftruncate(self.fd, size)
+        self.size = size
+        self.writes.staging.shrink(self.staged, size)
+        self.mtime = time.time()
+        self.dirty = True
+
+    def set_mtime(self, mtime: float) -> None:
+        self.mtime = mtime
+
+    async def commit(self, background: bool) -> Upload | None:
+        """Seal the file as it is now and upload it; wait for the upload unless `background`.
+
+        Raises:
+            BackendError: the upload failed after its retries (not `background`).
+        """
+        if not self.dirty or self.unlinked:
+            return None
+        self.dirty = False
+        upload = await self.writes.uploader.submit(self.dataset, self.path, self.staged, self.size, background)
+        if not background:
+            await upload.done.wait()
+            if upload.error is not None:
+                self.dirty = True  # still ours to upload: the next flush or fsync tries again
+                raise upload.error
+        return upload
+
+
+class Writes:
+    """The files open for write on this node, by (source, path)."""
+
+    def __init__(self, staging: Staging, uploader: Uploader):
+        self.staging = staging
+        self.uploader = uploader
+        self.files: dict[tuple[str, str], WriteFile] = {}
+
+    def find(self, dataset: Dataset, path: str) -> WriteFile | None:
+        return self.files.get((dataset.source, path))
+
+    def info(self, dataset: Dataset, path: str) -> ObjectInfo | None:
+        """The attributes of `path` as written on this node and not uploaded yet, if so."""
+        wf = self.find(dataset, path)
+        if wf is not None and not wf.unlinked:
+            return wf.info
+        upload = self.uploader.latest(dataset, path)
+        if upload is not None:
+            mtime = upload.entry.sealed_at if upload.entry is not None else time.time()
+            return ObjectInfo(path, "file", upload.size, mtime, f"local:upload:{id(upload)}")
+        return None
+
+    def children(self, dataset: Dataset, parent: str) -> list[ObjectInfo]:
+        """Files right in directory `parent` written here and not uploaded yet."""
+        out = {}
+        keys = [k for k in self.files if k[0] == dataset.source] + [k for k in self.uploader.pending if k[0] == dataset.source]
+        for _, path in keys:
+            if path.rpartition("/")[0] == parent:
+                info = self.info(dataset, path)
+                if info is not None:
+                    out[path] = info
+        return list(out.values())
+
+    async def open(self, dataset: Dataset, path: str, current: ObjectInfo | None, truncate: bool) -> WriteFile:
+        """The WriteFile of `path`, one more handle on it. A new one starts empty
+        (`truncate`, or no `current` file) or with the newest content of the path:
+        an upload not landed yet, else `current` read through the dataset's reader.
+
+        Raises:
+            BackendError: the current content could not be read; StagingFull.
+        """
+        wf = self.find(dataset, path)
+        if wf is None:
+            staged = self.staging.new_file()
+            fd = _open(staged.path, create=True)
+            wf = WriteFile(self, dataset, path, staged, fd, 0)
+            try:
+                if not truncate:
+                    await self._fill(wf, current)
+            except BaseException:
+                os.close(fd)
+                self.staging.release(staged)
+                raise
+            self.files[(dataset.source, path)] = wf
+        elif truncate and wf.size:
+            await wf.truncate(0)
+        if truncate and not wf.dirty:
+            wf.dirty = True  # an O_TRUNC open of an unchanged file still empties it at close
+        wf.handles += 1
+        return wf
+
+    async def _fill(self, wf: WriteFile, current: ObjectInfo | None) -> None:
+        upload = self.uploader.latest(wf.dataset, wf.path)
+        if upload is not None:
+            await self.staging.reserve(wf.staged, upload.size)
+            src = await trio.to_thread.run_sync(os.open, upload.staged.path, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                await trio.to_thread.run_sync(_copy_range, src, wf.fd, upload.size)
+            finally:
+                os.close(src)
+            wf.size = upload.size
+            return
+        if current is None or current.kind != "file" or not current.size:
+            return
+        await self.staging.reserve(wf.staged, current.size)
+        reader = wf.dataset.reader
+        obj = ObjectId(wf.dataset.source, wf.path, current.version, current.size)
+        for index in range(-(-current.size // reader.chunk_size)):
+            data, _ = await reader.chunk(obj, index)
+            await trio.to_thread.run_sync(os.pwrite, wf.fd, data, index * reader.chunk_size)
+        wf.size = current.size
+        wf.mtime = current.mtime
+
+    def close(self, wf: WriteFile) -> None:
+        """One handle of `wf` is released; the last one lets go of its staged file."""
+        wf.handles -= 1
+        if wf.handles:
+            return
+        if wf.dirty and not wf.unlinked:
+            log.error("%s: closed with changes that were never uploaded (the close failed); they are lost",
+                      join(wf.dataset.name, wf.path))
+        key = (wf.dataset.source, wf.path)
+        if self.files.get(key) is wf:
+            del self.files[key]
+        os.close(wf.fd)
+        self.staging.release(wf.staged)
+
+    def moved(self, dataset: Dataset, old: str, new: str) -> None:
+        """`old` was renamed to `new`: its open file now writes to `new`."""
+        wf = self.files.pop((dataset.source, old), None)
+        if wf is not None:
+            wf.path = new
+            self.files[(dataset.source, new)] = wf
+
+    def unlinked(self, dataset: Dataset, path: str) -> None:
+        """`path` was deleted: an open file of it lives on, anonymous, and uploads nothing."""
+        wf = self.files.pop((dataset.source, path), None)
+        if wf is not None:
+            wf.unlinked = True
+
+
+def _copy_range(src: int, dst: int, size: int) -> None:
+    offset = 0
+    while offset < size:
+        n = os.copy_file_range(src, dst, size - offset, offset, offset)
+        if n == 0:
+            raise OSError(f"copy ended {size - offset} bytes early")
+        offset += n

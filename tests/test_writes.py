@@ -1,0 +1,327 @@
+"""Read-write datasets through real mounts: bytes land in the backend whole, and nothing is lost.
+
+Every check compares what the backend holds (read with s3fs or from the local
+directory, not through cachefs) with what was written through the mount.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import time
+
+import pytest
+
+from conftest import S3Proxy
+
+pytestmark = pytest.mark.integration
+
+CHUNK = 1 << 20
+PART = 5 << 20  # the smallest S3 part: files above it go multipart
+
+
+def _rw(cachefs_mount, source, *extra, **kwargs):
+    return cachefs_mount(source, "--read-write", "--chunk-size", "1M", "--part-size", "5M", *extra, **kwargs)
+
+
+def _write(path: str, data: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
+
+
+def _read(path: str) -> bytes:
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def _wait_for(condition, what: str, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            pytest.fail(f"{what}: not within {timeout:g}s")
+        time.sleep(0.1)
+
+
+def _held(source, name: str) -> bytes | None:
+    try:
+        return source.read(name)
+    except (FileNotFoundError, OSError):
+        return None
+
+
+def _status(run_cachefs, mount) -> dict:
+    r = run_cachefs("status", mount.mountpoint, "--json")
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout)
+
+
+def _kill9(mount) -> None:
+    mount.proc.send_signal(signal.SIGKILL)
+    mount.proc.wait(timeout=10)
+    subprocess.run(["fusermount3", "-u", "-z", mount.mountpoint], capture_output=True)
+
+
+def test_files_of_every_size_land_whole(source, cachefs_mount):
+    m = _rw(cachefs_mount, source)
+    rng = random.Random(1)
+    sizes = [0, 1, CHUNK - 1, CHUNK, CHUNK + 1, 2 * PART + 12345]  # the last one multipart on S3
+    for size in sizes:
+        data = rng.randbytes(size)
+        _write(os.path.join(m.mountpoint, f"f{size}"), data)
+        # close() returned: the backend has it, whole
+        assert source.read(f"f{size}") == data, size
+        assert _read(os.path.join(m.mountpoint, f"f{size}")) == data
+        assert os.stat(os.path.join(m.mountpoint, f"f{size}")).st_size == size
+    assert sorted(os.listdir(m.mountpoint)) == sorted(f"f{s}" for s in sizes)
+
+
+def test_read_after_write_is_served_from_cache(s3_behind_proxy, cachefs_mount):
+    source = s3_behind_proxy
+    m = _rw(cachefs_mount, source, "--mem-size", "0", "--cache-size", "256M")
+    data = random.Random(2).randbytes(100 << 20)
+    path = os.path.join(m.mountpoint, "big.bin")
+    _write(path, data)
+    assert source.proxy.requests["POST"] >= 2  # created and completed a multipart upload
+    assert source.info("big.bin")["size"] == len(data)
+    source.proxy.reset()
+    subprocess.run(["sh", "-c", "echo 3 > /proc/sys/vm/drop_caches"], check=False)
+    assert _read(path) == data
+    data_gets = sum(n for (_, rng), n in source.proxy.gets.items() if rng)
+    assert data_gets == 0, source.proxy.gets
+
+
+def test_random_writes_truncate_and_extend(source, cachefs_mount):
+    m = _rw(cachefs_mount, source)
+    rng = random.Random(3)
+    original = rng.randbytes(3 * CHUNK + 77)
+    source.write("r.bin", original)
+    model = bytearray(original)
+    path = os.path.join(m.mountpoint, "r.bin")
+    fd = os.open(path, os.O_RDWR)
+    try:
+        for _ in range(40):
+            offset = rng.randrange(0, len(model) + CHUNK)
+            data = rng.randbytes(rng.randrange(1, 200_000))
+            os.pwrite(fd, data, offset)
+            if offset > len(model):
+                model.extend(bytes(offset - len(model)))
+            model[offset : offset + len(data)] = data
+        os.ftruncate(fd, 2 * CHUNK + 5)
+        del model[2 * CHUNK + 5 :]
+        os.ftruncate(fd, 4 * CHUNK)  # extend: zeros
+        model.extend(bytes(4 * CHUNK - len(model)))
+        os.pwrite(fd, b"tail", 5 * CHUNK)
+        model.extend(bytes(5 * CHUNK - len(model)))
+        model.extend(b"tail")
+        assert os.pread(fd, len(model) + 10, 0) == bytes(model)  # reads see the writes before close
+    finally:
+        os.close(fd)
+    assert source.read("r.bin") == bytes(model)
+    os.truncate(path, 1000)  # truncate(2) of a closed file
+    assert source.read("r.bin") == bytes(model[:1000])
+    with open(path, "ab") as f:  # O_APPEND
+        f.write(b"appended")
+    assert source.read("r.bin") == bytes(model[:1000]) + b"appended"
+
+
+def test_rename_over_existing_file_and_rm_r(source, cachefs_mount):
+    m = _rw(cachefs_mount, source)
+    mnt = m.mountpoint
+    source.write("final.csv", b"old contents")
+    _write(os.path.join(mnt, "tmp.csv"), b"new contents")
+    os.rename(os.path.join(mnt, "tmp.csv"), os.path.join(mnt, "final.csv"))
+    assert source.read("final.csv") == b"new contents"
+    assert _held(source, "tmp.csv") is None
+    assert _read(os.path.join(mnt, "final.csv")) == b"new contents"
+    assert "tmp.csv" not in os.listdir(mnt)
+
+    os.makedirs(os.path.join(mnt, "tree/a/b"))
+    os.makedirs(os.path.join(mnt, "tree/empty"))
+    for name in ("tree/x", "tree/a/y", "tree/a/b/z"):
+        _write(os.path.join(mnt, name), name.encode())
+    assert sorted(os.listdir(os.path.join(mnt, "tree"))) == ["a", "empty", "x"]
+    assert source.read("tree/a/b/z") == b"tree/a/b/z"
+    shutil.rmtree(os.path.join(mnt, "tree"))
+    assert not os.path.exists(os.path.join(mnt, "tree"))
+    for name in ("tree/x", "tree/a/y", "tree/a/b/z"):
+        assert _held(source, name) is None
+    with pytest.raises(OSError) as e:
+        os.rmdir(os.path.join(mnt, "nosuchdir"))
+    assert e.value.errno == errno.ENOENT
+
+
+def test_write_on_one_mount_read_on_another(s3_source, cachefs_mount):
+    s3_source.write("seed", b"s")  # a read-only mount needs its prefix to exist
+    writer = _rw(cachefs_mount, s3_source)
+    reader = cachefs_mount(s3_source, "--chunk-size", "1M")
+    data = random.Random(4).randbytes(3 * CHUNK + 1)
+    _write(os.path.join(writer.mountpoint, "shared.bin"), data)
+    assert _read(os.path.join(reader.mountpoint, "shared.bin")) == data
+
+
+def test_parquet_written_on_one_mount_reads_back_on_another(s3_source, cachefs_mount):
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    s3_source.write("seed", b"s")
+    writer = _rw(cachefs_mount, s3_source)
+    reader = cachefs_mount(s3_source, "--chunk-size", "1M")
+    table = pa.table({"ts": list(range(200_000)), "px": [i * 0.5 for i in range(200_000)]})
+    os.makedirs(os.path.join(writer.mountpoint, "factors"))
+    pq.write_table(table, os.path.join(writer.mountpoint, "factors/day1.parquet"))
+    assert pq.read_table(os.path.join(reader.mountpoint, "factors/day1.parquet")).equals(table)
+
+
+def test_read_only_datasets_refuse_every_change(local_source, cachefs_mount):
+    local_source.write("a.txt", b"a")
+    local_source.write("d/b.txt", b"b")
+    m = cachefs_mount(local_source)
+    mnt = m.mountpoint
+    attempts = {
+        "open for write": lambda: open(os.path.join(mnt, "a.txt"), "r+b"),
+        "create": lambda: open(os.path.join(mnt, "new.txt"), "wb"),
+        "truncate": lambda: os.truncate(os.path.join(mnt, "a.txt"), 0),
+        "mkdir": lambda: os.mkdir(os.path.join(mnt, "nd")),
+        "rmdir": lambda: os.rmdir(os.path.join(mnt, "d")),
+        "unlink": lambda: os.unlink(os.path.join(mnt, "a.txt")),
+        "rename": lambda: os.rename(os.path.join(mnt, "a.txt"), os.path.join(mnt, "c.txt")),
+        "link": lambda: os.link(os.path.join(mnt, "a.txt"), os.path.join(mnt, "h.txt")),
+        "symlink": lambda: os.symlink("a.txt", os.path.join(mnt, "s.txt")),
+        "utime": lambda: os.utime(os.path.join(mnt, "a.txt"), (1, 1)),
+        "setxattr": lambda: os.setxattr(os.path.join(mnt, "a.txt"), "user.x", b"1"),
+    }
+    for what, attempt in attempts.items():
+        with pytest.raises(OSError) as e:
+            attempt()
+        assert e.value.errno == errno.EROFS, what
+    assert local_source.read("a.txt") == b"a"
+
+
+def test_unsupported_operations_have_their_errno(local_source, cachefs_mount):
+    m = _rw(cachefs_mount, local_source)
+    path = os.path.join(m.mountpoint, "a.txt")
+    _write(path, b"a")
+    for attempt, code in (
+        (lambda: os.link(path, os.path.join(m.mountpoint, "h")), errno.EPERM),
+        (lambda: os.symlink("a.txt", os.path.join(m.mountpoint, "s")), errno.ENOTSUP),
+        (lambda: os.mkfifo(os.path.join(m.mountpoint, "fifo")), errno.ENOTSUP),
+        (lambda: os.setxattr(path, "user.x", b"1"), errno.ENOTSUP),
+    ):
+        with pytest.raises(OSError) as e:
+            attempt()
+        assert e.value.errno == code
+    assert local_source.read("a.txt") == b"a"
+
+
+def test_rw_dataset_on_a_new_prefix_mounts_empty(s3_source, cachefs_mount):
+    s3_source.write("keep", b"k")  # the bucket exists; the dataset's prefix below it does not
+    m = cachefs_mount(None, "--dataset", f"out={s3_source.url}/new/output,rw", *s3_source.mount_args,
+                      env=s3_source.env)
+    out = os.path.join(m.mountpoint, "out")
+    assert os.listdir(out) == []
+    _write(os.path.join(out, "first.txt"), b"first")
+    assert s3_source.read("new/output/first.txt") == b"first"
+
+
+def test_close_fails_with_eio_only_after_retries_and_recovers(s3_behind_proxy, cachefs_mount):
+    source = s3_behind_proxy
+    m = _rw(cachefs_mount, source, "--backend-retries", "2")
+    source.proxy.fault_scope = "writes"
+    source.proxy.fault = "503"
+    path = os.path.join(m.mountpoint, "x.bin")
+    f = open(path, "wb")
+    f.write(b"payload")
+    with pytest.raises(OSError) as e:
+        f.close()
+    assert e.value.errno == errno.EIO
+    assert source.proxy.faults["503"] == 3  # the first attempt and two retries
+    source.proxy.fault = None
+    _write(path, b"payload")
+    assert source.read("x.bin") == b"payload"
+
+
+def test_writeback_uploads_once_the_backend_is_back(s3_behind_proxy, cachefs_mount, run_cachefs):
+    source = s3_behind_proxy
+    m = _rw(cachefs_mount, source, "--writeback", "--backend-retries", "0")
+    source.proxy.fault_scope = "writes"
+    source.proxy.fault = "503"
+    data = random.Random(5).randbytes(CHUNK + 3)
+    path = os.path.join(m.mountpoint, "later.bin")
+    _write(path, data)  # close returns at once
+    assert _read(path) == data  # served from the staged bytes meanwhile
+    writes = _status(run_cachefs, m)["writes"]
+    assert writes["writeback"] and writes["pending_uploads"] == 1 and writes["pending_bytes"] == len(data)
+    assert _held(source, "later.bin") is None
+    source.proxy.fault = None
+    _wait_for(lambda: _held(source, "later.bin") == data, "the upload after the backend came back")
+    _wait_for(lambda: _status(run_cachefs, m)["writes"]["pending_uploads"] == 0, "pending uploads to drain")
+
+
+def test_kill9_between_writeback_close_and_upload_loses_nothing(s3_behind_proxy, cachefs_mount):
+    source = s3_behind_proxy
+    first = _rw(cachefs_mount, source, "--writeback", "--backend-retries", "0")
+    os.mkdir(os.path.join(first.mountpoint, "out"))
+    source.proxy.fault_scope = "writes"
+    source.proxy.fault = "503"
+    files = {f"out/part-{i}.bin": random.Random(i).randbytes(i * 700_000 + 1) for i in range(4)}
+    for name, data in files.items():
+        _write(os.path.join(first.mountpoint, name), data)
+    _kill9(first)
+    assert all(_held(source, name) is None for name in files)
+    source.proxy.fault = None
+    second = _rw(cachefs_mount, source, "--writeback", cache_dir=first.cache_dir)
+    for name, data in files.items():
+        _wait_for(lambda: _held(source, name) == data, f"{name} uploaded after the restart")
+        assert _read(os.path.join(second.mountpoint, name)) == data
+    assert os.listdir(os.path.join(first.cache_dir, "journal")) == []
+    assert os.listdir(os.path.join(first.cache_dir, "staging")) == []
+
+
+@pytest.mark.parametrize("writeback", [False, True])
+def test_fsync_then_kill9_keeps_the_fsynced_bytes(s3_source, cachefs_mount, writeback):
+    extra = ["--writeback"] if writeback else []
+    first = _rw(cachefs_mount, s3_source, *extra)
+    fd = os.open(os.path.join(first.mountpoint, "ckpt.bin"), os.O_WRONLY | os.O_CREAT, 0o644)
+    os.write(fd, b"epoch-1 weights")
+    os.fsync(fd)
+    os.write(fd, b" and more, never synced")
+    _kill9(first)
+    try:
+        os.close(fd)  # the mount is gone: nothing more can reach the backend
+    except OSError:
+        pass
+    if writeback:
+        _rw(cachefs_mount, s3_source, "--writeback", cache_dir=first.cache_dir)
+    _wait_for(lambda: _held(s3_source, "ckpt.bin") == b"epoch-1 weights", "the fsync'd bytes in S3")
+
+
+def test_full_staging_makes_writers_wait_not_fail(s3_behind_proxy, cachefs_mount):
+    source = s3_behind_proxy
+    m = _rw(cachefs_mount, source, "--writeback", "--stage-size", "4M", "--cache-size", "8M", "--mem-size", "0")
+    source.proxy.fault_scope = "writes"
+    source.proxy.fault = "slow:0.5"  # each upload takes a while: staging fills up
+    files = {f"s{i}.bin": random.Random(10 + i).randbytes(1_500_000) for i in range(6)}
+    for name, data in files.items():
+        _write(os.path.join(m.mountpoint, name), data)  # never ENOSPC: waits for uploads instead
+    assert m.metric("cachefs_staging_waits_total") > 0
+    for name, data in files.items():
+        _wait_for(lambda: _held(source, name) == data, f"{name} uploaded")
+    assert m.metric("cachefs_cache_used_bytes", tier="disk") <= 8 << 20
+
+
+def test_staging_full_of_open_files_is_enospc(local_source, cachefs_mount):
+    m = _rw(cachefs_mount, local_source, "--stage-size", "2M")
+    fd = os.open(os.path.join(m.mountpoint, "huge.bin"), os.O_WRONLY | os.O_CREAT, 0o644)
+    try:
+        with pytest.raises(OSError) as e:
+            for offset in range(0, 3 << 20, 1 << 20):
+                os.pwrite(fd, bytes(1 << 20), offset)
+        assert e.value.errno == errno.ENOSPC
+    finally:
+        os.close(fd)  # uploads what fitted
+    assert len(local_source.read("huge.bin")) == 2 << 20
