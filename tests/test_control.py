@@ -154,7 +154,6 @@ async def test_node_refusals_are_error_replies(served, node):
         ("feats=relative/dir", "must be absolute over the control socket"),
         ("feats=/data,secret_key_file=key", "secret_key_file 'key' must be an absolute path"),
         ("feats=/data,secret_key=hunter2", "secrets are read from files only"),
-        ("feats=/data,rw", "read-write datasets are not supported"),
         ("=/data", "needs a name"),
         ("feats=s3://b/f,access_key=AK,secret_key_file=/nonexistent/key", "secret_key_file /nonexistent/key: No such file"),
     ],

@@ -88,7 +88,7 @@ async def test_forget_drops_what_fuse_ops_keeps_per_inode():
 
     from types import SimpleNamespace
 
-    node = SimpleNamespace(datasets={}, on_removed=None)  # forget needs none of the node
+    node = SimpleNamespace(datasets={}, on_removed=None, config=None)  # forget needs none of the node
     ops = Operations(node, entry_ttl=1.0, attr_ttl=1.0, block_size=4096)
     ino = ops.inodes.lookup("f")
     ops._opened_versions[ino] = "etag:1"

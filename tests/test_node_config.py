@@ -108,8 +108,13 @@ def test_bad_specs_name_the_problem(node_dir, spec, needle):
     assert message.startswith("--dataset"), message
 
 
-def test_rw_is_refused_until_the_write_path_lands(node_dir):
-    _refused("read-write datasets are not supported yet", flags=_flags(node_dir), datasets=["feats=s3://b,rw"])
+def test_rw_datasets_and_write_options_load(node_dir):
+    node = load_node(flags=_flags(node_dir, writeback=True, stage_size="1G", umask="027", uid=1000),
+                     datasets=["feats=s3://b,rw", "md=s3://m"])
+    assert [d.read_only for d in node.datasets] == [False, True]
+    assert node.writeback and node.stage_limit == 1 << 30 and node.umask == 0o027 and node.uid == 1000
+    _refused("--stage-size 32M: staged files count against --cache-size", flags=_flags(node_dir, cache_size="16M", stage_size="32M"),
+             datasets=["feats=s3://b,rw"])
 
 
 @pytest.mark.parametrize("option", ["secret_key", "secret-key", "secret", "aws_secret_access_key"])
@@ -234,7 +239,6 @@ def test_a_full_file_loads(node_dir):
         ("[datasets.'a/b']\nurl = 's3://b'\n", "node.toml: datasets.a/b: dataset name 'a/b' must not contain '/'"),
         ("[datasets.'.x']\nurl = 's3://b'\n", "must not start with '.'"),
         ("[datasets.feats]\nsubdir = 'x'\n", "node.toml: datasets.feats.url: a dataset needs a URL"),
-        ("[datasets.feats]\nurl = 's3://b'\nread_only = false\n", "datasets.feats.read_only: read-write datasets are not supported yet"),
         ("[datasets.feats]\nurl = 'relative/dir'\n", "neither a URL"),
         ("[datasets.feats]\nurl = 's3://b'\nsecret_key = 'hunter2'\n", "use secret_key_file"),
         ("[datasets.feats]\nurl = 's3://b'\nsecret_key_file = '/nonexistent/s'\n", "datasets.feats.secret_key_file /nonexistent/s: No such file"),
@@ -350,7 +354,7 @@ def test_cli_refuses_bad_input_in_one_line(node_dir, run_cachefs):
     mnt = node_dir / "mnt"
     _check_refused(run_cachefs("mount", mnt, "--dataset", "feats=s3://b,quota=lots"), "--dataset feats: quota: 'lots' is not a size")
     _check_refused(run_cachefs("mount", mnt, "--dataset", ".x=s3://b"), "must not start with '.'")
-    _check_refused(run_cachefs("mount", mnt, "--dataset", "feats=s3://b,rw"), "read-write datasets are not supported yet")
+    _check_refused(run_cachefs("mount", mnt, "--dataset", "feats=s3://b,rw", "--stage-size", "1K"), "--stage-size 1K: must be at least 1M")
     path = _write(node_dir, "[datasets.feats]\nurl = 's3://b'\nquota = 'lots'\n")
     _check_refused(run_cachefs("mount", mnt, "--config", path), f"{path}: datasets.feats.quota: 'lots' is not a size")
     _check_refused(run_cachefs("mount", mnt), "nothing to mount")
