@@ -389,7 +389,7 @@ class DiskTier:
         self._reserved[tag] += size
         stored = False
         try:
-            room, victims = self._claim_room(size, tag, by_rank=reason == "sample")
+            room, victims = self._claim_room(size, tag, sample=digest if reason == "sample" else None)
             if victims:
                 await trio.to_thread.run_sync(_unlink_all, victims, limiter=self._limiter)
             if room:
@@ -504,13 +504,13 @@ class DiskTier:
             os.makedirs(self.root, mode=0o700, exist_ok=True)  # removed under us (a tmp cleaner)
             return os.statvfs(self.root)
 
-    def _claim_room(self, size: int, tag: bytes = b"", by_rank: bool = False) -> tuple[bool, list[str]]:
+    def _claim_room(self, size: int, tag: bytes = b"", sample: bytes | None = None) -> tuple[bool, list[str]]:
         """Evict chunks (SLRU order) from the index until the source `tag`'s chunks
         (with its writes in progress, `size` among them) fit its quota, `self.used`
         (which already counts `size`) fits the cap, and writing `size` more bytes
         leaves --free-space-ratio of the disk free. Index changes stay on the trio
-        thread; the caller unlinks. `by_rank`: room for a sampled chunk (see
-        cachefs.cache.policy), taken from the highest-ranked on probation.
+        thread; the caller unlinks. `sample`: room for this chunk admitted as a
+        sample (see cachefs.cache.policy), taken from chunks ranked above it only.
 
         Returns:
             (whether there is room, paths of the evicted files to unlink).
@@ -535,7 +535,7 @@ class DiskTier:
             and st.f_bavail * st.f_frsize + freed - writing < self.free_space_ratio * st.f_blocks * st.f_frsize
         ):
             try:
-                victim = self._index.pop_victim(by_rank)
+                victim = self._index.pop_victim(sample)
             except KeyError:
                 return False, victims  # nothing left but pinned chunks
             freed += self._evicted(*victim, victims)

@@ -103,8 +103,8 @@ class SegmentedLRU:
         Args:
             full: storing it means evicting something first.
         Returns:
-            Why it is admitted ("room", "recent" or "sample"; pass `by_rank=`
-            `reason == "sample"` to `pop_victim`), or None: do not store it.
+            Why it is admitted ("room", "recent" or "sample": then pass
+            `sample=key` to `pop_victim`), or None: do not store it.
         """
         return "room" if not full else "recent"
 
@@ -152,9 +152,9 @@ class SegmentedLRU:
                     return key, size
         return None
 
-    def pop_victim(self, by_rank: bool = False) -> tuple[bytes, int]:
+    def pop_victim(self, sample: bytes | None = None) -> tuple[bytes, int]:
         """The entry to evict next: probation's LRU, else protected's; never a pinned one.
-        `by_rank` matters to `ScanResistant` only.
+        `sample` matters to `ScanResistant` only.
 
         Raises:
             KeyError: nothing but pinned entries (or nothing) left.
@@ -262,14 +262,22 @@ class ScanResistant(SegmentedLRU):
         self._last.pop(key, None)
         return super().pop(key)
 
-    def pop_victim(self, by_rank: bool = False) -> tuple[bytes, int]:
-        """With `by_rank` (making room for a sampled entry): the highest-ranked
-        entry on probation. Else the least recently used of both segments' LRU
-        ends (a recent entry displaces the oldest, protected or not). Never a pinned one."""
+    def pop_victim(self, sample: bytes | None = None) -> tuple[bytes, int]:
+        """Making room for `sample`, a key admitted as a sample: the highest-ranked
+        entry on probation, if it ranks above `sample` (a large chunk must not push
+        out smaller ones of lower rank: they would come back next epoch). Else the
+        least recently used of both segments' LRU ends (a recent entry displaces
+        the oldest, protected or not). Never a pinned one.
+
+        Raises:
+            KeyError: nothing left to evict (for `sample`: nothing ranked above it).
+        """
         victim = None
-        if by_rank:
+        if sample is not None:
             top = self._top()
-            victim = top[1] if top is not None else None
+            if top is None or top[0] <= rank(sample):
+                raise KeyError(sample)
+            victim = top[1]
         elif self._probation and self._protected:
             first = next(iter(self._probation))
             oldest = next(iter(self._protected))
