@@ -14,6 +14,7 @@ import sys
 import tempfile
 
 from cachefs import __version__
+from cachefs.cache.policy import ADMISSIONS
 from cachefs.config import CacheConfig, NodeConfig, WorkerConfig, format_size, parse_addr
 from cachefs.loader import CREDENTIAL_FLAGS, SETTINGS, cache_settings, load_node, render
 from cachefs.errors import ConfigError
@@ -40,6 +41,12 @@ def _add_cache_args(p: argparse.ArgumentParser, d: CacheConfig) -> None:
     g.add_argument("--chunk-size", help=f"cache chunk size, a power of two from 64K to 64M; the same on every node of a ring (default {format_size(d.chunk_size)})")
     g.add_argument("--free-space-ratio", type=float, help=f"keep at least this share of the cache disk free (default {d.free_space_ratio})")
     g.add_argument("--read-ahead", type=int, help=f"chunks to fetch ahead of a sequential reader (default {d.read_ahead})")
+    g.add_argument(
+        "--admission", choices=ADMISSIONS,
+        help="which new chunks the SSD tier stores once full: lru (all, evicting the least recently used) or "
+        "scan-resistant (keeps a fixed sample of a dataset larger than the cache, so every epoch hits "
+        f"about cache/dataset; see docs/configuration.md) (default {d.admission})",
+    )
     g.add_argument("--pin-quota", help="the most SSD space pinned chunks may hold, e.g. 50G (default: half of --cache-size)")
     g = p.add_argument_group("backend")
     g.add_argument("--endpoint-url", help="S3 endpoint, e.g. http://127.0.0.1:9000")

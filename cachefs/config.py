@@ -10,6 +10,7 @@ import os
 import re
 import stat
 
+from cachefs.cache.policy import ADMISSIONS
 from cachefs.errors import ConfigError
 
 _SIZE_RE = re.compile(r"^\s*(\d{1,30}(?:\.\d{1,30})?)\s*([KMGTP]?)(i?B?)?\s*$", re.IGNORECASE)
@@ -76,6 +77,7 @@ class CacheConfig:
     free_space_ratio: float = 0.1
     pin_quota: int | None = None  # bytes pins may hold on the SSD tier; None: half of cache_size
     read_ahead: int = 8
+    admission: str = "lru"  # which new chunks the SSD tier stores: ADMISSIONS (cachefs.cache.policy)
     backend_concurrency: int = 16
     backend_timeout: float = 30.0
     backend_retries: int = 3
@@ -131,6 +133,8 @@ class CacheConfig:
         self._check_durations("backend_timeout", "peer_timeout")
         if self.read_ahead < 0:
             raise ConfigError(f"{L('read_ahead')} must not be negative")
+        if self.admission not in ADMISSIONS:
+            raise ConfigError(f"{L('admission')} {self.admission!r}: must be one of {', '.join(ADMISSIONS)}")
         if self.backend_concurrency < 1:
             raise ConfigError(f"{L('backend_concurrency')} must be at least 1")
         for name in ("backend_timeout", "peer_timeout"):

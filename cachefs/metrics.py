@@ -35,6 +35,10 @@ CACHE_ERRORS = prom.Counter(
     "cachefs_cache_errors", "Cached chunks dropped as corrupt or unreadable", ["tier", "reason"]
 )
 CACHE_EVICTIONS = prom.Counter("cachefs_cache_evictions", "Chunks evicted to stay within capacity", ["tier"])
+CACHE_REJECTED = prom.Counter(
+    "cachefs_cache_rejected", "New chunks the admission policy did not store (--admission)", ["tier"]
+)
+CACHE_WRITTEN_BYTES = prom.Counter("cachefs_cache_written_bytes", "Bytes of chunk files written", ["tier"])
 CACHE_USED = prom.Gauge("cachefs_cache_used_bytes", "Bytes held by a cache tier", ["tier"])
 CACHE_CAPACITY = prom.Gauge("cachefs_cache_capacity_bytes", "Configured capacity of a cache tier", ["tier"])
 CACHE_CHUNKS = prom.Gauge("cachefs_cache_chunks", "Chunks held by a cache tier", ["tier"])

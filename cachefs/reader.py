@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from collections import OrderedDict
 from typing import Sequence
 
 import trio
@@ -50,6 +51,15 @@ ORIGINS_KEPT = 4096
 # What has been read of such a chunk is kept in at most this many parts of it,
 # none smaller than a page (the kernel reads whole pages).
 ORIGIN_PARTS = 64
+
+# Chunks loaded for readers are held until read in full (see `Reader._held`):
+# at most 4 x --read-ahead of them (twice what may be in flight ahead: the
+# read-ahead of several streams, some of it abandoned) plus this many, for the
+# readers' own fetches.
+HELD_SPARE = 4
+# A held chunk no read has touched for this long is taken for abandoned (a reader
+# that stopped or jumped) and let go.
+HELD_SECONDS = 30.0
 
 
 class _Flight:
@@ -125,6 +135,14 @@ class Reader:
         # came from the backend the first time they are read.
         self._origins: dict[bytes, list] = {}
         self._part = max(chunk_size // ORIGIN_PARTS, 4096)
+        # Chunks loaded from the backend (or a peer) for this reader, held until
+        # read in full: digest -> [data, source, when last read, read ahead]. A tier may not
+        # keep a chunk (the SSD's admission policy did not admit it, or evicted
+        # it before its reader came): the reader must still get it, not fetch it
+        # again. Read-ahead stops where this is full (`_room_to_hold`), so it
+        # never runs further ahead than can be held. The last item: read ahead.
+        self._held: OrderedDict[bytes, list] = OrderedDict()
+        self._held_max = 4 * self.read_ahead + HELD_SPARE
         # Per-dataset counters, plain ints (a prometheus inc costs a lock):
         # `metrics.ReaderStats` reads them at scrape time.
         # source -> [bytes returned, chunk reads served], by where they truly came from.
@@ -177,10 +195,15 @@ class Reader:
         memory = self._memory
         origins = self._origins
         parts = []
+        held = self._held
         for index, start, end in spans:
             key = self._key(obj, index)
             part = None
-            if partial or jumped:
+            if held and (entry := held.get(key.digest)) is not None:
+                part = memoryview(entry[0])[start:end]
+                source = entry[1]
+                entry[2] = trio.current_time()
+            elif partial or jumped:
                 digest = key.digest
                 # Only a chunk that no tier holds whole and no fetch is bringing can be read in part.
                 if not ((memory is not None and digest in memory) or digest in self._flights):
@@ -224,6 +247,7 @@ class Reader:
         entry[1] ^= new
         if not entry[1]:
             del self._origins[digest]
+            self._held.pop(digest, None)  # read in full: the tiers have it, or it was read once
         # A read that is partly a re-read (not page-aligned, or overlapping an
         # earlier one) splits by parts: exact for the kernel's aligned reads.
         first = end - start if new == mask else (end - start) * new.bit_count() // (hi - lo)
@@ -274,7 +298,7 @@ class Reader:
 
     def _start_prefetch(self, key: ChunkKey, ahead: bool = False) -> bool:
         digest = key.digest
-        if digest in self._flights:
+        if digest in self._flights or digest in self._held:
             return True
         top = self.tiers[0] if self.tiers else None
         if top is not None and digest in top:
@@ -285,6 +309,8 @@ class Reader:
                 self._nursery.start_soon(top.will_need, key)
             return True
         if ahead:
+            if not self._room_to_hold():
+                return False
             try:
                 self._ahead_slots.acquire_nowait()
             except trio.WouldBlock:
@@ -296,6 +322,8 @@ class Reader:
     async def _prefetch(self, key: ChunkKey, ahead: bool) -> None:
         try:
             await self._chunk(key, for_reader=True)
+            if ahead and (entry := self._held.get(key.digest)) is not None:
+                entry[3] = True  # counts against read-ahead until read
         except BackendError as e:
             # The reader that needs this chunk will fetch it again and report the error.
             log.debug("prefetch of %s chunk %d failed: %s", key.obj.path, key.index, e)
@@ -360,6 +388,8 @@ class Reader:
             if data is not None:
                 if for_reader:
                     self._note_origin(key, tier.name)
+                    if tier.medium == "network":
+                        self._hold(key, data, tier.name)
                 await self._keep(key, data, tier)
                 return data, tier.name
         start = key.index * self.chunk_size
@@ -370,14 +400,33 @@ class Reader:
             in_flight["backend"] -= 1
         if for_reader:
             self._note_origin(key, "backend")
+            self._hold(key, fetched, "backend")
         await self._keep(key, fetched, None)
         return fetched, "backend"
+
+    def _room_to_hold(self) -> bool:
+        """Whether one more read-ahead chunk can be held until read, with those in
+        flight and room left for the readers' own fetches; lets abandoned ones go."""
+        held = self._held
+        if held:
+            expired = trio.current_time() - HELD_SECONDS
+            while held and next(iter(held.values()))[2] < expired:
+                held.popitem(last=False)
+        in_flight = 2 * self.read_ahead - self._ahead_slots.value
+        return sum(entry[3] for entry in held.values()) + in_flight < self._held_max - HELD_SPARE
+
+    def _hold(self, key: ChunkKey, data: Buffer, source: str) -> None:
+        held = self._held
+        held[key.digest] = [data, source, trio.current_time(), False]
+        while len(held) > self._held_max:
+            held.popitem(last=False)
 
     def _note_origin(self, key: ChunkKey, source: str) -> None:
         """Remember where a chunk loaded for this reader came from, before `_keep`
         puts it where reads find it (it may checkpoint while the chunk is in MEM)."""
         origins = self._origins
         if len(origins) >= ORIGINS_KEPT:
+            self._held.pop(next(iter(origins)), None)
             del origins[next(iter(origins))]
         origins[key.digest] = [source, (1 << -(-key.length // self._part)) - 1]
 

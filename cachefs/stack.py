@@ -61,7 +61,7 @@ async def open_tiers(config: CacheConfig) -> tuple[MemTier, DiskTier | None]:
     mem = MemTier(config.mem_size)
     disk = None
     if config.cache_size:
-        disk = DiskTier(config.cache_dir, config.cache_size, config.free_space_ratio)
+        disk = DiskTier(config.cache_dir, config.cache_size, config.free_space_ratio, admission=config.admission)
         try:
             await disk.load()
         except CacheDirInUse as e:

@@ -38,7 +38,7 @@ from typing import ClassVar
 import trio
 
 from cachefs import hotpath, metrics
-from cachefs.cache.policy import SegmentedLRU
+from cachefs.cache.policy import make_index
 from cachefs.errors import CacheDirInUse, ChunkCorrupt
 from cachefs.objects import SOURCE_TAG_SIZE, Buffer, ChunkKey, Medium, source_tag
 
@@ -118,14 +118,17 @@ class DiskTier:
     name: ClassVar[str] = "disk"
     medium: ClassVar[Medium] = "disk"
 
-    def __init__(self, cache_dir: str, capacity: int, free_space_ratio: float, io_threads: int = 8):
+    def __init__(
+        self, cache_dir: str, capacity: int, free_space_ratio: float, io_threads: int = 8, admission: str = "lru"
+    ):
         self.cache_dir = cache_dir
         self.root = os.path.join(cache_dir, "chunks")
         self._lock_fd: int | None = None  # while we own the directory
         self.capacity = capacity
         self.free_space_ratio = free_space_ratio
         self.used = 0  # bytes on disk, including writes in progress
-        self._index = SegmentedLRU(capacity)  # digest -> file size, in eviction order
+        # digest -> file size, in eviction order; decides which new chunks are stored (--admission)
+        self._index = make_index(admission, capacity)
         self.by_source: Counter[bytes] = Counter()  # source tag -> bytes of indexed chunks
         self._quotas: dict[bytes, int] = {}  # source tag -> bytes that source may hold (dataset quota)
         self._reserved: Counter[bytes] = Counter()  # source tag -> bytes of its writes in progress
@@ -144,6 +147,8 @@ class DiskTier:
         metrics.CACHE_CAPACITY.labels(self.name).set(capacity)
         self._hits = metrics.CACHE_HITS.labels(self.name)
         self._misses = metrics.CACHE_MISSES.labels(self.name)
+        self._rejected = metrics.CACHE_REJECTED.labels(self.name)
+        self._written = metrics.CACHE_WRITTEN_BYTES.labels(self.name)
 
     # -- start-up -----------------------------------------------------------
 
@@ -366,24 +371,30 @@ class DiskTier:
         """Store a chunk unless present; evicts first so the cap is never exceeded.
 
         Returns:
-            True if stored; False if already present, being written, or no room.
+            True if stored; False if already present, being written, not
+            admitted (--admission) or no room.
         """
         digest = key.digest
         if digest in self._index or digest in self._writing:
             return False
         size = hotpath.header_size(len(data)) + len(data)
         tag = digest[:SOURCE_TAG_SIZE]
+        reason = "pinned" if digest in self._pins else self._index.admit(digest, size, self.used + size > self.capacity)
+        if reason is None:
+            self._rejected.inc()
+            return False
         self._writing.add(digest)
         # Reserve before writing: concurrent puts cannot overshoot the cap or a quota together.
         self.used += size
         self._reserved[tag] += size
         stored = False
         try:
-            room, victims = self._claim_room(size, tag)
+            room, victims = self._claim_room(size, tag, sample=digest if reason == "sample" else None)
             if victims:
                 await trio.to_thread.run_sync(_unlink_all, victims, limiter=self._limiter)
             if room:
                 await trio.to_thread.run_sync(self._write, digest, data, limiter=self._write_limiter)
+                self._written.inc(size)
                 self._index.add(digest, size)
                 if digest in self._pins:
                     self._index.pin(digest)
@@ -493,12 +504,13 @@ class DiskTier:
             os.makedirs(self.root, mode=0o700, exist_ok=True)  # removed under us (a tmp cleaner)
             return os.statvfs(self.root)
 
-    def _claim_room(self, size: int, tag: bytes = b"") -> tuple[bool, list[str]]:
+    def _claim_room(self, size: int, tag: bytes = b"", sample: bytes | None = None) -> tuple[bool, list[str]]:
         """Evict chunks (SLRU order) from the index until the source `tag`'s chunks
         (with its writes in progress, `size` among them) fit its quota, `self.used`
         (which already counts `size`) fits the cap, and writing `size` more bytes
         leaves --free-space-ratio of the disk free. Index changes stay on the trio
-        thread; the caller unlinks.
+        thread; the caller unlinks. `sample`: room for this chunk admitted as a
+        sample (see cachefs.cache.policy), taken from chunks ranked above it only.
 
         Returns:
             (whether there is room, paths of the evicted files to unlink).
@@ -523,7 +535,7 @@ class DiskTier:
             and st.f_bavail * st.f_frsize + freed - writing < self.free_space_ratio * st.f_blocks * st.f_frsize
         ):
             try:
-                victim = self._index.pop_victim()
+                victim = self._index.pop_victim(sample)
             except KeyError:
                 return False, victims  # nothing left but pinned chunks
             freed += self._evicted(*victim, victims)
