@@ -149,6 +149,14 @@ def render_node(target: str, status: dict) -> str:
         for p in pins:
             lines.append(f"    {p.get('id')}  {p.get('owner')}  {_size(p.get('bytes', 0))}  "
                          f"{', '.join(p.get('paths', []))}  ({p.get('expires_in', 0):.0f} s left)")
+    writes = status.get("writes")
+    if writes:
+        mode = "writeback" if writes.get("writeback") else "upload on close"
+        lines.append(
+            f"  writes ({mode}): {writes.get('open_for_write', 0)} open, {_size(writes.get('staged_bytes', 0))} staged "
+            f"of {_size(writes.get('stage_limit', 0))}, {writes.get('pending_uploads', 0)} uploads pending "
+            f"({_size(writes.get('pending_bytes', 0))})"
+        )
     held = status.get("path")
     if held:
         lines.append(
@@ -156,7 +164,7 @@ def render_node(target: str, status: dict) -> str:
             f"{_size(held.get('bytes', 0))} cached ({held.get('ratio', 0):.1%}), "
             f"{held.get('cached_chunks', 0)}/{held.get('chunks', 0)} chunks"
         )
-    shown = {"version", "hot_path", "pid", "tiers", "datasets", "peers", "pins", "pinned_bytes", "pin_quota", "path"}
+    shown = {"version", "hot_path", "pid", "tiers", "datasets", "peers", "pins", "pinned_bytes", "pin_quota", "path", "writes"}
     for key, value in status.items():
         if key not in shown and not isinstance(value, (dict, list)):
             lines.append(f"  {key}: {value}")

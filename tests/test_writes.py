@@ -325,3 +325,32 @@ def test_staging_full_of_open_files_is_enospc(local_source, cachefs_mount):
     finally:
         os.close(fd)  # uploads what fitted
     assert len(local_source.read("huge.bin")) == 2 << 20
+
+
+def test_two_writers_of_one_path_last_close_wins_whole(s3_source, cachefs_mount):
+    s3_source.write("seed", b"s")
+    a = _rw(cachefs_mount, s3_source)
+    b = _rw(cachefs_mount, s3_source)
+    first, second = (random.Random(n).randbytes(3 * CHUNK + n) for n in (20, 21))
+    fa = open(os.path.join(a.mountpoint, "same.bin"), "wb")
+    fb = open(os.path.join(b.mountpoint, "same.bin"), "wb")
+    fa.write(first)
+    fb.write(second)
+    fa.close()
+    assert s3_source.read("same.bin") == first
+    fb.close()  # closed last: wins, whole
+    assert s3_source.read("same.bin") == second
+
+
+def test_mv_of_a_directory_on_s3_falls_back_to_copy(s3_source, cachefs_mount):
+    m = _rw(cachefs_mount, s3_source)
+    os.makedirs(os.path.join(m.mountpoint, "run1/logs"))
+    _write(os.path.join(m.mountpoint, "run1/logs/a.txt"), b"a")
+    _write(os.path.join(m.mountpoint, "run1/b.txt"), b"b")
+    with pytest.raises(OSError) as e:
+        os.rename(os.path.join(m.mountpoint, "run1"), os.path.join(m.mountpoint, "run2"))
+    assert e.value.errno == errno.EXDEV
+    subprocess.run(["mv", os.path.join(m.mountpoint, "run1"), os.path.join(m.mountpoint, "run2")], check=True)
+    assert s3_source.read("run2/logs/a.txt") == b"a" and s3_source.read("run2/b.txt") == b"b"
+    assert _held(s3_source, "run1/b.txt") is None
+    assert sorted(os.listdir(m.mountpoint)) == ["run2"]
