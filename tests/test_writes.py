@@ -17,8 +17,6 @@ import time
 
 import pytest
 
-from conftest import S3Proxy
-
 pytestmark = pytest.mark.integration
 
 CHUNK = 1 << 20
