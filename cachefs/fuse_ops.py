@@ -565,6 +565,13 @@ class Operations(pyfuse3.Operations):
             # Modes and owners are the mount's (--uid, --gid, --umask): accepted, not kept.
         return self._attrs(inode, await self._stat(path))
 
+    @staticmethod
+    def _upload_wait(dataset: Dataset) -> float:
+        """How long a rename waits for the source's pending uploads: as long as one
+        request and its retries may take (a backend that is down must not hang it)."""
+        backend = dataset.backend
+        return backend.timeout * (backend.retries + 1)
+
     @fuse_errors
     async def unlink(self, parent_inode, name, ctx):
         dataset, inner, path = await self._child(parent_inode, name)
@@ -572,7 +579,7 @@ class Operations(pyfuse3.Operations):
         if info.kind == "dir":
             raise pyfuse3.FUSEError(errno.EISDIR)
         writes = self.node.writes
-        await writes.uploader.wait(dataset, inner)  # else a late upload would bring it back
+        await writes.uploader.cancel(dataset, inner)  # else a late upload would bring it back
         if await self._stored(dataset, inner) is not None:
             await dataset.backend.delete(inner)
         writes.unlinked(dataset, inner)
@@ -633,11 +640,11 @@ class Operations(pyfuse3.Operations):
         writes = self.node.writes
         if info.kind == "file":
             # Only what the backend holds can be renamed there: land this node's writes first.
-            await writes.uploader.wait(dataset, old)
+            await writes.uploader.wait(dataset, old, self._upload_wait(dataset))
             wf = writes.find(dataset, old)
             if wf is not None:
                 await wf.commit(background=False)
-            await writes.uploader.wait(dataset, new)
+            await writes.uploader.cancel(dataset, new)  # replaced: its pending bytes are superseded
         await dataset.backend.rename(old, new, info.kind)
         writes.moved(dataset, old, new)
         dataset.namespace.drop_entry(old)

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Awaitable, Callable
 import trio
 
 from cachefs import metrics
-from cachefs.errors import BackendError, CachefsError
+from cachefs.errors import BackendError, BackendUnavailable, CachefsError
 from cachefs.objects import ObjectId, ObjectInfo, chunk_key
 from cachefs.staging import JournalEntry, StagedFile, Staging
 
@@ -51,6 +51,8 @@ class Upload:
     done: trio.Event = dataclasses.field(default_factory=trio.Event)
     error: CachefsError | None = None
     info: ObjectInfo | None = None  # the object as uploaded
+    cancelled: bool = False  # the path was deleted: upload nothing more
+    pause: trio.CancelScope | None = None  # while waiting to retry
 
 
 class Uploader:
@@ -112,9 +114,29 @@ class Uploader:
         self.staging.draining_changed(+upload.size)
         self._nursery.start_soon(self._run, upload)
 
-    async def wait(self, dataset: Dataset, path: str) -> None:
-        """Until every upload of `path` submitted so far has landed or failed."""
-        for upload in list(self.pending.get((dataset.source, path), ())):
+    async def wait(self, dataset: Dataset, path: str, timeout: float) -> None:
+        """Until every upload of `path` submitted so far has landed or failed.
+
+        Raises:
+            BackendUnavailable: they are still pending after `timeout` seconds (the
+                backend is down: a rename must not hang on it).
+        """
+        with trio.move_on_after(timeout):
+            for upload in list(self.pending.get((dataset.source, path), ())):
+                await upload.done.wait()
+            return
+        raise BackendUnavailable(f"{path}: its upload has not landed yet (the backend is not taking it)")
+
+    async def cancel(self, dataset: Dataset, path: str) -> None:
+        """`path` was deleted: drop its pending uploads (and journal entries). Returns
+        once none is left, so that no upload can land after the caller deletes the
+        object (one in the middle of a request finishes it, within the store's timeouts)."""
+        uploads = list(self.pending.get((dataset.source, path), ()))
+        for upload in uploads:
+            upload.cancelled = True
+            if upload.pause is not None:
+                upload.pause.cancel()
+        for upload in uploads:
             await upload.done.wait()
 
     async def _run(self, upload: Upload) -> None:
@@ -123,7 +145,7 @@ class Uploader:
         delay = RETRY_FIRST
         try:
             async with lock:  # FIFO: the uploads of one path land in the order they were closed
-                while True:
+                while not upload.cancelled:
                     try:
                         upload.info = await upload.dataset.backend.upload(
                             upload.path, upload.staged.path, upload.size, self.part_size
@@ -145,14 +167,18 @@ class Uploader:
                             return
                         metrics.UPLOADS.labels("retry").inc()
                         log.warning("upload of %s failed, retrying in %.0fs: %s", upload.path, delay, e)
-                        await trio.sleep(delay)
+                        with trio.CancelScope() as upload.pause:
+                            await trio.sleep(delay)
+                        upload.pause = None
                         delay = min(delay * 2, RETRY_MAX)
+                if upload.cancelled:
+                    return
                 metrics.UPLOADS.labels("ok").inc()
                 await self._cache_chunks(upload)
                 await self._uploaded(upload.dataset, upload.path, upload.info)
         finally:
             with trio.CancelScope(shield=True):
-                if upload.entry is not None and upload.info is not None:
+                if upload.entry is not None and (upload.info is not None or upload.cancelled):
                     await trio.to_thread.run_sync(self.staging.forget, upload.entry)
                 uploads = self.pending.get(key, [])
                 if upload in uploads:
@@ -163,7 +189,8 @@ class Uploader:
                     self._locks.pop(key, None)
                 self.staging.draining_changed(-upload.size)
                 # A journaled upload cut short (unmount, dataset removed) resumes at the next start.
-                self.staging.release(upload.staged, keep_file=upload.entry is not None and upload.info is None)
+                keep = upload.entry is not None and upload.info is None and not upload.cancelled
+                self.staging.release(upload.staged, keep_file=keep)
                 upload.done.set()
 
     async def _cache_chunks(self, upload: Upload) -> None:

@@ -352,3 +352,23 @@ def test_mv_of_a_directory_on_s3_falls_back_to_copy(s3_source, cachefs_mount):
     assert s3_source.read("run2/logs/a.txt") == b"a" and s3_source.read("run2/b.txt") == b"b"
     assert _held(s3_source, "run1/b.txt") is None
     assert sorted(os.listdir(m.mountpoint)) == ["run2"]
+
+
+def test_rm_and_mv_of_a_pending_file_do_not_hang_while_the_backend_is_down(s3_behind_proxy, cachefs_mount):
+    source = s3_behind_proxy
+    m = _rw(cachefs_mount, source, "--writeback", "--backend-retries", "0", "--backend-timeout", "2")
+    source.proxy.fault_scope = "writes"
+    source.proxy.fault = "503"
+    _write(os.path.join(m.mountpoint, "gone.bin"), b"never uploaded")
+    _write(os.path.join(m.mountpoint, "stuck.bin"), b"waits for the backend")
+    os.unlink(os.path.join(m.mountpoint, "gone.bin"))  # drops its pending upload
+    assert "gone.bin" not in os.listdir(m.mountpoint)
+    t0 = time.monotonic()
+    with pytest.raises(OSError) as e:
+        os.rename(os.path.join(m.mountpoint, "stuck.bin"), os.path.join(m.mountpoint, "moved.bin"))
+    assert e.value.errno == errno.EIO and time.monotonic() - t0 < 15
+    source.proxy.fault = None
+    _wait_for(lambda: _held(source, "stuck.bin") == b"waits for the backend", "the pending upload after the backend came back")
+    assert _held(source, "gone.bin") is None
+    journal = os.path.join(m.cache_dir, "journal")
+    _wait_for(lambda: os.listdir(journal) == [], "the journal to empty")
