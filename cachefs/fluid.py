@@ -107,9 +107,7 @@ def _node_settings(options: list[tuple[dict[str, Any], str]]) -> tuple[dict[str,
         for key, value in values.items():
             what = f"{origin}{key}"
             if key in ("ro", "rw") and value == "":
-                if key == "rw":
-                    raise ConfigError(f"{what}: cachefs serves datasets read-only")
-                continue  # Fluid adds `ro` for ReadOnlyMany datasets: what cachefs does anyway
+                continue  # Fluid adds these from the access modes; each mount's readOnly decides
             if not isinstance(value, str):
                 value = str(value).lower() if isinstance(value, bool) else str(value)
             if key in _CREDENTIAL_OPTIONS:
@@ -229,9 +227,6 @@ def datasets_of(doc: dict[str, Any], path: str) -> list[DatasetConfig]:
         if d.name in seen:
             raise ConfigError(f"{d.origin}name: {d.name!r} is given twice")
         seen.add(d.name)
-        if not d.read_only:
-            raise ConfigError(f"{d.origin}readOnly: cachefs serves datasets read-only; "
-                              "set readOnly: true or accessModes: [ReadOnlyMany]")
     return datasets
 
 

@@ -207,7 +207,7 @@ def _doc(tmp_path: Path, **mount) -> dict:
 
 
 @pytest.mark.parametrize("case", ["missing", "malformed", "no-mounts", "scheme", "secret-missing",
-                                  "secret-open", "secret-empty", "option", "rw", "peer-secret-open"])
+                                  "secret-open", "secret-empty", "option", "peer-secret-open"])
 def test_bad_input_is_one_line_and_mounts_nothing(tmp_path, run_cachefs, case):
     sk = tmp_path / "sk"
     sk.write_text("secret")
@@ -227,7 +227,6 @@ def test_bad_input_is_one_line_and_mounts_nothing(tmp_path, run_cachefs, case):
         "secret-empty": "the file is empty",
         "peer-secret-open": "secret-file",
         "option": "MOUNT_OPTIONS: cache-sise: unknown option",
-        "rw": "readOnly: cachefs serves datasets read-only",
     }[case]
     if case == "missing":
         doc = None
@@ -251,8 +250,6 @@ def test_bad_input_is_one_line_and_mounts_nothing(tmp_path, run_cachefs, case):
         doc["runtimeOptions"].update({"secret-file": str(peer), "peers": "127.0.0.1:7070"})
     elif case == "option":
         env["MOUNT_OPTIONS"] = "ro,cache-sise=1G"
-    elif case == "rw":
-        doc["accessModes"] = ["ReadWriteMany"]
     config = _bad(tmp_path, doc)
     result = run_cachefs("fluid-mount", "--fluid-config", config, env=env)
     print(f"{case}: exit {result.returncode}: {result.stderr.strip()}")
@@ -334,3 +331,20 @@ def test_config_change_waits_for_open_files_and_survives_bad_json(tmp_path):
         if is_mounted(target):
             subprocess.run(["fusermount3", "-uz", target], capture_output=True)
         stop_process(proc, timeout=10)
+
+
+def test_read_write_access_modes_make_read_write_datasets(tmp_path):
+    from cachefs.fluid import load_fluid
+
+    doc = {
+        "mounts": [{"mountPoint": f"local://{tmp_path}", "name": "out"}],
+        "targetPath": str(tmp_path / "target"),
+        "accessModes": ["ReadWriteMany"],
+    }
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps(doc))
+    node = load_fluid(str(config), {"MOUNT_OPTIONS": "rw,cache-size=1G"})
+    assert [d.read_only for d in node.datasets] == [False]
+    doc["accessModes"] = ["ReadOnlyMany"]
+    config.write_text(json.dumps(doc))
+    assert [d.read_only for d in load_fluid(str(config), {"MOUNT_OPTIONS": "ro"}).datasets] == [True]
