@@ -21,6 +21,7 @@ Run (from the repo root; the corpus directory is filled with the seeds, which ar
 valid frames made with the protocol's own encoders, then with what libFuzzer finds):
 
     .venv/bin/python -m tests.fuzz_peer -atheris_runs=1000000 [CORPUS_DIR]
+    .venv/bin/python -m tests.fuzz_peer crash-<sha1>      # replay one input
 
 tests/test_fuzz.py runs a short version in CI; docs/reliability.md records a long run.
 """
@@ -220,12 +221,13 @@ def main(argv: list[str]) -> None:
         # Seeds go in a fresh directory, which libFuzzer then grows.
         corpus = [tempfile.mkdtemp(prefix="cachefs-fuzz-peer-")]
         argv = [*argv, corpus[0]]
-    os.makedirs(corpus[0], exist_ok=True)
-    for i, seed in enumerate(seeds()):
-        path = os.path.join(corpus[0], f"seed-{i:02d}")
-        if not os.path.exists(path):
-            with open(path, "wb") as f:
-                f.write(seed)
+    if not os.path.isfile(corpus[0]):  # a file is an input to replay, e.g. a crash-<sha1>
+        os.makedirs(corpus[0], exist_ok=True)
+        for i, seed in enumerate(seeds()):
+            path = os.path.join(corpus[0], f"seed-{i:02d}")
+            if not os.path.exists(path):
+                with open(path, "wb") as f:
+                    f.write(seed)
     atheris.Setup(argv, one_input)
     atheris.Fuzz()
 
