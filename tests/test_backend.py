@@ -17,7 +17,6 @@ import errno
 import itertools
 import os
 import threading
-import time
 from collections import Counter
 
 import pytest
@@ -78,6 +77,7 @@ class FakeStore:
         self.short = False
         self._open = threading.Event()
         self._open.set()
+        self.entered = threading.Semaphore(0)  # released by every call, once it has been counted
 
     def add(self, path: str, data: bytes = b"") -> ObjectId:
         version = f"v{next(self._versions)}"
@@ -102,6 +102,7 @@ class FakeStore:
             self.calls[op] += 1
             fail = self.fail_next > 0
             self.fail_next -= fail
+        self.entered.release()
         if not self._open.wait(10):
             raise RuntimeError("test store was never released")
         if fail:
@@ -249,30 +250,32 @@ async def test_stat_and_list_go_through(store):
 # -- Backend: a hanging store -------------------------------------------------------
 
 TIMEOUT = 0.2
-SLACK = 0.5
+
+# The hanging-store tests run on trio's fake clock (autojump_clock): the deadline is
+# the Backend's, on trio's clock, so the times below are exact, not real seconds with
+# slack. The store hangs in a real worker thread, which the Backend abandons.
 
 
 @pytest.mark.trio
 @pytest.mark.parametrize("retries", [0, 3])
-async def test_hanging_store_fails_within_the_timeout(store, retries):
+async def test_hanging_store_fails_within_the_timeout(store, retries, autojump_clock):
     obj = store.add("f", DATA)
     store.hang()
     errors = requests("get", "error")
     backend = Backend(store, concurrency=4, timeout=TIMEOUT, retries=retries)
-    t0 = time.monotonic()
-    with trio.fail_after(5):  # a hang fails the test instead of hanging it
+    t0 = trio.current_time()
+    with trio.fail_after(5):  # without a deadline the fake clock jumps here and fails the test
         with pytest.raises(BackendUnavailable):
             await backend.fetch(obj, 0, 10)
-    elapsed = time.monotonic() - t0
     # One deadline per request, however many retries are allowed.
-    assert TIMEOUT * 0.9 <= elapsed < TIMEOUT + SLACK
-    assert elapsed < TIMEOUT * (retries + 1) + SLACK
+    assert trio.current_time() - t0 == pytest.approx(TIMEOUT)
+    assert store.entered.acquire(timeout=5)  # the hung call reached the store, in its thread
     assert store.calls["fetch"] == 1
     assert requests("get", "error") == errors + 1
 
 
 @pytest.mark.trio
-async def test_hanging_store_with_every_slot_stuck_fails_fast(store):
+async def test_hanging_store_with_every_slot_stuck_fails_fast(store, autojump_clock):
     obj = store.add("f", DATA)
     store.hang()
     backend = Backend(store, concurrency=1, timeout=TIMEOUT, retries=2)
@@ -284,13 +287,14 @@ async def test_hanging_store_with_every_slot_stuck_fails_fast(store):
         except BackendError as e:
             outcomes.append(type(e))
 
-    t0 = time.monotonic()
+    t0 = trio.current_time()
     with trio.fail_after(5):
         async with trio.open_nursery() as nursery:
             for _ in range(3):
                 nursery.start_soon(fetch)
-    assert time.monotonic() - t0 < TIMEOUT + SLACK
+    assert trio.current_time() - t0 == pytest.approx(TIMEOUT)  # all three at the one deadline
     assert outcomes == [BackendUnavailable] * 3
+    assert store.entered.acquire(timeout=5)
     assert store.calls["fetch"] == 1, "the others never got the only slot"
 
 

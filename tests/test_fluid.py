@@ -178,18 +178,22 @@ def test_stale_mount_is_cleaned(fluid_env):
     env = fluid_env
     log = env["tmp"] / "fluid.log"
     first = _fluid_mount(env["config"], log, "")
-    _wait("first mount", lambda: _fstype(env["target"]) == "fuse.cachefs", first, log)
-    first.kill()
-    first.wait()
-    second = _fluid_mount(env["config"], log, "")
+    second = None
     try:
+        _wait("first mount", lambda: _fstype(env["target"]) == "fuse.cachefs", first, log)
+        first.kill()
+        first.wait()
+        second = _fluid_mount(env["config"], log, "")
         _wait("second mount", lambda: os.path.exists(os.path.join(env["target"], "a", "one.bin")), second, log)
         assert "stale mount" in log.read_text()
-    finally:
         second.send_signal(signal.SIGTERM)
-        second.wait(timeout=30)
+        assert second.wait(timeout=30) == 0, log.read_text()[-4000:]
+    finally:
+        # Whatever failed: no mount and no process of this test outlives it.
         if is_mounted(env["target"]):
             subprocess.run(["fusermount3", "-uz", env["target"]], capture_output=True)
+        stop_process(first, timeout=10)
+        stop_process(second, timeout=10)
 
 
 def _bad(tmp_path: Path, doc: dict | str | None) -> Path:

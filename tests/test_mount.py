@@ -4,10 +4,13 @@ and a real S3 server (the JuiceFS gateway)."""
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import errno
 import os
 import random
+import signal
 import stat
+import subprocess
 import time
 
 import pytest
@@ -292,9 +295,33 @@ def test_background_mode_and_umount_command(local_source, tmp_path, run_cachefs)
         assert r.returncode == 0, r.stderr
         assert os.path.ismount(mp)
         assert (mp / "x").read_bytes() == b"background"
+        daemons = _processes_mounting(mp)
+        assert len(daemons) == 1, daemons
         r = run_cachefs("umount", mp)
         assert r.returncode == 0, r.stderr
         assert not os.path.ismount(mp)
+        deadline = time.monotonic() + 10
+        while _processes_mounting(mp):
+            assert time.monotonic() < deadline, "the background daemon outlived its unmount"
+            time.sleep(0.05)
     finally:
         if os.path.ismount(mp):
-            os.system(f"fusermount3 -u -z {mp}")
+            subprocess.run(["fusermount3", "-u", "-z", str(mp)], capture_output=True)
+        # The daemon detached from us: stop it by its pid, not only its mount.
+        for pid in _processes_mounting(mp):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+
+def _processes_mounting(mp) -> list[int]:
+    """Pids of the `cachefs mount` processes whose command line names mount point `mp`."""
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                args = f.read().split(b"\0")
+        except OSError:
+            continue
+        if b"mount" in args and os.fsencode(mp) in args:
+            found.append(int(pid))
+    return found

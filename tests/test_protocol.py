@@ -530,3 +530,34 @@ def test_large_payloads_received_in_place_match_fed_ones(payload_len, splits, in
             frames.append(frame)
     assert [(h["id"], bytes(p)) for h, p in frames] == [(1, payload), (2, b"tail")]
     assert dec.buffered() == 0
+
+
+def test_a_frame_whose_header_was_taken_for_an_in_place_payload_still_counts_as_buffered():
+    """Found by tests/fuzz_peer.py: once receive_buffer had consumed a big frame's
+    prefix and header, buffered() said 0 until payload bytes came, so a stream that
+    ended right after the header looked like a clean end, not a frame cut short."""
+    prefix, _ = encode_frame(ChunkData(1, 7).to_header(), b"x" * (128 << 10))
+    dec = FrameDecoder(max_payload=1 << 20)
+    dec.feed(prefix)
+    assert dec.buffered() == len(prefix)
+    target = dec.receive_buffer()
+    assert target is not None and len(target) == 128 << 10
+    assert dec.buffered() == len(prefix)
+    target[:5] = b"xxxxx"
+    dec.received_into(5)
+    assert dec.buffered() == len(prefix) + 5
+
+
+@pytest.mark.trio
+async def test_a_stream_that_ends_after_a_big_frames_header_is_a_protocol_error():
+    import trio.testing
+
+    from cachefs.peer.stream import FrameStream
+
+    prefix, _ = encode_frame(ChunkData(1, 7).to_header(), b"x" * (128 << 10))
+    ours, theirs = trio.testing.memory_stream_pair()
+    frames = FrameStream(ours, max_payload=1 << 20)
+    await theirs.send_all(prefix)
+    await theirs.aclose()
+    with pytest.raises(ProtocolError, match="middle of a frame"):
+        await frames.receive()

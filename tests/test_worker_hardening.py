@@ -287,3 +287,73 @@ def test_a_secret_file_others_can_read_is_refused(local_source, tmp_path, run_ca
     assert res.returncode == 2
     assert "permissions 0640 are too open" in res.stderr and "chmod 600" in res.stderr
     assert len(res.stderr.strip().splitlines()) == 1
+
+
+# -- the fault matrix's security and path rows (docs/reliability.md) ------------------
+
+
+def test_a_replayed_handshake_is_refused_and_the_worker_keeps_serving(served):
+    """An eavesdropper who recorded a good client's Hello and Auth cannot replay them:
+    the server's nonce is fresh per connection and both nonces are in the MAC."""
+    from cachefs.peer import protocol
+
+    first = RawClient(served.worker.addr)
+    nonce = os.urandom(16)
+    hello = {"t": "hello", "version": protocol.PROTOCOL_VERSION, "node": "recorded", "nonce": nonce}
+    first.send(hello)
+    header, _ = first.receive()
+    recorded_auth = {"t": "auth", "mac": protocol.hello_mac(SECRET.encode(), "client", nonce, header["nonce"])}
+    first.send(recorded_auth)
+    assert first.receive()[0]["t"] == "ready"
+    first.close()
+
+    replay = RawClient(served.worker.addr)
+    replay.send(hello)
+    header, _ = replay.receive()
+    assert header["t"] == "hello"
+    replay.send(recorded_auth)  # the MAC of the last connection's nonces
+    assert replay.closed_by_server()
+    replay.close()
+    assert "authentication failed" in served.worker.log_path.read_text()
+    served.still_serving()
+
+
+def test_a_request_without_a_handshake_gets_nothing(served):
+    c = RawClient(served.worker.addr)
+    c.send(served.request())
+    assert c.closed_by_server()  # no chunk, no error frame: the connection is closed
+    c.close()
+    served.still_serving()
+
+
+def test_a_source_the_worker_does_not_serve_is_refused_on_a_connection_that_goes_on(served):
+    """A worker never becomes a proxy to arbitrary URLs; the refusal costs the peer nothing else."""
+    c = RawClient(served.worker.addr)
+    c.authenticate()
+    for source in ("s3://elsewhere/data", served.source.url + "/..", "/etc"):
+        c.send(served.request(source=source))
+        header, payload = c.receive()
+        assert (header["t"], header["code"], payload) == ("err", "refused", b""), header
+    c.send(served.request(id=2, index=3))  # the same connection still serves
+    header, payload = c.receive()
+    assert header["t"] == "chunk" and header["id"] == 2 and bytes(payload) == served.data[3 * CHUNK:]
+    c.close()
+    assert served.worker.metric("cachefs_peer_served_total", outcome="refused") == 3
+
+
+@pytest.mark.parametrize("path", [
+    "..", "../f.bin", "a/../../f.bin", "/etc/passwd", "/f.bin", "./f.bin", "a//f.bin",
+    "f.bin\0", "\0", "d/" + "n" * 256, "",
+])
+def test_request_paths_that_could_leave_the_source_are_refused_at_the_edge(served, path):
+    """The peer edge of the dataset-path row: `..`, absolute paths, NUL and names over
+    NAME_MAX get `bad-request` before any tier or the backend is asked."""
+    secret = served.source.root.parent / "secret.txt"
+    secret.write_bytes(b"outside the source")
+    c = RawClient(served.worker.addr)
+    c.authenticate()
+    c.send(served.request(path=path, size=len(b"outside the source")))
+    header, payload = c.receive()
+    assert (header["t"], header["code"], payload) == ("err", "bad-request", b""), header
+    c.close()
+    served.still_serving()

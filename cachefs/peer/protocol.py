@@ -173,10 +173,11 @@ class FrameDecoder:
         self._header: dict[str, Any] | None = None
         self._payload: bytearray | None = None
         self._filled = 0
+        self._framing = 0  # prefix + header bytes of that frame, received and consumed already
 
     def buffered(self) -> int:
         """Bytes received but not yet returned as part of a frame."""
-        return len(self._buf) - self._pos + self._filled
+        return len(self._buf) - self._pos + self._framing + self._filled
 
     def feed(self, data: Buffer) -> None:
         """Append received bytes.
@@ -224,6 +225,7 @@ class FrameDecoder:
             self._payload = hotpath.empty_buffer(payload_len)  # a frame is returned only once filled
             self._payload[:have] = self._buf[start + header_len : start + header_len + have]
             self._filled = have
+            self._framing = PREFIX_SIZE + header_len
             self._pos = start + header_len + have
             self._compact()
         return memoryview(self._payload)[self._filled :]
@@ -245,7 +247,7 @@ class FrameDecoder:
                 return None
             assert self._header is not None
             frame = (self._header, self._payload)
-            self._header, self._payload, self._filled, self._lengths = None, None, 0, None
+            self._header, self._payload, self._filled, self._framing, self._lengths = None, None, 0, 0, None
             self._prefix()  # validate the next prefix, if it is already here
             return frame
         lengths = self._prefix()
