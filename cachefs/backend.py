@@ -102,6 +102,16 @@ class LocalStore:
         finally:
             os.close(fd)
 
+    def fetch_into(self, obj: ObjectId, start: int, end: int, into: memoryview) -> int:
+        """`fetch` into `into` (end - start bytes long); returns the bytes read."""
+        fd = os.open(self._abs(obj.path), os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            if _local_version(os.fstat(fd)) != obj.version:
+                raise ObjectChanged(f"{obj.path}: changed since it was opened")
+            return os.preadv(fd, [into], start)
+        finally:
+            os.close(fd)
+
 
 class FsspecStore:
     """Any fsspec filesystem; S3 gets conditional ranged GETs."""
@@ -205,7 +215,17 @@ class FsspecStore:
             return self._s3_get(obj, start, end)
         return self.fs.cat_file(self._abs(obj.path), start=start, end=end)
 
-    def _s3_get(self, obj: ObjectId, start: int, end: int) -> bytes:
+    def fetch_into(self, obj: ObjectId, start: int, end: int, into: memoryview) -> int:
+        """`fetch` into `into` (end - start bytes long); returns the bytes read. The
+        S3 fast path receives straight into it; other stores copy."""
+        data = self._s3_get(obj, start, end, into) if self.is_s3 else self.fetch(obj, start, end)
+        if data is into:
+            return len(into)
+        n = min(len(data), len(into))
+        into[:n] = memoryview(data)[:n]
+        return len(data)
+
+    def _s3_get(self, obj: ObjectId, start: int, end: int, into: memoryview | None = None) -> bytes | memoryview:
         from fsspec.asyn import sync
 
         bucket, key, _ = self.fs.split_path(self._abs(obj.path))
@@ -214,7 +234,9 @@ class FsspecStore:
         conditions = {"IfMatch": f'"{etag}"'} if etag else {}
         if self.fast is not None:
             try:
-                data, headers = self.fast.get(bucket, key, start, end, {"If-Match": f'"{etag}"'} if etag else {})
+                data, headers = self.fast.get(
+                    bucket, key, start, end, {"If-Match": f'"{etag}"'} if etag else {}, into=into
+                )
             except _FallBack as e:
                 # This request only: one odd answer must not change how every later one is made.
                 _fallbacks.warning("get-fallback", "a plain ranged GET got an answer only s3fs handles (%s); "
@@ -308,8 +330,11 @@ class S3FastPath:
             conn = conns[netloc] = cls(netloc, timeout=self.timeout)
         return conn
 
-    def get(self, bucket: str, key: str, start: int, end: int, headers: dict[str, str]) -> tuple[bytearray, dict]:
-        """Bytes [start, end) and the response headers.
+    def get(
+        self, bucket: str, key: str, start: int, end: int, headers: dict[str, str], into: memoryview | None = None
+    ) -> tuple[bytearray | memoryview, dict]:
+        """Bytes [start, end) and the response headers; the bytes are received into
+        `into` (end - start bytes long) and it is returned, if given.
 
         Raises:
             FileNotFoundError, PermissionError, ObjectChanged (412/416), OSError (others),
@@ -317,7 +342,7 @@ class S3FastPath:
         """
         resp, conn = self._send("get_object", {"Bucket": bucket, "Key": key}, {**headers, "Range": f"bytes={start}-{end - 1}"})
         if resp.status == 206:
-            data = hotpath.empty_buffer(end - start)  # filled below or raised
+            data = hotpath.empty_buffer(end - start) if into is None else into  # filled below or raised
             view, got = memoryview(data), 0
             try:
                 while got < len(data) and (n := resp.readinto(view[got:])):
@@ -453,6 +478,17 @@ def open_store(
     return FsspecStore(url, endpoint_url, timeout, credentials, profile)
 
 
+def _fetch_into(store, obj: ObjectId, start: int, end: int, into: memoryview) -> int:
+    """`store.fetch_into`, or `fetch` and a copy for a store without it."""
+    fetch_into = getattr(store, "fetch_into", None)
+    if fetch_into is not None:
+        return fetch_into(obj, start, end, into)
+    data = store.fetch(obj, start, end)
+    n = min(len(data), len(into))
+    into[:n] = memoryview(data)[:n]
+    return len(data)
+
+
 def _translate(e: BaseException, what: str) -> BackendError:
     """Map the many exception types of fsspec/s3fs/botocore/aiohttp onto our few."""
     if isinstance(e, BackendError):
@@ -573,3 +609,22 @@ class Backend:
             raise ObjectChanged(f"{obj.path}: short read at {start} ({len(data)} of {end - start} bytes)")
         metrics.BACKEND_READ_BYTES.inc(len(data))
         return data
+
+    async def fetch_into(self, obj: ObjectId, start: int, into: memoryview) -> None:
+        """Read bytes [start, start + len(into)) of exactly this object version into
+        `into`, without a buffer of our own (the S3 fast path receives straight into it).
+
+        If this raises, a thread may still be writing into `into` (one abandoned at
+        the deadline): the caller must not reuse it.
+
+        Raises:
+            ObjectChanged: the backend holds another version now, or the read came short.
+            ValueError: not a non-empty range inside the object (nothing is fetched).
+        """
+        end = start + len(into)
+        if not 0 <= start < end <= obj.size:
+            raise ValueError(f"{obj.path}: bad range [{start}, {end}) of an object of {obj.size} bytes")
+        n = await self._call("get", f"{obj.path}[{start}:{end}]", _fetch_into, self.store, obj, start, end, into)
+        if n != end - start:
+            raise ObjectChanged(f"{obj.path}: short read at {start} ({n} of {end - start} bytes)")
+        metrics.BACKEND_READ_BYTES.inc(n)

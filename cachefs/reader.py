@@ -20,6 +20,7 @@ What the reader optimises depends on each tier's `medium`, worked out once in
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 from typing import Sequence
 
@@ -309,6 +310,55 @@ class Reader:
         For others (peers asking this node): a chunk it loads counts as held
         when this node's own readers come to it."""
         return await self._chunk(self._key(obj, index))
+
+    def holds(self, digest: bytes) -> bool:
+        """Whether a local tier (MEM or SSD, not the peers) holds the chunk now."""
+        return any(digest in tier for tier in self.tiers if tier.medium != "network")
+
+    async def warm(self, obj: ObjectId, index: int) -> bool:
+        """Have one chunk in the local tiers for warm-up; nothing is returned. Checkpoints.
+
+        With an SSD tier the chunk goes there only: fetched straight into the tier's
+        write buffer (`DiskTier.fill`), never into MEM, so a warm-up neither pushes
+        hot chunks out of memory nor pays a copy per chunk. Without one, it is
+        loaded as a read would (into MEM). One fetch per chunk, shared with readers.
+
+        Returns:
+            Whether a local tier held the chunk already.
+        Raises:
+            BackendError: the fetch failed.
+        """
+        key = self._key(obj, index)
+        digest = key.digest
+        if self.holds(digest):
+            return True
+        disk = self._ranged[0] if self._ranged else None
+        if disk is None or digest in self._flights:
+            await self._chunk(key)  # no SSD tier, or a reader is fetching it: share that fetch
+            return False
+        flight = self._flights[digest] = _Flight()
+        try:
+            start = key.index * self.chunk_size
+            self.in_flight["backend"] += 1
+            try:
+                stored = await disk.fill(key, functools.partial(self.backend.fetch_into, key.obj, start))
+            finally:
+                self.in_flight["backend"] -= 1
+        except BaseException as e:
+            if isinstance(e, BackendError):
+                flight.error = e
+            elif not isinstance(e, trio.Cancelled):
+                flight.error = BackendError(f"fetch of {key.obj.path} failed ({type(e).__name__})")
+            raise
+        finally:
+            # Readers that waited find no data in the flight: they look in the tiers
+            # again, where the chunk is now, or fetch it themselves.
+            del self._flights[digest]
+            flight.done.set()
+        if not stored:
+            # No room on the SSD (pinned chunks fill it): keep it as a read would.
+            await self._chunk(key)
+        return False
 
     async def _chunk(self, key: ChunkKey, for_reader: bool = False) -> tuple[Buffer, str]:
         """One whole chunk, from the fastest tier that has it.

@@ -16,7 +16,8 @@ bytes never pass through FUSE. A job:
    it: with peers, the chunk's owner on the ring loads it into its own tiers
    (peer protocol v2 LoadChunk; the chunk is not sent back); without peers, or
    when the owner is us, down or cannot load, the reader loads it into our own
-   tiers. A chunk already held there is skipped and counted as cached, so a
+   tiers. Either way a loaded chunk goes to the SSD tier only (`Reader.warm`):
+   warmed data must not push hot chunks out of MEM. A chunk already held there is skipped and counted as cached, so a
    second warm-up makes no backend request, and a warm-up cancelled half way
    resumes where it stopped when run again.
 
@@ -383,11 +384,8 @@ class Warmups:
                 if e.code not in ("unavailable", "version"):
                     peers.client.mark_failed(owner, e)
                 log.debug("warm-up: %s; loading %s chunk %d here", e, key.obj.path, key.index)
-        reader = dataset.reader
-        if any(key.digest in tier for tier in reader.tiers if tier.medium != "network"):
-            return "cached", False
-        await reader.chunk(key.obj, key.index)
-        return "loaded", False
+        cached = await dataset.reader.warm(key.obj, key.index)
+        return ("cached" if cached else "loaded"), False
 
 
 def _on_disk(size: int, chunk_size: int) -> int:

@@ -71,6 +71,13 @@ class FakeReader:
             self.in_flight -= 1
 
 
+    async def warm(self, obj, index):
+        if chunk_key(obj, self.chunk_size, index).digest in self.tier.held:
+            return True
+        await self.chunk(obj, index)
+        return False
+
+
 class FakeNamespace:
     def __init__(self, files: dict[str, int]):
         self.files = files

@@ -18,13 +18,19 @@ Files are written with O_DIRECT where the file system takes it: on our VMs a
 buffered write of a new 4 MiB file costs ~25x the CPU of a direct one (fresh
 page-cache pages and their first touch), and dirty page cache would count
 against a container's memory limit. Reads stay buffered, so a hot chunk file
-also lives in the page cache.
+also lives in the page cache, unless the tier drops what it read (`drop_pages`,
+a worker's default: see `DiskTier`).
+
+Warm-up writes without a copy (`fill`): the backend receives the chunk straight
+into a reused, page-aligned buffer with room for the header before it, and that
+buffer is written with O_DIRECT as it is.
 """
 
 from __future__ import annotations
 
 import errno
 import fcntl
+import functools
 import logging
 import mmap
 import os
@@ -33,7 +39,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections import Counter
-from typing import ClassVar
+from typing import Awaitable, Callable, ClassVar
 
 import trio
 
@@ -67,6 +73,10 @@ LOCK_FILE = "lock"
 # Writes at once, each holding one aligned buffer of a chunk for as long as
 # the tier lives: part of the memory budget (docs/configuration.md).
 WRITE_THREADS = 4
+# Warm-up loads at once (`fill`), each holding one aligned buffer of a chunk
+# while it is fetched and written; the buffers are kept and reused, so they are
+# part of the memory budget too (docs/configuration.md).
+FILL_BUFFERS = 8
 
 
 def _unlink_all(paths: list[str]) -> None:
@@ -112,13 +122,24 @@ def _advise_will_need(path: str) -> None:
 
 
 class DiskTier:
-    """Chunks on local disk: a `ChunkTier`. `get` and `put` checkpoint (file I/O
-    runs in threads); `get_range` need not (see `_read_range`)."""
+    """Chunks on local disk: a `ChunkTier`. `get`, `put` and `fill` checkpoint (file
+    I/O runs in threads); `get_range` need not (see `_read_range`).
+
+    Args:
+        drop_pages: after reading a chunk file, drop its pages from the page cache
+            (posix_fadvise DONTNEED). For a worker: it serves each chunk to a peer,
+            which keeps it in its own tiers, so the pages would rarely be read
+            again, yet a container's memory limit counts them. A mount keeps them:
+            its hot chunk files are read again and again, and from the page cache
+            a range read is served on the trio thread (RWF_NOWAIT) without a hop.
+    """
 
     name: ClassVar[str] = "disk"
     medium: ClassVar[Medium] = "disk"
 
-    def __init__(self, cache_dir: str, capacity: int, free_space_ratio: float, io_threads: int = 8):
+    def __init__(
+        self, cache_dir: str, capacity: int, free_space_ratio: float, io_threads: int = 8, drop_pages: bool = False
+    ):
         self.cache_dir = cache_dir
         self.root = os.path.join(cache_dir, "chunks")
         self._lock_fd: int | None = None  # while we own the directory
@@ -140,7 +161,11 @@ class DiskTier:
         # cache may close its own at any time (eviction, drop) under the lock.
         self._fds: OrderedDict[bytes, int] = OrderedDict()
         self._fds_lock = threading.Lock()
-        self._nowait = bool(_NOWAIT)
+        self.drop_pages = drop_pages and hasattr(os, "posix_fadvise")
+        # Dropped pages are never there for a read that must not block.
+        self._nowait = bool(_NOWAIT) and not self.drop_pages
+        self._fill_buffers: list[mmap.mmap] = []  # free `fill` buffers; at most FILL_BUFFERS exist
+        self._fill_slots = trio.Semaphore(FILL_BUFFERS)
         metrics.CACHE_CAPACITY.labels(self.name).set(capacity)
         self._hits = metrics.CACHE_HITS.labels(self.name)
         self._misses = metrics.CACHE_MISSES.labels(self.name)
@@ -240,6 +265,8 @@ class DiskTier:
         path = self._path(digest)
         with open(path, "rb", buffering=0) as f:
             buf = f.read()
+            if self.drop_pages:
+                os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
         data = hotpath.open_chunk(digest, buf)
         if len(data) != expected_len:
             raise ChunkCorrupt(f"length {len(data)}, expected {expected_len}")
@@ -290,6 +317,8 @@ class DiskTier:
                     return None
             else:
                 data = os.pread(fd, hi - lo, offset + lo)
+                if self.drop_pages:
+                    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
         finally:
             os.close(fd)
         if len(data) != hi - lo:
@@ -368,10 +397,46 @@ class DiskTier:
         Returns:
             True if stored; False if already present, being written, or no room.
         """
-        digest = key.digest
+        return await self._store(key.digest, len(data), self._write, data)
+
+    async def fill(self, key: ChunkKey, fetch: Callable[[memoryview], Awaitable[None]]) -> bool:
+        """Store a chunk that `fetch` writes straight into a buffer of ours (warm-up).
+
+        `fetch(view)` fills all key.length bytes of `view` in place; the buffer,
+        page-aligned with room for the header before the data, is then written with
+        O_DIRECT as it is: no copy, no MEM tier, and no fresh memory per chunk (the
+        buffers are reused). Checkpoints.
+
+        Returns:
+            True if stored now, already present or being written; False if there is
+            no room, or the write failed.
+        Raises:
+            Whatever `fetch` raises; nothing is stored then.
+        """
+        length = key.length
+        head = hotpath.header_size(length)
+        padded = -(-(head + length) // _DIRECT_ALIGN) * _DIRECT_ALIGN
+        async with self._fill_slots:
+            if key.digest in self._index or key.digest in self._writing:
+                return True
+            buf = self._fill_buffers.pop() if self._fill_buffers else None
+            if buf is None or len(buf) < padded:
+                buf = mmap.mmap(-1, padded)  # page-aligned
+            # No `with`: if `fetch` raised, a thread it abandoned may still hold the view;
+            # the buffer is then left to the garbage collector, never reused.
+            data = memoryview(buf)[head : head + length]
+            stored = await self._store(key.digest, length, self._write_filled, buf, head, length,
+                                       before=functools.partial(fetch, data))
+            self._fill_buffers.append(buf)
+        return stored
+
+    async def _store(self, digest: bytes, length: int, write, *args, before=None) -> bool:
+        """Reserve room for a chunk of `length` bytes, `await before()` if given (it
+        fills the buffer `write` takes), then `write(digest, *args)` in a thread and
+        index the file."""
         if digest in self._index or digest in self._writing:
             return False
-        size = hotpath.header_size(len(data)) + len(data)
+        size = hotpath.header_size(length) + length
         tag = digest[:SOURCE_TAG_SIZE]
         self._writing.add(digest)
         # Reserve before writing: concurrent puts cannot overshoot the cap or a quota together.
@@ -383,7 +448,9 @@ class DiskTier:
             if victims:
                 await trio.to_thread.run_sync(_unlink_all, victims, limiter=self._limiter)
             if room:
-                await trio.to_thread.run_sync(self._write, digest, data, limiter=self._write_limiter)
+                if before is not None:
+                    await before()
+                await trio.to_thread.run_sync(write, digest, *args, limiter=self._write_limiter)
                 self._index.add(digest, size)
                 if digest in self._pins:
                     self._index.pin(digest)
@@ -406,9 +473,27 @@ class DiskTier:
             self._publish()
 
     def _write(self, digest: bytes, data: bytes | memoryview) -> None:
+        header = hotpath.seal_chunk(digest, data)
+        self._write_file(
+            digest, lambda fd: self._write_direct(fd, header, data), lambda fd: self._write_buffered(fd, header, data)
+        )
+
+    def _write_filled(self, digest: bytes, buf: mmap.mmap, head: int, length: int) -> None:
+        """Write a `fill` buffer: the chunk at [head, head + length), its header sealed in front."""
+        with memoryview(buf) as view:
+            with view[head : head + length] as data:
+                header = hotpath.seal_chunk(digest, data)
+            view[:head] = header
+            with view[: head + length] as whole:
+                self._write_file(
+                    digest, lambda fd: self._write_aligned(fd, whole), lambda fd: self._write_buffered(fd, whole, b"")
+                )
+
+    def _write_file(self, digest: bytes, write_direct, write_buffered) -> None:
+        """Write a chunk's file: to a temp file with `write_direct(fd)` (O_DIRECT) or
+        `write_buffered(fd)`, then renamed into place."""
         path = self._path(digest)
         tmp = f"{path}.tmp{os.getpid()}"
-        header = hotpath.seal_chunk(digest, data)
         try:
             fd = self._create(tmp)
         except FileNotFoundError:
@@ -417,10 +502,10 @@ class DiskTier:
         try:
             try:
                 if not self._direct:
-                    self._write_buffered(fd, header, data)
+                    write_buffered(fd)
                 else:
                     try:
-                        self._write_direct(fd, header, data)
+                        write_direct(fd)
                     except OSError as e:
                         if e.errno != errno.EINVAL:
                             raise
@@ -429,7 +514,7 @@ class DiskTier:
                         os.close(fd)
                         fd = -1  # closed: never close its number twice
                         fd = self._create(tmp)
-                        self._write_buffered(fd, header, data)
+                        write_buffered(fd)
             finally:
                 if fd >= 0:
                     os.close(fd)
@@ -457,6 +542,7 @@ class DiskTier:
             log.info("%s does not take O_DIRECT writes; writing through the page cache", self.root)
         self._direct = False
         self._aligned.clear()
+        self._fill_buffers.clear()
 
     @staticmethod
     def _write_buffered(fd: int, header: bytes, data: bytes | memoryview) -> None:
@@ -479,12 +565,22 @@ class DiskTier:
             with memoryview(buf) as view:
                 view[: len(header)] = header
                 view[len(header) : length] = data
-                written = os.write(fd, view[:padded])
-            if written != padded:
-                raise OSError(f"short write ({written} bytes)")
-            os.ftruncate(fd, length)
+                with view[:length] as whole:
+                    self._write_aligned(fd, whole)
         finally:
             self._aligned.append(buf)
+
+    @staticmethod
+    def _write_aligned(fd: int, whole: memoryview) -> None:
+        """Write `whole` (a view from the start of a page-aligned buffer that extends at
+        least to the next multiple of the alignment) with O_DIRECT: padded, then cut back."""
+        length = len(whole)
+        padded = -(-length // _DIRECT_ALIGN) * _DIRECT_ALIGN
+        with memoryview(whole.obj)[:padded] as out:
+            written = os.write(fd, out)
+        if written != padded:
+            raise OSError(f"short write ({written} bytes)")
+        os.ftruncate(fd, length)
 
     def _statvfs(self) -> os.statvfs_result:
         try:

@@ -327,20 +327,18 @@ class PeerServer:
 
     async def _load(self, req: LoadChunk) -> Loaded | ChunkError:
         """Warm-up: have the chunk in our tiers (one backend fetch at most, shared with
-        readers by the reader's single-flight) and say whether it was there before."""
+        readers by the reader's single-flight; into the SSD tier only, see
+        `Reader.warm`) and say whether it was there before."""
         resolved = self._resolve(req)
         if isinstance(resolved, ChunkError):
             return resolved
         reader, obj = resolved
-        digest = chunk_key(obj, reader.chunk_size, req.index).digest
-        if any(digest in tier for tier in reader.tiers if tier.medium != "network"):
-            metrics.PEER_SERVED.labels("loaded").inc()
-            return Loaded(req.id, cached=True)
-        reply = await self._fetch(req, reader, obj)
-        if isinstance(reply, ChunkError):
-            return reply
+        try:
+            cached = await reader.warm(obj, req.index)
+        except BackendError as e:
+            return self._backend_error(req, e)
         metrics.PEER_SERVED.labels("loaded").inc()
-        return Loaded(req.id, cached=False)
+        return Loaded(req.id, cached=cached)
 
     async def _chunk(self, req: GetChunk) -> bytes | memoryview | ChunkError:
         resolved = self._resolve(req)
@@ -354,16 +352,20 @@ class PeerServer:
     async def _fetch(self, req: GetChunk, reader: Reader, obj: ObjectId) -> bytes | memoryview | ChunkError:
         try:
             data, _ = await reader.chunk(obj, req.index)
-        except ObjectNotFound as e:
-            code, message = "notfound", str(e)
-        except ObjectChanged as e:
-            code, message = "changed", str(e)
         except BackendError as e:
-            code, message = "unavailable", str(e)
+            return self._backend_error(req, e)
+        return data
+
+    @staticmethod
+    def _backend_error(req: GetChunk, e: BackendError) -> ChunkError:
+        if isinstance(e, ObjectNotFound):
+            code = "notfound"
+        elif isinstance(e, ObjectChanged):
+            code = "changed"
         else:
-            return data
+            code = "unavailable"
         metrics.PEER_SERVED.labels(code).inc()
-        return ChunkError(req.id, code, message)
+        return ChunkError(req.id, code, str(e))
 
 
 class _Session:
