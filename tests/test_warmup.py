@@ -340,6 +340,8 @@ def test_warmup_then_reading_it_all_makes_no_backend_gets(s3_behind_proxy, cache
     assert summary["state"] == "done" and summary["exit"] == 0 and summary["files_done"] == len(files)
     assert summary["bytes_total"] == summary["bytes_loaded"] == total and summary["bytes_cached"] == 0
     assert _data_gets(src.proxy, src.prefix) == summary["chunks_loaded"] == 6 + 1 + 1 + 0 + 2  # each chunk once
+    assert m.metric("cachefs_cache_used_bytes", tier="mem") == 0  # warmed into the SSD tier only
+    assert m.metric("cachefs_cache_chunks", tier="disk") == summary["chunks_loaded"]
     src.proxy.reset()
     _read_all(os.path.join(m.mountpoint, "ds"), files)
     assert _data_gets(src.proxy, src.prefix) == 0
@@ -371,6 +373,9 @@ def test_a_warmup_from_one_mount_fills_the_ring_for_the_other(s3_behind_proxy, s
     assert summary["bytes_loaded"] == summary["bytes_by_peers"] == total  # all of it at the owners
     assert _data_gets(src.proxy, src.prefix) == summary["chunks_loaded"]
     assert sum(w.metric("cachefs_peer_served_total", outcome="loaded") for w in workers) == summary["chunks_total"]
+    # The owners hold it on their SSDs only: a warm-up must not push hot data out of MEM.
+    assert all(w.metric("cachefs_cache_used_bytes", tier="mem") == 0 for w in workers)
+    assert sum(w.metric("cachefs_cache_chunks", tier="disk") for w in workers) == summary["chunks_total"]
     src.proxy.reset()
     _read_all(m2.mountpoint, files)  # the other mount's first read: byte-exact...
     assert _data_gets(src.proxy, src.prefix) == 0  # ...and no backend GET
