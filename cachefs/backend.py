@@ -102,13 +102,13 @@ class LocalStore:
         finally:
             os.close(fd)
 
-    def fetch_into(self, obj: ObjectId, start: int, end: int, into: memoryview) -> int:
-        """`fetch` into `into` (end - start bytes long); returns the bytes read."""
+    def fetch_into(self, obj: ObjectId, start: int, end: int, into: list[memoryview]) -> int:
+        """`fetch` into the buffers `into` in turn (end - start bytes in all); returns the bytes read."""
         fd = os.open(self._abs(obj.path), os.O_RDONLY | os.O_CLOEXEC)
         try:
             if _local_version(os.fstat(fd)) != obj.version:
                 raise ObjectChanged(f"{obj.path}: changed since it was opened")
-            return os.preadv(fd, [into], start)
+            return os.preadv(fd, into, start)
         finally:
             os.close(fd)
 
@@ -215,17 +215,15 @@ class FsspecStore:
             return self._s3_get(obj, start, end)
         return self.fs.cat_file(self._abs(obj.path), start=start, end=end)
 
-    def fetch_into(self, obj: ObjectId, start: int, end: int, into: memoryview) -> int:
-        """`fetch` into `into` (end - start bytes long); returns the bytes read. The
-        S3 fast path receives straight into it; other stores copy."""
+    def fetch_into(self, obj: ObjectId, start: int, end: int, into: list[memoryview]) -> int:
+        """`fetch` into the buffers `into` in turn (end - start bytes in all); returns
+        the bytes read. The S3 fast path receives straight into them; other stores copy."""
         data = self._s3_get(obj, start, end, into) if self.is_s3 else self.fetch(obj, start, end)
         if data is into:
-            return len(into)
-        n = min(len(data), len(into))
-        into[:n] = memoryview(data)[:n]
-        return len(data)
+            return end - start
+        return _scatter(data, into)
 
-    def _s3_get(self, obj: ObjectId, start: int, end: int, into: memoryview | None = None) -> bytes | memoryview:
+    def _s3_get(self, obj: ObjectId, start: int, end: int, into: list[memoryview] | None = None):
         from fsspec.asyn import sync
 
         bucket, key, _ = self.fs.split_path(self._abs(obj.path))
@@ -331,10 +329,11 @@ class S3FastPath:
         return conn
 
     def get(
-        self, bucket: str, key: str, start: int, end: int, headers: dict[str, str], into: memoryview | None = None
-    ) -> tuple[bytearray | memoryview, dict]:
-        """Bytes [start, end) and the response headers; the bytes are received into
-        `into` (end - start bytes long) and it is returned, if given.
+        self, bucket: str, key: str, start: int, end: int, headers: dict[str, str],
+        into: list[memoryview] | None = None,
+    ) -> tuple[bytearray | list[memoryview], dict]:
+        """Bytes [start, end) and the response headers; if `into` is given, the bytes
+        are received into its buffers in turn (end - start bytes in all) and it is returned.
 
         Raises:
             FileNotFoundError, PermissionError, ObjectChanged (412/416), OSError (others),
@@ -343,18 +342,22 @@ class S3FastPath:
         resp, conn = self._send("get_object", {"Bucket": bucket, "Key": key}, {**headers, "Range": f"bytes={start}-{end - 1}"})
         if resp.status == 206:
             data = hotpath.empty_buffer(end - start) if into is None else into  # filled below or raised
-            view, got = memoryview(data), 0
+            total, got = end - start, 0
             try:
-                while got < len(data) and (n := resp.readinto(view[got:])):
-                    got += n
+                for buf in [data] if into is None else into:
+                    with memoryview(buf) as view:
+                        size, filled = len(view), 0
+                        while filled < size and (n := resp.readinto(view[filled:])):
+                            filled += n
+                    got += filled
+                    if filled < size:
+                        break
             except BaseException:
                 conn.close()  # a body cut short (timeout, IncompleteRead) must not poison the next request
                 raise
-            finally:
-                view.release()
-            if got < len(data) or resp.read(1):
+            if got < total or resp.read(1):
                 conn.close()
-                raise ConnectionError(f"{key}: {got} of {len(data)} bytes before the connection ended")
+                raise ConnectionError(f"{key}: {got} of {total} bytes before the connection ended")
             return data, dict(resp.getheaders())
         self._fail(resp, conn, f"{bucket}/{key}", expected=206)
 
@@ -478,15 +481,22 @@ def open_store(
     return FsspecStore(url, endpoint_url, timeout, credentials, profile)
 
 
-def _fetch_into(store, obj: ObjectId, start: int, end: int, into: memoryview) -> int:
+def _fetch_into(store, obj: ObjectId, start: int, end: int, into: list[memoryview]) -> int:
     """`store.fetch_into`, or `fetch` and a copy for a store without it."""
     fetch_into = getattr(store, "fetch_into", None)
     if fetch_into is not None:
         return fetch_into(obj, start, end, into)
-    data = store.fetch(obj, start, end)
-    n = min(len(data), len(into))
-    into[:n] = memoryview(data)[:n]
-    return len(data)
+    return _scatter(store.fetch(obj, start, end), into)
+
+
+def _scatter(data, into: list[memoryview]) -> int:
+    """Copy `data` into the buffers `into` in turn; returns len(data)."""
+    view, at = memoryview(data), 0
+    for buf in into:
+        n = min(len(buf), len(view) - at)
+        buf[:n] = view[at : at + n]
+        at += n
+    return len(view)
 
 
 def _translate(e: BaseException, what: str) -> BackendError:
@@ -610,18 +620,19 @@ class Backend:
         metrics.BACKEND_READ_BYTES.inc(len(data))
         return data
 
-    async def fetch_into(self, obj: ObjectId, start: int, into: memoryview) -> None:
-        """Read bytes [start, start + len(into)) of exactly this object version into
-        `into`, without a buffer of our own (the S3 fast path receives straight into it).
+    async def fetch_into(self, obj: ObjectId, start: int, into: list[memoryview]) -> None:
+        """Read bytes [start, start + the buffers' total length) of exactly this object
+        version into the buffers `into`, in turn, with one request and without a buffer
+        of our own (the S3 fast path receives straight into them).
 
-        If this raises, a thread may still be writing into `into` (one abandoned at
-        the deadline): the caller must not reuse it.
+        If this raises, a thread may still be writing into them (one abandoned at
+        the deadline): the caller must not reuse them.
 
         Raises:
             ObjectChanged: the backend holds another version now, or the read came short.
             ValueError: not a non-empty range inside the object (nothing is fetched).
         """
-        end = start + len(into)
+        end = start + sum(len(b) for b in into)
         if not 0 <= start < end <= obj.size:
             raise ValueError(f"{obj.path}: bad range [{start}, {end}) of an object of {obj.size} bytes")
         n = await self._call("get", f"{obj.path}[{start}:{end}]", _fetch_into, self.store, obj, start, end, into)

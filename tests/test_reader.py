@@ -719,3 +719,17 @@ async def test_a_failed_warm_stores_nothing_and_the_next_one_loads(store, tmp_pa
         assert digest(obj, 0) not in disk and disk.usage() == (0, 0)
         assert await reader.warm(obj, 0) is False
         assert bytes(await reader.read(obj, 0, C)) == data
+
+
+@pytest.mark.trio
+async def test_a_warm_run_is_one_request_and_a_held_chunk_splits_it(store, tmp_path):
+    data = payload(5 * C + 99, seed=6)
+    obj = store.add("f", data)
+    async with open_reader(store, disk_dir=tmp_path) as reader:
+        assert await reader.warm(obj, 2) is False
+        assert await reader.warm_run(obj, 0, 6) == [False, False, True, False, False, False]
+        # Chunks 0-1 in one GET, 3-5 (the last one short) in another; chunk 2 was held.
+        assert sorted(store.fetches) == [("f", 0), ("f", 2 * C), ("f", 3 * C)]
+        assert tier(reader, "mem").usage() == (0, 0)
+        assert bytes(await reader.read(obj, 0, len(data))) == data
+        assert store.calls == 3

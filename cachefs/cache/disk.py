@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import errno
 import fcntl
-import functools
 import logging
 import mmap
 import os
@@ -73,10 +72,10 @@ LOCK_FILE = "lock"
 # Writes at once, each holding one aligned buffer of a chunk for as long as
 # the tier lives: part of the memory budget (docs/configuration.md).
 WRITE_THREADS = 4
-# Warm-up loads at once (`fill`), each holding one aligned buffer of a chunk
-# while it is fetched and written; the buffers are kept and reused, so they are
-# part of the memory budget too (docs/configuration.md).
-FILL_BUFFERS = 8
+# Bytes of chunks warm-up loads (`fill`) hold at once, in aligned buffers, while
+# they are fetched and written; the buffers are kept and reused, so they are part
+# of the memory budget too (docs/configuration.md). At least two chunks.
+FILL_BYTES = 64 << 20
 
 
 def _unlink_all(paths: list[str]) -> None:
@@ -164,8 +163,9 @@ class DiskTier:
         self.drop_pages = drop_pages and hasattr(os, "posix_fadvise")
         # Dropped pages are never there for a read that must not block.
         self._nowait = bool(_NOWAIT) and not self.drop_pages
-        self._fill_buffers: list[mmap.mmap] = []  # free `fill` buffers; at most FILL_BUFFERS exist
-        self._fill_slots = trio.Semaphore(FILL_BUFFERS)
+        self._fill_buffers: list[mmap.mmap] = []  # free `fill` buffers, one per chunk of a fill
+        self._fill_slots: trio.Semaphore | None = None  # chunks fills may hold: made at the first
+        self._fill_lock = trio.Lock()
         metrics.CACHE_CAPACITY.labels(self.name).set(capacity)
         self._hits = metrics.CACHE_HITS.labels(self.name)
         self._misses = metrics.CACHE_MISSES.labels(self.name)
@@ -399,41 +399,109 @@ class DiskTier:
         """
         return await self._store(key.digest, len(data), self._write, data)
 
-    async def fill(self, key: ChunkKey, fetch: Callable[[memoryview], Awaitable[None]]) -> bool:
-        """Store a chunk that `fetch` writes straight into a buffer of ours (warm-up).
+    def fill_run_chunks(self, chunk_size: int) -> int:
+        """The most chunks of `chunk_size` one `fill` may take."""
+        return max(2, FILL_BYTES // chunk_size)
 
-        `fetch(view)` fills all key.length bytes of `view` in place; the buffer,
-        page-aligned with room for the header before the data, is then written with
-        O_DIRECT as it is: no copy, no MEM tier, and no fresh memory per chunk (the
-        buffers are reused). Checkpoints.
+    async def fill(self, keys: list[ChunkKey], fetch: Callable[[list[memoryview]], Awaitable[None]]) -> list[bool]:
+        """Store consecutive chunks of one object that `fetch` writes straight into
+        buffers of ours (warm-up).
 
+        `fetch(views)` fills the views in turn, all key.length bytes of each, with
+        one backend request; each view lies in a page-aligned buffer with room for
+        its chunk's header before it, and the buffer is then written with O_DIRECT
+        as it is: no copy, no MEM tier, and no fresh memory per chunk (the buffers
+        are reused; FILL_BYTES of them at most). Nothing is fetched if every chunk
+        is held already, or if there is no room. Checkpoints.
+
+        Args:
+            keys: at most fill_run_chunks(chunk size) keys of consecutive chunks.
         Returns:
-            True if stored now, already present or being written; False if there is
-            no room, or the write failed.
+            For each chunk, whether it is held now (stored, present before, or being
+            written by someone else); False: no room, or the write failed.
         Raises:
-            Whatever `fetch` raises; nothing is stored then.
+            Whatever `fetch` raises; none of the chunks is stored then.
         """
-        length = key.length
-        head = hotpath.header_size(length)
-        padded = -(-(head + length) // _DIRECT_ALIGN) * _DIRECT_ALIGN
-        async with self._fill_slots:
-            if key.digest in self._index or key.digest in self._writing:
-                return True
-            buf = self._fill_buffers.pop() if self._fill_buffers else None
-            if buf is None or len(buf) < padded:
-                buf = mmap.mmap(-1, padded)  # page-aligned
-            # No `with`: if `fetch` raised, a thread it abandoned may still hold the view;
-            # the buffer is then left to the garbage collector, never reused.
-            data = memoryview(buf)[head : head + length]
-            stored = await self._store(key.digest, length, self._write_filled, buf, head, length,
-                                       before=functools.partial(fetch, data))
-            self._fill_buffers.append(buf)
-        return stored
+        n = len(keys)
+        if self._fill_slots is None:
+            self._fill_slots = trio.Semaphore(self.fill_run_chunks(keys[0].chunk_size))
+        slots = self._fill_slots
+        if n > self.fill_run_chunks(keys[0].chunk_size):
+            raise ValueError(f"a fill of {n} chunks: more than {self.fill_run_chunks(keys[0].chunk_size)}")
+        # Taken whole under a lock, so fills waiting for slots never each hold a part.
+        async with self._fill_lock:
+            for _ in range(n):
+                await slots.acquire()
+        try:
+            return await self._fill(keys, fetch)
+        finally:
+            for _ in range(n):
+                slots.release()
 
-    async def _store(self, digest: bytes, length: int, write, *args, before=None) -> bool:
-        """Reserve room for a chunk of `length` bytes, `await before()` if given (it
-        fills the buffer `write` takes), then `write(digest, *args)` in a thread and
-        index the file."""
+    async def _fill(self, keys: list[ChunkKey], fetch) -> list[bool]:
+        held = [k.digest in self._index or k.digest in self._writing for k in keys]
+        if all(held):
+            return held
+        tag = keys[0].digest[:SOURCE_TAG_SIZE]  # one object: one source
+        mine = {i: hotpath.header_size(k.length) + k.length for i, k in enumerate(keys) if not held[i]}
+        for i, size in mine.items():
+            # Reserve before fetching: concurrent puts cannot overshoot the cap or a quota together.
+            self._writing.add(keys[i].digest)
+            self.used += size
+            self._reserved[tag] += size
+        written: set[int] = set()
+        try:
+            room, victims = self._claim_room(sum(mine.values()), tag)
+            if victims:
+                await trio.to_thread.run_sync(_unlink_all, victims, limiter=self._limiter)
+            if not room:
+                return held
+            buffers = []
+            for k in keys:
+                padded = -(-(hotpath.header_size(k.length) + k.length) // _DIRECT_ALIGN) * _DIRECT_ALIGN
+                buf = self._fill_buffers.pop() if self._fill_buffers else None
+                buffers.append(buf if buf is not None and len(buf) >= padded else mmap.mmap(-1, padded))
+            # No `with`: if `fetch` raises, a thread it abandoned may still hold the views;
+            # the buffers are then left to the garbage collector, never reused.
+            views = []
+            for k, buf in zip(keys, buffers):
+                head = hotpath.header_size(k.length)
+                views.append(memoryview(buf)[head : head + k.length])
+            await fetch(views)
+            del views
+            try:
+                for i in mine:
+                    k = keys[i]
+                    head = hotpath.header_size(k.length)
+                    await trio.to_thread.run_sync(
+                        self._write_filled, k.digest, buffers[i], head, k.length, limiter=self._write_limiter
+                    )
+                    self._index.add(k.digest, mine[i])
+                    if k.digest in self._pins:
+                        self._index.pin(k.digest)
+                    self.by_source[tag] += mine[i]
+                    written.add(i)
+                    held[i] = True
+            finally:
+                self._fill_buffers.extend(buffers)
+            return held
+        except OSError as e:
+            log.warning("cannot write chunks of %s to %s: %s", keys[0].obj.path, self.root, e)
+            metrics.CACHE_ERRORS.labels(self.name, "write").inc()
+            return held
+        finally:
+            for i, size in mine.items():
+                if i not in written:
+                    self.used -= size
+                self._reserved[tag] -= size
+                self._writing.discard(keys[i].digest)
+            if not self._reserved[tag]:
+                del self._reserved[tag]
+            self._publish()
+
+    async def _store(self, digest: bytes, length: int, write, *args) -> bool:
+        """Reserve room for a chunk of `length` bytes, then `write(digest, *args)` in a
+        thread and index the file."""
         if digest in self._index or digest in self._writing:
             return False
         size = hotpath.header_size(length) + length
@@ -448,8 +516,6 @@ class DiskTier:
             if victims:
                 await trio.to_thread.run_sync(_unlink_all, victims, limiter=self._limiter)
             if room:
-                if before is not None:
-                    await before()
                 await trio.to_thread.run_sync(write, digest, *args, limiter=self._write_limiter)
                 self._index.add(digest, size)
                 if digest in self._pins:

@@ -248,7 +248,7 @@ class PeerServer:
                     request = protocol.parse_message(frame[0])
                     if not isinstance(request, GetChunk) or (
                         isinstance(request, (LoadChunk, HasChunk)) and version < protocol.LOAD_VERSION
-                    ):
+                    ) or (isinstance(request, LoadChunk) and request.count > 1 and version < protocol.RUN_VERSION):
                         raise ProtocolError(f"unexpected {frame[0].get('t')!r} after a v{version} handshake")
                     await session.slots.acquire()
                     if self.draining:
@@ -334,11 +334,15 @@ class PeerServer:
             return resolved
         reader, obj = resolved
         try:
-            cached = await reader.warm(obj, req.index)
+            if req.count == 1:
+                cached = [await reader.warm(obj, req.index)]
+            else:
+                cached = await reader.warm_run(obj, req.index, req.count)
         except BackendError as e:
             return self._backend_error(req, e)
-        metrics.PEER_SERVED.labels("loaded").inc()
-        return Loaded(req.id, cached=cached)
+        metrics.PEER_SERVED.labels("loaded").inc(len(cached))
+        mask = sum(1 << i for i, held in enumerate(cached) if held) if req.count > 1 else None
+        return Loaded(req.id, cached=all(cached), cached_mask=mask)
 
     async def _chunk(self, req: GetChunk) -> bytes | memoryview | ChunkError:
         resolved = self._resolve(req)
@@ -400,8 +404,9 @@ def _check_request(req: GetChunk, chunk_size: int) -> str | None:
     if not req.version:
         return "empty version"
     # An empty object has no chunks: nothing a peer can ask for.
-    if req.index * req.chunk_size >= req.size:
-        return f"chunk {req.index} is past the end of an object of {req.size} bytes"
+    last = req.index + (req.count - 1 if isinstance(req, LoadChunk) else 0)
+    if last * req.chunk_size >= req.size:
+        return f"chunk {last} is past the end of an object of {req.size} bytes"
     return None
 
 
