@@ -18,6 +18,10 @@ load on the machine falls on all alike):
   SSD tier); `cachefs warmup MNT -r --json`.
 - s3-raw, a reference: the large file read through the gateway with ranged
   GETs from 8 threads (bench.dataset.raw_s3_read), nothing stored.
+- s3-fast and s3-fast-4M, the ceiling: every byte of the dataset read through
+  the gateway by cachefs's own S3 client (bench.dataset.raw_fast_read), 8
+  threads, in ranges of 16 MiB (a warm-up's runs) or 4 MiB (one chunk each),
+  nothing stored: what any cachefs warm-up through this gateway can reach here.
 
 Each time is the warm-up command's wall clock, from its start to its exit.
 
@@ -40,7 +44,7 @@ import time
 from pathlib import Path
 
 from bench import host, report
-from bench.dataset import PREFIX, Dataset, raw_s3_read
+from bench.dataset import PREFIX, Dataset, raw_fast_read, raw_s3_read
 from bench.host import GiB, MiB, log
 from bench.systems import (CACHE_SIZE, GatewayCells, metric, object_get_bytes, settle, spawn, wait_listening,
                            wait_mounted)
@@ -52,12 +56,15 @@ WORKER_MEM = "2G"
 SMALL_FILES = 256  # of 64 KiB: per-file costs
 TARGET = 1.0  # issue: cachefs warm-up MiB/s >= 1.0 x juicefs warmup
 WARMUP_TIMEOUT = 900.0
-SYSTEMS = ("cachefs-peer", "juicefs", "cachefs-local", "s3-raw")
+SYSTEMS = ("cachefs-peer", "juicefs", "cachefs-local", "s3-fast", "s3-fast-4M", "s3-raw")
+CEILING = "s3-fast"  # the warm-up's own requests, without a cache: what it can reach through the gateway
 LABELS = {
     "cachefs-peer": "cachefs → worker (`--peers`)",
     "juicefs": "juicefs warmup",
     "cachefs-local": "cachefs → mount's own SSD tier",
-    "s3-raw": "reference: raw S3 GETs of the large file, no cache",
+    "s3-raw": "reference: raw S3 GETs of the large file (s3fs), no cache",
+    "s3-fast": "ceiling: the same bytes, cachefs's S3 client, 16 MiB GETs, no cache",
+    "s3-fast-4M": "ceiling: the same bytes, cachefs's S3 client, 4 MiB GETs, no cache",
 }
 
 
@@ -114,6 +121,8 @@ class Bench(GatewayCells):
                     return self._juicefs(cell_dir, stack)
                 if system == "s3-raw":
                     return self._raw_s3()
+                if system.startswith("s3-fast"):
+                    return self._raw_fast(4 * MiB if system == "s3-fast-4M" else 16 * MiB)
                 return self._cachefs(system, cell_dir, stack, verify)
         finally:
             shutil.rmtree(cell_dir, ignore_errors=True)
@@ -238,6 +247,17 @@ class Bench(GatewayCells):
                 "cpu": {"loader": host.own_cpu_seconds() - own_before,
                         "gateway": host.cpu_seconds(self.gateway.proc.pid) - gateway_before}}
 
+    def _raw_fast(self, range_size: int) -> dict:
+        """The same bytes as a warm-up, through the gateway, by cachefs's own S3 client; nothing stored."""
+        host.drop_page_cache()
+        gateway_before, own_before = host.cpu_seconds(self.gateway.proc.pid), host.own_cpu_seconds()
+        busy_before = host.busy_cpu_seconds()[0]
+        r = raw_fast_read(self.gateway, self.args.dataset, range_size=range_size)
+        return {"seconds": r["seconds"], "bytes": r["bytes"], "gets": r["gets"], "settle_s": 0.0,
+                "machine_busy_cores": (host.busy_cpu_seconds()[0] - busy_before) / r["seconds"],
+                "cpu": {"loader": host.own_cpu_seconds() - own_before,
+                        "gateway": host.cpu_seconds(self.gateway.proc.pid) - gateway_before}}
+
     def _timed(self, cmd: list, cpu_sessions: dict[str, int]) -> dict:
         """Drop the page cache, run ``cmd``, return its wall clock and the CPU seconds of the sessions."""
         host.drop_page_cache()
@@ -328,6 +348,11 @@ def render(data: dict) -> str:
         "does: no HTTP, no SigV4, no gateway process in its path (as for the cold-read rows of the main bench).",
         "- **cachefs-local**: a mount without peers (--mem-size 0 --cache-size "
         f"{CACHE_SIZE}: straight into its SSD tier); `cachefs warmup MNT -r --json`.",
+        "- **s3-fast** (the ceiling, not a warm-up): every byte of the dataset read through the gateway by "
+        "cachefs's own S3 client (`S3FastPath`: presigned URLs, kept-alive connections, bodies received into "
+        "one buffer) from 8 threads in ranges of 16 MiB, as a warm-up's runs of 4 chunks make them, nothing "
+        "stored; **s3-fast-4M** the same in 4 MiB ranges (one chunk each). What any warm-up through this gateway "
+        "can reach here.",
         f"- **s3-raw** (reference, not a warm-up): the large file ({ds['big'] / MiB:,.0f} MiB) read through the "
         "gateway by s3fs in this process, 8 threads of ranged 4 MiB GETs, nothing stored: what the gateway "
         "gives a plain S3 client on this machine.",
@@ -337,17 +362,19 @@ def render(data: dict) -> str:
     if med:
         lines += [
             "",
-            "| system | MiB/s (median) | each repeat | s | ÷ juicefs | +s until the disk cache settled "
+            "| system | MiB/s (median) | each repeat | s | ÷ juicefs | ÷ s3-fast | +s until the disk cache settled "
             "| CPU s/GiB: loader | mount | gateway | busy cores (machine) |",
-            "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|",
+            "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|",
         ]
         jfs = med.get("juicefs", {}).get("mib_s")
+        ceiling = med.get(CEILING, {}).get("mib_s")
         for system, s in med.items():
             ratio = f"{s['mib_s'] / jfs:.2f}×" if jfs else "—"
+            of_ceiling = f"{s['mib_s'] / ceiling:.2f}×" if ceiling else "—"
             cpu = s["cpu"]
             lines.append(
                 f"| {LABELS[system]} | {s['mib_s']:,.0f} | {' / '.join(f'{v:,.0f}' for v in s['all'])} "
-                f"| {s['seconds']:.1f} | {ratio} | {s['settle_s']:.1f} | {cpu['loader']:.1f} "
+                f"| {s['seconds']:.1f} | {ratio} | {of_ceiling} | {s['settle_s']:.1f} | {cpu['loader']:.1f} "
                 f"| {report.fmt(cpu.get('mount'), '')} | {report.fmt(cpu.get('gateway'), '')} | {s['busy']:.2f} |"
             )
         lines += [
@@ -367,6 +394,10 @@ def render(data: dict) -> str:
             verdict = "**pass**" if ratio >= TARGET else "**MISS**"
             lines += ["", f"**Target**: cachefs warm-up into a worker ≥ {TARGET:.1f} × juicefs warmup: "
                       f"{ratio:.2f}× — {verdict}."]
+            if ceiling:
+                lines += ["", f"**Against the gateway's ceiling** (cachefs's S3 client alone, the same bytes and "
+                          f"request sizes, nothing stored: {ceiling / jfs:.2f}× juicefs): the warm-up into a worker "
+                          f"reaches {med['cachefs-peer']['mib_s'] / ceiling:.2f}× of it."]
     verify = [r["verify"] for r in data["runs"] if "verify" in r]
     if verify:
         v = verify[0]

@@ -149,6 +149,16 @@ class LocalStore:
     def set_mtime(self, path: str, mtime: float) -> None:
         os.utime(self._abs(path), (mtime, mtime), follow_symlinks=False)
 
+    def fetch_into(self, obj: ObjectId, start: int, end: int, into: list[memoryview]) -> int:
+        """`fetch` into the buffers `into` in turn (end - start bytes in all); returns the bytes read."""
+        fd = os.open(self._abs(obj.path), os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            if _local_version(os.fstat(fd)) != obj.version:
+                raise ObjectChanged(f"{obj.path}: changed since it was opened")
+            return os.preadv(fd, into, start)
+        finally:
+            os.close(fd)
+
 
 class FsspecStore:
     """Any fsspec filesystem; S3 gets conditional ranged GETs."""
@@ -252,7 +262,15 @@ class FsspecStore:
             return self._s3_get(obj, start, end)
         return self.fs.cat_file(self._abs(obj.path), start=start, end=end)
 
-    def _s3_get(self, obj: ObjectId, start: int, end: int) -> bytes:
+    def fetch_into(self, obj: ObjectId, start: int, end: int, into: list[memoryview]) -> int:
+        """`fetch` into the buffers `into` in turn (end - start bytes in all); returns
+        the bytes read. The S3 fast path receives straight into them; other stores copy."""
+        data = self._s3_get(obj, start, end, into) if self.is_s3 else self.fetch(obj, start, end)
+        if data is into:
+            return end - start
+        return _scatter(data, into)
+
+    def _s3_get(self, obj: ObjectId, start: int, end: int, into: list[memoryview] | None = None):
         from fsspec.asyn import sync
 
         bucket, key, _ = self.fs.split_path(self._abs(obj.path))
@@ -261,7 +279,9 @@ class FsspecStore:
         conditions = {"IfMatch": f'"{etag}"'} if etag else {}
         if self.fast is not None:
             try:
-                data, headers = self.fast.get(bucket, key, start, end, {"If-Match": f'"{etag}"'} if etag else {})
+                data, headers = self.fast.get(
+                    bucket, key, start, end, {"If-Match": f'"{etag}"'} if etag else {}, into=into
+                )
             except _FallBack as e:
                 # This request only: one odd answer must not change how every later one is made.
                 _fallbacks.warning("get-fallback", "a plain ranged GET got an answer only s3fs handles (%s); "
@@ -453,8 +473,12 @@ class S3FastPath:
             conn = conns[netloc] = cls(netloc, timeout=self.timeout)
         return conn
 
-    def get(self, bucket: str, key: str, start: int, end: int, headers: dict[str, str]) -> tuple[bytearray, dict]:
-        """Bytes [start, end) and the response headers.
+    def get(
+        self, bucket: str, key: str, start: int, end: int, headers: dict[str, str],
+        into: list[memoryview] | None = None,
+    ) -> tuple[bytearray | list[memoryview], dict]:
+        """Bytes [start, end) and the response headers; if `into` is given, the bytes
+        are received into its buffers in turn (end - start bytes in all) and it is returned.
 
         Raises:
             FileNotFoundError, PermissionError, ObjectChanged (412/416), OSError (others),
@@ -462,19 +486,23 @@ class S3FastPath:
         """
         resp, conn = self._send("get_object", {"Bucket": bucket, "Key": key}, {**headers, "Range": f"bytes={start}-{end - 1}"})
         if resp.status == 206:
-            data = hotpath.empty_buffer(end - start)  # filled below or raised
-            view, got = memoryview(data), 0
+            data = hotpath.empty_buffer(end - start) if into is None else into  # filled below or raised
+            total, got = end - start, 0
             try:
-                while got < len(data) and (n := resp.readinto(view[got:])):
-                    got += n
+                for buf in [data] if into is None else into:
+                    with memoryview(buf) as view:
+                        size, filled = len(view), 0
+                        while filled < size and (n := resp.readinto(view[filled:])):
+                            filled += n
+                    got += filled
+                    if filled < size:
+                        break
             except BaseException:
                 conn.close()  # a body cut short (timeout, IncompleteRead) must not poison the next request
                 raise
-            finally:
-                view.release()
-            if got < len(data) or resp.read(1):
+            if got < total or resp.read(1):
                 conn.close()
-                raise ConnectionError(f"{key}: {got} of {len(data)} bytes before the connection ended")
+                raise ConnectionError(f"{key}: {got} of {total} bytes before the connection ended")
             return data, dict(resp.getheaders())
         self._fail(resp, conn, f"{bucket}/{key}", expected=206)
 
@@ -596,6 +624,24 @@ def open_store(
     if "://" not in url:
         return LocalStore(url)
     return FsspecStore(url, endpoint_url, timeout, credentials, profile)
+
+
+def _fetch_into(store, obj: ObjectId, start: int, end: int, into: list[memoryview]) -> int:
+    """`store.fetch_into`, or `fetch` and a copy for a store without it."""
+    fetch_into = getattr(store, "fetch_into", None)
+    if fetch_into is not None:
+        return fetch_into(obj, start, end, into)
+    return _scatter(store.fetch(obj, start, end), into)
+
+
+def _scatter(data, into: list[memoryview]) -> int:
+    """Copy `data` into the buffers `into` in turn; returns len(data)."""
+    view, at = memoryview(data), 0
+    for buf in into:
+        n = min(len(buf), len(view) - at)
+        buf[:n] = view[at : at + n]
+        at += n
+    return len(view)
 
 
 def _translate(e: BaseException, what: str) -> BackendError:
@@ -829,3 +875,23 @@ class Backend:
 
     async def set_mtime(self, path: str, mtime: float) -> None:
         await self._change("setattr", path, self.store.set_mtime, path, mtime)
+
+    async def fetch_into(self, obj: ObjectId, start: int, into: list[memoryview]) -> None:
+        """Read bytes [start, start + the buffers' total length) of exactly this object
+        version into the buffers `into`, in turn, with one request and without a buffer
+        of our own (the S3 fast path receives straight into them).
+
+        If this raises, a thread may still be writing into them (one abandoned at
+        the deadline): the caller must not reuse them.
+
+        Raises:
+            ObjectChanged: the backend holds another version now, or the read came short.
+            ValueError: not a non-empty range inside the object (nothing is fetched).
+        """
+        end = start + sum(len(b) for b in into)
+        if not 0 <= start < end <= obj.size:
+            raise ValueError(f"{obj.path}: bad range [{start}, {end}) of an object of {obj.size} bytes")
+        n = await self._call("get", f"{obj.path}[{start}:{end}]", _fetch_into, self.store, obj, start, end, into)
+        if n != end - start:
+            raise ObjectChanged(f"{obj.path}: short read at {start} ({n} of {end - start} bytes)")
+        metrics.BACKEND_READ_BYTES.inc(n)

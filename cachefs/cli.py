@@ -157,6 +157,11 @@ def _parser() -> argparse.ArgumentParser:
         help="on SIGTERM, stop taking chunk requests and wait this long at most for those in flight "
         "(default %(default)gs; keep the pod's termination grace period longer)",
     )
+    w.add_argument(
+        "--keep-page-cache", action="store_true",
+        help="leave the chunk files a worker served in the page cache (default: drop their pages after "
+        "each read, so they do not count against a container's memory limit)",
+    )
     _add_cache_args(w, dw)
 
     ds = sub.add_parser(
@@ -309,7 +314,7 @@ def _worker_config(a: argparse.Namespace) -> WorkerConfig:
     if a.advertise:
         parse_addr(a.advertise, "--advertise")
     c = WorkerConfig(listen=listen, sources=sources, advertise=a.advertise, drain_timeout=a.drain_timeout,
-        **cache_settings(_flags(a)))
+        drop_page_cache=not a.keep_page_cache, **cache_settings(_flags(a)))
     c.check()
     return c
 

@@ -256,6 +256,8 @@ class WorkerConfig(CacheConfig):
     sources: dict[str, str]  # name -> source URL
     advertise: str | None = None  # HOST:PORT others know this worker by (default: --listen)
     drain_timeout: float = 30.0  # on SIGTERM, wait this long at most for requests in flight
+    # Drop the pages of chunk files once served (they count against a container's memory limit).
+    drop_page_cache: bool = True
 
     def check(self, *, environment: bool = True) -> None:
         super().check(environment=environment)

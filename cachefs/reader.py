@@ -20,6 +20,7 @@ What the reader optimises depends on each tier's `medium`, worked out once in
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 from collections import OrderedDict
 from typing import Sequence
@@ -337,6 +338,87 @@ class Reader:
         For others (peers asking this node): a chunk it loads counts as held
         when this node's own readers come to it."""
         return await self._chunk(self._key(obj, index))
+
+    def holds(self, digest: bytes) -> bool:
+        """Whether a local tier (MEM or SSD, not the peers) holds the chunk now."""
+        return any(digest in tier for tier in self.tiers if tier.medium != "network")
+
+    async def warm(self, obj: ObjectId, index: int) -> bool:
+        """`warm_run` of one chunk: whether a local tier held it already."""
+        return (await self.warm_run(obj, index, 1))[0]
+
+    async def warm_run(self, obj: ObjectId, index: int, count: int) -> list[bool]:
+        """Have chunks index .. index + count - 1 of `obj` in the local tiers, for
+        warm-up; nothing is returned. Checkpoints.
+
+        With an SSD tier they go there only: each run of consecutive missing chunks
+        is fetched with one backend request straight into the tier's write buffers
+        (`DiskTier.fill`), never into MEM, so a warm-up neither pushes hot chunks
+        out of memory nor pays a copy per chunk, and makes fewer, larger requests.
+        Without one, each is loaded as a read would (into MEM). One fetch per
+        chunk, shared with readers.
+
+        Returns:
+            For each chunk, whether a local tier held it already.
+        Raises:
+            BackendError: a fetch failed.
+        """
+        keys = [self._key(obj, i) for i in range(index, index + count)]
+        cached = [self.holds(k.digest) for k in keys]
+        disk = self._ranged[0] if self._ranged else None
+        if disk is None:
+            for key, held in zip(keys, cached):
+                if not held:
+                    await self._chunk(key)
+            return cached
+        longest = disk.fill_run_chunks(self.chunk_size)
+        run: list[ChunkKey] = []
+        for key, held in zip(keys, cached):
+            if not held:
+                run.append(key)
+            if run and (held or len(run) == longest or key is keys[-1]):
+                await self._fill(disk, run)
+                run = []
+        return cached
+
+    async def _fill(self, disk: ChunkTier, keys: list[ChunkKey]) -> None:
+        """Fetch consecutive chunks into the SSD with one request, as one flight each."""
+        if len(keys) > 1 and any(k.digest in self._flights or self.holds(k.digest) for k in keys):
+            for key in keys:  # changed meanwhile (a reader came): chunk by chunk
+                await self._fill(disk, [key])
+            return
+        key = keys[0]
+        if self.holds(key.digest):
+            return
+        if key.digest in self._flights:
+            await self._chunk(key)  # a reader is fetching it: share that fetch
+            return
+        flights = [self._flights.setdefault(k.digest, _Flight()) for k in keys]
+        try:
+            start = key.index * self.chunk_size
+            self.in_flight["backend"] += 1
+            try:
+                held = await disk.fill(keys, functools.partial(self.backend.fetch_into, key.obj, start))
+            finally:
+                self.in_flight["backend"] -= 1
+        except BaseException as e:
+            error = None
+            if isinstance(e, BackendError):
+                error = e
+            elif not isinstance(e, trio.Cancelled):
+                error = BackendError(f"fetch of {key.obj.path} failed ({type(e).__name__})")
+            for flight in flights:
+                flight.error = error
+            raise
+        finally:
+            # Readers that waited find no data in the flight: they look in the tiers
+            # again, where the chunk is now, or fetch it themselves.
+            for k, flight in zip(keys, flights):
+                del self._flights[k.digest]
+                flight.done.set()
+        for k, ok in zip(keys, held):
+            if not ok:
+                await self._chunk(k)  # no room on the SSD (pinned chunks fill it): keep it as a read would
 
     async def _chunk(self, key: ChunkKey, for_reader: bool = False) -> tuple[Buffer, str]:
         """One whole chunk, from the fastest tier that has it.

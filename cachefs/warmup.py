@@ -12,13 +12,17 @@ bytes never pass through FUSE. A job:
 3. without peers, refuses a set larger than the cache ("cannot fit") instead of
    loading chunks that would evict each other; with peers the ring's total
    capacity is not known here, so nothing is checked;
-4. loads every chunk, `concurrency` at a time, into the cache that will serve
-   it: with peers, the chunk's owner on the ring loads it into its own tiers
-   (peer protocol v2 LoadChunk; the chunk is not sent back); without peers, or
-   when the owner is us, down or cannot load, the reader loads it into our own
-   tiers. A chunk already held there is skipped and counted as cached, so a
-   second warm-up makes no backend request, and a warm-up cancelled half way
-   resumes where it stopped when run again.
+4. loads every chunk, `concurrency` loads at a time, into the cache that will
+   serve it; a load is a run of consecutive chunks of a file with the same owner,
+   RUN_CHUNKS and RUN_BYTES at most, fetched with one backend request. With peers, the chunks'
+   owner on the ring loads them into its own tiers (peer protocol v2 LoadChunk,
+   v3 for a run; the chunks are not sent back); without peers, or
+   when the owner is us, down or cannot load, the reader loads them into our
+   own tiers. Either way a loaded chunk goes to the SSD tier only
+   (`Reader.warm_run`): warmed data must not push hot chunks out of MEM. A chunk
+   already held there is skipped and counted as cached, so a second warm-up
+   makes no backend request, and a warm-up cancelled half way resumes where it
+   stopped when run again.
 
 Jobs live in the node, independent of the connection that started them: the CLI
 may leave (`--wait-ratio`) while the job goes on. The last JOBS_KEPT finished
@@ -47,6 +51,12 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 DEFAULT_CONCURRENCY = 8
+# One load (one backend request) takes up to this many bytes and chunks of
+# consecutive chunks with the same owner: on the JuiceFS S3 gateway a 16 MiB GET
+# costs about 30% less gateway CPU per byte than four of 4 MiB. Progress moves
+# when a load ends, so a load is never more than a few chunks.
+RUN_BYTES = 16 << 20
+RUN_CHUNKS = 4
 MAX_CONCURRENCY = 256
 MAX_FAILURES_LISTED = 20  # failed files a job names; it counts them all
 JOBS_KEPT = 16  # finished jobs whose progress can still be asked for
@@ -319,36 +329,59 @@ class Warmups:
             for f in files:
                 if f.chunks_left == 0:  # an empty file: nothing to load
                     job.files_done += 1
-                for index in range(f.chunks_left):
-                    await slots.acquire()  # bounded: never more than `concurrency` chunks in flight
-                    nursery.start_soon(self._chunk, job, f, index, slots)
+                for owner, keys in self._runs(f):
+                    await slots.acquire()  # bounded: never more than `concurrency` loads in flight
+                    nursery.start_soon(self._chunks, job, f, owner, keys, slots)
 
-    async def _chunk(self, job: WarmupJob, f: _File, index: int, slots: trio.Semaphore) -> None:
-        key = chunk_key(f.obj, f.dataset.reader.chunk_size, index)
+    def _runs(self, f: _File):
+        """A file's chunks in loads: runs of consecutive chunks with the same owner on
+        the ring (None: us), RUN_BYTES at most, each loaded with one backend request.
+        Yields (owner, keys)."""
+        chunk_size = f.dataset.reader.chunk_size
+        longest = max(1, min(RUN_CHUNKS, RUN_BYTES // chunk_size))
+        peers = self.node.peers
+        run: list[ChunkKey] = []
+        run_owner = None
+        for index in range(f.chunks_left):
+            key = chunk_key(f.obj, chunk_size, index)
+            owner = peers.owner(key.digest) if peers is not None else None
+            if run and (owner != run_owner or len(run) == longest):
+                yield run_owner, run
+                run = []
+            run_owner = owner
+            run.append(key)
+        if run:
+            yield run_owner, run
+
+    async def _chunks(self, job: WarmupJob, f: _File, owner: str | None, keys: list[ChunkKey],
+                      slots: trio.Semaphore) -> None:
+        by_peer = False
         try:
             try:
-                outcome, by_peer = await self._warm(f.dataset, key)
+                cached, by_peer = await self._warm(f.dataset, owner, keys)
+                outcomes = ["cached" if held else "loaded" for held in cached]
             except (BackendError, PeerError) as e:
-                outcome, error = "failed", str(e)
-            except Exception as e:  # noqa: BLE001 - one chunk's bug fails its file, not the job
-                log.exception("warm-up %s: %s chunk %d", job.id, f.path, index)
-                outcome, error = "failed", f"internal error: {type(e).__name__}"
+                outcomes, error = ["failed"] * len(keys), str(e)
+            except Exception as e:  # noqa: BLE001 - one load's bug fails its file, not the job
+                log.exception("warm-up %s: %s chunks %d..%d", job.id, f.path, keys[0].index, keys[-1].index)
+                outcomes, error = ["failed"] * len(keys), f"internal error: {type(e).__name__}"
         finally:
             slots.release()
-        metrics.WARMUP_BYTES.labels(outcome).inc(key.length)
-        if outcome == "failed":
-            job.bytes_failed += key.length
-            f.error = f.error or error
-        else:
-            if outcome == "cached":
-                job.bytes_cached += key.length
-                job.chunks_cached += 1
+        for key, outcome in zip(keys, outcomes):
+            metrics.WARMUP_BYTES.labels(outcome).inc(key.length)
+            if outcome == "failed":
+                job.bytes_failed += key.length
+                f.error = f.error or error
             else:
-                job.bytes_loaded += key.length
-                job.chunks_loaded += 1
-            if by_peer:
-                job.bytes_by_peers += key.length
-        f.chunks_left -= 1
+                if outcome == "cached":
+                    job.bytes_cached += key.length
+                    job.chunks_cached += 1
+                else:
+                    job.bytes_loaded += key.length
+                    job.chunks_loaded += 1
+                if by_peer:
+                    job.bytes_by_peers += key.length
+        f.chunks_left -= len(keys)
         if f.chunks_left == 0:
             metrics.WARMUP_FILES.labels("done" if f.error is None else "failed").inc()
             if f.error is None:
@@ -357,24 +390,26 @@ class Warmups:
                 job.files_failed += 1
                 job.fail(f.path, f.error)
 
-    async def _warm(self, dataset: Dataset, key: ChunkKey) -> tuple[str, bool]:
-        """Have one chunk where it will be served from. Checkpoints.
+    async def _warm(self, dataset: Dataset, owner: str | None, keys: list[ChunkKey]) -> tuple[list[bool], bool]:
+        """Have consecutive chunks of one object where they will be served from. Checkpoints.
 
+        Args:
+            owner: the chunks' owner on the ring; None: load them here.
         Returns:
-            ("cached" or "loaded", whether a peer holds it).
+            (for each chunk, whether it was cached before; whether a peer holds them).
         Raises:
             BackendError: the backend failed (here or at the owner), or the object is gone or changed.
         """
+        obj, first = keys[0].obj, keys[0].index
         peers = self.node.peers
-        owner = peers.owner(key.digest) if peers is not None else None
-        if owner is not None:
+        if owner is not None and peers is not None:
             config = self.node.config
             timeout = config.peer_timeout + config.backend_timeout  # the owner may wait on the backend
             try:
                 with trio.fail_after(timeout):
-                    cached = await peers.client.load_chunk(owner, key.obj, key.chunk_size, key.index)
+                    cached = await peers.client.load_chunks(owner, obj, keys[0].chunk_size, first, len(keys))
                 peers.client.mark_ok(owner)
-                return ("cached" if cached else "loaded"), True
+                return cached, True
             except trio.TooSlowError:
                 peers.client.mark_failed(owner, f"no answer to a load within {timeout:g}s")
             except PeerError as e:
@@ -382,12 +417,8 @@ class Warmups:
                     raise (ObjectNotFound if e.code == "notfound" else ObjectChanged)(str(e)) from None
                 if e.code not in ("unavailable", "version"):
                     peers.client.mark_failed(owner, e)
-                log.debug("warm-up: %s; loading %s chunk %d here", e, key.obj.path, key.index)
-        reader = dataset.reader
-        if any(key.digest in tier for tier in reader.tiers if tier.medium != "network"):
-            return "cached", False
-        await reader.chunk(key.obj, key.index)
-        return "loaded", False
+                log.debug("warm-up: %s; loading %s chunks %d..%d here", e, obj.path, first, keys[-1].index)
+        return await dataset.reader.warm_run(obj, first, len(keys)), False
 
 
 def _on_disk(size: int, chunk_size: int) -> int:

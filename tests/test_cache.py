@@ -8,10 +8,12 @@ made on demand.
 from __future__ import annotations
 
 import errno
+import mmap
 import os
 import random
 import shutil
 import stat
+import subprocess
 from collections import OrderedDict
 from pathlib import Path
 
@@ -695,3 +697,39 @@ async def test_concurrent_puts_never_overshoot_a_quota(tmp_path):
             nursery.start_soon(put, n)
     assert peak <= 3 * entry(1000)
     assert sum(key(n) in disk for n in range(20)) <= 3
+
+
+# -- page cache ---------------------------------------------------------------------------
+
+
+def _resident_pages(path: Path) -> int:
+    """Pages of `path` in the page cache, as util-linux fincore counts them."""
+    out = subprocess.run(["fincore", "--bytes", "--noheadings", "--output", "PAGES", str(path)],
+                         capture_output=True, text=True, check=True).stdout
+    return int(out.split()[0])
+
+
+@pytest.mark.skipif(shutil.which("fincore") is None, reason="needs util-linux fincore")
+@pytest.mark.parametrize("drop_pages", [True, False])
+@pytest.mark.trio
+async def test_a_worker_tier_drops_the_pages_it_served(tmp_path, drop_pages):
+    disk = DiskTier(str(tmp_path), 1 << 20, 0.0, drop_pages=drop_pages)
+    await disk.load()
+    data = random.Random(7).randbytes(CHUNK)
+    k = chunk(1, CHUNK)
+    assert await disk.put(k, data)
+    path = Path(disk._path(k.digest))
+    # Whatever the write left there (O_DIRECT leaves nothing; a buffered fallback would):
+    # read it once so the pages are surely in, the way a chunk served twice would be.
+    with open(path, "rb") as f:
+        f.read()
+    if _resident_pages(path) == 0:
+        pytest.skip(f"{tmp_path}: this file system keeps no page cache for the file")
+    assert bytes(await disk.get(k)) == data
+    assert bytes(await disk.get_range(k, 100, 5000)) == data[100:5000]
+    resident = _resident_pages(path)
+    if drop_pages:
+        assert resident == 0
+    else:
+        assert resident == -(-path.stat().st_size // mmap.PAGESIZE)  # a mount keeps its hot chunk files
+    disk.close()

@@ -300,7 +300,7 @@ def _budget(a) -> int:
     chunk = parse_size(a.chunk_size, "chunk") if a.chunk_size else 4 << 20
     conc = a.backend_concurrency or 16
     ahead = a.read_ahead or 8
-    return parse_size(a.mem_size, "mem") + (conc + 4 * ahead + 16) * chunk + (150 << 20) + 350 * 100_000
+    return parse_size(a.mem_size, "mem") + (conc + 4 * ahead + 16) * chunk + (64 << 20) + (150 << 20) + 350 * 100_000
 
 
 def test_worker_statefulset():

@@ -664,3 +664,72 @@ async def test_chunk_loaded_for_a_peer_is_a_hit_for_a_local_reader(store):
         assert bytes(await reader.read(obj, 0, C)) == data[:C]
         assert reader.reads["mem"] == [C, 1]
         assert reader.reads["backend"] == [0, 0]
+
+
+# -- warm-up ---------------------------------------------------------------------------
+
+
+@pytest.mark.trio
+async def test_warm_goes_to_the_ssd_only_and_reads_back_byte_exact(store, tmp_path):
+    data = payload(3 * C + 777, seed=3)
+    obj = store.add("f", data)
+    async with open_reader(store, disk_dir=tmp_path) as reader:
+        assert [await reader.warm(obj, i) for i in range(4)] == [False] * 4
+        mem, disk = tier(reader, "mem"), tier(reader, "disk")
+        # A warmed chunk must not push hot data out of MEM.
+        assert mem.usage() == (0, 0)
+        assert all(digest(obj, i) in disk for i in range(4))
+        assert await reader.warm(obj, 0) is True  # held: nothing fetched again
+        assert store.calls == 4
+        # Served from the SSD, verified against the checksums sealed in the fill buffer.
+        assert bytes(await reader.read(obj, 0, len(data))) == data
+        assert store.calls == 4
+
+
+@pytest.mark.trio
+async def test_a_read_during_a_warm_shares_its_fetch(store, tmp_path):
+    data = payload(C, seed=4)
+    obj = store.add("f", data)
+    store.hold()
+    async with open_reader(store, disk_dir=tmp_path) as reader, trio.open_nursery() as nursery:
+        nursery.start_soon(reader.warm, obj, 0)
+        await wait_until(lambda: store.held_now == 1)
+        got = []
+
+        async def read() -> None:
+            got.append(bytes(await reader.read(obj, 0, C)))
+
+        nursery.start_soon(read)
+        await trio.sleep(0.05)
+        store.release()
+        await wait_until(lambda: got)
+        assert got == [data]
+        assert store.fetches[("f", 0)] == 1
+
+
+@pytest.mark.trio
+async def test_a_failed_warm_stores_nothing_and_the_next_one_loads(store, tmp_path):
+    data = payload(C, seed=5)
+    obj = store.add("f", data)
+    store.fail_next = 1
+    async with open_reader(store, disk_dir=tmp_path) as reader:
+        with pytest.raises(BackendError):
+            await reader.warm(obj, 0)
+        disk = tier(reader, "disk")
+        assert digest(obj, 0) not in disk and disk.usage() == (0, 0)
+        assert await reader.warm(obj, 0) is False
+        assert bytes(await reader.read(obj, 0, C)) == data
+
+
+@pytest.mark.trio
+async def test_a_warm_run_is_one_request_and_a_held_chunk_splits_it(store, tmp_path):
+    data = payload(5 * C + 99, seed=6)
+    obj = store.add("f", data)
+    async with open_reader(store, disk_dir=tmp_path) as reader:
+        assert await reader.warm(obj, 2) is False
+        assert await reader.warm_run(obj, 0, 6) == [False, False, True, False, False, False]
+        # Chunks 0-1 in one GET, 3-5 (the last one short) in another; chunk 2 was held.
+        assert sorted(store.fetches) == [("f", 0), ("f", 2 * C), ("f", 3 * C)]
+        assert tier(reader, "mem").usage() == (0, 0)
+        assert bytes(await reader.read(obj, 0, len(data))) == data
+        assert store.calls == 3

@@ -24,7 +24,7 @@ from cachefs.peer import protocol
 from cachefs.peer.protocol import Auth, ChunkData, GetChunk, Hello, LoadChunk, Loaded, Ready
 from cachefs.peer.server import PeerServer
 from cachefs.peer.stream import FrameStream
-from cachefs.warmup import Warmups
+from cachefs.warmup import RUN_CHUNKS, Warmups
 
 CHUNK = 256 << 10
 SMALL = ("--chunk-size", "256K", "--mem-size", "32M", "--cache-size", "128M")
@@ -69,6 +69,17 @@ class FakeReader:
             return b"", "backend"
         finally:
             self.in_flight -= 1
+
+
+    async def warm(self, obj, index):
+        return (await self.warm_run(obj, index, 1))[0]
+
+    async def warm_run(self, obj, index, count):
+        cached = [chunk_key(obj, self.chunk_size, i).digest in self.tier.held for i in range(index, index + count)]
+        for i, held in enumerate(cached):
+            if not held:
+                await self.chunk(obj, index + i)
+        return cached
 
 
 class FakeNamespace:
@@ -148,7 +159,10 @@ async def test_cancel_stops_and_a_rerun_resumes(autojump_clock):
         await trio.sleep(3.5)
         p = warmups.cancel(job)
         p = await _finish(warmups, job)
-        assert p["state"] == "cancelled" and p["chunks_loaded"] == 3
+        # A load is a run of a file's chunks, counted when it ends: the run cut short
+        # counts nothing, though its first chunks are in the cache.
+        assert len(reader.tier.held) == 3
+        assert p["state"] == "cancelled" and 0 < p["chunks_loaded"] <= 3
         rerun = await _finish(warmups, (await warmups.start(["ds"], recursive=True))["job"])
         assert rerun["state"] == "done" and rerun["chunks_cached"] == 3 and rerun["chunks_loaded"] == rerun["chunks_total"] - 3
 
@@ -213,12 +227,67 @@ async def test_load_fills_the_owner_and_says_whether_it_was_cached():
     fields = dict(source="mem://src", path="f.bin", version="v", size=3 * CHUNK, chunk_size=CHUNK, index=1)
     async with trio.open_nursery() as nursery:
         frames, version = await _peer(server, nursery, protocol.PROTOCOL_VERSION)
-        assert version == 2
+        assert version == 3
         for request_id, cached in ((1, False), (2, True)):
             await frames.send(LoadChunk(id=request_id, **fields).to_header())
             header, payload = await frames.receive()
             assert protocol.parse_message(header) == Loaded(request_id, cached) and payload == b""
         assert reader.fetches == 1
+        nursery.cancel_scope.cancel()
+
+
+@pytest.mark.trio
+async def test_a_v3_load_of_a_run_says_which_chunks_were_cached():
+    reader = FakeReader(delay=0)
+    server = PeerServer("w", b"s", {"mem://src": reader}, max_payload=CHUNK)
+    fields = dict(source="mem://src", path="f.bin", version="v", size=3 * CHUNK + 1, chunk_size=CHUNK)
+    async with trio.open_nursery() as nursery:
+        frames, version = await _peer(server, nursery, 3)
+        await frames.send(LoadChunk(id=1, **fields, index=1, count=1).to_header())
+        assert protocol.parse_message((await frames.receive())[0]) == Loaded(1, False)
+        await frames.send(LoadChunk(id=2, **fields, index=0, count=4).to_header())
+        assert protocol.parse_message((await frames.receive())[0]) == Loaded(2, False, cached_mask=0b0010)
+        await frames.send(LoadChunk(id=3, **fields, index=0, count=4).to_header())
+        assert protocol.parse_message((await frames.receive())[0]) == Loaded(3, True, cached_mask=0b1111)
+        assert reader.fetches == 4
+        # A run past the object's end is refused before anything is loaded.
+        await frames.send(LoadChunk(id=4, **fields, index=2, count=3).to_header())
+        assert protocol.parse_message((await frames.receive())[0]).code == "bad-request"
+        nursery.cancel_scope.cancel()
+
+
+@pytest.mark.trio
+async def test_a_v2_connection_cannot_load_a_run():
+    server = PeerServer("w", b"s", {"mem://src": FakeReader(delay=0)}, max_payload=CHUNK)
+    fields = dict(source="mem://src", path="f.bin", version="v", size=3 * CHUNK, chunk_size=CHUNK, index=0)
+    async with trio.open_nursery() as nursery:
+        frames, version = await _peer(server, nursery, 2)
+        assert version == 2
+        await frames.send(LoadChunk(id=1, **fields).to_header())
+        assert protocol.parse_message((await frames.receive())[0]) == Loaded(1, False)
+        await frames.send(LoadChunk(id=2, **fields, count=2).to_header())
+        assert await frames.receive() is None  # not a v2 message: the connection is closed
+
+
+@pytest.mark.trio
+async def test_a_v3_client_loads_a_run_from_a_v2_server_chunk_by_chunk(monkeypatch):
+    from cachefs.objects import ObjectId
+    from cachefs.peer.client import PeerClient
+
+    reader = FakeReader(delay=0)
+    server = PeerServer("w", b"s", {"mem://src": reader}, max_payload=CHUNK)
+    obj = ObjectId("mem://src", "f.bin", "v", 3 * CHUNK)
+    async with trio.open_nursery() as nursery:
+        serve = functools.partial(trio.serve_tcp, server.handle, 0, host="127.0.0.1")
+        listeners = await nursery.start(serve)
+        peer = "127.0.0.1:%d" % listeners[0].socket.getsockname()[1]
+        # The server of the previous release: v1 and v2 only, so it closes on our v3 Hello.
+        monkeypatch.setattr(protocol, "SUPPORTED_VERSIONS", frozenset({1, 2}))
+        client = PeerClient("mount", b"s", nursery, max_payload=CHUNK)
+        await client.load_chunk(peer, obj, CHUNK, 1)
+        assert client._conns[peer].version == 2
+        assert await client.load_chunks(peer, obj, CHUNK, 0, 3) == [False, True, False]
+        assert reader.fetches == 3
         nursery.cancel_scope.cancel()
 
 
@@ -302,6 +371,10 @@ def _data_gets(proxy, prefix: str) -> int:
     return sum(n for (path, _), n in proxy.gets.items() if path.startswith(f"/{prefix}/"))
 
 
+def _each_range_once(proxy, prefix: str) -> bool:
+    return all(n == 1 for (path, _), n in proxy.gets.items() if path.startswith(f"/{prefix}/"))
+
+
 def _tree(src) -> dict[str, bytes]:
     files = {
         "train/a.bin": os.urandom(5 * CHUNK + 17),
@@ -332,7 +405,11 @@ def test_warmup_then_reading_it_all_makes_no_backend_gets(s3_behind_proxy, cache
     summary = _json_lines(out)[-1]
     assert summary["state"] == "done" and summary["exit"] == 0 and summary["files_done"] == len(files)
     assert summary["bytes_total"] == summary["bytes_loaded"] == total and summary["bytes_cached"] == 0
-    assert _data_gets(src.proxy, src.prefix) == summary["chunks_loaded"] == 6 + 1 + 1 + 0 + 2  # each chunk once
+    assert summary["chunks_loaded"] == 6 + 1 + 1 + 0 + 2
+    # One GET per run of RUN_CHUNKS consecutive chunks: a.bin's 6 chunks take two.
+    assert _data_gets(src.proxy, src.prefix) == 2 + 1 + 1 + 0 + 1 and _each_range_once(src.proxy, src.prefix)
+    assert m.metric("cachefs_cache_used_bytes", tier="mem") == 0  # warmed into the SSD tier only
+    assert m.metric("cachefs_cache_chunks", tier="disk") == summary["chunks_loaded"]
     src.proxy.reset()
     _read_all(os.path.join(m.mountpoint, "ds"), files)
     assert _data_gets(src.proxy, src.prefix) == 0
@@ -362,8 +439,13 @@ def test_a_warmup_from_one_mount_fills_the_ring_for_the_other(s3_behind_proxy, s
     summary = _json_lines(out)[-1]
     total = sum(map(len, files.values()))
     assert summary["bytes_loaded"] == summary["bytes_by_peers"] == total  # all of it at the owners
-    assert _data_gets(src.proxy, src.prefix) == summary["chunks_loaded"]
+    # A run of consecutive chunks with one owner is one GET: at most one per chunk, none twice.
+    assert 4 <= _data_gets(src.proxy, src.prefix) <= summary["chunks_loaded"]
+    assert _each_range_once(src.proxy, src.prefix)
     assert sum(w.metric("cachefs_peer_served_total", outcome="loaded") for w in workers) == summary["chunks_total"]
+    # The owners hold it on their SSDs only: a warm-up must not push hot data out of MEM.
+    assert all(w.metric("cachefs_cache_used_bytes", tier="mem") == 0 for w in workers)
+    assert sum(w.metric("cachefs_cache_chunks", tier="disk") for w in workers) == summary["chunks_total"]
     src.proxy.reset()
     _read_all(m2.mountpoint, files)  # the other mount's first read: byte-exact...
     assert _data_gets(src.proxy, src.prefix) == 0  # ...and no backend GET
@@ -442,8 +524,9 @@ def test_ctrl_c_cancels_the_job_and_a_rerun_resumes(s3_source, cachefs_mount):
         assert rerun.returncode == 0, rerun.stderr
         summary = _json_lines(rerun)[-1]
         assert summary["bytes_cached"] >= loaded and summary["bytes_done"] == len(data)
-        # Only what the first run had not loaded is fetched now.
-        assert _data_gets(proxy, s3_source.prefix) - gets_before == summary["chunks_loaded"] < 32
+        # Only what the first run had not loaded is fetched now, in runs of up to RUN_CHUNKS.
+        gets = _data_gets(proxy, s3_source.prefix) - gets_before
+        assert -(-summary["chunks_loaded"] // RUN_CHUNKS) <= gets <= summary["chunks_loaded"] < 32
 
 
 @pytest_integration

@@ -18,7 +18,12 @@ Files are written with O_DIRECT where the file system takes it: on our VMs a
 buffered write of a new 4 MiB file costs ~25x the CPU of a direct one (fresh
 page-cache pages and their first touch), and dirty page cache would count
 against a container's memory limit. Reads stay buffered, so a hot chunk file
-also lives in the page cache.
+also lives in the page cache, unless the tier drops what it read (`drop_pages`,
+a worker's default: see `DiskTier`).
+
+Warm-up writes without a copy (`fill`): the backend receives the chunk straight
+into a reused, page-aligned buffer with room for the header before it, and that
+buffer is written with O_DIRECT as it is.
 """
 
 from __future__ import annotations
@@ -33,7 +38,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections import Counter
-from typing import ClassVar
+from typing import Awaitable, Callable, ClassVar
 
 import trio
 
@@ -67,6 +72,10 @@ LOCK_FILE = "lock"
 # Writes at once, each holding one aligned buffer of a chunk for as long as
 # the tier lives: part of the memory budget (docs/configuration.md).
 WRITE_THREADS = 4
+# Bytes of chunks warm-up loads (`fill`) hold at once, in aligned buffers, while
+# they are fetched and written; the buffers are kept and reused, so they are part
+# of the memory budget too (docs/configuration.md). At least two chunks.
+FILL_BYTES = 64 << 20
 
 
 def _unlink_all(paths: list[str]) -> None:
@@ -112,14 +121,29 @@ def _advise_will_need(path: str) -> None:
 
 
 class DiskTier:
-    """Chunks on local disk: a `ChunkTier`. `get` and `put` checkpoint (file I/O
-    runs in threads); `get_range` need not (see `_read_range`)."""
+    """Chunks on local disk: a `ChunkTier`. `get`, `put` and `fill` checkpoint (file
+    I/O runs in threads); `get_range` need not (see `_read_range`).
+
+    Args:
+        drop_pages: after reading a chunk file, drop its pages from the page cache
+            (posix_fadvise DONTNEED). For a worker: it serves each chunk to a peer,
+            which keeps it in its own tiers, so the pages would rarely be read
+            again, yet a container's memory limit counts them. A mount keeps them:
+            its hot chunk files are read again and again, and from the page cache
+            a range read is served on the trio thread (RWF_NOWAIT) without a hop.
+    """
 
     name: ClassVar[str] = "disk"
     medium: ClassVar[Medium] = "disk"
 
     def __init__(
-        self, cache_dir: str, capacity: int, free_space_ratio: float, io_threads: int = 8, admission: str = "lru"
+        self,
+        cache_dir: str,
+        capacity: int,
+        free_space_ratio: float,
+        io_threads: int = 8,
+        admission: str = "lru",
+        drop_pages: bool = False,
     ):
         self.cache_dir = cache_dir
         self.root = os.path.join(cache_dir, "chunks")
@@ -143,7 +167,12 @@ class DiskTier:
         # cache may close its own at any time (eviction, drop) under the lock.
         self._fds: OrderedDict[bytes, int] = OrderedDict()
         self._fds_lock = threading.Lock()
-        self._nowait = bool(_NOWAIT)
+        self.drop_pages = drop_pages and hasattr(os, "posix_fadvise")
+        # Dropped pages are never there for a read that must not block.
+        self._nowait = bool(_NOWAIT) and not self.drop_pages
+        self._fill_buffers: list[mmap.mmap] = []  # free `fill` buffers, one per chunk of a fill
+        self._fill_slots: trio.Semaphore | None = None  # chunks fills may hold: made at the first
+        self._fill_lock = trio.Lock()
         metrics.CACHE_CAPACITY.labels(self.name).set(capacity)
         self._hits = metrics.CACHE_HITS.labels(self.name)
         self._misses = metrics.CACHE_MISSES.labels(self.name)
@@ -245,6 +274,8 @@ class DiskTier:
         path = self._path(digest)
         with open(path, "rb", buffering=0) as f:
             buf = f.read()
+            if self.drop_pages:
+                os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
         data = hotpath.open_chunk(digest, buf)
         if len(data) != expected_len:
             raise ChunkCorrupt(f"length {len(data)}, expected {expected_len}")
@@ -295,6 +326,8 @@ class DiskTier:
                     return None
             else:
                 data = os.pread(fd, hi - lo, offset + lo)
+                if self.drop_pages:
+                    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
         finally:
             os.close(fd)
         if len(data) != hi - lo:
@@ -374,10 +407,114 @@ class DiskTier:
             True if stored; False if already present, being written, not
             admitted (--admission) or no room.
         """
-        digest = key.digest
+        return await self._store(key.digest, len(data), self._write, data)
+
+    def fill_run_chunks(self, chunk_size: int) -> int:
+        """The most chunks of `chunk_size` one `fill` may take."""
+        return max(2, FILL_BYTES // chunk_size)
+
+    async def fill(self, keys: list[ChunkKey], fetch: Callable[[list[memoryview]], Awaitable[None]]) -> list[bool]:
+        """Store consecutive chunks of one object that `fetch` writes straight into
+        buffers of ours (warm-up).
+
+        `fetch(views)` fills the views in turn, all key.length bytes of each, with
+        one backend request; each view lies in a page-aligned buffer with room for
+        its chunk's header before it, and the buffer is then written with O_DIRECT
+        as it is: no copy, no MEM tier, and no fresh memory per chunk (the buffers
+        are reused; FILL_BYTES of them at most). Nothing is fetched if every chunk
+        is held already, or if there is no room. Checkpoints.
+
+        Args:
+            keys: at most fill_run_chunks(chunk size) keys of consecutive chunks.
+        Returns:
+            For each chunk, whether it is held now (stored, present before, or being
+            written by someone else); False: no room, or the write failed.
+        Raises:
+            Whatever `fetch` raises; none of the chunks is stored then.
+        """
+        n = len(keys)
+        if self._fill_slots is None:
+            self._fill_slots = trio.Semaphore(self.fill_run_chunks(keys[0].chunk_size))
+        slots = self._fill_slots
+        if n > self.fill_run_chunks(keys[0].chunk_size):
+            raise ValueError(f"a fill of {n} chunks: more than {self.fill_run_chunks(keys[0].chunk_size)}")
+        # Taken whole under a lock, so fills waiting for slots never each hold a part.
+        async with self._fill_lock:
+            for _ in range(n):
+                await slots.acquire()
+        try:
+            return await self._fill(keys, fetch)
+        finally:
+            for _ in range(n):
+                slots.release()
+
+    async def _fill(self, keys: list[ChunkKey], fetch) -> list[bool]:
+        held = [k.digest in self._index or k.digest in self._writing for k in keys]
+        if all(held):
+            return held
+        tag = keys[0].digest[:SOURCE_TAG_SIZE]  # one object: one source
+        mine = {i: hotpath.header_size(k.length) + k.length for i, k in enumerate(keys) if not held[i]}
+        for i, size in mine.items():
+            # Reserve before fetching: concurrent puts cannot overshoot the cap or a quota together.
+            self._writing.add(keys[i].digest)
+            self.used += size
+            self._reserved[tag] += size
+        written: set[int] = set()
+        try:
+            room, victims = self._claim_room(sum(mine.values()), tag)
+            if victims:
+                await trio.to_thread.run_sync(_unlink_all, victims, limiter=self._limiter)
+            if not room:
+                return held
+            buffers = []
+            for k in keys:
+                padded = -(-(hotpath.header_size(k.length) + k.length) // _DIRECT_ALIGN) * _DIRECT_ALIGN
+                buf = self._fill_buffers.pop() if self._fill_buffers else None
+                buffers.append(buf if buf is not None and len(buf) >= padded else mmap.mmap(-1, padded))
+            # No `with`: if `fetch` raises, a thread it abandoned may still hold the views;
+            # the buffers are then left to the garbage collector, never reused.
+            views = []
+            for k, buf in zip(keys, buffers):
+                head = hotpath.header_size(k.length)
+                views.append(memoryview(buf)[head : head + k.length])
+            await fetch(views)
+            del views
+            try:
+                for i in mine:
+                    k = keys[i]
+                    head = hotpath.header_size(k.length)
+                    await trio.to_thread.run_sync(
+                        self._write_filled, k.digest, buffers[i], head, k.length, limiter=self._write_limiter
+                    )
+                    self._index.add(k.digest, mine[i])
+                    if k.digest in self._pins:
+                        self._index.pin(k.digest)
+                    self.by_source[tag] += mine[i]
+                    written.add(i)
+                    held[i] = True
+            finally:
+                self._fill_buffers.extend(buffers)
+            return held
+        except OSError as e:
+            log.warning("cannot write chunks of %s to %s: %s", keys[0].obj.path, self.root, e)
+            metrics.CACHE_ERRORS.labels(self.name, "write").inc()
+            return held
+        finally:
+            for i, size in mine.items():
+                if i not in written:
+                    self.used -= size
+                self._reserved[tag] -= size
+                self._writing.discard(keys[i].digest)
+            if not self._reserved[tag]:
+                del self._reserved[tag]
+            self._publish()
+
+    async def _store(self, digest: bytes, length: int, write, *args) -> bool:
+        """Reserve room for a chunk of `length` bytes, then `write(digest, *args)` in a
+        thread and index the file."""
         if digest in self._index or digest in self._writing:
             return False
-        size = hotpath.header_size(len(data)) + len(data)
+        size = hotpath.header_size(length) + length
         tag = digest[:SOURCE_TAG_SIZE]
         reason = "pinned" if digest in self._pins else self._index.admit(digest, size, self.used + size > self.capacity)
         if reason is None:
@@ -393,7 +530,7 @@ class DiskTier:
             if victims:
                 await trio.to_thread.run_sync(_unlink_all, victims, limiter=self._limiter)
             if room:
-                await trio.to_thread.run_sync(self._write, digest, data, limiter=self._write_limiter)
+                await trio.to_thread.run_sync(write, digest, *args, limiter=self._write_limiter)
                 self._written.inc(size)
                 self._index.add(digest, size)
                 if digest in self._pins:
@@ -417,9 +554,27 @@ class DiskTier:
             self._publish()
 
     def _write(self, digest: bytes, data: bytes | memoryview) -> None:
+        header = hotpath.seal_chunk(digest, data)
+        self._write_file(
+            digest, lambda fd: self._write_direct(fd, header, data), lambda fd: self._write_buffered(fd, header, data)
+        )
+
+    def _write_filled(self, digest: bytes, buf: mmap.mmap, head: int, length: int) -> None:
+        """Write a `fill` buffer: the chunk at [head, head + length), its header sealed in front."""
+        with memoryview(buf) as view:
+            with view[head : head + length] as data:
+                header = hotpath.seal_chunk(digest, data)
+            view[:head] = header
+            with view[: head + length] as whole:
+                self._write_file(
+                    digest, lambda fd: self._write_aligned(fd, whole), lambda fd: self._write_buffered(fd, whole, b"")
+                )
+
+    def _write_file(self, digest: bytes, write_direct, write_buffered) -> None:
+        """Write a chunk's file: to a temp file with `write_direct(fd)` (O_DIRECT) or
+        `write_buffered(fd)`, then renamed into place."""
         path = self._path(digest)
         tmp = f"{path}.tmp{os.getpid()}"
-        header = hotpath.seal_chunk(digest, data)
         try:
             fd = self._create(tmp)
         except FileNotFoundError:
@@ -428,10 +583,10 @@ class DiskTier:
         try:
             try:
                 if not self._direct:
-                    self._write_buffered(fd, header, data)
+                    write_buffered(fd)
                 else:
                     try:
-                        self._write_direct(fd, header, data)
+                        write_direct(fd)
                     except OSError as e:
                         if e.errno != errno.EINVAL:
                             raise
@@ -440,7 +595,7 @@ class DiskTier:
                         os.close(fd)
                         fd = -1  # closed: never close its number twice
                         fd = self._create(tmp)
-                        self._write_buffered(fd, header, data)
+                        write_buffered(fd)
             finally:
                 if fd >= 0:
                     os.close(fd)
@@ -468,6 +623,7 @@ class DiskTier:
             log.info("%s does not take O_DIRECT writes; writing through the page cache", self.root)
         self._direct = False
         self._aligned.clear()
+        self._fill_buffers.clear()
 
     @staticmethod
     def _write_buffered(fd: int, header: bytes, data: bytes | memoryview) -> None:
@@ -490,12 +646,22 @@ class DiskTier:
             with memoryview(buf) as view:
                 view[: len(header)] = header
                 view[len(header) : length] = data
-                written = os.write(fd, view[:padded])
-            if written != padded:
-                raise OSError(f"short write ({written} bytes)")
-            os.ftruncate(fd, length)
+                with view[:length] as whole:
+                    self._write_aligned(fd, whole)
         finally:
             self._aligned.append(buf)
+
+    @staticmethod
+    def _write_aligned(fd: int, whole: memoryview) -> None:
+        """Write `whole` (a view from the start of a page-aligned buffer that extends at
+        least to the next multiple of the alignment) with O_DIRECT: padded, then cut back."""
+        length = len(whole)
+        padded = -(-length // _DIRECT_ALIGN) * _DIRECT_ALIGN
+        with memoryview(whole.obj)[:padded] as out:
+            written = os.write(fd, out)
+        if written != padded:
+            raise OSError(f"short write ({written} bytes)")
+        os.ftruncate(fd, length)
 
     def _statvfs(self) -> os.statvfs_result:
         try:

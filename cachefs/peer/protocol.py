@@ -37,6 +37,15 @@ loads chunks locally instead. A v1 server would also close a connection on
 "load" (an unexpected message), which is why the version is negotiated, not
 assumed.
 
+Version 3 adds an optional `count` to LoadChunk: load chunks index ..
+index + count - 1 of one object (a run the server owns), fetched with one
+backend request, so a warm-up makes fewer and larger requests (on the JuiceFS
+S3 gateway a 16 MiB GET costs about 30% less gateway CPU per byte than four of
+4 MiB). The answer, `Loaded`, then carries `cached_mask`: bit i set if chunk
+index + i was held before. A client sends `count` > 1 only on a connection of
+version 3; a version-2 server closes the connection on a version-3 Hello, and the
+client tries again one version lower, down to 1.
+
 Every message validates its fields strictly in `from_header`: a wrong type, a
 missing field, a negative int, a str longer than MAX_STR or an unknown "t" is a
 `ProtocolError`, and the caller closes that connection. Unknown extra fields
@@ -56,11 +65,15 @@ import msgpack
 from cachefs import hotpath
 from cachefs.errors import CachefsError
 
-PROTOCOL_VERSION = 2
+PROTOCOL_VERSION = 3
 # Hello versions a server accepts; a connection runs at min(client's, server's).
-SUPPORTED_VERSIONS = frozenset({1, 2})
+SUPPORTED_VERSIONS = frozenset({1, 2, 3})
 # The first version with LoadChunk/Loaded.
 LOAD_VERSION = 2
+# The first version with LoadChunk.count (a run of chunks) and Loaded.cached_mask.
+RUN_VERSION = 3
+# The most chunks one LoadChunk may name.
+MAX_RUN = 64
 
 PREFIX = struct.Struct(">II")
 PREFIX_SIZE = PREFIX.size
@@ -500,25 +513,50 @@ class ChunkError:
 @dataclasses.dataclass(frozen=True, slots=True)
 class LoadChunk(GetChunk):
     """Protocol v2: load chunk `index` into the server's own tiers; answered with
-    `Loaded` (no payload) or `ChunkError`. The same fields and checks as GetChunk."""
+    `Loaded` (no payload) or `ChunkError`. The same fields and checks as GetChunk.
+
+    v3: `count` chunks from `index` on (1..MAX_RUN; sent only when not 1)."""
 
     t: ClassVar[str] = "load"
+    count: int = 1
+
+    def to_header(self) -> dict[str, Any]:
+        h = GetChunk.to_header(self)
+        if self.count != 1:
+            h["count"] = self.count
+        return h
+
+    @classmethod
+    def from_header(cls, h: Mapping[str, Any]) -> LoadChunk:
+        get = GetChunk.from_header.__func__(GetChunk, h)
+        count = _uint(h, cls.t, "count", minimum=1) if "count" in h else 1
+        if count > MAX_RUN:
+            raise ProtocolError(f"{cls.t}: 'count' = {count} is more than {MAX_RUN}")
+        return cls(**{f.name: getattr(get, f.name) for f in dataclasses.fields(GetChunk)}, count=count)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class Loaded:
-    """The answer to LoadChunk `id`: the server holds the chunk now; `cached`: it held it before."""
+    """The answer to LoadChunk `id`: the server holds the chunk now; `cached`: it held it before.
+
+    v3, for a LoadChunk with `count` > 1: `cached` is whether it held all of them,
+    and `cached_mask` which (bit i: chunk index + i); sent only then."""
 
     t: ClassVar[str] = "loaded"
     id: int
     cached: bool
+    cached_mask: int | None = None
 
     def to_header(self) -> dict[str, Any]:
-        return {"t": self.t, "id": self.id, "cached": self.cached}
+        h = {"t": self.t, "id": self.id, "cached": self.cached}
+        if self.cached_mask is not None:
+            h["cached_mask"] = self.cached_mask
+        return h
 
     @classmethod
     def from_header(cls, h: Mapping[str, Any]) -> Loaded:
-        return cls(_uint(h, cls.t, "id"), _bool(h, cls.t, "cached"))
+        mask = _uint(h, cls.t, "cached_mask") if "cached_mask" in h else None
+        return cls(_uint(h, cls.t, "id"), _bool(h, cls.t, "cached"), mask)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

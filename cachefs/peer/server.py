@@ -248,7 +248,7 @@ class PeerServer:
                     request = protocol.parse_message(frame[0])
                     if not isinstance(request, GetChunk) or (
                         isinstance(request, (LoadChunk, HasChunk)) and version < protocol.LOAD_VERSION
-                    ):
+                    ) or (isinstance(request, LoadChunk) and request.count > 1 and version < protocol.RUN_VERSION):
                         raise ProtocolError(f"unexpected {frame[0].get('t')!r} after a v{version} handshake")
                     await session.slots.acquire()
                     if self.draining:
@@ -327,20 +327,22 @@ class PeerServer:
 
     async def _load(self, req: LoadChunk) -> Loaded | ChunkError:
         """Warm-up: have the chunk in our tiers (one backend fetch at most, shared with
-        readers by the reader's single-flight) and say whether it was there before."""
+        readers by the reader's single-flight; into the SSD tier only, see
+        `Reader.warm`) and say whether it was there before."""
         resolved = self._resolve(req)
         if isinstance(resolved, ChunkError):
             return resolved
         reader, obj = resolved
-        digest = chunk_key(obj, reader.chunk_size, req.index).digest
-        if any(digest in tier for tier in reader.tiers if tier.medium != "network"):
-            metrics.PEER_SERVED.labels("loaded").inc()
-            return Loaded(req.id, cached=True)
-        reply = await self._fetch(req, reader, obj)
-        if isinstance(reply, ChunkError):
-            return reply
-        metrics.PEER_SERVED.labels("loaded").inc()
-        return Loaded(req.id, cached=False)
+        try:
+            if req.count == 1:
+                cached = [await reader.warm(obj, req.index)]
+            else:
+                cached = await reader.warm_run(obj, req.index, req.count)
+        except BackendError as e:
+            return self._backend_error(req, e)
+        metrics.PEER_SERVED.labels("loaded").inc(len(cached))
+        mask = sum(1 << i for i, held in enumerate(cached) if held) if req.count > 1 else None
+        return Loaded(req.id, cached=all(cached), cached_mask=mask)
 
     async def _chunk(self, req: GetChunk) -> bytes | memoryview | ChunkError:
         resolved = self._resolve(req)
@@ -354,16 +356,20 @@ class PeerServer:
     async def _fetch(self, req: GetChunk, reader: Reader, obj: ObjectId) -> bytes | memoryview | ChunkError:
         try:
             data, _ = await reader.chunk(obj, req.index)
-        except ObjectNotFound as e:
-            code, message = "notfound", str(e)
-        except ObjectChanged as e:
-            code, message = "changed", str(e)
         except BackendError as e:
-            code, message = "unavailable", str(e)
+            return self._backend_error(req, e)
+        return data
+
+    @staticmethod
+    def _backend_error(req: GetChunk, e: BackendError) -> ChunkError:
+        if isinstance(e, ObjectNotFound):
+            code = "notfound"
+        elif isinstance(e, ObjectChanged):
+            code = "changed"
         else:
-            return data
+            code = "unavailable"
         metrics.PEER_SERVED.labels(code).inc()
-        return ChunkError(req.id, code, message)
+        return ChunkError(req.id, code, str(e))
 
 
 class _Session:
@@ -398,8 +404,9 @@ def _check_request(req: GetChunk, chunk_size: int) -> str | None:
     if not req.version:
         return "empty version"
     # An empty object has no chunks: nothing a peer can ask for.
-    if req.index * req.chunk_size >= req.size:
-        return f"chunk {req.index} is past the end of an object of {req.size} bytes"
+    last = req.index + (req.count - 1 if isinstance(req, LoadChunk) else 0)
+    if last * req.chunk_size >= req.size:
+        return f"chunk {last} is past the end of an object of {req.size} bytes"
     return None
 
 
