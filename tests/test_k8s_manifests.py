@@ -469,6 +469,9 @@ def test_dockerfile_runs_setup_sh_and_installs_fluid_tools():
     assert steps[0][0] == "FROM" and "slim" in steps[0][1]
     runs = [rest for op, rest in steps if op == "RUN"]
     assert any("scripts/setup.sh" in r for r in runs)
+    # the image gets the package alone, not the test and benchmark tools
+    assert any("CACHEFS_EXTRAS= bash scripts/setup.sh" in r for r in runs)
+    assert "EXTRAS=${CACHEFS_EXTRAS-test}" in (REPO / "scripts/setup.sh").read_text()
     apt = " ".join(r for r in runs if "apt-get install" in r).split()
     for pkg in ("bash", "coreutils", "grep", "util-linux", "fuse3"):
         assert pkg in apt
