@@ -85,6 +85,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--workloads", default=",".join(WORKLOADS), help="which of %(default)s")
     p.add_argument("--cachefs-args", default="", help="more `cachefs mount` flags for both cachefs systems")
     p.add_argument("--no-raw", action="store_true", help="skip the raw S3 cells")
+    p.add_argument("--baseline-tree", help="a checkout of another cachefs revision (with its native module built): "
+                   "adds cachefs-base and cachefs-wb-base, run from it, beside the others (an A/B run)")
+    p.add_argument("--baseline-label", help="what the baseline tree is, for the report (default: its git HEAD)")
     p.add_argument("--workdir", default=tempfile.gettempdir(),
                    help="parent of the temporary work directory: volumes and caches (default %(default)s)")
     p.add_argument("--results", default=str(RESULTS), help="where the .md and .json go (default %(default)s)")
@@ -92,8 +95,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.size = host.parse_size(args.size or ("256M" if args.quick else "1G"))
     args.repeat = args.repeat or (1 if args.quick else 3)
     args.systems = [s for s in args.systems.split(",") if s]
+    if args.baseline_tree:
+        args.systems += [f"{s}-base" for s in args.systems if s.startswith("cachefs")]
     args.workloads = [w for w in args.workloads.split(",") if w]
-    if not set(args.systems) <= set(SYSTEMS) or not set(args.workloads) <= set(WORKLOADS):
+    if not {s.removesuffix("-base") for s in args.systems} <= set(SYSTEMS) or not set(args.workloads) <= set(WORKLOADS):
         p.error(f"--systems among {','.join(SYSTEMS)}, --workloads among {','.join(WORKLOADS)}")
     return args
 
@@ -107,7 +112,7 @@ class WriteSystem:
 
     def __init__(self, key: str, work: Path):
         self.key = key
-        self.writeback = key.endswith("-wb")
+        self.writeback = "-wb" in key
         self.mnt = work / "mnt" / key
         self.mnt.mkdir(parents=True)
         self.proc: subprocess.Popen | None = None
@@ -121,7 +126,7 @@ class WriteSystem:
 
 
 class Cachefs(WriteSystem):
-    def __init__(self, key, work, gateway, extra: list[str]):
+    def __init__(self, key, work, gateway, extra: list[str], tree: str | None = None):
         super().__init__(key, work)
         self.cache_dir = work / f"{key}-cache"
         self.addr = f"127.0.0.1:{host.free_port()}"
@@ -130,7 +135,8 @@ class Cachefs(WriteSystem):
                      "--read-write", "--endpoint-url", gateway.endpoint_url, "--cache-dir", self.cache_dir,
                      "--mem-size", "2G", "--cache-size", "8G", "--metrics", self.addr,
                      *(["--writeback"] if self.writeback else []), *extra]
-        self.env = host.hermetic_env(gateway.env())
+        # `tree`: another checkout of cachefs (the baseline of an A/B run), imported first.
+        self.env = host.hermetic_env(gateway.env(), {"PYTHONPATH": tree} if tree else None)
         self.root = self.mnt
 
     def start(self, work: Path) -> None:
@@ -334,7 +340,8 @@ def run(args: argparse.Namespace, data: dict, work: Path, shm: Path, stack: cont
         f"{args.size / MiB:,.0f} MiB per fio job, {args.files} small files, {args.repeat} repeat(s)")
     systems = []
     for key in args.systems:
-        s = (Cachefs(key, work, gateway, args.cachefs_args.split()) if key.startswith("cachefs")
+        tree = args.baseline_tree if key.endswith("-base") else None
+        s = (Cachefs(key, work, gateway, args.cachefs_args.split(), tree) if key.startswith("cachefs")
              else Juicefs(key, work, gateway))
         stack.callback(s.stop)
         s.start(work)
@@ -374,6 +381,8 @@ def render(data: dict) -> str:
         f"the gateway's apart. Median of {data['repeat']} repeat(s); systems interleaved.",
         "",
         *report.experiment_lines(data),
+        *([f"- **A/B**: `cachefs-base` and `cachefs-wb-base` run cachefs {data['baseline_git']} from "
+           f"{data['baseline_tree']}, mounted beside the others in the same run"] if data.get("baseline_tree") else []),
         "",
         "| workload | system | MiB/s or files/s | landed (MiB/s or files/s) | daemon CPU s/GiB | gateway CPU s/GiB | bytes PUT ÷ written |",
         "|---|---|---:|---:|---:|---:|---:|",
@@ -412,14 +421,30 @@ def render(data: dict) -> str:
         if raw:
             lines.append(f"- {w}: cachefs close-to-open ≥ {TARGET_RAW} × raw S3 ({pairs[w]}): "
                          f"{verdict(med(cell('cachefs', w)), rawv(pairs[w]), TARGET_RAW)}")
+    if data.get("baseline_tree"):
+        lines += ["", "A/B (this tree ÷ baseline, the writer's number; landed for --writeback):", ""]
+        for w in data["workloads"]:
+            for s in ("cachefs", "cachefs-wb"):
+                a, b = med(cell(s, w)), med(cell(f"{s}-base", w))
+                la, lb = med(cell(s, w), "landed_value"), med(cell(f"{s}-base", w), "landed_value")
+                if a and b:
+                    lines.append(f"- {w} {s}: {a:,.1f} / {b:,.1f} = {a / b:.2f}×"
+                                 + (f"; landed {la:,.1f} / {lb:,.1f} = {la / lb:.2f}×" if la and lb else ""))
     if data["errors"]:
         lines += ["", "## Errors", ""] + [f"- `{e.splitlines()[0][:300]}`" for e in data["errors"]]
     return "\n".join(lines) + "\n"
 
 
+def _git_head(tree: str) -> str:
+    res = subprocess.run(["git", "-C", tree, "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+    return res.stdout.strip() or "unknown (not a git checkout)"
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     data = {"size": args.size, "files": args.files, "repeat": args.repeat, "systems": args.systems,
+            "baseline_tree": args.baseline_tree,
+            "baseline_git": args.baseline_label or (_git_head(args.baseline_tree) if args.baseline_tree else None),
             "workloads": args.workloads, "cachefs_args": args.cachefs_args, "runs": [], "raw": []}
     finished = host.run_experiment("write", args, data, run, render, lambda d: bool(d["runs"] or d["raw"]))
     if finished is None:
