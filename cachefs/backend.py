@@ -322,15 +322,19 @@ class FsspecStore:
         bucket, _, key = self._abs(path).partition("/")
         return bucket, key
 
-    def put_file(self, path: str, staged: str) -> None:
-        """Upload `staged` as `path` in one request (a single PUT on S3)."""
+    def put_file(self, path: str, staged: str) -> ObjectInfo | None:
+        """Upload `staged` as `path` in one request (a single PUT on S3).
+
+        Returns:
+            The new object's attributes if the answer names its version (an ETag), else None.
+        """
         if not self.is_s3:
             self.fs.put_file(staged, self._abs(path))
-            return
+            return None
         bucket, key = self._key(path)
         with open(staged, "rb") as f:
             body = f.read()
-        self.fast.client.put_object(Bucket=bucket, Key=key, Body=body)
+        return _written(path, len(body), self.fast.client.put_object(Bucket=bucket, Key=key, Body=body))
 
     def start_multipart(self, path: str) -> str:
         bucket, key = self._key(path)
@@ -349,12 +353,14 @@ class FsspecStore:
         answer = self.fast.client.upload_part(Bucket=bucket, Key=key, UploadId=upload_id, PartNumber=number, Body=body)
         return answer["ETag"]
 
-    def finish_multipart(self, path: str, upload_id: str, etags: list[str]) -> None:
+    def finish_multipart(self, path: str, upload_id: str, etags: list[str], size: int) -> ObjectInfo | None:
+        """Complete the upload; the new object's attributes as `put_file` returns them."""
         bucket, key = self._key(path)
         parts = [{"PartNumber": n, "ETag": etag} for n, etag in enumerate(etags, 1)]
-        self.fast.client.complete_multipart_upload(
+        answer = self.fast.client.complete_multipart_upload(
             Bucket=bucket, Key=key, UploadId=upload_id, MultipartUpload={"Parts": parts}
         )
+        return _written(path, size, answer)
 
     def abort_multipart(self, path: str, upload_id: str) -> None:
         bucket, key = self._key(path)
@@ -419,6 +425,23 @@ class FsspecStore:
             raise ObjectChanged(f"{obj.path}: size changed from {obj.size} to {total}")
         if last_modified is not None and obj.version != _remote_version("", obj.size, last_modified.timestamp()):
             raise ObjectChanged(f"{obj.path}: modified since it was opened")
+
+
+def _written(path: str, size: int, answer: dict) -> ObjectInfo | None:
+    """The attributes of an object just written, from the PUT (or CompleteMultipartUpload)
+    answer: its ETag is the version a HEAD would report, and names exactly the bytes we
+    sent (a HEAD could already see a concurrent writer's object). The mtime is the
+    answer's Date, to the second like a HEAD's Last-Modified. None without an ETag
+    (a store without them): the caller asks with a HEAD."""
+    etag = (answer.get("ETag") or "").strip('"')
+    if not etag:
+        return None
+    date = answer.get("ResponseMetadata", {}).get("HTTPHeaders", {}).get("date")
+    try:
+        mtime = float(int(email.utils.parsedate_to_datetime(date).timestamp()))
+    except (TypeError, ValueError):
+        mtime = float(int(time.time()))
+    return ObjectInfo(path, "file", size, mtime, _remote_version(etag, size, mtime))
 
 
 class S3FastPath:
@@ -826,14 +849,15 @@ class Backend:
         """Make `path` hold the bytes of local file `staged` (`size` bytes), whole or not
         at all: one PUT up to `part_size`, else a multipart upload (parts in parallel
         within the upload slots), which S3 shows only once completed. Returns the new
-        object's attributes (its version), as the backend reports them after.
+        object's attributes (its version): from the PUT's answer when it holds an ETag
+        (S3), else from a HEAD after.
 
         Raises:
             BackendError: after bounded retries of a request; a multipart upload is aborted.
         """
         store = self.store
         if size <= part_size or not getattr(store, "is_s3", False):
-            await self._change("put", path, store.put_file, path, staged)
+            info = await self._change("put", path, store.put_file, path, staged)
         else:
             part_size = max(part_size, -(-size // MAX_PARTS))
             upload_id = await self._change("put", path, store.start_multipart, path)
@@ -849,7 +873,7 @@ class Backend:
                 async with trio.open_nursery() as nursery:
                     for index in range(len(etags)):
                         nursery.start_soon(put_part, index)
-                await self._change("put", path, store.finish_multipart, path, upload_id, etags)
+                info = await self._change("put", path, store.finish_multipart, path, upload_id, etags, size)
             except BaseException:
                 with trio.CancelScope(shield=True):
                     try:
@@ -859,6 +883,8 @@ class Backend:
                                     "should clean it up): %s", path, e)
                 raise
         metrics.BACKEND_WRITTEN_BYTES.inc(size)
+        if info is not None:
+            return info  # the answer named the version: no HEAD (a request, and a round trip, per file)
         return await self._change("stat", path, store.stat, path)
 
     async def delete(self, path: str) -> None:
