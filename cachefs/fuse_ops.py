@@ -406,7 +406,14 @@ class Operations(pyfuse3.Operations):
         writing = flags & os.O_ACCMODE != os.O_RDONLY or bool(flags & os.O_TRUNC)
         if writing:
             self._writable(path)
-        info = await self._stat(path)
+        try:
+            info = await self._stat(path)
+        except ObjectNotFound:
+            if not writing:
+                raise
+            # The kernel still holds a name whose file never landed (created here, and its
+            # first close failed): opened for write, it starts empty, as a create would.
+            info = ObjectInfo(path, "file", 0, time.time(), "new")
         if info.kind == "dir":
             raise pyfuse3.FUSEError(errno.EISDIR)
         dataset, inner = self._locate(path)

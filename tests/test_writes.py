@@ -239,7 +239,7 @@ def test_close_fails_with_eio_only_after_retries_and_recovers(s3_behind_proxy, c
     assert e.value.errno == errno.EIO
     assert source.proxy.faults["503"] == 3  # the first attempt and two retries
     source.proxy.fault = None
-    _write(path, b"payload")
+    _write(path, b"payload")  # at once: the kernel still holds the name of the file that never landed
     assert source.read("x.bin") == b"payload"
 
 
