@@ -226,6 +226,7 @@ class Writes:
 
     def moved(self, dataset: Dataset, old: str, new: str) -> None:
         """`old` was renamed to `new`: its open file now writes to `new`."""
+        self.unlinked(dataset, new)  # a file open at `new` was replaced: it uploads nothing now
         wf = self.files.pop((dataset.source, old), None)
         if wf is not None:
             wf.path = new

@@ -372,3 +372,16 @@ def test_rm_and_mv_of_a_pending_file_do_not_hang_while_the_backend_is_down(s3_be
     assert _held(source, "gone.bin") is None
     journal = os.path.join(m.cache_dir, "journal")
     _wait_for(lambda: os.listdir(journal) == [], "the journal to empty")
+
+
+def test_a_file_open_at_a_rename_target_is_replaced_not_written_back(local_source, cachefs_mount):
+    m = _rw(cachefs_mount, local_source)
+    target = os.path.join(m.mountpoint, "final.txt")
+    _write(target, b"old")
+    still_open = open(target, "r+b")
+    still_open.write(b"stale writer")
+    _write(os.path.join(m.mountpoint, "tmp.txt"), b"new")
+    os.rename(os.path.join(m.mountpoint, "tmp.txt"), target)
+    still_open.close()  # the replaced file is anonymous now: its bytes go nowhere
+    assert local_source.read("final.txt") == b"new"
+    assert _read(target) == b"new"
