@@ -385,3 +385,17 @@ def test_a_file_open_at_a_rename_target_is_replaced_not_written_back(local_sourc
     still_open.close()  # the replaced file is anonymous now: its bytes go nowhere
     assert local_source.read("final.txt") == b"new"
     assert _read(target) == b"new"
+
+
+def test_o_direct_writes_are_taken(local_source, cachefs_mount):
+    import mmap
+
+    m = _rw(cachefs_mount, local_source)
+    buf = mmap.mmap(-1, CHUNK)  # page-aligned, as O_DIRECT wants
+    buf.write(random.Random(30).randbytes(CHUNK))
+    fd = os.open(os.path.join(m.mountpoint, "direct.bin"), os.O_WRONLY | os.O_CREAT | os.O_DIRECT, 0o644)
+    try:
+        assert os.write(fd, buf) == CHUNK
+    finally:
+        os.close(fd)
+    assert local_source.read("direct.bin") == bytes(buf)
