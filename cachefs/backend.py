@@ -15,6 +15,7 @@ import email.utils
 import errno
 import http.client
 import logging
+import math
 import os
 import random
 import shutil
@@ -758,8 +759,18 @@ class Backend:
             if probe:
                 self._probing = False
 
-    async def _attempts(self, op: str, what: str, fn: Callable[..., T], *args) -> T:
-        deadline = trio.current_time() + self.timeout
+    async def _attempts(self, op: str, what: str, fn: Callable[..., T], *args, change: bool = False) -> T:
+        """Run `fn(*args)` in a thread, retried up to --backend-retries times.
+
+        A read has one deadline, --backend-timeout, over all its attempts, and the
+        attempt running at it is abandoned: a read has no side effects. A `change`
+        is never abandoned (a PUT left running could land after a later one and undo
+        it): each of its attempts is bounded by the store's own connect and read
+        timeouts instead, it runs in the upload slots, and it neither trips nor
+        clears the breaker that fails reads fast (`is_down`).
+        """
+        deadline = math.inf if change else trio.current_time() + self.timeout
+        limiter = self.upload_limiter if change else self.limiter
         delay = 0.05
         attempt = 0
         while True:
@@ -768,22 +779,23 @@ class Backend:
             error: BackendError | None = None
             with trio.move_on_at(deadline):
                 try:
-                    # Abandoning is safe: every store call is a read without side effects.
-                    result = await trio.to_thread.run_sync(fn, *args, limiter=self.limiter, abandon_on_cancel=True)
+                    result = await trio.to_thread.run_sync(fn, *args, limiter=limiter, abandon_on_cancel=not change)
                 except Exception as e:  # noqa: BLE001 - translated right here
                     error = _translate(e, what)
                 else:
                     metrics.BACKEND_REQUESTS.labels(op, "ok").inc()
                     metrics.BACKEND_SECONDS.labels(op).observe(time.monotonic() - t0)
-                    self._down_until = None
+                    if not change:
+                        self._down_until = None
                     return result
             if error is None:
                 error = BackendUnavailable(f"{what}: no answer from the backend within {self.timeout:g}s")
             metrics.BACKEND_REQUESTS.labels(op, "notfound" if isinstance(error, ObjectNotFound) else "error").inc()
             pause = delay * (1 + random.random())
             if isinstance(error, _PERMANENT) or attempt > self.retries or trio.current_time() + pause >= deadline:
-                # Any answer, even "not found", means the backend is up.
-                self._down_until = self._clock() + DOWN_COOLDOWN if isinstance(error, BackendUnavailable) else None
+                if not change:
+                    # Any answer, even "not found", means the backend is up.
+                    self._down_until = self._clock() + DOWN_COOLDOWN if isinstance(error, BackendUnavailable) else None
                 raise error
             log.warning("%s %s failed (attempt %d of %d), retrying: %s", op, what, attempt, self.retries + 1, error)
             await trio.sleep(pause)
@@ -820,30 +832,8 @@ class Backend:
     # -- changes (read-write datasets) --------------------------------------------
 
     async def _change(self, op: str, what: str, fn: Callable[..., T], *args) -> T:
-        """Run a change with bounded retries. Unlike a read, an attempt is never
-        abandoned: a PUT left running could land after a later one and undo it. Each
-        attempt is bounded by the store's own connect and read timeouts
-        (--backend-timeout), and a change does not fail fast while reads do (`is_down`):
-        a close must get its retries."""
-        delay = 0.05
-        attempt = 0
-        while True:
-            attempt += 1
-            t0 = time.monotonic()
-            try:
-                result = await trio.to_thread.run_sync(fn, *args, limiter=self.upload_limiter)
-            except Exception as e:  # noqa: BLE001 - translated right here
-                error = _translate(e, what)
-            else:
-                metrics.BACKEND_REQUESTS.labels(op, "ok").inc()
-                metrics.BACKEND_SECONDS.labels(op).observe(time.monotonic() - t0)
-                return result
-            metrics.BACKEND_REQUESTS.labels(op, "notfound" if isinstance(error, ObjectNotFound) else "error").inc()
-            if isinstance(error, _PERMANENT) or attempt > self.retries:
-                raise error
-            log.warning("%s %s failed (attempt %d of %d), retrying: %s", op, what, attempt, self.retries + 1, error)
-            await trio.sleep(delay * (1 + random.random()))
-            delay = min(delay * 4, 2.0)
+        """Run a change to the backend with bounded retries (see `_attempts`)."""
+        return await self._attempts(op, what, fn, *args, change=True)
 
     async def upload(self, path: str, staged: str, size: int, part_size: int) -> ObjectInfo:
         """Make `path` hold the bytes of local file `staged` (`size` bytes), whole or not
