@@ -173,8 +173,8 @@ class Operations(pyfuse3.Operations):
             return info
         return dataclasses.replace(info, path=f"{dataset.name}/{info.path}" if info.path else dataset.name)
 
-    def _writable(self, path: str) -> Dataset:
-        """The read-write dataset `path` lies in.
+    def _writable(self, path: str) -> tuple[Dataset, str]:
+        """The read-write dataset `path` lies in, and the path inside it.
 
         Raises:
             FUSEError(EROFS): a read-only dataset, or the root listing the datasets.
@@ -182,7 +182,7 @@ class Operations(pyfuse3.Operations):
         located = self.node.locate(path)
         if located is None or located[0].config.read_only or self.node.writes is None:
             raise pyfuse3.FUSEError(errno.EROFS)
-        return located[0]
+        return located
 
     def _is_rw(self, path: str) -> bool:
         located = self.node.locate(path)
@@ -426,15 +426,8 @@ class Operations(pyfuse3.Operations):
         elif writes is not None and (wf := writes.find(dataset, inner)) is not None:
             f.write = wf
             wf.handles += 1  # reads see this node's writes, from the same staged file
-        elif writes is not None and (upload := writes.uploader.latest(dataset, inner)) is not None:
-            staged = upload.staged
-            writes.staging.hold(staged)
-            try:
-                fd = os.open(staged.path, os.O_RDONLY | os.O_CLOEXEC)
-            except OSError:
-                writes.staging.release(staged)
-                raise
-            f.staged = (staged, fd)
+        elif writes is not None and (staged := writes.open_pending(dataset, inner)) is not None:
+            f.staged = staged
         else:
             f.obj = ObjectId(dataset.source, inner, info.version, info.size)
         return self._opened(f, info.version)
@@ -477,8 +470,7 @@ class Operations(pyfuse3.Operations):
         if f.write is not None:
             self.node.writes.close(f.write)
         if f.staged is not None:
-            os.close(f.staged[1])
-            self.node.writes.staging.release(f.staged[0])
+            self.node.writes.close_pending(f.staged)
         if self.inodes.closed(f.inode):
             self._dropped(f.inode)
 
@@ -512,10 +504,7 @@ class Operations(pyfuse3.Operations):
 
     @fuse_errors
     async def create(self, parent_inode, name, mode, flags, ctx):
-        parent = self._path(parent_inode)
-        dataset = self._writable(parent)
-        _, inner_parent = self._locate(parent)
-        inner = join(inner_parent, self._name(name))
+        dataset, inner, _ = self._child(parent_inode, name)
         f = OpenFile(0, None, ReadStream(), dataset, writable=True)
         f.write = await self.node.writes.open(dataset, inner, None, truncate=True)
         info = self._outer(dataset, f.write.info)
@@ -532,11 +521,10 @@ class Operations(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.ENAMETOOLONG)
         return os.fsdecode(name)
 
-    async def _child(self, parent_inode: int, name: bytes) -> tuple[Dataset, str, str]:
+    def _child(self, parent_inode: int, name: bytes) -> tuple[Dataset, str, str]:
         """(dataset, path inside it, mount path) of entry `name` of a read-write directory."""
         parent = self._path(parent_inode)
-        dataset = self._writable(parent)
-        _, inner_parent = self._locate(parent)
+        dataset, inner_parent = self._writable(parent)
         name = self._name(name)
         return dataset, join(inner_parent, name), join(parent, name)
 
@@ -545,8 +533,7 @@ class Operations(pyfuse3.Operations):
         path = self._path(inode)
         changes = fields.update_size or fields.update_mtime
         if changes or fields.update_mode or fields.update_uid or fields.update_gid:
-            dataset = self._writable(path)
-            _, inner = self._locate(path)
+            dataset, inner = self._writable(path)
             writes = self.node.writes
             f = self._files.get(fh) if fh is not None else None
             wf = f.write if f is not None and f.writable else writes.find(dataset, inner)
@@ -581,7 +568,7 @@ class Operations(pyfuse3.Operations):
 
     @fuse_errors
     async def unlink(self, parent_inode, name, ctx):
-        dataset, inner, path = await self._child(parent_inode, name)
+        dataset, inner, path = self._child(parent_inode, name)
         info = await self._stat(path)
         if info.kind == "dir":
             raise pyfuse3.FUSEError(errno.EISDIR)
@@ -595,7 +582,7 @@ class Operations(pyfuse3.Operations):
 
     @fuse_errors
     async def mkdir(self, parent_inode, name, mode, ctx):
-        dataset, inner, path = await self._child(parent_inode, name)
+        dataset, inner, path = self._child(parent_inode, name)
         if await self._stored(dataset, inner) is not None or self.node.writes.info(dataset, inner) is not None:
             raise pyfuse3.FUSEError(errno.EEXIST)
         await dataset.backend.make_dir(inner)
@@ -606,7 +593,7 @@ class Operations(pyfuse3.Operations):
 
     @fuse_errors
     async def rmdir(self, parent_inode, name, ctx):
-        dataset, inner, path = await self._child(parent_inode, name)
+        dataset, inner, path = self._child(parent_inode, name)
         info = await self._stat(path)
         if info.kind != "dir":
             raise pyfuse3.FUSEError(errno.ENOTDIR)
@@ -624,8 +611,8 @@ class Operations(pyfuse3.Operations):
 
     @fuse_errors
     async def rename(self, parent_inode_old, name_old, parent_inode_new, name_new, flags, ctx):
-        dataset, old, old_path = await self._child(parent_inode_old, name_old)
-        other, new, new_path = await self._child(parent_inode_new, name_new)
+        dataset, old, old_path = self._child(parent_inode_old, name_old)
+        other, new, new_path = self._child(parent_inode_new, name_new)
         if other is not dataset:
             raise pyfuse3.FUSEError(errno.EXDEV)  # two datasets: mv copies
         if flags & ~RENAME_NOREPLACE:
@@ -633,9 +620,7 @@ class Operations(pyfuse3.Operations):
         info = await self._stat(old_path)
         try:
             target = await self._stat(new_path)
-        except pyfuse3.FUSEError:
-            target = None
-        except ObjectNotFound:
+        except (pyfuse3.FUSEError, ObjectNotFound):
             target = None
         if target is not None:
             if flags & RENAME_NOREPLACE:

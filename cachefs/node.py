@@ -200,7 +200,7 @@ class Node:
         self._stack.callback(self._report_unfinished)
 
     def _report_unfinished(self) -> None:
-        left = [u for uploads in self.uploader.pending.values() for u in uploads if u.entry is not None]
+        left = [u for u in self.uploader.all_pending() if u.entry is not None]
         if left:
             log.warning("%d uploads not finished (%d bytes); they resume at the next start with --cache-dir %s",
                         len(left), sum(u.size for u in left), self.config.cache_dir)
@@ -601,7 +601,7 @@ class Node:
     def _writes_status(self) -> dict | None:
         if self.staging is None:
             return None
-        pending = [u for uploads in self.uploader.pending.values() for u in uploads]
+        pending = self.uploader.all_pending()
         return {
             "writeback": bool(getattr(self.config, "writeback", False)),
             "staged_bytes": self.staging.used,

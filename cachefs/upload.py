@@ -80,8 +80,12 @@ class Uploader:
         self._uploaded = uploaded
         self._locks: dict[tuple[str, str], trio.Lock] = {}
         self.pending: dict[tuple[str, str], list[Upload]] = {}  # (source, path) -> not yet landed, oldest first
-        metrics.UPLOADS_PENDING.set_function(lambda: sum(len(u) for u in self.pending.values()))
-        metrics.UPLOADS_PENDING_BYTES.set_function(lambda: sum(x.size for u in self.pending.values() for x in u))
+        metrics.UPLOADS_PENDING.set_function(lambda: len(self.all_pending()))
+        metrics.UPLOADS_PENDING_BYTES.set_function(lambda: sum(u.size for u in self.all_pending()))
+
+    def all_pending(self) -> list[Upload]:
+        """Every upload not landed yet, of every path."""
+        return [u for uploads in self.pending.values() for u in uploads]
 
     def latest(self, dataset: Dataset, path: str) -> Upload | None:
         """The newest upload of `path` not landed yet: what a read of it must see."""

@@ -183,7 +183,7 @@ class Writes:
             self.files[(dataset.source, path)] = wf
         elif truncate and wf.size:
             await wf.truncate(0)
-        if truncate and not wf.dirty:
+        if truncate:
             wf.dirty = True  # an O_TRUNC open of an unchanged file still empties it at close
         wf.handles += 1
         return wf
@@ -223,6 +223,25 @@ class Writes:
             del self.files[key]
         os.close(wf.fd)
         self.staging.release(wf.staged)
+
+    def open_pending(self, dataset: Dataset, path: str) -> tuple[StagedFile, int] | None:
+        """For reading: the staged bytes of the newest upload of `path` not landed yet
+        (held until `close_pending`) and an fd of them; None if there is none."""
+        upload = self.uploader.latest(dataset, path)
+        if upload is None:
+            return None
+        self.staging.hold(upload.staged)
+        try:
+            fd = os.open(upload.staged.path, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            self.staging.release(upload.staged)
+            raise
+        return upload.staged, fd
+
+    def close_pending(self, opened: tuple[StagedFile, int]) -> None:
+        staged, fd = opened
+        os.close(fd)
+        self.staging.release(staged)
 
     def moved(self, dataset: Dataset, old: str, new: str) -> None:
         """`old` was renamed to `new`: its open file now writes to `new`."""
