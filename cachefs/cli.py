@@ -574,6 +574,20 @@ def _umount(a: argparse.Namespace) -> int:
     return 0
 
 
+# `cachefs COMMAND`: the handler of each command but mount (it takes the raw arguments too).
+_COMMANDS = {
+    "worker": _worker,
+    "fluid-mount": _fluid_mount,
+    "dataset": _dataset,
+    "status": _status,
+    "refresh": _refresh,
+    "pin": _pin,
+    "unpin": _unpin,
+    "warmup": _warmup,
+    "umount": _umount,
+}
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = _parser()
@@ -585,23 +599,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "mount":
             return _mount(args, argv, extra)
-        if args.command == "worker":
-            return _worker(args)
-        if args.command == "fluid-mount":
-            return _fluid_mount(args)
-        if args.command == "dataset":
-            return _dataset(args)
-        if args.command == "status":
-            return _status(args)
-        if args.command == "refresh":
-            return _refresh(args)
-        if args.command == "pin":
-            return _pin(args)
-        if args.command == "unpin":
-            return _unpin(args)
-        if args.command == "warmup":
-            return _warmup(args)
-        return _umount(args)
+        return _COMMANDS[args.command](args)
     except ConfigError as e:
         if logging.getLogger().handlers:  # else logging's last resort repeats the line on stderr
             log.error("%s", e)
