@@ -62,9 +62,7 @@ class Bench:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog=__doc__.split("\n\n", 1)[1])
+    p = host.argument_parser("python -m bench", __doc__)
     p.add_argument("--quick", action="store_true",
                    help="smoke run in under 3 minutes: 256M, 500 small files, 1 repeat, 1 s random jobs, "
                         "fewer cells (every system, state and workload still runs)")

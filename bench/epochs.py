@@ -45,9 +45,7 @@ TARGET_HITS, TARGET_WRITTEN, TARGET_BACKEND = 0.4, 0.5, 1.0
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m bench.epochs", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog=__doc__.split("\n\n", 1)[1])
+    p = host.argument_parser("python -m bench.epochs", __doc__)
     p.add_argument("--size", default="512M", help="dataset size (default %(default)s)")
     p.add_argument("--cache-size", default="256M", help="the SSD tier's --cache-size (default %(default)s)")
     p.add_argument("--epochs", type=int, default=3, help="full reads per policy (default %(default)s)")
@@ -212,9 +210,7 @@ def main(argv: list[str] | None = None) -> int:
     data = {"dataset": {}, "cache_size": host.parse_size(args.cache_size), "policies": args.policies,
             "epochs": []}
     finished = host.run_experiment("epochs", args, data, run, render, lambda d: bool(d["epochs"]))
-    if finished is None:
-        return 130
-    return 0 if finished else 1
+    return host.exit_code(finished)
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ avoided on purpose: it never returns when the FUSE daemon behind it hangs.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import datetime
 import hashlib
@@ -386,6 +387,21 @@ def scratch_dirs(
     finally:
         for mp in mounts_under(work):
             log(f"WARNING: still mounted: {mp}")
+
+
+def argument_parser(prog: str, doc: str) -> argparse.ArgumentParser:
+    """A bench module's parser: the first paragraph of its docstring `doc` as the
+    description, the rest as the epilog, line breaks kept."""
+    return argparse.ArgumentParser(prog=prog, description=doc.split("\n\n")[0],
+                                   formatter_class=argparse.RawDescriptionHelpFormatter,
+                                   epilog=doc.split("\n\n", 1)[1])
+
+
+def exit_code(finished: bool | None) -> int:
+    """A bench run's exit status from `run_experiment`'s answer: 130 interrupted, 0 finished, 1 failed."""
+    if finished is None:
+        return 130
+    return 0 if finished else 1
 
 
 def run_experiment(

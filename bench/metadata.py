@@ -56,9 +56,7 @@ SAMPLE_S = 0.5
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m bench.metadata", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog=__doc__.split("\n\n", 1)[1])
+    p = host.argument_parser("python -m bench.metadata", __doc__)
     p.add_argument("--files", type=int, default=200_000, help="files in the dataset (default %(default)s)")
     p.add_argument("--dirs", type=int, default=2_000, help="directories they are spread over (default %(default)s)")
     p.add_argument("--mem-size", default="512M", help="the mount's --mem-size (default %(default)s)")
@@ -326,9 +324,7 @@ def main(argv: list[str] | None = None) -> int:
     data = {"files": args.files, "dirs": args.dirs, "mem_size": args.mem_size,
             "meta_cache_entries": args.meta_cache_entries, "dataset_on_disk": args.dataset_on_disk}
     finished = host.run_experiment("metadata", args, data, run, lambda d: render(d, args), lambda d: "machine" in d)
-    if finished is None:
-        return 130
-    return 0 if finished and all(data.get("targets", {}).values()) else 1
+    return host.exit_code(finished and all(data.get("targets", {}).values()))
 
 
 if __name__ == "__main__":

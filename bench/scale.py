@@ -46,9 +46,7 @@ READ_TIMEOUT = 900.0  # seconds the readers of one cell may take before the cell
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m bench.scale", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog=__doc__.split("\n\n", 1)[1])
+    p = host.argument_parser("python -m bench.scale", __doc__)
     p.add_argument("--size", default="1G", help="size of the hot file (default %(default)s)")
     p.add_argument("--readers", default="4,8", help="K: reader processes, one mount each (default %(default)s)")
     p.add_argument("--workers", default="0,1,2,3", help="N: cache workers on the ring (default %(default)s)")

@@ -60,9 +60,7 @@ FDS_KEPT = 256  # cachefs/cache/disk.py _FDS_KEPT: chunk files the SSD tier keep
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m bench.soak", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog=__doc__.split("\n\n", 1)[1])
+    p = host.argument_parser("python -m bench.soak", __doc__)
     p.add_argument("--duration", type=float, default=600.0, help="seconds of soak (default %(default)g)")
     p.add_argument("--mem-size", default="64M", help="MEM tier of every daemon (default %(default)s)")
     p.add_argument("--dataset-size", help="bytes of data (default: 2 x --mem-size)")

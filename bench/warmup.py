@@ -69,9 +69,7 @@ LABELS = {
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m bench.warmup", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog=__doc__.split("\n\n", 1)[1])
+    p = host.argument_parser("python -m bench.warmup", __doc__)
     p.add_argument("--size", default="1G", help="total size of the dataset (default %(default)s)")
     p.add_argument("--files", type=int, help="medium files of 8 MiB (default: half of --size)")
     p.add_argument("--repeat", type=int, default=3, help="repeats of each system (default %(default)s)")
@@ -416,9 +414,7 @@ def main(argv: list[str] | None = None) -> int:
             "systems": args.systems, "repeat": args.repeat, "concurrency": args.concurrency,
             "threads": args.threads, "chunk_size": CHUNK_SIZE, "runs": []}
     finished = host.run_experiment("warmup", args, data, run, render, lambda d: bool(d["runs"]))
-    if finished is None:
-        return 130
-    return 0 if finished else 1
+    return host.exit_code(finished)
 
 
 if __name__ == "__main__":

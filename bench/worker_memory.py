@@ -44,9 +44,7 @@ SETTINGS = {"drop": [], "keep": ["--keep-page-cache"]}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m bench.worker_memory", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog=__doc__.split("\n\n", 1)[1])
+    p = host.argument_parser("python -m bench.worker_memory", __doc__)
     p.add_argument("--size", default="960M", help="dataset size; must fit --cache-size 1G with headers (default %(default)s)")
     p.add_argument("--passes", type=int, default=4, help="full reads through fresh mounts (default %(default)s)")
     p.add_argument("--quick", action="store_true", help="smoke run: 128M, 2 passes")
@@ -199,9 +197,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     data = {"size": args.size_bytes, "passes": args.passes, "cells": []}
     finished = host.run_experiment("worker-memory", args, data, run, render, lambda d: bool(d["cells"]))
-    if finished is None:
-        return 130
-    return 0 if finished else 1
+    return host.exit_code(finished)
 
 
 if __name__ == "__main__":

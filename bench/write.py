@@ -74,9 +74,7 @@ TARGET_WB, TARGET_RAW = 1.0, 0.9
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m bench.write", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog=__doc__.split("\n\n", 1)[1])
+    p = host.argument_parser("python -m bench.write", __doc__)
     p.add_argument("--quick", action="store_true", help="256M per fio job, 1 repeat")
     p.add_argument("--size", help="bytes per fio job (default 1G, 256M with --quick)")
     p.add_argument("--files", type=int, default=2000, help="64 KiB files per small-file cell (default %(default)s)")
@@ -447,9 +445,7 @@ def main(argv: list[str] | None = None) -> int:
             "baseline_git": args.baseline_label or (_git_head(args.baseline_tree) if args.baseline_tree else None),
             "workloads": args.workloads, "cachefs_args": args.cachefs_args, "runs": [], "raw": []}
     finished = host.run_experiment("write", args, data, run, render, lambda d: bool(d["runs"] or d["raw"]))
-    if finished is None:
-        return 130
-    return 0 if finished else 1
+    return host.exit_code(finished)
 
 
 if __name__ == "__main__":

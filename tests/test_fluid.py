@@ -72,6 +72,14 @@ def _wait(what: str, ok, proc: subprocess.Popen, log: Path, timeout: float = 30)
         time.sleep(0.1)
 
 
+def _stop(target, *procs: subprocess.Popen | None) -> None:
+    """Whatever failed: no mount and no process of a test outlives it."""
+    if is_mounted(str(target)):
+        subprocess.run(["fusermount3", "-uz", str(target)], capture_output=True)
+    for proc in procs:
+        stop_process(proc, timeout=10)
+
+
 def _sh(cmd: str) -> str:
     return subprocess.run(["bash", "-c", cmd], capture_output=True, text=True, check=True).stdout
 
@@ -153,9 +161,7 @@ def test_fluid_mount_serves_follows_config_and_unmounts(fluid_env, run_cachefs):
         assert proc.wait(timeout=30) == 0, log.read_text()[-4000:]
         assert not is_mounted(target)
     finally:
-        if is_mounted(target):
-            subprocess.run(["fusermount3", "-uz", target], capture_output=True)
-        stop_process(proc, timeout=10)
+        _stop(target, proc)
 
 
 def test_prestop_umount_then_sigterm(fluid_env):
@@ -189,11 +195,7 @@ def test_stale_mount_is_cleaned(fluid_env):
         second.send_signal(signal.SIGTERM)
         assert second.wait(timeout=30) == 0, log.read_text()[-4000:]
     finally:
-        # Whatever failed: no mount and no process of this test outlives it.
-        if is_mounted(env["target"]):
-            subprocess.run(["fusermount3", "-uz", env["target"]], capture_output=True)
-        stop_process(first, timeout=10)
-        stop_process(second, timeout=10)
+        _stop(env["target"], first, second)
 
 
 def _bad(tmp_path: Path, doc: dict | str | None) -> Path:
@@ -332,9 +334,7 @@ def test_config_change_waits_for_open_files_and_survives_bad_json(tmp_path):
         assert proc.wait(timeout=30) == 0
         assert not is_mounted(target)
     finally:
-        if is_mounted(target):
-            subprocess.run(["fusermount3", "-uz", target], capture_output=True)
-        stop_process(proc, timeout=10)
+        _stop(target, proc)
 
 
 def test_read_write_access_modes_make_read_write_datasets(tmp_path):
