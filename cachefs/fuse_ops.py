@@ -357,6 +357,7 @@ class Operations(pyfuse3.Operations):
             used, files = usage
             s.f_frsize = 1
             s.f_blocks = used
+            s.f_bfree = s.f_bavail = 0  # full even where a dataset takes writes: free would exceed the size
             s.f_files = files
         return s
 

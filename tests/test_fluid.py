@@ -352,3 +352,22 @@ def test_read_write_access_modes_make_read_write_datasets(tmp_path):
     doc["accessModes"] = ["ReadOnlyMany"]
     config.write_text(json.dumps(doc))
     assert [d.read_only for d in load_fluid(str(config), {"MOUNT_OPTIONS": "ro"}).datasets] == [True]
+
+
+@pytest.mark.trio
+async def test_df_of_a_read_write_dataset_still_reports_its_bytes_as_used():
+    from types import SimpleNamespace
+
+    from cachefs.fuse_ops import Operations
+
+    rw = SimpleNamespace(config=SimpleNamespace(read_only=False))
+    ops = Operations(SimpleNamespace(datasets={"out": rw}, config=None), entry_ttl=1.0, attr_ttl=1.0, block_size=4096)
+    plain = await ops.statfs(None)
+    assert plain.f_bavail == plain.f_blocks // 2  # room to write, for tools that look first
+
+    async def usage():
+        return 1_049_364, 3
+
+    ops.usage = usage  # cachefs fluid-mount: Fluid reads used bytes from df
+    fluid = await ops.statfs(None)
+    assert (fluid.f_frsize, fluid.f_blocks, fluid.f_bfree, fluid.f_bavail, fluid.f_files) == (1, 1_049_364, 0, 0, 3)
