@@ -501,7 +501,7 @@ class Operations(pyfuse3.Operations):
         f = self._files.get(fh)
         if f is not None and f.writable:
             # Durable when this returns: uploaded, or (--writeback) fsync'd and journaled.
-            await f.write.commit(background=self._writeback)
+            await f.write.sync(background=self._writeback)
 
     @fuse_errors
     async def create(self, parent_inode, name, mode, flags, ctx):

@@ -95,14 +95,14 @@ class Uploader:
     async def submit(self, dataset: Dataset, path: str, staged: StagedFile, size: int, background: bool) -> Upload:
         """Start uploading `staged` (its first `size` bytes) as `path`. The upload holds
         the staged file until it is done. With `background`, the file is journaled
-        first (fsync'd), so it is uploaded even after a crash.
+        first, so it is uploaded even after a crash (`Staging.durable`: once on disk).
 
         Raises:
             OSError: the journal could not be written (background only); nothing was started.
         """
         upload = Upload(dataset, path, staged, size, background)
         if background:
-            upload.entry = await trio.to_thread.run_sync(self.staging.record, dataset.source, path, staged, size)
+            upload.entry = await self.staging.journal(dataset.source, path, staged, size)
         self.staging.hold(staged)  # the upload's own hold: the writer may let go first
         self._start(upload)
         return upload

@@ -54,6 +54,7 @@ class WriteFile:
         self.id = next(_ids)
         self.handles = 0
         self.dirty = False  # changed since the last seal
+        self.sealed: Upload | None = None  # the last seal's upload
         self.unlinked = False  # deleted while open: its bytes go nowhere
 
     @property
@@ -118,13 +119,27 @@ class WriteFile:
         if not self.dirty or self.unlinked:
             return None
         self.dirty = False
-        upload = await self.writes.uploader.submit(self.dataset, self.path, self.staged, self.size, background)
+        upload = self.sealed = await self.writes.uploader.submit(
+            self.dataset, self.path, self.staged, self.size, background
+        )
         if not background:
             await upload.done.wait()
             if upload.error is not None:
                 self.dirty = True  # still ours to upload: the next flush or fsync tries again
                 raise upload.error
         return upload
+
+    async def sync(self, background: bool) -> None:
+        """fsync(): as `commit`; with `background` (--writeback), also until the journal
+        holds the last seal durably, whether this call sealed it or an earlier close.
+
+        Raises:
+            BackendError: as `commit`.
+            OSError: the journal's fsync failed.
+        """
+        await self.commit(background)
+        if background and self.sealed is not None and self.sealed.entry is not None:
+            await self.writes.staging.durable(self.sealed.entry)
 
 
 class Writes:

@@ -1,0 +1,100 @@
+"""The staging area's journal (--writeback): written at close, made durable in group commits."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+
+import pytest
+import trio
+import trio.testing
+
+from cachefs.staging import Staging
+
+
+def _staged_file(staging: Staging, data: bytes):
+    staged = staging.new_file()
+    with open(staged.path, "wb") as f:
+        f.write(data)
+    return staged
+
+
+@pytest.fixture
+def staging(tmp_path):
+    s = Staging(str(tmp_path), limit=64 << 20, disk=None)
+    assert s.open() == []
+    return s
+
+
+@pytest.mark.trio
+async def test_an_entry_is_on_disk_when_journal_returns_and_durable_after_a_round(staging, monkeypatch):
+    synced = []
+    monkeypatch.setattr(os, "fsync", lambda fd: synced.append(os.readlink(f"/proc/self/fd/{fd}")))
+    staged = _staged_file(staging, b"x" * 1000)
+    entry = await staging.journal("s3://b/p", "a/file", staged, 1000)
+    # A process killed now loses nothing: the entry is already under its final name.
+    with open(os.path.join(staging.journal_dir, f"{entry.seq:012d}.json")) as f:
+        assert json.load(f)["path"] == "a/file"
+    assert synced == []  # close() did not wait for the disk
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(staging.commit_forever)
+        await staging.durable(entry)
+        nursery.cancel_scope.cancel()
+    # The staged bytes and the entry, then both directories' names.
+    assert synced[:2] == [staged.path, os.path.join(staging.journal_dir, f"{entry.seq:012d}.json")]
+    assert set(synced[2:]) == {staging.dir, staging.journal_dir}
+
+
+@pytest.mark.trio
+async def test_entries_journaled_together_share_one_round(staging, monkeypatch):
+    rounds = []
+    monkeypatch.setattr(staging, "_sync", lambda entries: rounds.append(sorted(e.seq for e in entries)))
+    entries = []
+    for i in range(20):
+        entries.append(await staging.journal("s3://b/p", f"f{i}", _staged_file(staging, b"y"), 1))
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(staging.commit_forever)
+        for entry in entries:
+            await staging.durable(entry)
+        late = await staging.journal("s3://b/p", "late", _staged_file(staging, b"z"), 1)
+        await staging.durable(late)
+        nursery.cancel_scope.cancel()
+    assert rounds == [[e.seq for e in entries], [late.seq]]
+
+
+@pytest.mark.trio
+async def test_a_failed_round_fails_the_fsync_that_waited_for_it(staging, monkeypatch):
+    def broken(entries):
+        raise OSError(errno.EIO, "disk gone")
+
+    monkeypatch.setattr(staging, "_sync", broken)
+    entry = await staging.journal("s3://b/p", "f", _staged_file(staging, b"y"), 1)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(staging.commit_forever)
+        with pytest.raises(OSError) as e:
+            await staging.durable(entry)
+        assert e.value.errno == errno.EIO
+        nursery.cancel_scope.cancel()
+
+
+def test_a_restart_keeps_whole_entries_and_drops_ones_whose_bytes_did_not_reach_the_disk(tmp_path):
+    async def journal_two(staging):
+        whole = await staging.journal("s3://b/p", "whole", _staged_file(staging, b"a" * 5000), 5000)
+        torn = await staging.journal("s3://b/p", "torn", _staged_file(staging, b"b" * 5000), 5000)
+        return whole, torn
+
+    first = Staging(str(tmp_path), limit=64 << 20, disk=None)
+    first.open()
+    whole, torn = trio.run(journal_two, first)
+    # An OS crash before the round: the entry made it, the staged bytes only in part.
+    os.truncate(torn.staged, 4096)
+    open_at_crash = _staged_file(first, b"c")  # a file still open for write: named by no entry
+
+    again = Staging(str(tmp_path), limit=64 << 20, disk=None)
+    kept = again.open()
+    assert [e.path for e in kept] == ["whole"]
+    assert sorted(os.listdir(again.dir)) == [os.path.basename(whole.staged)]
+    assert not os.path.exists(open_at_crash.path)
+    # New entries continue after the kept ones: no entry overwrites another.
+    assert trio.run(again.journal, "s3://b/p", "next", again.new_file(), 0).seq > whole.seq
