@@ -25,7 +25,7 @@ import stat as stat_mod
 import threading
 import time
 import urllib.parse
-from typing import Callable, NoReturn, TypeVar
+from typing import TYPE_CHECKING, Callable, NoReturn, TypeVar
 from xml.etree import ElementTree
 
 import trio
@@ -42,6 +42,9 @@ from cachefs.errors import (
 )
 from cachefs.logsafe import LogLimiter
 from cachefs.objects import Kind, ObjectId, ObjectInfo, check_relative_path, join
+
+if TYPE_CHECKING:
+    from cachefs.upload import EarlyParts
 
 log = logging.getLogger(__name__)
 _fallbacks = LogLimiter(log, interval=60.0)
@@ -875,47 +878,87 @@ class Backend:
         """Run a change to the backend with bounded retries (see `_attempts`)."""
         return await self._attempts(op, what, fn, *args, change=True)
 
-    async def upload(self, path: str, staged: str, size: int, part_size: int) -> ObjectInfo:
+    @property
+    def takes_parts(self) -> bool:
+        """True if files above the part size go up as multipart uploads (S3)."""
+        return bool(getattr(self.store, "is_s3", False))
+
+    async def upload(
+        self, path: str, staged: str, size: int, part_size: int, early: EarlyParts | None = None
+    ) -> ObjectInfo:
         """Make `path` hold the bytes of local file `staged` (`size` bytes), whole or not
         at all: one PUT up to `part_size`, else a multipart upload (parts in parallel
-        within the upload slots), which S3 shows only once completed. Returns the new
-        object's attributes (its version): from the PUT's answer when it holds an ETag
-        (S3), else from a HEAD after.
+        within the upload slots), which S3 shows only once completed. `early`: parts
+        already sent while the file was written; those still true of its bytes are
+        kept, the rest sent now. Returns the new object's attributes (its version):
+        from the PUT's answer when it holds an ETag (S3), else from a HEAD after.
 
         Raises:
             BackendError: after bounded retries of a request; a multipart upload is aborted.
         """
         store = self.store
-        if size <= part_size or not getattr(store, "is_s3", False):
+        count = -(-size // part_size)
+        if early is not None:
+            await early.settled()
+            if size <= part_size or count > MAX_PARTS or early.upload_id is None:
+                await self.abort_parts(path, early)
+                early = None
+        if size <= part_size or not self.takes_parts:
             info = await self._change("put", path, store.put_file, path, staged)
         else:
-            part_size = max(part_size, -(-size // MAX_PARTS))
-            upload_id = await self._change("put", path, store.start_multipart, path)
-            etags: list[str] = [""] * (-(-size // part_size))
+            if count > MAX_PARTS:
+                part_size = -(-size // MAX_PARTS)
+                count = -(-size // part_size)
+            upload_id = early.upload_id if early is not None else None
+            if upload_id is None:
+                upload_id = await self._change("put", path, store.start_multipart, path)
+            etags = [early.etags.get(index, "") if early is not None else "" for index in range(count)]
+            if early is not None:
+                early.forget()  # this upload completes or aborts it: no later attempt may reuse its parts
             try:
                 async def put_part(index: int) -> None:
-                    start = index * part_size
-                    end = min(start + part_size, size)
-                    etags[index] = await self._change(
-                        "put", f"{path} part {index + 1}", store.put_part, path, upload_id, index + 1, staged, start, end
-                    )
+                    etags[index] = await self.put_part(path, upload_id, index, part_size, staged, size)
 
                 async with trio.open_nursery() as nursery:
-                    for index in range(len(etags)):
-                        nursery.start_soon(put_part, index)
+                    for index, etag in enumerate(etags):
+                        if not etag:
+                            nursery.start_soon(put_part, index)
                 info = await self._change("put", path, store.finish_multipart, path, upload_id, etags, size)
             except BaseException:
                 with trio.CancelScope(shield=True):
-                    try:
-                        await self._change("put", path, store.abort_multipart, path, upload_id)
-                    except BackendError as e:
-                        log.warning("could not abort the multipart upload of %s (the bucket's lifecycle rule "
-                                    "should clean it up): %s", path, e)
+                    await self._abort(path, upload_id)
                 raise
         metrics.BACKEND_WRITTEN_BYTES.inc(size)
         if info is not None:
             return info  # the answer named the version: no HEAD (a request, and a round trip, per file)
         return await self._change("stat", path, store.stat, path)
+
+    async def start_parts(self, path: str) -> str:
+        """Begin a multipart upload of `path` (for parts sent before the file is closed)."""
+        return await self._change("put", path, self.store.start_multipart, path)
+
+    async def put_part(self, path: str, upload_id: str, index: int, part_size: int, staged: str, size: int) -> str:
+        """Send part `index` (from 0) of a file of `size` bytes in `staged`; its ETag."""
+        start = index * part_size
+        end = min(start + part_size, size)
+        return await self._change(
+            "put", f"{path} part {index + 1}", self.store.put_part, path, upload_id, index + 1, staged, start, end
+        )
+
+    async def abort_parts(self, path: str, early: EarlyParts) -> None:
+        """Drop the parts sent early (the file ended up small, or is gone)."""
+        await early.settled()
+        if early.upload_id is not None:
+            upload_id = early.upload_id
+            early.forget()
+            await self._abort(path, upload_id)
+
+    async def _abort(self, path: str, upload_id: str) -> None:
+        try:
+            await self._change("put", path, self.store.abort_multipart, path, upload_id)
+        except BackendError as e:
+            log.warning("could not abort the multipart upload of %s (the bucket's lifecycle rule "
+                        "should clean it up): %s", path, e)
 
     async def delete(self, path: str) -> None:
         await self._change("delete", path, self.store.delete, path)

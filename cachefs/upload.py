@@ -40,6 +40,62 @@ RETRY_MAX = 60.0
 CACHE_WORKERS = 4
 
 
+class EarlyParts:
+    """Parts of a large file sent while it is still being written.
+
+    A sequential writer that has moved past a part will not come back to it, so
+    the part goes to the backend at once and close() sends only the rest: sending
+    everything at close made close-to-open writes take the write time plus the
+    upload time (half the speed of S3). A write into a part already sent (or in
+    flight) makes it stale, sent again at close; a write out of sequence stops
+    early sending for the file. Parts are invisible in S3 until the upload is
+    completed, so nothing half-written is ever shown."""
+
+    def __init__(self, part_size: int):
+        self.part_size = part_size
+        self.upload_id: str | None = None
+        self.etags: dict[int, str] = {}  # part index -> ETag, for parts still true of the file
+        self.sending: dict[int, bool] = {}  # parts in flight -> still true of the file
+        self.next = 0  # the next part a sequential writer completes
+        self.stopped = False
+        self._starting = trio.Lock()
+        self._idle = trio.Event()
+
+    def touched(self, start: int, end: int) -> None:
+        """Bytes [start, end) were written (end=None: everything from start was cut off)."""
+        first = start // self.part_size
+        for index in [*self.etags, *self.sending]:
+            if index >= first and (end is None or index * self.part_size < end):
+                self.etags.pop(index, None)
+                if index in self.sending:
+                    self.sending[index] = False
+
+    def ready(self, offset: int) -> list[int]:
+        """The parts a sequential writer now writing at `offset` has left behind."""
+        out = []
+        while not self.stopped and (self.next + 1) * self.part_size <= offset:
+            out.append(self.next)
+            self.next += 1
+        return out
+
+    async def settled(self) -> None:
+        """Until no part is in flight."""
+        while self.sending:
+            await self._idle.wait()
+
+    def _sent(self, index: int, etag: str | None) -> None:
+        if self.sending.pop(index) and etag is not None:
+            self.etags[index] = etag
+        if not self.sending:
+            self._idle.set()
+            self._idle = trio.Event()
+
+    def forget(self) -> None:
+        """The multipart upload was completed or aborted: none of its parts is usable."""
+        self.upload_id = None
+        self.etags.clear()
+
+
 @dataclasses.dataclass(eq=False)
 class Upload:
     """One sealed file on its way to the backend."""
@@ -55,6 +111,7 @@ class Upload:
     info: ObjectInfo | None = None  # the object as uploaded
     cancelled: bool = False  # the path was deleted: upload nothing more
     pause: trio.CancelScope | None = None  # while waiting to retry
+    early: EarlyParts | None = None  # parts sent before the close
 
 
 class Uploader:
@@ -92,7 +149,38 @@ class Uploader:
         uploads = self.pending.get((dataset.source, path))
         return uploads[-1] if uploads else None
 
-    async def submit(self, dataset: Dataset, path: str, staged: StagedFile, size: int, background: bool) -> Upload:
+    def send_early(self, dataset: Dataset, path: str, early: EarlyParts, staged: StagedFile, offset: int) -> None:
+        """A sequential writer of `path` writes at `offset`: send the parts it has left behind."""
+        for index in early.ready(offset):
+            early.sending[index] = True
+            # Not held (a hold would make the writer copy the file, as for a seal): a file let
+            # go of first fails the part's read, and the part is sent at close, or never.
+            self._nursery.start_soon(self._send_part, dataset, path, early, staged, index)
+
+    async def _send_part(self, dataset: Dataset, path: str, early: EarlyParts, staged: StagedFile, index: int) -> None:
+        backend = dataset.backend
+        etag = None
+        try:
+            async with early._starting:
+                if early.upload_id is None:
+                    early.upload_id = await backend.start_parts(path)
+            etag = await backend.put_part(path, early.upload_id, index, early.part_size, staged.path,
+                                          (index + 1) * early.part_size)
+        except (BackendError, OSError) as e:
+            early.stopped = True  # close sends what is missing, with its own retries
+            log.info("early part %d of %s not sent (sent at close): %s", index + 1, path, e)
+        finally:
+            early._sent(index, etag)
+
+    def drop_early(self, dataset: Dataset, path: str, early: EarlyParts) -> None:
+        """The file will not be uploaded with these parts (closed unsealed, or deleted)."""
+        early.stopped = True
+        self._nursery.start_soon(dataset.backend.abort_parts, path, early)
+
+    async def submit(
+        self, dataset: Dataset, path: str, staged: StagedFile, size: int, background: bool,
+        early: EarlyParts | None = None,
+    ) -> Upload:
         """Start uploading `staged` (its first `size` bytes) as `path`. The upload holds
         the staged file until it is done. With `background`, the file is journaled
         first, so it is uploaded even after a crash (`Staging.durable`: once on disk).
@@ -100,7 +188,7 @@ class Uploader:
         Raises:
             OSError: the journal could not be written (background only); nothing was started.
         """
-        upload = Upload(dataset, path, staged, size, background)
+        upload = Upload(dataset, path, staged, size, background, early=early)
         if background:
             upload.entry = await self.staging.journal(dataset.source, path, staged, size)
         self.staging.hold(staged)  # the upload's own hold: the writer may let go first
@@ -154,7 +242,7 @@ class Uploader:
                 while not upload.cancelled:
                     try:
                         upload.info = await upload.dataset.backend.upload(
-                            upload.path, upload.staged.path, upload.size, self.part_size
+                            upload.path, upload.staged.path, upload.size, self.part_size, upload.early
                         )
                         break
                     except Exception as e:  # noqa: BLE001 - an upload must never take the mount down
@@ -184,6 +272,8 @@ class Uploader:
                 await self._uploaded(upload.dataset, upload.path, upload.info)
         finally:
             with trio.CancelScope(shield=True):
+                if upload.early is not None and upload.early.upload_id is not None:
+                    self.drop_early(upload.dataset, upload.path, upload.early)  # cancelled before it began
                 if upload.entry is not None and (upload.info is not None or upload.cancelled):
                     await trio.to_thread.run_sync(self.staging.forget, upload.entry)
                 uploads = self.pending.get(key, [])

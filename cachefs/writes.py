@@ -25,7 +25,7 @@ import trio
 
 from cachefs.objects import ObjectId, ObjectInfo, join
 from cachefs.staging import StagedFile, Staging
-from cachefs.upload import Upload, Uploader
+from cachefs.upload import EarlyParts, Upload, Uploader
 
 if TYPE_CHECKING:
     from cachefs.node import Dataset
@@ -55,6 +55,9 @@ class WriteFile:
         self.handles = 0
         self.dirty = False  # changed since the last seal
         self.sealed: Upload | None = None  # the last seal's upload
+        # Parts sent while a new (or truncated) file is written in sequence (S3, large files).
+        self.early: EarlyParts | None = None
+        self.written_to = 0  # where the last write ended: the next one is in sequence if it starts here
         self.unlinked = False  # deleted while open: its bytes go nowhere
 
     @property
@@ -87,10 +90,20 @@ class WriteFile:
             if self.staged.holders == 1:  # no seal came while we waited for room
                 break
         written = os.pwrite(self.fd, data, offset)  # the page cache: no thread hop for 128 KiB
+        if self.early is not None:
+            self._send_early(offset, offset + written)
         self.size = max(self.size, offset + written)
         self.mtime = time.time()
         self.dirty = True
         return written
+
+    def _send_early(self, start: int, end: int) -> None:
+        early = self.early
+        early.touched(start, end)
+        if start != self.written_to:
+            early.stopped = True  # not a sequential writer: it may come back to any part
+        self.written_to = end
+        self.writes.uploader.send_early(self.dataset, self.path, early, self.staged, start)
 
     def read(self, offset: int, size: int) -> bytes:
         return os.pread(self.fd, size, offset)
@@ -102,6 +115,9 @@ class WriteFile:
             if self.staged.holders == 1:
                 break
         os.ftruncate(self.fd, size)
+        if self.early is not None:
+            self.early.touched(size, None)
+            self.early.stopped = True
         self.size = size
         self.writes.staging.shrink(self.staged, size)
         self.mtime = time.time()
@@ -119,8 +135,9 @@ class WriteFile:
         if not self.dirty or self.unlinked:
             return None
         self.dirty = False
+        early, self.early = self.early, None  # later writes change a sealed state: no more early parts
         upload = self.sealed = await self.writes.uploader.submit(
-            self.dataset, self.path, self.staged, self.size, background
+            self.dataset, self.path, self.staged, self.size, background, early
         )
         if not background:
             await upload.done.wait()
@@ -200,6 +217,8 @@ class Writes:
             await wf.truncate(0)
         if truncate:
             wf.dirty = True  # an O_TRUNC open of an unchanged file still empties it at close
+            if wf.early is None and wf.size == 0 and dataset.backend.takes_parts and wf.sealed is None:
+                wf.early = EarlyParts(self.uploader.part_size)
         wf.handles += 1
         return wf
 
@@ -233,6 +252,7 @@ class Writes:
         if wf.dirty and not wf.unlinked:
             log.error("%s: closed with changes that were never uploaded (the close failed); they are lost",
                       join(wf.dataset.name, wf.path))
+        self._drop_early(wf)
         key = (wf.dataset.source, wf.path)
         if self.files.get(key) is wf:
             del self.files[key]
@@ -263,6 +283,7 @@ class Writes:
         self.unlinked(dataset, new)  # a file open at `new` was replaced: it uploads nothing now
         wf = self.files.pop((dataset.source, old), None)
         if wf is not None:
+            self._drop_early(wf)  # sent as parts of `old`'s key
             wf.path = new
             self.files[(dataset.source, new)] = wf
 
@@ -271,6 +292,12 @@ class Writes:
         wf = self.files.pop((dataset.source, path), None)
         if wf is not None:
             wf.unlinked = True
+            self._drop_early(wf)
+
+    def _drop_early(self, wf: WriteFile) -> None:
+        if wf.early is not None:
+            self.uploader.drop_early(wf.dataset, wf.path, wf.early)
+            wf.early = None
 
 
 def _copy_range(src: int, dst: int, size: int) -> None:

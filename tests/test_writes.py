@@ -399,3 +399,31 @@ def test_o_direct_writes_are_taken(local_source, cachefs_mount):
     finally:
         os.close(fd)
     assert local_source.read("direct.bin") == bytes(buf)
+
+
+def test_a_sequential_writer_sends_parts_before_close_and_later_changes_still_land(s3_behind_proxy, cachefs_mount):
+    source = s3_behind_proxy
+    m = _rw(cachefs_mount, source)
+    rng = random.Random(9)
+    for name, change in (("rewritten.bin", "rewrite"), ("cut.bin", "truncate"), ("small.bin", "truncate-small")):
+        source.proxy.reset()
+        data = bytearray(rng.randbytes(4 * PART + 1234))
+        path = os.path.join(m.mountpoint, name)
+        with open(path, "wb", buffering=0) as f:
+            for at in range(0, len(data), CHUNK):
+                f.write(data[at:at + CHUNK])
+            # Parts 1 to 4 were left behind by the writer: they go before the close.
+            _wait_for(lambda: source.proxy.requests["PUT"] >= 4, f"{name}: parts sent before the close")
+            assert _held(source, name) is None  # parts are invisible until the upload completes
+            if change == "rewrite":  # back into part 1, already sent: sent again at close
+                f.seek(100)
+                f.write(b"X" * 1000)
+                data[100:1100] = b"X" * 1000
+            elif change == "truncate":  # parts 3 and 4 no longer what the file holds
+                f.truncate(2 * PART + 5)
+                del data[2 * PART + 5:]
+            else:  # now a single PUT: the early multipart upload is dropped
+                f.truncate(100)
+                del data[100:]
+        assert source.read(name) == bytes(data), name
+        assert _read(path) == bytes(data), name
