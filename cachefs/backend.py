@@ -527,11 +527,20 @@ class S3FastPath:
         are received into its buffers in turn (end - start bytes in all) and it is returned.
 
         Raises:
-            FileNotFoundError, PermissionError, ObjectChanged (412/416), OSError (others),
+            FileNotFoundError, PermissionError, ObjectChanged (412/416, or a shorter range
+            than asked: the object is smaller than the caller knows), OSError (others),
             _FallBack (an answer only s3fs can handle).
         """
         resp, conn = self._send("get_object", {"Bucket": bucket, "Key": key}, {**headers, "Range": f"bytes={start}-{end - 1}"})
         if resp.status == 206:
+            served = resp.getheader("Content-Range", "").partition(" ")[2].partition("/")[0]
+            if served and served != f"{start}-{end - 1}":
+                # Less than asked: the object ends before `end`, so it is not the one the
+                # range was taken from (callers ask within the size they know). Without an
+                # ETag to condition on, this is how a smaller new version shows; its body
+                # must not pass for a connection cut short (retries, then EIO and the breaker).
+                conn.close()
+                raise ObjectChanged(f"{bucket}/{key}: changed since it was opened (bytes {served} of {start}-{end - 1})")
             data = hotpath.empty_buffer(end - start) if into is None else into  # filled below or raised
             total, got = end - start, 0
             try:

@@ -100,6 +100,7 @@ class OpenFile:
     obj: ObjectId | None  # None: read from `write` or `staged`
     stream: ReadStream
     dataset: Dataset
+    info: ObjectInfo | None = None  # with `obj`: its attributes at open, as the mount shows them
     write: WriteFile | None = None  # the path is open for write on this node: its bytes
     writable: bool = False  # this handle was opened for write
     staged: tuple[StagedFile, int] | None = None  # a closed file not uploaded yet, and an fd of it
@@ -283,7 +284,35 @@ class Operations(pyfuse3.Operations):
 
     @fuse_errors
     async def getattr(self, inode, ctx=None):
-        return self._attrs(inode, await self._stat(self._path(inode)))
+        try:
+            return self._attrs(inode, await self._stat(self._path(inode)))
+        except (ObjectNotFound, pyfuse3.FUSEError) as e:
+            if isinstance(e, pyfuse3.FUSEError) and e.errno != errno.ENOENT:
+                raise
+            held = self._held_open(inode)
+            if held is None:
+                raise
+            return self._attrs(inode, held)
+
+    def _held_open(self, inode: int) -> ObjectInfo | None:
+        """For getattr of an inode gone from the backend (or its dataset): the attributes
+        of the version an open handle reads, or None if no handle holds one.
+
+        The kernel asks getattr before a read once --attr-ttl has passed: ENOENT
+        there would fail read(2) on an open file, which must get ESTALE (or the
+        chunks it cached), as docs/semantics.md says.
+
+        Raises:
+            FUSEError(ESTALE): the handle's dataset was removed (--force).
+        """
+        for f in self._files.values():
+            if f.inode != inode:
+                continue
+            if f.dataset.removed:
+                raise pyfuse3.FUSEError(errno.ESTALE)
+            if f.info is not None:
+                return f.info
+        return None
 
     async def forget(self, inode_list):
         # Must not raise (pyfuse3 `Operations.forget`); nothing here can.
@@ -431,6 +460,7 @@ class Operations(pyfuse3.Operations):
             f.staged = staged
         else:
             f.obj = ObjectId(dataset.source, inner, info.version, info.size)
+            f.info = info
         return self._opened(f, info.version)
 
     def _opened(self, f: OpenFile, version: str) -> pyfuse3.FileInfo:
@@ -458,9 +488,13 @@ class Operations(pyfuse3.Operations):
             return os.pread(f.staged[1], size, off)
         try:
             return await f.dataset.reader.read(f.obj, off, size, f.stream)
-        except ObjectChanged:
+        except (ObjectChanged, ObjectNotFound) as e:
             f.dataset.namespace.invalidate(f.obj.path)
             self._opened_versions.pop(f.inode, None)
+            if isinstance(e, ObjectNotFound):
+                # The open file's version is gone, as when it is replaced: ESTALE. ENOENT
+                # is for names; read(2) on an open file never returns it.
+                raise ObjectChanged(f"{f.obj.path}: deleted since it was opened") from e
             raise
 
     async def release(self, fh):

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import dataclasses
 import errno
+import mmap
 import os
 import random
 import signal
@@ -263,27 +265,88 @@ def test_cache_caps_are_respected(local_source, cachefs_mount):
     assert _gets(m) == gets
 
 
-def test_changed_object_is_never_mixed(source, cachefs_mount):
-    old = _data(6 * CHUNK, 1)
-    new = _data(6 * CHUNK, 2)  # same size: only the version tells them apart
+# An open file while its object changes in the backend. Nothing may pass by luck:
+# cachefs reads nothing ahead (--read-ahead 0) and MEM is off, so only the chunk
+# read before the change is cached (on the SSD); every read is O_DIRECT, so the
+# kernel's page cache and read-ahead serve none of them, each reaches cachefs at
+# the offset asked.
+STALE_ARGS = ("--chunk-size", "256K", "--read-ahead", "0", "--mem-size", "0", "--cache-size", "64M",
+              "--entry-ttl", "3600", "--dir-ttl", "3600")
+STALE_CHUNKS = 8  # the file: 2 MiB, 16 times the kernel's 128 KiB read-ahead
+
+# What the object becomes while open: its new size, None if deleted.
+CHANGES = {"same-size": STALE_CHUNKS * CHUNK, "larger": 11 * CHUNK + 7, "smaller": 3 * CHUNK - 5, "deleted": None}
+
+
+def _direct_pread(fd: int, size: int, offset: int) -> bytes:
+    buf = mmap.mmap(-1, size)  # page-aligned, as O_DIRECT needs
+    with buf:
+        return buf[: os.preadv(fd, [buf], offset)]
+
+
+def _change_object(source, rel: str, new: bytes | None, old_written: float) -> None:
+    if new is None:
+        source.delete(rel)
+        return
+    if source.kind == "s3-noetag":
+        # Without ETags the version is size and whole-second mtime: a same-size
+        # object written in the same second would be the same version.
+        while int(time.time()) == int(old_written):
+            time.sleep(0.05)
+    source.write(rel, new)
+    if source.kind == "local":
+        os.utime(source.path(rel), ns=(1, 1))  # a sure mtime change, whatever the clock's resolution
+
+
+@pytest.fixture(params=["local", "s3", "s3-noetag"])
+def any_source(request):
+    """`source`, and the gateway that serves no ETags (versions by size and mtime)."""
+    src = request.getfixturevalue({"s3-noetag": "s3_source_noetag"}.get(request.param, f"{request.param}_source"))
+    if request.param == "s3-noetag":
+        src = dataclasses.replace(src, kind="s3-noetag")
+    return src
+
+
+@pytest.mark.parametrize("attr_ttl", ["3600", "0"])
+@pytest.mark.parametrize("change", list(CHANGES))
+def test_an_open_file_keeps_its_version_or_fails_estale(any_source, cachefs_mount, change, attr_ttl):
+    """docs/semantics.md: an open file reads the version it opened. The chunk it
+    cached is served; every other read fails with ESTALE, deleted or replaced, never
+    ENOENT and never bytes of another version. With --attr-ttl 0 the kernel asks for
+    the attributes before each read: a deleted file's are the opened version's, and a
+    smaller new version's size makes the kernel answer reads past it with EOF itself."""
+    source = any_source
+    old = _data(STALE_CHUNKS * CHUNK, 1)
+    new = None if CHANGES[change] is None else _data(CHANGES[change], 2)
     source.write("v.bin", old)
-    m = cachefs_mount(source, *SMALL_CHUNKS, "--attr-ttl", "0", "--entry-ttl", "0", "--dir-ttl", "0")
+    written = time.time()
+    m = cachefs_mount(source, *STALE_ARGS, "--attr-ttl", attr_ttl)
     path = os.path.join(m.mountpoint, "v.bin")
-    with open(path, "rb") as f:
-        assert f.read(CHUNK) == old[:CHUNK]
-        source.write("v.bin", new)
-        if source.kind == "local":
-            os.utime(source.path("v.bin"), ns=(1, 1))  # a sure mtime change for the version
-        # The open file holds the old version: its uncached chunks cannot be
-        # served from the new object, so the read fails instead of mixing.
-        try:
-            rest = f.read()
-        except OSError as e:
-            assert e.errno == errno.ESTALE
-        else:
-            assert rest == old[CHUNK:]
-    with open(path, "rb") as f:
-        assert f.read() == new
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
+    try:
+        assert _direct_pread(fd, CHUNK, 0) == old[:CHUNK]
+        _change_object(source, "v.bin", new, written)
+        got = {}
+        for i in [*range(1, STALE_CHUNKS), 0]:  # chunk 0 last: cached, still served after the failures
+            try:
+                data = _direct_pread(fd, CHUNK, i * CHUNK)
+            except OSError as e:
+                got[i] = errno.errorcode[e.errno]
+            else:
+                got[i] = "old" if data == old[i * CHUNK : (i + 1) * CHUNK] else f"{len(data)} other bytes"
+        eof_at = len(new) if change == "smaller" and attr_ttl == "0" else len(old)
+        expected = {i: "ESTALE" if i * CHUNK < eof_at else "0 other bytes" for i in range(1, STALE_CHUNKS)}
+        assert got == {**expected, 0: "old"}
+        if new is None:
+            assert os.fstat(fd).st_size == len(old)  # the attributes of the version open, not ENOENT
+    finally:
+        os.close(fd)
+    if new is None:
+        with pytest.raises(FileNotFoundError):
+            open(path, "rb")
+    else:
+        with open(path, "rb") as f:
+            assert f.read() == new  # reopened: the new version, whole
 
 
 def test_background_mode_and_umount_command(local_source, tmp_path, run_cachefs):
