@@ -307,8 +307,11 @@ def any_source(request):
     return src
 
 
-@pytest.mark.parametrize("attr_ttl", ["3600", "0"])
-@pytest.mark.parametrize("change", list(CHANGES))
+# Every change with the kernel asking before each read (--attr-ttl 0); with long TTLs, the
+# two that differ there (a kept size; a name the backend lost): 18 mounts, not 24.
+@pytest.mark.parametrize(
+    "change,attr_ttl", [(change, "0") for change in CHANGES] + [("same-size", "3600"), ("deleted", "3600")]
+)
 def test_an_open_file_keeps_its_version_or_fails_estale(any_source, cachefs_mount, change, attr_ttl):
     """docs/semantics.md: an open file reads the version it opened. The chunk it
     cached is served; every other read fails with ESTALE, deleted or replaced, never
