@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -266,3 +267,29 @@ def test_locations_say_which_node_holds_how_many_chunks(s3_behind_proxy, secret_
         assert after["nodes"].get(w.addr, 0) == owned.count(w.addr)  # each owner holds its share
     mount_node = next(n for n in after["nodes"] if n.startswith("mount:"))
     assert after["nodes"][mount_node] == 20  # and the mount kept what it read in MEM
+
+
+def test_after_an_upload_the_owner_serves_the_new_version_never_the_old(
+    s3_behind_proxy, secret_file, cachefs_worker, cachefs_mount
+):
+    src = s3_behind_proxy
+    rng = random.Random(12)
+    old = rng.randbytes(8 * CHUNK + 99)
+    src.write("v.bin", old)
+    worker = cachefs_worker(src)
+    writer = cachefs_mount(src, *_peer_args([worker], secret_file), "--read-write")
+    reader = cachefs_mount(src, *_peer_args([worker], secret_file), "--attr-ttl", "0", "--dir-ttl", "0")
+    assert _read(os.path.join(reader.mountpoint, "v.bin")) == old  # the worker now holds the old chunks
+    served_before = worker.metric("cachefs_peer_served_total", outcome="ok")
+    assert served_before >= 9
+
+    new = rng.randbytes(len(old))  # same size: only the version tells them apart
+    with open(os.path.join(writer.mountpoint, "v.bin"), "r+b") as f:
+        f.write(new)
+    assert src.read("v.bin") == new  # close-to-open: landed at close
+    src.proxy.reset()
+    assert _read(os.path.join(reader.mountpoint, "v.bin")) == new
+    # Served by the chunks' owner, which fetched the new version once; never its old chunks.
+    assert worker.metric("cachefs_peer_served_total", outcome="ok") >= served_before + 9
+    assert reader.metric("cachefs_read_bytes_total", source="backend") == 0
+    assert sum(_ranges(src.proxy, "v.bin").values()) == 9
