@@ -62,6 +62,7 @@ class StagedFile:
     path: str
     reserved: int = 0  # bytes of room held for it
     holders: int = 1
+    keep: bool = False  # a journaled upload cut short resumes from it at the next start
 
 
 @dataclasses.dataclass
@@ -191,9 +192,10 @@ class Staging:
         """One holder lets go; the last one deletes the file (unless `keep_file`: a
         journaled upload that must resume at the next start) and frees its room."""
         staged.holders -= 1
+        staged.keep |= keep_file  # whoever lets go last: the journal still needs the file
         if staged.holders > 0:
             return
-        if not keep_file:
+        if not staged.keep:
             try:
                 os.unlink(staged.path)
             except FileNotFoundError:

@@ -106,7 +106,9 @@ class Upload:
     size: int
     background: bool  # --writeback: retried until it lands; nobody waits for it
     entry: JournalEntry | None = None
-    done: trio.Event = dataclasses.field(default_factory=trio.Event)
+    # Set once the backend has the file (or the upload failed): close-to-open needs no more.
+    landed: trio.Event = dataclasses.field(default_factory=trio.Event)
+    done: trio.Event = dataclasses.field(default_factory=trio.Event)  # cached too: the upload is over
     error: CachefsError | None = None
     info: ObjectInfo | None = None  # the object as uploaded
     cancelled: bool = False  # the path was deleted: upload nothing more
@@ -268,6 +270,9 @@ class Uploader:
                 if upload.cancelled:
                     return
                 metrics.UPLOADS.labels("ok").inc()
+                # The close returns now; until the chunks are cached, this node still reads
+                # the file from its staged bytes (it stays pending), so reads make no GET.
+                upload.landed.set()
                 await self._cache_chunks(upload)
                 await self._uploaded(upload.dataset, upload.path, upload.info)
         finally:
@@ -287,12 +292,13 @@ class Uploader:
                 # A journaled upload cut short (unmount, dataset removed) resumes at the next start.
                 keep = upload.entry is not None and upload.info is None and not upload.cancelled
                 self.staging.release(upload.staged, keep_file=keep)
+                upload.landed.set()
                 upload.done.set()
 
     async def _cache_chunks(self, upload: Upload) -> None:
         """Put the uploaded bytes into the local tiers as chunks of the new version:
-        read-after-write is a hit, with no GET. The close waits for this, so
-        CACHE_WORKERS chunks go at once: the reads of the staged file, the checksums
+        read-after-write is a hit, with no GET. The next upload of the path waits for
+        this, so CACHE_WORKERS chunks go at once: the reads of the staged file, the checksums
         and the SSD tier's writes overlap (one at a time, this took a third of the
         close of a large file)."""
         info = upload.info

@@ -140,7 +140,7 @@ class WriteFile:
             self.dataset, self.path, self.staged, self.size, background, early
         )
         if not background:
-            await upload.done.wait()
+            await upload.landed.wait()
             if upload.error is not None:
                 self.dirty = True  # still ours to upload: the next flush or fsync tries again
                 raise upload.error
@@ -225,12 +225,17 @@ class Writes:
     async def _fill(self, wf: WriteFile, current: ObjectInfo | None) -> None:
         upload = self.uploader.latest(wf.dataset, wf.path)
         if upload is not None:
-            await self.staging.reserve(wf.staged, upload.size)
-            src = await trio.to_thread.run_sync(os.open, upload.staged.path, os.O_RDONLY | os.O_CLOEXEC)
+            staged = upload.staged
+            self.staging.hold(staged)  # the upload may end (and let go of it) while we copy
             try:
-                await trio.to_thread.run_sync(_copy_range, src, wf.fd, upload.size)
+                await self.staging.reserve(wf.staged, upload.size)
+                src = await trio.to_thread.run_sync(os.open, staged.path, os.O_RDONLY | os.O_CLOEXEC)
+                try:
+                    await trio.to_thread.run_sync(_copy_range, src, wf.fd, upload.size)
+                finally:
+                    os.close(src)
             finally:
-                os.close(src)
+                self.staging.release(staged)
             wf.size = upload.size
             return
         if current is None or current.kind != "file" or not current.size:
