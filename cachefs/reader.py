@@ -15,6 +15,7 @@ What the reader optimises depends on each tier's `medium`, worked out once in
   of chunks it holds is the kernel's (`will_need`), not ours.
 - "network": its hits are kept in memory only, and with it misses never take
   ranges from the backend: the chunk's owner fetches each chunk once for the ring.
+  Random readers take ranges from the owner instead (`get_range`), kept nowhere.
 """
 
 from __future__ import annotations
@@ -186,9 +187,10 @@ class Reader:
         # A reader that keeps jumping: misses take only the blocks they need from
         # the backend. One jump is not enough: several sequential readers of one
         # file share the page cache, so each one's requests skip ahead now and
-        # then, and must not cost extra GETs. Not with peers: there the chunk's
-        # owner fetches it once for the whole cluster.
-        jumped = stream is not None and stream.jumps >= RANDOM_AFTER_JUMPS and not self._peers
+        # then, and must not cost extra GETs. With peers, they take them from the
+        # chunk's owner (protocol v4), never from the backend: the owner fetches
+        # each chunk once for the whole cluster.
+        jumped = stream is not None and stream.jumps >= RANDOM_AFTER_JUMPS
         if not partial:
             for index, _, _ in spans[1:]:
                 # A read across chunks: fetch the later ones while we wait for the first.
@@ -213,8 +215,11 @@ class Reader:
                         part = await holder.get_range(key, start, end)
                         source = holder.name
                     if part is None and jumped and self._ranged_holder(digest) is None:
-                        part = await self._backend_range(key, start, end)
-                        source = "backend"
+                        if self._peers:
+                            part, source = await self._peer_range(key, start, end)
+                        else:
+                            part = await self._backend_range(key, start, end)
+                            source = "backend"
             if part is None:
                 chunk, source = await self._chunk(key, for_reader=True)
                 part = memoryview(chunk)[start:end]
@@ -273,6 +278,21 @@ class Reader:
             self.in_flight["backend"] -= 1
         self._start_prefetch(key, ahead=True)
         return memoryview(data)[start - lo : end - lo]
+
+    async def _peer_range(self, key: ChunkKey, start: int, end: int) -> tuple[Buffer | None, str]:
+        """A random read of a chunk no local tier holds: just its bytes, from the
+        chunk's owner; nothing is kept (the owner holds the chunk). (None, "") if
+        no peer served it: the chunk is then loaded whole, as any miss."""
+        for tier in self._io_tiers:
+            if tier.medium == "network":
+                self.in_flight[tier.name] += 1
+                try:
+                    part = await tier.get_range(key, start, end)
+                finally:
+                    self.in_flight[tier.name] -= 1
+                if part is not None:
+                    return part, tier.name
+        return None, ""
 
     def _note_access(self, obj: ObjectId, stream: ReadStream, start: int, end: int, last_index: int) -> None:
         # The kernel's own read-ahead sends several requests of one sequential

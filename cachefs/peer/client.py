@@ -250,14 +250,24 @@ class PeerClient:
                 raise PeerError(f"peer {peer}: {e}") from None
             raise
 
-    async def get_chunk(self, peer: str, obj: ObjectId, chunk_size: int, index: int) -> bytes:
-        """One chunk from `peer`, checksum verified.
+    async def get_chunk(
+        self, peer: str, obj: ObjectId, chunk_size: int, index: int, start: int | None = None, end: int | None = None
+    ) -> bytes:
+        """One chunk from `peer`, or with `start` and `end` bytes start .. end - 1 of
+        it (protocol v4), checksum verified.
 
         Raises:
-            PeerError: connection failure, refusal, or a bad checksum.
+            PeerError: connection failure, refusal, or a bad checksum; code
+                "version" for a range from a peer older than protocol v4 (ask for
+                the whole chunk instead).
         """
         conn = await self._connection(peer)
-        reply, payload = await conn.request(_fields(obj, chunk_size, index))
+        fields = _fields(obj, chunk_size, index)
+        if start is not None:
+            if conn.version < protocol.RANGE_VERSION:
+                raise PeerError(f"peer {peer}: speaks protocol v{conn.version}, no ranges", code="version")
+            fields["start"], fields["end"] = start, end
+        reply, payload = await conn.request(fields)
         if isinstance(reply, (Loaded, Held)):
             raise PeerError(f"peer {peer}: answered a get with {reply.t!r}")
         if isinstance(reply, ChunkError):
@@ -375,8 +385,11 @@ class PeerTier:
             return None
         return owner
 
-    async def get_range(self, key: ChunkKey, start: int, end: int) -> None:
-        return None  # owners serve whole chunks: each is fetched once for the whole ring
+    async def get_range(self, key: ChunkKey, start: int, end: int) -> bytes | None:
+        """Bytes start .. end - 1 of a chunk from its owner (protocol v4): a random
+        reader takes what it reads, not 4 MiB. None, as `get`, on any failure, and
+        for an owner older than v4 (ask for the whole chunk then)."""
+        return await self._ask(key, start, end)
 
     async def put(self, key: ChunkKey, data: Buffer) -> bool:
         return False  # never pushed: the owner fetches its chunks itself
@@ -385,7 +398,11 @@ class PeerTier:
         pass
 
     async def get(self, key: ChunkKey) -> bytes | None:
-        obj, chunk_size, index, digest, length = key.obj, key.chunk_size, key.index, key.digest, key.length
+        return await self._ask(key, None, None)
+
+    async def _ask(self, key: ChunkKey, start: int | None, end: int | None) -> bytes | None:
+        obj, chunk_size, index, digest = key.obj, key.chunk_size, key.index, key.digest
+        length = key.length if start is None else end - start
         tried = 0
         for peer in self.ring().owners(digest, PEER_ATTEMPTS + 2):
             if peer == self.client.node:
@@ -399,12 +416,14 @@ class PeerTier:
             outcome = "error"
             with trio.move_on_after(self.timeout) as scope:
                 try:
-                    data = await self.client.get_chunk(peer, obj, chunk_size, index)
+                    data = await self.client.get_chunk(peer, obj, chunk_size, index, start, end)
                 except Exception as e:  # noqa: BLE001 - whatever a peer does is a miss, never a failed read
                     if not isinstance(e, PeerError):
                         log.exception("peer %s: unexpected error", peer)
                         e = PeerError(f"peer {peer}: {type(e).__name__}")
                     outcome = e.code or "error"
+                    if outcome == "version":
+                        return None  # an owner older than ranges: the reader asks for the whole chunk
                     if outcome == "busy":
                         # Draining: leaving the ring. Ask the next node now, as if this one were not there.
                         metrics.PEER_REQUESTS.labels(peer, outcome).inc()

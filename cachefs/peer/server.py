@@ -2,8 +2,8 @@
 
 One task per connection: a mutual HMAC handshake, then requests handled
 concurrently (bounded per connection) and answered in any order by id.
-Requests are GetChunk (answered with the chunk) and, on connections of protocol
-version 2 or later, LoadChunk (warm-up: load it into our tiers, answer Loaded).
+Requests are GetChunk (answered with the chunk, or on protocol v4 with the byte
+range of it that was asked for) and, on connections of protocol version 2 or later, LoadChunk (warm-up: load it into our tiers, answer Loaded).
 
 Each connection is a boundary: whatever happens inside it (a reset, a
 malformed frame, a bug) is logged and closes that connection only; the
@@ -248,7 +248,10 @@ class PeerServer:
                     request = protocol.parse_message(frame[0])
                     if not isinstance(request, GetChunk) or (
                         isinstance(request, (LoadChunk, HasChunk)) and version < protocol.LOAD_VERSION
-                    ) or (isinstance(request, LoadChunk) and request.count > 1 and version < protocol.RUN_VERSION):
+                    ) or (isinstance(request, LoadChunk) and request.count > 1 and version < protocol.RUN_VERSION) or (
+                        # A range is a v4 read; loads and questions are about whole chunks.
+                        request.start is not None and (version < protocol.RANGE_VERSION or type(request) is not GetChunk)
+                    ):
                         raise ProtocolError(f"unexpected {frame[0].get('t')!r} after a v{version} handshake")
                     await session.slots.acquire()
                     if self.draining:
@@ -358,6 +361,9 @@ class PeerServer:
             data, _ = await reader.chunk(obj, req.index)
         except BackendError as e:
             return self._backend_error(req, e)
+        if req.start is not None:
+            # The whole chunk is loaded (and kept) all the same: the owner fetches each chunk once for the ring.
+            return memoryview(data)[req.start : req.end]
         return data
 
     @staticmethod
@@ -407,6 +413,8 @@ def _check_request(req: GetChunk, chunk_size: int) -> str | None:
     last = req.index + (req.count - 1 if isinstance(req, LoadChunk) else 0)
     if last * req.chunk_size >= req.size:
         return f"chunk {last} is past the end of an object of {req.size} bytes"
+    if req.end is not None and req.end > min(req.chunk_size, req.size - req.index * req.chunk_size):
+        return f"range {req.start}..{req.end} is past the end of chunk {req.index}"
     return None
 
 
