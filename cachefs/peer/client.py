@@ -366,6 +366,7 @@ class PeerTier:
         self.client = client
         self.ring = ring
         self.timeout = timeout
+        self._ok: dict[str, tuple] = {}  # peer -> its "ok" request counter and latency histogram
 
     def describe(self) -> list[dict]:
         """Each node on the ring and whether its circuit breaker lets it be asked (for status)."""
@@ -439,8 +440,11 @@ class PeerTier:
                         self.client.mark_failed(peer, e)
                 else:
                     if len(data) == length:
-                        metrics.PEER_REQUESTS.labels(peer, "ok").inc()
-                        metrics.PEER_SECONDS.labels(peer).observe(time.monotonic() - t0)
+                        ok = self._ok.get(peer)
+                        if ok is None:  # bound once per peer: labels() costs as much as a 4 KiB range
+                            ok = self._ok[peer] = (metrics.PEER_REQUESTS.labels(peer, "ok"), metrics.PEER_SECONDS.labels(peer))
+                        ok[0].inc()
+                        ok[1].observe(time.monotonic() - t0)
                         self.client.mark_ok(peer)
                         return data
                     outcome = "corrupt"
