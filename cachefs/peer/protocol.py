@@ -65,7 +65,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import hmac
-import mmap
 import struct
 from typing import Any, ClassVar, Mapping, Union
 
@@ -195,7 +194,7 @@ class FrameDecoder:
         # A large payload in progress is received straight into its own buffer
         # (see receive_buffer), not through _buf: one copy instead of three.
         self._header: dict[str, Any] | None = None
-        self._payload: bytearray | mmap.mmap | None = None
+        self._payload: bytearray | None = None
         self._filled = 0
         self._framing = 0  # prefix + header bytes of that frame, received and consumed already
 
@@ -246,7 +245,7 @@ class FrameDecoder:
                 self._failed = str(e)
                 raise
             have = min(len(self._buf) - start - header_len, payload_len)
-            self._payload = payload_buffer(payload_len)  # a frame is returned only once filled
+            self._payload = hotpath.empty_buffer(payload_len)  # a frame is returned only once filled
             self._payload[:have] = self._buf[start + header_len : start + header_len + have]
             self._filled = have
             self._framing = PREFIX_SIZE + header_len
@@ -259,7 +258,7 @@ class FrameDecoder:
         assert self._payload is not None and 0 <= n <= len(self._payload) - self._filled
         self._filled += n
 
-    def next_frame(self) -> tuple[dict[str, Any], bytes | bytearray | mmap.mmap] | None:
+    def next_frame(self) -> tuple[dict[str, Any], bytes | bytearray] | None:
         """The next complete frame as (header, payload), or None until more bytes arrive.
 
         Raises:
@@ -325,32 +324,6 @@ class FrameDecoder:
     def _check_failed(self) -> None:
         if self._failed is not None:
             raise ProtocolError(f"stream already failed: {self._failed}")
-
-
-# Payloads at least this big (chunks) are received into huge pages where the kernel has them.
-HUGE_PAGE = 2 << 20
-
-
-def payload_buffer(size: int) -> bytearray | mmap.mmap:
-    """A writable buffer of `size` bytes for a payload to be received into.
-
-    A chunk (HUGE_PAGE or more) gets private anonymous memory with transparent
-    huge pages asked for (MADV_HUGEPAGE): filling a fresh 4 MiB chunk then takes
-    2 page faults instead of 1,024, which were a third of the mount's CPU on a
-    peer hit. Where the kernel has no huge page to give, it is plain memory.
-    Smaller payloads get `hotpath.empty_buffer`.
-    """
-    if size < HUGE_PAGE or _MADV_HUGEPAGE is None:
-        return hotpath.empty_buffer(size)
-    buf = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    try:
-        buf.madvise(_MADV_HUGEPAGE)
-    except OSError:
-        pass  # THP off in this kernel: 4 KiB pages, as any buffer
-    return buf
-
-
-_MADV_HUGEPAGE = getattr(mmap, "MADV_HUGEPAGE", None)
 
 
 # -- field checks --------------------------------------------------------------
