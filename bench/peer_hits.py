@@ -23,6 +23,11 @@ all threads), and where the mount says the bytes came from. Memory is
 prefaulted before each cell (this VM charges ~5x for the first write to a page
 it handed back to its host; see bench/README.md).
 
+A/B: with --baseline-tree (a checkout of another cachefs revision, native
+module built), a third system **peer-base** runs a worker and fresh peer mounts
+from that tree (PYTHONPATH), measured interleaved with the other two in the
+same run; its worker has its own port and is warmed the same way.
+
 Scale: for K in --mounts, K fresh peer mounts (all on core 0) read the file at
 once, one fio job each (seq 1 MiB, page cache dropped first): MiB/s in total and
 the worker's CPU seconds per GiB served, which must not grow with K.
@@ -67,6 +72,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--runtime", type=int, default=3, help="seconds of each random cell (default %(default)s)")
     p.add_argument("--mounts", default="1,2,4", help="K: mounts one worker serves at once (default %(default)s)")
     p.add_argument("--workloads", default=",".join(WORKLOADS), help="(default %(default)s)")
+    p.add_argument("--baseline-tree", help="a checkout of another cachefs revision (native module built): adds "
+                   "peer-base, a worker and peer mounts run from it, beside the others (an A/B run)")
+    p.add_argument("--baseline-label", help="what the baseline tree is, for the report (default: its git HEAD)")
+    p.add_argument("--profile", help="a directory: py-spy (raw, 200 Hz, --nonblocking) records the mount and the "
+                   "worker during each peer cell there, <system>-<workload>-<r>-mount.txt and -worker.txt")
     p.add_argument("--workdir", default=tempfile.gettempdir(),
                    help="parent of the temporary work directory (default %(default)s)")
     p.add_argument("--results", default=str(RESULTS), help="where the .md and .json go (default %(default)s)")
@@ -74,6 +84,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.size = host.parse_size(args.size)
     args.mounts = [int(k) for k in args.mounts.split(",") if k]
     args.workloads = [w for w in args.workloads.split(",") if w]
+    args.systems = SYSTEMS + (("peer-base",) if args.baseline_tree else ())
     if os.cpu_count() < 2:
         p.error("needs 2 cores: the worker on one, the mounts and fio on the other")
     return args
@@ -95,6 +106,7 @@ class Rig:
         write_secret(self.secret_file)
         self.env = host.hermetic_env()
         self.n = 0
+        self.workers: dict[str | None, tuple] = {}  # tree -> (process, address)
 
     def write_file(self, size: int) -> None:
         self.source.mkdir()
@@ -105,31 +117,38 @@ class Rig:
                 f.write(os.urandom(n))
                 left -= n
 
-    def start_worker(self) -> None:
-        port = host.free_port()
-        self.worker_addr = f"127.0.0.1:{port}"
-        self.worker_metrics = f"127.0.0.1:{host.free_port()}"
-        log_path = self.logs / "worker.log"
-        self.worker = spawn(pinned(WORKER_CORE, [
-            sys.executable, "-m", "cachefs", "worker", "--listen", self.worker_addr,
-            "--source", f"bench={self.source}", "--secret-file", self.secret_file,
-            "--cache-dir", self.work / "worker-cache", "--mem-size", MEM_SIZE, "--cache-size", "0",
-            "--metrics", self.worker_metrics]), log_path, self.env, self.work)
-        self.stack.callback(host.stop_session, self.worker)
-        wait_listening(self.worker, port, log_path)
+    def _env(self, tree: str | None) -> dict:
+        return host.hermetic_env(None, {"PYTHONPATH": tree}) if tree else self.env
 
-    def mount(self, peers: bool) -> dict:
-        """A fresh mount on core 0, MEM only; with `peers`, on the worker's ring."""
+    def start_worker(self, tree: str | None = None) -> None:
+        """A worker on core 1, run from `tree` (another checkout) or from this one."""
+        port = host.free_port()
+        addr = f"127.0.0.1:{port}"
+        name = "worker-base" if tree else "worker"
+        log_path = self.logs / f"{name}.log"
+        proc = spawn(pinned(WORKER_CORE, [
+            sys.executable, "-m", "cachefs", "worker", "--listen", addr,
+            "--source", f"bench={self.source}", "--secret-file", self.secret_file,
+            "--cache-dir", self.work / f"{name}-cache", "--mem-size", MEM_SIZE, "--cache-size", "0",
+            "--metrics", f"127.0.0.1:{host.free_port()}"]), log_path, self._env(tree), self.work)
+        self.stack.callback(host.stop_session, proc)
+        wait_listening(proc, port, log_path)
+        self.workers[tree] = proc, addr
+
+    def mount(self, peers: bool, tree: str | None = None) -> dict:
+        """A fresh mount on core 0, MEM only; with `peers`, on the ring of the worker
+        run from the same `tree` (None: this checkout)."""
         self.n += 1
-        name = f"{'peer' if peers else 'mem'}{self.n}"
+        name = f"{'peer' if peers else 'mem'}{'-base' if tree else ''}{self.n}"
         m = {"name": name, "mountpoint": self.work / "mnt" / name, "metrics": f"127.0.0.1:{host.free_port()}",
              "log": self.logs / f"{name}.log"}
         m["mountpoint"].mkdir(parents=True)
-        extra = ["--peers", self.worker_addr, "--secret-file", self.secret_file] if peers else []
+        m["worker"] = self.workers[tree][0] if peers else None
+        extra = ["--peers", self.workers[tree][1], "--secret-file", self.secret_file] if peers else []
         m["proc"] = spawn(pinned(MOUNT_CORE, [
             sys.executable, "-m", "cachefs", "mount", self.source, m["mountpoint"],
             "--cache-dir", self.work / f"{name}-cache", "--mem-size", MEM_SIZE, "--cache-size", "0",
-            "--metrics", m["metrics"], *extra]), m["log"], self.env, self.work)
+            "--metrics", m["metrics"], *extra]), m["log"], self._env(tree), self.work)
         self.stack.callback(self.unmount, m)
         wait_mounted(m["proc"], m["mountpoint"], name, m["log"], read_ahead_kb=4096)
         return m
@@ -176,9 +195,26 @@ def measure(rig: Rig, mounts: list[dict], workload: str, args) -> dict:
     host.prefault_memory(args.size * len(mounts) / GiB)
     host.drop_page_cache()
     before = [sources(m) for m in mounts]
-    cpu0 = [host.cpu_seconds(m["proc"].pid) for m in mounts], host.cpu_seconds(rig.worker.pid)
-    jobs = fio([m["mountpoint"] / FILE for m in mounts], workload, args.size, args.runtime)
-    cpu1 = [host.cpu_seconds(m["proc"].pid) for m in mounts], host.cpu_seconds(rig.worker.pid)
+    worker = mounts[0]["worker"] or rig.workers[None][0]  # a mem cell: this tree's worker (idle)
+    cpu0 = [host.cpu_seconds(m["proc"].pid) for m in mounts], host.cpu_seconds(worker.pid)
+    spies = []
+    if args.profile and mounts[0]["worker"] is not None and len(mounts) == 1:
+        out = Path(args.profile)
+        out.mkdir(parents=True, exist_ok=True)
+        for role, pid in (("mount", mounts[0]["proc"].pid), ("worker", worker.pid)):
+            spies.append(subprocess.Popen(
+                [str(Path(sys.executable).parent / "py-spy"), "record", "-p", str(pid), "-r", "200", "-f", "raw",
+                 "--nonblocking", "-o", str(out / f"{mounts[0]['name']}-{workload}-{role}.txt")],
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        time.sleep(1)  # py-spy attaches
+    try:
+        jobs = fio([m["mountpoint"] / FILE for m in mounts], workload, args.size, args.runtime)
+    finally:
+        for spy in spies:
+            spy.send_signal(2)
+        for spy in spies:
+            spy.wait(timeout=30)
+    cpu1 = [host.cpu_seconds(m["proc"].pid) for m in mounts], host.cpu_seconds(worker.pid)
     after = [sources(m) for m in mounts]
     total = sum(j["bytes"] for j in jobs)
     seconds = max(j["seconds"] for j in jobs)
@@ -197,21 +233,24 @@ def run(args: argparse.Namespace, data: dict, work: Path, shm: Path, stack: cont
     rig = Rig(work, shm, stack)
     log(f"peer-hits: writing {args.size / MiB:.0f} MiB to {rig.source}")
     rig.write_file(args.size)
-    rig.start_worker()
+    trees = {"peer": None, "peer-base": args.baseline_tree}
+    for system in args.systems[1:]:
+        rig.start_worker(trees[system])
     mem = rig.mount(peers=False)
     read_through(mem)  # every chunk in the mem mount's MEM
-    warm = rig.mount(peers=True)
-    read_through(warm)  # every chunk in the worker's MEM
-    rig.unmount(warm)
+    for system in args.systems[1:]:
+        warm = rig.mount(peers=True, tree=trees[system])
+        read_through(warm)  # every chunk in the worker's MEM
+        rig.unmount(warm)
     for r in range(args.repeat):
         for workload in args.workloads:
-            order = SYSTEMS if r % 2 == 0 else SYSTEMS[::-1]
+            order = args.systems if r % 2 == 0 else args.systems[::-1]
             for system in order:
-                target = mem if system == "mem" else rig.mount(peers=True)
+                target = mem if system == "mem" else rig.mount(peers=True, tree=trees[system])
                 try:
                     cell = measure(rig, [target], workload, args)
                 finally:
-                    if system == "peer":
+                    if system != "mem":
                         rig.unmount(target)
                 cell.update(system=system, workload=workload, repeat=r)
                 data["cells"].append(cell)
@@ -257,12 +296,14 @@ def render(data: dict) -> str:
         f"{data['runtime']} s. CPU: utime+stime per GiB read, from /proc. Medians of {data['repeat']}.",
         "",
         *report.experiment_lines(data),
+        *([f"- **A/B**: peer-base runs its worker and mounts from cachefs {data['baseline_git']} "
+           f"({data['baseline_tree']}), interleaved with the others in the same run"] if data.get("baseline_tree") else []),
         "",
         "| workload | system | MiB/s | IOPS | mount CPU s/GiB | worker CPU s/GiB | bytes from peer |",
         "|---|---|---:|---:|---:|---:|---:|",
     ]
     for w in data["workloads"]:
-        for s in SYSTEMS:
+        for s in data.get("systems", SYSTEMS):
             sel = [c for c in cells if c["workload"] == w and c["system"] == s]
             if not sel:
                 continue
@@ -290,6 +331,15 @@ def render(data: dict) -> str:
         f"- seq 1M mount CPU per GiB: {verdict(ratio('seq-1m', 'mount_cpu_s_per_gib'), TARGET_CPU, at_most=True)}",
         f"- rand 4k direct IOPS: {verdict(ratio('rand-4k-direct', 'iops'), TARGET_RAND)}",
     ]
+    if "peer-base" in data.get("systems", ()):
+        def ab(w: str, field: str) -> str:
+            p, b = _median(cells, field, workload=w, system="peer"), _median(cells, field, workload=w, system="peer-base")
+            return f"{p / b:.2f}×" if p is not None and b else "—"
+
+        lines += ["", f"A/B, peer ÷ peer-base ({data['baseline_git']}), same run:", "",
+                  "| workload | MiB/s | mount CPU s/GiB | worker CPU s/GiB |", "|---|---:|---:|---:|"]
+        for w in data["workloads"]:
+            lines.append(f"| {w} | {ab(w, 'mib_s')} | {ab(w, 'mount_cpu_s_per_gib')} | {ab(w, 'worker_cpu_s_per_gib')} |")
     if scale:
         lines += ["", "One worker serving K fresh peer mounts at once (seq 1M, one fio job per mount, all on core "
                   f"{MOUNT_CORE}; medians):", "",
@@ -303,10 +353,17 @@ def render(data: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _git_head(tree: str) -> str:
+    res = subprocess.run(["git", "-C", tree, "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+    return res.stdout.strip() or "unknown (not a git checkout)"
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     data = {"size": args.size, "repeat": args.repeat, "runtime": args.runtime, "mounts": args.mounts,
-            "workloads": args.workloads, "cells": [], "scale": []}
+            "workloads": args.workloads, "systems": list(args.systems), "baseline_tree": args.baseline_tree,
+            "baseline_git": args.baseline_label or (_git_head(args.baseline_tree) if args.baseline_tree else None),
+            "cells": [], "scale": []}
     return host.exit_code(host.run_experiment("peer-hits", args, data, run, render,
                                               lambda d: bool(d["cells"] or d["scale"])))
 
