@@ -329,3 +329,130 @@ def test_a_range_must_be_both_fields_and_not_empty():
                 {"start": "0", "end": 6}):
         with pytest.raises(protocol.ProtocolError):
             protocol.parse_message({**fields, **bad})
+
+
+class SlowChunkReader(PatternReader):
+    """Whole chunks of index 0 wait for `release`; everything else answers at once."""
+
+    def __init__(self, size: int):
+        super().__init__(size)
+        self.release = trio.Event()
+
+    async def chunk(self, obj, index):
+        if index == 0:
+            await self.release.wait()
+        return await super().chunk(obj, index)
+
+
+@pytest.mark.trio
+async def test_ranges_and_whole_chunks_take_separate_connections():
+    """Whole chunks go over their own connection (the bulk lane): a 4 KiB range must
+    not wait behind 4 MiB answers on the wire. A failed peer loses both."""
+    size = 2 * CHUNK
+    reader = PatternReader(size)
+    server = PeerServer("worker-1", SECRET, {SOURCE: reader}, max_payload=CHUNK)
+    obj = ObjectId(SOURCE, "f.bin", "v1", size)
+    async with trio.open_nursery() as nursery:
+        peer = await _range_peer(server, nursery)
+        client = PeerClient("mount", SECRET, nursery, max_payload=CHUNK)
+        assert bytes(await client.get_chunk(peer, obj, CHUNK, 1, 5, 9)) == reader.data[CHUNK + 5 : CHUNK + 9]
+        assert peer not in client._bulk
+        assert bytes(await client.get_chunk(peer, obj, CHUNK, 1)) == reader.data[CHUNK:]
+        small, bulk = client._conns[peer], client._bulk[peer]
+        assert small is not bulk and not small.closed and not bulk.closed
+        assert bytes(await client.get_chunk(peer, obj, CHUNK, 0, 0, 3)) == reader.data[:3]
+        assert client._conns[peer] is small and client._bulk[peer] is bulk
+        client.mark_failed(peer, "test")
+        assert small.closed and bulk.closed and peer not in client._conns and peer not in client._bulk
+        nursery.cancel_scope.cancel()
+
+
+@pytest.mark.trio
+async def test_a_range_is_answered_while_a_whole_chunk_is_outstanding():
+    size = 2 * CHUNK
+    reader = SlowChunkReader(size)
+    server = PeerServer("worker-1", SECRET, {SOURCE: reader}, max_payload=CHUNK)
+    obj = ObjectId(SOURCE, "f.bin", "v1", size)
+    async with trio.open_nursery() as nursery:
+        peer = await _range_peer(server, nursery)
+        client = PeerClient("mount", SECRET, nursery, max_payload=CHUNK)
+        whole: list[bytes] = []
+
+        async def fetch_whole() -> None:
+            whole.append(bytes(await client.get_chunk(peer, obj, CHUNK, 0)))
+
+        nursery.start_soon(fetch_whole)
+        with trio.fail_after(5):
+            assert bytes(await client.get_chunk(peer, obj, CHUNK, 1, 0, 4)) == reader.data[CHUNK : CHUNK + 4]
+        assert not whole
+        reader.release.set()
+        with trio.fail_after(5):
+            while not whole:
+                await trio.sleep(0.01)
+        assert whole == [reader.data[:CHUNK]]
+        nursery.cancel_scope.cancel()
+
+
+BIG = 1 << 20
+
+
+class BigPatternReader(PatternReader):
+    """PatternReader with chunks bigger than one receive (RECEIVE_SIZE): received
+    straight into their own buffer, as a real chunk is."""
+
+    chunk_size = BIG
+
+    async def chunk(self, obj, index):
+        self.fetches += 1
+        return self.data[index * BIG : (index + 1) * BIG], "mem"
+
+
+@pytest.mark.trio
+async def test_chunks_are_received_into_buffers_mem_let_go_of():
+    """With a BufferPool, a whole chunk is received into a buffer MEM evicted (faulted
+    in already), and the bytes are the new chunk's; a buffer something still views is
+    never reused."""
+    from cachefs.buffers import BufferPool
+    from cachefs.cache.mem import MemTier
+    from cachefs.objects import chunk_key
+
+    size = 3 * BIG
+    reader = BigPatternReader(size)
+    server = PeerServer("worker-1", SECRET, {SOURCE: reader}, max_payload=BIG)
+    obj = ObjectId(SOURCE, "f.bin", "v1", size)
+    pool = BufferPool(BIG)
+    mem = MemTier(BIG, pool)  # room for one chunk
+    async with trio.open_nursery() as nursery:
+        peer = await _range_peer(server, nursery)
+        client = PeerClient("mount", SECRET, nursery, max_payload=BIG, pool=pool)
+        first = await client.get_chunk(peer, obj, BIG, 0)
+        first_id = id(first)
+        assert await mem.put(chunk_key(obj, BIG, 0), first)
+        del first
+        second = await client.get_chunk(peer, obj, BIG, 1)
+        assert id(second) != first_id
+        assert await mem.put(chunk_key(obj, BIG, 1), second)  # evicts chunk 0: its buffer goes to the pool
+        assert len(pool) == 1
+        third = await client.get_chunk(peer, obj, BIG, 2)
+        assert id(third) == first_id and len(pool) == 0  # the same buffer, with the new chunk's bytes
+        assert bytes(third) == reader.data[2 * BIG :]
+        view = memoryview(second)[:10]
+        assert await mem.put(chunk_key(obj, BIG, 2), third)  # evicts chunk 1, still viewed: not pooled
+        assert len(pool) == 0 and bytes(view) == reader.data[BIG : BIG + 10]
+        mem.remove(chunk_key(obj, BIG, 2).digest)
+        assert len(pool) == 0  # `third` is still referred to here
+        nursery.cancel_scope.cancel()
+
+
+def test_a_buffer_pool_is_bounded_and_keeps_only_its_size():
+    from cachefs.buffers import BufferPool
+
+    pool = BufferPool(16, max_buffers=2)
+    for _ in range(3):
+        pool.give(bytearray(16))
+    assert len(pool) == 2
+    pool.give(bytearray(8))
+    pool.give(b"x" * 16)
+    assert len(pool) == 2
+    assert pool.take(8) is None
+    assert len(pool.take(16)) == 16 and len(pool) == 1
