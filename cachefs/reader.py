@@ -15,7 +15,9 @@ What the reader optimises depends on each tier's `medium`, worked out once in
   of chunks it holds is the kernel's (`will_need`), not ours.
 - "network": its hits are kept in memory only, and with it misses never take
   ranges from the backend: the chunk's owner fetches each chunk once for the ring.
-  Random readers take ranges from the owner instead (`get_range`), kept nowhere.
+  A random reader takes a range from the owner (`get_range`, kept nowhere) the
+  first time it reads a chunk, and the whole chunk into MEM the second time
+  (see `_touched`).
 """
 
 from __future__ import annotations
@@ -42,6 +44,10 @@ RANDOM_AFTER_JUMPS = 3
 
 # At most this many fetched chunks wait to be written to the SSD.
 WRITE_BEHIND_CHUNKS = 8
+
+# Chunks a random reader took a range of from a peer, remembered (see
+# `Reader._touched`); past this, all are forgotten at once (16 bytes a digest).
+TOUCHED_KEPT = 16384
 
 # Chunk keys remembered, so that reads of a chunk read before do not hash its
 # key again: the digest is ~1 us of a ~5 us MEM hit.
@@ -129,6 +135,13 @@ class Reader:
         # Chunks waiting for the SSD hold memory outside the MEM tier's budget:
         # when the disk falls behind, readers wait for a slot instead.
         self._write_slots = trio.Semaphore(WRITE_BEHIND_CHUNKS)
+        # Chunks a random reader read once, by a range from a peer. The second read
+        # of one loads it whole, into MEM: a chunk read twice is likely read
+        # again, and one 4 MiB answer costs both ends less than ~30 ranges (the
+        # bench: the whole chunk beats range-per-read as soon as a file's chunks
+        # are read a few times each). A chunk read once, the rule over a data set
+        # much bigger than MEM, costs 4 KiB, not 4 MiB.
+        self._touched: set[bytes] = set()
         # Where each chunk this reader had loaded came from, and which of its
         # parts no read has returned yet: digest -> [source, bitmask of unread
         # parts]. Hit ratios count what a cache held before anyone asked: a
@@ -216,7 +229,8 @@ class Reader:
                         source = holder.name
                     if part is None and jumped and self._ranged_holder(digest) is None:
                         if self._peers:
-                            part, source = await self._peer_range(key, start, end)
+                            if digest not in self._touched or self._memory is None:
+                                part, source = await self._peer_range(key, start, end)
                         else:
                             part = await self._backend_range(key, start, end)
                             source = "backend"
@@ -291,6 +305,10 @@ class Reader:
                 finally:
                     self.in_flight[tier.name] -= 1
                 if part is not None:
+                    touched = self._touched
+                    if len(touched) >= TOUCHED_KEPT:
+                        touched.clear()
+                    touched.add(key.digest)
                     return part, tier.name
         return None, ""
 

@@ -621,10 +621,12 @@ class FakeRangePeers(FakePeers):
 
 @pytest.mark.trio
 @pytest.mark.parametrize("mem", [16, 0], ids=["mem+disk", "disk"])
-async def test_a_jumping_reader_takes_ranges_from_peers_and_keeps_nothing(store, tmp_path, mem):
-    """Random reads of chunks no local tier holds take just their bytes from the owner
-    (a 4 KiB read must not wait for 4 MiB), across a chunk edge too; nothing is kept,
-    the backend is never asked, and a chunk held in MEM is still read from there."""
+async def test_a_jumping_reader_takes_a_range_from_peers_then_the_chunk(store, tmp_path, mem):
+    """Random reads of a chunk no local tier holds take just their bytes from the
+    owner the first time (a 4 KiB read must not wait for 4 MiB), across a chunk edge
+    too; the second read of a chunk loads it whole into MEM (a chunk read twice is
+    read again), and later reads are MEM hits. Without MEM, ranges only. The backend
+    is never asked, and nothing goes to the SSD."""
     data = payload(4 * C)
     obj = store.add("f", data)
     peers = FakeRangePeers(store)
@@ -633,15 +635,21 @@ async def test_a_jumping_reader_takes_ranges_from_peers_and_keeps_nothing(store,
         # Each read far from the last (a near one counts as sequential).
         for off, n in [(2 * C + 100, 10), (0, 1), (3 * C - 1, 2), (C + 5, 5), (4 * C - 5, 5)]:
             assert bytes(await reader.read(obj, off, n, stream)) == data[off : off + n]
-        assert peers.ranges == [(2, 100, 110), (0, 0, 1), (2, C - 1, C), (3, 0, 1), (1, 5, 10), (3, C - 5, C)]
-        assert peers.asked == [] and store.calls == 0
+        assert store.calls == 0
         assert not tier(reader, "disk").usage()[1]
         assert reader.reads["peer"][0] == 10 + 1 + 2 + 5 + 5
-        if mem:
-            assert not tier(reader, "mem").usage()[1]
-            await reader.chunk(obj, 1)  # now held in MEM: served from there, not asked again
-            assert bytes(await reader.read(obj, C + 7, 3, stream)) == data[C + 7 : C + 10]
-            assert len(peers.ranges) == 6
+        if not mem:
+            assert peers.ranges == [(2, 100, 110), (0, 0, 1), (2, C - 1, C), (3, 0, 1), (1, 5, 10), (3, C - 5, C)]
+            assert peers.asked == []
+            return
+        # Chunk 2 and then chunk 3 were read a second time: loaded whole.
+        assert peers.ranges == [(2, 100, 110), (0, 0, 1), (3, 0, 1), (1, 5, 10)]
+        assert peers.asked == [2, 3]
+        assert tier(reader, "mem").usage()[1] == 2
+        assert bytes(await reader.read(obj, 2 * C + 7, 3, stream)) == data[2 * C + 7 : 2 * C + 10]
+        await reader.chunk(obj, 1)  # held in MEM now: served from there, not asked again
+        assert bytes(await reader.read(obj, C + 7, 3, stream)) == data[C + 7 : C + 10]
+        assert len(peers.ranges) == 4 and peers.asked == [2, 3, 1]
 
 
 @pytest.mark.trio
