@@ -75,6 +75,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--baseline-tree", help="a checkout of another cachefs revision (native module built): adds "
                    "peer-base, a worker and peer mounts run from it, beside the others (an A/B run)")
     p.add_argument("--baseline-label", help="what the baseline tree is, for the report (default: its git HEAD)")
+    p.add_argument("--peer-mem-size", default=MEM_SIZE,
+                   help="--mem-size of the peer mounts (default %(default)s); below --size, MEM is full and "
+                   "evicts during the cell, as in a mount's steady state")
     p.add_argument("--profile", help="a directory: py-spy (raw, 200 Hz, --nonblocking) records the mount and the "
                    "worker during each peer cell there, <system>-<workload>-<r>-mount.txt and -worker.txt")
     p.add_argument("--workdir", default=tempfile.gettempdir(),
@@ -107,6 +110,7 @@ class Rig:
         self.env = host.hermetic_env()
         self.n = 0
         self.workers: dict[str | None, tuple] = {}  # tree -> (process, address)
+        self.peer_mem_size = MEM_SIZE
 
     def write_file(self, size: int) -> None:
         self.source.mkdir()
@@ -144,10 +148,11 @@ class Rig:
              "log": self.logs / f"{name}.log"}
         m["mountpoint"].mkdir(parents=True)
         m["worker"] = self.workers[tree][0] if peers else None
+        mem_size = self.peer_mem_size if peers else MEM_SIZE
         extra = ["--peers", self.workers[tree][1], "--secret-file", self.secret_file] if peers else []
         m["proc"] = spawn(pinned(MOUNT_CORE, [
             sys.executable, "-m", "cachefs", "mount", self.source, m["mountpoint"],
-            "--cache-dir", self.work / f"{name}-cache", "--mem-size", MEM_SIZE, "--cache-size", "0",
+            "--cache-dir", self.work / f"{name}-cache", "--mem-size", mem_size, "--cache-size", "0",
             "--metrics", m["metrics"], *extra]), m["log"], self._env(tree), self.work)
         self.stack.callback(self.unmount, m)
         wait_mounted(m["proc"], m["mountpoint"], name, m["log"], read_ahead_kb=4096)
@@ -186,13 +191,17 @@ def fio(files: list[Path], workload: str, size: int, runtime: int) -> list[dict]
 
 
 def sources(m: dict) -> dict[str, float]:
+    """Bytes read by where they came from, and chunks received into a recycled buffer ("reused")."""
     s = scrape(m["metrics"])
-    return {src: metric(s, "cachefs_read_bytes_total", source=src) for src in ("mem", "peer", "backend")}
+    return {**{src: metric(s, "cachefs_read_bytes_total", source=src) for src in ("mem", "peer", "backend")},
+            "reused": metric(s, "cachefs_buffers_reused_total")}
 
 
 def measure(rig: Rig, mounts: list[dict], workload: str, args) -> dict:
     """One timed cell: prefault, drop the page cache, fio; CPU of the mounts and the worker."""
-    host.prefault_memory(args.size * len(mounts) / GiB)
+    # Twice what the cell receives: a fresh peer mount faults in every chunk it gets, and on this VM
+    # a page handed back to the host costs ~5x on its first write (a cell after a big unmount collapsed).
+    host.prefault_memory(2 * args.size * len(mounts) / GiB)
     host.drop_page_cache()
     before = [sources(m) for m in mounts]
     worker = mounts[0]["worker"] or rig.workers[None][0]  # a mem cell: this tree's worker (idle)
@@ -220,10 +229,11 @@ def measure(rig: Rig, mounts: list[dict], workload: str, args) -> dict:
     seconds = max(j["seconds"] for j in jobs)
     mount_cpu = sum(b - a for a, b in zip(cpu0[0], cpu1[0]))
     by_source = {src: sum(a[src] - b[src] for a, b in zip(after, before)) for src in ("mem", "peer", "backend")}
+    reused = sum(a["reused"] - b["reused"] for a, b in zip(after, before))
     return {"bytes": total, "seconds": seconds, "mib_s": total / MiB / seconds,
             "iops": sum(j["iops"] for j in jobs), "mount_cpu_s": mount_cpu, "worker_cpu_s": cpu1[1] - cpu0[1],
             "mount_cpu_s_per_gib": mount_cpu / (total / GiB), "worker_cpu_s_per_gib": (cpu1[1] - cpu0[1]) / (total / GiB),
-            "bytes_by_source": by_source}
+            "bytes_by_source": by_source, "chunks_into_reused_buffers": reused}
 
 
 def run(args: argparse.Namespace, data: dict, work: Path, shm: Path, stack: contextlib.ExitStack) -> None:
@@ -231,6 +241,7 @@ def run(args: argparse.Namespace, data: dict, work: Path, shm: Path, stack: cont
     m["loadavg_at_start"] = os.getloadavg()
     m["cachefs_digest"] = host.cachefs_digest()
     rig = Rig(work, shm, stack)
+    rig.peer_mem_size = args.peer_mem_size
     log(f"peer-hits: writing {args.size / MiB:.0f} MiB to {rig.source}")
     rig.write_file(args.size)
     trees = {"peer": None, "peer-base": args.baseline_tree}
@@ -256,7 +267,8 @@ def run(args: argparse.Namespace, data: dict, work: Path, shm: Path, stack: cont
                 data["cells"].append(cell)
                 log(f"  {workload:15s} {system:4s}: {cell['mib_s']:7.0f} MiB/s {cell['iops']:8.0f} IOPS, "
                     f"mount {cell['mount_cpu_s_per_gib']:.2f} s/GiB, worker {cell['worker_cpu_s_per_gib']:.2f} s/GiB, "
-                    f"from {', '.join(f'{k} {v / MiB:.0f}M' for k, v in cell['bytes_by_source'].items() if v)}")
+                    f"from {', '.join(f'{k} {v / MiB:.0f}M' for k, v in cell['bytes_by_source'].items() if v)}"
+                    f"{', reused buffers %d' % cell['chunks_into_reused_buffers'] if cell['chunks_into_reused_buffers'] else ''}")
     rig.unmount(mem)
     for r in range(args.repeat):
         for k in args.mounts:
@@ -289,7 +301,8 @@ def render(data: dict) -> str:
         f"# cachefs peer hits vs local MEM hits, pinned ({data['started']} on {data['machine']['hostname']})",
         "",
         f"One {data['size'] / MiB:,.0f} MiB file on /dev/shm as a local source. Worker (`cachefs worker`, "
-        f"--mem-size {MEM_SIZE}, no SSD) on core {WORKER_CORE}, warm; mounts (--mem-size {MEM_SIZE}, no SSD) and "
+        f"--mem-size {MEM_SIZE}, no SSD) on core {WORKER_CORE}, warm; mounts (--mem-size {MEM_SIZE}, peer mounts "
+        f"{data.get('peer_mem_size', MEM_SIZE)}, no SSD) and "
         f"fio on core {MOUNT_CORE}. **mem**: a mount without peers that read the file once. **peer**: a fresh "
         f"mount per cell with `--peers` to the worker. seq-1m: one fio job, 1 MiB reads of the whole file, "
         f"page cache dropped first. rand-4k-direct: 4 fio jobs, 4 KiB O_DIRECT random reads for "
@@ -360,7 +373,7 @@ def _git_head(tree: str) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    data = {"size": args.size, "repeat": args.repeat, "runtime": args.runtime, "mounts": args.mounts,
+    data = {"peer_mem_size": args.peer_mem_size, "size": args.size, "repeat": args.repeat, "runtime": args.runtime, "mounts": args.mounts,
             "workloads": args.workloads, "systems": list(args.systems), "baseline_tree": args.baseline_tree,
             "baseline_git": args.baseline_label or (_git_head(args.baseline_tree) if args.baseline_tree else None),
             "cells": [], "scale": []}
