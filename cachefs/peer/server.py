@@ -61,7 +61,7 @@ class ServerLimits:
     handshake_timeout: float = 5.0  # seconds from accept to Ready
     idle_timeout: float = 300.0  # an authenticated connection with nothing in flight is closed after this
     max_unauthenticated: int = 64  # connections still in their handshake, all peers together
-    max_connections_per_host: int = 64  # authenticated connections from one address
+    max_connections_per_host: int = 128  # authenticated connections from one address (a mount opens 2 per worker)
     max_requests_per_connection: int = 64  # requests in flight on one connection
     send_timeout: float = 60.0  # an answer the peer does not take within this closes the connection
 
