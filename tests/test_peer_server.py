@@ -18,7 +18,7 @@ from cachefs.objects import ObjectId
 from cachefs.peer.client import PeerClient
 from cachefs.logsafe import LogLimiter, loggable
 from cachefs.peer import protocol
-from cachefs.peer.protocol import Auth, ChunkData, GetChunk, Hello, Ready
+from cachefs.peer.protocol import Auth, ChunkData, ChunkError, GetChunk, Hello, Ready
 from cachefs.peer.server import PeerServer, ServerLimits
 from cachefs.peer.stream import FrameStream
 
@@ -456,3 +456,23 @@ def test_a_buffer_pool_is_bounded_and_keeps_only_its_size():
     assert len(pool) == 2
     assert pool.take(8) is None
     assert len(pool.take(16)) == 16 and len(pool) == 1
+
+
+def test_a_checked_object_version_is_remembered_and_a_bad_path_still_refused():
+    """A range per 4 KiB read must not re-check the path and re-hash the key: the second
+    request for an object version gets the same ObjectId (the reader's key cache hits);
+    any other path is checked as before."""
+
+    server = PeerServer("worker-1", SECRET, {SOURCE: PatternReader(2 * CHUNK)}, max_payload=CHUNK)
+
+    def get(path: str, index: int = 0) -> GetChunk:
+        return GetChunk(id=1, source=SOURCE, path=path, version="v1", size=2 * CHUNK, chunk_size=CHUNK, index=index)
+
+    _, first = server._resolve(get("d/f.bin"))
+    _, again = server._resolve(get("d/f.bin", 1))
+    assert again is first
+    for bad in ("../f.bin", "/etc/passwd", "d/../../x", ""):
+        refused = server._resolve(get(bad))
+        assert isinstance(refused, ChunkError) and refused.code == "bad-request", bad
+    refused = server._resolve(get("d/f.bin", 2))  # past the end: the chunk fields are still checked
+    assert isinstance(refused, ChunkError) and refused.code == "bad-request"
