@@ -15,6 +15,9 @@ What the reader optimises depends on each tier's `medium`, worked out once in
   of chunks it holds is the kernel's (`will_need`), not ours.
 - "network": its hits are kept in memory only, and with it misses never take
   ranges from the backend: the chunk's owner fetches each chunk once for the ring.
+  A random reader takes a range from the owner (`get_range`, kept nowhere) the
+  first time it reads a chunk, and the whole chunk into MEM the second time
+  (see `_touched`).
 """
 
 from __future__ import annotations
@@ -41,6 +44,10 @@ RANDOM_AFTER_JUMPS = 3
 
 # At most this many fetched chunks wait to be written to the SSD.
 WRITE_BEHIND_CHUNKS = 8
+
+# Chunks a random reader took a range of from a peer, remembered (see
+# `Reader._touched`); past this, all are forgotten at once (16 bytes a digest).
+TOUCHED_KEPT = 16384
 
 # Chunk keys remembered, so that reads of a chunk read before do not hash its
 # key again: the digest is ~1 us of a ~5 us MEM hit.
@@ -128,6 +135,13 @@ class Reader:
         # Chunks waiting for the SSD hold memory outside the MEM tier's budget:
         # when the disk falls behind, readers wait for a slot instead.
         self._write_slots = trio.Semaphore(WRITE_BEHIND_CHUNKS)
+        # Chunks a random reader read once, by a range from a peer. The second read
+        # of one loads it whole, into MEM: a chunk read twice is likely read
+        # again, and one 4 MiB answer costs both ends less than ~30 ranges (the
+        # bench: the whole chunk beats range-per-read as soon as a file's chunks
+        # are read a few times each). A chunk read once, the rule over a data set
+        # much bigger than MEM, costs 4 KiB, not 4 MiB.
+        self._touched: set[bytes] = set()
         # Where each chunk this reader had loaded came from, and which of its
         # parts no read has returned yet: digest -> [source, bitmask of unread
         # parts]. Hit ratios count what a cache held before anyone asked: a
@@ -186,9 +200,10 @@ class Reader:
         # A reader that keeps jumping: misses take only the blocks they need from
         # the backend. One jump is not enough: several sequential readers of one
         # file share the page cache, so each one's requests skip ahead now and
-        # then, and must not cost extra GETs. Not with peers: there the chunk's
-        # owner fetches it once for the whole cluster.
-        jumped = stream is not None and stream.jumps >= RANDOM_AFTER_JUMPS and not self._peers
+        # then, and must not cost extra GETs. With peers, they take them from the
+        # chunk's owner (protocol v4), never from the backend: the owner fetches
+        # each chunk once for the whole cluster.
+        jumped = stream is not None and stream.jumps >= RANDOM_AFTER_JUMPS
         if not partial:
             for index, _, _ in spans[1:]:
                 # A read across chunks: fetch the later ones while we wait for the first.
@@ -213,8 +228,12 @@ class Reader:
                         part = await holder.get_range(key, start, end)
                         source = holder.name
                     if part is None and jumped and self._ranged_holder(digest) is None:
-                        part = await self._backend_range(key, start, end)
-                        source = "backend"
+                        if self._peers:
+                            if digest not in self._touched or self._memory is None:
+                                part, source = await self._peer_range(key, start, end)
+                        else:
+                            part = await self._backend_range(key, start, end)
+                            source = "backend"
             if part is None:
                 chunk, source = await self._chunk(key, for_reader=True)
                 part = memoryview(chunk)[start:end]
@@ -273,6 +292,25 @@ class Reader:
             self.in_flight["backend"] -= 1
         self._start_prefetch(key, ahead=True)
         return memoryview(data)[start - lo : end - lo]
+
+    async def _peer_range(self, key: ChunkKey, start: int, end: int) -> tuple[Buffer | None, str]:
+        """A random read of a chunk no local tier holds: just its bytes, from the
+        chunk's owner; nothing is kept (the owner holds the chunk). (None, "") if
+        no peer served it: the chunk is then loaded whole, as any miss."""
+        for tier in self._io_tiers:
+            if tier.medium == "network":
+                self.in_flight[tier.name] += 1
+                try:
+                    part = await tier.get_range(key, start, end)
+                finally:
+                    self.in_flight[tier.name] -= 1
+                if part is not None:
+                    touched = self._touched
+                    if len(touched) >= TOUCHED_KEPT:
+                        touched.clear()
+                    touched.add(key.digest)
+                    return part, tier.name
+        return None, ""
 
     def _note_access(self, obj: ObjectId, stream: ReadStream, start: int, end: int, last_index: int) -> None:
         # The kernel's own read-ahead sends several requests of one sequential

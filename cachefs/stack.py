@@ -11,6 +11,7 @@ import trio
 
 from cachefs import metrics
 from cachefs.backend import Backend, open_store
+from cachefs.buffers import BufferPool
 from cachefs.cache.disk import DiskTier
 from cachefs.cache.mem import MemTier
 from cachefs.config import CacheConfig, DatasetConfig
@@ -58,7 +59,8 @@ async def open_tiers(config: CacheConfig) -> tuple[MemTier, DiskTier | None]:
     Raises:
         ConfigError: the cache directory is in use by another process, or unusable.
     """
-    mem = MemTier(config.mem_size)
+    # With peers, chunks are received into what MEM evicts (see cachefs.buffers).
+    mem = MemTier(config.mem_size, BufferPool(config.chunk_size) if config.peers and config.mem_size else None)
     disk = None
     if config.cache_size:
         # Only a worker drops the page cache of what it served (DiskTier: mounts re-read their hot chunks).
@@ -122,14 +124,20 @@ async def _bucket_exists(store) -> bool:
         return False
 
 
-def open_peer_tier(config: CacheConfig, node: str, nursery: trio.Nursery) -> PeerTier | None:
-    """The peer tier for `--peers`, its ring kept up to date in `nursery`; None without peers."""
+def open_peer_tier(
+    config: CacheConfig, node: str, nursery: trio.Nursery, pool: BufferPool | None = None
+) -> PeerTier | None:
+    """The peer tier for `--peers`, its ring kept up to date in `nursery`; None without peers.
+
+    Args:
+        pool: where chunks from peers are received into, if it has a buffer.
+    """
     if not config.peers:
         return None
     assert config.peer_secret is not None  # checked with the config
     membership = Membership(config.peers)
     nursery.start_soon(membership.run)
-    client = PeerClient(node, config.peer_secret, nursery, max_payload=config.chunk_size)
+    client = PeerClient(node, config.peer_secret, nursery, max_payload=config.chunk_size, pool=pool)
     return PeerTier(client, lambda: membership.ring, config.peer_timeout)
 
 

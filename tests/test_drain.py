@@ -172,7 +172,7 @@ async def test_a_busy_owner_sends_the_client_to_the_next_node_at_once(version, m
         owned = [k for k in keys if ring.owner(k.digest) == nodes[0]]
         assert owned, "no chunk owned by the first node"
         assert await tier.get(owned[0]) == bytes([owned[0].index]) * SCHUNK  # connects to the owner
-        assert client._conns[nodes[0]].version == version
+        assert client._bulk[nodes[0]].version == version  # whole chunks: the bulk lane
         # (0 or 1 in flight: the server may not have finished its answer's bookkeeping yet.)
         assert (await servers[0].drain(1.0))[1] is True
         with trio.fail_after(2):  # at once, not after a timeout

@@ -4,6 +4,7 @@ reading, and a bug inside one connection that must not reach the others."""
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 
@@ -12,9 +13,12 @@ import trio
 import trio.testing
 
 from cachefs import metrics
+from cachefs.errors import PeerError
+from cachefs.objects import ObjectId
+from cachefs.peer.client import PeerClient
 from cachefs.logsafe import LogLimiter, loggable
 from cachefs.peer import protocol
-from cachefs.peer.protocol import Auth, ChunkData, GetChunk, Hello, Ready
+from cachefs.peer.protocol import Auth, ChunkData, ChunkError, GetChunk, Hello, Ready
 from cachefs.peer.server import PeerServer, ServerLimits
 from cachefs.peer.stream import FrameStream
 
@@ -220,3 +224,255 @@ def test_loggable_quotes_newlines_and_cuts_long_strings():
     assert loggable("a\nb") == "'a\\nb'"
     assert "\n" not in loggable("x" * 1000 + "\n")
     assert loggable("x" * 1000).endswith("...") and len(loggable("x" * 1000)) < 200
+
+
+# -- protocol v4: byte ranges of a chunk ---------------------------------------------
+
+
+class PatternReader:
+    """Chunks whose bytes all differ (byte i of the object is i * 7 mod 251), the last one short."""
+
+    chunk_size = CHUNK
+
+    def __init__(self, size: int):
+        self.data = bytes(i * 7 % 251 for i in range(size))
+        self.fetches = 0
+
+    async def chunk(self, obj, index):
+        self.fetches += 1
+        return self.data[index * CHUNK : (index + 1) * CHUNK], "mem"
+
+
+async def _range_peer(server: PeerServer, nursery: trio.Nursery) -> str:
+    listeners = await nursery.start(functools.partial(trio.serve_tcp, server.handle, 0, host="127.0.0.1"))
+    return "127.0.0.1:%d" % listeners[0].socket.getsockname()[1]
+
+
+@pytest.mark.trio
+async def test_a_range_is_those_bytes_of_the_chunk_at_every_edge():
+    size = 2 * CHUNK + 1000  # the last chunk is 1000 bytes
+    reader = PatternReader(size)
+    server = PeerServer("worker-1", SECRET, {SOURCE: reader}, max_payload=CHUNK)
+    obj = ObjectId(SOURCE, "f.bin", "v1", size)
+    async with trio.open_nursery() as nursery:
+        peer = await _range_peer(server, nursery)
+        client = PeerClient("mount", SECRET, nursery, max_payload=CHUNK)
+        for index, start, end in [(0, 0, 1), (0, CHUNK - 1, CHUNK), (0, 0, CHUNK), (1, 4096, 8192),
+                                  (1, 1, CHUNK - 1), (2, 0, 1000), (2, 999, 1000), (2, 500, 501)]:
+            got = await client.get_chunk(peer, obj, CHUNK, index, start, end)
+            base = index * CHUNK
+            assert bytes(got) == reader.data[base + start : base + end], (index, start, end)
+        assert client._conns[peer].version == protocol.RANGE_VERSION
+        # Past the end of the chunk (the short last one, or a whole one): refused, the connection kept.
+        for index, start, end in [(2, 0, 1001), (0, 0, CHUNK + 1)]:
+            with pytest.raises(PeerError) as e:
+                await client.get_chunk(peer, obj, CHUNK, index, start, end)
+            assert e.value.code == "bad-request"
+        assert bytes(await client.get_chunk(peer, obj, CHUNK, 2)) == reader.data[2 * CHUNK :]
+        nursery.cancel_scope.cancel()
+
+
+@pytest.mark.trio
+async def test_a_range_from_a_v3_server_falls_back_to_the_whole_chunk(monkeypatch):
+    """A server of the previous release closes on a v4 Hello; the client speaks v3, sends no
+    range (a v3 server would ignore it and send the whole chunk), and the peer tier says
+    "no range" without marking the peer failed, so the reader loads the whole chunk."""
+    from cachefs.objects import chunk_key
+    from cachefs.peer.client import PeerTier
+    from cachefs.peer.ring import Ring
+
+    size = 2 * CHUNK
+    reader = PatternReader(size)
+    server = PeerServer("worker-1", SECRET, {SOURCE: reader}, max_payload=CHUNK)
+    obj = ObjectId(SOURCE, "f.bin", "v1", size)
+    async with trio.open_nursery() as nursery:
+        peer = await _range_peer(server, nursery)
+        monkeypatch.setattr(protocol, "SUPPORTED_VERSIONS", frozenset({1, 2, 3}))
+        client = PeerClient("mount", SECRET, nursery, max_payload=CHUNK)
+        with pytest.raises(PeerError) as e:
+            await client.get_chunk(peer, obj, CHUNK, 1, 10, 20)
+        assert e.value.code == "version" and client._conns[peer].version == 3
+        tier = PeerTier(client, lambda: Ring({peer: 1}), timeout=5.0)
+        key = chunk_key(obj, CHUNK, 1)
+        assert await tier.get_range(key, 10, 20) is None
+        assert client.available(peer)  # not a failure
+        assert bytes(await tier.get(key)) == reader.data[CHUNK:]
+        nursery.cancel_scope.cancel()
+
+
+@pytest.mark.trio
+async def test_a_range_on_a_v3_connection_or_in_a_load_closes_the_connection():
+    """Ranges are v4 reads only: an old client never sends one, so one is a broken peer."""
+    for version, header in [
+        (3, GetChunk(1, SOURCE, "f.bin", "v1", 4 * CHUNK, CHUNK, 0, 0, 10).to_header()),
+        (4, {**protocol.LoadChunk(1, SOURCE, "f.bin", "v1", 4 * CHUNK, CHUNK, 0).to_header(), "start": 0, "end": 10}),
+    ]:
+        async with trio.open_nursery() as nursery:
+            frames = await _connect(_server(), nursery)
+            nonce = os.urandom(16)
+            await frames.send(Hello(version, "client", nonce).to_header())
+            hello = protocol.parse_message((await frames.receive())[0])
+            assert hello.version == version
+            await frames.send(Auth(protocol.hello_mac(SECRET, "client", nonce, hello.nonce)).to_header())
+            assert (await frames.receive())[0]["t"] == Ready.t
+            await frames.send(header)
+            assert await _closed_at(frames) is not None
+            nursery.cancel_scope.cancel()
+
+
+def test_a_range_must_be_both_fields_and_not_empty():
+    fields = GetChunk(1, SOURCE, "f.bin", "v1", 4 * CHUNK, CHUNK, 0).to_header()
+    assert protocol.parse_message({**fields, "start": 5, "end": 6}) == GetChunk(
+        1, SOURCE, "f.bin", "v1", 4 * CHUNK, CHUNK, 0, 5, 6)
+    assert "start" not in fields  # a whole chunk is asked as in v1..v3
+    for bad in ({"start": 5}, {"end": 6}, {"start": 6, "end": 6}, {"start": 7, "end": 6}, {"start": -1, "end": 6},
+                {"start": "0", "end": 6}):
+        with pytest.raises(protocol.ProtocolError):
+            protocol.parse_message({**fields, **bad})
+
+
+class SlowChunkReader(PatternReader):
+    """Whole chunks of index 0 wait for `release`; everything else answers at once."""
+
+    def __init__(self, size: int):
+        super().__init__(size)
+        self.release = trio.Event()
+
+    async def chunk(self, obj, index):
+        if index == 0:
+            await self.release.wait()
+        return await super().chunk(obj, index)
+
+
+@pytest.mark.trio
+async def test_ranges_and_whole_chunks_take_separate_connections():
+    """Whole chunks go over their own connection (the bulk lane): a 4 KiB range must
+    not wait behind 4 MiB answers on the wire. A failed peer loses both."""
+    size = 2 * CHUNK
+    reader = PatternReader(size)
+    server = PeerServer("worker-1", SECRET, {SOURCE: reader}, max_payload=CHUNK)
+    obj = ObjectId(SOURCE, "f.bin", "v1", size)
+    async with trio.open_nursery() as nursery:
+        peer = await _range_peer(server, nursery)
+        client = PeerClient("mount", SECRET, nursery, max_payload=CHUNK)
+        assert bytes(await client.get_chunk(peer, obj, CHUNK, 1, 5, 9)) == reader.data[CHUNK + 5 : CHUNK + 9]
+        assert peer not in client._bulk
+        assert bytes(await client.get_chunk(peer, obj, CHUNK, 1)) == reader.data[CHUNK:]
+        small, bulk = client._conns[peer], client._bulk[peer]
+        assert small is not bulk and not small.closed and not bulk.closed
+        assert bytes(await client.get_chunk(peer, obj, CHUNK, 0, 0, 3)) == reader.data[:3]
+        assert client._conns[peer] is small and client._bulk[peer] is bulk
+        client.mark_failed(peer, "test")
+        assert small.closed and bulk.closed and peer not in client._conns and peer not in client._bulk
+        nursery.cancel_scope.cancel()
+
+
+@pytest.mark.trio
+async def test_a_range_is_answered_while_a_whole_chunk_is_outstanding():
+    size = 2 * CHUNK
+    reader = SlowChunkReader(size)
+    server = PeerServer("worker-1", SECRET, {SOURCE: reader}, max_payload=CHUNK)
+    obj = ObjectId(SOURCE, "f.bin", "v1", size)
+    async with trio.open_nursery() as nursery:
+        peer = await _range_peer(server, nursery)
+        client = PeerClient("mount", SECRET, nursery, max_payload=CHUNK)
+        whole: list[bytes] = []
+
+        async def fetch_whole() -> None:
+            whole.append(bytes(await client.get_chunk(peer, obj, CHUNK, 0)))
+
+        nursery.start_soon(fetch_whole)
+        with trio.fail_after(5):
+            assert bytes(await client.get_chunk(peer, obj, CHUNK, 1, 0, 4)) == reader.data[CHUNK : CHUNK + 4]
+        assert not whole
+        reader.release.set()
+        with trio.fail_after(5):
+            while not whole:
+                await trio.sleep(0.01)
+        assert whole == [reader.data[:CHUNK]]
+        nursery.cancel_scope.cancel()
+
+
+BIG = 1 << 20
+
+
+class BigPatternReader(PatternReader):
+    """PatternReader with chunks bigger than one receive (RECEIVE_SIZE): received
+    straight into their own buffer, as a real chunk is."""
+
+    chunk_size = BIG
+
+    async def chunk(self, obj, index):
+        self.fetches += 1
+        return self.data[index * BIG : (index + 1) * BIG], "mem"
+
+
+@pytest.mark.trio
+async def test_chunks_are_received_into_buffers_mem_let_go_of():
+    """With a BufferPool, a whole chunk is received into a buffer MEM evicted (faulted
+    in already), and the bytes are the new chunk's; a buffer something still views is
+    never reused."""
+    from cachefs.buffers import BufferPool
+    from cachefs.cache.mem import MemTier
+    from cachefs.objects import chunk_key
+
+    size = 3 * BIG
+    reader = BigPatternReader(size)
+    server = PeerServer("worker-1", SECRET, {SOURCE: reader}, max_payload=BIG)
+    obj = ObjectId(SOURCE, "f.bin", "v1", size)
+    pool = BufferPool(BIG)
+    mem = MemTier(BIG, pool)  # room for one chunk
+    async with trio.open_nursery() as nursery:
+        peer = await _range_peer(server, nursery)
+        client = PeerClient("mount", SECRET, nursery, max_payload=BIG, pool=pool)
+        first = await client.get_chunk(peer, obj, BIG, 0)
+        first_id = id(first)
+        assert await mem.put(chunk_key(obj, BIG, 0), first)
+        del first
+        second = await client.get_chunk(peer, obj, BIG, 1)
+        assert id(second) != first_id
+        assert await mem.put(chunk_key(obj, BIG, 1), second)  # evicts chunk 0: its buffer goes to the pool
+        assert len(pool) == 1
+        third = await client.get_chunk(peer, obj, BIG, 2)
+        assert id(third) == first_id and len(pool) == 0  # the same buffer, with the new chunk's bytes
+        assert bytes(third) == reader.data[2 * BIG :]
+        view = memoryview(second)[:10]
+        assert await mem.put(chunk_key(obj, BIG, 2), third)  # evicts chunk 1, still viewed: not pooled
+        assert len(pool) == 0 and bytes(view) == reader.data[BIG : BIG + 10]
+        mem.remove(chunk_key(obj, BIG, 2).digest)
+        assert len(pool) == 0  # `third` is still referred to here
+        nursery.cancel_scope.cancel()
+
+
+def test_a_buffer_pool_is_bounded_and_keeps_only_its_size():
+    from cachefs.buffers import BufferPool
+
+    pool = BufferPool(16, max_buffers=2)
+    for _ in range(3):
+        pool.give(bytearray(16))
+    assert len(pool) == 2
+    pool.give(bytearray(8))
+    pool.give(b"x" * 16)
+    assert len(pool) == 2
+    assert pool.take(8) is None
+    assert len(pool.take(16)) == 16 and len(pool) == 1
+
+
+def test_a_checked_object_version_is_remembered_and_a_bad_path_still_refused():
+    """A range per 4 KiB read must not re-check the path and re-hash the key: the second
+    request for an object version gets the same ObjectId (the reader's key cache hits);
+    any other path is checked as before."""
+
+    server = PeerServer("worker-1", SECRET, {SOURCE: PatternReader(2 * CHUNK)}, max_payload=CHUNK)
+
+    def get(path: str, index: int = 0) -> GetChunk:
+        return GetChunk(id=1, source=SOURCE, path=path, version="v1", size=2 * CHUNK, chunk_size=CHUNK, index=index)
+
+    _, first = server._resolve(get("d/f.bin"))
+    _, again = server._resolve(get("d/f.bin", 1))
+    assert again is first
+    for bad in ("../f.bin", "/etc/passwd", "d/../../x", ""):
+        refused = server._resolve(get(bad))
+        assert isinstance(refused, ChunkError) and refused.code == "bad-request", bad
+    refused = server._resolve(get("d/f.bin", 2))  # past the end: the chunk fields are still checked
+    assert isinstance(refused, ChunkError) and refused.code == "bad-request"

@@ -581,8 +581,9 @@ class FakePeers:
 @pytest.mark.parametrize("mem", [16, 0], ids=["mem+disk", "disk"])
 async def test_a_peer_hit_is_kept_in_memory_only_and_jumps_fetch_whole_chunks(store, tmp_path, mem):
     """A chunk from the ring's owner goes to MEM, not to our SSD (the owner holds
-    it on its SSD); with peers, a jumping reader asks for whole chunks, never
-    backend ranges: the owner fetches each chunk once for the ring."""
+    it on its SSD); with peers that serve no ranges (older than protocol v4), a
+    jumping reader asks for whole chunks, never backend ranges: the owner fetches
+    each chunk once for the ring."""
     from cachefs import hotpath
 
     chunk = 8 * hotpath.BLOCK_SIZE  # a jump needs fewer blocks than the chunk
@@ -602,6 +603,53 @@ async def test_a_peer_hit_is_kept_in_memory_only_and_jumps_fetch_whole_chunks(st
             # Served from MEM now: the peer is not asked again.
             assert bytes(await reader.read(obj, 2 * chunk, chunk, stream)) == data[2 * chunk : 3 * chunk]
             assert peers.asked == [2, 0, 3]
+
+
+class FakeRangePeers(FakePeers):
+    """A ring whose owners speak protocol v4: they serve byte ranges of chunks."""
+
+    def __init__(self, store):
+        super().__init__(store)
+        self.ranges: list[tuple[int, int, int]] = []
+
+    async def get_range(self, key, start, end):
+        self.ranges.append((key.index, start, end))
+        data, _ = self.store.objects[key.obj.path]
+        base = key.index * key.chunk_size
+        return data[base + start : base + end]
+
+
+@pytest.mark.trio
+@pytest.mark.parametrize("mem", [16, 0], ids=["mem+disk", "disk"])
+async def test_a_jumping_reader_takes_a_range_from_peers_then_the_chunk(store, tmp_path, mem):
+    """Random reads of a chunk no local tier holds take just their bytes from the
+    owner the first time (a 4 KiB read must not wait for 4 MiB), across a chunk edge
+    too; the second read of a chunk loads it whole into MEM (a chunk read twice is
+    read again), and later reads are MEM hits. Without MEM, ranges only. The backend
+    is never asked, and nothing goes to the SSD."""
+    data = payload(4 * C)
+    obj = store.add("f", data)
+    peers = FakeRangePeers(store)
+    async with open_reader(store, mem=mem * C, disk_dir=tmp_path, peers=peers) as reader:
+        stream = ReadStream(jumps=RANDOM_AFTER_JUMPS)
+        # Each read far from the last (a near one counts as sequential).
+        for off, n in [(2 * C + 100, 10), (0, 1), (3 * C - 1, 2), (C + 5, 5), (4 * C - 5, 5)]:
+            assert bytes(await reader.read(obj, off, n, stream)) == data[off : off + n]
+        assert store.calls == 0
+        assert not tier(reader, "disk").usage()[1]
+        assert reader.reads["peer"][0] == 10 + 1 + 2 + 5 + 5
+        if not mem:
+            assert peers.ranges == [(2, 100, 110), (0, 0, 1), (2, C - 1, C), (3, 0, 1), (1, 5, 10), (3, C - 5, C)]
+            assert peers.asked == []
+            return
+        # Chunk 2 and then chunk 3 were read a second time: loaded whole.
+        assert peers.ranges == [(2, 100, 110), (0, 0, 1), (3, 0, 1), (1, 5, 10)]
+        assert peers.asked == [2, 3]
+        assert tier(reader, "mem").usage()[1] == 2
+        assert bytes(await reader.read(obj, 2 * C + 7, 3, stream)) == data[2 * C + 7 : 2 * C + 10]
+        await reader.chunk(obj, 1)  # held in MEM now: served from there, not asked again
+        assert bytes(await reader.read(obj, C + 7, 3, stream)) == data[C + 7 : C + 10]
+        assert len(peers.ranges) == 4 and peers.asked == [2, 3, 1]
 
 
 @pytest.mark.trio

@@ -1,7 +1,9 @@
 """Ask peers for chunks: the client side of the peer protocol, and the peer tier.
 
-`PeerClient` keeps one authenticated connection per peer and multiplexes
-requests over it by id. Each peer has a circuit breaker: after a failure it is
+`PeerClient` keeps up to two authenticated connections per peer and multiplexes
+requests over them by id: whole chunks go over one (the bulk lane), everything
+else (ranges, loads, questions) over the other, so a 4 KiB range never waits
+behind 4 MiB answers on the wire. Each peer has a circuit breaker: after a failure it is
 skipped for a back-off that doubles up to PEER_MAX_BACKOFF, then tried again.
 `PeerTier` is what the reader sees: ask the chunk's owner on the ring, then the
 next node, and give up (the reader goes to the backend) on any failure. A peer
@@ -22,6 +24,7 @@ from typing import Callable, ClassVar
 import trio
 
 from cachefs import hotpath, metrics
+from cachefs.buffers import BufferPool
 from cachefs.objects import Buffer, ChunkKey, Medium, ObjectId
 from cachefs.errors import PeerError
 from cachefs.logsafe import loggable
@@ -151,16 +154,20 @@ class PeerClient:
         nursery: trio.Nursery,
         max_payload: int,
         clock: Callable[[], float] = time.monotonic,
+        pool: BufferPool | None = None,
     ):
         self.node = node
         self.secret = secret
         self.max_payload = max_payload
+        self.pool = pool  # chunks are received into its buffers when it has one
         self._nursery = nursery
         self._clock = clock
-        self._conns: dict[str, PeerConnection] = {}
-        self._connecting: dict[str, trio.Event] = {}
+        self._conns: dict[str, PeerConnection] = {}  # ranges, loads, questions
+        self._bulk: dict[str, PeerConnection] = {}  # whole chunks
+        self._connecting: dict[tuple[str, bool], trio.Event] = {}
         self._failures: dict[str, int] = {}
         self._down_until: dict[str, float] = {}
+        self._up: set[str] = set()  # peers whose last request succeeded (their PEER_UP is 1)
 
     def available(self, peer: str) -> bool:
         return self._clock() >= self._down_until.get(peer, 0.0)
@@ -169,36 +176,44 @@ class PeerClient:
         failures = self._failures[peer] = self._failures.get(peer, 0) + 1
         backoff = min(0.5 * 2 ** (failures - 1), PEER_MAX_BACKOFF)
         self._down_until[peer] = self._clock() + backoff
+        self._up.discard(peer)
         metrics.PEER_UP.labels(peer).set(0)
         log.warning("peer %s failed (%s); skipping it for %.1fs", peer, why, backoff)
-        conn = self._conns.pop(peer, None)
-        if conn is not None:
-            conn.close()
+        for conns in (self._conns, self._bulk):
+            conn = conns.pop(peer, None)
+            if conn is not None:
+                conn.close()
 
     def mark_busy(self, peer: str) -> None:
         """`peer` said "busy" (draining): skip it for BUSY_BACKOFF, without growing its back-off."""
         self._down_until[peer] = max(self._down_until.get(peer, 0.0), self._clock() + BUSY_BACKOFF)
+        self._up.discard(peer)
         metrics.PEER_UP.labels(peer).set(0)
         log.info("peer %s is draining; skipping it for %gs", peer, BUSY_BACKOFF)
 
     def mark_ok(self, peer: str) -> None:
+        if peer in self._up:
+            return  # nothing to change: labels() would cost as much as a 4 KiB range
+        self._up.add(peer)
         if self._failures.pop(peer, None) is not None:
             log.info("peer %s is back", peer)
         self._down_until.pop(peer, None)
         metrics.PEER_UP.labels(peer).set(1)
 
-    async def _connection(self, peer: str) -> PeerConnection:
+    async def _connection(self, peer: str, bulk: bool = False) -> PeerConnection:
+        """The connection to `peer` for whole chunks (`bulk`) or for the rest, made if needed."""
+        conns = self._bulk if bulk else self._conns
         while True:
-            conn = self._conns.get(peer)
+            conn = conns.get(peer)
             if conn is not None and not conn.closed:
                 return conn
-            connecting = self._connecting.get(peer)
+            connecting = self._connecting.get((peer, bulk))
             if connecting is None:
                 break
-            await connecting.wait()  # one connect per peer at a time
-            if peer not in self._conns:
+            await connecting.wait()  # one connect per peer and lane at a time
+            if peer not in conns:
                 raise PeerError(f"peer {peer}: cannot connect")
-        self._connecting[peer] = trio.Event()
+        self._connecting[peer, bulk] = trio.Event()
         try:
             version = protocol.PROTOCOL_VERSION
             while True:
@@ -208,11 +223,11 @@ class PeerClient:
                 except _HelloRefused:
                     # A server one version older (a rolling upgrade) closes on our hello: speak its version.
                     version -= 1
-            self._conns[peer] = conn
+            conns[peer] = conn
             self._nursery.start_soon(conn.receive_loop)
             return conn
         finally:
-            self._connecting.pop(peer).set()
+            self._connecting.pop((peer, bulk)).set()
 
     async def _connect(self, peer: str, version: int) -> PeerConnection:
         host, _, port = peer.rpartition(":")
@@ -220,7 +235,7 @@ class PeerClient:
         try:
             with trio.fail_after(CONNECT_TIMEOUT):
                 stream = await trio.open_tcp_stream(host.strip("[]"), int(port))
-                frames = FrameStream(stream, self.max_payload, thread_receive=True)
+                frames = FrameStream(stream, self.max_payload, thread_receive=True, pool=self.pool)
                 nonce = os.urandom(16)
                 await frames.send(Hello(version, self.node, nonce).to_header())
                 try:
@@ -250,14 +265,24 @@ class PeerClient:
                 raise PeerError(f"peer {peer}: {e}") from None
             raise
 
-    async def get_chunk(self, peer: str, obj: ObjectId, chunk_size: int, index: int) -> bytes:
-        """One chunk from `peer`, checksum verified.
+    async def get_chunk(
+        self, peer: str, obj: ObjectId, chunk_size: int, index: int, start: int | None = None, end: int | None = None
+    ) -> bytes:
+        """One chunk from `peer`, or with `start` and `end` bytes start .. end - 1 of
+        it (protocol v4), checksum verified.
 
         Raises:
-            PeerError: connection failure, refusal, or a bad checksum.
+            PeerError: connection failure, refusal, or a bad checksum; code
+                "version" for a range from a peer older than protocol v4 (ask for
+                the whole chunk instead).
         """
-        conn = await self._connection(peer)
-        reply, payload = await conn.request(_fields(obj, chunk_size, index))
+        conn = await self._connection(peer, bulk=start is None)
+        fields = _fields(obj, chunk_size, index)
+        if start is not None:
+            if conn.version < protocol.RANGE_VERSION:
+                raise PeerError(f"peer {peer}: speaks protocol v{conn.version}, no ranges", code="version")
+            fields["start"], fields["end"] = start, end
+        reply, payload = await conn.request(fields)
         if isinstance(reply, (Loaded, Held)):
             raise PeerError(f"peer {peer}: answered a get with {reply.t!r}")
         if isinstance(reply, ChunkError):
@@ -356,6 +381,7 @@ class PeerTier:
         self.client = client
         self.ring = ring
         self.timeout = timeout
+        self._ok: dict[str, tuple] = {}  # peer -> its "ok" request counter and latency histogram
 
     def describe(self) -> list[dict]:
         """Each node on the ring and whether its circuit breaker lets it be asked (for status)."""
@@ -375,8 +401,11 @@ class PeerTier:
             return None
         return owner
 
-    async def get_range(self, key: ChunkKey, start: int, end: int) -> None:
-        return None  # owners serve whole chunks: each is fetched once for the whole ring
+    async def get_range(self, key: ChunkKey, start: int, end: int) -> bytes | None:
+        """Bytes start .. end - 1 of a chunk from its owner (protocol v4): a random
+        reader takes what it reads, not 4 MiB. None, as `get`, on any failure, and
+        for an owner older than v4 (ask for the whole chunk then)."""
+        return await self._ask(key, start, end)
 
     async def put(self, key: ChunkKey, data: Buffer) -> bool:
         return False  # never pushed: the owner fetches its chunks itself
@@ -385,7 +414,11 @@ class PeerTier:
         pass
 
     async def get(self, key: ChunkKey) -> bytes | None:
-        obj, chunk_size, index, digest, length = key.obj, key.chunk_size, key.index, key.digest, key.length
+        return await self._ask(key, None, None)
+
+    async def _ask(self, key: ChunkKey, start: int | None, end: int | None) -> bytes | None:
+        obj, chunk_size, index, digest = key.obj, key.chunk_size, key.index, key.digest
+        length = key.length if start is None else end - start
         tried = 0
         for peer in self.ring().owners(digest, PEER_ATTEMPTS + 2):
             if peer == self.client.node:
@@ -399,12 +432,14 @@ class PeerTier:
             outcome = "error"
             with trio.move_on_after(self.timeout) as scope:
                 try:
-                    data = await self.client.get_chunk(peer, obj, chunk_size, index)
+                    data = await self.client.get_chunk(peer, obj, chunk_size, index, start, end)
                 except Exception as e:  # noqa: BLE001 - whatever a peer does is a miss, never a failed read
                     if not isinstance(e, PeerError):
                         log.exception("peer %s: unexpected error", peer)
                         e = PeerError(f"peer {peer}: {type(e).__name__}")
                     outcome = e.code or "error"
+                    if outcome == "version":
+                        return None  # an owner older than ranges: the reader asks for the whole chunk
                     if outcome == "busy":
                         # Draining: leaving the ring. Ask the next node now, as if this one were not there.
                         metrics.PEER_REQUESTS.labels(peer, outcome).inc()
@@ -420,8 +455,11 @@ class PeerTier:
                         self.client.mark_failed(peer, e)
                 else:
                     if len(data) == length:
-                        metrics.PEER_REQUESTS.labels(peer, "ok").inc()
-                        metrics.PEER_SECONDS.labels(peer).observe(time.monotonic() - t0)
+                        ok = self._ok.get(peer)
+                        if ok is None:  # bound once per peer: labels() costs as much as a 4 KiB range
+                            ok = self._ok[peer] = (metrics.PEER_REQUESTS.labels(peer, "ok"), metrics.PEER_SECONDS.labels(peer))
+                        ok[0].inc()
+                        ok[1].observe(time.monotonic() - t0)
                         self.client.mark_ok(peer)
                         return data
                     outcome = "corrupt"

@@ -46,6 +46,14 @@ index + i was held before. A client sends `count` > 1 only on a connection of
 version 3; a version-2 server closes the connection on a version-3 Hello, and the
 client tries again one version lower, down to 1.
 
+Version 4 adds an optional byte range to GetChunk: `start` and `end` (both or
+neither, 0 <= start < end <= the chunk's length), and the ChunkData payload is
+then bytes start .. end - 1 of the chunk, `checksum` being theirs. A random
+reader takes just the bytes it needs from the chunk's owner (a 4 KiB read must
+not wait for 4 MiB). A server older than v4 would ignore the two fields (unknown
+fields are ignored) and answer the whole chunk, so a client sends them only on a
+connection of version 4; on an older one it asks for the whole chunk.
+
 Every message validates its fields strictly in `from_header`: a wrong type, a
 missing field, a negative int, a str longer than MAX_STR or an unknown "t" is a
 `ProtocolError`, and the caller closes that connection. Unknown extra fields
@@ -65,13 +73,15 @@ import msgpack
 from cachefs import hotpath
 from cachefs.errors import CachefsError
 
-PROTOCOL_VERSION = 3
+PROTOCOL_VERSION = 4
 # Hello versions a server accepts; a connection runs at min(client's, server's).
-SUPPORTED_VERSIONS = frozenset({1, 2, 3})
+SUPPORTED_VERSIONS = frozenset({1, 2, 3, 4})
 # The first version with LoadChunk/Loaded.
 LOAD_VERSION = 2
 # The first version with LoadChunk.count (a run of chunks) and Loaded.cached_mask.
 RUN_VERSION = 3
+# The first version with GetChunk.start/end (a byte range of the chunk).
+RANGE_VERSION = 4
 # The most chunks one LoadChunk may name.
 MAX_RUN = 64
 
@@ -167,16 +177,18 @@ class FrameDecoder:
         max_header: the largest header accepted, in bytes (1..MAX_HEADER).
 
     Both limits may be changed between frames (a server raises `max_header`
-    once a peer has authenticated).
+    once a peer has authenticated). `pool` (a `cachefs.buffers.BufferPool`):
+    where big payloads are received into when it has a buffer of their size.
     """
 
-    def __init__(self, max_payload: int = DEFAULT_MAX_PAYLOAD, max_header: int = MAX_HEADER):
+    def __init__(self, max_payload: int = DEFAULT_MAX_PAYLOAD, max_header: int = MAX_HEADER, pool=None):
         if isinstance(max_payload, bool) or not isinstance(max_payload, int) or not 0 <= max_payload <= _U32_MAX:
             raise ValueError(f"max_payload must be an int in 0..{_U32_MAX}, not {max_payload!r}")
         if isinstance(max_header, bool) or not isinstance(max_header, int) or not 0 < max_header <= MAX_HEADER:
             raise ValueError(f"max_header must be an int in 1..{MAX_HEADER}, not {max_header!r}")
         self.max_payload = max_payload
         self.max_header = max_header
+        self.pool = pool
         self._buf = bytearray()
         self._pos = 0  # start of the unconsumed bytes in _buf
         self._lengths: tuple[int, int] | None = None  # (H, P) of the frame at _pos, once its prefix is in
@@ -235,7 +247,9 @@ class FrameDecoder:
                 self._failed = str(e)
                 raise
             have = min(len(self._buf) - start - header_len, payload_len)
-            self._payload = hotpath.empty_buffer(payload_len)  # a frame is returned only once filled
+            # A frame is returned only once filled, so a recycled buffer's old bytes never show.
+            recycled = self.pool.take(payload_len) if self.pool is not None else None
+            self._payload = recycled if recycled is not None else hotpath.empty_buffer(payload_len)
             self._payload[:have] = self._buf[start + header_len : start + header_len + have]
             self._filled = have
             self._framing = PREFIX_SIZE + header_len
@@ -426,6 +440,10 @@ class GetChunk:
 
     source, path, version and size are the fields of `cachefs.objects.ObjectId`.
     `from_header` also rejects chunk_size 0.
+
+    v4: `start` and `end` ask for bytes start .. end - 1 of the chunk only
+    (both or neither; sent only when set). `from_header` rejects start >= end;
+    whether `end` is within the chunk is the server's check (it knows the chunk).
     """
 
     t: ClassVar[str] = "get"
@@ -436,9 +454,11 @@ class GetChunk:
     size: int
     chunk_size: int
     index: int
+    start: int | None = None
+    end: int | None = None
 
     def to_header(self) -> dict[str, Any]:
-        return {
+        h = {
             "t": self.t,
             "id": self.id,
             "source": self.source,
@@ -448,10 +468,19 @@ class GetChunk:
             "chunk_size": self.chunk_size,
             "index": self.index,
         }
+        if self.start is not None:
+            h["start"] = self.start
+            h["end"] = self.end
+        return h
 
     @classmethod
     def from_header(cls, h: Mapping[str, Any]) -> GetChunk:
         t = cls.t
+        start = end = None
+        if "start" in h or "end" in h:
+            start, end = _uint(h, t, "start"), _uint(h, t, "end", minimum=1)
+            if start >= end:
+                raise ProtocolError(f"{t}: range {start}..{end} is empty")
         return cls(
             id=_uint(h, t, "id"),
             source=_str(h, t, "source"),
@@ -460,6 +489,8 @@ class GetChunk:
             size=_uint(h, t, "size"),
             chunk_size=_uint(h, t, "chunk_size", minimum=1),
             index=_uint(h, t, "index"),
+            start=start,
+            end=end,
         )
 
 

@@ -2,8 +2,8 @@
 
 One task per connection: a mutual HMAC handshake, then requests handled
 concurrently (bounded per connection) and answered in any order by id.
-Requests are GetChunk (answered with the chunk) and, on connections of protocol
-version 2 or later, LoadChunk (warm-up: load it into our tiers, answer Loaded).
+Requests are GetChunk (answered with the chunk, or on protocol v4 with the byte
+range of it that was asked for) and, on connections of protocol version 2 or later, LoadChunk (warm-up: load it into our tiers, answer Loaded).
 
 Each connection is a boundary: whatever happens inside it (a reset, a
 malformed frame, a bug) is logged and closes that connection only; the
@@ -50,6 +50,8 @@ log = logging.getLogger(__name__)
 HANDSHAKE_MAX_HEADER = 8 << 10
 # Longest path component a request may name (NAME_MAX on Linux).
 NAME_MAX = 255
+# Object versions whose request fields were checked, remembered (see `_resolve`).
+OBJECTS_KEPT = 4096
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,7 +61,7 @@ class ServerLimits:
     handshake_timeout: float = 5.0  # seconds from accept to Ready
     idle_timeout: float = 300.0  # an authenticated connection with nothing in flight is closed after this
     max_unauthenticated: int = 64  # connections still in their handshake, all peers together
-    max_connections_per_host: int = 64  # authenticated connections from one address
+    max_connections_per_host: int = 128  # authenticated connections from one address (a mount opens 2 per worker)
     max_requests_per_connection: int = 64  # requests in flight on one connection
     send_timeout: float = 60.0  # an answer the peer does not take within this closes the connection
 
@@ -89,6 +91,11 @@ class PeerServer:
         self._idle = trio.Event()  # set while nothing is in flight
         self._idle.set()
         self._accepting: trio.CancelScope | None = None
+        # (source, path, version, size) -> its ObjectId, once the path was checked:
+        # a random reader asks for 4 KiB ranges, and checking the path and hashing
+        # the chunk key again (a fresh ObjectId misses the reader's key cache) cost
+        # as much as serving one.
+        self._objects: dict[tuple[str, str, str, int], ObjectId] = {}
 
     async def serve(self, listeners: list[trio.SocketListener], *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         """Accept connections on `listeners` until cancelled; `drain` stops accepting
@@ -248,7 +255,10 @@ class PeerServer:
                     request = protocol.parse_message(frame[0])
                     if not isinstance(request, GetChunk) or (
                         isinstance(request, (LoadChunk, HasChunk)) and version < protocol.LOAD_VERSION
-                    ) or (isinstance(request, LoadChunk) and request.count > 1 and version < protocol.RUN_VERSION):
+                    ) or (isinstance(request, LoadChunk) and request.count > 1 and version < protocol.RUN_VERSION) or (
+                        # A range is a v4 read; loads and questions are about whole chunks.
+                        request.start is not None and (version < protocol.RANGE_VERSION or type(request) is not GetChunk)
+                    ):
                         raise ProtocolError(f"unexpected {frame[0].get('t')!r} after a v{version} handshake")
                     await session.slots.acquire()
                     if self.draining:
@@ -310,11 +320,17 @@ class PeerServer:
             # A worker serves its own sources only; it never becomes a proxy to arbitrary URLs.
             metrics.PEER_SERVED.labels("refused").inc()
             return ChunkError(req.id, "refused", f"source {loggable(req.source)} is not served here")
-        problem = _check_request(req, reader.chunk_size)
+        ident = (req.source, req.path, req.version, req.size)
+        obj = self._objects.get(ident)
+        problem = _check_request(req, reader.chunk_size, path_checked=obj is not None)
         if problem is not None:
             metrics.PEER_SERVED.labels("bad-request").inc()
             return ChunkError(req.id, "bad-request", problem)
-        return reader, ObjectId(req.source, req.path, req.version, req.size)
+        if obj is None:
+            if len(self._objects) >= OBJECTS_KEPT:
+                self._objects.clear()
+            obj = self._objects[ident] = ObjectId(req.source, req.path, req.version, req.size)
+        return reader, obj
 
     def _has(self, req: HasChunk) -> Held | ChunkError:
         """Whether our own tiers hold the chunk (where a file's chunks are, for status)."""
@@ -358,6 +374,9 @@ class PeerServer:
             data, _ = await reader.chunk(obj, req.index)
         except BackendError as e:
             return self._backend_error(req, e)
+        if req.start is not None:
+            # The whole chunk is loaded (and kept) all the same: the owner fetches each chunk once for the ring.
+            return memoryview(data)[req.start : req.end]
         return data
 
     @staticmethod
@@ -391,22 +410,30 @@ class _Session:
 _TRANSPORT_ERRORS = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)
 
 
-def _check_request(req: GetChunk, chunk_size: int) -> str | None:
-    """Why `req` cannot be served, or None: checked before any tier or backend is asked."""
+def _check_request(req: GetChunk, chunk_size: int, path_checked: bool = False) -> str | None:
+    """Why `req` cannot be served, or None: checked before any tier or backend is asked.
+
+    Args:
+        path_checked: an earlier request named the same object version and its
+            path and version passed; only the chunk fields are checked.
+    """
     if req.chunk_size != chunk_size:
         return f"chunk size {req.chunk_size} != {chunk_size}"
-    if not req.path or any(len(part.encode()) > NAME_MAX for part in req.path.split("/")):
-        return f"bad path {loggable(req.path)}"
-    try:
-        check_relative_path(req.path)
-    except ValueError:
-        return f"bad path {loggable(req.path)}"
-    if not req.version:
-        return "empty version"
+    if not path_checked:
+        if not req.path or any(len(part.encode()) > NAME_MAX for part in req.path.split("/")):
+            return f"bad path {loggable(req.path)}"
+        try:
+            check_relative_path(req.path)
+        except ValueError:
+            return f"bad path {loggable(req.path)}"
+        if not req.version:
+            return "empty version"
     # An empty object has no chunks: nothing a peer can ask for.
     last = req.index + (req.count - 1 if isinstance(req, LoadChunk) else 0)
     if last * req.chunk_size >= req.size:
         return f"chunk {last} is past the end of an object of {req.size} bytes"
+    if req.end is not None and req.end > min(req.chunk_size, req.size - req.index * req.chunk_size):
+        return f"range {req.start}..{req.end} is past the end of chunk {req.index}"
     return None
 
 

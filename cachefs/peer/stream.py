@@ -7,6 +7,7 @@ import select
 
 import trio
 
+from cachefs.buffers import BufferPool
 from cachefs.peer.protocol import MAX_HEADER, FrameDecoder, ProtocolError, encode_frame
 
 RECEIVE_SIZE = 256 << 10
@@ -47,13 +48,23 @@ class FrameStream:
     """
 
     def __init__(
-        self, stream: trio.abc.Stream, max_payload: int, thread_receive: bool = False, max_header: int = MAX_HEADER
+        self,
+        stream: trio.abc.Stream,
+        max_payload: int,
+        thread_receive: bool = False,
+        max_header: int = MAX_HEADER,
+        pool: BufferPool | None = None,
     ):
         self.stream = stream
-        self.decoder = FrameDecoder(max_payload=max_payload, max_header=max_header)
+        self.decoder = FrameDecoder(max_payload=max_payload, max_header=max_header, pool=pool)
         self._send_lock = trio.Lock()
         self._send_broken = False
         self._thread_receive = thread_receive and isinstance(stream, trio.SocketStream)
+        # Small frames (requests, 4 KiB ranges) are received into this one buffer and
+        # copied out by the decoder. `receive_some(RECEIVE_SIZE)` would allocate
+        # RECEIVE_SIZE bytes per call, each a fresh mmap of 256 KiB (past malloc's
+        # mmap threshold) to fault in and give back: more than the frame costs.
+        self._small = bytearray(RECEIVE_SIZE) if isinstance(stream, trio.SocketStream) else None
 
     async def send(self, header: dict, payload: bytes | memoryview = b"") -> None:
         prefix, body = encode_frame(header, payload)
@@ -91,7 +102,11 @@ class FrameStream:
                     raise ProtocolError("connection closed in the middle of a frame")
                 self.decoder.received_into(n)
                 continue
-            data = await self.stream.receive_some(RECEIVE_SIZE)
+            if self._small is not None:
+                n = await self.stream.socket.recv_into(self._small)
+                data = memoryview(self._small)[:n]
+            else:
+                data = await self.stream.receive_some(RECEIVE_SIZE)
             if not data:
                 if self.decoder.buffered():
                     raise ProtocolError("connection closed in the middle of a frame")
