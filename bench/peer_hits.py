@@ -178,7 +178,7 @@ def fio(files: list[Path], workload: str, size: int, runtime: int) -> list[dict]
         jobs = [a for i, f in enumerate(files)
                 for a in (f"--name=m{i}", f"--filename={f}", "--rw=read", "--bs=1M", f"--size={size}")]
     else:
-        jobs = [f"--name=rand", f"--filename={files[0]}", "--rw=randread", "--bs=4k", "--direct=1",
+        jobs = ["--name=rand", f"--filename={files[0]}", "--rw=randread", "--bs=4k", "--direct=1",
                 f"--size={size}", "--norandommap", "--time_based", f"--runtime={runtime}", "--numjobs=4",
                 "--group_reporting"]
     res = subprocess.run(pinned(MOUNT_CORE, ["fio", *common, *jobs]), capture_output=True, text=True,
@@ -191,10 +191,9 @@ def fio(files: list[Path], workload: str, size: int, runtime: int) -> list[dict]
 
 
 def sources(m: dict) -> dict[str, float]:
-    """Bytes read by where they came from, and chunks received into a recycled buffer ("reused")."""
+    """Bytes read by where they came from."""
     s = scrape(m["metrics"])
-    return {**{src: metric(s, "cachefs_read_bytes_total", source=src) for src in ("mem", "peer", "backend")},
-            "reused": metric(s, "cachefs_buffers_reused_total")}
+    return {src: metric(s, "cachefs_read_bytes_total", source=src) for src in ("mem", "peer", "backend")}
 
 
 def measure(rig: Rig, mounts: list[dict], workload: str, args) -> dict:
@@ -229,11 +228,10 @@ def measure(rig: Rig, mounts: list[dict], workload: str, args) -> dict:
     seconds = max(j["seconds"] for j in jobs)
     mount_cpu = sum(b - a for a, b in zip(cpu0[0], cpu1[0]))
     by_source = {src: sum(a[src] - b[src] for a, b in zip(after, before)) for src in ("mem", "peer", "backend")}
-    reused = sum(a["reused"] - b["reused"] for a, b in zip(after, before))
     return {"bytes": total, "seconds": seconds, "mib_s": total / MiB / seconds,
             "iops": sum(j["iops"] for j in jobs), "mount_cpu_s": mount_cpu, "worker_cpu_s": cpu1[1] - cpu0[1],
             "mount_cpu_s_per_gib": mount_cpu / (total / GiB), "worker_cpu_s_per_gib": (cpu1[1] - cpu0[1]) / (total / GiB),
-            "bytes_by_source": by_source, "chunks_into_reused_buffers": reused}
+            "bytes_by_source": by_source}
 
 
 def run(args: argparse.Namespace, data: dict, work: Path, shm: Path, stack: contextlib.ExitStack) -> None:
@@ -267,8 +265,7 @@ def run(args: argparse.Namespace, data: dict, work: Path, shm: Path, stack: cont
                 data["cells"].append(cell)
                 log(f"  {workload:15s} {system:4s}: {cell['mib_s']:7.0f} MiB/s {cell['iops']:8.0f} IOPS, "
                     f"mount {cell['mount_cpu_s_per_gib']:.2f} s/GiB, worker {cell['worker_cpu_s_per_gib']:.2f} s/GiB, "
-                    f"from {', '.join(f'{k} {v / MiB:.0f}M' for k, v in cell['bytes_by_source'].items() if v)}"
-                    f"{', reused buffers %d' % cell['chunks_into_reused_buffers'] if cell['chunks_into_reused_buffers'] else ''}")
+                    f"from {', '.join(f'{k} {v / MiB:.0f}M' for k, v in cell['bytes_by_source'].items() if v)}")
     rig.unmount(mem)
     for r in range(args.repeat):
         for k in args.mounts:

@@ -64,9 +64,6 @@ SINGLEFLIGHT_WAITS = prom.Counter(
     "cachefs_singleflight_waits", "Chunk reads that waited for a fetch already in flight"
 )
 READAHEAD_CHUNKS = prom.Counter("cachefs_readahead_chunks", "Chunks fetched ahead of the reader")
-BUFFERS_REUSED = prom.Counter(
-    "cachefs_buffers_reused", "Chunks received into a buffer the MEM tier let go of, not a fresh one"
-)
 PEER_REQUESTS = prom.Counter(
     "cachefs_peer_requests", "Chunk requests sent to peers, by peer and outcome", ["peer", "outcome"]
 )

@@ -148,7 +148,7 @@ class Node:
         self.mem, self.disk = await open_tiers(config)
         if self.disk is not None:
             self._stack.callback(self.disk.close)
-        self.peers = open_peer_tier(config, self.name, nursery, self.mem.pool)
+        self.peers = open_peer_tier(config, self.name, nursery)
         self.pins = PinRegistry(os.path.join(config.cache_dir, "pins.json") if self.disk is not None else None)
         if self.disk is not None:
             for lease in self.pins.load():

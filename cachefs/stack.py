@@ -11,7 +11,6 @@ import trio
 
 from cachefs import metrics
 from cachefs.backend import Backend, open_store
-from cachefs.buffers import BufferPool
 from cachefs.cache.disk import DiskTier
 from cachefs.cache.mem import MemTier
 from cachefs.config import CacheConfig, DatasetConfig
@@ -59,8 +58,7 @@ async def open_tiers(config: CacheConfig) -> tuple[MemTier, DiskTier | None]:
     Raises:
         ConfigError: the cache directory is in use by another process, or unusable.
     """
-    # With peers, chunks are received into what MEM evicts (see cachefs.buffers).
-    mem = MemTier(config.mem_size, BufferPool(config.chunk_size) if config.peers and config.mem_size else None)
+    mem = MemTier(config.mem_size)
     disk = None
     if config.cache_size:
         # Only a worker drops the page cache of what it served (DiskTier: mounts re-read their hot chunks).
@@ -124,20 +122,14 @@ async def _bucket_exists(store) -> bool:
         return False
 
 
-def open_peer_tier(
-    config: CacheConfig, node: str, nursery: trio.Nursery, pool: BufferPool | None = None
-) -> PeerTier | None:
-    """The peer tier for `--peers`, its ring kept up to date in `nursery`; None without peers.
-
-    Args:
-        pool: where chunks from peers are received into, if it has a buffer.
-    """
+def open_peer_tier(config: CacheConfig, node: str, nursery: trio.Nursery) -> PeerTier | None:
+    """The peer tier for `--peers`, its ring kept up to date in `nursery`; None without peers."""
     if not config.peers:
         return None
     assert config.peer_secret is not None  # checked with the config
     membership = Membership(config.peers)
     nursery.start_soon(membership.run)
-    client = PeerClient(node, config.peer_secret, nursery, max_payload=config.chunk_size, pool=pool)
+    client = PeerClient(node, config.peer_secret, nursery, max_payload=config.chunk_size)
     return PeerTier(client, lambda: membership.ring, config.peer_timeout)
 
 

@@ -407,57 +407,6 @@ class BigPatternReader(PatternReader):
         return self.data[index * BIG : (index + 1) * BIG], "mem"
 
 
-@pytest.mark.trio
-async def test_chunks_are_received_into_buffers_mem_let_go_of():
-    """With a BufferPool, a whole chunk is received into a buffer MEM evicted (faulted
-    in already), and the bytes are the new chunk's; a buffer something still views is
-    never reused."""
-    from cachefs.buffers import BufferPool
-    from cachefs.cache.mem import MemTier
-    from cachefs.objects import chunk_key
-
-    size = 3 * BIG
-    reader = BigPatternReader(size)
-    server = PeerServer("worker-1", SECRET, {SOURCE: reader}, max_payload=BIG)
-    obj = ObjectId(SOURCE, "f.bin", "v1", size)
-    pool = BufferPool(BIG)
-    mem = MemTier(BIG, pool)  # room for one chunk
-    async with trio.open_nursery() as nursery:
-        peer = await _range_peer(server, nursery)
-        client = PeerClient("mount", SECRET, nursery, max_payload=BIG, pool=pool)
-        first = await client.get_chunk(peer, obj, BIG, 0)
-        first_id = id(first)
-        assert await mem.put(chunk_key(obj, BIG, 0), first)
-        del first
-        second = await client.get_chunk(peer, obj, BIG, 1)
-        assert id(second) != first_id
-        assert await mem.put(chunk_key(obj, BIG, 1), second)  # evicts chunk 0: its buffer goes to the pool
-        assert len(pool) == 1
-        third = await client.get_chunk(peer, obj, BIG, 2)
-        assert id(third) == first_id and len(pool) == 0  # the same buffer, with the new chunk's bytes
-        assert bytes(third) == reader.data[2 * BIG :]
-        view = memoryview(second)[:10]
-        assert await mem.put(chunk_key(obj, BIG, 2), third)  # evicts chunk 1, still viewed: not pooled
-        assert len(pool) == 0 and bytes(view) == reader.data[BIG : BIG + 10]
-        mem.remove(chunk_key(obj, BIG, 2).digest)
-        assert len(pool) == 0  # `third` is still referred to here
-        nursery.cancel_scope.cancel()
-
-
-def test_a_buffer_pool_is_bounded_and_keeps_only_its_size():
-    from cachefs.buffers import BufferPool
-
-    pool = BufferPool(16, max_buffers=2)
-    for _ in range(3):
-        pool.give(bytearray(16))
-    assert len(pool) == 2
-    pool.give(bytearray(8))
-    pool.give(b"x" * 16)
-    assert len(pool) == 2
-    assert pool.take(8) is None
-    assert len(pool.take(16)) == 16 and len(pool) == 1
-
-
 def test_a_checked_object_version_is_remembered_and_a_bad_path_still_refused():
     """A range per 4 KiB read must not re-check the path and re-hash the key: the second
     request for an object version gets the same ObjectId (the reader's key cache hits);

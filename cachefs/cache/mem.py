@@ -6,7 +6,6 @@ from collections import Counter, OrderedDict
 from typing import ClassVar
 
 from cachefs import metrics
-from cachefs.buffers import BufferPool
 from cachefs.objects import SOURCE_TAG_SIZE, Buffer, ChunkKey, Medium
 
 
@@ -15,18 +14,13 @@ class MemTier:
     checkpoints, async ones included (they are async to match the other tiers).
 
     Capacity 0 turns the tier off: `put` is then a no-op and every `get` misses.
-
-    Args:
-        pool: where the buffers of chunks it evicts or removes go, to be
-            received into again (see `cachefs.buffers`).
     """
 
     name: ClassVar[str] = "mem"
     medium: ClassVar[Medium] = "memory"
 
-    def __init__(self, capacity: int, pool: BufferPool | None = None):
+    def __init__(self, capacity: int):
         self.capacity = capacity
-        self.pool = pool
         self.used = 0
         self.by_source: Counter[bytes] = Counter()  # source tag -> bytes
         self._chunks: OrderedDict[bytes, Buffer] = OrderedDict()
@@ -80,8 +74,6 @@ class MemTier:
         if old is not None:
             self.used -= len(old)
             self.by_source[digest[:SOURCE_TAG_SIZE]] -= len(old)
-            if self.pool is not None:
-                self.pool.give(old)
 
     def remove(self, digest: bytes) -> None:
         self._forget(digest)

@@ -24,7 +24,6 @@ from typing import Callable, ClassVar
 import trio
 
 from cachefs import hotpath, metrics
-from cachefs.buffers import BufferPool
 from cachefs.objects import Buffer, ChunkKey, Medium, ObjectId
 from cachefs.errors import PeerError
 from cachefs.logsafe import loggable
@@ -154,12 +153,10 @@ class PeerClient:
         nursery: trio.Nursery,
         max_payload: int,
         clock: Callable[[], float] = time.monotonic,
-        pool: BufferPool | None = None,
     ):
         self.node = node
         self.secret = secret
         self.max_payload = max_payload
-        self.pool = pool  # chunks are received into its buffers when it has one
         self._nursery = nursery
         self._clock = clock
         self._conns: dict[str, PeerConnection] = {}  # ranges, loads, questions
@@ -235,7 +232,7 @@ class PeerClient:
         try:
             with trio.fail_after(CONNECT_TIMEOUT):
                 stream = await trio.open_tcp_stream(host.strip("[]"), int(port))
-                frames = FrameStream(stream, self.max_payload, thread_receive=True, pool=self.pool)
+                frames = FrameStream(stream, self.max_payload, thread_receive=True)
                 nonce = os.urandom(16)
                 await frames.send(Hello(version, self.node, nonce).to_header())
                 try:

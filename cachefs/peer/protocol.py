@@ -177,18 +177,16 @@ class FrameDecoder:
         max_header: the largest header accepted, in bytes (1..MAX_HEADER).
 
     Both limits may be changed between frames (a server raises `max_header`
-    once a peer has authenticated). `pool` (a `cachefs.buffers.BufferPool`):
-    where big payloads are received into when it has a buffer of their size.
+    once a peer has authenticated).
     """
 
-    def __init__(self, max_payload: int = DEFAULT_MAX_PAYLOAD, max_header: int = MAX_HEADER, pool=None):
+    def __init__(self, max_payload: int = DEFAULT_MAX_PAYLOAD, max_header: int = MAX_HEADER):
         if isinstance(max_payload, bool) or not isinstance(max_payload, int) or not 0 <= max_payload <= _U32_MAX:
             raise ValueError(f"max_payload must be an int in 0..{_U32_MAX}, not {max_payload!r}")
         if isinstance(max_header, bool) or not isinstance(max_header, int) or not 0 < max_header <= MAX_HEADER:
             raise ValueError(f"max_header must be an int in 1..{MAX_HEADER}, not {max_header!r}")
         self.max_payload = max_payload
         self.max_header = max_header
-        self.pool = pool
         self._buf = bytearray()
         self._pos = 0  # start of the unconsumed bytes in _buf
         self._lengths: tuple[int, int] | None = None  # (H, P) of the frame at _pos, once its prefix is in
@@ -247,9 +245,7 @@ class FrameDecoder:
                 self._failed = str(e)
                 raise
             have = min(len(self._buf) - start - header_len, payload_len)
-            # A frame is returned only once filled, so a recycled buffer's old bytes never show.
-            recycled = self.pool.take(payload_len) if self.pool is not None else None
-            self._payload = recycled if recycled is not None else hotpath.empty_buffer(payload_len)
+            self._payload = hotpath.empty_buffer(payload_len)  # a frame is returned only once filled
             self._payload[:have] = self._buf[start + header_len : start + header_len + have]
             self._filled = have
             self._framing = PREFIX_SIZE + header_len

@@ -7,7 +7,6 @@ import select
 
 import trio
 
-from cachefs.buffers import BufferPool
 from cachefs.peer.protocol import MAX_HEADER, FrameDecoder, ProtocolError, encode_frame
 
 RECEIVE_SIZE = 256 << 10
@@ -53,10 +52,9 @@ class FrameStream:
         max_payload: int,
         thread_receive: bool = False,
         max_header: int = MAX_HEADER,
-        pool: BufferPool | None = None,
     ):
         self.stream = stream
-        self.decoder = FrameDecoder(max_payload=max_payload, max_header=max_header, pool=pool)
+        self.decoder = FrameDecoder(max_payload=max_payload, max_header=max_header)
         self._send_lock = trio.Lock()
         self._send_broken = False
         self._thread_receive = thread_receive and isinstance(stream, trio.SocketStream)
