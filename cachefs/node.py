@@ -268,7 +268,8 @@ class Node:
             # Workers do not read ahead: mounts do, and their requests fan out over the ring.
             read_ahead = self.config.read_ahead if self.mount else 0
             reader = Reader(
-                tiers, backend, self.config.chunk_size, read_ahead, tasks, dataset=config.name or backend.source
+                tiers, backend, self.config.chunk_size, read_ahead, tasks, dataset=config.name or backend.source,
+                budget=self.mem.budget,
             )
             namespace = None
             if isinstance(self.config, MountOptions):
@@ -320,6 +321,7 @@ class Node:
         del self.readers[dataset.source]
         dataset.removed = True
         dataset.tasks.cancel_scope.cancel()
+        dataset.reader.close()
         dataset.backend.close()
         if self.disk is not None:
             self.disk.set_quota(dataset.source, None)
