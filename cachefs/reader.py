@@ -4,7 +4,9 @@ The tiers are a list, fastest first (MEM → SSD → peer: the chunk's owner on 
 ring), all asked through one interface (`cachefs.objects.ChunkTier`), then the
 backend. One fetch per chunk at a time (single-flight), sequential-read
 detection that fetches the next chunks ahead in the nursery, and a bound on how
-much read-ahead may be in flight at once.
+much read-ahead may be in flight at once. Every chunk it fetches, holds for a
+reader or writes behind is claimed in the daemon's chunk budget (--mem-size,
+`cachefs.budget`): read-ahead only where there is room, demand reads always.
 
 What the reader optimises depends on each tier's `medium`, worked out once in
 `Reader.__init__`:
