@@ -15,6 +15,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import logging
+import os
 
 log = logging.getLogger(__name__)
 
@@ -33,9 +34,13 @@ def return_chunk_buffers() -> bool:
     """Have glibc map each block of MAP_FROM bytes or more on its own and unmap it
     when freed. Call once, early: arenas made before keep what they hold.
 
+    `CACHEFS_MALLOC=default` leaves glibc's defaults (to compare).
+
     Returns:
-        False if there is no mallopt (not glibc): the heap is left as it is.
+        False if left as it is: there is no mallopt (not glibc), or asked so.
     """
+    if os.environ.get("CACHEFS_MALLOC") == "default":
+        return False
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
         mallopt = libc.mallopt
