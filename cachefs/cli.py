@@ -378,9 +378,9 @@ def _worker(a: argparse.Namespace) -> int:
 def _run_trio(fn, *args) -> None:
     import trio
 
-    from cachefs.heap import return_chunk_buffers
+    from cachefs import heap
 
-    return_chunk_buffers()  # before any thread makes an arena
+    heap.tune()  # before any thread makes an arena
     try:
         trio.run(fn, *args)
     except BaseExceptionGroup as group:
