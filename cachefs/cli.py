@@ -37,7 +37,8 @@ def _add_cache_args(p: argparse.ArgumentParser, d: CacheConfig) -> None:
     g = p.add_argument_group("cache")
     g.add_argument("--cache-dir", help=f"directory of the SSD tier (default {d.cache_dir})")
     g.add_argument("--cache-size", help=f"SSD tier capacity, e.g. 100G; 0 turns it off (default {format_size(d.cache_size)})")
-    g.add_argument("--mem-size", help=f"MEM tier capacity, e.g. 2G; 0 turns it off (default {format_size(d.mem_size)})")
+    g.add_argument("--mem-size", help=f"memory for chunks: the MEM tier, read-ahead and fetches in flight, e.g. 2G; "
+                   f"0 turns the MEM tier off (default {format_size(d.mem_size)})")
     g.add_argument("--chunk-size", help=f"cache chunk size, a power of two from 64K to 64M; the same on every node of a ring (default {format_size(d.chunk_size)})")
     g.add_argument("--free-space-ratio", type=float, help=f"keep at least this share of the cache disk free (default {d.free_space_ratio})")
     g.add_argument("--read-ahead", type=int, help=f"chunks to fetch ahead of a sequential reader (default {d.read_ahead})")
@@ -377,6 +378,9 @@ def _worker(a: argparse.Namespace) -> int:
 def _run_trio(fn, *args) -> None:
     import trio
 
+    from cachefs import heap
+
+    heap.tune()  # before any thread makes an arena
     try:
         trio.run(fn, *args)
     except BaseExceptionGroup as group:

@@ -41,6 +41,11 @@ CACHE_REJECTED = prom.Counter(
 CACHE_WRITTEN_BYTES = prom.Counter("cachefs_cache_written_bytes", "Bytes of chunk files written", ["tier"])
 CACHE_USED = prom.Gauge("cachefs_cache_used_bytes", "Bytes held by a cache tier", ["tier"])
 CACHE_CAPACITY = prom.Gauge("cachefs_cache_capacity_bytes", "Configured capacity of a cache tier", ["tier"])
+BUDGET_BYTES = prom.Gauge(
+    "cachefs_chunk_budget_bytes",
+    "Chunk bytes held in memory (MEM, unread read-ahead, fetches in flight) against --mem-size",
+    ["kind"],  # used, peak, capacity
+)
 CACHE_CHUNKS = prom.Gauge("cachefs_cache_chunks", "Chunks held by a cache tier", ["tier"])
 
 BACKEND_REQUESTS = prom.Counter(
@@ -64,6 +69,9 @@ SINGLEFLIGHT_WAITS = prom.Counter(
     "cachefs_singleflight_waits", "Chunk reads that waited for a fetch already in flight"
 )
 READAHEAD_CHUNKS = prom.Counter("cachefs_readahead_chunks", "Chunks fetched ahead of the reader")
+READAHEAD_SKIPPED = prom.Counter(
+    "cachefs_readahead_skipped", "Read-ahead chunks not fetched: the chunk budget (--mem-size) had no room"
+)
 PEER_REQUESTS = prom.Counter(
     "cachefs_peer_requests", "Chunk requests sent to peers, by peer and outcome", ["peer", "outcome"]
 )

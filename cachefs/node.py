@@ -25,7 +25,7 @@ from typing import Awaitable, Callable
 
 import trio
 
-from cachefs import control, hotpath, metrics
+from cachefs import control, heap, hotpath, metrics
 from cachefs.backend import Backend
 from cachefs.config import CacheConfig, Credentials, DatasetConfig, MountOptions, format_size
 from cachefs.errors import BackendError, ConfigError, PeerError
@@ -141,6 +141,8 @@ class Node:
         # Exit callbacks run last-in first-out: this one, registered right after the
         # nursery, runs just before it closes, once everything else has let go.
         self._stack.callback(nursery.cancel_scope.cancel)
+        if heap.tuned():  # a daemon, not a test
+            nursery.start_soon(heap.give_back_freed)
         await serve_metrics(config, nursery)
         metrics.set_readiness(self.not_ready)
         # Torn down (datasets closing, servers stopping): not ready, until the metrics server goes.
@@ -270,7 +272,8 @@ class Node:
             # Workers do not read ahead: mounts do, and their requests fan out over the ring.
             read_ahead = self.config.read_ahead if self.mount else 0
             reader = Reader(
-                tiers, backend, self.config.chunk_size, read_ahead, tasks, dataset=config.name or backend.source
+                tiers, backend, self.config.chunk_size, read_ahead, tasks, dataset=config.name or backend.source,
+                budget=self.mem.budget,
             )
             namespace = None
             if isinstance(self.config, MountOptions):
@@ -322,6 +325,7 @@ class Node:
         del self.readers[dataset.source]
         dataset.removed = True
         dataset.tasks.cancel_scope.cancel()
+        dataset.reader.close()
         dataset.backend.close()
         if self.disk is not None:
             self.disk.set_quota(dataset.source, None)

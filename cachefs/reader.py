@@ -4,7 +4,9 @@ The tiers are a list, fastest first (MEM → SSD → peer: the chunk's owner on 
 ring), all asked through one interface (`cachefs.objects.ChunkTier`), then the
 backend. One fetch per chunk at a time (single-flight), sequential-read
 detection that fetches the next chunks ahead in the nursery, and a bound on how
-much read-ahead may be in flight at once.
+much read-ahead may be in flight at once. Every chunk it fetches, holds for a
+reader or writes behind is claimed in the daemon's chunk budget (--mem-size,
+`cachefs.budget`): read-ahead only where there is room, demand reads always.
 
 What the reader optimises depends on each tier's `medium`, worked out once in
 `Reader.__init__`:
@@ -32,6 +34,7 @@ import trio
 
 from cachefs import hotpath, metrics
 from cachefs.backend import Backend
+from cachefs.budget import MemoryBudget
 from cachefs.errors import BackendError
 from cachefs.objects import Buffer, ChunkKey, ChunkTier, ObjectId, chunk_key
 
@@ -100,6 +103,9 @@ class Reader:
             tier of capacity 0 is left out, not passed).
         nursery: where read-ahead and SSD write-behind tasks run.
         dataset: the dataset's name, for the `dataset` label of its metrics.
+        budget: the daemon's chunk budget (--mem-size), which every chunk this
+            reader fetches, holds or writes behind is claimed in; by default the
+            memory tier's, or none (unbounded) without one.
     """
 
     def __init__(
@@ -110,6 +116,7 @@ class Reader:
         read_ahead: int,
         nursery: trio.Nursery,
         dataset: str = "",
+        budget: MemoryBudget | None = None,
     ):
         self.tiers = list(tiers)
         self.dataset = dataset
@@ -121,6 +128,9 @@ class Reader:
         self._io_tiers = self.tiers[1:] if self._memory is not None else self.tiers
         self._ranged = [t for t in self.tiers if t.medium == "disk"]
         self._peers = any(t.medium == "network" for t in self.tiers)
+        if budget is None:
+            budget = getattr(self._memory, "budget", None) or MemoryBudget(1 << 62)
+        self.budget = budget
         # Read-ahead hands chunks to the reader through a local tier; with none there
         # is nowhere to keep them, and reading ahead would only fetch everything twice.
         self.read_ahead = read_ahead if any(t.medium != "network" for t in self.tiers) else 0
@@ -158,6 +168,8 @@ class Reader:
         # never runs further ahead than can be held. The last item: read ahead.
         self._held: OrderedDict[bytes, list] = OrderedDict()
         self._held_max = 4 * self.read_ahead + HELD_SPARE
+        # Demand reads take room from held chunks when MEM has none left to give.
+        budget.add_reclaimer(self._give_up_held, cache=False)
         # Per-dataset counters, plain ints (a prometheus inc costs a lock):
         # `metrics.ReaderStats` reads them at scrape time.
         # source -> [bytes returned, chunk reads served], by where they truly came from.
@@ -267,7 +279,7 @@ class Reader:
         entry[1] ^= new
         if not entry[1]:
             del self._origins[digest]
-            self._held.pop(digest, None)  # read in full: the tiers have it, or it was read once
+            self._let_go(digest)  # read in full: the tiers have it, or it was read once
         # A read that is partly a re-read (not page-aligned, or overlapping an
         # earlier one) splits by parts: exact for the kernel's aligned reads.
         first = end - start if new == mask else (end - start) * new.bit_count() // (hi - lo)
@@ -354,6 +366,12 @@ class Reader:
                 self._ahead_slots.acquire_nowait()
             except trio.WouldBlock:
                 return False
+            # Room in the budget now, or no read-ahead: it must not wait, nor take
+            # room demand reads need.
+            if not self.budget.try_claim(digest, key.length, ahead=True):
+                self._ahead_slots.release()
+                metrics.READAHEAD_SKIPPED.inc()
+                return False
             metrics.READAHEAD_CHUNKS.inc()
         self._nursery.start_soon(self._prefetch, key, ahead)
         return True
@@ -368,6 +386,7 @@ class Reader:
             log.debug("prefetch of %s chunk %d failed: %s", key.obj.path, key.index, e)
         finally:
             if ahead:
+                self.budget.release(key.digest)
                 self._ahead_slots.release()
 
     async def chunk(self, obj: ObjectId, index: int) -> tuple[Buffer, str]:
@@ -475,6 +494,8 @@ class Reader:
             if data is not None:
                 return data, memory.name
         digest = key.digest
+        if (entry := self._held.get(digest)) is not None:
+            return entry[0], entry[1]  # one buffer per chunk: the budget counts each once
         while (flight := self._flights.get(digest)) is not None:
             metrics.SINGLEFLIGHT_WAITS.inc()
             await flight.done.wait()
@@ -498,6 +519,14 @@ class Reader:
             flight.done.set()
 
     async def _load(self, key: ChunkKey, for_reader: bool) -> tuple[Buffer, str]:
+        # The buffer is claimed before it exists, and until MEM or `_held` claim it.
+        await self.budget.claim(key.digest, key.length)
+        try:
+            return await self._load_claimed(key, for_reader)
+        finally:
+            self.budget.release(key.digest)
+
+    async def _load_claimed(self, key: ChunkKey, for_reader: bool) -> tuple[Buffer, str]:
         in_flight = self.in_flight
         for tier in self._io_tiers:
             in_flight[tier.name] += 1
@@ -531,22 +560,42 @@ class Reader:
         if held:
             expired = trio.current_time() - HELD_SECONDS
             while held and next(iter(held.values()))[2] < expired:
-                held.popitem(last=False)
+                self._let_go(next(iter(held)))
         in_flight = 2 * self.read_ahead - self._ahead_slots.value
         return sum(entry[3] for entry in held.values()) + in_flight < self._held_max - HELD_SPARE
 
     def _hold(self, key: ChunkKey, data: Buffer, source: str) -> None:
         held = self._held
+        if key.digest in held or not self.budget.try_claim(key.digest, len(data)):
+            return  # (claimed by its flight: never refused)
         held[key.digest] = [data, source, trio.current_time(), False]
         while len(held) > self._held_max:
-            held.popitem(last=False)
+            self._let_go(next(iter(held)))
+
+    def _let_go(self, digest: bytes) -> None:
+        """Stop holding a chunk (if held), and give back its claim."""
+        if self._held.pop(digest, None) is not None:
+            self.budget.release(digest)
+
+    def _give_up_held(self, budget: MemoryBudget, room: int) -> None:
+        """A reclaimer: let held chunks go, least recently read first, until `room`
+        fits (a demand read needs it more than a chunk that may be read later)."""
+        held = self._held
+        while held and not budget.fits(room):
+            self._let_go(min(held, key=lambda d: held[d][2]))
+
+    def close(self) -> None:
+        """Let every held chunk go and leave the budget (the dataset is removed)."""
+        self.budget.remove_reclaimer(self._give_up_held)
+        for digest in list(self._held):
+            self._let_go(digest)
 
     def _note_origin(self, key: ChunkKey, source: str) -> None:
         """Remember where a chunk loaded for this reader came from, before `_keep`
         puts it where reads find it (it may checkpoint while the chunk is in MEM)."""
         origins = self._origins
         if len(origins) >= ORIGINS_KEPT:
-            self._held.pop(next(iter(origins)), None)
+            self._let_go(next(iter(origins)))
             del origins[next(iter(origins))]
         origins[key.digest] = [source, (1 << -(-key.length // self._part)) - 1]
 
@@ -570,15 +619,18 @@ class Reader:
                 # Write-behind: readers find the chunk above meanwhile, so the
                 # reader does not wait for the SSD, unless it is far behind.
                 await self._write_slots.acquire()
-                self._nursery.start_soon(self._write_behind, tier, key, data)
+                claimed = self.budget.try_claim(key.digest, len(data))  # claimed by its flight: never refused
+                self._nursery.start_soon(self._write_behind, tier, key, data, claimed)
             else:
                 # Nothing above holds it: the chunk must be here before the flight
                 # ends, or a read-ahead chunk would be fetched again by its reader.
                 await tier.put(key, data)
                 held_above = True
 
-    async def _write_behind(self, tier: ChunkTier, key: ChunkKey, data: Buffer) -> None:
+    async def _write_behind(self, tier: ChunkTier, key: ChunkKey, data: Buffer, claimed: bool) -> None:
         try:
             await tier.put(key, data)
         finally:
+            if claimed:
+                self.budget.release(key.digest)
             self._write_slots.release()

@@ -11,6 +11,7 @@ import trio
 
 from cachefs import metrics
 from cachefs.backend import Backend, open_store
+from cachefs.budget import chunk_budget
 from cachefs.cache.disk import DiskTier
 from cachefs.cache.mem import MemTier
 from cachefs.config import CacheConfig, DatasetConfig
@@ -58,7 +59,8 @@ async def open_tiers(config: CacheConfig) -> tuple[MemTier, DiskTier | None]:
     Raises:
         ConfigError: the cache directory is in use by another process, or unusable.
     """
-    mem = MemTier(config.mem_size)
+    budget = chunk_budget(config.mem_size, config.chunk_size, config.read_ahead, config.backend_concurrency)
+    mem = MemTier(config.mem_size, budget)
     disk = None
     if config.cache_size:
         # Only a worker drops the page cache of what it served (DiskTier: mounts re-read their hot chunks).

@@ -296,11 +296,9 @@ def _mem(q: str) -> int:
 
 
 def _budget(a) -> int:
-    """docs/configuration.md: the daemon's memory, before page cache (100,000 meta entries)."""
-    chunk = parse_size(a.chunk_size, "chunk") if a.chunk_size else 4 << 20
-    conc = a.backend_concurrency or 16
-    ahead = a.read_ahead or 8
-    return parse_size(a.mem_size, "mem") + (conc + 4 * ahead + 16) * chunk + (64 << 20) + (150 << 20) + 350 * 100_000
+    """docs/configuration.md: the daemon's memory, before page cache (100,000 meta entries):
+    --mem-size holds every chunk in memory; warm-up buffers, Python and metadata come on top."""
+    return parse_size(a.mem_size, "mem") + (64 << 20) + (150 << 20) + 350 * 100_000
 
 
 def test_worker_statefulset():

@@ -2,10 +2,8 @@
 a worker restarted and the backend frozen for 10 s. The 10-minute run is the
 documented command in docs/reliability.md. Select with `-m soak`; skip with `-m 'not soak'`.
 
-The mounts' peak RSS is over --mem-size + 150 MiB under this load today (see
-docs/reliability.md, "Soak"): when that is the only expectation that fails, the
-test is reported as an expected failure with the figures; any other failed
-expectation fails it.
+Every expectation is asserted, the peak RSS of each daemon against --mem-size +
+150 MiB included (docs/reliability.md, "Soak").
 """
 
 from __future__ import annotations
@@ -51,8 +49,5 @@ def test_a_60_second_soak_meets_every_expectation(tmp_path):
     verified = re.search(r"bytes verified against checksums: (\d+) of (\d+)", text)
     assert verified and verified.group(1) == verified.group(2) and int(verified.group(1)) > 0, text
     failed = [line for line in text.splitlines() if line.startswith("FAIL")]
-    other = [line for line in failed if not line.startswith("FAIL peak RSS mount")]
-    assert not other, text
-    assert (proc.returncode == 0) == (not failed), (proc.returncode, failed)
-    if failed:
-        pytest.xfail("a mount's peak RSS is over --mem-size + 150 MiB (docs/reliability.md, Soak): " + "; ".join(failed))
+    assert not failed, text
+    assert proc.returncode == 0, out[-6000:]

@@ -70,11 +70,11 @@ _DIRECT_ALIGN = mmap.PAGESIZE
 # In the cache directory, next to chunks/: held by the process that owns the directory.
 LOCK_FILE = "lock"
 # Writes at once, each holding one aligned buffer of a chunk for as long as
-# the tier lives: part of the memory budget (docs/configuration.md).
+# the tier lives: outside the chunk budget, a term of the memory formula (docs/configuration.md).
 WRITE_THREADS = 4
 # Bytes of chunks warm-up loads (`fill`) hold at once, in aligned buffers, while
-# they are fetched and written; the buffers are kept and reused, so they are part
-# of the memory budget too (docs/configuration.md). At least two chunks.
+# they are fetched and written; the buffers are kept and reused, so they are a
+# term of the memory formula too (docs/configuration.md). At least two chunks.
 FILL_BYTES = 64 << 20
 
 

@@ -1,4 +1,4 @@
-"""The MEM tier: whole chunks in process memory, bounded by --mem-size."""
+"""The MEM tier: whole chunks in process memory, within the chunk budget (--mem-size)."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ from collections import Counter, OrderedDict
 from typing import ClassVar
 
 from cachefs import metrics
+from cachefs.budget import MemoryBudget
 from cachefs.objects import SOURCE_TAG_SIZE, Buffer, ChunkKey, Medium
 
 
@@ -14,13 +15,20 @@ class MemTier:
     checkpoints, async ones included (they are async to match the other tiers).
 
     Capacity 0 turns the tier off: `put` is then a no-op and every `get` misses.
+
+    Its chunks are claimed in `budget` (by default one of its own, of `capacity`),
+    which it shares with the chunks readers hold and fetch: it gives up its least
+    recently used chunks whenever the budget needs room.
     """
 
     name: ClassVar[str] = "mem"
     medium: ClassVar[Medium] = "memory"
 
-    def __init__(self, capacity: int):
+    def __init__(self, capacity: int, budget: MemoryBudget | None = None):
         self.capacity = capacity
+        self.budget = budget if budget is not None else MemoryBudget(capacity)
+        # Asked first: its chunks are the ones the budget can spare.
+        self.budget.add_reclaimer(self._make_room, cache=True)
         self.used = 0
         self.by_source: Counter[bytes] = Counter()  # source tag -> bytes
         self._chunks: OrderedDict[bytes, Buffer] = OrderedDict()
@@ -61,19 +69,32 @@ class MemTier:
             return False
         self._forget(digest)
         while self.used + size > self.capacity:
-            self._forget(next(iter(self._chunks)))
-            metrics.CACHE_EVICTIONS.labels(self.name).inc()
+            self._evict_oldest()
+        if not self.budget.try_claim(digest, size):
+            self._publish()
+            return False  # the rest is fetches in flight and unread chunks
         self._chunks[digest] = data
         self.used += size
         self.by_source[digest[:SOURCE_TAG_SIZE]] += size
         self._publish()
         return True
 
+    def _evict_oldest(self) -> None:
+        self._forget(next(iter(self._chunks)))
+        metrics.CACHE_EVICTIONS.labels(self.name).inc()
+
+    def _make_room(self, budget: MemoryBudget, room: int) -> None:
+        """A reclaimer: evict until `room` bytes fit in the budget or MEM is empty."""
+        while self._chunks and not budget.fits(room):
+            self._evict_oldest()
+        self._publish()
+
     def _forget(self, digest: bytes) -> None:
         old = self._chunks.pop(digest, None)
         if old is not None:
             self.used -= len(old)
             self.by_source[digest[:SOURCE_TAG_SIZE]] -= len(old)
+            self.budget.release(digest)
 
     def remove(self, digest: bytes) -> None:
         self._forget(digest)
