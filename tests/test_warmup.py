@@ -227,7 +227,7 @@ async def test_load_fills_the_owner_and_says_whether_it_was_cached():
     fields = dict(source="mem://src", path="f.bin", version="v", size=3 * CHUNK, chunk_size=CHUNK, index=1)
     async with trio.open_nursery() as nursery:
         frames, version = await _peer(server, nursery, protocol.PROTOCOL_VERSION)
-        assert version == 3
+        assert version == protocol.PROTOCOL_VERSION  # the newest: LoadChunk runs included
         for request_id, cached in ((1, False), (2, True)):
             await frames.send(LoadChunk(id=request_id, **fields).to_header())
             header, payload = await frames.receive()
