@@ -285,6 +285,12 @@ def cachefs_digest() -> str:
     return h.hexdigest()[:10]
 
 
+def git_head(tree: str) -> str:
+    """The short commit a checkout is at (an A/B run's baseline, for the report)."""
+    res = subprocess.run(["git", "-C", tree, "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+    return res.stdout.strip() or "unknown (not a git checkout)"
+
+
 def _run(cmd: list[str]) -> str:
     try:
         res = subprocess.run(cmd, capture_output=True, text=True, timeout=30)

@@ -363,16 +363,11 @@ def render(data: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _git_head(tree: str) -> str:
-    res = subprocess.run(["git", "-C", tree, "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
-    return res.stdout.strip() or "unknown (not a git checkout)"
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     data = {"peer_mem_size": args.peer_mem_size, "size": args.size, "repeat": args.repeat, "runtime": args.runtime, "mounts": args.mounts,
             "workloads": args.workloads, "systems": list(args.systems), "baseline_tree": args.baseline_tree,
-            "baseline_git": args.baseline_label or (_git_head(args.baseline_tree) if args.baseline_tree else None),
+            "baseline_git": args.baseline_label or (host.git_head(args.baseline_tree) if args.baseline_tree else None),
             "cells": [], "scale": []}
     return host.exit_code(host.run_experiment("peer-hits", args, data, run, render,
                                               lambda d: bool(d["cells"] or d["scale"])))

@@ -433,16 +433,11 @@ def render(data: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _git_head(tree: str) -> str:
-    res = subprocess.run(["git", "-C", tree, "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
-    return res.stdout.strip() or "unknown (not a git checkout)"
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     data = {"size": args.size, "files": args.files, "repeat": args.repeat, "systems": args.systems,
             "baseline_tree": args.baseline_tree,
-            "baseline_git": args.baseline_label or (_git_head(args.baseline_tree) if args.baseline_tree else None),
+            "baseline_git": args.baseline_label or (host.git_head(args.baseline_tree) if args.baseline_tree else None),
             "workloads": args.workloads, "cachefs_args": args.cachefs_args, "runs": [], "raw": []}
     finished = host.run_experiment("write", args, data, run, render, lambda d: bool(d["runs"] or d["raw"]))
     return host.exit_code(finished)
