@@ -52,8 +52,9 @@ _fallbacks = LogLimiter(log, interval=60.0)
 T = TypeVar("T")
 
 
-def fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+def fsync_path(path: str) -> None:
+    """fsync a file, or a directory (which makes the names in it durable), by its path."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
         os.fsync(fd)
     finally:
@@ -128,17 +129,13 @@ class LocalStore:
         tmp = os.path.join(os.path.dirname(target), f".cachefs-upload-{os.getpid()}-{threading.get_ident()}")
         try:
             shutil.copyfile(staged, tmp)  # copy_file_range/sendfile: no bytes through Python
-            fd = os.open(tmp, os.O_RDONLY | os.O_CLOEXEC)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            fsync_path(tmp)
             os.replace(tmp, target)
         except BaseException:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
             raise
-        fsync_dir(os.path.dirname(target))
+        fsync_path(os.path.dirname(target))
 
     def delete(self, path: str) -> None:
         os.unlink(self._abs(path))

@@ -41,7 +41,7 @@ from typing import TYPE_CHECKING
 import trio
 
 from cachefs import metrics
-from cachefs.backend import fsync_dir
+from cachefs.backend import fsync_path
 from cachefs.config import format_size
 from cachefs.errors import StagingFull
 
@@ -278,16 +278,12 @@ class Staging:
         for entry in entries:
             for path in (entry.staged, self._entry_path(entry)):
                 try:
-                    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+                    fsync_path(path)
                 except FileNotFoundError:
-                    continue  # uploaded and let go of already: nothing to keep
-                try:
-                    os.fsync(fd)
-                finally:
-                    os.close(fd)
+                    pass  # uploaded and let go of already: nothing to keep
         if entries:
-            fsync_dir(self.dir)  # the staged files' names
-            fsync_dir(self.journal_dir)  # the entries' names
+            fsync_path(self.dir)  # the staged files' names
+            fsync_path(self.journal_dir)  # the entries' names
 
     def forget(self, entry: JournalEntry) -> None:
         """The entry's upload is done (or superseded). Blocking: run in a thread."""
