@@ -334,14 +334,19 @@ class FsspecStore:
         if not self.is_s3:
             self.fs.put_file(staged, self._abs(path))
             return None
-        bucket, key = self._key(path)
         with open(staged, "rb") as f:
             body = f.read()
+        return _written(path, len(body), self._put(path, body, {}))
+
+    def _put(self, path: str, body: bytes, query: dict) -> dict[str, str]:
+        """PUT over the fast path (a part, with UploadId and PartNumber in `query`), or
+        through botocore for an answer only it handles; the answer's headers."""
+        bucket, key = self._key(path)
         try:
-            headers = self.fast.put(bucket, key, body, {})
+            return self.fast.put(bucket, key, body, query)
         except _FallBack:
-            headers = _headers(self.fast.client.put_object(Bucket=bucket, Key=key, Body=body))
-        return _written(path, len(body), headers)
+            call = self.fast.client.upload_part if query else self.fast.client.put_object
+            return _headers(call(Bucket=bucket, Key=key, Body=body, **query))
 
     def start_multipart(self, path: str) -> str:
         bucket, key = self._key(path)
@@ -349,7 +354,6 @@ class FsspecStore:
 
     def put_part(self, path: str, upload_id: str, number: int, staged: str, start: int, end: int) -> str:
         """Upload bytes [start, end) of `staged` as part `number`; returns its ETag."""
-        bucket, key = self._key(path)
         fd = os.open(staged, os.O_RDONLY | os.O_CLOEXEC)
         try:
             body = os.pread(fd, end - start, start)
@@ -357,12 +361,7 @@ class FsspecStore:
             os.close(fd)
         if len(body) != end - start:
             raise OSError(errno.EIO, f"{staged}: short read of part {number}")
-        query = {"UploadId": upload_id, "PartNumber": number}
-        try:
-            headers = self.fast.put(bucket, key, body, query)
-        except _FallBack:
-            headers = _headers(self.fast.client.upload_part(Bucket=bucket, Key=key, Body=body, **query))
-        return headers.get("etag", "")
+        return self._put(path, body, {"UploadId": upload_id, "PartNumber": number}).get("etag", "")
 
     def finish_multipart(self, path: str, upload_id: str, etags: list[str], size: int) -> ObjectInfo | None:
         """Complete the upload; the new object's attributes as `put_file` returns them."""
