@@ -58,17 +58,21 @@ class EarlyParts:
         self.sending: dict[int, bool] = {}  # parts in flight -> still true of the file
         self.next = 0  # the next part a sequential writer completes
         self.stopped = False
-        self._starting = trio.Lock()
+        self.starting = trio.Lock()  # the first part to go starts the multipart upload
         self._idle = trio.Event()
 
-    def touched(self, start: int, end: int) -> None:
+    def touched(self, start: int, end: int | None) -> None:
         """Bytes [start, end) were written (end=None: everything from start was cut off)."""
         first = start // self.part_size
-        for index in [*self.etags, *self.sending]:
-            if index >= first and (end is None or index * self.part_size < end):
-                self.etags.pop(index, None)
-                if index in self.sending:
-                    self.sending[index] = False
+        if end is None:
+            indexes = [i for i in [*self.etags, *self.sending] if i >= first]
+        else:
+            # Every write calls this: visit the parts it covers, not every part sent.
+            indexes = range(first, (end - 1) // self.part_size + 1)
+        for index in indexes:
+            self.etags.pop(index, None)
+            if index in self.sending:
+                self.sending[index] = False
 
     def ready(self, offset: int) -> list[int]:
         """The parts a sequential writer now writing at `offset` has left behind."""
@@ -83,7 +87,8 @@ class EarlyParts:
         while self.sending:
             await self._idle.wait()
 
-    def _sent(self, index: int, etag: str | None) -> None:
+    def sent(self, index: int, etag: str | None) -> None:
+        """Part `index` is no longer in flight: sent (its ETag) or not (None)."""
         if self.sending.pop(index) and etag is not None:
             self.etags[index] = etag
         if not self.sending:
@@ -163,7 +168,7 @@ class Uploader:
         backend = dataset.backend
         etag = None
         try:
-            async with early._starting:
+            async with early.starting:
                 if early.upload_id is None:
                     early.upload_id = await backend.start_parts(path)
             etag = await backend.put_part(path, early.upload_id, index, early.part_size, staged.path,
@@ -172,7 +177,7 @@ class Uploader:
             early.stopped = True  # close sends what is missing, with its own retries
             log.info("early part %d of %s not sent (sent at close): %s", index + 1, path, e)
         finally:
-            early._sent(index, etag)
+            early.sent(index, etag)
 
     def drop_early(self, dataset: Dataset, path: str, early: EarlyParts) -> None:
         """The file will not be uploaded with these parts (closed unsealed, or deleted)."""
