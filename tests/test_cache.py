@@ -265,6 +265,27 @@ async def test_disk_round_trip(tmp_path):
 
 
 @pytest.mark.trio
+async def test_disk_fill_stores_the_fetched_chunks_and_counts_their_bytes(tmp_path):
+    """Warm-up's `fill`: the chunks come back byte-exact, and their files count in
+    cachefs_cache_written_bytes_total as put's do."""
+    disk = await open_disk(tmp_path, 10 * entry(1000))
+    keys = [chunk(n, 1000) for n in range(3)]
+    data = [payload(1000, seed=n) for n in range(3)]
+
+    async def fetch(views):
+        for view, part in zip(views, data):
+            view[:] = part
+
+    before = sample("cachefs_cache_written_bytes_total", tier="disk")
+    assert await disk.fill(keys, fetch) == [True, True, True]
+    assert sample("cachefs_cache_written_bytes_total", tier="disk") - before == 3 * entry(1000)
+    for k, part in zip(keys, data):
+        got = await disk.get(k)
+        assert got is not None and bytes(got) == part
+    assert disk.usage() == (3 * entry(1000), 3)
+
+
+@pytest.mark.trio
 async def test_disk_lru_eviction_order(tmp_path):
     disk = await open_disk(tmp_path, 3 * entry(1000))
     for n in range(3):

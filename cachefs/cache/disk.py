@@ -486,6 +486,7 @@ class DiskTier:
                     await trio.to_thread.run_sync(
                         self._write_filled, k.digest, buffers[i], head, k.length, limiter=self._write_limiter
                     )
+                    self._written.inc(mine[i])
                     self._index.add(k.digest, mine[i])
                     if k.digest in self._pins:
                         self._index.pin(k.digest)
