@@ -407,7 +407,7 @@ class DiskTier:
             True if stored; False if already present, being written, not
             admitted (--admission) or no room.
         """
-        return await self._store(key.digest, len(data), self._write, data)
+        return await self._store(key.digest, data)
 
     def fill_run_chunks(self, chunk_size: int) -> int:
         """The most chunks of `chunk_size` one `fill` may take."""
@@ -486,11 +486,7 @@ class DiskTier:
                     await trio.to_thread.run_sync(
                         self._write_filled, k.digest, buffers[i], head, k.length, limiter=self._write_limiter
                     )
-                    self._written.inc(mine[i])
-                    self._index.add(k.digest, mine[i])
-                    if k.digest in self._pins:
-                        self._index.pin(k.digest)
-                    self.by_source[tag] += mine[i]
+                    self._indexed(k.digest, mine[i])
                     written.add(i)
                     held[i] = True
             finally:
@@ -510,12 +506,11 @@ class DiskTier:
                 del self._reserved[tag]
             self._publish()
 
-    async def _store(self, digest: bytes, length: int, write, *args) -> bool:
-        """Reserve room for a chunk of `length` bytes, then `write(digest, *args)` in a
-        thread and index the file."""
+    async def _store(self, digest: bytes, data: bytes | memoryview) -> bool:
+        """Reserve room for a chunk, then write it in a thread and index the file."""
         if digest in self._index or digest in self._writing:
             return False
-        size = hotpath.header_size(length) + length
+        size = hotpath.header_size(len(data)) + len(data)
         tag = digest[:SOURCE_TAG_SIZE]
         reason = "pinned" if digest in self._pins else self._index.admit(digest, size, self.used + size > self.capacity)
         if reason is None:
@@ -531,12 +526,8 @@ class DiskTier:
             if victims:
                 await trio.to_thread.run_sync(_unlink_all, victims, limiter=self._limiter)
             if room:
-                await trio.to_thread.run_sync(write, digest, *args, limiter=self._write_limiter)
-                self._written.inc(size)
-                self._index.add(digest, size)
-                if digest in self._pins:
-                    self._index.pin(digest)
-                self.by_source[digest[:SOURCE_TAG_SIZE]] += size
+                await trio.to_thread.run_sync(self._write, digest, data, limiter=self._write_limiter)
+                self._indexed(digest, size)
                 stored = True
             return stored
         except OSError as e:
@@ -553,6 +544,14 @@ class DiskTier:
                 del self._reserved[tag]
             self._writing.discard(digest)
             self._publish()
+
+    def _indexed(self, digest: bytes, size: int) -> None:
+        """A chunk file of `size` bytes was just written (its room reserved): index it."""
+        self._written.inc(size)
+        self._index.add(digest, size)
+        if digest in self._pins:
+            self._index.pin(digest)
+        self.by_source[digest[:SOURCE_TAG_SIZE]] += size
 
     def _write(self, digest: bytes, data: bytes | memoryview) -> None:
         header = hotpath.seal_chunk(digest, data)
