@@ -3,7 +3,8 @@
 One task per connection: a mutual HMAC handshake, then requests handled
 concurrently (bounded per connection) and answered in any order by id.
 Requests are GetChunk (answered with the chunk, or on protocol v4 with the byte
-range of it that was asked for) and, on connections of protocol version 2 or later, LoadChunk (warm-up: load it into our tiers, answer Loaded).
+range of it that was asked for) and, on connections of protocol version 2 or
+later, LoadChunk (warm-up: load it into our tiers, answer Loaded).
 
 Each connection is a boundary: whatever happens inside it (a reset, a
 malformed frame, a bug) is logged and closes that connection only; the

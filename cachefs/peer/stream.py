@@ -47,11 +47,7 @@ class FrameStream:
     """
 
     def __init__(
-        self,
-        stream: trio.abc.Stream,
-        max_payload: int,
-        thread_receive: bool = False,
-        max_header: int = MAX_HEADER,
+        self, stream: trio.abc.Stream, max_payload: int, thread_receive: bool = False, max_header: int = MAX_HEADER
     ):
         self.stream = stream
         self.decoder = FrameDecoder(max_payload=max_payload, max_header=max_header)
