@@ -57,6 +57,16 @@ def _load_juicefs_backend():
 
 juicefs_backend = _load_juicefs_backend()
 free_port = juicefs_backend.free_port
+
+
+async def serve_on_loopback(server, nursery) -> str:
+    """Serve a PeerServer (in-process) on a free loopback port in `nursery`; its HOST:PORT."""
+    import functools
+
+    import trio
+
+    listeners = await nursery.start(functools.partial(trio.serve_tcp, server.handle, 0, host="127.0.0.1"))
+    return "127.0.0.1:%d" % listeners[0].socket.getsockname()[1]
 stop_process = juicefs_backend.stop_process
 is_mounted = juicefs_backend._mounted
 hermetic_env = juicefs_backend.hermetic_env  # the same environment as bench/ starts daemons in

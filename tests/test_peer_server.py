@@ -4,13 +4,13 @@ reading, and a bug inside one connection that must not reach the others."""
 
 from __future__ import annotations
 
-import functools
 import logging
 import os
 
 import pytest
 import trio
 import trio.testing
+from conftest import serve_on_loopback
 
 from cachefs import metrics
 from cachefs.errors import PeerError
@@ -243,20 +243,20 @@ class PatternReader:
         return self.data[index * CHUNK : (index + 1) * CHUNK], "mem"
 
 
-async def _range_peer(server: PeerServer, nursery: trio.Nursery) -> str:
-    listeners = await nursery.start(functools.partial(trio.serve_tcp, server.handle, 0, host="127.0.0.1"))
-    return "127.0.0.1:%d" % listeners[0].socket.getsockname()[1]
+async def _range_rig(reader: PatternReader, nursery: trio.Nursery) -> tuple[str, PeerClient, ObjectId]:
+    """A worker serving `reader` on loopback, a mount's client of it, and the object read."""
+    server = PeerServer("worker-1", SECRET, {SOURCE: reader}, max_payload=CHUNK)
+    peer = await serve_on_loopback(server, nursery)
+    client = PeerClient("mount", SECRET, nursery, max_payload=CHUNK)
+    return peer, client, ObjectId(SOURCE, "f.bin", "v1", len(reader.data))
 
 
 @pytest.mark.trio
 async def test_a_range_is_those_bytes_of_the_chunk_at_every_edge():
     size = 2 * CHUNK + 1000  # the last chunk is 1000 bytes
     reader = PatternReader(size)
-    server = PeerServer("worker-1", SECRET, {SOURCE: reader}, max_payload=CHUNK)
-    obj = ObjectId(SOURCE, "f.bin", "v1", size)
     async with trio.open_nursery() as nursery:
-        peer = await _range_peer(server, nursery)
-        client = PeerClient("mount", SECRET, nursery, max_payload=CHUNK)
+        peer, client, obj = await _range_rig(reader, nursery)
         for index, start, end in [(0, 0, 1), (0, CHUNK - 1, CHUNK), (0, 0, CHUNK), (1, 4096, 8192),
                                   (1, 1, CHUNK - 1), (2, 0, 1000), (2, 999, 1000), (2, 500, 501)]:
             got = await client.get_chunk(peer, obj, CHUNK, index, start, end)
@@ -283,12 +283,10 @@ async def test_a_range_from_a_v3_server_falls_back_to_the_whole_chunk(monkeypatc
 
     size = 2 * CHUNK
     reader = PatternReader(size)
-    server = PeerServer("worker-1", SECRET, {SOURCE: reader}, max_payload=CHUNK)
-    obj = ObjectId(SOURCE, "f.bin", "v1", size)
     async with trio.open_nursery() as nursery:
-        peer = await _range_peer(server, nursery)
+        # The server of the previous release: up to v3 (the client connects at its first request).
         monkeypatch.setattr(protocol, "SUPPORTED_VERSIONS", frozenset({1, 2, 3}))
-        client = PeerClient("mount", SECRET, nursery, max_payload=CHUNK)
+        peer, client, obj = await _range_rig(reader, nursery)
         with pytest.raises(PeerError) as e:
             await client.get_chunk(peer, obj, CHUNK, 1, 10, 20)
         assert e.value.code == "version" and client._conns[peer].version == 3
@@ -350,11 +348,8 @@ async def test_ranges_and_whole_chunks_take_separate_connections():
     not wait behind 4 MiB answers on the wire. A failed peer loses both."""
     size = 2 * CHUNK
     reader = PatternReader(size)
-    server = PeerServer("worker-1", SECRET, {SOURCE: reader}, max_payload=CHUNK)
-    obj = ObjectId(SOURCE, "f.bin", "v1", size)
     async with trio.open_nursery() as nursery:
-        peer = await _range_peer(server, nursery)
-        client = PeerClient("mount", SECRET, nursery, max_payload=CHUNK)
+        peer, client, obj = await _range_rig(reader, nursery)
         assert bytes(await client.get_chunk(peer, obj, CHUNK, 1, 5, 9)) == reader.data[CHUNK + 5 : CHUNK + 9]
         assert peer not in client._bulk
         assert bytes(await client.get_chunk(peer, obj, CHUNK, 1)) == reader.data[CHUNK:]
@@ -371,11 +366,8 @@ async def test_ranges_and_whole_chunks_take_separate_connections():
 async def test_a_range_is_answered_while_a_whole_chunk_is_outstanding():
     size = 2 * CHUNK
     reader = SlowChunkReader(size)
-    server = PeerServer("worker-1", SECRET, {SOURCE: reader}, max_payload=CHUNK)
-    obj = ObjectId(SOURCE, "f.bin", "v1", size)
     async with trio.open_nursery() as nursery:
-        peer = await _range_peer(server, nursery)
-        client = PeerClient("mount", SECRET, nursery, max_payload=CHUNK)
+        peer, client, obj = await _range_rig(reader, nursery)
         whole: list[bytes] = []
 
         async def fetch_whole() -> None:

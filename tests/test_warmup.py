@@ -4,7 +4,6 @@ workers and an S3 server whose GETs are counted at a proxy in front of it."""
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 import subprocess
@@ -16,7 +15,7 @@ import pytest
 import trio
 import trio.testing
 
-from conftest import REPO, S3Proxy, hermetic_env
+from conftest import REPO, S3Proxy, hermetic_env, serve_on_loopback
 
 from cachefs.errors import BackendError, ConfigError, ObjectNotFound
 from cachefs.objects import ObjectInfo, chunk_key
@@ -278,9 +277,7 @@ async def test_a_v3_client_loads_a_run_from_a_v2_server_chunk_by_chunk(monkeypat
     server = PeerServer("w", b"s", {"mem://src": reader}, max_payload=CHUNK)
     obj = ObjectId("mem://src", "f.bin", "v", 3 * CHUNK)
     async with trio.open_nursery() as nursery:
-        serve = functools.partial(trio.serve_tcp, server.handle, 0, host="127.0.0.1")
-        listeners = await nursery.start(serve)
-        peer = "127.0.0.1:%d" % listeners[0].socket.getsockname()[1]
+        peer = await serve_on_loopback(server, nursery)
         # The server of the previous release: v1 and v2 only, so it closes on our v3 Hello.
         monkeypatch.setattr(protocol, "SUPPORTED_VERSIONS", frozenset({1, 2}))
         client = PeerClient("mount", b"s", nursery, max_payload=CHUNK)
@@ -332,9 +329,7 @@ async def test_a_v2_client_reads_from_a_v1_server_and_does_not_ask_it_to_load():
     server = V1Server("w", b"s", {"mem://src": reader}, max_payload=CHUNK)
     obj = ObjectId("mem://src", "f.bin", "v", 3 * CHUNK)
     async with trio.open_nursery() as nursery:
-        serve = functools.partial(trio.serve_tcp, server.handle, 0, host="127.0.0.1")
-        listeners = await nursery.start(serve)
-        peer = "127.0.0.1:%d" % listeners[0].socket.getsockname()[1]
+        peer = await serve_on_loopback(server, nursery)
         client = PeerClient("mount", b"s", nursery, max_payload=CHUNK)
         assert await client.get_chunk(peer, obj, CHUNK, 2) == bytes([2]) * CHUNK
         with pytest.raises(PeerError) as e:
