@@ -200,8 +200,7 @@ def render(data: dict) -> str:
     bound = ds["total"] + CHUNK
     lines.append(f"- backend bytes per epoch ≤ 1.0 × the dataset (+ one chunk), every policy and epoch: highest "
                  f"{worst / ds['total']:.3f}× — {verdict(worst <= bound)}")
-    if data["errors"]:
-        lines += ["", "## Errors", ""] + [f"- `{e.splitlines()[0][:300]}`" for e in data["errors"]]
+    lines += report.error_lines(data["errors"])
     return "\n".join(lines) + "\n"
 
 

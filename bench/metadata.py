@@ -314,8 +314,7 @@ def render(data: dict, args: argparse.Namespace) -> str:
             "Python's allocator keeps freed memory in its arenas, so RSS after a drop stays near "
             "the peak although the inodes are gone; the second walk shows whether it is reused.",
         ]
-    if data["errors"]:
-        lines += ["", "## Errors", ""] + [f"- `{e.splitlines()[0][:300]}`" for e in data["errors"]]
+    lines += report.error_lines(data["errors"])
     return "\n".join(lines) + "\n"
 
 

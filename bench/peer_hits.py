@@ -358,8 +358,7 @@ def render(data: dict) -> str:
             lines.append(f"| {k} | {_fmt(_median(scale, 'mib_s', mounts=k), ',.0f')} "
                          f"| {_fmt(_median(scale, 'worker_cpu_s_per_gib', mounts=k), '.2f')} "
                          f"| {_fmt(_median(scale, 'mount_cpu_s_per_gib', mounts=k), '.2f')} |")
-    if data["errors"]:
-        lines += ["", "## Errors", ""] + [f"- `{e.splitlines()[0][:300]}`" for e in data["errors"]]
+    lines += report.error_lines(data["errors"])
     return "\n".join(lines) + "\n"
 
 

@@ -97,6 +97,13 @@ def experiment_lines(data: dict) -> list[str]:
     return lines
 
 
+def error_lines(errors: list[str]) -> list[str]:
+    """The "## Errors" section of a bench module's report: each error's first line; none without errors."""
+    if not errors:
+        return []
+    return ["", "## Errors", ""] + [f"- `{e.splitlines()[0][:300]}`" for e in errors]
+
+
 def _header(data: dict) -> list[str]:
     m, d = data["machine"], data["dataset"]
     raw = data.get("raw_s3", {}).get("mib_s")

@@ -304,8 +304,7 @@ def render(data: dict) -> str:
         lines += [f"- N={c['workers']} K={c['readers']}: {c['mount_backend_bytes'] / MiB:,.0f} MiB; peer requests "
                   + ", ".join(f"{o} {v:.0f}" for o, v in sorted(c["mount_peer_requests"].items()))
                   for c in fallbacks]
-    if data["errors"]:
-        lines += ["", "## Errors", ""] + [f"- `{e.splitlines()[0][:300]}`" for e in data["errors"]]
+    lines += report.error_lines(data["errors"])
     return "\n".join(lines) + "\n"
 
 

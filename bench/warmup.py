@@ -441,8 +441,7 @@ def render(data: dict) -> str:
         lines += ["", f"Check after the first cachefs-peer warm-up: the worker's cache held the data, and a full "
                   f"read of the {v['bytes'] / MiB:,.0f} MiB through a fresh mount on its ring took {v['seconds']:.1f} s "
                   f"with {v['mount_gets']:.0f} backend GETs by the mount and {v['worker_gets']:.0f} by the worker."]
-    if data["errors"]:
-        lines += ["", "## Errors", ""] + [f"- `{e.splitlines()[0][:300]}`" for e in data["errors"]]
+    lines += report.error_lines(data["errors"])
     return "\n".join(lines) + "\n"
 
 

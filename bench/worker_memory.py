@@ -188,8 +188,7 @@ def render(data: dict) -> str:
                 f"| {r['VmRSS'] / 1024:,.0f} | {r['VmHWM'] / 1024:,.0f} | {r['page_cache'] / MiB:,.0f} "
                 f"| {r['VmRSS'] / 1024 + r['page_cache'] / MiB:,.0f} |"
             )
-    if data["errors"]:
-        lines += ["", "## Errors", ""] + [f"- `{e.splitlines()[0][:300]}`" for e in data["errors"]]
+    lines += report.error_lines(data["errors"])
     return "\n".join(lines) + "\n"
 
 

@@ -428,8 +428,7 @@ def render(data: dict) -> str:
                 if a and b:
                     lines.append(f"- {w} {s}: {a:,.1f} / {b:,.1f} = {a / b:.2f}×"
                                  + (f"; landed {la:,.1f} / {lb:,.1f} = {la / lb:.2f}×" if la and lb else ""))
-    if data["errors"]:
-        lines += ["", "## Errors", ""] + [f"- `{e.splitlines()[0][:300]}`" for e in data["errors"]]
+    lines += report.error_lines(data["errors"])
     return "\n".join(lines) + "\n"
 
 
