@@ -107,11 +107,17 @@ class MemoryBudget:
             metrics.BUDGET_BYTES.labels("peak").set(self.peak)
         return True
 
-    async def claim(self, digest: bytes, size: int) -> None:
+    async def claim(self, digest: bytes, size: int, ahead: bool = False) -> None:
         """Claim a chunk for a read waiting on it: wait while chunks in flight take
-        the room nothing can be reclaimed from. Checkpoints only when it waits."""
-        size = min(size, self.capacity)  # a chunk bigger than the budget gets all of it
-        while not self.try_claim(digest, size):
+        the room nothing can be reclaimed from. Checkpoints only when it waits.
+
+        Args:
+            ahead: as `try_claim`'s, for loads no read waits on (warm-up), which
+                may wait for their room but must not take a demand read's.
+        """
+        # A chunk bigger than the budget gets all of it (all read-ahead may take).
+        size = min(size, self.capacity - (self.reserve if ahead else 0))
+        while not self.try_claim(digest, size, ahead):
             await self._freed.park()
 
     def release(self, digest: bytes) -> None:

@@ -66,7 +66,8 @@ async def open_tiers(config: CacheConfig) -> tuple[MemTier, DiskTier | None]:
         # Only a worker drops the page cache of what it served (DiskTier: mounts re-read their hot chunks).
         drop_pages = getattr(config, "drop_page_cache", False)
         disk = DiskTier(
-            config.cache_dir, config.cache_size, config.free_space_ratio, admission=config.admission, drop_pages=drop_pages
+            config.cache_dir, config.cache_size, config.free_space_ratio, admission=config.admission,
+            drop_pages=drop_pages, budget=budget,
         )
         try:
             await disk.load()

@@ -175,3 +175,47 @@ async def test_demand_reads_progress_when_read_ahead_holds_the_budget(store):
                     readers.start_soon(one)
         nursery.cancel_scope.cancel()
     assert budget.peak <= budget.capacity
+
+
+@pytest.mark.trio
+async def test_warm_up_fills_are_claimed_in_the_budget_and_mem_makes_room(tmp_path):
+    """A warm-up's fill buffers count under --mem-size: concurrent fills never take
+    the budget over its capacity nor the room kept for demand reads, MEM shrinks
+    for them, none deadlocks, and the buffers go back to the system afterwards."""
+    from cachefs.cache.disk import DiskTier
+
+    budget = MemoryBudget(12 * C, reserve=2 * C)
+    mem = MemTier(12 * C, budget)
+    disk = DiskTier(str(tmp_path), 1 << 30, 0.0, budget=budget)
+    await disk.load()
+    assert disk.fill_run_chunks(C) == 5  # half of what is left beside the reserve
+    hot = ObjectId("fake://b", "hot", "v1", 12 * C)
+    for i in range(12):
+        await mem.put(chunk_key(hot, C, i), b"h" * C)
+    assert budget.used == 12 * C
+    objs = [ObjectId("fake://b", f"w{i}", "v1", 4 * C) for i in range(6)]
+    peak = 0
+
+    async def fetch(views) -> None:
+        nonlocal peak
+        for view in views:
+            peak = max(peak, budget.used)
+            await trio.lowlevel.checkpoint()  # the other fills go on meanwhile
+            view[:] = b"w" * len(view)
+
+    async def fill(obj) -> None:
+        keys = [chunk_key(obj, C, i) for i in range(4)]
+        assert await disk.fill(keys, fetch) == [True] * 4
+
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            for obj in objs:
+                nursery.start_soon(fill, obj)
+    assert 4 * C <= peak <= budget.capacity - budget.reserve  # fills ran, within the room read-ahead may take
+    assert budget.peak <= budget.capacity
+    assert mem.used < 12 * C  # MEM gave up its oldest chunks for them
+    assert budget.used == mem.used  # every fill's claim was given back
+    assert not disk._fill_buffers  # and no idle buffer is kept
+    for obj in objs:
+        got = await disk.get(chunk_key(obj, C, 3))
+        assert got is not None and bytes(got) == b"w" * C

@@ -297,8 +297,8 @@ def _mem(q: str) -> int:
 
 def _budget(a) -> int:
     """docs/configuration.md: the daemon's memory, before page cache (100,000 meta entries):
-    --mem-size holds every chunk in memory; warm-up buffers, Python and metadata come on top."""
-    return parse_size(a.mem_size, "mem") + (64 << 20) + (150 << 20) + 350 * 100_000
+    --mem-size holds every chunk in memory, warm-up loads too; Python and metadata come on top."""
+    return parse_size(a.mem_size, "mem") + (150 << 20) + 350 * 100_000
 
 
 def test_worker_statefulset():

@@ -43,6 +43,7 @@ from typing import Awaitable, Callable, ClassVar
 import trio
 
 from cachefs import hotpath, metrics
+from cachefs.budget import MemoryBudget
 from cachefs.cache.policy import make_index
 from cachefs.errors import CacheDirInUse, ChunkCorrupt
 from cachefs.objects import SOURCE_TAG_SIZE, Buffer, ChunkKey, Medium, source_tag
@@ -72,10 +73,12 @@ LOCK_FILE = "lock"
 # Writes at once, each holding one aligned buffer of a chunk for as long as
 # the tier lives: outside the chunk budget, a term of the memory formula (docs/configuration.md).
 WRITE_THREADS = 4
-# Bytes of chunks warm-up loads (`fill`) hold at once, in aligned buffers, while
-# they are fetched and written; the buffers are kept and reused, so they are a
-# term of the memory formula too (docs/configuration.md). At least two chunks.
-FILL_BYTES = 64 << 20
+# The most bytes of chunks warm-up loads (`fill`) hold at once, in aligned
+# buffers, while they are fetched and written: 8 loads of 16 MiB in flight, as
+# many as it takes to keep the backend busy. They are claimed in the chunk
+# budget (--mem-size, less the room demand reads keep) while in use, and
+# given back to the system when no fill runs.
+FILL_BYTES = 128 << 20
 
 
 def _unlink_all(paths: list[str]) -> None:
@@ -131,6 +134,7 @@ class DiskTier:
             again, yet a container's memory limit counts them. A mount keeps them:
             its hot chunk files are read again and again, and from the page cache
             a range read is served on the trio thread (RWF_NOWAIT) without a hop.
+        budget: the daemon's chunk budget, where `fill`'s buffers are claimed.
     """
 
     name: ClassVar[str] = "disk"
@@ -144,6 +148,7 @@ class DiskTier:
         io_threads: int = 8,
         admission: str = "lru",
         drop_pages: bool = False,
+        budget: MemoryBudget | None = None,
     ):
         self.cache_dir = cache_dir
         self.root = os.path.join(cache_dir, "chunks")
@@ -170,9 +175,11 @@ class DiskTier:
         self.drop_pages = drop_pages and hasattr(os, "posix_fadvise")
         # Dropped pages are never there for a read that must not block.
         self._nowait = bool(_NOWAIT) and not self.drop_pages
+        self._budget = budget
         self._fill_buffers: list[mmap.mmap] = []  # free `fill` buffers, one per chunk of a fill
         self._fill_slots: trio.Semaphore | None = None  # chunks fills may hold: made at the first
         self._fill_lock = trio.Lock()
+        self._fills = 0  # fills holding slots; their buffers are freed when none does
         metrics.CACHE_CAPACITY.labels(self.name).set(capacity)
         self._hits = metrics.CACHE_HITS.labels(self.name)
         self._misses = metrics.CACHE_MISSES.labels(self.name)
@@ -410,8 +417,13 @@ class DiskTier:
         return await self._store(key.digest, data)
 
     def fill_run_chunks(self, chunk_size: int) -> int:
-        """The most chunks of `chunk_size` one `fill` may take."""
-        return max(2, FILL_BYTES // chunk_size)
+        """The most chunks of `chunk_size` one `fill` may take, and fills together."""
+        room = FILL_BYTES
+        if self._budget is not None:
+            # Half of what read-ahead may take: fills wait for their room with
+            # partial claims (one at a time), so they must never need it all.
+            room = min(room, (self._budget.capacity - self._budget.reserve) // 2)
+        return max(1, room // chunk_size)
 
     async def fill(self, keys: list[ChunkKey], fetch: Callable[[list[memoryview]], Awaitable[None]]) -> list[bool]:
         """Store consecutive chunks of one object that `fetch` writes straight into
@@ -421,7 +433,8 @@ class DiskTier:
         one backend request; each view lies in a page-aligned buffer with room for
         its chunk's header before it, and the buffer is then written with O_DIRECT
         as it is: no copy, no MEM tier, and no fresh memory per chunk (the buffers
-        are reused; FILL_BYTES of them at most). Nothing is fetched if every chunk
+        are reused while fills run; FILL_BYTES of them at most, claimed in the
+        chunk budget, which MEM makes room for). Nothing is fetched if every chunk
         is held already, or if there is no room. Checkpoints.
 
         Args:
@@ -438,15 +451,30 @@ class DiskTier:
         slots = self._fill_slots
         if n > self.fill_run_chunks(keys[0].chunk_size):
             raise ValueError(f"a fill of {n} chunks: more than {self.fill_run_chunks(keys[0].chunk_size)}")
-        # Taken whole under a lock, so fills waiting for slots never each hold a part.
-        async with self._fill_lock:
-            for _ in range(n):
-                await slots.acquire()
+        budget = self._budget
+        slots_taken, claims = 0, []
+        self._fills += 1
         try:
+            # Taken whole under a lock, so fills waiting for room never each hold a
+            # part: the one waiting gets the rest as the others end. Claimed as
+            # read-ahead is, leaving demand reads their room and readers their chunks.
+            async with self._fill_lock:
+                for _ in range(n):
+                    await slots.acquire()
+                    slots_taken += 1
+                if budget is not None:
+                    for k in keys:
+                        await budget.claim(k.digest, k.length, ahead=True)
+                        claims.append(k.digest)
             return await self._fill(keys, fetch)
         finally:
-            for _ in range(n):
+            for digest in claims:
+                budget.release(digest)
+            for _ in range(slots_taken):
                 slots.release()
+            self._fills -= 1
+            if not self._fills:
+                self._fill_buffers.clear()  # unclaimed now: the system's again
 
     async def _fill(self, keys: list[ChunkKey], fetch) -> list[bool]:
         held = [k.digest in self._index or k.digest in self._writing for k in keys]
