@@ -51,6 +51,7 @@ T = TypeVar("T")
 
 PROTOCOL_VERSION = 1
 XATTR = "user.cachefs.control"
+NOT_IN_A_MOUNT = "not in a cachefs mount"  # one wording for every command
 MAX_LINE = 64 << 10  # bytes of one request, newline included
 MAX_REPLY = 16 << 20  # bytes of one reply the client accepts
 _SUN_PATH_MAX = 107  # sockaddr_un.sun_path is 108 bytes, NUL included
@@ -591,24 +592,38 @@ def _locate(target: str) -> str:
         raise ConfigError(f"{target}: {e.strerror}") from None
     if stat.S_ISSOCK(st.st_mode):
         return target
-    # Ask the path, then its parents on the same file system: the mount root answers.
-    path = target
+    return socket_above(target)[0]
+
+
+def socket_above(target: str) -> tuple[str, str]:
+    """(control socket, `target` relative to the mount root) of a path in a cachefs
+    mount. The path need not exist (the node says what is wrong with it): the
+    nearest of it and its parents that names a control socket is the mount root.
+    Blocking: a hung mount hangs it, so callers run it in a thread (`ask_mount`).
+
+    Raises:
+        ConfigError: not in a cachefs mount, or the mount's daemon is gone.
+    """
+    path = os.path.realpath(target)
+    inside: list[str] = []
     while True:
         try:
             value = os.getxattr(path, XATTR)
         except OSError as e:
             if e.errno == errno.ENOTCONN:
                 raise ConfigError(f"{target}: the mount's daemon is gone (run fusermount3 -u {path})") from None
-            if e.errno not in (errno.ENODATA, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EPERM, errno.EACCES):
+            if e.errno not in (errno.ENOENT, errno.ENOTDIR, errno.ENODATA, errno.ENOTSUP, errno.EOPNOTSUPP,
+                               errno.EPERM, errno.EACCES):
                 raise ConfigError(f"{target}: cannot ask for its control socket ({e.strerror})") from None
         else:
             sock = os.fsdecode(value)
             if not os.path.isabs(sock):
                 raise ConfigError(f"{target}: the mount names a control socket that is not an absolute path")
-            return sock
+            return sock, "/".join(reversed(inside))
         parent = os.path.dirname(path)
-        if parent == path or os.stat(parent).st_dev != st.st_dev:
-            raise ConfigError(f"{target}: not a cachefs mount")
+        if parent == path:
+            raise ConfigError(f"{target}: {NOT_IN_A_MOUNT}")
+        inside.append(os.path.basename(path))
         path = parent
 
 
@@ -640,7 +655,7 @@ def _mount_path(target: str) -> str:
         return os.fsdecode(os.getxattr(target, XATTR_PATH))
     except OSError as e:
         if e.errno in (errno.ENODATA, errno.ENOTSUP, errno.EOPNOTSUPP):
-            raise ConfigError(f"{target}: not in a cachefs mount") from None
+            raise ConfigError(f"{target}: {NOT_IN_A_MOUNT}") from None
         if e.errno == errno.ENOTCONN:
             raise ConfigError(f"{target}: the mount's daemon is gone") from None
         raise ConfigError(f"{target}: {e.strerror}") from None

@@ -15,7 +15,6 @@ Exit codes: 0 all loaded (or --wait-ratio reached; the node goes on loading),
 from __future__ import annotations
 
 import collections
-import errno
 import json
 import os
 import sys
@@ -34,40 +33,8 @@ START_TIMEOUT = 120.0  # seconds the node may take to check the paths (a stat ea
 CALL_TIMEOUT = 30.0
 
 
-def _find_mount(target: str) -> tuple[str, str]:
-    """(control socket, path relative to the mount root) of a path inside a cachefs mount.
-
-    The path need not exist (the node says what is wrong with it): its nearest
-    ancestor that names a control socket is the mount root. Blocking; a hung
-    mount hangs it, so it runs in a thread.
-
-    Raises:
-        ConfigError: not inside a cachefs mount, or the mount's daemon is gone.
-    """
-    path = os.path.realpath(target)
-    inside: list[str] = []
-    while True:
-        try:
-            value = os.getxattr(path, control.XATTR)
-        except OSError as e:
-            if e.errno == errno.ENOTCONN:
-                raise ConfigError(f"{target}: the mount's daemon is gone (run fusermount3 -u {path})") from None
-            if e.errno not in (errno.ENOENT, errno.ENODATA, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EPERM, errno.EACCES, errno.ENOTDIR):
-                raise ConfigError(f"{target}: cannot ask for its control socket ({e.strerror})") from None
-        else:
-            sock = os.fsdecode(value)
-            if not os.path.isabs(sock):
-                raise ConfigError(f"{target}: the mount names a control socket that is not an absolute path")
-            return sock, "/".join(reversed(inside))
-        parent = os.path.dirname(path)
-        if parent == path:
-            raise ConfigError(f"{target}: not inside a cachefs mount")
-        inside.append(os.path.basename(path))
-        path = parent
-
-
 def find_mount(target: str, timeout: float = 5) -> tuple[str, str]:
-    return control.ask_mount(_find_mount, target, timeout)
+    return control.ask_mount(control.socket_above, target, timeout)
 
 
 # -- output --------------------------------------------------------------------------

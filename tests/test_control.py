@@ -376,7 +376,7 @@ def test_socket_for(sock, run_dir, tmp_path):
     with pytest.raises(ConfigError, match=r"^.*/nowhere: No such file or directory$"):
         socket_for(str(tmp_path / "nowhere"))
     (tmp_path / "d").mkdir()
-    with pytest.raises(ConfigError, match=r"/d: not a cachefs mount$"):
+    with pytest.raises(ConfigError, match=r"/d: not in a cachefs mount$"):
         socket_for(str(tmp_path / "d"))
 
 
@@ -410,7 +410,7 @@ def test_cli_unreachable_is_one_line_exit_2(run_cachefs, tmp_path):
     r = run_cachefs("dataset", "list", "/nonexistent")
     assert r.returncode == 2 and r.stderr == "cachefs: error: /nonexistent: No such file or directory\n"
     r = run_cachefs("status", str(tmp_path))
-    assert r.returncode == 2 and r.stderr == f"cachefs: error: {tmp_path}: not a cachefs mount\n"
+    assert r.returncode == 2 and r.stderr == f"cachefs: error: {tmp_path}: not in a cachefs mount\n"
     r = run_cachefs("dataset", "add", str(tmp_path), "x=/data,bogus=1")
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "unknown option 'bogus'" in r.stderr
     r = run_cachefs("status", "--json", "127.0.0.1:9")

@@ -529,7 +529,7 @@ def test_bad_paths_give_one_line_and_fail(local_source, tmp_path, cachefs_mount)
     local_source.write("f.bin", b"x")
     m = cachefs_mount(None, "--dataset", f"ds={local_source.url}")
     for path, message in [
-        (tmp_path, f"cachefs: error: {tmp_path}: not inside a cachefs mount"),
+        (tmp_path, f"cachefs: error: {tmp_path}: not in a cachefs mount"),
         (os.path.join(m.mountpoint, "nope", "f.bin"), "cachefs: error: nope/f.bin: no dataset 'nope' in this mount (have: ds)"),
         (os.path.join(m.mountpoint, "ds", "nope"), "cachefs: error: ds/nope: no such file or directory"),
     ]:
