@@ -461,6 +461,8 @@ class Operations(pyfuse3.Operations):
         else:
             f.obj = ObjectId(dataset.source, inner, info.version, info.size)
             f.info = info
+            if dataset.walks is not None:
+                dataset.walks.opened(inner)
         return self._opened(f, info.version)
 
     def _opened(self, f: OpenFile, version: str) -> pyfuse3.FileInfo:

@@ -120,6 +120,12 @@ class Namespace:
     def _set_listed(self, path: str, children: dict[str, ObjectInfo], fetched_at: float) -> None:
         self._cache.put(("dir", path), (children, fetched_at), 1 + len(children))
 
+    def cached_listing(self, path: str) -> dict[str, ObjectInfo] | None:
+        """The children of `path` by name as last listed, however old; None if it
+        is not listed. Asks nothing."""
+        cached = self._listed(path)
+        return None if cached is None else cached[0]
+
     def _fresh(self, fetched_at: float, ttl: float) -> bool:
         return self._clock() - fetched_at < ttl
 

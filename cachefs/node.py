@@ -36,6 +36,7 @@ from cachefs.reader import Reader
 from cachefs.stack import open_backend, open_peer_tier, open_tiers, reader_tiers, serve_metrics, serve_peers
 from cachefs.staging import JournalEntry, Staging
 from cachefs.upload import Uploader
+from cachefs.walk import DirectoryWalks
 from cachefs.warmup import Warmups
 from cachefs.writes import Writes
 
@@ -51,6 +52,7 @@ class Dataset:
     reader: Reader
     namespace: Namespace | None  # workers keep no metadata
     tasks: trio.Nursery  # read-ahead and write-behind of this dataset only
+    walks: DirectoryWalks | None = None  # with the namespace: files loaded ahead of a walk
     open_files: int = 0
     removed: bool = False
 
@@ -279,7 +281,8 @@ class Node:
             if isinstance(self.config, MountOptions):
                 c = self.config
                 namespace = Namespace(backend, c.attr_ttl, c.dir_ttl, max_entries=c.meta_cache_entries)
-            dataset = Dataset(config, backend, reader, namespace, tasks)
+            walks = None if namespace is None else DirectoryWalks(backend.source, namespace, reader)
+            dataset = Dataset(config, backend, reader, namespace, tasks, walks)
             if self.disk is not None and config.quota is not None:
                 self.disk.set_quota(dataset.source, config.quota)
             self.datasets[config.name] = dataset

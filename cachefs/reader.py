@@ -389,6 +389,16 @@ class Reader:
                 self.budget.release(key.digest)
                 self._ahead_slots.release()
 
+    def load_ahead(self, obj: ObjectId, index: int = 0) -> bool:
+        """Start loading a chunk no read asked for yet, as read-ahead does (only
+        while the budget has room for read-ahead; held for this node's readers).
+        Never checkpoints.
+
+        Returns:
+            False if there was no room: nothing was started.
+        """
+        return self._start_prefetch(self._key(obj, index), ahead=True)
+
     async def chunk(self, obj: ObjectId, index: int) -> tuple[Buffer, str]:
         """One whole chunk, from the fastest tier that has it; see `_chunk`.
 
