@@ -113,7 +113,7 @@ def _header(data: dict) -> list[str]:
         *machine_lines(m),
         f"- **Others**: {m['juicefs']}; {m['rclone']}; {m['fio']}",
         f"- **Dataset**: big.bin {d['big_size'] / MiB:.0f} MiB, {d['small_count']} × 64 KiB, "
-        f"{d['ttfb_count']} × 8 MiB (TTFB), random bytes, written through S3 to a local JuiceFS volume "
+        f"{d['ttfb_count']} × 8 MiB (TTFB: opened in reverse listing order, out of reach of directory read-ahead), random bytes, written through S3 to a local JuiceFS volume "
         f"served by `juicefs gateway` on 127.0.0.1",
         f"- **Method**: median of {data['repeat']} repeat(s); random jobs run {data['runtime_s']:g} s; "
         f"fio psync; small files read by 4 threads; the run took {data.get('duration_s', 0) / 60:.1f} min; "
