@@ -44,9 +44,9 @@ def _add_cache_args(p: argparse.ArgumentParser, d: CacheConfig) -> None:
     g.add_argument("--read-ahead", type=int, help=f"chunks to fetch ahead of a sequential reader (default {d.read_ahead})")
     g.add_argument(
         "--admission", choices=ADMISSIONS,
-        help="which new chunks the SSD tier stores once full: lru (all, evicting the least recently used) or "
-        "scan-resistant (keeps a fixed sample of a dataset larger than the cache, so every epoch hits "
-        f"about cache/dataset; see docs/configuration.md) (default {d.admission})",
+        help="which new chunks the SSD tier stores once full: scan-resistant (keeps a fixed sample of a "
+        "dataset larger than the cache, so every epoch hits about cache/dataset; see docs/configuration.md) "
+        f"or lru (all, evicting the least recently used) (default {d.admission})",
     )
     g.add_argument("--pin-quota", help="the most SSD space pinned chunks may hold, e.g. 50G (default: half of --cache-size)")
     g = p.add_argument_group("backend")

@@ -77,7 +77,7 @@ class CacheConfig:
     free_space_ratio: float = 0.1
     pin_quota: int | None = None  # bytes pins may hold on the SSD tier; None: half of cache_size
     read_ahead: int = 8
-    admission: str = "lru"  # which new chunks the SSD tier stores: ADMISSIONS (cachefs.cache.policy)
+    admission: str = ADMISSIONS[0]  # which new chunks the SSD tier stores: ADMISSIONS (cachefs.cache.policy)
     backend_concurrency: int = 16
     backend_timeout: float = 30.0
     backend_retries: int = 3

@@ -59,9 +59,10 @@ KEYS_KEPT = 4096
 # Chunks remembered that were loaded for this reader and not yet read in full
 # (see `Reader._origins`); past this, the oldest is forgotten.
 ORIGINS_KEPT = 4096
-# What has been read of such a chunk is kept in at most this many parts of it,
-# none smaller than a page (the kernel reads whole pages).
-ORIGIN_PARTS = 64
+# What has been read of such a chunk is kept page by page: the kernel reads
+# whole pages, but in requests of any number of them, so a coarser part can be
+# read in two requests, and the chunk taken for read in full after the first.
+ORIGIN_PAGE = 4096
 
 # Chunks loaded for readers are held until read in full (see `Reader._held`):
 # at most 4 x --read-ahead of them (twice what may be in flight ahead: the
@@ -153,13 +154,13 @@ class Reader:
         # much bigger than MEM, costs 4 KiB, not 4 MiB.
         self._touched: set[bytes] = set()
         # Where each chunk this reader had loaded came from, and which of its
-        # parts no read has returned yet: digest -> [source, bitmask of unread
-        # parts]. Hit ratios count what a cache held before anyone asked: a
-        # chunk read ahead from the backend (or brought whole for a read of part
-        # of it) is found in MEM by the reads that follow, but their bytes
-        # came from the backend the first time they are read.
+        # pages no read has returned yet: digest -> [source, bitmask of unread
+        # pages, the chunk's length]. Hit ratios count what a cache held before
+        # anyone asked: a chunk read ahead from the backend (or brought whole for
+        # a read of part of it) is found in MEM by the reads that follow, but
+        # their bytes came from the backend the first time they are read. And a
+        # chunk is held (`_held`) until its last page is read.
         self._origins: dict[bytes, list] = {}
-        self._part = max(chunk_size // ORIGIN_PARTS, 4096)
         # Chunks loaded from the backend (or a peer) for this reader, held until
         # read in full: digest -> [data, source, when last read, read ahead]. A tier may not
         # keep a chunk (the SSD's admission policy did not admit it, or evicted
@@ -266,13 +267,19 @@ class Reader:
         counts[1] += reads
 
     def _count_first_read(self, digest: bytes, start: int, end: int, source: str) -> None:
-        """Count a read of a chunk loaded for this reader: the parts no read has
-        returned yet count under the chunk's origin, the rest under `source`."""
+        """Count a read of a chunk loaded for this reader: the pages no read has
+        returned yet count under the chunk's origin, the rest under `source`.
+
+        Only the pages the read returns in full are marked read (and the chunk's
+        short last page, by a read to its end): the chunk must not be let go
+        while a byte of it is still to be read. Exact for the kernel's reads,
+        which are page-aligned; a read that is not counts its bytes in pages it
+        returns only part of under `source`."""
         entry = self._origins[digest]
-        part = self._part
-        lo, hi = start // part, -(-end // part)
-        mask = ((1 << (hi - lo)) - 1) << lo
-        new = entry[1] & mask
+        page = ORIGIN_PAGE
+        lo = -(-start // page)
+        hi = -(-end // page) if end >= entry[2] else end // page
+        new = entry[1] & (((1 << (hi - lo)) - 1) << lo) if hi > lo else 0
         if not new:
             self._count(source, end - start)
             return
@@ -280,9 +287,9 @@ class Reader:
         if not entry[1]:
             del self._origins[digest]
             self._let_go(digest)  # read in full: the tiers have it, or it was read once
-        # A read that is partly a re-read (not page-aligned, or overlapping an
-        # earlier one) splits by parts: exact for the kernel's aligned reads.
-        first = end - start if new == mask else (end - start) * new.bit_count() // (hi - lo)
+        first = new.bit_count() * page
+        if hi * page > end and new >> (hi - 1):
+            first -= hi * page - end  # the chunk's short last page
         self._count(entry[0], first)
         if end - start - first:
             self._count(source, end - start - first, reads=0)
@@ -607,7 +614,7 @@ class Reader:
         if len(origins) >= ORIGINS_KEPT:
             self._let_go(next(iter(origins)))
             del origins[next(iter(origins))]
-        origins[key.digest] = [source, (1 << -(-key.length // self._part)) - 1]
+        origins[key.digest] = [source, (1 << -(-key.length // ORIGIN_PAGE)) - 1, key.length]
 
     async def _keep(self, key: ChunkKey, data: Buffer, found_in: ChunkTier | None) -> None:
         """Copy a chunk into the tiers above `found_in` (None: it came from the backend).

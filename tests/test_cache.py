@@ -233,7 +233,9 @@ def entry(size: int) -> int:
 
 
 async def open_disk(cache_dir: Path, capacity: int, free_space_ratio: float = 0.0) -> DiskTier:
-    disk = DiskTier(str(cache_dir), capacity, free_space_ratio)
+    # LRU admission: these tests are about the tier's eviction order, which
+    # scan-resistant (the default) changes once the tier is full (test_policy.py).
+    disk = DiskTier(str(cache_dir), capacity, free_space_ratio, admission="lru")
     await disk.load()
     return disk
 

@@ -44,7 +44,7 @@ import trio
 
 from cachefs import hotpath, metrics
 from cachefs.budget import MemoryBudget
-from cachefs.cache.policy import make_index
+from cachefs.cache.policy import ADMISSIONS, make_index
 from cachefs.errors import CacheDirInUse, ChunkCorrupt
 from cachefs.objects import SOURCE_TAG_SIZE, Buffer, ChunkKey, Medium, source_tag
 
@@ -146,7 +146,7 @@ class DiskTier:
         capacity: int,
         free_space_ratio: float,
         io_threads: int = 8,
-        admission: str = "lru",
+        admission: str = ADMISSIONS[0],
         drop_pages: bool = False,
         budget: MemoryBudget | None = None,
     ):
