@@ -10,7 +10,7 @@ import time
 import pytest
 
 from cachefs.objects import ObjectInfo
-from cachefs.walk import WALK_AHEAD, WALK_WINDOW, DirectoryWalks
+from cachefs.walk import WALK_AHEAD, DirectoryWalks
 
 pytest_integration = pytest.mark.integration
 
