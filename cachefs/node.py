@@ -278,7 +278,7 @@ class Node:
             namespace = None
             if isinstance(self.config, MountOptions):
                 c = self.config
-                namespace = Namespace(backend, c.attr_ttl, c.dir_ttl, max_entries=c.meta_cache_entries)
+                namespace = Namespace(backend, c.attr_ttl, c.dir_ttl, max_entries=c.meta_cache_entries, nursery=tasks)
             dataset = Dataset(config, backend, reader, namespace, tasks)
             if self.disk is not None and config.quota is not None:
                 self.disk.set_quota(dataset.source, config.quota)

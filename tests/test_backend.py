@@ -538,13 +538,123 @@ async def test_expired_listing_is_revalidated_with_one_list(ns_store, clock):
     await ns.list_dir("d")
     clock.now += 5.0
     ns_store.add("d/new", b"n")
+    ns_store.remove("d/b")
+    assert (await ns.stat("d/a")).size > 0
+    with pytest.raises(ObjectNotFound):
+        await ns.lookup("d", "b")
     assert (await ns.lookup("d", "new")).size == 1
     with pytest.raises(ObjectNotFound):
         await ns.lookup("d", "nope")
-    assert (await ns.stat("d/a")).size > 0
-    assert [i.name for i in await ns.list_dir("d")] == ["a", "b", "new", "sub"]
-    assert ns_store.calls.get("stat", 0) == 0
-    assert ns_store.calls["list"] == 2
+    assert [i.name for i in await ns.list_dir("d")] == ["a", "new", "sub"]
+    assert ns_store.calls == {"list": 2}
+
+
+class SlowListStore(FakeStore):
+    """LISTs wait while `listing` is clear; other calls go through."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.listing = threading.Event()
+        self.listing.set()
+
+    def list_dir(self, path: str) -> list[ObjectInfo]:
+        with self._lock:
+            self.calls["list started"] += 1
+        if not self.listing.wait(10):
+            raise RuntimeError("LISTs were never let through")
+        return super().list_dir(path)
+
+
+@pytest.fixture
+def slow_list_store():
+    s = SlowListStore()
+    for i in range(3):
+        s.add(f"out/old{i}", b"old")
+    yield s
+    s.listing.set()
+    s.release()
+
+
+async def _until(condition) -> None:
+    with trio.fail_after(5):
+        while not condition():
+            await trio.sleep(0.001)
+
+
+@pytest.mark.trio
+async def test_a_new_name_is_checked_alone_while_its_directory_is_listed_in_the_background(slow_list_store, clock):
+    """The kernel's lookup before a create: a name missing from an expired listing is one
+    stat of that name; no lookup waits for the LIST of the whole directory."""
+    store = slow_list_store
+    async with trio.open_nursery() as nursery:
+        backend = Backend(store, concurrency=4, timeout=5.0, retries=0, clock=clock)
+        ns = Namespace(backend, attr_ttl=1.0, dir_ttl=1.0, clock=clock, nursery=nursery)
+        await ns.list_dir("out")
+        clock.now += 1.0
+        store.listing.clear()  # LISTs hang from now on
+        store.add("out/theirs", b"another node's")
+        for i in range(5):
+            with pytest.raises(ObjectNotFound):
+                await ns.lookup("out", f"mine{i}")
+            # This node's own changes while the LIST is in flight (an upload landed, a delete).
+            ns.put_entry(ObjectInfo(f"out/mine{i}", "file", 4, 0.0, f"etag:{i}"))
+        ns.drop_entry("out/old0")
+        assert (await ns.lookup("out", "theirs")).size == 14, "another node's name is seen at once"
+        assert store.calls["stat"] == 6
+        assert store.calls["list started"] == 2, "one LIST in the background, however many lookups"
+        store.listing.set()
+        await _until(lambda: store.calls["list"] == 2)
+        await _until(lambda: "out" not in ns._listing)
+        names = [i.name for i in await ns.list_dir("out")]
+        assert names == ["mine0", "mine1", "mine2", "mine3", "mine4", "old1", "old2", "theirs"], (
+            "the LIST began before this node's changes: they are applied to its result")
+        with pytest.raises(ObjectNotFound):
+            await ns.lookup("out", "mine9")
+        assert store.calls["stat"] == 6 and store.calls["list"] == 2, "the fresh listing answers"
+
+
+@pytest.mark.trio
+async def test_a_large_listing_is_not_listed_again_for_new_names(slow_list_store, clock, monkeypatch):
+    """Creating N files in a directory of more than one LIST page: N stats, no LIST."""
+    monkeypatch.setattr(namespace_mod, "ONE_PAGE", 2)  # the three entries of out/ are "large"
+    store = slow_list_store
+    async with trio.open_nursery() as nursery:
+        backend = Backend(store, concurrency=4, timeout=5.0, retries=0, clock=clock)
+        ns = Namespace(backend, attr_ttl=1.0, dir_ttl=1.0, clock=clock, nursery=nursery)
+        await ns.list_dir("out")
+        for i in range(20):
+            clock.now += 0.5  # the listing expires after the first lookup
+            with pytest.raises(ObjectNotFound):
+                await ns.lookup("out", f"new{i}")
+            ns.put_entry(ObjectInfo(f"out/new{i}", "file", 1, 0.0, f"etag:{i}"))
+        await trio.sleep(0.01)
+        assert store.calls["list started"] == 1, "only the first listing"
+        assert store.calls["stat"] == 19
+        assert (await ns.lookup("out", "old1")).size == 3, "an entry it holds: listed again"
+        assert store.calls["list"] == 2
+
+
+@pytest.mark.trio
+async def test_a_new_name_while_the_backend_is_down_is_answered_by_the_stale_listing(ns_store, clock):
+    ns = namespace(ns_store, clock, attr_ttl=1.0, dir_ttl=1.0)
+    await ns.list_dir("d")
+    clock.now += 5
+    ns_store.fail_next = 100
+    ns_store.error = lambda: ConnectionRefusedError(errno.ECONNREFUSED, "refused")
+    with pytest.raises(ObjectNotFound):
+        await ns.lookup("d", "new")
+    assert (await ns.lookup("d", "a")).size == 3
+
+
+@pytest.mark.trio
+async def test_a_directory_this_node_made_is_known_empty(ns_store, clock):
+    ns = namespace(ns_store, clock, attr_ttl=1.0, dir_ttl=1.0)
+    ns.made_dir(ObjectInfo("made", "dir", 0, 0.0, "dir"))
+    for i in range(3):
+        with pytest.raises(ObjectNotFound):
+            await ns.lookup("made", f"f{i}")
+    assert (await ns.lookup("", "made")).kind == "dir"
+    assert ns_store.calls == {}
 
 
 @pytest.mark.trio

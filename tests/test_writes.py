@@ -427,3 +427,36 @@ def test_a_sequential_writer_sends_parts_before_close_and_later_changes_still_la
                 del data[100:]
         assert source.read(name) == bytes(data), name
         assert _read(path) == bytes(data), name
+
+
+def test_creating_files_waits_for_no_listing_of_their_directory(s3_behind_proxy, cachefs_mount):
+    """The kernel looks up every new name before creating it. Once the directory's listing
+    has expired, each such name is checked alone (a HEAD and a one-key LIST), while the
+    directory is listed again in the background: no create waits for a LIST of the whole
+    directory, and a name another node made since the listing is still seen."""
+    source = s3_behind_proxy
+    for i in range(3):
+        source.write(f"out/old{i}", b"old")
+    m = _rw(cachefs_mount, source, "--dir-ttl", "0.2", "--attr-ttl", "0.2", "--entry-ttl", "0.2")
+    out = os.path.join(m.mountpoint, "out")
+    assert sorted(os.listdir(out)) == ["old0", "old1", "old2"]  # listed: the listing is cached
+    source.write("out/theirs", b"another node's")  # in the backend, not in our listing
+    prefix = source.prefix.partition("/")[2] + "/out/"
+    full_lists = lambda: sum(n for (p, keys), n in source.proxy.lists.items() if p == prefix and not keys)  # noqa: E731
+    lists_before = full_lists()
+    source.proxy.fault_scope = "listings"
+    source.proxy.fault = "slow:3"  # every LIST of the whole directory takes 3 s from now on
+    time.sleep(0.3)  # the listing has expired
+    t0 = time.monotonic()
+    for i in range(10):
+        _write(os.path.join(out, f"mine{i}"), b"mine")
+        time.sleep(0.1)  # the creates span several --dir-ttl
+    took = time.monotonic() - t0
+    with pytest.raises(FileExistsError):  # checked alone, though the listing we hold lacks it
+        os.close(os.open(os.path.join(out, "theirs"), os.O_WRONLY | os.O_CREAT | os.O_EXCL))
+    assert took < 2.5, f"10 creates took {took:.1f} s: they waited for LISTs of their directory"
+    assert full_lists() - lists_before <= 1, "one LIST in the background at a time"
+    source.proxy.fault = None
+    assert sorted(os.listdir(out)) == sorted(["old0", "old1", "old2", "theirs", *(f"mine{i}" for i in range(10))])
+    for i in range(10):
+        assert source.read(f"out/mine{i}") == b"mine"
