@@ -10,9 +10,11 @@ A name missing from an expired listing (the kernel's lookup before a create, a
 probe for a file that is not there) is checked alone, with one `stat` of that
 name, never by waiting for the whole directory to be listed again: a writer
 creating files in a directory of thousands would otherwise wait for a LIST of
-all of them once per --dir-ttl. A listing of at most one LIST page is
-revalidated meanwhile in the background, so the names after it are answered
-from memory again. Names this node itself adds or removes while a LIST of their
+all of them once per --dir-ttl. A listing of at most one LIST page is listed
+again in the background instead, so the names after it are answered from memory
+again; and once half its --dir-ttl has passed, a lookup of a name it lacks lists
+it again ahead of time, so that a writer creating one file after another never
+finds it expired. A listing's age counts from the start of its LIST. Names this node itself adds or removes while a LIST of their
 directory is in flight are applied to its result: the node never loses sight of
 its own writes because a LIST started before them.
 
@@ -150,6 +152,9 @@ class Namespace:
         cached = self._attr(path)
         if cached is not None and self._fresh(cached[1], ttl):
             return cached[0]
+        known = self._made_up_dir(path, cached)
+        if known is not None:
+            return known
         parent, _, name = path.rpartition("/")
         if path and (("dir", parent) in self._cache or self._second_child(parent, name)):
             # A directory we listed before, or a second entry of one directory
@@ -180,6 +185,21 @@ class Namespace:
         self._set_attr(path, info, self._clock())
         return info
 
+    def _made_up_dir(self, path: str, cached: tuple[ObjectInfo, float] | None) -> ObjectInfo | None:
+        """An object store's directory listed within --dir-ttl: it is still there, and its
+        attributes are made up (version "dir"), so what we knew of them still holds. No
+        HEAD for the getattr the kernel sends every --attr-ttl while files are created in it.
+        None otherwise (a local directory's attributes are real: they are asked again)."""
+        own = self._listed(path)
+        if not path or own is None or not self._fresh(own[1], self.dir_ttl):
+            return None
+        info = cached[0] if cached is not None else None
+        if info is None:
+            parent, _, name = path.rpartition("/")
+            listed = self._listed(parent)
+            info = listed[0].get(name) if listed is not None else None
+        return info if info is not None and info.kind == "dir" and info.version == "dir" else None
+
     def _second_child(self, parent: str, name: str) -> bool:
         """Remember `name` as the first child of `parent` stat'ed; True if another came first."""
         first = self._first_child.get(parent)
@@ -200,6 +220,8 @@ class Namespace:
             if self._fresh(fetched_at, self.dir_ttl):
                 child = children.get(name)
                 if child is None:
+                    if not self._fresh(fetched_at, self.dir_ttl / 2):
+                        self._list_soon(parent, len(children), self.dir_ttl / 2)  # before the next new name finds it expired
                     raise ObjectNotFound(f"{join(parent, name)}: not found")
                 return child
             if name not in children:
@@ -213,8 +235,7 @@ class Namespace:
         cached = self._attr(path)
         if cached is not None and self._fresh(cached[1], self.attr_ttl):
             return cached[0]
-        if self._nursery is not None and listed <= ONE_PAGE and parent not in self._listing:
-            self._nursery.start_soon(self._revalidate, parent)
+        self._list_soon(parent, listed, self.dir_ttl)
         try:
             info = await self.backend.stat(path)
         except ObjectNotFound:
@@ -227,9 +248,15 @@ class Namespace:
         self._set_attr(path, info, self._clock())
         return info
 
-    async def _revalidate(self, path: str) -> None:
+    def _list_soon(self, path: str, listed: int, max_age: float) -> None:
+        """List `path` (a listing of `listed` entries) again in the background, unless it
+        is larger than one LIST page or a LIST of it is in flight already."""
+        if self._nursery is not None and self.dir_ttl > 0 and listed <= ONE_PAGE and path not in self._listing:
+            self._nursery.start_soon(self._revalidate, path, max_age)
+
+    async def _revalidate(self, path: str, max_age: float) -> None:
         try:
-            await self._children(path, self.dir_ttl)
+            await self._children(path, max_age)
         except BackendError as e:
             log.debug("background listing of %s failed: %s", path or "/", e)
 
@@ -249,6 +276,7 @@ class Namespace:
                 return cached[0]
         self._listing[path] = trio.Event()
         own = self._own_changes[path] = {}
+        started = self._clock()  # what the LIST shows is at least this recent: its age counts from here
         try:
             try:
                 entries = await self.backend.list_dir(path)
@@ -269,7 +297,7 @@ class Namespace:
                     children[name] = info
             # The listing alone answers its children's attributes too (`stat` asks
             # it first), so they are not also cached one by one: half the memory.
-            self._set_listed(path, children, self._clock())
+            self._set_listed(path, children, started)
             return children
         finally:
             del self._own_changes[path]

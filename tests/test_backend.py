@@ -885,3 +885,43 @@ async def test_single_flight_holds_when_listings_evict_each_other(wide_store, cl
             nursery.start_soon(list_it, "d01")
     assert sorted(results) == [("d00", 9)] * 4 + [("d01", 9)] * 4
     assert 2 <= wide_store.calls["list"] <= 4, "at most one LIST per directory at a time, and one retry each"
+
+
+@pytest.mark.trio
+async def test_a_listing_used_for_new_names_is_listed_again_before_it_expires(ns_store, clock):
+    """A writer creating one file after another: once half of --dir-ttl has passed, a
+    lookup of a new name lists the directory again in the background, so the next
+    ones never find the listing expired (and its age counts from the LIST's start)."""
+    async with trio.open_nursery() as nursery:
+        backend = Backend(ns_store, concurrency=4, timeout=5.0, retries=0, clock=clock)
+        ns = Namespace(backend, attr_ttl=1.0, dir_ttl=1.0, clock=clock, nursery=nursery)
+        await ns.list_dir("d")
+        for i in range(10):
+            clock.now += 0.3
+            with pytest.raises(ObjectNotFound):
+                await ns.lookup("d", f"new{i}")
+            await trio.testing.wait_all_tasks_blocked()  # a LIST it started is in flight now
+            await _until(lambda: "d" not in ns._listing)
+        assert ns_store.calls.get("stat", 0) == 0, "no name was checked alone: the listing never expired"
+        assert 4 <= ns_store.calls["list"] <= 6
+        with pytest.raises(ObjectNotFound):
+            await ns.lookup("d", "nope")  # a fresh listing, in its first half: nothing more
+        assert (await ns.lookup("d", "a")).size == 3
+        assert 4 <= ns_store.calls["list"] <= 6 and ns_store.calls.get("stat", 0) == 0
+
+
+@pytest.mark.trio
+async def test_an_object_store_directory_listed_recently_needs_no_head(ns_store, clock):
+    """The kernel asks a directory's attributes every --attr-ttl while files are created
+    in it; an object store's directory attributes are made up, and a fresh listing of it
+    shows it is still there."""
+    ns = namespace(ns_store, clock, attr_ttl=1.0, dir_ttl=5.0)
+    assert (await ns.stat("d")).kind == "dir"
+    await ns.list_dir("d")
+    assert ns_store.calls == {"stat": 1, "list": 1}
+    clock.now += 2.0  # the attributes expired, the listing did not
+    assert (await ns.stat("d")).kind == "dir"
+    assert ns_store.calls == {"stat": 1, "list": 1}
+    clock.now += 3.0  # both expired
+    assert (await ns.stat("d")).kind == "dir"
+    assert ns_store.calls == {"stat": 2, "list": 1}
