@@ -17,6 +17,7 @@ import errno
 import itertools
 import os
 import threading
+import urllib.parse
 from collections import Counter
 
 import pytest
@@ -925,3 +926,44 @@ async def test_an_object_store_directory_listed_recently_needs_no_head(ns_store,
     clock.now += 3.0  # both expired
     assert (await ns.stat("d")).kind == "dir"
     assert ns_store.calls == {"stat": 2, "list": 1}
+
+
+# -- the S3 fast path's presigned URLs ------------------------------------------------
+
+
+@pytest.mark.parametrize("endpoint", ["http://127.0.0.1:9000", "https://s3.example.com:443", None])
+@pytest.mark.parametrize("token", [None, "session/token+="])
+def test_presigned_urls_are_botocores(monkeypatch, endpoint, token):
+    """Signed without botocore's machinery, the same URL to the character (so the same
+    signature) as botocore's generate_presigned_url, for every request of the fast path."""
+    import datetime
+
+    import botocore.auth
+
+    from cachefs.backend import S3FastPath
+
+    fast = S3FastPath(endpoint, ("AKIDEXAMPLE", "wJalrXUtnFEMI/K7MDENG+bPxRfiCYEXAMPLEKEY"), 5.0)
+    if token is not None:
+        fast.signer._credentials.token = token
+    now = datetime.datetime(2026, 11, 28, 3, 4, 5)
+    monkeypatch.setattr(botocore.auth, "get_current_datetime", lambda *a, **k: now)
+    key = "t-1/d/é-ü 日本+plus%per~tilde&amp'quote"
+    cases = [
+        ("get_object", {"Bucket": "bucket", "Key": key}, "GET"),
+        ("head_object", {"Bucket": "bucket", "Key": key}, "HEAD"),
+        ("put_object", {"Bucket": "bucket", "Key": key}, "PUT"),
+        ("upload_part", {"Bucket": "bucket", "Key": key, "UploadId": "a+b/c==", "PartNumber": 7}, "PUT"),
+        ("list_objects_v2", {"Bucket": "bucket", "Prefix": "t-1/d é/", "Delimiter": "/", "EncodingType": "url"}, "GET"),
+        ("list_objects_v2", {"Bucket": "bucket", "Prefix": "p/", "Delimiter": "/", "MaxKeys": 1, "EncodingType": "url",
+                             "ContinuationToken": "tok+en/=="}, "GET"),
+    ]
+    for operation, params, method in cases:
+        ours = fast.signer._fast(operation, params, method, now)
+        assert ours is not None, operation
+        scheme, netloc, target = ours
+        theirs = urllib.parse.urlsplit(fast.client.generate_presigned_url(operation, Params=params, ExpiresIn=900))
+        assert (scheme, netloc) == (theirs.scheme, theirs.netloc), operation
+        path, _, query = target.partition("?")
+        assert path == theirs.path, operation
+        assert sorted(query.split("&")) == sorted(theirs.query.split("&")), operation
+    fast.close()
