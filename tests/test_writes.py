@@ -175,6 +175,28 @@ def test_parquet_written_on_one_mount_reads_back_on_another(s3_source, cachefs_m
     assert pq.read_table(os.path.join(reader.mountpoint, "factors/day1.parquet")).equals(table)
 
 
+def test_pandas_to_parquet_on_one_mount_reads_back_on_another(s3_source, cachefs_mount):
+    """What a user does inside: DataFrame.to_parquet on a writer's mount, read_parquet
+    on another node's mount."""
+    pd = pytest.importorskip("pandas")
+    pytest.importorskip("pyarrow")
+
+    s3_source.write("seed", b"s")
+    writer = _rw(cachefs_mount, s3_source)
+    reader = cachefs_mount(s3_source, "--chunk-size", "1M")
+    rng = random.Random(6)
+    frame = pd.DataFrame({
+        "ts": pd.date_range("2026-11-27", periods=150_000, freq="s"),
+        "symbol": [rng.choice(["AAPL", "MSFT", "NVDA"]) for _ in range(150_000)],
+        "px": [rng.random() * 100 for _ in range(150_000)],
+        "qty": list(range(150_000)),
+    })
+    os.makedirs(os.path.join(writer.mountpoint, "factors"))
+    frame.to_parquet(os.path.join(writer.mountpoint, "factors/day2.parquet"))
+    back = pd.read_parquet(os.path.join(reader.mountpoint, "factors/day2.parquet"))
+    pd.testing.assert_frame_equal(back, frame)
+
+
 def test_read_only_datasets_refuse_every_change(local_source, cachefs_mount):
     local_source.write("a.txt", b"a")
     local_source.write("d/b.txt", b"b")
