@@ -34,7 +34,7 @@ from typing import Callable, Generic, Hashable, TypeVar
 import trio
 
 from cachefs import metrics
-from cachefs.backend import Backend
+from cachefs.backend import Backend, LocalStore
 from cachefs.config import DEFAULT_META_CACHE_ENTRIES
 from cachefs.errors import BackendError, ObjectNotFound
 from cachefs.objects import ObjectInfo, join
@@ -191,7 +191,7 @@ class Namespace:
         HEAD for the getattr the kernel sends every --attr-ttl while files are created in it.
         None otherwise (a local directory's attributes are real: they are asked again)."""
         own = self._listed(path)
-        if not path or own is None or not self._fresh(own[1], self.dir_ttl):
+        if not path or own is None or not self._fresh(own[1], self.dir_ttl) or isinstance(self.backend.store, LocalStore):
             return None
         info = cached[0] if cached is not None else None
         if info is None:
