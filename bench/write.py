@@ -147,7 +147,8 @@ class Cachefs(WriteSystem):
             host.stop_session(self.proc)
 
     def pending(self) -> float:
-        return metric(scrape(self.addr), "cachefs_uploads_pending")
+        # That gauge alone: a whole scrape every 50 ms took 14% of the daemon's CPU while landing.
+        return metric(scrape(self.addr, names=["cachefs_uploads_pending"]), "cachefs_uploads_pending")
 
     def put_bytes(self) -> float:
         return metric(scrape(self.addr), "cachefs_backend_written_bytes_total")

@@ -624,7 +624,7 @@ class Operations(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.EEXIST)
         await dataset.backend.make_dir(inner)
         info = ObjectInfo(inner, "dir", 0, time.time(), "dir")
-        dataset.namespace.put_entry(info)
+        dataset.namespace.made_dir(info)
         info = self._outer(dataset, info)
         return self._attrs(self.inodes.lookup(path), info)
 

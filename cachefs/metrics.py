@@ -7,6 +7,7 @@ separate series. Later layers (peers, workers) add to these, never rename them.
 from __future__ import annotations
 
 import logging
+import urllib.parse
 import weakref
 from typing import Callable
 
@@ -153,14 +154,18 @@ async def serve(host: str, port: int, *, task_status=trio.TASK_STATUS_IGNORED) -
                     if not data:
                         return
                     request += data
-                path = request.split(b" ", 2)[1] if request.count(b" ") >= 2 else b""
-                path = path.split(b"?")[0]
+                target = request.split(b" ", 2)[1] if request.count(b" ") >= 2 else b""
+                path, _, query = target.partition(b"?")
                 content_type = b"text/plain; charset=utf-8"
                 health = _health(path)
                 if health is not None:
                     status, body = health
                 elif path in (b"/metrics", b"/"):
-                    body, status = prom.generate_latest(), b"200 OK"
+                    # ?name[]=NAME&...: those metrics only (as Prometheus's own client serves
+                    # them); a poller of one gauge then costs no full scrape, 7 ms of CPU.
+                    names = urllib.parse.parse_qs(query.decode("latin-1")).get("name[]")
+                    registry = prom.REGISTRY.restricted_registry(names) if names else prom.REGISTRY
+                    body, status = prom.generate_latest(registry), b"200 OK"
                     content_type = prom.CONTENT_TYPE_LATEST.encode()
                 else:
                     body, status = b"not found\n", b"404 Not Found"

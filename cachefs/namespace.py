@@ -6,6 +6,18 @@ its children, so `ls -l` or opening many small files costs one LIST, not one
 HEAD per file. When the backend fails, what we already know is served stale
 rather than failing: cached data must stay readable while the backend is down.
 
+A name missing from an expired listing (the kernel's lookup before a create, a
+probe for a file that is not there) is checked alone, with one `stat` of that
+name, never by waiting for the whole directory to be listed again: a writer
+creating files in a directory of thousands would otherwise wait for a LIST of
+all of them once per --dir-ttl. A listing of at most one LIST page is listed
+again in the background instead, so the names after it are answered from memory
+again; and once half its --dir-ttl has passed, a lookup of a name it lacks lists
+it again ahead of time, so that a writer creating one file after another never
+finds it expired. A listing's age counts from the start of its LIST. Names this node itself adds or removes while a LIST of their
+directory is in flight are applied to its result: the node never loses sight of
+its own writes because a LIST started before them.
+
 What we know is bounded: attributes and listings share one LRU of
 --meta-cache-entries entries (one per object's attributes; one per listing plus
 one per child in it), so walking a dataset of millions of files holds at most
@@ -22,7 +34,7 @@ from typing import Callable, Generic, Hashable, TypeVar
 import trio
 
 from cachefs import metrics
-from cachefs.backend import Backend
+from cachefs.backend import Backend, LocalStore
 from cachefs.config import DEFAULT_META_CACHE_ENTRIES
 from cachefs.errors import BackendError, ObjectNotFound
 from cachefs.objects import ObjectInfo, join
@@ -32,6 +44,12 @@ log = logging.getLogger(__name__)
 # Directories whose first entry was stat'ed but which were not listed (yet): only
 # a hint for when to list, so a small fixed bound is enough.
 FIRST_CHILD_DIRS = 4096
+
+# A listing of at most this many entries is one LIST request (an S3 page holds
+# 1,000 keys): revalidating it costs no more than checking one name (a HEAD and a
+# LIST of one key), so a lookup of a new name also refreshes it in the background.
+# A larger one is re-listed only when an entry it holds is asked for.
+ONE_PAGE = 1000
 
 K = TypeVar("K", bound=Hashable)
 V = TypeVar("V")
@@ -95,7 +113,9 @@ class Namespace:
         dir_ttl: float,
         clock: Callable[[], float] = time.monotonic,
         max_entries: int = DEFAULT_META_CACHE_ENTRIES,
+        nursery: trio.Nursery | None = None,
     ):
+        """`nursery`: where listings are revalidated in the background; None: never."""
         self.backend = backend
         self.attr_ttl = attr_ttl
         self.dir_ttl = dir_ttl
@@ -103,6 +123,9 @@ class Namespace:
         # Keys ("attr", path) and ("dir", path): one LRU order, one budget.
         self._cache: BoundedLru[tuple[str, str], tuple] = BoundedLru(max_entries)
         self._listing: dict[str, trio.Event] = {}  # single-flight of LIST per directory
+        # directory being listed -> its entries this node put (info) or dropped (None) meanwhile
+        self._own_changes: dict[str, dict[str, ObjectInfo | None]] = {}
+        self._nursery = nursery
         # directory not listed yet -> the one child stat'ed
         self._first_child: BoundedLru[str, str] = BoundedLru(FIRST_CHILD_DIRS)
         metrics.META_CACHE_ENTRIES.set_function(lambda: self._cache.entries)
@@ -135,6 +158,9 @@ class Namespace:
         cached = self._attr(path)
         if cached is not None and self._fresh(cached[1], ttl):
             return cached[0]
+        known = self._made_up_dir(path, cached)
+        if known is not None:
+            return known
         parent, _, name = path.rpartition("/")
         if path and (("dir", parent) in self._cache or self._second_child(parent, name)):
             # A directory we listed before, or a second entry of one directory
@@ -165,6 +191,21 @@ class Namespace:
         self._set_attr(path, info, self._clock())
         return info
 
+    def _made_up_dir(self, path: str, cached: tuple[ObjectInfo, float] | None) -> ObjectInfo | None:
+        """An object store's directory listed within --dir-ttl: it is still there, and its
+        attributes are made up (version "dir"), so what we knew of them still holds. No
+        HEAD for the getattr the kernel sends every --attr-ttl while files are created in it.
+        None otherwise (a local directory's attributes are real: they are asked again)."""
+        own = self._listed(path)
+        if not path or own is None or not self._fresh(own[1], self.dir_ttl) or isinstance(self.backend.store, LocalStore):
+            return None
+        info = cached[0] if cached is not None else None
+        if info is None:
+            parent, _, name = path.rpartition("/")
+            listed = self._listed(parent)
+            info = listed[0].get(name) if listed is not None else None
+        return info if info is not None and info.kind == "dir" and info.version == "dir" else None
+
     def _second_child(self, parent: str, name: str) -> bool:
         """Remember `name` as the first child of `parent` stat'ed; True if another came first."""
         first = self._first_child.get(parent)
@@ -180,12 +221,50 @@ class Namespace:
             ObjectNotFound: no such entry.
         """
         listing = self._listed(parent)
-        if listing is not None and self._fresh(listing[1], self.dir_ttl):
-            child = listing[0].get(name)
-            if child is None:
-                raise ObjectNotFound(f"{join(parent, name)}: not found")
-            return child
+        if listing is not None:
+            children, fetched_at = listing
+            if self._fresh(fetched_at, self.dir_ttl):
+                child = children.get(name)
+                if child is None:
+                    if not self._fresh(fetched_at, self.dir_ttl / 2):
+                        self._list_soon(parent, len(children), self.dir_ttl / 2)  # before the next new name finds it expired
+                    raise ObjectNotFound(f"{join(parent, name)}: not found")
+                return child
+            if name not in children:
+                return await self._new_name(parent, name, len(children))
         return await self.stat(join(parent, name))
+
+    async def _new_name(self, parent: str, name: str, listed: int) -> ObjectInfo:
+        """`name` is not in the expired listing (of `listed` entries) of `parent`: ask
+        the backend about that one name, not for the whole directory again."""
+        path = join(parent, name)
+        cached = self._attr(path)
+        if cached is not None and self._fresh(cached[1], self.attr_ttl):
+            return cached[0]
+        self._list_soon(parent, listed, self.dir_ttl)
+        try:
+            info = await self.backend.stat(path)
+        except ObjectNotFound:
+            self._cache.pop(("attr", path))
+            raise
+        except BackendError as e:
+            # Backend down: the listing we know has no such name.
+            log.info("serving a stale listing of %s: %s", parent or "/", e)
+            raise ObjectNotFound(f"{path}: not found") from None
+        self._set_attr(path, info, self._clock())
+        return info
+
+    def _list_soon(self, path: str, listed: int, max_age: float) -> None:
+        """List `path` (a listing of `listed` entries) again in the background, unless it
+        is larger than one LIST page or a LIST of it is in flight already."""
+        if self._nursery is not None and self.dir_ttl > 0 and listed <= ONE_PAGE and path not in self._listing:
+            self._nursery.start_soon(self._revalidate, path, max_age)
+
+    async def _revalidate(self, path: str, max_age: float) -> None:
+        try:
+            await self._children(path, max_age)
+        except BackendError as e:
+            log.debug("background listing of %s failed: %s", path or "/", e)
 
     async def list_dir(self, path: str) -> list[ObjectInfo]:
         """The children of `path`, sorted by name, at most --dir-ttl seconds old."""
@@ -202,6 +281,8 @@ class Namespace:
             if cached is not None:
                 return cached[0]
         self._listing[path] = trio.Event()
+        own = self._own_changes[path] = {}
+        started = self._clock()  # what the LIST shows is at least this recent: its age counts from here
         try:
             try:
                 entries = await self.backend.list_dir(path)
@@ -215,11 +296,17 @@ class Namespace:
                 log.info("serving a stale listing of %s: %s", path or "/", e)
                 return cached[0]
             children = {e.name: e for e in entries}
+            for name, info in own.items():  # this node's changes the LIST may have missed
+                if info is None:
+                    children.pop(name, None)
+                else:
+                    children[name] = info
             # The listing alone answers its children's attributes too (`stat` asks
             # it first), so they are not also cached one by one: half the memory.
-            self._set_listed(path, children, self._clock())
+            self._set_listed(path, children, started)
             return children
         finally:
+            del self._own_changes[path]
             self._listing.pop(path).set()
 
     async def refresh(self, path: str, recursive: bool = False) -> list[tuple[ObjectInfo, ObjectInfo | None]]:
@@ -276,6 +363,8 @@ class Namespace:
         Known at once, without asking, also in the parent's listing if one is cached."""
         now = self._clock()
         parent = info.path.rpartition("/")[0]
+        if parent in self._own_changes:
+            self._own_changes[parent][info.name] = info
         listed = self._listed(parent)
         if listed is not None:
             # A copy: an open directory's snapshot may share the dict.
@@ -289,11 +378,18 @@ class Namespace:
         self._cache.pop(("attr", path))
         self._cache.pop(("dir", path))
         parent, _, name = path.rpartition("/")
+        if parent in self._own_changes:
+            self._own_changes[parent][name] = None
         listed = self._listed(parent)
         if listed is not None and name in listed[0]:
             children = dict(listed[0])
             del children[name]
             self._set_listed(parent, children, listed[1])
+
+    def made_dir(self, info: ObjectInfo) -> None:
+        """This node made the directory `info` where nothing was: known, and known empty."""
+        self.put_entry(info)
+        self._set_listed(info.path, {}, self._clock())
 
     def invalidate(self, path: str) -> None:
         """Forget what we know of `path`, e.g. after the backend said it changed."""

@@ -280,7 +280,7 @@ class Node:
             namespace = None
             if isinstance(self.config, MountOptions):
                 c = self.config
-                namespace = Namespace(backend, c.attr_ttl, c.dir_ttl, max_entries=c.meta_cache_entries)
+                namespace = Namespace(backend, c.attr_ttl, c.dir_ttl, max_entries=c.meta_cache_entries, nursery=tasks)
             walks = None if namespace is None else DirectoryWalks(backend.source, namespace, reader)
             dataset = Dataset(config, backend, reader, namespace, tasks, walks)
             if self.disk is not None and config.quota is not None:

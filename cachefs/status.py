@@ -3,6 +3,7 @@ what its control socket answers (MOUNTPOINT; see cachefs.control)."""
 
 from __future__ import annotations
 
+import urllib.parse
 import urllib.request
 from collections import defaultdict
 
@@ -14,12 +15,13 @@ from cachefs.errors import ConfigError
 Samples = dict[tuple[str, frozenset], float]
 
 
-def scrape(addr: str, timeout: float = 5.0) -> Samples:
-    """Raises ConfigError if the node does not answer."""
+def scrape(addr: str, timeout: float = 5.0, names: list[str] | None = None) -> Samples:
+    """The node's metrics (`names`: only these). Raises ConfigError if the node does not answer."""
     host, port = parse_addr(addr, "status")
     opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # loopback/cluster: never a proxy
+    query = "?" + urllib.parse.urlencode([("name[]", n) for n in names]) if names else ""
     try:
-        with opener.open(f"http://{host}:{port}/metrics", timeout=timeout) as resp:
+        with opener.open(f"http://{host}:{port}/metrics{query}", timeout=timeout) as resp:
             text = resp.read().decode()
     except OSError as e:
         raise ConfigError(f"{addr}: no metrics there ({e})") from None

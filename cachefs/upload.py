@@ -313,23 +313,33 @@ class Uploader:
             return  # the backend shows other bytes than ours (a concurrent writer): cache nothing
         obj = ObjectId(upload.dataset.source, upload.path, info.version, info.size)
         size = reader.chunk_size
-        indexes = iter(range(-(-info.size // size)))  # shared by the workers
-        fd = await trio.to_thread.run_sync(os.open, upload.staged.path, os.O_RDONLY | os.O_CLOEXEC)
+        chunks = -(-info.size // size)
+        indexes = iter(range(chunks))  # shared by the workers
 
         async def worker() -> None:
             for index in indexes:
                 key = chunk_key(obj, size, index)
-                data = await trio.to_thread.run_sync(os.pread, fd, key.length, index * size)
+                # Opened per chunk: one thread hop for a small file's chunk, not three.
+                data = await trio.to_thread.run_sync(_read_at, upload.staged.path, key.length, index * size)
                 if len(data) != key.length:
                     break  # cut short under us: cache nothing more
                 for tier in tiers:
                     await tier.put(key, data)
 
         try:
-            async with trio.open_nursery() as nursery:
-                for _ in range(CACHE_WORKERS):
-                    nursery.start_soon(worker)
+            if chunks == 1:
+                await worker()
+            else:
+                async with trio.open_nursery() as nursery:
+                    for _ in range(min(CACHE_WORKERS, chunks)):
+                        nursery.start_soon(worker)
         except* OSError as group:
             log.warning("could not cache the chunks of %s after its upload: %s", upload.path, group.exceptions[0])
-        finally:
-            os.close(fd)
+
+
+def _read_at(path: str, length: int, offset: int) -> bytes:
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        return os.pread(fd, length, offset)
+    finally:
+        os.close(fd)

@@ -9,7 +9,9 @@ response bytes of all connections together).
 
 It also plays a sick backend: set `proxy.fault` at run time and the requests
 it applies to (`proxy.fault_scope`: "data", ranged GETs of object data, the
-default; "writes", PUTs, POSTs and DELETEs; or "all") get, instead of the real answer:
+default; "writes", PUTs, POSTs and DELETEs; "listings", LISTs of a directory's
+entries, not the LISTs of at most a key or two that check one name; or "all")
+get, instead of the real answer:
 
     "503", "500"     that status with an S3 error body, then the connection closes
     "slow:SECONDS"   the real answer, SECONDS late (longer than the client's
@@ -21,6 +23,7 @@ default; "writes", PUTs, POSTs and DELETEs; or "all") get, instead of the real a
     with S3Proxy("http://127.0.0.1:9000", rate=100 << 20) as proxy:
         ... point clients at proxy.endpoint_url ...
         proxy.gets          # Counter of (path, Range header) -> requests
+        proxy.lists         # Counter of (prefix, max-keys or "") -> LIST requests
         proxy.response_bytes
         proxy.fault = "503"
         proxy.faults        # Counter of fault -> requests it was applied to
@@ -103,6 +106,7 @@ class S3Proxy(_Listener):
         url = urllib.parse.urlsplit(upstream)
         self.upstream = (url.hostname or "127.0.0.1", url.port or 80)
         self.gets: collections.Counter[tuple[str, str]] = collections.Counter()
+        self.lists: collections.Counter[tuple[str, str]] = collections.Counter()
         self.requests: collections.Counter[str] = collections.Counter()
         self.response_bytes = 0
         self.fault: str | None = None
@@ -116,17 +120,20 @@ class S3Proxy(_Listener):
     def reset(self) -> None:
         with self._lock:
             self.gets.clear()
+            self.lists.clear()
             self.requests.clear()
             self.response_bytes = 0
             self.faults.clear()
 
-    def _fault_for(self, method: str, headers: dict[str, str]) -> str | None:
+    def _fault_for(self, method: str, headers: dict[str, str], listing: tuple[str, str] | None) -> str | None:
         fault = self.fault  # read once: the test may flip it meanwhile
         if fault is None:
             return None
         if self.fault_scope == "data" and not (method == "GET" and "range" in headers):
             return None
         if self.fault_scope == "writes" and method not in ("PUT", "POST", "DELETE"):
+            return None
+        if self.fault_scope == "listings" and (listing is None or listing[1] in ("1", "2")):
             return None
         with self._lock:
             self.faults[fault] += 1
@@ -217,10 +224,17 @@ class S3Proxy(_Listener):
             lines = head.decode("latin-1").split("\r\n")
             method, path = (lines[0].split(" ") + ["", ""])[:2]
             headers = {k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:])}
+            listing = None
+            if method == "GET":
+                query = urllib.parse.parse_qs(path.partition("?")[2])
+                if "list-type" in query:
+                    listing = (query.get("prefix", [""])[0], query.get("max-keys", [""])[0])
             with self._lock:
                 self.requests[method] += 1
                 if method == "GET":
                     self.gets[(urllib.parse.unquote(path.split("?")[0]), headers.get("range", ""))] += 1
+                if listing is not None:
+                    self.lists[listing] += 1
             length = int(headers.get("content-length", "0") or 0)
             while len(rest) < length:
                 data = client.recv(65536)
@@ -228,7 +242,7 @@ class S3Proxy(_Listener):
                     return
                 rest += data
             request, buf = head + b"\r\n\r\n" + rest[:length], rest[length:]
-            fault = self._fault_for(method, headers)
+            fault = self._fault_for(method, headers, listing)
             if fault is not None and not self._inject(fault, client, request):
                 return
             upstream.sendall(request)

@@ -17,6 +17,7 @@ import errno
 import itertools
 import os
 import threading
+import urllib.parse
 from collections import Counter
 
 import pytest
@@ -538,13 +539,123 @@ async def test_expired_listing_is_revalidated_with_one_list(ns_store, clock):
     await ns.list_dir("d")
     clock.now += 5.0
     ns_store.add("d/new", b"n")
+    ns_store.remove("d/b")
+    assert (await ns.stat("d/a")).size > 0
+    with pytest.raises(ObjectNotFound):
+        await ns.lookup("d", "b")
     assert (await ns.lookup("d", "new")).size == 1
     with pytest.raises(ObjectNotFound):
         await ns.lookup("d", "nope")
-    assert (await ns.stat("d/a")).size > 0
-    assert [i.name for i in await ns.list_dir("d")] == ["a", "b", "new", "sub"]
-    assert ns_store.calls.get("stat", 0) == 0
-    assert ns_store.calls["list"] == 2
+    assert [i.name for i in await ns.list_dir("d")] == ["a", "new", "sub"]
+    assert ns_store.calls == {"list": 2}
+
+
+class SlowListStore(FakeStore):
+    """LISTs wait while `listing` is clear; other calls go through."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.listing = threading.Event()
+        self.listing.set()
+
+    def list_dir(self, path: str) -> list[ObjectInfo]:
+        with self._lock:
+            self.calls["list started"] += 1
+        if not self.listing.wait(10):
+            raise RuntimeError("LISTs were never let through")
+        return super().list_dir(path)
+
+
+@pytest.fixture
+def slow_list_store():
+    s = SlowListStore()
+    for i in range(3):
+        s.add(f"out/old{i}", b"old")
+    yield s
+    s.listing.set()
+    s.release()
+
+
+async def _until(condition) -> None:
+    with trio.fail_after(5):
+        while not condition():
+            await trio.sleep(0.001)
+
+
+@pytest.mark.trio
+async def test_a_new_name_is_checked_alone_while_its_directory_is_listed_in_the_background(slow_list_store, clock):
+    """The kernel's lookup before a create: a name missing from an expired listing is one
+    stat of that name; no lookup waits for the LIST of the whole directory."""
+    store = slow_list_store
+    async with trio.open_nursery() as nursery:
+        backend = Backend(store, concurrency=4, timeout=5.0, retries=0, clock=clock)
+        ns = Namespace(backend, attr_ttl=1.0, dir_ttl=1.0, clock=clock, nursery=nursery)
+        await ns.list_dir("out")
+        clock.now += 1.0
+        store.listing.clear()  # LISTs hang from now on
+        store.add("out/theirs", b"another node's")
+        for i in range(5):
+            with pytest.raises(ObjectNotFound):
+                await ns.lookup("out", f"mine{i}")
+            # This node's own changes while the LIST is in flight (an upload landed, a delete).
+            ns.put_entry(ObjectInfo(f"out/mine{i}", "file", 4, 0.0, f"etag:{i}"))
+        ns.drop_entry("out/old0")
+        assert (await ns.lookup("out", "theirs")).size == 14, "another node's name is seen at once"
+        assert store.calls["stat"] == 6
+        assert store.calls["list started"] == 2, "one LIST in the background, however many lookups"
+        store.listing.set()
+        await _until(lambda: store.calls["list"] == 2)
+        await _until(lambda: "out" not in ns._listing)
+        names = [i.name for i in await ns.list_dir("out")]
+        assert names == ["mine0", "mine1", "mine2", "mine3", "mine4", "old1", "old2", "theirs"], (
+            "the LIST began before this node's changes: they are applied to its result")
+        with pytest.raises(ObjectNotFound):
+            await ns.lookup("out", "mine9")
+        assert store.calls["stat"] == 6 and store.calls["list"] == 2, "the fresh listing answers"
+
+
+@pytest.mark.trio
+async def test_a_large_listing_is_not_listed_again_for_new_names(slow_list_store, clock, monkeypatch):
+    """Creating N files in a directory of more than one LIST page: N stats, no LIST."""
+    monkeypatch.setattr(namespace_mod, "ONE_PAGE", 2)  # the three entries of out/ are "large"
+    store = slow_list_store
+    async with trio.open_nursery() as nursery:
+        backend = Backend(store, concurrency=4, timeout=5.0, retries=0, clock=clock)
+        ns = Namespace(backend, attr_ttl=1.0, dir_ttl=1.0, clock=clock, nursery=nursery)
+        await ns.list_dir("out")
+        for i in range(20):
+            clock.now += 0.5  # the listing expires after the first lookup
+            with pytest.raises(ObjectNotFound):
+                await ns.lookup("out", f"new{i}")
+            ns.put_entry(ObjectInfo(f"out/new{i}", "file", 1, 0.0, f"etag:{i}"))
+        await trio.sleep(0.01)
+        assert store.calls["list started"] == 1, "only the first listing"
+        assert store.calls["stat"] == 19
+        assert (await ns.lookup("out", "old1")).size == 3, "an entry it holds: listed again"
+        assert store.calls["list"] == 2
+
+
+@pytest.mark.trio
+async def test_a_new_name_while_the_backend_is_down_is_answered_by_the_stale_listing(ns_store, clock):
+    ns = namespace(ns_store, clock, attr_ttl=1.0, dir_ttl=1.0)
+    await ns.list_dir("d")
+    clock.now += 5
+    ns_store.fail_next = 100
+    ns_store.error = lambda: ConnectionRefusedError(errno.ECONNREFUSED, "refused")
+    with pytest.raises(ObjectNotFound):
+        await ns.lookup("d", "new")
+    assert (await ns.lookup("d", "a")).size == 3
+
+
+@pytest.mark.trio
+async def test_a_directory_this_node_made_is_known_empty(ns_store, clock):
+    ns = namespace(ns_store, clock, attr_ttl=1.0, dir_ttl=1.0)
+    ns.made_dir(ObjectInfo("made", "dir", 0, 0.0, "dir"))
+    for i in range(3):
+        with pytest.raises(ObjectNotFound):
+            await ns.lookup("made", f"f{i}")
+    assert (await ns.lookup("", "made")).kind == "dir"
+    assert ns_store.calls == {}
 
 
 @pytest.mark.trio
@@ -775,3 +886,84 @@ async def test_single_flight_holds_when_listings_evict_each_other(wide_store, cl
             nursery.start_soon(list_it, "d01")
     assert sorted(results) == [("d00", 9)] * 4 + [("d01", 9)] * 4
     assert 2 <= wide_store.calls["list"] <= 4, "at most one LIST per directory at a time, and one retry each"
+
+
+@pytest.mark.trio
+async def test_a_listing_used_for_new_names_is_listed_again_before_it_expires(ns_store, clock):
+    """A writer creating one file after another: once half of --dir-ttl has passed, a
+    lookup of a new name lists the directory again in the background, so the next
+    ones never find the listing expired (and its age counts from the LIST's start)."""
+    async with trio.open_nursery() as nursery:
+        backend = Backend(ns_store, concurrency=4, timeout=5.0, retries=0, clock=clock)
+        ns = Namespace(backend, attr_ttl=1.0, dir_ttl=1.0, clock=clock, nursery=nursery)
+        await ns.list_dir("d")
+        for i in range(10):
+            clock.now += 0.3
+            with pytest.raises(ObjectNotFound):
+                await ns.lookup("d", f"new{i}")
+            await trio.testing.wait_all_tasks_blocked()  # a LIST it started is in flight now
+            await _until(lambda: "d" not in ns._listing)
+        assert ns_store.calls.get("stat", 0) == 0, "no name was checked alone: the listing never expired"
+        assert 4 <= ns_store.calls["list"] <= 6
+        with pytest.raises(ObjectNotFound):
+            await ns.lookup("d", "nope")  # a fresh listing, in its first half: nothing more
+        assert (await ns.lookup("d", "a")).size == 3
+        assert 4 <= ns_store.calls["list"] <= 6 and ns_store.calls.get("stat", 0) == 0
+
+
+@pytest.mark.trio
+async def test_an_object_store_directory_listed_recently_needs_no_head(ns_store, clock):
+    """The kernel asks a directory's attributes every --attr-ttl while files are created
+    in it; an object store's directory attributes are made up, and a fresh listing of it
+    shows it is still there."""
+    ns = namespace(ns_store, clock, attr_ttl=1.0, dir_ttl=5.0)
+    assert (await ns.stat("d")).kind == "dir"
+    await ns.list_dir("d")
+    assert ns_store.calls == {"stat": 1, "list": 1}
+    clock.now += 2.0  # the attributes expired, the listing did not
+    assert (await ns.stat("d")).kind == "dir"
+    assert ns_store.calls == {"stat": 1, "list": 1}
+    clock.now += 3.0  # both expired
+    assert (await ns.stat("d")).kind == "dir"
+    assert ns_store.calls == {"stat": 2, "list": 1}
+
+
+# -- the S3 fast path's presigned URLs ------------------------------------------------
+
+
+@pytest.mark.parametrize("endpoint", ["http://127.0.0.1:9000", "https://s3.example.com:443", None])
+@pytest.mark.parametrize("token", [None, "session/token+="])
+def test_presigned_urls_are_botocores(monkeypatch, endpoint, token):
+    """Signed without botocore's machinery, the same URL to the character (so the same
+    signature) as botocore's generate_presigned_url, for every request of the fast path."""
+    import datetime
+
+    import botocore.auth
+
+    from cachefs.backend import S3FastPath
+
+    fast = S3FastPath(endpoint, ("AKIDEXAMPLE", "wJalrXUtnFEMI/K7MDENG+bPxRfiCYEXAMPLEKEY"), 5.0)
+    if token is not None:
+        fast.signer._credentials.token = token
+    now = datetime.datetime(2026, 11, 28, 3, 4, 5)
+    monkeypatch.setattr(botocore.auth, "get_current_datetime", lambda *a, **k: now)
+    key = "t-1/d/é-ü 日本+plus%per~tilde&amp'quote"
+    cases = [
+        ("get_object", {"Bucket": "bucket", "Key": key}, "GET"),
+        ("head_object", {"Bucket": "bucket", "Key": key}, "HEAD"),
+        ("put_object", {"Bucket": "bucket", "Key": key}, "PUT"),
+        ("upload_part", {"Bucket": "bucket", "Key": key, "UploadId": "a+b/c==", "PartNumber": 7}, "PUT"),
+        ("list_objects_v2", {"Bucket": "bucket", "Prefix": "t-1/d é/", "Delimiter": "/", "EncodingType": "url"}, "GET"),
+        ("list_objects_v2", {"Bucket": "bucket", "Prefix": "p/", "Delimiter": "/", "MaxKeys": 1, "EncodingType": "url",
+                             "ContinuationToken": "tok+en/=="}, "GET"),
+    ]
+    for operation, params, method in cases:
+        ours = fast.signer._fast(operation, params, method, now)
+        assert ours is not None, operation
+        scheme, netloc, target = ours
+        theirs = urllib.parse.urlsplit(fast.client.generate_presigned_url(operation, Params=params, ExpiresIn=900))
+        assert (scheme, netloc) == (theirs.scheme, theirs.netloc), operation
+        path, _, query = target.partition("?")
+        assert path == theirs.path, operation
+        assert sorted(query.split("&")) == sorted(theirs.query.split("&")), operation
+    fast.close()

@@ -66,6 +66,18 @@ def test_cold_pass_counts_read_ahead_bytes_as_backend(local_source, cachefs_moun
     assert warm["mem"] + warm["disk"] == size
 
 
+def test_a_scrape_of_named_metrics_holds_those_alone(local_source, cachefs_mount):
+    """?name[]=...: a poller of one gauge (bench.write waits on cachefs_uploads_pending)
+    makes the mount render those series only, not every one every 50 ms."""
+    from cachefs.status import scrape
+
+    local_source.write("a", b"a")
+    m = cachefs_mount(local_source)
+    some = scrape(m.metrics_addr, names=["cachefs_uploads_pending", "cachefs_inodes"])
+    assert {name for name, _ in some} == {"cachefs_uploads_pending", "cachefs_inodes"}
+    assert len(scrape(m.metrics_addr)) > 10 * len(some)
+
+
 # -- the dashboard ---------------------------------------------------------------------
 
 DASHBOARD = REPO / "deploy" / "grafana" / "cachefs.json"

@@ -94,3 +94,39 @@ def test_fast_listing_of_a_missing_directory_is_not_found(s3_source, stores):
     store.fast_list = False
     with pytest.raises(FileNotFoundError):
         store.list_dir("absent")
+
+
+@pytest.mark.parametrize("etags", ["etag", "noetag"])
+def test_fast_stat_equals_s3fs_stat(request, etags, stores):
+    """A HEAD, then a LIST of one key under NAME/ for a directory: what s3fs's info says."""
+    src = request.getfixturevalue("s3_source" if etags == "etag" else "s3_source_noetag")
+    for n, name in enumerate(NAMES):
+        src.write(f"d/{name}", bytes([n]) * (n + 1))
+    src.write("d/sub/deeper/x", b"x")
+    src.fs.pipe_file(src.key("marked/"), b"")  # an empty directory's marker (mkdir)
+    store = store_for(src, stores)
+
+    def both(path):
+        fast = store.stat(path)
+        store.fast_list = False
+        try:
+            slow = store.stat(path)
+        finally:
+            store.fast_list = True
+        return fast, slow
+
+    for path in [*(f"d/{name}" for name in NAMES), "d", "d/sub", "d/sub/deeper", "marked"]:
+        fast, slow = both(path)
+        assert fast == slow, path
+    assert store.stat("d/with space").size == 2 and store.stat("d/sub").kind == "dir"
+    for missing in ("absent", "d/su", "d/sub/deep", "d/plain/x"):
+        with pytest.raises(FileNotFoundError):
+            store.stat(missing)
+        store.fast_list = False
+        with pytest.raises(FileNotFoundError):
+            store.stat(missing)
+        store.fast_list = True
+    # What a stat says is what a listing says (its mtime in whole seconds, as s3fs's).
+    for entry in store.list_dir("d"):
+        info = store.stat(entry.path)
+        assert (info.kind, info.size, info.version) == (entry.kind, entry.size, entry.version), entry.path

@@ -175,6 +175,28 @@ def test_parquet_written_on_one_mount_reads_back_on_another(s3_source, cachefs_m
     assert pq.read_table(os.path.join(reader.mountpoint, "factors/day1.parquet")).equals(table)
 
 
+def test_pandas_to_parquet_on_one_mount_reads_back_on_another(s3_source, cachefs_mount):
+    """What a user does inside: DataFrame.to_parquet on a writer's mount, read_parquet
+    on another node's mount."""
+    pd = pytest.importorskip("pandas")
+    pytest.importorskip("pyarrow")
+
+    s3_source.write("seed", b"s")
+    writer = _rw(cachefs_mount, s3_source)
+    reader = cachefs_mount(s3_source, "--chunk-size", "1M")
+    rng = random.Random(6)
+    frame = pd.DataFrame({
+        "ts": pd.date_range("2026-11-27", periods=150_000, freq="s"),
+        "symbol": [rng.choice(["AAPL", "MSFT", "NVDA"]) for _ in range(150_000)],
+        "px": [rng.random() * 100 for _ in range(150_000)],
+        "qty": list(range(150_000)),
+    })
+    os.makedirs(os.path.join(writer.mountpoint, "factors"))
+    frame.to_parquet(os.path.join(writer.mountpoint, "factors/day2.parquet"))
+    back = pd.read_parquet(os.path.join(reader.mountpoint, "factors/day2.parquet"))
+    pd.testing.assert_frame_equal(back, frame)
+
+
 def test_read_only_datasets_refuse_every_change(local_source, cachefs_mount):
     local_source.write("a.txt", b"a")
     local_source.write("d/b.txt", b"b")
@@ -427,3 +449,37 @@ def test_a_sequential_writer_sends_parts_before_close_and_later_changes_still_la
                 del data[100:]
         assert source.read(name) == bytes(data), name
         assert _read(path) == bytes(data), name
+
+
+def test_creating_files_waits_for_no_listing_of_their_directory(s3_behind_proxy, cachefs_mount):
+    """The kernel looks up every new name before creating it. Once the directory's listing
+    has expired, each such name is checked alone (a HEAD and a one-key LIST), while the
+    directory is listed again in the background: no create waits for a LIST of the whole
+    directory, and a name another node made since the listing is still seen."""
+    source = s3_behind_proxy
+    for i in range(3):
+        source.write(f"out/old{i}", b"old")
+    m = _rw(cachefs_mount, source, "--dir-ttl", "0.2", "--attr-ttl", "0.2", "--entry-ttl", "0.2")
+    out = os.path.join(m.mountpoint, "out")
+    assert sorted(os.listdir(out)) == ["old0", "old1", "old2"]  # listed: the listing is cached
+    source.write("out/theirs", b"another node's")  # in the backend, not in our listing
+    prefix = source.prefix.partition("/")[2] + "/out/"
+    full_lists = lambda: sum(n for (p, keys), n in source.proxy.lists.items() if p == prefix and not keys)  # noqa: E731
+    lists_before = full_lists()
+    source.proxy.fault_scope = "listings"
+    source.proxy.fault = "slow:3"  # every LIST of the whole directory takes 3 s from now on
+    time.sleep(0.3)  # the listing has expired
+    took = []
+    for i in range(10):
+        t0 = time.monotonic()
+        _write(os.path.join(out, f"mine{i}"), b"mine")
+        took.append(time.monotonic() - t0)
+        time.sleep(0.1)  # the creates span several --dir-ttl
+    with pytest.raises(FileExistsError):  # checked alone, though the listing we hold lacks it
+        os.close(os.open(os.path.join(out, "theirs"), os.O_WRONLY | os.O_CREAT | os.O_EXCL))
+    assert max(took) < 2.0, f"creates took {', '.join(f'{t:.2f}' for t in took)} s: one waited for a LIST"
+    assert full_lists() - lists_before <= 1, "one LIST in the background at a time"
+    source.proxy.fault = None
+    assert sorted(os.listdir(out)) == sorted(["old0", "old1", "old2", "theirs", *(f"mine{i}" for i in range(10))])
+    for i in range(10):
+        assert source.read(f"out/mine{i}") == b"mine"
