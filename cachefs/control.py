@@ -255,7 +255,7 @@ async def _warmup_start(node: NodeControl, args: dict) -> dict:
 
 
 async def _warmup_progress(node: NodeControl, args: dict) -> dict:
-    return node.warmups.progress(_arg(args, "job", str))
+    return await node.warmups.progress(_arg(args, "job", str), _arg(args, "wait", (int, float), 0.0))
 
 
 async def _warmup_cancel(node: NodeControl, args: dict) -> dict:

@@ -60,6 +60,7 @@ RUN_CHUNKS = 4
 MAX_CONCURRENCY = 256
 MAX_FAILURES_LISTED = 20  # failed files a job names; it counts them all
 JOBS_KEPT = 16  # finished jobs whose progress can still be asked for
+MAX_WAIT = 5.0  # seconds a progress request may wait for its job to end
 
 # A job's states: listing → running → done (some files may have failed), or failed (no
 # loading at all: listing failed, or the set cannot fit), or cancelled.
@@ -104,6 +105,7 @@ class WarmupJob:
     started: float = dataclasses.field(default_factory=time.time)
     finished: float | None = None
     scope: trio.CancelScope = dataclasses.field(default_factory=trio.CancelScope)
+    ended: trio.Event = dataclasses.field(default_factory=trio.Event)
 
     def fail(self, path: str, error: str) -> None:
         self.failed_count += 1
@@ -182,8 +184,14 @@ class Warmups:
                  "recursive" if recursive else "not recursive")
         return job.progress()
 
-    def progress(self, job_id: str) -> dict:
-        return self._job(job_id).progress()
+    async def progress(self, job_id: str, wait: float = 0.0) -> dict:
+        """A job's counters, once it has ended or `wait` seconds (MAX_WAIT at most)
+        have passed, whichever comes first: a client following a job learns at
+        once that it ended, not up to a polling interval later."""
+        job = self._job(job_id)
+        with trio.move_on_after(min(max(wait, 0.0), MAX_WAIT)):
+            await job.ended.wait()
+        return job.progress()
 
     def cancel(self, job_id: str) -> dict:
         """Stop a job; chunks loaded so far stay cached, so running it again resumes."""
@@ -258,6 +266,7 @@ class Warmups:
             if job.state not in FINISHED:
                 job.state = "cancelled"  # the node is shutting down
             job.finished = time.time()
+            job.ended.set()
             log.info(
                 "warm-up %s %s: %d/%d files, %s loaded, %s cached before, %d failed, %.1fs%s",
                 job.id, job.state, job.files_done, job.files_total, _bytes(job.bytes_loaded),

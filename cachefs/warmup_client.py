@@ -1,8 +1,8 @@
 """`cachefs warmup`: start a warm-up job in a mount's node and follow its progress.
 
 The node does the work (cachefs/warmup.py); this side finds the mount a PATH is
-in, starts the job over the control socket, polls its counters every POLL
-seconds and shows them: a progress bar on a terminal (rich), a plain line every
+in, starts the job over the control socket, asks its counters every POLL
+seconds (or at once when it ends) and shows them: a progress bar on a terminal (rich), a plain line every
 PLAIN_EVERY seconds otherwise, or one JSON object per line with --json, the last
 one the summary. Ctrl-C cancels the job (exit 130); what was loaded stays
 cached, so running the same command again resumes.
@@ -265,8 +265,8 @@ async def _follow(sock: str, label: str, args: dict, wait_ratio: float | None, o
             return p, False
         if wait_ratio is not None and p["ratio"] is not None and p["ratio"] >= wait_ratio:
             return p, True
-        await trio.sleep(POLL)
-        p = await call("warmup.progress", {"job": p["job"]})
+        # Answered when the job ends, or after POLL seconds with the counters then.
+        p = await call("warmup.progress", {"job": p["job"], "wait": POLL})
 
 
 def _report(p: dict, early: bool, wait_ratio: float | None, as_json: bool, output, out: TextIO, err: TextIO) -> int:

@@ -113,8 +113,8 @@ def _node(files: dict[str, int], reader: FakeReader, mem: int = 1 << 40):
 
 
 async def _finish(warmups: Warmups, job: str) -> dict:
-    while (p := warmups.progress(job))["state"] not in ("done", "failed", "cancelled"):
-        await trio.sleep(0.5)
+    while (p := await warmups.progress(job, wait=0.5))["state"] not in ("done", "failed", "cancelled"):
+        pass
     return p
 
 
@@ -139,6 +139,36 @@ async def test_progress_is_exact_in_bytes_and_a_rerun_finds_everything_cached(au
 
         again = await _finish(warmups, (await warmups.start(["ds/a"], recursive=True))["job"])
         assert again["bytes_cached"] == total and again["bytes_loaded"] == 0 and reader.fetches == 6
+
+
+@pytest.mark.trio
+async def test_a_progress_request_is_answered_the_moment_its_job_ends(autojump_clock):
+    """`warmup.progress` with a wait: answered when the job ends, not a polling
+    interval later (the CLI used to learn of the end up to 0.5 s late)."""
+    async with trio.open_nursery() as nursery:
+        warmups = Warmups(_node(FILES, FakeReader(delay=1.25)), nursery)
+        job = (await warmups.start(["ds/top.bin"]))["job"]  # two chunks, one after the other: 2.5 s
+        asked_at = trio.current_time()
+        p = await warmups.progress(job, wait=5.0)
+        assert p["state"] == "done" and trio.current_time() - asked_at == pytest.approx(2.5)
+        again = trio.current_time()
+        assert (await warmups.progress(job, wait=5.0))["state"] == "done"  # an ended job: at once
+        assert trio.current_time() == again
+
+
+@pytest.mark.trio
+async def test_a_progress_request_waits_at_most_its_wait(autojump_clock):
+    reader = FakeReader()
+    async with trio.open_nursery() as nursery:
+        warmups = Warmups(_node(FILES, reader), nursery)
+        job = (await warmups.start(["ds"], recursive=True, concurrency=1))["job"]
+        t0 = trio.current_time()
+        p = await warmups.progress(job, wait=0.25)
+        assert p["state"] == "running" and trio.current_time() - t0 == pytest.approx(0.25)
+        t0 = trio.current_time()
+        await warmups.progress(job, wait=3600)
+        assert trio.current_time() - t0 <= 5.0  # MAX_WAIT: a request never holds the socket long
+        warmups.cancel(job)
 
 
 @pytest.mark.trio
