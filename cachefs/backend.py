@@ -591,17 +591,7 @@ class S3FastPath:
         if max_keys is not None:
             params["MaxKeys"] = max_keys  # entries per page; the server's default otherwise
         while True:
-            resp, conn = self._send("list_objects_v2", params, {})
-            if resp.status != 200:
-                self._fail(resp, conn, f"{bucket}/{prefix}", expected=200)
-            try:
-                page = ElementTree.fromstring(resp.read())
-            except ElementTree.ParseError as e:
-                conn.close()
-                raise _FallBack(f"unparsable listing ({e})") from None
-            except BaseException:
-                conn.close()  # as in get: a half-read answer must not stay on the kept connection
-                raise
+            page = self._list_page(params)
             fields = {_local_name(e.tag): e for e in page}
             decode = urllib.parse.unquote_plus if _text(fields.get("EncodingType")) == "url" else str
             for entry in page:
@@ -648,24 +638,31 @@ class S3FastPath:
             "ETag": resp.getheader("ETag") or "",
         }
 
+    def _list_page(self, params: dict) -> ElementTree.Element:
+        """One ListObjectsV2 answer, parsed.
+
+        Raises:
+            FileNotFoundError, PermissionError, OSError, _FallBack (unparsable).
+        """
+        resp, conn = self._send("list_objects_v2", params, {})
+        if resp.status != 200:
+            self._fail(resp, conn, f"{params['Bucket']}/{params['Prefix']}", expected=200)
+        try:
+            return ElementTree.fromstring(resp.read())
+        except ElementTree.ParseError as e:
+            conn.close()
+            raise _FallBack(f"unparsable listing ({e})") from None
+        except BaseException:
+            conn.close()  # as in get: a half-read answer must not stay on the kept connection
+            raise
+
     def any_under(self, bucket: str, prefix: str) -> bool:
         """Whether any key starts with `prefix` (one LIST of at most one key).
 
         Raises:
             PermissionError, OSError, _FallBack (an answer only s3fs can handle).
         """
-        params = {"Bucket": bucket, "Prefix": prefix, "Delimiter": "/", "MaxKeys": 1, "EncodingType": "url"}
-        resp, conn = self._send("list_objects_v2", params, {})
-        if resp.status != 200:
-            self._fail(resp, conn, f"{bucket}/{prefix}", expected=200)
-        try:
-            page = ElementTree.fromstring(resp.read())
-        except ElementTree.ParseError as e:
-            conn.close()
-            raise _FallBack(f"unparsable listing ({e})") from None
-        except BaseException:
-            conn.close()
-            raise
+        page = self._list_page({"Bucket": bucket, "Prefix": prefix, "Delimiter": "/", "MaxKeys": 1, "EncodingType": "url"})
         return any(_local_name(e.tag) in ("Contents", "CommonPrefixes") for e in page)
 
     def put(self, bucket: str, key: str, body: bytes, query: dict) -> dict[str, str]:

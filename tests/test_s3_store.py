@@ -46,12 +46,18 @@ def both_listings(store: FsspecStore, path: str):
     return fast, slow
 
 
-@pytest.mark.parametrize("etags", ["etag", "noetag"])
-def test_fast_listing_equals_s3fs_listing(request, etags, stores):
+def _tree(request, etags: str):
+    """The test's S3 source (with or without ETags) holding d/NAME for each of NAMES and d/sub/deeper/x."""
     src = request.getfixturevalue("s3_source" if etags == "etag" else "s3_source_noetag")
     for n, name in enumerate(NAMES):
         src.write(f"d/{name}", bytes([n]) * (n + 1))
     src.write("d/sub/deeper/x", b"x")
+    return src
+
+
+@pytest.mark.parametrize("etags", ["etag", "noetag"])
+def test_fast_listing_equals_s3fs_listing(request, etags, stores):
+    src = _tree(request, etags)
     src.write("d/sub2/y", b"yy")
     src.write("top", b"t")
     store = store_for(src, stores)
@@ -99,10 +105,7 @@ def test_fast_listing_of_a_missing_directory_is_not_found(s3_source, stores):
 @pytest.mark.parametrize("etags", ["etag", "noetag"])
 def test_fast_stat_equals_s3fs_stat(request, etags, stores):
     """A HEAD, then a LIST of one key under NAME/ for a directory: what s3fs's info says."""
-    src = request.getfixturevalue("s3_source" if etags == "etag" else "s3_source_noetag")
-    for n, name in enumerate(NAMES):
-        src.write(f"d/{name}", bytes([n]) * (n + 1))
-    src.write("d/sub/deeper/x", b"x")
+    src = _tree(request, etags)
     src.fs.pipe_file(src.key("marked/"), b"")  # an empty directory's marker (mkdir)
     store = store_for(src, stores)
 
