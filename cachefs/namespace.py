@@ -14,9 +14,10 @@ all of them once per --dir-ttl. A listing of at most one LIST page is listed
 again in the background instead, so the names after it are answered from memory
 again; and once half its --dir-ttl has passed, a lookup of a name it lacks lists
 it again ahead of time, so that a writer creating one file after another never
-finds it expired. A listing's age counts from the start of its LIST. Names this node itself adds or removes while a LIST of their
-directory is in flight are applied to its result: the node never loses sight of
-its own writes because a LIST started before them.
+finds it expired. A listing's age counts from the start of its LIST. Names this
+node itself adds or removes while a LIST of their directory is in flight are
+applied to its result: the node never loses sight of its own writes because a
+LIST started before them.
 
 What we know is bounded: attributes and listings share one LRU of
 --meta-cache-entries entries (one per object's attributes; one per listing plus
