@@ -44,6 +44,17 @@ log = logging.getLogger(__name__)
 # A reader counts as random (its misses fetch just the blocks they need) after
 # this many non-sequential reads in a row.
 RANDOM_AFTER_JUMPS = 3
+_HEAD = b"/head"  # a kept head's claim in the budget: the digest and this
+
+# A file's first read, of at most this share of a chunk and starting in its
+# first block, from a chunk larger than FIRST_READ_WHOLE that no tier holds,
+# takes just the blocks up to its end from the backend (time to first byte);
+# they are kept (HEADS_KEPT at most, in the budget) and the chunk, when read
+# again, is completed with a GET of the rest: no byte is fetched twice. A chunk
+# up to FIRST_READ_WHOLE costs about one round trip whole, and is fetched whole.
+FIRST_READ_SHARE = 1 / 8
+FIRST_READ_WHOLE = 1 << 20
+HEADS_KEPT = 16
 
 # At most this many fetched chunks wait to be written to the SSD.
 WRITE_BEHIND_CHUNKS = 8
@@ -91,6 +102,7 @@ class ReadStream:
     """Per open file: where the last read ended, to recognise sequential reads."""
 
     next_offset: int = 0
+    reads: int = 0
     sequential_reads: int = 0
     jumps: int = 0  # non-sequential reads in a row
     ahead_until: int = 0  # first chunk index not yet scheduled for read-ahead
@@ -153,6 +165,9 @@ class Reader:
         # are read a few times each). A chunk read once, the rule over a data set
         # much bigger than MEM, costs 4 KiB, not 4 MiB.
         self._touched: set[bytes] = set()
+        # digest -> (the chunk's first blocks, as a file's first read fetched them;
+        # that read's start and end): see FIRST_READ_SHARE.
+        self._heads: OrderedDict[bytes, tuple[Buffer, int, int]] = OrderedDict()
         # Where each chunk this reader had loaded came from, and which of its
         # pages no read has returned yet: digest -> [source, bitmask of unread
         # pages, the chunk's length]. Hit ratios count what a cache held before
@@ -204,7 +219,14 @@ class Reader:
         spans = hotpath.chunk_spans(offset, size, obj.size, self.chunk_size)
         if not spans:
             return b""
+        # A file's first read (an open to read a header, a byte): see FIRST_READ_SHARE.
+        # Off with read-ahead, and with peers (the owner answers a range).
+        opening = (
+            stream is not None and not stream.reads and self.read_ahead > 0 and not self._peers
+            and size <= FIRST_READ_SHARE * self.chunk_size
+        )
         if stream is not None:
+            stream.reads += 1
             self._note_access(obj, stream, offset, offset + size, spans[-1][0])
         # Random readers (and every reader without a memory tier above the SSD)
         # take just the blocks they need from the SSD; sequential readers promote whole chunks.
@@ -232,7 +254,7 @@ class Reader:
                 part = memoryview(entry[0])[start:end]
                 source = entry[1]
                 entry[2] = trio.current_time()
-            elif partial or jumped:
+            elif partial or jumped or (opening and key.length > FIRST_READ_WHOLE):
                 digest = key.digest
                 # Only a chunk that no tier holds whole and no fetch is bringing can be read in part.
                 if not ((memory is not None and digest in memory) or digest in self._flights):
@@ -240,12 +262,15 @@ class Reader:
                     if holder is not None:
                         part = await holder.get_range(key, start, end)
                         source = holder.name
-                    if part is None and jumped and self._ranged_holder(digest) is None:
+                    if part is None and (jumped or opening) and self._ranged_holder(digest) is None:
                         if self._peers:
                             if digest not in self._touched or self._memory is None:
                                 part, source = await self._peer_range(key, start, end)
-                        else:
+                        elif jumped:
                             part = await self._backend_range(key, start, end)
+                            source = "backend"
+                        elif start < hotpath.BLOCK_SIZE and digest not in self._heads:
+                            part = await self._backend_head(key, start, end)
                             source = "backend"
             if part is None:
                 chunk, source = await self._chunk(key, for_reader=True)
@@ -275,24 +300,36 @@ class Reader:
         while a byte of it is still to be read. Exact for the kernel's reads,
         which are page-aligned; a read that is not counts its bytes in pages it
         returns only part of under `source`."""
+        origin = self._origins[digest][0]
+        new, hi = self._mark_read(digest, start, end)
+        if not new:
+            self._count(source, end - start)
+            return
+        page = ORIGIN_PAGE
+        first = new.bit_count() * page
+        if hi * page > end and new >> (hi - 1):
+            first -= hi * page - end  # the chunk's short last page
+        self._count(origin, first)
+        if end - start - first:
+            self._count(source, end - start - first, reads=0)
+
+    def _mark_read(self, digest: bytes, start: int, end: int) -> tuple[int, int]:
+        """Mark the pages a read of [start, end) returns in full as read (see
+        `_count_first_read`); the chunk is let go once all are.
+
+        Returns:
+            (those of them no read had returned before, as a bitmask; the page after the last).
+        """
         entry = self._origins[digest]
         page = ORIGIN_PAGE
         lo = -(-start // page)
         hi = -(-end // page) if end >= entry[2] else end // page
         new = entry[1] & (((1 << (hi - lo)) - 1) << lo) if hi > lo else 0
-        if not new:
-            self._count(source, end - start)
-            return
         entry[1] ^= new
-        if not entry[1]:
+        if new and not entry[1]:
             del self._origins[digest]
             self._let_go(digest)  # read in full: the tiers have it, or it was read once
-        first = new.bit_count() * page
-        if hi * page > end and new >> (hi - 1):
-            first -= hi * page - end  # the chunk's short last page
-        self._count(entry[0], first)
-        if end - start - first:
-            self._count(source, end - start - first, reads=0)
+        return new, hi
 
     async def _backend_range(self, key: ChunkKey, start: int, end: int) -> memoryview | None:
         """A random read of an uncached chunk: GET just the blocks it needs now (a
@@ -311,6 +348,33 @@ class Reader:
             self.in_flight["backend"] -= 1
         self._start_prefetch(key, ahead=True)
         return memoryview(data)[start - lo : end - lo]
+
+    async def _backend_head(self, key: ChunkKey, start: int, end: int) -> memoryview | None:
+        """A file's first read of an uncached chunk: GET the blocks from the chunk's
+        start to the read's end, and keep them, to complete the chunk with when it
+        is read again (`_load_claimed`). None if that would be the whole chunk, or
+        the budget has no room for read-ahead."""
+        block = hotpath.BLOCK_SIZE
+        hi = min(-(-end // block) * block, key.length)
+        if hi >= key.length or not self.budget.try_claim(key.digest + _HEAD, hi, ahead=True):
+            return None
+        base = key.index * self.chunk_size
+        self.in_flight["backend"] += 1
+        try:
+            data = await self.backend.fetch(key.obj, base, base + hi)
+        except BaseException:
+            self.budget.release(key.digest + _HEAD)
+            raise
+        finally:
+            self.in_flight["backend"] -= 1
+        heads = self._heads
+        if key.digest in heads:  # another first read got there first
+            self.budget.release(key.digest + _HEAD)
+        else:
+            heads[key.digest] = (data, start, end)
+            while len(heads) > HEADS_KEPT:
+                self.budget.release(heads.popitem(last=False)[0] + _HEAD)
+        return memoryview(data)[start:end]
 
     async def _peer_range(self, key: ChunkKey, start: int, end: int) -> tuple[Buffer | None, str]:
         """A random read of a chunk no local tier holds: just its bytes, from the
@@ -559,13 +623,26 @@ class Reader:
                 await self._keep(key, data, tier)
                 return data, tier.name
         start = key.index * self.chunk_size
+        head = self._heads.pop(key.digest, None)
+        if head is not None:
+            self.budget.release(key.digest + _HEAD)
         in_flight["backend"] += 1
         try:
-            fetched = await self.backend.fetch(key.obj, start, start + key.length)
+            if head is None:
+                fetched = await self.backend.fetch(key.obj, start, start + key.length)
+            else:
+                # Completed from a first read's blocks: the rest only.
+                fetched = hotpath.empty_buffer(key.length)
+                have = len(head[0])
+                fetched[:have] = head[0]
+                with memoryview(fetched) as view:
+                    await self.backend.fetch_into(key.obj, start + have, [view[have:]])
         finally:
             in_flight["backend"] -= 1
         if for_reader:
             self._note_origin(key, "backend")
+            if head is not None:
+                self._mark_read(key.digest, head[1], head[2])  # that read had these pages
             self._hold(key, fetched, "backend")
         await self._keep(key, fetched, None)
         return fetched, "backend"
@@ -606,6 +683,8 @@ class Reader:
         self.budget.remove_reclaimer(self._give_up_held)
         for digest in list(self._held):
             self._let_go(digest)
+        while self._heads:
+            self.budget.release(self._heads.popitem()[0] + _HEAD)
 
     def _note_origin(self, key: ChunkKey, source: str) -> None:
         """Remember where a chunk loaded for this reader came from, before `_keep`
