@@ -48,7 +48,7 @@ _HEAD = b"/head"  # a kept head's claim in the budget: the digest and this
 
 # A file's first read, of at most this share of a chunk and starting in its
 # first block, from a chunk larger than FIRST_READ_WHOLE that no tier holds,
-# takes just the blocks up to its end from the backend (time to first byte);
+# takes just the pages up to its end from the backend (time to first byte);
 # they are kept (HEADS_KEPT at most, in the budget) and the chunk, when read
 # again, is completed with a GET of the rest: no byte is fetched twice. A chunk
 # up to FIRST_READ_WHOLE costs about one round trip whole, and is fetched whole.
@@ -350,12 +350,11 @@ class Reader:
         return memoryview(data)[start - lo : end - lo]
 
     async def _backend_head(self, key: ChunkKey, start: int, end: int) -> memoryview | None:
-        """A file's first read of an uncached chunk: GET the blocks from the chunk's
-        start to the read's end, and keep them, to complete the chunk with when it
-        is read again (`_load_claimed`). None if that would be the whole chunk, or
-        the budget has no room for read-ahead."""
-        block = hotpath.BLOCK_SIZE
-        hi = min(-(-end // block) * block, key.length)
+        """A file's first read of an uncached chunk: GET the pages from the chunk's
+        start to the read's end (no more: the first byte is what is waited for), and
+        keep them, to complete the chunk with when it is read again (`_load_claimed`).
+        None if that would be the whole chunk, or the budget has no room for read-ahead."""
+        hi = min(-(-end // ORIGIN_PAGE) * ORIGIN_PAGE, key.length)
         if hi >= key.length or not self.budget.try_claim(key.digest + _HEAD, hi, ahead=True):
             return None
         base = key.index * self.chunk_size

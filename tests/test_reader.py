@@ -553,26 +553,23 @@ async def test_a_single_jump_still_fetches_whole_chunks(store):
 @pytest.mark.parametrize("chunk_mib, read_ahead, ranged", [(4, 2, True), (4, 0, False), (1, 2, False)])
 async def test_a_files_first_read_takes_its_first_blocks_and_no_byte_twice(store, chunk_mib, read_ahead, ranged):
     """Time to first byte: a file's first read, in the first block of a chunk larger
-    than 1 MiB, gets the blocks up to its end from a ranged GET; reading on
+    than 1 MiB, gets the pages up to its end from a ranged GET; reading on
     completes the chunk with a GET of the rest. A 1 MiB chunk (or no read-ahead)
     is fetched whole. Either way no byte comes from the backend twice, and the
     chunk is let go once read in full (its first read's pages count as read)."""
-    from cachefs import hotpath
-
-    block = hotpath.BLOCK_SIZE
     chunk = chunk_mib << 20
     data = payload(2 * chunk)
     obj = store.add("f", data)
     async with open_reader(store, chunk_size=chunk, mem=4 * chunk, read_ahead=read_ahead) as reader:
         stream = ReadStream()
         assert bytes(await reader.read(obj, 0, 4096, stream)) == data[:4096]  # open, read a page
-        assert store.ranges == ([("f", 0, block)] if ranged else [("f", 0, chunk)])
+        assert store.ranges == ([("f", 0, 4096)] if ranged else [("f", 0, chunk)])
         for offset in range(0, chunk, 128 << 10):  # then reading on, sequentially
             n = 128 << 10
             assert bytes(await reader.read(obj, offset, n, stream)) == data[offset : offset + n]
         await wait_until(lambda: store.in_flight == 0)
         first = sorted(r for r in store.ranges if r[1] < chunk)
-        assert first == ([("f", 0, block), ("f", block, chunk)] if ranged else [("f", 0, chunk)])  # each byte once
+        assert first == ([("f", 0, 4096), ("f", 4096, chunk)] if ranged else [("f", 0, chunk)])  # each byte once
         assert chunk_key(obj, chunk, 0).digest not in reader._held  # read in full: let go
         assert not reader._heads and not [d for d in reader.budget._claims if d.endswith(b"/head")]
 
