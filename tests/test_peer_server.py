@@ -362,6 +362,29 @@ async def test_ranges_and_whole_chunks_take_separate_connections():
         nursery.cancel_scope.cancel()
 
 
+def test_requests_in_flight_when_a_peer_fails_count_as_one_failure():
+    """Eight requests out when a peer dies all fail: its back-off is that of one
+    failure (0.5 s), not of eight (30 s); a failure after the back-off doubles it."""
+    import cachefs.peer.client as client_module
+
+    now = [100.0]
+    client = client_module.PeerClient("me", b"s" * 32, None, 1 << 20, clock=lambda: now[0])
+    for _ in range(8):
+        client.mark_failed("p:1", "timed out")
+    assert not client.available("p:1")
+    now[0] += 0.5
+    assert client.available("p:1")
+    client.mark_failed("p:1", "timed out again")  # a new request, after the back-off
+    now[0] += 0.5
+    assert not client.available("p:1")
+    now[0] += 0.5
+    assert client.available("p:1")
+    client.mark_ok("p:1")
+    client.mark_failed("p:1", "once more")
+    now[0] += 0.5
+    assert client.available("p:1")  # back at one failure's back-off after a success
+
+
 @pytest.mark.trio
 async def test_a_range_is_answered_while_a_whole_chunk_is_outstanding():
     size = 2 * CHUNK

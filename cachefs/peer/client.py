@@ -170,6 +170,12 @@ class PeerClient:
         return self._clock() >= self._down_until.get(peer, 0.0)
 
     def mark_failed(self, peer: str, why: object) -> None:
+        if not self.available(peer):
+            # A request sent before it was marked down: the same failure, not a new
+            # one. Counted, the requests in flight when a peer dies (read-ahead, a
+            # walk's loads) would take its back-off to the maximum at once, and a
+            # peer back a second later would be skipped for PEER_MAX_BACKOFF.
+            return
         failures = self._failures[peer] = self._failures.get(peer, 0) + 1
         backoff = min(0.5 * 2 ** (failures - 1), PEER_MAX_BACKOFF)
         self._down_until[peer] = self._clock() + backoff
