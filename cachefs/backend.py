@@ -153,15 +153,20 @@ class LocalStore:
     def set_mtime(self, path: str, mtime: float) -> None:
         os.utime(self._abs(path), (mtime, mtime), follow_symlinks=False)
 
-    def fetch_into(self, obj: ObjectId, start: int, end: int, into: list[memoryview]) -> int:
-        """`fetch` into the buffers `into` in turn (end - start bytes in all); returns the bytes read."""
+    def fetch_into(
+        self, obj: ObjectId, start: int, end: int, into: list[memoryview], on_filled: Callable[[int], None] | None = None
+    ) -> int:
+        """`fetch` into the buffers `into` in turn (end - start bytes in all); returns the
+        bytes read, after announcing each buffer read whole (`on_filled(i)`)."""
         fd = os.open(self._abs(obj.path), os.O_RDONLY | os.O_CLOEXEC)
         try:
             if _local_version(os.fstat(fd)) != obj.version:
                 raise ObjectChanged(f"{obj.path}: changed since it was opened")
-            return os.preadv(fd, into, start)
+            n = os.preadv(fd, into, start)
         finally:
             os.close(fd)
+        _announce(into, n, on_filled)
+        return n
 
 
 class FsspecStore:
@@ -285,15 +290,21 @@ class FsspecStore:
             return self._s3_get(obj, start, end)
         return self.fs.cat_file(self._abs(obj.path), start=start, end=end)
 
-    def fetch_into(self, obj: ObjectId, start: int, end: int, into: list[memoryview]) -> int:
+    def fetch_into(
+        self, obj: ObjectId, start: int, end: int, into: list[memoryview], on_filled: Callable[[int], None] | None = None
+    ) -> int:
         """`fetch` into the buffers `into` in turn (end - start bytes in all); returns
-        the bytes read. The S3 fast path receives straight into them; other stores copy."""
-        data = self._s3_get(obj, start, end, into) if self.is_s3 else self.fetch(obj, start, end)
+        the bytes read. The S3 fast path receives straight into them, and announces
+        each as it is whole (`on_filled(i)`); other stores copy, then announce all."""
+        data = self._s3_get(obj, start, end, into, on_filled) if self.is_s3 else self.fetch(obj, start, end)
         if data is into:
             return end - start
-        return _scatter(data, into)
+        return _scatter(data, into, on_filled)
 
-    def _s3_get(self, obj: ObjectId, start: int, end: int, into: list[memoryview] | None = None):
+    def _s3_get(
+        self, obj: ObjectId, start: int, end: int, into: list[memoryview] | None = None,
+        on_filled: Callable[[int], None] | None = None,
+    ):
         from fsspec.asyn import sync
 
         bucket, key, _ = self.fs.split_path(self._abs(obj.path))
@@ -301,21 +312,25 @@ class FsspecStore:
         etag = obj.version.removeprefix("etag:") if obj.version.startswith("etag:") else ""
         conditions = {"IfMatch": f'"{etag}"'} if etag else {}
         if self.fast is not None:
-            try:
-                data, headers = self.fast.get(
-                    bucket, key, start, end, {"If-Match": f'"{etag}"'} if etag else {}, into=into
-                )
-            except _FallBack as e:
-                # This request only: one odd answer must not change how every later one is made.
-                _fallbacks.warning("get-fallback", "a plain ranged GET got an answer only s3fs handles (%s); "
-                                   "using s3fs for this request", e)
-            else:
+
+            def check(headers: dict) -> None:
                 last_modified = headers.get("Last-Modified")
                 self._check_version(
                     obj,
                     headers.get("Content-Range", ""),
                     email.utils.parsedate_to_datetime(last_modified) if last_modified and not etag else None,
                 )
+
+            try:
+                data, _ = self.fast.get(
+                    bucket, key, start, end, {"If-Match": f'"{etag}"'} if etag else {},
+                    into=into, check=check, on_filled=on_filled,
+                )
+            except _FallBack as e:
+                # This request only: one odd answer must not change how every later one is made.
+                _fallbacks.warning("get-fallback", "a plain ranged GET got an answer only s3fs handles (%s); "
+                                   "using s3fs for this request", e)
+            else:
                 return data
 
         async def get() -> tuple[dict, bytes]:
@@ -539,9 +554,15 @@ class S3FastPath:
     def get(
         self, bucket: str, key: str, start: int, end: int, headers: dict[str, str],
         into: list[memoryview] | None = None,
+        check: Callable[[dict], None] | None = None,
+        on_filled: Callable[[int], None] | None = None,
     ) -> tuple[bytearray | list[memoryview], dict]:
         """Bytes [start, end) and the response headers; if `into` is given, the bytes
         are received into its buffers in turn (end - start bytes in all) and it is returned.
+
+        `check(headers)` runs before any byte of the body is received (it raises if
+        the answer is not the version asked for); `on_filled(i)` is called as soon as
+        `into[i]` is whole, so a caller may use it while the rest arrives.
 
         Raises:
             FileNotFoundError, PermissionError, ObjectChanged (412/416, or a shorter range
@@ -558,10 +579,12 @@ class S3FastPath:
                 # must not pass for a connection cut short (retries, then EIO and the breaker).
                 conn.close()
                 raise ObjectChanged(f"{bucket}/{key}: changed since it was opened (bytes {served} of {start}-{end - 1})")
-            data = hotpath.empty_buffer(end - start) if into is None else into  # filled below or raised
             total, got = end - start, 0
             try:
-                for buf in [data] if into is None else into:
+                if check is not None:
+                    check(dict(resp.getheaders()))
+                data = hotpath.empty_buffer(end - start) if into is None else into  # filled below or raised
+                for i, buf in enumerate([data] if into is None else into):
                     with memoryview(buf) as view:
                         size, filled = len(view), 0
                         while filled < size and (n := resp.readinto(view[filled:])):
@@ -569,6 +592,8 @@ class S3FastPath:
                     got += filled
                     if filled < size:
                         break
+                    if on_filled is not None and into is not None:
+                        on_filled(i)
             except BaseException:
                 conn.close()  # a body cut short (timeout, IncompleteRead) must not poison the next request
                 raise
@@ -855,22 +880,58 @@ def open_store(
     return FsspecStore(url, endpoint_url, timeout, credentials, profile)
 
 
-def _fetch_into(store, obj: ObjectId, start: int, end: int, into: list[memoryview]) -> int:
+class _Receipt:
+    """A fetch into several buffers across its attempts: a retry asks only for the
+    buffers not yet whole, so one already announced (`on_filled(i)`, from the
+    fetching thread) is never written again while its caller uses it."""
+
+    def __init__(self, store, obj: ObjectId, start: int, into: list[memoryview], on_filled):
+        self.store, self.obj, self.start, self.into, self.on_filled = store, obj, start, into, on_filled
+        self.whole = 0  # leading buffers received whole
+
+    def attempt(self) -> int:
+        """One request for the rest; returns the bytes held in all."""
+        first = self.whole
+        done = sum(len(b) for b in self.into[:first])
+        rest = self.into[first:]
+        end = self.start + done + sum(len(b) for b in rest)
+
+        def filled(i: int) -> None:
+            self.whole = first + i + 1
+            if self.on_filled is not None:
+                self.on_filled(first + i)
+
+        return done + _fetch_into(self.store, self.obj, self.start + done, end, rest, filled)
+
+
+def _fetch_into(store, obj: ObjectId, start: int, end: int, into: list[memoryview], on_filled=None) -> int:
     """`store.fetch_into`, or `fetch` and a copy for a store without it."""
     fetch_into = getattr(store, "fetch_into", None)
     if fetch_into is not None:
-        return fetch_into(obj, start, end, into)
-    return _scatter(store.fetch(obj, start, end), into)
+        return fetch_into(obj, start, end, into, on_filled)
+    return _scatter(store.fetch(obj, start, end), into, on_filled)
 
 
-def _scatter(data, into: list[memoryview]) -> int:
-    """Copy `data` into the buffers `into` in turn; returns len(data)."""
+def _scatter(data, into: list[memoryview], on_filled: Callable[[int], None] | None = None) -> int:
+    """Copy `data` into the buffers `into` in turn, announce the whole ones; returns len(data)."""
     view, at = memoryview(data), 0
     for buf in into:
         n = min(len(buf), len(view) - at)
         buf[:n] = view[at : at + n]
         at += n
+    _announce(into, len(view), on_filled)
     return len(view)
+
+
+def _announce(into: list[memoryview], n: int, on_filled: Callable[[int], None] | None) -> None:
+    """`on_filled(i)` for each of the buffers `into` that the first `n` bytes filled."""
+    if on_filled is None:
+        return
+    for i, buf in enumerate(into):
+        n -= len(buf)
+        if n < 0:
+            return
+        on_filled(i)
 
 
 def _translate(e: BaseException, what: str) -> BackendError:
@@ -1137,13 +1198,17 @@ class Backend:
     async def set_mtime(self, path: str, mtime: float) -> None:
         await self._change("setattr", path, self.store.set_mtime, path, mtime)
 
-    async def fetch_into(self, obj: ObjectId, start: int, into: list[memoryview]) -> None:
+    async def fetch_into(
+        self, obj: ObjectId, start: int, into: list[memoryview], on_filled: Callable[[int], None] | None = None
+    ) -> None:
         """Read bytes [start, start + the buffers' total length) of exactly this object
         version into the buffers `into`, in turn, with one request and without a buffer
         of our own (the S3 fast path receives straight into them).
 
-        If this raises, a thread may still be writing into them (one abandoned at
-        the deadline): the caller must not reuse them.
+        `on_filled(i)` is called, from a worker thread, as soon as `into[i]` holds its
+        bytes for good: a retry after a failure asks only for the buffers after it.
+        If this raises, a thread may still be writing into the buffers not announced
+        (one abandoned at the deadline): the caller must not reuse them.
 
         Raises:
             ObjectChanged: the backend holds another version now, or the read came short.
@@ -1152,7 +1217,8 @@ class Backend:
         end = start + sum(len(b) for b in into)
         if not 0 <= start < end <= obj.size:
             raise ValueError(f"{obj.path}: bad range [{start}, {end}) of an object of {obj.size} bytes")
-        n = await self._call("get", f"{obj.path}[{start}:{end}]", _fetch_into, self.store, obj, start, end, into)
+        receipt = _Receipt(self.store, obj, start, into, on_filled)
+        n = await self._call("get", f"{obj.path}[{start}:{end}]", receipt.attempt)
         if n != end - start:
             raise ObjectChanged(f"{obj.path}: short read at {start} ({n} of {end - start} bytes)")
         metrics.BACKEND_READ_BYTES.inc(n)

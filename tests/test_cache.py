@@ -26,7 +26,7 @@ from prometheus_client import REGISTRY
 from cachefs import hotpath
 from cachefs.cache.disk import DiskTier
 from cachefs.cache.mem import MemTier
-from cachefs.errors import CacheDirInUse
+from cachefs.errors import BackendUnavailable, CacheDirInUse
 from cachefs.objects import ChunkKey, ObjectId, chunk_digest
 
 # The hot path's users: run again with CACHEFS_PUREPYTHON=1 (scripts/test.sh).
@@ -274,7 +274,7 @@ async def test_disk_fill_stores_the_fetched_chunks_and_counts_their_bytes(tmp_pa
     keys = [chunk(n, 1000) for n in range(3)]
     data = [payload(1000, seed=n) for n in range(3)]
 
-    async def fetch(views):
+    async def fetch(views, on_filled):
         for view, part in zip(views, data):
             view[:] = part
 
@@ -285,6 +285,83 @@ async def test_disk_fill_stores_the_fetched_chunks_and_counts_their_bytes(tmp_pa
         got = await disk.get(k)
         assert got is not None and bytes(got) == part
     assert disk.usage() == (3 * entry(1000), 3)
+
+
+@pytest.mark.trio
+async def test_disk_fill_writes_an_announced_chunk_while_the_fetch_goes_on(tmp_path):
+    """A chunk whose bytes are in is on disk before the request ends: a warm-up's
+    load costs its fetch and one write, not the fetch and every write after it."""
+    disk = await open_disk(tmp_path, 10 * entry(1000))
+    keys = [chunk(n, 1000) for n in range(3)]
+    data = [payload(1000, seed=n) for n in range(3)]
+    seen_on_disk = []
+
+    async def fetch(views, on_filled):
+        for i, (view, part) in enumerate(zip(views, data)):
+            view[:] = part
+            on_filled(i)
+            with trio.fail_after(10):  # without the early write this never ends
+                while (got := await disk.get(keys[i])) is None:
+                    await trio.sleep(0.001)
+            seen_on_disk.append(bytes(got) == part)
+
+    assert await disk.fill(keys, fetch) == [True, True, True]
+    assert seen_on_disk == [True, True, True]
+    assert disk.usage() == (3 * entry(1000), 3)
+
+
+@pytest.mark.trio
+async def test_disk_fill_that_fails_keeps_only_the_announced_chunks(tmp_path):
+    """A request cut short after its first chunk: that chunk is stored (its bytes
+    were whole), the rest are not, and the error comes out as it was raised."""
+    disk = await open_disk(tmp_path, 10 * entry(1000))
+    keys = [chunk(n, 1000) for n in range(3)]
+
+    async def fetch(views, on_filled):
+        views[0][:] = payload(1000, seed=0)
+        on_filled(0)
+        views[1][:500] = payload(500, seed=1)
+        raise BackendUnavailable("cut short")
+
+    with pytest.raises(BackendUnavailable, match="cut short"):
+        await disk.fill(keys, fetch)
+    assert bytes(await disk.get(keys[0])) == payload(1000, seed=0)
+    assert await disk.get(keys[1]) is None and await disk.get(keys[2]) is None
+    assert disk.usage() == (entry(1000), 1)
+
+
+@pytest.mark.trio
+async def test_disk_fill_cancelled_raises_plain_cancellation(tmp_path):
+    """A fill cancelled mid-request (a warm-up stopped) ends its caller's cancel
+    scope as any cancelled call does, not as a group, and leaves the cap exact."""
+    disk = await open_disk(tmp_path, 10 * entry(1000))
+    keys = [chunk(n, 1000) for n in range(3)]
+    stuck = trio.Event()
+
+    async def fetch(views, on_filled):
+        views[0][:] = payload(1000, seed=0)
+        on_filled(0)
+        stuck.set()
+        await trio.sleep_forever()
+
+    raised = []
+
+    async def cancel_when_stuck():
+        await stuck.wait()
+        scope.cancel()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(cancel_when_stuck)
+        with trio.CancelScope() as scope:
+            try:
+                await disk.fill(keys, fetch)
+            except BaseException as e:
+                raised.append(e)
+                raise
+    assert scope.cancelled_caught
+    assert [type(e) for e in raised] == [trio.Cancelled]
+    assert await disk.get(keys[1]) is None
+    assert disk.usage() in [(0, 0), (entry(1000), 1)]  # chunk 0 whole or not at all
 
 
 @pytest.mark.trio

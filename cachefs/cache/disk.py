@@ -31,6 +31,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import logging
+import math
 import mmap
 import os
 import re
@@ -79,6 +80,23 @@ WRITE_THREADS = 4
 # budget (--mem-size, less the room demand reads keep) while in use, and
 # given back to the system when no fill runs.
 FILL_BYTES = 128 << 20
+
+
+def _offer(send: trio.MemorySendChannel, item) -> None:
+    """`send.send_nowait(item)` unless the channel is closed (a late call from a thread)."""
+    try:
+        send.send_nowait(item)
+    except (trio.ClosedResourceError, trio.BrokenResourceError):
+        pass
+
+
+def _cancellation(group: BaseExceptionGroup) -> BaseException:
+    """The group a nursery raised when cancelled, as the one Cancelled callers
+    expect; any other group as it is."""
+    cancelled, rest = group.split(trio.Cancelled)
+    while rest is None and isinstance(cancelled, BaseExceptionGroup):
+        cancelled = cancelled.exceptions[0]
+    return group if rest is not None else cancelled
 
 
 def _unlink_all(paths: list[str]) -> None:
@@ -425,14 +443,18 @@ class DiskTier:
             room = min(room, (self._budget.capacity - self._budget.reserve) // 2)
         return max(1, room // chunk_size)
 
-    async def fill(self, keys: list[ChunkKey], fetch: Callable[[list[memoryview]], Awaitable[None]]) -> list[bool]:
+    async def fill(
+        self, keys: list[ChunkKey], fetch: Callable[[list[memoryview], Callable[[int], None]], Awaitable[None]]
+    ) -> list[bool]:
         """Store consecutive chunks of one object that `fetch` writes straight into
         buffers of ours (warm-up).
 
-        `fetch(views)` fills the views in turn, all key.length bytes of each, with
-        one backend request; each view lies in a page-aligned buffer with room for
-        its chunk's header before it, and the buffer is then written with O_DIRECT
-        as it is: no copy, no MEM tier, and no fresh memory per chunk (the buffers
+        `fetch(views, on_filled)` fills the views in turn, all key.length bytes of
+        each, with one backend request, and may call `on_filled(i)` (from any
+        thread) once views[i] is whole for good; each view lies in a page-aligned
+        buffer with room for its chunk's header before it, and the buffer is then
+        written with O_DIRECT as it is, at once if announced, while the rest
+        arrives: no copy, no MEM tier, and no fresh memory per chunk (the buffers
         are reused while fills run; FILL_BYTES of them at most, claimed in the
         chunk budget, which MEM makes room for). Nothing is fetched if every chunk
         is held already, or if there is no room. Checkpoints.
@@ -443,7 +465,7 @@ class DiskTier:
             For each chunk, whether it is held now (stored, present before, or being
             written by someone else); False: no room, or the write failed.
         Raises:
-            Whatever `fetch` raises; none of the chunks is stored then.
+            Whatever `fetch` raises; of the chunks, only those it announced are stored then.
         """
         n = len(keys)
         if self._fill_slots is None:
@@ -505,20 +527,58 @@ class DiskTier:
             for k, buf in zip(keys, buffers):
                 head = hotpath.header_size(k.length)
                 views.append(memoryview(buf)[head : head + k.length])
-            await fetch(views)
-            del views
+
+            async def write(i: int) -> None:
+                k = keys[i]
+                await trio.to_thread.run_sync(
+                    self._write_filled, k.digest, buffers[i], hotpath.header_size(k.length), k.length,
+                    limiter=self._write_limiter,
+                )
+                self._indexed(k.digest, mine[i])
+                written.add(i)
+                held[i] = True
+
+            # Each chunk is written as soon as its bytes are in, while the request
+            # receives the next: a load takes its fetch and one write, not the sum of all.
+            filled_send, filled_receive = trio.open_memory_channel[int](math.inf)
+            token = trio.lowlevel.current_trio_token()
+
+            def on_filled(i: int) -> None:  # from the fetching thread
+                token.run_sync_soon(_offer, filled_send, i)
+
+            # Raised after the nursery, as they are (not in a group): the fetch's
+            # error first; a write's stops the writes.
+            failure: list[Exception] = []
+            write_failure: list[OSError] = []
+
+            async def write_as_filled() -> None:
+                async for i in filled_receive:
+                    if i in mine and not write_failure:
+                        try:
+                            await write(i)
+                        except OSError as e:
+                            write_failure.append(e)
+
             try:
-                for i in mine:
-                    k = keys[i]
-                    head = hotpath.header_size(k.length)
-                    await trio.to_thread.run_sync(
-                        self._write_filled, k.digest, buffers[i], head, k.length, limiter=self._write_limiter
-                    )
-                    self._indexed(k.digest, mine[i])
-                    written.add(i)
-                    held[i] = True
-            finally:
-                self._fill_buffers.extend(buffers)
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(write_as_filled)
+                    try:
+                        await fetch(views, on_filled)
+                    except Exception as e:  # noqa: BLE001 - raised below, after the announced chunks are written
+                        failure.append(e)
+                    finally:
+                        # Queued after the announcements (run_sync_soon keeps order): the
+                        # writer ends once it has every chunk announced.
+                        token.run_sync_soon(filled_send.close)
+            except BaseExceptionGroup as group:
+                raise _cancellation(group)
+            if failure or write_failure:
+                raise (failure + write_failure)[0]
+            del views
+            for i in mine:
+                if i not in written:
+                    await write(i)  # not announced (a fetch that does not announce)
+            self._fill_buffers.extend(buffers)
             return held
         except OSError as e:
             log.warning("cannot write chunks of %s to %s: %s", keys[0].obj.path, self.root, e)
