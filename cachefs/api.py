@@ -23,7 +23,7 @@ import signal
 import subprocess
 from typing import Any
 
-from cachefs import control
+from cachefs import control_client
 from cachefs.errors import ConfigError
 
 
@@ -96,7 +96,7 @@ class Mount:
         self.unmount()
 
     def _call(self, op: str, **args: Any) -> Any:
-        return control.request(control.socket_for(self.mountpoint), op, args, label=self.mountpoint)
+        return control_client.request(control_client.socket_for(self.mountpoint), op, args, label=self.mountpoint)
 
     def add_dataset(self, name: str, url: str, **options: Any) -> None:
         """Serve `url` at MOUNTPOINT/`name` from now on, without a remount.
@@ -149,7 +149,7 @@ class Mount:
         return path if os.path.isabs(path) else os.path.join(self.mountpoint, path)
 
     def _inner(self, path: str) -> str:
-        return control.mount_path(self._outer(path))
+        return control_client.mount_path(self._outer(path))
 
     def unmount(self, timeout: float = 30.0) -> None:
         """Unmount and wait for the daemon to exit; lazily if files are still open."""

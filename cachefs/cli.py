@@ -471,9 +471,9 @@ def _is_mounted(mountpoint: str) -> bool:
 
 def _control(target: str, op: str, args: dict | None = None):
     """The result of `op` on the node of `target` (a mountpoint or its control socket)."""
-    from cachefs import control
+    from cachefs import control_client
 
-    return control.request(control.socket_for(target), op, args, label=target)
+    return control_client.request(control_client.socket_for(target), op, args, label=target)
 
 
 def _dataset(a: argparse.Namespace) -> int:
@@ -508,9 +508,9 @@ def _status(a: argparse.Namespace) -> int:
         result = _control(target, "status")
         if a.deep or not _is_mountpoint(target):
             # A path inside a mount (or --deep): what is cached of its whole subtree, from one walk.
-            from cachefs import control
+            from cachefs import control_client
 
-            inner = control.mount_path(target)
+            inner = control_client.mount_path(target)
             result["path"] = {"path": inner, **_control(target, "residency", {"path": inner})}
         print(json.dumps(result, indent=2) if a.json else status.render_node(target, result))
     return 0
@@ -523,21 +523,21 @@ def _is_mountpoint(target: str) -> bool:
 
 
 def _refresh(a: argparse.Namespace) -> int:
-    from cachefs import control
+    from cachefs import control_client
 
     for path in a.paths:
-        inner = control.mount_path(path)
+        inner = control_client.mount_path(path)
         result = _control(path, "refresh", {"path": inner, "recursive": a.recursive})
         print(f"cachefs: {path}: {result['changed']} changed, {result['gone']} gone")
     return 0
 
 
 def _pin(a: argparse.Namespace) -> int:
-    from cachefs import control
+    from cachefs import control_client
     from cachefs.loader import parse_duration
 
     ttl = parse_duration(a.ttl, "--ttl")
-    inner = [control.mount_path(p) for p in a.paths]
+    inner = [control_client.mount_path(p) for p in a.paths]
     lease = _control(a.paths[0], "pin.add", {"paths": inner, "ttl": ttl, "owner": a.owner})
     if a.json:
         print(json.dumps(lease, indent=2))
@@ -548,10 +548,10 @@ def _pin(a: argparse.Namespace) -> int:
 
 
 def _unpin(a: argparse.Namespace) -> int:
-    from cachefs import control
+    from cachefs import control_client
 
     by_path = not a.owner and not a.lease
-    inner = [control.mount_path(p) for p in a.paths] if by_path else []
+    inner = [control_client.mount_path(p) for p in a.paths] if by_path else []
     gone = _control(a.paths[0], "pin.remove", {"paths": inner, "owner": a.owner, "ids": a.lease})
     print(f"cachefs: ended {len(gone)} lease(s), {format_size(sum(g['bytes'] for g in gone))} unpinned")
     return 0

@@ -22,14 +22,15 @@ type, missing argument, wrong version) gets an error reply and the connection
 stays open. Nothing a client sends ends the server.
 
 A mount tells where its socket is through the xattr XATTR of its mountpoint, so
-the CLI takes a MOUNTPOINT (`socket_for`).
+the CLI takes a MOUNTPOINT. The client side (`request`, `socket_for`, the
+protocol's framing) is in cachefs/control_client.py, which the CLI imports
+without this module and its event loop.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import errno
+import functools
 import hashlib
 import json
 import logging
@@ -37,24 +38,19 @@ import os
 import re
 import socket
 import stat
-from typing import Any, Callable, Iterator, Protocol, TypeVar
+from typing import Any, Callable, Protocol
 
 import trio
 
 from cachefs import __version__
 from cachefs.config import DatasetConfig, url_scheme
+from cachefs.control_client import PROTOCOL_VERSION, addressable, encode, one_line, request
 from cachefs.errors import BackendError, ConfigError
 
 log = logging.getLogger(__name__)
 
-T = TypeVar("T")
-
-PROTOCOL_VERSION = 1
-XATTR = "user.cachefs.control"
-NOT_IN_A_MOUNT = "not in a cachefs mount"  # one wording for every command
 MAX_LINE = 64 << 10  # bytes of one request, newline included
-MAX_REPLY = 16 << 20  # bytes of one reply the client accepts
-_SUN_PATH_MAX = 107  # sockaddr_un.sun_path is 108 bytes, NUL included
+MAX_CALL = 600.0  # seconds an abandoned `call` may keep its thread
 
 
 class NodeControl(Protocol):
@@ -120,11 +116,6 @@ def _arg(args: dict, key: str, kind: type | tuple[type, ...], default: Any = ...
     return value
 
 
-def encode(message: dict) -> bytes:
-    """One message as a JSON line (ASCII: no encoding questions)."""
-    return json.dumps(message, separators=(",", ":"), allow_nan=False).encode() + b"\n"
-
-
 def decode_request(line: bytes) -> tuple[str, dict]:
     """(op, args) of one request line, strictly checked.
 
@@ -153,12 +144,8 @@ def decode_request(line: bytes) -> tuple[str, dict]:
     return op, args
 
 
-def _one_line(text: str) -> str:
-    return " ".join(str(text).split()) or "unknown error"
-
-
 def error_reply(msg: str) -> dict:
-    return {"v": PROTOCOL_VERSION, "ok": False, "error": _one_line(msg)}
+    return {"v": PROTOCOL_VERSION, "ok": False, "error": one_line(msg)}
 
 
 # -- ops ----------------------------------------------------------------------------------------
@@ -306,7 +293,7 @@ class ControlServer:
         except trio.BrokenResourceError:
             pass  # the client went away before its reply
         except Exception as exc:  # noqa: BLE001 - the per-connection boundary (ExceptionGroups included)
-            log.error("control connection failed: %s", _one_line(repr(exc)), exc_info=exc)
+            log.error("control connection failed: %s", one_line(repr(exc)), exc_info=exc)
         finally:
             self.connections -= 1
             with trio.CancelScope(shield=True):
@@ -395,21 +382,6 @@ def socket_path(run_dir: str, name: str) -> str:
     return os.path.join(run_dir, f"{slug}-{digest}.sock")
 
 
-@contextlib.contextmanager
-def _addressable(path: str) -> Iterator[str]:
-    """A name for the socket at `path` that fits sun_path (107 bytes): `path` itself
-    if short enough, else the same file reached through an open descriptor of its
-    directory (/proc/self/fd/N/NAME), so a deep --cache-dir or --run-dir still works."""
-    if len(os.fsencode(path)) <= _SUN_PATH_MAX:
-        yield path
-        return
-    fd = os.open(os.path.dirname(path), os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        yield f"/proc/self/fd/{fd}/{os.path.basename(path)}"
-    finally:
-        os.close(fd)
-
-
 def _make_run_dir(run_dir: str) -> None:
     try:
         os.makedirs(run_dir, mode=0o700, exist_ok=True)
@@ -438,7 +410,7 @@ async def _claim(path: str) -> None:
     try:
         # A live node accepts at once; a hung one may not, and is as good as live.
         with trio.move_on_after(2):
-            with _addressable(path) as address:
+            with addressable(path) as address:
                 await probe.connect(address)
         raise ConfigError(f"control socket {path} is in use by another cachefs (unmount it or choose another --run-dir)")
     except ConnectionRefusedError:
@@ -462,7 +434,7 @@ def _bind(path: str) -> socket.socket:
     try:
         old = os.umask(0o177)  # no await between: nothing else runs with this umask but threads' creates, made stricter
         try:
-            with _addressable(path) as address:
+            with addressable(path) as address:
                 sock.bind(address)
         finally:
             os.umask(old)
@@ -517,158 +489,12 @@ async def serve_control(
             pass
 
 
-# -- client ------------------------------------------------------------------------------------
-
-
-def _connect_error(e: OSError, path: str, label: str) -> ConfigError:
-    if isinstance(e, FileNotFoundError):
-        return ConfigError(f"{label}: no cachefs control socket (is it a cachefs mount?)")
-    if isinstance(e, ConnectionRefusedError):
-        return ConfigError(f"{label}: control socket {path} is stale: no cachefs listens there (did the daemon die?)")
-    if isinstance(e, PermissionError):
-        return ConfigError(f"{label}: permission denied: only root can use the control socket {path}")
-    return ConfigError(f"{label}: cannot reach the control socket {path} ({e.strerror or e})")
-
-
 async def call(path: str, op: str, args: dict | None = None, *, label: str | None = None) -> Any:
-    """Send one request to the control socket at `path` and return its result.
-
-    The caller sets the timeout. `label` names the target in errors (default `path`).
-
-    Raises:
-        ConfigError: one line. exitcode 1 for an error reply of the node; 2 when it
-            cannot be reached or answers garbage.
-    """
-    label = label or path
-    try:
-        with _addressable(path) as address:
-            stream = await trio.open_unix_socket(address)
-    except OSError as e:
-        raise _connect_error(e, path, label) from None
-    async with stream:
-        try:
-            await stream.send_all(encode({"v": PROTOCOL_VERSION, "op": op, "args": args or {}}))
-            line = await _read_line(stream, bytearray(), MAX_REPLY)
-        except (trio.BrokenResourceError, OSError) as e:
-            raise ConfigError(f"{label}: the control connection broke ({e})") from None
-    if line is None or isinstance(line, RequestError):
-        raise ConfigError(f"{label}: the node closed the control connection without a reply")
-    try:
-        reply = json.loads(line)
-        ok = reply["ok"]
-        if reply.get("v") != PROTOCOL_VERSION or not isinstance(ok, bool):
-            raise ValueError
-    except (ValueError, TypeError, KeyError):
-        raise ConfigError(f"{label}: the node's reply is not control protocol v{PROTOCOL_VERSION}") from None
-    if not ok:
-        raise ConfigError(_one_line(reply.get("error")), exitcode=1)
-    return reply.get("result")
-
-
-def request(path: str, op: str, args: dict | None = None, timeout: float = 10, *, label: str | None = None) -> Any:
-    """`call` for the CLI: its own event loop and a timeout.
+    """`request` from async code, in a thread (the node may run in this very event
+    loop); the caller sets the timeout.
 
     Raises:
-        ConfigError: as `call`, and no reply within `timeout` seconds (exitcode 2).
+        ConfigError: as `request`.
     """
-
-    async def run() -> Any:
-        with trio.move_on_after(timeout):
-            return await call(path, op, args, label=label)
-        raise ConfigError(f"{label or path}: no reply from the node within {timeout:g} s")
-
-    return trio.run(run)
-
-
-def _locate(target: str) -> str:
-    """Blocking part of socket_for: may hang on a hung FUSE mount, so it runs in a thread."""
-    try:
-        st = os.stat(target)
-    except OSError as e:
-        if e.errno == errno.ENOTCONN:
-            raise ConfigError(f"{target}: the mount's daemon is gone (run fusermount3 -u {target})") from None
-        if e.errno == errno.EACCES:
-            raise ConfigError(f"{target}: permission denied: only root can use cachefs control sockets") from None
-        raise ConfigError(f"{target}: {e.strerror}") from None
-    if stat.S_ISSOCK(st.st_mode):
-        return target
-    return socket_above(target)[0]
-
-
-def socket_above(target: str) -> tuple[str, str]:
-    """(control socket, `target` relative to the mount root) of a path in a cachefs
-    mount. The path need not exist (the node says what is wrong with it): the
-    nearest of it and its parents that names a control socket is the mount root.
-    Blocking: a hung mount hangs it, so callers run it in a thread (`ask_mount`).
-
-    Raises:
-        ConfigError: not in a cachefs mount, or the mount's daemon is gone.
-    """
-    path = os.path.realpath(target)
-    inside: list[str] = []
-    while True:
-        try:
-            value = os.getxattr(path, XATTR)
-        except OSError as e:
-            if e.errno == errno.ENOTCONN:
-                raise ConfigError(f"{target}: the mount's daemon is gone (run fusermount3 -u {path})") from None
-            if e.errno not in (errno.ENOENT, errno.ENOTDIR, errno.ENODATA, errno.ENOTSUP, errno.EOPNOTSUPP,
-                               errno.EPERM, errno.EACCES):
-                raise ConfigError(f"{target}: cannot ask for its control socket ({e.strerror})") from None
-        else:
-            sock = os.fsdecode(value)
-            if not os.path.isabs(sock):
-                raise ConfigError(f"{target}: the mount names a control socket that is not an absolute path")
-            return sock, "/".join(reversed(inside))
-        parent = os.path.dirname(path)
-        if parent == path:
-            raise ConfigError(f"{target}: {NOT_IN_A_MOUNT}")
-        inside.append(os.path.basename(path))
-        path = parent
-
-
-def socket_for(target: str, timeout: float = 5) -> str:
-    """The control socket of `target`: a socket file itself, or a cachefs mountpoint (or a path in one).
-
-    Raises:
-        ConfigError: one line: no such path, not a cachefs mount, the daemon is
-            gone, or the mount does not answer within `timeout` seconds.
-    """
-    return ask_mount(_locate, os.path.abspath(target), timeout)
-
-
-XATTR_PATH = "user.cachefs.path"
-
-
-def mount_path(target: str, timeout: float = 5) -> str:
-    """Where `target` (a path inside a cachefs mount) is, as the mount names it: "" for
-    its root, "NAME/..." inside dataset NAME.
-
-    Raises:
-        ConfigError: one line: no such path, not in a cachefs mount, or no answer.
-    """
-    return ask_mount(_mount_path, os.path.abspath(target), timeout)
-
-
-def _mount_path(target: str) -> str:
-    try:
-        return os.fsdecode(os.getxattr(target, XATTR_PATH))
-    except OSError as e:
-        if e.errno in (errno.ENODATA, errno.ENOTSUP, errno.EOPNOTSUPP):
-            raise ConfigError(f"{target}: {NOT_IN_A_MOUNT}") from None
-        if e.errno == errno.ENOTCONN:
-            raise ConfigError(f"{target}: the mount's daemon is gone") from None
-        raise ConfigError(f"{target}: {e.strerror}") from None
-
-
-def ask_mount(ask: Callable[[str], T], target: str, timeout: float) -> T:
-    """`ask(target)` in a thread, given up after `timeout` seconds: anything that
-    touches a FUSE mount may hang with its daemon, and the CLI must not."""
-
-    async def run() -> T:
-        with trio.move_on_after(timeout):
-            # Abandoned on timeout: stat and getxattr change nothing, and a hung mount never returns.
-            return await trio.to_thread.run_sync(ask, target, abandon_on_cancel=True)
-        raise ConfigError(f"{target}: no answer within {timeout:g} s (a hung mount?)")
-
-    return trio.run(run)
+    ask = functools.partial(request, path, op, args, timeout=MAX_CALL, label=label)
+    return await trio.to_thread.run_sync(ask, abandon_on_cancel=True)

@@ -21,9 +21,7 @@ import sys
 import time
 from typing import Any, Callable, TextIO
 
-import trio
-
-from cachefs import control
+from cachefs import control_client
 from cachefs.errors import ConfigError
 
 POLL = 0.5  # seconds between progress requests
@@ -34,7 +32,7 @@ CALL_TIMEOUT = 30.0
 
 
 def find_mount(target: str, timeout: float = 5) -> tuple[str, str]:
-    return control.ask_mount(control.socket_above, target, timeout)
+    return control_client.ask_mount(control_client.socket_above, target, timeout)
 
 
 # -- output --------------------------------------------------------------------------
@@ -218,7 +216,7 @@ def run(
     args = {"paths": [rel for _, rel in located], "recursive": recursive, "concurrency": concurrency}
     if pin is not None:
         ttl, owner = pin
-        lease = control.request(sock, "pin.add", {"paths": args["paths"], "ttl": ttl, "owner": owner}, label=label)
+        lease = control_client.request(sock, "pin.add", {"paths": args["paths"], "ttl": ttl, "owner": owner}, label=label)
         print(f"cachefs: pinned {_mib(lease['bytes'])} for {ttl:g} s (lease {lease['id']}, owner {owner})",
               file=err if as_json else out)
     if as_json:
@@ -229,12 +227,12 @@ def run(
         output = PlainOutput(out)
     started: dict = {}
     try:
-        final, early = trio.run(_follow, sock, label, args, wait_ratio, output, started)
+        final, early = _follow(sock, label, args, wait_ratio, output, started)
     except KeyboardInterrupt:
         output.close()
         if "job" in started:
             try:
-                p = control.request(sock, "warmup.cancel", {"job": started["job"]}, timeout=5, label=label)
+                p = control_client.request(sock, "warmup.cancel", {"job": started["job"]}, timeout=5, label=label)
                 if as_json:
                     output._print({"type": "summary", **p, "exit": 130})
             except ConfigError:
@@ -245,19 +243,13 @@ def run(
     return _report(final, early, wait_ratio, as_json, output, out, err)
 
 
-async def _follow(sock: str, label: str, args: dict, wait_ratio: float | None, output, started: dict):
+def _follow(sock: str, label: str, args: dict, wait_ratio: float | None, output, started: dict):
     """Start the job and poll it until it ends, or until `wait_ratio` of its bytes are cached.
 
     Returns:
         (the last progress, whether we left early at the ratio).
     """
-
-    async def call(op: str, a: dict, timeout: float = CALL_TIMEOUT) -> dict:
-        with trio.move_on_after(timeout):
-            return await control.call(sock, op, a, label=label)
-        raise ConfigError(f"{label}: no reply from the node within {timeout:g} s")
-
-    p = await call("warmup.start", args, START_TIMEOUT)
+    p = control_client.request(sock, "warmup.start", args, START_TIMEOUT, label=label)
     started["job"] = p["job"]
     while True:
         output.update(p)
@@ -266,7 +258,7 @@ async def _follow(sock: str, label: str, args: dict, wait_ratio: float | None, o
         if wait_ratio is not None and p["ratio"] is not None and p["ratio"] >= wait_ratio:
             return p, True
         # Answered when the job ends, or after POLL seconds with the counters then.
-        p = await call("warmup.progress", {"job": p["job"], "wait": POLL})
+        p = control_client.request(sock, "warmup.progress", {"job": p["job"], "wait": POLL}, CALL_TIMEOUT, label=label)
 
 
 def _report(p: dict, early: bool, wait_ratio: float | None, as_json: bool, output, out: TextIO, err: TextIO) -> int:

@@ -18,9 +18,10 @@ import pytest
 import trio
 import trio.testing
 
-from cachefs import control
+from cachefs import control, control_client
 from cachefs.config import DatasetConfig
-from cachefs.control import ControlLimits, call, request, serve_control, socket_for
+from cachefs.control import ControlLimits, call, serve_control
+from cachefs.control_client import request, socket_for
 from cachefs.errors import ConfigError
 
 
@@ -341,7 +342,7 @@ async def test_no_socket_is_one_line(run_dir):
 
 
 def test_permission_denied_names_root():
-    e = control._connect_error(PermissionError(errno.EACCES, "Permission denied"), "/r/c.sock", "/mnt/x")
+    e = control_client.connect_error(PermissionError(errno.EACCES, "Permission denied"), "/r/c.sock", "/mnt/x")
     assert str(e) == "/mnt/x: permission denied: only root can use the control socket /r/c.sock"
 
 
@@ -384,7 +385,7 @@ def test_socket_for_asks_the_xattr_up_to_the_mount_root(tmp_path, sock):
     root = tmp_path / "mnt"
     (root / "feats" / "a").mkdir(parents=True)
     try:
-        os.setxattr(root, control.XATTR, sock.encode())
+        os.setxattr(root, control_client.XATTR, sock.encode())
     except OSError as e:
         pytest.skip(f"no user xattrs here ({e.strerror})")
     assert socket_for(str(root)) == sock
@@ -395,7 +396,7 @@ def test_socket_for_gives_up_on_a_hung_mount(monkeypatch, tmp_path):
     import threading
 
     release = threading.Event()
-    monkeypatch.setattr(control, "_locate", lambda target: release.wait())
+    monkeypatch.setattr(control_client, "_locate", lambda target: release.wait())
     try:
         with pytest.raises(ConfigError, match=r"/mnt: no answer within 0.05 s \(a hung mount\?\)"):
             socket_for(str(tmp_path / "mnt"), timeout=0.05)

@@ -41,9 +41,9 @@ def _cli() -> list[str]:
 
 def _control(mountpoint: str, op: str, **args):
     """One request to the mount's control socket, in-process (the CLI costs a Python start-up)."""
-    from cachefs import control
+    from cachefs import control_client
 
-    return control.request(control.socket_for(mountpoint), op, args)
+    return control_client.request(control_client.socket_for(mountpoint), op, args)
 
 
 def _fds_and_threads(pid: int) -> tuple[list[str], int]:

@@ -492,7 +492,7 @@ def test_a_warmup_larger_than_the_cache_says_it_cannot_fit(s3_behind_proxy, cach
 
 @pytest_integration
 def test_wait_ratio_returns_early_and_the_node_goes_on(s3_source, cachefs_mount):
-    from cachefs import control
+    from cachefs import control_client
 
     data = os.urandom(32 * CHUNK)
     s3_source.write("slow.bin", data)
@@ -504,9 +504,9 @@ def test_wait_ratio_returns_early_and_the_node_goes_on(s3_source, cachefs_mount)
         summary = _json_lines(out)[-1]
         assert summary["early"] and 0.5 <= summary["ratio"] < 1 and summary["state"] == "running"
         assert time.monotonic() - t0 < 6
-        sock = control.socket_for(m.mountpoint)
+        sock = control_client.socket_for(m.mountpoint)
         deadline = time.monotonic() + 60
-        while (p := control.request(sock, "warmup.progress", {"job": summary["job"]}))["state"] == "running":
+        while (p := control_client.request(sock, "warmup.progress", {"job": summary["job"]}))["state"] == "running":
             assert time.monotonic() < deadline
             time.sleep(0.2)
         assert p["state"] == "done" and p["bytes_done"] == len(data)
@@ -537,11 +537,11 @@ def test_ctrl_c_cancels_the_job_and_a_rerun_resumes(s3_source, cachefs_mount):
         assert summary["type"] == "summary" and summary["job"] == first["job"]
         loaded = summary["bytes_loaded"]
         assert 0 < loaded < len(data)
-        from cachefs import control
+        from cachefs import control_client
 
-        sock = control.socket_for(m.mountpoint)
+        sock = control_client.socket_for(m.mountpoint)
         deadline = time.monotonic() + 10
-        while (p := control.request(sock, "warmup.progress", {"job": first["job"]}))["state"] != "cancelled":
+        while (p := control_client.request(sock, "warmup.progress", {"job": first["job"]}))["state"] != "cancelled":
             assert time.monotonic() < deadline, p
             time.sleep(0.1)
         gets_before = _data_gets(proxy, s3_source.prefix)
