@@ -44,6 +44,9 @@ class DatasetStatus:
     quota: int | None
     open_files: int
     cached_bytes: dict[str, int]  # tier name -> bytes of this dataset it holds
+    chunk_reads: dict[str, int]  # since start, by where they came from: each tier, "peer", "backend"
+    hit_ratio: dict[str, float]  # the share of chunk_reads each of those served
+    evictions: dict[str, int]  # tier name -> chunks of this dataset it evicted since start
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,7 +69,8 @@ class NodeStatus:
 
 @dataclasses.dataclass(frozen=True)
 class Residency:
-    """What a node's tiers hold of a file, or of the files right in a directory."""
+    """What is cached of a file, or of the files right in a directory, where the mount
+    reads it: in its own tiers, or at each chunk's owner on the ring."""
 
     files: int
     bytes: int
@@ -74,6 +78,8 @@ class Residency:
     ratio: float
     chunks: int
     cached_chunks: int
+    nodes: dict[str, int]  # node -> bytes of these files it holds (this mount and its peers)
+    unanswered: list[str]  # peers that did not answer (counted as holding none)
 
 
 def _pick(cls: type, row: dict) -> Any:

@@ -199,7 +199,8 @@ def _parser() -> argparse.ArgumentParser:
     )
     st.add_argument("nodes", nargs="+", metavar="MOUNTPOINT|HOST:PORT", help="a mountpoint, or a node's --metrics address")
     st.add_argument("--json", action="store_true", help="print a MOUNTPOINT's status as JSON (one MOUNTPOINT)")
-    st.add_argument("--deep", action="store_true", help="also walk every dataset and report its total and cached bytes")
+    st.add_argument("--deep", action="store_true", help="also walk every dataset and report its total bytes, what is cached "
+                    "of it, and how many bytes of it each node holds")
 
     rf = sub.add_parser(
         "refresh",
@@ -506,12 +507,16 @@ def _status(a: argparse.Namespace) -> int:
             print(status.render(target, status.scrape(target)))
             continue
         result = _control(target, "status")
-        if a.deep or not _is_mountpoint(target):
-            # A path inside a mount (or --deep): what is cached of its whole subtree, from one walk.
+        if not _is_mountpoint(target):
+            # A path inside a mount: what is cached of its whole subtree, and where, from one walk.
             from cachefs import control_client
 
             inner = control_client.mount_path(target)
             result["path"] = {"path": inner, **_control(target, "residency", {"path": inner})}
+        elif a.deep:
+            # Each dataset walked: its total bytes, what is cached of it, and where.
+            for d in result.get("datasets") or []:
+                d["residency"] = _control(target, "residency", {"path": d.get("name") or ""})
         print(json.dumps(result, indent=2) if a.json else status.render_node(target, result))
     return 0
 

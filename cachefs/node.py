@@ -14,6 +14,7 @@ its own, so removing one cancels only its work.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import logging
@@ -491,21 +492,30 @@ class Node:
         return files
 
     def list_datasets(self) -> list[dict]:
+        """Each dataset's settings, what this node's tiers hold of it, and how its
+        reads were served since start: chunk reads by where they came from (each
+        tier, "peer", "backend"), the share each served, and chunks evicted per tier."""
         rows = []
+        tiers = [t for t in (self.mem, self.disk) if t is not None]
         for dataset in self.datasets.values():
             row = dataset.describe()
             tag = source_tag(dataset.source)
-            row["cached_bytes"] = {t.name: t.by_source.get(tag, 0) for t in (self.mem, self.disk) if t is not None}
+            row["cached_bytes"] = {t.name: t.by_source.get(tag, 0) for t in tiers}
+            reads = {source: n for source, (_, n) in dataset.reader.reads.items()}
+            row["chunk_reads"] = reads
+            row["hit_ratio"] = {source: _ratio(n, sum(reads.values())) for source, n in reads.items()}
+            row["evictions"] = {t.name: t.evicted_by_source.get(tag, 0) for t in tiers}
             rows.append(row)
         return rows
 
     async def residency(self, dataset: Dataset, info: ObjectInfo) -> dict:
-        """How much of a file (or of the files right in a directory) this node's
-        tiers hold: bytes, chunks, and the ratio of the bytes."""
+        """How much of a file (or of the files right in a directory) is cached where
+        this node reads it: in its own tiers or at each chunk's owner on the ring.
+        See `_held`."""
         files = [info] if info.kind == "file" else []
         if info.kind == "dir" and dataset.namespace is not None:
             files = [e for e in await dataset.namespace.list_dir(info.path) if e.kind == "file"]
-        return self._held(dataset, files)
+        return await self._held(dataset, files)
 
     async def subtree_residency(self, path: str) -> dict:
         """`residency` of every file below mount path `path` ("" on a multi-dataset
@@ -516,71 +526,90 @@ class Node:
         """
         if self.locate(path) is None and path == "":
             parts = [await self.subtree_residency(name) for name in self.datasets]
+            nodes: collections.Counter[str] = collections.Counter()
+            for p in parts:
+                nodes.update(p["nodes"])
             return {k: sum(p[k] for p in parts) for k in ("files", "bytes", "cached_bytes", "chunks", "cached_chunks")} | {
-                "ratio": _ratio(sum(p["cached_bytes"] for p in parts), sum(p["bytes"] for p in parts))
+                "ratio": _ratio(sum(p["cached_bytes"] for p in parts), sum(p["bytes"] for p in parts)),
+                "nodes": dict(nodes),
+                "unanswered": sorted({n for p in parts for n in p["unanswered"]}),
             }
         dataset, inner = self._dataset_of(path)
-        return self._held(dataset, await self._files(dataset, inner))
+        return await self._held(dataset, await self._files(dataset, inner))
 
     async def locations(self, dataset: Dataset, info: ObjectInfo) -> dict:
         """Which nodes hold how many of a file's chunks: this node's own tiers, and each
-        chunk's owner on the ring (asked with HasChunk, all at once, within --peer-timeout).
+        chunk's owner on the ring (asked with HasChunk, within --peer-timeout).
         A chunk held both here and by its owner counts for both."""
         if info.kind != "file":
             raise ConfigError(f"{info.path or '/'}: locations are per file")
-        size = self.config.chunk_size
-        obj = ObjectId(dataset.source, info.path, info.version, info.size)
-        digests = [chunk_digest(obj, size, i) for i in range((info.size + size - 1) // size)]
-        local = [t for t in (self.mem, self.disk) if t is not None and t.capacity]
-        counts: dict[str, int] = {self.name: sum(any(d in t for t in local) for d in digests)}
-        unanswered: set[str] = set()
-        if self.peers is not None:
-            ring = self.peers.ring()
-            limit = trio.CapacityLimiter(16)
+        found = await self._where(dataset, [info], ask_all=True)
+        return {"chunks": len(found.chunks), "nodes": dict(found.chunk_counts), "unanswered": sorted(found.unanswered)}
 
-            async def ask(index: int, owner: str) -> None:
-                async with limit:
-                    with trio.move_on_after(self.config.peer_timeout):
-                        try:
-                            if await self.peers.client.has_chunk(owner, obj, size, index):
-                                counts[owner] = counts.get(owner, 0) + 1
-                            else:
-                                counts.setdefault(owner, 0)
-                            return
-                        except PeerError:
-                            pass
-                    unanswered.add(owner)
-
-            async with trio.open_nursery() as nursery:
-                for index, digest in enumerate(digests):
-                    owner = ring.owners(digest, 1)[0] if ring.nodes else self.name
-                    if owner != self.name and self.peers.client.available(owner):
-                        nursery.start_soon(ask, index, owner)
-                    elif owner != self.name:
-                        unanswered.add(owner)
-        return {"chunks": len(digests), "nodes": counts, "unanswered": sorted(unanswered)}
-
-    def _held(self, dataset: Dataset, files: list[ObjectInfo]) -> dict:
-        size = self.config.chunk_size
-        tiers = [t for t in (self.mem, self.disk) if t is not None and t.capacity]
-        total = cached = chunks = held = 0
-        for f in files:
-            obj = ObjectId(dataset.source, f.path, f.version, f.size)
-            total += f.size
-            for index in range((f.size + size - 1) // size):
-                chunks += 1
-                digest = chunk_digest(obj, size, index)
-                if any(digest in tier for tier in tiers):
-                    held += 1
-                    cached += min(size, f.size - index * size)
+    async def _held(self, dataset: Dataset, files: list[ObjectInfo]) -> dict:
+        """Of `files`: bytes and chunks, those cached (here, or at the chunk's owner on
+        the ring: where a read of it is no backend GET), the ratio of the bytes, and
+        how many bytes of them each node holds ("nodes"; the input a scheduler needs
+        for cache-aware placement). Owners that did not answer are "unanswered"
+        and count as holding nothing."""
+        found = await self._where(dataset, files, ask_all=False)
+        cached = sum(length for (_, length), holders in zip(found.chunks, found.holders) if holders)
+        total = sum(f.size for f in files)
         return {
             "files": len(files),
             "bytes": total,
             "cached_bytes": cached,
             "ratio": _ratio(cached, total),
-            "chunks": chunks,
-            "cached_chunks": held,
+            "chunks": len(found.chunks),
+            "cached_chunks": sum(1 for holders in found.holders if holders),
+            "nodes": dict(found.byte_counts),
+            "unanswered": sorted(found.unanswered),
         }
+
+    async def _where(self, dataset: Dataset, files: list[ObjectInfo], ask_all: bool) -> _Whereabouts:
+        """Who holds each chunk of `files`: this node's tiers, and the chunk's owner on
+        the ring, asked with HasChunk (16 at once, each within --peer-timeout). With
+        `ask_all` False an owner is asked only about chunks not held here."""
+        size = self.config.chunk_size
+        local = [t for t in (self.mem, self.disk) if t is not None and t.capacity]
+        found = _Whereabouts()
+        asks: list[tuple[int, ObjectId, int, str]] = []  # (chunk number, object, index, owner)
+        ring = self.peers.ring() if self.peers is not None else None
+        for f in files:
+            obj = ObjectId(dataset.source, f.path, f.version, f.size)
+            for index in range((f.size + size - 1) // size):
+                digest = chunk_digest(obj, size, index)
+                found.add((digest, min(size, f.size - index * size)))
+                if any(digest in t for t in local):
+                    found.held(len(found.chunks) - 1, self.name)
+                    if not ask_all:
+                        continue
+                found.asked(self.name)
+                owner = ring.owners(digest, 1)[0] if ring is not None and ring.nodes else self.name
+                if owner != self.name:
+                    asks.append((len(found.chunks) - 1, obj, index, owner))
+        if asks:
+            limit = trio.CapacityLimiter(16)
+
+            async def ask(n: int, obj: ObjectId, index: int, owner: str) -> None:
+                if not self.peers.client.available(owner):
+                    found.unanswered.add(owner)
+                    return
+                async with limit:
+                    with trio.move_on_after(self.config.peer_timeout):
+                        try:
+                            found.asked(owner)
+                            if await self.peers.client.has_chunk(owner, obj, size, index):
+                                found.held(n, owner)
+                            return
+                        except PeerError:
+                            pass
+                    found.unanswered.add(owner)
+
+            async with trio.open_nursery() as nursery:
+                for n, obj, index, owner in asks:
+                    nursery.start_soon(ask, n, obj, index, owner)
+        return found
 
     def status(self) -> dict:
         """What this node holds and serves, JSON-able (`cachefs status`)."""
@@ -619,6 +648,31 @@ class Node:
             "pending_uploads": len(pending),
             "pending_bytes": sum(u.size for u in pending),
         }
+
+
+class _Whereabouts:
+    """Chunks of some files, and which nodes hold each (see Node._where)."""
+
+    def __init__(self) -> None:
+        self.chunks: list[tuple[bytes, int]] = []  # (digest, length)
+        self.holders: list[list[str]] = []
+        self.chunk_counts: dict[str, int] = {}  # node -> chunks it holds
+        self.byte_counts: dict[str, int] = {}  # node -> bytes of the chunks it holds
+        self.unanswered: set[str] = set()
+
+    def add(self, chunk: tuple[bytes, int]) -> None:
+        self.chunks.append(chunk)
+        self.holders.append([])
+
+    def asked(self, node: str) -> None:
+        """`node` answered (or is this one): it is listed, with 0 if it holds none."""
+        self.chunk_counts.setdefault(node, 0)
+        self.byte_counts.setdefault(node, 0)
+
+    def held(self, n: int, node: str) -> None:
+        self.holders[n].append(node)
+        self.chunk_counts[node] = self.chunk_counts.get(node, 0) + 1
+        self.byte_counts[node] = self.byte_counts.get(node, 0) + self.chunks[n][1]
 
 
 def _ratio(part: int, whole: int) -> float:

@@ -125,6 +125,37 @@ def render_datasets(rows: list[dict]) -> str:
     )
 
 
+def _dataset_reads(d: dict) -> list[str]:
+    """How a dataset's chunk reads were served since start, its evictions, and (with
+    --deep) what is cached of it and where."""
+    name = str(d.get("name") or "(root)")
+    lines = []
+    reads = d.get("chunk_reads") or {}
+    if reads:
+        ratios = d.get("hit_ratio") or {}
+        served = ", ".join(f"{source} {ratios.get(source, 0):.1%}" for source in reads)
+        evicted = ", ".join(f"{tier} {n}" for tier, n in (d.get("evictions") or {}).items())
+        lines.append(f"  {name}: {sum(reads.values())} chunk reads served by {served}; evicted chunks: {evicted or '-'}")
+    if d.get("residency"):
+        lines.extend(_residency(name, d["residency"], "    " if lines else "  "))
+    return lines
+
+
+def _residency(label: str, held: dict, indent: str) -> list[str]:
+    lines = [
+        f"{indent}{label}: {held.get('files', 0)} files, {_size(held.get('cached_bytes', 0))} of "
+        f"{_size(held.get('bytes', 0))} cached ({held.get('ratio', 0):.1%}), "
+        f"{held.get('cached_chunks', 0)}/{held.get('chunks', 0)} chunks"
+    ]
+    nodes = held.get("nodes") or {}
+    if nodes:
+        where = ", ".join(f"{node} {_size(n)}" for node, n in sorted(nodes.items(), key=lambda item: -item[1]))
+        lines.append(f"{indent}  held by: {where}")
+    if held.get("unanswered"):
+        lines.append(f"{indent}  no answer from: {', '.join(held['unanswered'])} (counted as holding none)")
+    return lines
+
+
 def render_node(target: str, status: dict) -> str:
     """`cachefs status MOUNTPOINT`: the status op's result (shape in docs/operations.md) as text."""
     head = f"{target}: cachefs {status.get('version', '?')}"
@@ -141,6 +172,8 @@ def render_node(target: str, status: dict) -> str:
     datasets = status.get("datasets") or []
     if datasets:
         lines.append("  " + render_datasets(datasets).replace("\n", "\n  "))
+        for d in datasets:
+            lines.extend(_dataset_reads(d))
     peers = status.get("peers") or []
     if peers:
         down = sorted(str(p.get("node")) for p in peers if not p.get("up"))
@@ -161,11 +194,7 @@ def render_node(target: str, status: dict) -> str:
         )
     held = status.get("path")
     if held:
-        lines.append(
-            f"  {held.get('path') or '/'}: {held.get('files', 0)} files, {_size(held.get('cached_bytes', 0))} of "
-            f"{_size(held.get('bytes', 0))} cached ({held.get('ratio', 0):.1%}), "
-            f"{held.get('cached_chunks', 0)}/{held.get('chunks', 0)} chunks"
-        )
+        lines.extend(_residency(held.get("path") or "/", held, "  "))
     shown = {"version", "hot_path", "pid", "tiers", "datasets", "peers", "pins", "pinned_bytes", "pin_quota", "path", "writes"}
     for key, value in status.items():
         if key not in shown and not isinstance(value, (dict, list)):

@@ -272,7 +272,9 @@ def test_residency_of_a_file_and_a_directory_through_getxattr(local_source, cach
     def cached(path: Path) -> dict:
         return json.loads(os.getxattr(path, "user.cachefs.cached"))
 
-    assert cached(f) == {"files": 1, "bytes": len(data), "cached_bytes": 0, "ratio": 0.0, "chunks": 8, "cached_chunks": 0}
+    first = cached(f)
+    assert list(first.pop("nodes").values()) == [0] and first.pop("unanswered") == []  # this mount alone, no peers
+    assert first == {"files": 1, "bytes": len(data), "cached_bytes": 0, "ratio": 0.0, "chunks": 8, "cached_chunks": 0}
     fd = os.open(f, os.O_RDONLY | os.O_DIRECT)  # no kernel read-ahead: chunks 0-2 only
     try:
         buf = mmap.mmap(-1, 3 * CHUNK)  # page-aligned, as O_DIRECT wants
@@ -282,6 +284,7 @@ def test_residency_of_a_file_and_a_directory_through_getxattr(local_source, cach
     got = cached(f)
     print(f"\ngetfattr -n user.cachefs.cached after reading 3 of 8 chunks: {got}")
     assert (got["cached_bytes"], got["cached_chunks"], got["ratio"]) == (3 * CHUNK, 3, 0.375)
+    assert list(got["nodes"].values()) == [3 * CHUNK]
     assert f.read_bytes() == data
     assert cached(f)["ratio"] == 1.0
     folder = cached(f.parent)
@@ -298,7 +301,17 @@ def test_residency_of_a_file_and_a_directory_through_getxattr(local_source, cach
     assert (sub["path"], sub["files"], sub["bytes"], sub["cached_bytes"]) == ("ds", 2, len(data) + 1000, len(data))
     out = subprocess.run([*_cli(), "status", m.mountpoint, "--deep"], capture_output=True, text=True, env=hermetic_env())
     assert out.returncode == 0, out.stderr
-    assert "/: 2 files, 2.0M of 2.0M cached" in out.stdout, out.stdout
+    assert "    ds: 2 files, 2.0M of 2.0M cached (100.0%)" in out.stdout, out.stdout
+    # How its reads were served since start: f.bin's 8 chunks came from the backend the first
+    # time (3, then 5), the whole-file read found 3 in MEM; nothing was evicted.
+    deep = json.loads(subprocess.run([*_cli(), "status", m.mountpoint, "--deep", "--json"], capture_output=True,
+                                     text=True, env=hermetic_env()).stdout)
+    (ds,) = deep["datasets"]
+    assert ds["chunk_reads"]["backend"] == 8 and ds["chunk_reads"]["mem"] >= 3, ds
+    assert ds["hit_ratio"]["backend"] == round(8 / sum(ds["chunk_reads"].values()), 4)
+    assert set(ds["evictions"].values()) == {0}
+    assert (ds["residency"]["bytes"], ds["residency"]["cached_bytes"]) == (len(data) + 1000, len(data))
+    assert "chunk reads served by mem" in out.stdout and "evicted chunks: mem 0, disk 0" in out.stdout, out.stdout
 
 
 def test_a_dataset_directory_has_one_inode_however_it_is_reached(local_source, cachefs_mount):

@@ -471,6 +471,19 @@ def test_a_warmup_from_one_mount_fills_the_ring_for_the_other(s3_behind_proxy, s
     # The owners hold it on their SSDs only: a warm-up must not push hot data out of MEM.
     assert all(w.metric("cachefs_cache_used_bytes", tier="mem") == 0 for w in workers)
     assert sum(w.metric("cachefs_cache_chunks", tier="disk") for w in workers) == summary["chunks_total"]
+    # Before reading, the other mount sees all of it cached, and where: at the workers, not itself.
+    for name, data in files.items():
+        held = json.loads(os.getxattr(os.path.join(m2.mountpoint, name), "user.cachefs.cached"))
+        assert (held["bytes"], held["cached_bytes"], held["ratio"], held["unanswered"]) == (len(data), len(data), 1.0, [])
+        assert sum(n for node, n in held["nodes"].items() if node in {w.addr for w in workers}) == len(data), held
+    deep = json.loads(subprocess.run(
+        [sys.executable, "-m", "cachefs", "status", m2.mountpoint, "--deep", "--json"],
+        capture_output=True, text=True, env=hermetic_env(), cwd=REPO, check=True,
+    ).stdout)
+    residency = deep["datasets"][0]["residency"]
+    assert (residency["bytes"], residency["cached_bytes"], residency["unanswered"]) == (total, total, [])
+    by_worker = {w.addr: residency["nodes"].get(w.addr, 0) for w in workers}
+    assert sum(by_worker.values()) == total and sum(residency["nodes"].values()) == total, residency  # m2 holds none
     src.proxy.reset()
     _read_all(m2.mountpoint, files)  # the other mount's first read: byte-exact...
     assert _data_gets(src.proxy, src.prefix) == 0  # ...and no backend GET

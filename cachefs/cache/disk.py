@@ -177,6 +177,7 @@ class DiskTier:
         # digest -> file size, in eviction order; decides which new chunks are stored (--admission)
         self._index = make_index(admission, capacity)
         self.by_source: Counter[bytes] = Counter()  # source tag -> bytes of indexed chunks
+        self.evicted_by_source: Counter[bytes] = Counter()  # source tag -> chunks evicted
         self._quotas: dict[bytes, int] = {}  # source tag -> bytes that source may hold (dataset quota)
         self._reserved: Counter[bytes] = Counter()  # source tag -> bytes of its writes in progress
         self._pins: Counter[bytes] = Counter()  # digest -> leases pinning it (held now or once written)
@@ -801,6 +802,7 @@ class DiskTier:
         self._forget_fd(digest)  # else its space stays in use until the fd closes
         self.used -= size
         self.by_source[digest[:SOURCE_TAG_SIZE]] -= size
+        self.evicted_by_source[digest[:SOURCE_TAG_SIZE]] += 1
         victims.append(self._path(digest))
         metrics.CACHE_EVICTIONS.labels(self.name).inc()
         return size

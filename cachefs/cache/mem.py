@@ -31,6 +31,7 @@ class MemTier:
         self.budget.add_reclaimer(self._make_room, cache=True)
         self.used = 0
         self.by_source: Counter[bytes] = Counter()  # source tag -> bytes
+        self.evicted_by_source: Counter[bytes] = Counter()  # source tag -> chunks evicted
         self._chunks: OrderedDict[bytes, Buffer] = OrderedDict()
         metrics.CACHE_CAPACITY.labels(self.name).set(capacity)
         # Bound once: labels() costs as much as the rest of a MEM hit.
@@ -80,7 +81,9 @@ class MemTier:
         return True
 
     def _evict_oldest(self) -> None:
-        self._forget(next(iter(self._chunks)))
+        digest = next(iter(self._chunks))
+        self._forget(digest)
+        self.evicted_by_source[digest[:SOURCE_TAG_SIZE]] += 1
         metrics.CACHE_EVICTIONS.labels(self.name).inc()
 
     def _make_room(self, budget: MemoryBudget, room: int) -> None:
