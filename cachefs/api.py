@@ -45,7 +45,7 @@ class DatasetStatus:
     open_files: int
     cached_bytes: dict[str, int]  # tier name -> bytes of this dataset it holds
     chunk_reads: dict[str, int]  # since start, by where they came from: each tier, "peer", "backend"
-    hit_ratio: dict[str, float]  # the share of chunk_reads each of those served
+    hit_ratio: dict[str, float | None]  # the share of chunk_reads each of those served (None: no reads yet)
     evictions: dict[str, int]  # tier name -> chunks of this dataset it evicted since start
 
 

@@ -503,7 +503,8 @@ class Node:
             row["cached_bytes"] = {t.name: t.by_source.get(tag, 0) for t in tiers}
             reads = {source: n for source, (_, n) in dataset.reader.reads.items()}
             row["chunk_reads"] = reads
-            row["hit_ratio"] = {source: _ratio(n, sum(reads.values())) for source, n in reads.items()}
+            total = sum(reads.values())
+            row["hit_ratio"] = {source: round(n / total, 4) if total else None for source, n in reads.items()}
             row["evictions"] = {t.name: t.evicted_by_source.get(tag, 0) for t in tiers}
             rows.append(row)
         return rows

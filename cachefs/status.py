@@ -133,9 +133,11 @@ def _dataset_reads(d: dict) -> list[str]:
     reads = d.get("chunk_reads") or {}
     if reads:
         ratios = d.get("hit_ratio") or {}
-        served = ", ".join(f"{source} {ratios.get(source, 0):.1%}" for source in reads)
+        served = ", ".join(f"{source} {ratios.get(source) or 0:.1%}" for source in reads)
         evicted = ", ".join(f"{tier} {n}" for tier, n in (d.get("evictions") or {}).items())
-        lines.append(f"  {name}: {sum(reads.values())} chunk reads served by {served}; evicted chunks: {evicted or '-'}")
+        total = sum(reads.values())
+        lines.append(f"  {name}: {total} chunk reads" + (f" served by {served}" if total else "")
+                     + f"; evicted chunks: {evicted or '-'}")
     if d.get("residency"):
         lines.extend(_residency(name, d["residency"], "    " if lines else "  "))
     return lines
