@@ -321,3 +321,22 @@ def test_a_dataset_directory_has_one_inode_however_it_is_reached(local_source, c
     assert os.stat(Path(m.mountpoint, "ds", "sub", "..")).st_ino == top
     assert os.stat(Path(m.mountpoint, "ds", ".")).st_ino == top
     assert os.getxattr(Path(m.mountpoint, "ds"), "user.cachefs.path") == b"ds"
+
+
+def test_status_text_shows_each_datasets_reads_evictions_and_holders():
+    from cachefs.status import render_node
+
+    row = {"name": "ds", "url": "s3://b/ds", "read_only": True, "open_files": 0,
+           "chunk_reads": {"mem": 3, "peer": 1, "backend": 0}, "hit_ratio": {"mem": 0.75, "peer": 0.25, "backend": 0.0},
+           "evictions": {"mem": 2, "disk": 0},
+           "residency": {"files": 2, "bytes": 8 << 20, "cached_bytes": 6 << 20, "ratio": 0.75, "chunks": 2,
+                         "cached_chunks": 2, "nodes": {"mount:a:1": 2 << 20, "10.0.0.5:7070": 4 << 20},
+                         "unanswered": ["10.0.0.6:7070"]}}
+    fresh = {"name": "new", "url": "/data", "read_only": False, "open_files": 0,
+             "chunk_reads": {"mem": 0, "backend": 0}, "hit_ratio": {"mem": None, "backend": None}, "evictions": {"mem": 0}}
+    text = render_node("/mnt", {"version": "x", "datasets": [row, fresh]})
+    assert "  ds: 4 chunk reads served by mem 75.0%, peer 25.0%, backend 0.0%; evicted chunks: mem 2, disk 0" in text
+    assert "    ds: 2 files, 6.0M of 8.0M cached (75.0%), 2/2 chunks" in text
+    assert "      held by: 10.0.0.5:7070 4.0M, mount:a:1 2.0M" in text
+    assert "no answer from: 10.0.0.6:7070 (counted as holding none)" in text
+    assert "  new: 0 chunk reads; evicted chunks: mem 0" in text
