@@ -483,3 +483,25 @@ def test_creating_files_waits_for_no_listing_of_their_directory(s3_behind_proxy,
     assert sorted(os.listdir(out)) == sorted(["old0", "old1", "old2", "theirs", *(f"mine{i}" for i in range(10))])
     for i in range(10):
         assert source.read(f"out/mine{i}") == b"mine"
+
+
+def test_a_rewritten_file_is_served_by_its_peer_in_the_new_version_only(s3_source, secret_file, cachefs_worker,
+                                                                        cachefs_mount, run_cachefs):
+    """The version is in every chunk key, so a worker that served a file's old bytes can
+    only ever be asked for, and serve, the new ones once the file is rewritten."""
+    s3_source.write("seed", b"s")  # a worker (and a read-only mount) needs its prefix to exist
+    worker = cachefs_worker(s3_source, "--chunk-size", "1M")
+    peers = ("--peers", worker.addr, "--secret-file", str(secret_file))
+    writer = _rw(cachefs_mount, s3_source, "--mem-size", "64M", *peers)
+    reader = cachefs_mount(s3_source, "--chunk-size", "1M", "--mem-size", "64M", "--cache-size", "0", *peers)
+    old, new = (random.Random(seed).randbytes(3 * CHUNK) for seed in (5, 6))  # the same size: only the version differs
+    _write(os.path.join(writer.mountpoint, "f.bin"), old)
+    assert _read(os.path.join(reader.mountpoint, "f.bin")) == old
+    from_peer = reader.metric("cachefs_read_bytes_total", source="peer")
+    assert from_peer > 0  # the reader's chunks came from the worker, which now holds the old version
+    _write(os.path.join(writer.mountpoint, "f.bin"), new)
+    r = run_cachefs("refresh", os.path.join(reader.mountpoint, "f.bin"))
+    assert r.returncode == 0, r.stderr
+    assert _read(os.path.join(reader.mountpoint, "f.bin")) == new
+    assert reader.metric("cachefs_read_bytes_total", source="peer") - from_peer == len(new)  # served by the worker
+    assert s3_source.read("f.bin") == new
