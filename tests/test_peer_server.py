@@ -440,3 +440,34 @@ def test_a_checked_object_version_is_remembered_and_a_bad_path_still_refused():
         assert isinstance(refused, ChunkError) and refused.code == "bad-request", bad
     refused = server._resolve(get("d/f.bin", 2))  # past the end: the chunk fields are still checked
     assert isinstance(refused, ChunkError) and refused.code == "bad-request"
+
+
+@pytest.mark.trio
+async def test_a_whole_chunk_is_hashed_once_and_a_changed_one_is_caught_by_the_client(monkeypatch):
+    """The worker remembers each whole chunk's checksum (a chunk's bytes never change:
+    its key names the object version). Were they to change anyway, the client's check
+    fails: a miss, never other bytes served as the chunk. Ranges are hashed each time."""
+    from cachefs import hotpath
+    from cachefs.peer import server as server_module
+
+    hashed: list[int] = []
+
+    def counting_checksum(data) -> int:
+        hashed.append(len(data))
+        return hotpath.checksum(data)
+
+    reader = PatternReader(2 * CHUNK)
+    async with trio.open_nursery() as nursery:
+        peer, client, obj = await _range_rig(reader, nursery)
+        monkeypatch.setattr(server_module, "hotpath", type("H", (), {"checksum": staticmethod(counting_checksum)}))
+        for _ in range(3):
+            assert bytes(await client.get_chunk(peer, obj, CHUNK, 1)) == reader.data[CHUNK:]
+        assert hashed == [CHUNK]  # once, not per send
+        for _ in range(2):
+            assert bytes(await client.get_chunk(peer, obj, CHUNK, 1, 10, 20)) == reader.data[CHUNK + 10 : CHUNK + 20]
+        assert hashed == [CHUNK, 10, 10]
+        reader.data = bytes(len(reader.data))  # (cannot happen: the same version with other bytes)
+        with pytest.raises(PeerError) as e:
+            await client.get_chunk(peer, obj, CHUNK, 1)
+        assert e.value.code == "corrupt"
+        nursery.cancel_scope.cancel()
