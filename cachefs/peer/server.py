@@ -55,6 +55,8 @@ NAME_MAX = 255
 OBJECTS_KEPT = 4096
 # Checksums of whole chunks sent, remembered (see `_fetch`): ~100 bytes each.
 CHECKSUMS_KEPT = 16384
+# Chunks being sent at once, each by a worker thread (see FrameStream); more wait their turn.
+SEND_THREADS = 16
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,6 +106,8 @@ class PeerServer:
         # send was 8% of a worker's CPU on peer hits. Were the bytes ever
         # different, the client's check would catch it: never served silently.
         self._checksums: dict[tuple[ObjectId, int], int] = {}
+        # Threads sending chunks (see FrameStream), all connections together.
+        self._send_threads = trio.CapacityLimiter(SEND_THREADS)
 
     async def serve(self, listeners: list[trio.SocketListener], *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         """Accept connections on `listeners` until cancelled; `drain` stops accepting
@@ -168,6 +172,7 @@ class PeerServer:
         if not ok:
             return
         frames.decoder.max_header = protocol.MAX_HEADER
+        frames.send_limiter = self._send_threads
         try:
             await self._serve(frames, version)
         finally:
