@@ -39,10 +39,11 @@ class FrameStream:
     """Sends and receives whole frames; sends are serialised so frames never interleave.
 
     Big payloads (chunks) are received straight from the socket into their final
-    buffer, in the trio thread: each `recv_into` takes what the socket holds
-    (a few hundred KiB at most), so FUSE requests are served between them. A
-    worker thread per chunk was tried: on a mount pinned to one core (bench.peer_hits)
-    its hand-offs and GIL switches cost 0.3 s/GiB of the mount's 2.2, for no overlap.
+    buffer, in the trio thread: each `recv_into` takes what the socket holds, so
+    FUSE requests are served between them. A worker thread per chunk did this
+    before; on a mount pinned to one core (bench.peer_hits) it overlaps nothing,
+    and without it the mount's CPU per GiB was the same in an A/B run (2.32
+    against 2.34 s/GiB, bench/results/20261128T063157Z-vm-peer-hits.md).
 
     Sending is the other way round. A worker sends a chunk faster than a mount
     takes it, so `send_all` waits for room ~25 times per 4 MiB, each wait a trip
