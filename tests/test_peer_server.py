@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 
 import pytest
 import trio
@@ -440,3 +441,113 @@ def test_a_checked_object_version_is_remembered_and_a_bad_path_still_refused():
         assert isinstance(refused, ChunkError) and refused.code == "bad-request", bad
     refused = server._resolve(get("d/f.bin", 2))  # past the end: the chunk fields are still checked
     assert isinstance(refused, ChunkError) and refused.code == "bad-request"
+
+
+@pytest.mark.trio
+async def test_a_whole_chunk_is_hashed_once_and_a_changed_one_is_caught_by_the_client(monkeypatch):
+    """The worker remembers each whole chunk's checksum (a chunk's bytes never change:
+    its key names the object version). Were they to change anyway, the client's check
+    fails: a miss, never other bytes served as the chunk. Ranges are hashed each time."""
+    from cachefs import hotpath
+    from cachefs.peer import server as server_module
+
+    hashed: list[int] = []
+
+    def counting_checksum(data) -> int:
+        hashed.append(len(data))
+        return hotpath.checksum(data)
+
+    reader = PatternReader(2 * CHUNK)
+    async with trio.open_nursery() as nursery:
+        peer, client, obj = await _range_rig(reader, nursery)
+        monkeypatch.setattr(server_module, "hotpath", type("H", (), {"checksum": staticmethod(counting_checksum)}))
+        for _ in range(3):
+            assert bytes(await client.get_chunk(peer, obj, CHUNK, 1)) == reader.data[CHUNK:]
+        assert hashed == [CHUNK]  # once, not per send
+        for _ in range(2):
+            assert bytes(await client.get_chunk(peer, obj, CHUNK, 1, 10, 20)) == reader.data[CHUNK + 10 : CHUNK + 20]
+        assert hashed == [CHUNK, 10, 10]
+        reader.data = bytes(len(reader.data))  # (cannot happen: the same version with other bytes)
+        with pytest.raises(PeerError) as e:
+            await client.get_chunk(peer, obj, CHUNK, 1)
+        assert e.value.code == "corrupt"
+        nursery.cancel_scope.cancel()
+
+
+@pytest.mark.trio
+async def test_big_chunks_are_sent_by_threads_whole_and_in_order_beside_ranges(monkeypatch):
+    """Chunks of THREAD_SEND_MIN or more leave a worker through a thread (one hand-off
+    per chunk, not a trip through trio's loop per wait for room); several at once on
+    one connection, with ranges on the other, each arrives whole and intact."""
+    from cachefs.peer import stream as stream_module
+
+    assert BIG >= stream_module.THREAD_SEND_MIN
+    pushed: list[int] = []
+    push = stream_module._push
+    monkeypatch.setattr(stream_module, "_push", lambda fd, view: (pushed.append(len(view)), push(fd, view))[1])
+    size = 3 * BIG + 1000
+    reader = BigPatternReader(size)
+    async with trio.open_nursery() as nursery:
+        server = PeerServer("worker-1", SECRET, {SOURCE: reader}, max_payload=BIG)
+        peer = await serve_on_loopback(server, nursery)
+        client = PeerClient("mount", SECRET, nursery, max_payload=BIG)
+        obj = ObjectId(SOURCE, "f.bin", "v1", size)
+        got: dict = {}
+
+        async def fetch(index: int, start: int | None = None, end: int | None = None) -> None:
+            got[index, start] = bytes(await client.get_chunk(peer, obj, BIG, index, start, end))
+
+        with trio.fail_after(20):
+            async with trio.open_nursery() as fetches:
+                for _ in range(2):
+                    for index in range(4):
+                        fetches.start_soon(fetch, index)
+                        fetches.start_soon(fetch, index, 100, 900)
+        for index in range(4):
+            base = index * BIG
+            assert got[index, None] == reader.data[base : base + BIG]
+            assert got[index, 100] == reader.data[base + 100 : base + 900]
+        assert sorted(pushed) == [BIG] * 6  # the three whole chunks, twice; the last (1000 bytes) and ranges not
+        nursery.cancel_scope.cancel()
+
+
+class ZeroReader:
+    """Chunks of zeros, as big as asked."""
+
+    def __init__(self, chunk_size: int):
+        self.chunk_size = chunk_size
+
+    async def chunk(self, obj, index):
+        return bytes(self.chunk_size), "mem"
+
+
+@pytest.mark.trio
+async def test_a_peer_that_stops_reading_a_big_chunk_loses_its_connection_at_the_send_timeout(autojump_clock):
+    """The thread sending a chunk stops when the send times out: the connection is
+    closed and what was sent is never a whole frame."""
+    chunk = 32 << 20  # more than loopback's socket buffers hold
+    server = PeerServer("worker-1", SECRET, {SOURCE: ZeroReader(chunk)}, max_payload=chunk,
+                        limits=ServerLimits(send_timeout=60.0))
+    closed = metrics.PEER_CONNECTIONS_CLOSED.labels("send-timeout")._value.get()
+    async with trio.open_nursery() as nursery:
+        peer = await serve_on_loopback(server, nursery)
+        host, _, port = peer.rpartition(":")
+        frames = FrameStream(await trio.open_tcp_stream(host, int(port)), max_payload=chunk)
+        assert (await _authenticate(frames))["t"] == Ready.t
+        await frames.send(GetChunk(1, SOURCE, "f.bin", "v1", 2 * chunk, chunk, 0).to_header())
+        await trio.sleep(100)  # not reading
+        # The sending thread notices within _POLL_SECONDS of real time (the fake clock jumps meanwhile).
+        for _ in range(500):
+            if metrics.PEER_CONNECTIONS_CLOSED.labels("send-timeout")._value.get() > closed:
+                break
+            await trio.to_thread.run_sync(time.sleep, 0.01)
+        assert metrics.PEER_CONNECTIONS_CLOSED.labels("send-timeout")._value.get() == closed + 1
+        assert trio.current_time() >= 60
+        with pytest.raises((protocol.ProtocolError, trio.BrokenResourceError)):
+            while True:
+                frame = await frames.receive()
+                assert frame is None or frame[0]["t"] != ChunkData.t
+                if frame is None:
+                    raise trio.BrokenResourceError
+        await frames.stream.aclose()
+        nursery.cancel_scope.cancel()

@@ -238,7 +238,7 @@ class PeerClient:
         try:
             with trio.fail_after(CONNECT_TIMEOUT):
                 stream = await trio.open_tcp_stream(host.strip("[]"), int(port))
-                frames = FrameStream(stream, self.max_payload, thread_receive=True)
+                frames = FrameStream(stream, self.max_payload)
                 nonce = os.urandom(16)
                 await frames.send(Hello(version, self.node, nonce).to_header())
                 try:

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Mapping
 import trio
 
 from cachefs import hotpath, metrics
-from cachefs.objects import ObjectId, check_relative_path, chunk_key
+from cachefs.objects import Buffer, ObjectId, check_relative_path, chunk_key
 from cachefs.errors import BackendError, ObjectChanged, ObjectNotFound
 from cachefs.peer import protocol
 from cachefs.peer.protocol import (
@@ -53,6 +53,10 @@ HANDSHAKE_MAX_HEADER = 8 << 10
 NAME_MAX = 255
 # Object versions whose request fields were checked, remembered (see `_resolve`).
 OBJECTS_KEPT = 4096
+# Checksums of whole chunks sent, remembered (see `_fetch`): ~100 bytes each.
+CHECKSUMS_KEPT = 16384
+# Chunks being sent at once, each by a worker thread (see FrameStream); more wait their turn.
+SEND_THREADS = 16
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,6 +101,13 @@ class PeerServer:
         # the chunk key again (a fresh ObjectId misses the reader's key cache) cost
         # as much as serving one.
         self._objects: dict[tuple[str, str, str, int], ObjectId] = {}
+        # (object, chunk index) -> xxh3 of the whole chunk. A chunk's bytes never
+        # change (its key names the object version), and hashing 4 MiB on every
+        # send was 8% of a worker's CPU on peer hits. Were the bytes ever
+        # different, the client's check would catch it: never served silently.
+        self._checksums: dict[tuple[ObjectId, int], int] = {}
+        # Threads sending chunks (see FrameStream), all connections together.
+        self._send_threads = trio.CapacityLimiter(SEND_THREADS)
 
     async def serve(self, listeners: list[trio.SocketListener], *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         """Accept connections on `listeners` until cancelled; `drain` stops accepting
@@ -161,6 +172,7 @@ class PeerServer:
         if not ok:
             return
         frames.decoder.max_header = protocol.MAX_HEADER
+        frames.send_limiter = self._send_threads
         try:
             await self._serve(frames, version)
         finally:
@@ -283,8 +295,9 @@ class PeerServer:
                 if isinstance(reply, (ChunkError, Loaded, Held)):
                     await session.frames.send(reply.to_header())
                 else:
-                    await session.frames.send(ChunkData(req.id, hotpath.checksum(reply)).to_header(), reply)
-                    metrics.PEER_SERVED_BYTES.inc(len(reply))
+                    payload, checksum = reply
+                    await session.frames.send(ChunkData(req.id, checksum).to_header(), payload)
+                    metrics.PEER_SERVED_BYTES.inc(len(payload))
             if sending.cancelled_caught:
                 # Half a frame may be out: the stream is unusable. A peer that stops reading loses it.
                 metrics.PEER_CONNECTIONS_CLOSED.labels("send-timeout").inc()
@@ -361,7 +374,7 @@ class PeerServer:
         mask = sum(1 << i for i, held in enumerate(cached) if held) if req.count > 1 else None
         return Loaded(req.id, cached=all(cached), cached_mask=mask)
 
-    async def _chunk(self, req: GetChunk) -> bytes | memoryview | ChunkError:
+    async def _chunk(self, req: GetChunk) -> tuple[Buffer, int] | ChunkError:
         resolved = self._resolve(req)
         if isinstance(resolved, ChunkError):
             return resolved
@@ -370,15 +383,23 @@ class PeerServer:
             metrics.PEER_SERVED.labels("ok").inc()
         return reply
 
-    async def _fetch(self, req: GetChunk, reader: Reader, obj: ObjectId) -> bytes | memoryview | ChunkError:
+    async def _fetch(self, req: GetChunk, reader: Reader, obj: ObjectId) -> tuple[Buffer, int] | ChunkError:
+        """The bytes asked for and their checksum."""
         try:
             data, _ = await reader.chunk(obj, req.index)
         except BackendError as e:
             return self._backend_error(req, e)
         if req.start is not None:
             # The whole chunk is loaded (and kept) all the same: the owner fetches each chunk once for the ring.
-            return memoryview(data)[req.start : req.end]
-        return data
+            part = memoryview(data)[req.start : req.end]
+            return part, hotpath.checksum(part)
+        checksums = self._checksums
+        checksum = checksums.get((obj, req.index))
+        if checksum is None:
+            if len(checksums) >= CHECKSUMS_KEPT:
+                checksums.clear()
+            checksum = checksums[obj, req.index] = hotpath.checksum(data)
+        return data, checksum
 
     @staticmethod
     def _backend_error(req: GetChunk, e: BackendError) -> ChunkError:

@@ -2,58 +2,64 @@
 
 from __future__ import annotations
 
-import os
-import select
+import socket
 
 import trio
 
 from cachefs.peer.protocol import MAX_HEADER, FrameDecoder, ProtocolError, encode_frame
 
 RECEIVE_SIZE = 256 << 10
-# Payloads at least this big are received by a worker thread (see FrameStream).
-THREAD_RECEIVE_MIN = 1 << 20
-# How often a receiving thread looks up from the socket to see if it was cancelled.
-_POLL_MS = 100
+# Payloads at least this big are sent by a worker thread when the stream has a
+# send limiter (see FrameStream).
+THREAD_SEND_MIN = 1 << 20
+# How often a sending thread looks up from the socket to see if it was cancelled.
+_POLL_SECONDS = 0.1
 
 
-def _fill(fd: int, view: memoryview) -> int:
-    """Receive into `view` from a non-blocking socket until it is full or the peer
-    closes; runs in a worker thread and ends early when its task is cancelled."""
-    poller = select.poll()
-    poller.register(fd, select.POLLIN)
-    got = 0
-    while got < len(view):
-        trio.from_thread.check_cancelled()
-        if not poller.poll(_POLL_MS):
-            continue
-        try:
-            n = os.readv(fd, [view[got:]])
-        except BlockingIOError:
-            continue
-        if not n:
-            break
-        got += n
-    return got
+def _push(fd: int, view: memoryview) -> None:
+    """Send all of `view` on the socket `fd`; runs in a worker thread and stops
+    (trio.Cancelled) within _POLL_SECONDS when its task is cancelled."""
+    # A socket object over the same fd, never closing it (detach): its send with a
+    # timeout waits for room in C with the GIL released, one call per wait.
+    sock = socket.socket(fileno=fd)
+    try:
+        sock.settimeout(_POLL_SECONDS)
+        sent = 0
+        while sent < len(view):
+            trio.from_thread.check_cancelled()
+            try:
+                sent += sock.send(view[sent:])
+            except TimeoutError:
+                pass
+    finally:
+        sock.detach()
 
 
 class FrameStream:
     """Sends and receives whole frames; sends are serialised so frames never interleave.
 
-    With `thread_receive`, big payloads (chunks) are received by a worker thread
-    straight into their final buffer: the copy out of the socket and the first
-    touch of fresh memory (slow on VMs) then run beside the trio thread, which
-    keeps serving FUSE requests, instead of inside it. Cancel the receiving
-    task to stop it; never close the stream under it.
+    Big payloads (chunks) are received straight from the socket into their final
+    buffer, in the trio thread: each `recv_into` takes what the socket holds, so
+    FUSE requests are served between them. A worker thread per chunk did this
+    before; on a mount pinned to one core (bench.peer_hits) it overlaps nothing,
+    and without it the mount's CPU per GiB was the same in an A/B run (2.32
+    against 2.34 s/GiB, bench/results/20261128T063157Z-vm-peer-hits.md).
+
+    Sending is the other way round. A worker sends a chunk faster than a mount
+    takes it, so `send_all` waits for room ~25 times per 4 MiB, each wait a trip
+    through trio's I/O loop; with `send_limiter` set (a worker serving peers), big
+    payloads are sent by a worker thread that waits in the kernel instead, one
+    hand-off per chunk. Cancel the sending task to stop it.
     """
 
     def __init__(
-        self, stream: trio.abc.Stream, max_payload: int, thread_receive: bool = False, max_header: int = MAX_HEADER
+        self, stream: trio.abc.Stream, max_payload: int, max_header: int = MAX_HEADER
     ):
         self.stream = stream
+        self.send_limiter: trio.CapacityLimiter | None = None
         self.decoder = FrameDecoder(max_payload=max_payload, max_header=max_header)
         self._send_lock = trio.Lock()
         self._send_broken = False
-        self._thread_receive = thread_receive and isinstance(stream, trio.SocketStream)
         # Small frames (requests, 4 KiB ranges) are received into this one buffer and
         # copied out by the decoder. `receive_some(RECEIVE_SIZE)` would allocate
         # RECEIVE_SIZE bytes per call, each a fresh mmap of 256 KiB (past malloc's
@@ -67,7 +73,16 @@ class FrameStream:
                 raise trio.ClosedResourceError("an earlier frame was cut short; the stream is out of sync")
             try:
                 await self.stream.send_all(prefix)
-                if len(body):
+                if (
+                    len(body) >= THREAD_SEND_MIN
+                    and self.send_limiter is not None
+                    and isinstance(self.stream, trio.SocketStream)
+                ):
+                    with memoryview(body) as view:
+                        await trio.to_thread.run_sync(
+                            _push, self.stream.socket.fileno(), view, limiter=self.send_limiter
+                        )
+                elif len(body):
                     await self.stream.send_all(body)
             except BaseException:
                 # Cancelled or failed part-way: part of a frame may be out, so no
@@ -88,10 +103,7 @@ class FrameStream:
             target = self.decoder.receive_buffer()
             if target is not None and isinstance(self.stream, trio.SocketStream):
                 # A chunk: straight from the socket into its final buffer.
-                if self._thread_receive and len(target) >= THREAD_RECEIVE_MIN:
-                    n = await trio.to_thread.run_sync(_fill, self.stream.socket.fileno(), target)
-                else:
-                    n = await self.stream.socket.recv_into(target)
+                n = await self.stream.socket.recv_into(target)
                 if not n:
                     raise ProtocolError("connection closed in the middle of a frame")
                 self.decoder.received_into(n)
