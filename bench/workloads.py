@@ -43,6 +43,11 @@ class Workload:
     def sequential(self) -> bool:
         return self.key.startswith("seq")
 
+    @property
+    def time_based(self) -> bool:
+        """A random fio job: runs for ``--ramp`` + ``--runtime`` seconds, timed after the ramp."""
+        return self.job is not None and not self.sequential
+
     def files(self, dataset) -> list[str]:
         """The dataset files the workload reads."""
         if self.job:
@@ -57,9 +62,10 @@ class Workload:
             return dataset.small_count * dataset.small_size
         return dataset.ttfb_count * 4 * MiB  # kernel read-ahead behind the 1-byte read
 
-    def run(self, root: Path, bench, state: str) -> dict:
+    def run(self, root: Path, bench, state: str, at_ramp_end=None) -> dict:
+        """Read; ``at_ramp_end(fio_session_id)`` is called once a time-based job's ramp is over."""
         if self.job:
-            return run_fio(self, root / BIG, bench, looped=state == WARM)
+            return run_fio(self, root / BIG, bench, looped=state == WARM, at_ramp_end=at_ramp_end)
         if self.key == "small-files":
             return read_small_files(root, bench.dataset.small_paths, threads=4)
         if self.key == "ttfb":
@@ -89,11 +95,14 @@ QUICK_SKIPS = frozenset({(COLD, "seq-1m-4j"), (COLD, "rand-4k-direct"), (WARM, "
 # -- fio -------------------------------------------------------------------------------
 
 
-def run_fio(workload: Workload, path: Path, bench, looped: bool = False) -> dict:
+def run_fio(workload: Workload, path: Path, bench, looped: bool = False, at_ramp_end=None) -> dict:
     """Run the workload's job file on ``path``.
 
     ``looped``: sequential jobs read the file again and again (reopening it each time)
     until 2 GiB were read, instead of once: only right when the page cache holds the file.
+    ``at_ramp_end(sid)``: for a time-based job with a ramp, called when the ramp is over
+    with the session id of fio's processes (one per job), so that the caller can start
+    its own counters where fio starts its figures.
     """
     size = bench.dataset.big_size
     env = {
@@ -102,17 +111,30 @@ def run_fio(workload: Workload, path: Path, bench, looped: bool = False) -> dict
         "SIZE": str(size),
         "PART": str(size // 4),
         "RUNTIME": str(bench.runtime),
+        "RAMP": str(bench.ramp if workload.time_based else 0),
         "DIRECT": "1" if workload.direct else "0",
         "LOOPS": str(-(-2 * GiB // size) if looped else 1),
     }
     cmd = ["fio", "--readonly", "--output-format=json", str(JOBS / workload.job)]
     # A sequential pass at 50 MiB/s or a hung mount must not stall the run forever.
-    timeout = bench.runtime + 60 + int(env["LOOPS"]) * size / (20 * MiB)
-    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
-    if res.returncode != 0:
-        raise RuntimeError(f"fio {workload.job} failed ({res.returncode}): {res.stderr.strip()[-500:]}")
+    timeout = bench.runtime + float(env["RAMP"]) + 60 + int(env["LOOPS"]) * size / (20 * MiB)
+    # Its own session: the caller counts the CPU of all of fio's job processes by session id.
+    with subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                          start_new_session=True) as proc:
+        try:
+            if at_ramp_end is not None and float(env["RAMP"]) > 0:
+                try:
+                    proc.wait(timeout=float(env["RAMP"]))
+                except subprocess.TimeoutExpired:
+                    at_ramp_end(proc.pid)
+            stdout, stderr = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, 9)
+            raise RuntimeError(f"fio {workload.job} took more than {timeout:.0f} s") from None
+    if proc.returncode != 0:
+        raise RuntimeError(f"fio {workload.job} failed ({proc.returncode}): {stderr.strip()[-500:]}")
     # fio may print notes before the JSON document.
-    report = json.loads(res.stdout[res.stdout.index("{"):])
+    report = json.loads(stdout[stdout.index("{"):])
     job = report["jobs"][0]
     if job.get("error"):
         raise RuntimeError(f"fio {workload.job}: error {job['error']}")
