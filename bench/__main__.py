@@ -52,7 +52,7 @@ class Bench:
     runtime: float  # seconds per time-based fio job, timed
     repeat: int
     ramp: float = 0.0  # seconds before that, not timed
-    random_repeat: int = 1  # repeats of time-based cells (each already runs ramp + runtime s)
+    random_repeat: int = 1  # repeats of warm time-based cells (each already runs ramp + runtime s)
     prefault: bool = True
     skip: frozenset = frozenset()  # (state, workload key) cells not to run
     juicefs_backend: object = None
@@ -76,8 +76,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--ramp", type=float,
                    help="seconds each random-read job runs before it is timed (fio ramp_time; default 5; quick 0)")
     p.add_argument("--random-repeat", type=int,
-                   help="repeats of random-read cells, at most --repeat (default 1: one 20 s steady-state run "
-                        "each keeps the full run under ~40 min)")
+                   help="repeats of warm random-read cells, at most --repeat (default 1: one 20 s steady-state "
+                        "run each keeps the full run under ~40 min; cold ones, 3 s long, repeat --repeat times)")
     p.add_argument("--systems", default=",".join(DEFAULT_SYSTEMS),
                    help=f"comma-separated, from {', '.join(SYSTEMS)} (default %(default)s)")
     p.add_argument("--workloads", default=",".join(w.key for w in WORKLOADS),
@@ -225,7 +225,7 @@ class Recorder:
 def applies(system: System, workload: Workload, state: str, bench: Bench, repeat: int = 0) -> bool:
     return (state in system.states and state in workload.states and (state, workload.key) not in bench.skip
             and (system.has_small_files or not workload.needs_small_files)
-            and (repeat < bench.random_repeat or not workload.time_based))
+            and (repeat < bench.random_repeat or not workload.time_based or state == COLD))
 
 
 def run_schedule(bench: Bench, rec: Recorder, systems: list[System], workloads: list[Workload],

@@ -117,6 +117,9 @@ def random_method(data: dict) -> str:
         text += f" after a {ramp:g} s ramp (fio ramp_time; the daemon's CPU is counted from the same moment)"
     if data.get("random_repeat", data["repeat"]) != data["repeat"]:
         text += f", {data['random_repeat']} repeat(s) of each"
+    if any(r.get("state") == COLD and "runtime_s" in r for r in data["runs"]):
+        cold = min(r["runtime_s"] for r in data["runs"] if r.get("state") == COLD and "runtime_s" in r)
+        text += f" (cold ones {cold:g} s with no ramp: longer would time a filled cache)"
     if runtime >= 20:
         text += "; these steady-state figures stand over the 3 s ones of earlier runs"
     else:

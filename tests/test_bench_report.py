@@ -10,8 +10,8 @@ import pytest
 
 from bench import host, report
 from bench.__main__ import Bench, applies, parse_args
-from bench.systems import DROPPED
-from bench.workloads import BY_KEY, run_fio
+from bench.systems import COLD, DROPPED
+from bench.workloads import BY_KEY, COLD_RUNTIME, run_fio
 
 needs_fio = pytest.mark.skipif(shutil.which("fio") is None, reason="fio is not installed")
 
@@ -53,6 +53,17 @@ def test_a_sequential_job_has_no_ramp(tmp_path):
     assert result["bytes"] == 4 << 20
 
 
+@needs_fio
+def test_a_cold_random_job_is_short_and_has_no_ramp(tmp_path):
+    big, bench = fio_bench(tmp_path, 4 << 20, runtime=20, ramp=5)
+    called = []
+    t0 = time.monotonic()
+    result = run_fio(BY_KEY["rand-4k"], big, bench, cold=True, at_ramp_end=called.append)
+    assert not called
+    assert (result["runtime_s"], result["ramp_s"]) == (COLD_RUNTIME, 0)
+    assert time.monotonic() - t0 < COLD_RUNTIME + 3
+
+
 def test_defaults_run_random_jobs_20_s_after_a_5_s_ramp_once():
     args = parse_args([])
     assert (args.runtime, args.ramp, args.repeat, args.random_repeat) == (20.0, 5.0, 3, 1)
@@ -66,6 +77,9 @@ def test_random_cells_run_only_random_repeat_times(tmp_path):
     system = types.SimpleNamespace(states=(DROPPED,), has_small_files=True)
     assert [applies(system, BY_KEY["rand-4k-direct"], DROPPED, bench, r) for r in range(3)] == [True, False, False]
     assert [applies(system, BY_KEY["seq-1m-1j"], DROPPED, bench, r) for r in range(3)] == [True, True, True]
+    # Cold random cells are short (COLD_RUNTIME): they keep every repeat.
+    system = types.SimpleNamespace(states=(COLD,), has_small_files=True)
+    assert [applies(system, BY_KEY["rand-4k-direct"], COLD, bench, r) for r in range(3)] == [True, True, True]
 
 
 def run_data(cells: dict) -> dict:
