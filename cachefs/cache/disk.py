@@ -28,6 +28,7 @@ buffer is written with O_DIRECT as it is.
 
 from __future__ import annotations
 
+import array
 import errno
 import fcntl
 import logging
@@ -45,6 +46,7 @@ import trio
 from cachefs import hotpath, metrics
 from cachefs.budget import MemoryBudget
 from cachefs.cache.policy import ADMISSIONS, make_index
+from cachefs.cache.read_threads import ReadThreads
 from cachefs.errors import CacheDirInUse, ChunkCorrupt
 from cachefs.objects import SOURCE_TAG_SIZE, Buffer, ChunkKey, Medium, source_tag
 
@@ -54,17 +56,36 @@ _NAME_RE = re.compile(r"^[0-9a-f]{32}$")
 _DIR_RE = re.compile(r"^[0-9a-f]{2}$")
 
 
-# Enough of a chunk file to hold its whole header: 8 KiB covers a 64 MiB chunk
-# in 128 KiB blocks, and all of a small chunk.
+# Enough of a chunk file to hold its whole header: 8 KiB covers a 16 MiB chunk
+# in BLOCK_SIZE blocks (`file_block_size` takes larger blocks for larger chunks), and
+# all of a small chunk.
 _HEAD_PROBE = 8192
-# Parsed chunk headers kept for range reads (about 400 bytes each for 4 MiB chunks).
-_LAYOUTS_KEPT = 8192
+# The checksum blocks of the chunk files this tier writes. A range read reads and
+# verifies whole blocks, and once the page cache has let the file go (after a drop,
+# or this VM's DAMON pageout of pages idle for seconds) that is a disk read each:
+# a random 4 KiB read cost a 128 KiB read from the disk (hotpath.BLOCK_SIZE; this
+# VM's disk: 3,200 such reads/s with 4 readers, against 16,000 of 16 KiB), where
+# JuiceFS's disk cache reads 32 KiB. Sequential reads verify the same bytes in
+# more, smaller blocks (about 5 us more per MiB). Files written with other block
+# sizes are still read: each header gives its own.
+BLOCK_SIZE = 16 << 10
+# Parsed chunk headers kept for range reads (their checksums in an array, ~2 KiB each
+# for 4 MiB chunks in 16 KiB blocks).
+_LAYOUTS_KEPT = 4096
 # Chunk files kept open for range reads. A range read whose blocks are in the
 # page cache is then served on the trio thread (preadv RWF_NOWAIT, ~4 us for
 # 128 KiB) instead of by a worker thread: the two thread switches of a hop
 # cost more than the read on our VMs.
 _FDS_KEPT = 256
 _NOWAIT = getattr(os, "RWF_NOWAIT", 0)
+# A try of the page cache on the trio thread that misses is not free: the kernel
+# starts the read (and on a VM kicks the disk) there before it says "would block";
+# a profile of random 4 KiB reads after a page cache drop found a quarter of the
+# trio thread's time in it. While most tries miss, only every NOWAIT_PROBE_EVERY-th
+# range read tries, so as to see the page cache fill up again; the hit rate is a
+# moving average over about 1 / NOWAIT_RATE_WEIGHT tries.
+NOWAIT_PROBE_EVERY = 8
+NOWAIT_RATE_WEIGHT = 1 / 32
 # O_DIRECT wants the buffer, the file offset and the length aligned to the
 # device's block size; a page covers every device we expect.
 _DIRECT_ALIGN = mmap.PAGESIZE
@@ -79,6 +100,20 @@ WRITE_THREADS = 4
 # budget (--mem-size, less the room demand reads keep) while in use, and
 # given back to the system when no fill runs.
 FILL_BYTES = 128 << 20
+
+
+def file_block_size(length: int) -> int:
+    """The checksum block size of a chunk file holding `length` bytes: BLOCK_SIZE, or
+    larger for a chunk whose header would not fit in _HEAD_PROBE."""
+    size = BLOCK_SIZE
+    while hotpath.header_size(length, size) > _HEAD_PROBE:
+        size *= 2
+    return size
+
+
+def file_size(length: int) -> int:
+    """Bytes of the chunk file that holds `length` bytes of data: its header and the data."""
+    return hotpath.header_size(length, file_block_size(length)) + length
 
 
 def _unlink_all(paths: list[str]) -> None:
@@ -165,6 +200,8 @@ class DiskTier:
         self._writing: set[bytes] = set()
         self._layouts: dict[bytes, tuple] = {}  # digest -> read_layout() of its file
         self._limiter = trio.CapacityLimiter(io_threads)
+        # Range reads the page cache cannot answer at once: the hop on an SSD hit.
+        self._range_threads = ReadThreads(io_threads, "cachefs disk range read")
         self._write_limiter = trio.CapacityLimiter(WRITE_THREADS)
         self._direct = hasattr(os, "O_DIRECT")  # off for good after the file system refuses it
         self._aligned: list[mmap.mmap] = []  # free write buffers; at most WRITE_THREADS exist
@@ -175,6 +212,8 @@ class DiskTier:
         self.drop_pages = drop_pages and hasattr(os, "posix_fadvise")
         # Dropped pages are never there for a read that must not block.
         self._nowait = bool(_NOWAIT) and not self.drop_pages
+        self._nowait_hit_rate = 1.0  # of recent tries (see NOWAIT_PROBE_EVERY)
+        self._range_reads = 0
         self._budget = budget
         self._fill_buffers: list[mmap.mmap] = []  # free `fill` buffers, one per chunk of a fill
         self._fill_slots: trio.Semaphore | None = None  # chunks fills may hold: made at the first
@@ -228,6 +267,7 @@ class DiskTier:
 
     def close(self) -> None:
         """Close the kept descriptors and give up the directory; the tier is unusable after."""
+        self._range_threads.close()
         with self._fds_lock:
             fds = list(self._fds.values())
             self._fds.clear()
@@ -255,17 +295,26 @@ class DiskTier:
         they fall in (a 4 KiB random read costs one 128 KiB block, not the chunk).
         None if absent, corrupt or of the wrong length."""
         digest = key.digest
-        return await self._checked_read(digest, self._read_range, digest, start, end, key.length, try_nowait=True)
+        return await self._checked_read(digest, self._read_range, digest, start, end, key.length, ranged=True)
 
-    async def _checked_read(self, digest: bytes, read, *args, try_nowait: bool = False) -> memoryview | None:
+    async def _checked_read(self, digest: bytes, read, *args, ranged: bool = False) -> memoryview | None:
         if digest not in self._index:
             self._misses.inc()
             return None
         self._index.touch(digest)
         try:
-            data = read(*args, nowait=True) if try_nowait and self._nowait else None
+            # A range read: on this thread if the page cache holds its blocks, else on a range thread.
+            data = None
+            if ranged and self._nowait:
+                self._range_reads += 1
+                if self._nowait_hit_rate >= 0.5 or not self._range_reads % NOWAIT_PROBE_EVERY:
+                    data = read(*args, nowait=True)
+                    self._nowait_hit_rate += ((data is not None) - self._nowait_hit_rate) * NOWAIT_RATE_WEIGHT
             if data is None:
-                data = await trio.to_thread.run_sync(read, *args, limiter=self._limiter)
+                if ranged:
+                    data = await self._range_threads.run(read, *args)
+                else:
+                    data = await trio.to_thread.run_sync(read, *args, limiter=self._limiter)
         except (ChunkCorrupt, OSError) as e:
             reason = "corrupt" if isinstance(e, ChunkCorrupt) else "io"
             if not isinstance(e, FileNotFoundError):
@@ -308,7 +357,8 @@ class DiskTier:
                 # Random readers come back to the same chunks: keep their parsed
                 # headers, so a hit costs one pread instead of two.
                 head = os.pread(fd, _HEAD_PROBE, 0)
-                layout = hotpath.read_layout(digest, head, os.fstat(fd).st_size)
+                length, size, offset, sums = hotpath.read_layout(digest, head, os.fstat(fd).st_size)
+                layout = (length, size, offset, array.array("Q", sums))  # 8 bytes a checksum, not ~40
                 if len(self._layouts) >= _LAYOUTS_KEPT:
                     self._layouts.clear()
                 self._layouts[digest] = layout
@@ -353,6 +403,10 @@ class DiskTier:
         if cached_only:
             return None
         fd = os.open(self._path(digest), os.O_RDONLY | os.O_CLOEXEC)
+        if self.drop_pages:
+            # No kernel read-ahead around the blocks read: its pages, still being read in
+            # when the read returns, would be left behind by the drop (fadvise skips them).
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
         with self._fds_lock:
             if digest in self._index and digest not in self._fds:
                 self._fds[digest] = os.dup(fd)
@@ -481,7 +535,7 @@ class DiskTier:
         if all(held):
             return held
         tag = keys[0].digest[:SOURCE_TAG_SIZE]  # one object: one source
-        mine = {i: hotpath.header_size(k.length) + k.length for i, k in enumerate(keys) if not held[i]}
+        mine = {i: file_size(k.length) for i, k in enumerate(keys) if not held[i]}
         for i, size in mine.items():
             # Reserve before fetching: concurrent puts cannot overshoot the cap or a quota together.
             self._writing.add(keys[i].digest)
@@ -496,21 +550,21 @@ class DiskTier:
                 return held
             buffers = []
             for k in keys:
-                padded = -(-(hotpath.header_size(k.length) + k.length) // _DIRECT_ALIGN) * _DIRECT_ALIGN
+                padded = -(-file_size(k.length) // _DIRECT_ALIGN) * _DIRECT_ALIGN
                 buf = self._fill_buffers.pop() if self._fill_buffers else None
                 buffers.append(buf if buf is not None and len(buf) >= padded else mmap.mmap(-1, padded))
             # No `with`: if `fetch` raises, a thread it abandoned may still hold the views;
             # the buffers are then left to the garbage collector, never reused.
             views = []
             for k, buf in zip(keys, buffers):
-                head = hotpath.header_size(k.length)
+                head = hotpath.header_size(k.length, file_block_size(k.length))
                 views.append(memoryview(buf)[head : head + k.length])
             await fetch(views)
             del views
             try:
                 for i in mine:
                     k = keys[i]
-                    head = hotpath.header_size(k.length)
+                    head = hotpath.header_size(k.length, file_block_size(k.length))
                     await trio.to_thread.run_sync(
                         self._write_filled, k.digest, buffers[i], head, k.length, limiter=self._write_limiter
                     )
@@ -538,7 +592,7 @@ class DiskTier:
         """Reserve room for a chunk, then write it in a thread and index the file."""
         if digest in self._index or digest in self._writing:
             return False
-        size = hotpath.header_size(len(data)) + len(data)
+        size = file_size(len(data))
         tag = digest[:SOURCE_TAG_SIZE]
         reason = "pinned" if digest in self._pins else self._index.admit(digest, size, self.used + size > self.capacity)
         if reason is None:
@@ -582,7 +636,7 @@ class DiskTier:
         self.by_source[digest[:SOURCE_TAG_SIZE]] += size
 
     def _write(self, digest: bytes, data: bytes | memoryview) -> None:
-        header = hotpath.seal_chunk(digest, data)
+        header = hotpath.seal_chunk(digest, data, file_block_size(len(data)))
         self._write_file(
             digest, lambda fd: self._write_direct(fd, header, data), lambda fd: self._write_buffered(fd, header, data)
         )
@@ -591,7 +645,7 @@ class DiskTier:
         """Write a `fill` buffer: the chunk at [head, head + length), its header sealed in front."""
         with memoryview(buf) as view:
             with view[head : head + length] as data:
-                header = hotpath.seal_chunk(digest, data)
+                header = hotpath.seal_chunk(digest, data, file_block_size(length))
             view[:head] = header
             with view[: head + length] as whole:
                 self._write_file(
