@@ -24,7 +24,6 @@ from hypothesis import strategies as st
 from prometheus_client import REGISTRY
 
 from cachefs import hotpath
-from cachefs.cache import disk as disk_tier
 from cachefs.cache.disk import DiskTier
 from cachefs.cache.mem import MemTier
 from cachefs.errors import CacheDirInUse
@@ -230,7 +229,7 @@ def test_mem_matches_reference_lru(capacity, ops):
 
 def entry(size: int) -> int:
     """Bytes one chunk of `size` data bytes takes on disk."""
-    return disk_tier.file_size(size)
+    return hotpath.header_size(size) + size
 
 
 async def open_disk(cache_dir: Path, capacity: int, free_space_ratio: float = 0.0) -> DiskTier:
@@ -438,7 +437,7 @@ async def test_disk_corrupt_chunk_is_a_miss_and_deleted(tmp_path, damage):
     path = chunk_path(tmp_path, key(0))
     raw = bytearray(path.read_bytes())
     if damage == "flip_data_byte":
-        raw[entry(1000) - 1000 + 500] ^= 0x01
+        raw[hotpath.header_size(1000) + 500] ^= 0x01
     elif damage == "flip_header_byte":
         raw[0] ^= 0x01
     elif damage == "truncate":
@@ -619,7 +618,7 @@ async def test_disk_direct_write_refused_at_write_time_falls_back(tmp_path, monk
 
 @pytest.mark.trio
 async def test_disk_range_reads_verify_only_the_blocks_they_read(tmp_path):
-    block = disk_tier.BLOCK_SIZE
+    block = hotpath.BLOCK_SIZE
     size = 5 * block + 777
     disk = await open_disk(tmp_path, 4 * entry(size))
     data = payload(size)
@@ -628,7 +627,7 @@ async def test_disk_range_reads_verify_only_the_blocks_they_read(tmp_path):
         assert bytes(await disk.get_range(chunk(0, size), start, end)) == data[start:end]
     path = chunk_path(tmp_path, key(0))
     raw = bytearray(path.read_bytes())
-    raw[entry(size) - size + 2 * block + 5] ^= 0xFF  # damage block 2
+    raw[hotpath.header_size(size) + 2 * block + 5] ^= 0xFF  # damage block 2
     path.write_bytes(raw)
     # Blocks 0-1 are intact and verified on their own...
     assert bytes(await disk.get_range(chunk(0, size), 0, 2 * block)) == data[: 2 * block]
@@ -641,50 +640,16 @@ async def test_disk_range_reads_verify_only_the_blocks_they_read(tmp_path):
 
 
 @pytest.mark.trio
-async def test_disk_random_small_read_reads_one_small_block(tmp_path, monkeypatch):
-    # After the page cache let a chunk file go, each range read is a disk read of the
-    # whole blocks it falls in: a 4 KiB read must cost 16 KiB, not 128 KiB.
-    size = 4 << 20
-    disk = await open_disk(tmp_path, 4 * entry(size))
-    data = payload(size)
-    assert await disk.put(chunk(0), data)
-    assert bytes(await disk.get_range(chunk(0, size), 0, 10)) == data[:10]  # parses the header
-    reads = []
-    real_pread, real_preadv = os.pread, os.preadv
-
-    def pread(fd, n, offset):
-        reads.append(n)
-        return real_pread(fd, n, offset)
-
-    def preadv(fd, buffers, offset, flags=0):
-        reads.append(sum(len(b) for b in buffers))
-        return real_preadv(fd, buffers, offset, flags)
-
-    monkeypatch.setattr(os, "pread", pread)
-    monkeypatch.setattr(os, "preadv", preadv)
-    start = 100 * 4096
-    assert bytes(await disk.get_range(chunk(0, size), start, start + 4096)) == data[start : start + 4096]
-    assert reads and set(reads) == {16 << 10}
-
-
-def test_disk_block_size_keeps_every_header_within_the_probe():
-    assert disk_tier.file_block_size(4 << 20) == 16 << 10
-    for length in (1, 4 << 20, 16 << 20, (16 << 20) + 1, 32 << 20, 64 << 20):
-        assert hotpath.header_size(length, disk_tier.file_block_size(length)) <= disk_tier._HEAD_PROBE
-    assert disk_tier.file_block_size(64 << 20) == 128 << 10
-
-
-@pytest.mark.trio
 async def test_disk_reads_files_written_with_another_block_size(tmp_path):
-    # Cache directories filled before the block size changed stay warm: each header gives its own.
-    size = 3 * (128 << 10) + 5
+    # Each file's header gives its block size: a change of hotpath.BLOCK_SIZE keeps old caches warm.
+    size = 3 * (16 << 10) + 5
     data = payload(size)
     path = chunk_path(tmp_path, key(0))
     path.parent.mkdir(parents=True)
-    path.write_bytes(hotpath.seal_chunk(key(0), data, 128 << 10) + data)
+    path.write_bytes(hotpath.seal_chunk(key(0), data, 16 << 10) + data)
     disk = await open_disk(tmp_path, 1 << 30)
-    assert bytes(await disk.get_range(chunk(0, size), (128 << 10) + 7, (128 << 10) + 9000)) == \
-        data[(128 << 10) + 7 : (128 << 10) + 9000]
+    assert bytes(await disk.get_range(chunk(0, size), (16 << 10) + 7, (32 << 10) + 9000)) == \
+        data[(16 << 10) + 7 : (32 << 10) + 9000]
     assert bytes(await disk.get(chunk(0, size))) == data
 
 
@@ -694,7 +659,7 @@ async def test_disk_range_read_from_the_page_cache_needs_no_worker_thread(tmp_pa
     # on the trio thread (RWF_NOWAIT), without the two thread switches of a hop.
     if not hasattr(os, "RWF_NOWAIT"):
         pytest.skip("no RWF_NOWAIT")
-    block = disk_tier.BLOCK_SIZE
+    block = hotpath.BLOCK_SIZE
     size = 4 * block
     disk = await open_disk(tmp_path, 4 * entry(size))
     data = payload(size)
@@ -725,46 +690,6 @@ async def test_disk_range_read_from_the_page_cache_needs_no_worker_thread(tmp_pa
     monkeypatch.setattr(os, "preadv", preadv_without_the_pages)
     assert bytes(await disk.get_range(chunk(0, size), 2 * block, 2 * block + 5)) == data[2 * block : 2 * block + 5]
     assert hops == 1, "a block the kernel does not hold is read by a worker thread"
-
-
-@pytest.mark.trio
-async def test_disk_range_reads_stop_trying_the_page_cache_while_it_misses(tmp_path, monkeypatch):
-    # A miss there costs the trio thread the start of the disk read: after a page
-    # cache drop, most range reads go straight to a range thread, and only a few try.
-    if not hasattr(os, "RWF_NOWAIT"):
-        pytest.skip("no RWF_NOWAIT")
-    block = disk_tier.BLOCK_SIZE
-    size = 64 * block
-    disk = await open_disk(tmp_path, 4 * entry(size))
-    data = payload(size)
-    assert await disk.put(chunk(0), data)
-    assert bytes(await disk.get_range(chunk(0, size), 0, 10)) == data[:10]  # opens and parses
-    tries = 0
-    real_preadv = os.preadv
-    cached = False
-
-    def preadv(fd, buffers, offset, flags=0):
-        nonlocal tries
-        if flags & os.RWF_NOWAIT:
-            tries += 1
-            if not cached:
-                raise BlockingIOError(errno.EAGAIN, "would block")
-        return real_preadv(fd, buffers, offset, flags)
-
-    monkeypatch.setattr(os, "preadv", preadv)
-
-    async def read_all(times: int) -> None:
-        for n in range(times):
-            start = (n % 64) * block + 100
-            assert bytes(await disk.get_range(chunk(0, size), start, start + 4096)) == data[start : start + 4096]
-
-    await read_all(400)
-    assert tries < 400 / 4  # ~22 tries to learn, then one in NOWAIT_PROBE_EVERY
-    cached, tries = True, 0
-    await read_all(400)  # the probes see hits again...
-    tries = 0
-    await read_all(100)
-    assert tries == 100  # ...and every read tries the page cache again
 
 
 @pytest.mark.trio

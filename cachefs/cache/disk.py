@@ -56,36 +56,22 @@ _NAME_RE = re.compile(r"^[0-9a-f]{32}$")
 _DIR_RE = re.compile(r"^[0-9a-f]{2}$")
 
 
-# Enough of a chunk file to hold its whole header: 8 KiB covers a 16 MiB chunk
-# in BLOCK_SIZE blocks (`file_block_size` takes larger blocks for larger chunks), and
-# all of a small chunk.
+# Enough of a chunk file to hold its whole header: 8 KiB covers a 64 MiB chunk
+# in 128 KiB blocks, and all of a small chunk.
+# (Smaller checksum blocks were tried, 16 KiB: a random 4 KiB read then reads 16 KiB
+# from the disk instead of 128 KiB, but the page cache fills 8 x slower, and a hit
+# there costs ~30 us on the trio thread against a hop to the disk: random 4 KiB
+# O_DIRECT reads after a page cache drop ran at 0.66 x the rate of 128 KiB blocks.)
 _HEAD_PROBE = 8192
-# The checksum blocks of the chunk files this tier writes. A range read reads and
-# verifies whole blocks, and once the page cache has let the file go (after a drop,
-# or this VM's DAMON pageout of pages idle for seconds) that is a disk read each:
-# a random 4 KiB read cost a 128 KiB read from the disk (hotpath.BLOCK_SIZE; this
-# VM's disk: 3,200 such reads/s with 4 readers, against 16,000 of 16 KiB), where
-# JuiceFS's disk cache reads 32 KiB. Sequential reads verify the same bytes in
-# more, smaller blocks (about 5 us more per MiB). Files written with other block
-# sizes are still read: each header gives its own.
-BLOCK_SIZE = 16 << 10
-# Parsed chunk headers kept for range reads (their checksums in an array, ~2 KiB each
-# for 4 MiB chunks in 16 KiB blocks).
-_LAYOUTS_KEPT = 4096
+# Parsed chunk headers kept for range reads (their checksums in an array: ~350 bytes
+# each for 4 MiB chunks).
+_LAYOUTS_KEPT = 8192
 # Chunk files kept open for range reads. A range read whose blocks are in the
 # page cache is then served on the trio thread (preadv RWF_NOWAIT, ~4 us for
 # 128 KiB) instead of by a worker thread: the two thread switches of a hop
 # cost more than the read on our VMs.
 _FDS_KEPT = 256
 _NOWAIT = getattr(os, "RWF_NOWAIT", 0)
-# A try of the page cache on the trio thread that misses is not free: the kernel
-# starts the read (and on a VM kicks the disk) there before it says "would block";
-# a profile of random 4 KiB reads after a page cache drop found a quarter of the
-# trio thread's time in it. While most tries miss, only every NOWAIT_PROBE_EVERY-th
-# range read tries, so as to see the page cache fill up again; the hit rate is a
-# moving average over about 1 / NOWAIT_RATE_WEIGHT tries.
-NOWAIT_PROBE_EVERY = 8
-NOWAIT_RATE_WEIGHT = 1 / 32
 # O_DIRECT wants the buffer, the file offset and the length aligned to the
 # device's block size; a page covers every device we expect.
 _DIRECT_ALIGN = mmap.PAGESIZE
@@ -100,20 +86,6 @@ WRITE_THREADS = 4
 # budget (--mem-size, less the room demand reads keep) while in use, and
 # given back to the system when no fill runs.
 FILL_BYTES = 128 << 20
-
-
-def file_block_size(length: int) -> int:
-    """The checksum block size of a chunk file holding `length` bytes: BLOCK_SIZE, or
-    larger for a chunk whose header would not fit in _HEAD_PROBE."""
-    size = BLOCK_SIZE
-    while hotpath.header_size(length, size) > _HEAD_PROBE:
-        size *= 2
-    return size
-
-
-def file_size(length: int) -> int:
-    """Bytes of the chunk file that holds `length` bytes of data: its header and the data."""
-    return hotpath.header_size(length, file_block_size(length)) + length
 
 
 def _unlink_all(paths: list[str]) -> None:
@@ -212,8 +184,6 @@ class DiskTier:
         self.drop_pages = drop_pages and hasattr(os, "posix_fadvise")
         # Dropped pages are never there for a read that must not block.
         self._nowait = bool(_NOWAIT) and not self.drop_pages
-        self._nowait_hit_rate = 1.0  # of recent tries (see NOWAIT_PROBE_EVERY)
-        self._range_reads = 0
         self._budget = budget
         self._fill_buffers: list[mmap.mmap] = []  # free `fill` buffers, one per chunk of a fill
         self._fill_slots: trio.Semaphore | None = None  # chunks fills may hold: made at the first
@@ -304,12 +274,7 @@ class DiskTier:
         self._index.touch(digest)
         try:
             # A range read: on this thread if the page cache holds its blocks, else on a range thread.
-            data = None
-            if ranged and self._nowait:
-                self._range_reads += 1
-                if self._nowait_hit_rate >= 0.5 or not self._range_reads % NOWAIT_PROBE_EVERY:
-                    data = read(*args, nowait=True)
-                    self._nowait_hit_rate += ((data is not None) - self._nowait_hit_rate) * NOWAIT_RATE_WEIGHT
+            data = read(*args, nowait=True) if ranged and self._nowait else None
             if data is None:
                 if ranged:
                     data = await self._range_threads.run(read, *args)
@@ -535,7 +500,7 @@ class DiskTier:
         if all(held):
             return held
         tag = keys[0].digest[:SOURCE_TAG_SIZE]  # one object: one source
-        mine = {i: file_size(k.length) for i, k in enumerate(keys) if not held[i]}
+        mine = {i: hotpath.header_size(k.length) + k.length for i, k in enumerate(keys) if not held[i]}
         for i, size in mine.items():
             # Reserve before fetching: concurrent puts cannot overshoot the cap or a quota together.
             self._writing.add(keys[i].digest)
@@ -550,21 +515,21 @@ class DiskTier:
                 return held
             buffers = []
             for k in keys:
-                padded = -(-file_size(k.length) // _DIRECT_ALIGN) * _DIRECT_ALIGN
+                padded = -(-(hotpath.header_size(k.length) + k.length) // _DIRECT_ALIGN) * _DIRECT_ALIGN
                 buf = self._fill_buffers.pop() if self._fill_buffers else None
                 buffers.append(buf if buf is not None and len(buf) >= padded else mmap.mmap(-1, padded))
             # No `with`: if `fetch` raises, a thread it abandoned may still hold the views;
             # the buffers are then left to the garbage collector, never reused.
             views = []
             for k, buf in zip(keys, buffers):
-                head = hotpath.header_size(k.length, file_block_size(k.length))
+                head = hotpath.header_size(k.length)
                 views.append(memoryview(buf)[head : head + k.length])
             await fetch(views)
             del views
             try:
                 for i in mine:
                     k = keys[i]
-                    head = hotpath.header_size(k.length, file_block_size(k.length))
+                    head = hotpath.header_size(k.length)
                     await trio.to_thread.run_sync(
                         self._write_filled, k.digest, buffers[i], head, k.length, limiter=self._write_limiter
                     )
@@ -592,7 +557,7 @@ class DiskTier:
         """Reserve room for a chunk, then write it in a thread and index the file."""
         if digest in self._index or digest in self._writing:
             return False
-        size = file_size(len(data))
+        size = hotpath.header_size(len(data)) + len(data)
         tag = digest[:SOURCE_TAG_SIZE]
         reason = "pinned" if digest in self._pins else self._index.admit(digest, size, self.used + size > self.capacity)
         if reason is None:
@@ -636,7 +601,7 @@ class DiskTier:
         self.by_source[digest[:SOURCE_TAG_SIZE]] += size
 
     def _write(self, digest: bytes, data: bytes | memoryview) -> None:
-        header = hotpath.seal_chunk(digest, data, file_block_size(len(data)))
+        header = hotpath.seal_chunk(digest, data)
         self._write_file(
             digest, lambda fd: self._write_direct(fd, header, data), lambda fd: self._write_buffered(fd, header, data)
         )
@@ -645,7 +610,7 @@ class DiskTier:
         """Write a `fill` buffer: the chunk at [head, head + length), its header sealed in front."""
         with memoryview(buf) as view:
             with view[head : head + length] as data:
-                header = hotpath.seal_chunk(digest, data, file_block_size(length))
+                header = hotpath.seal_chunk(digest, data)
             view[:head] = header
             with view[: head + length] as whole:
                 self._write_file(
