@@ -49,8 +49,10 @@ class Bench:
     work: Path  # on disk: the volume, SSD caches, mount points, logs
     shm: Path  # on tmpfs: the dataset copy, JuiceFS's MEM cache
     dataset: Dataset
-    runtime: float  # seconds per time-based fio job
+    runtime: float  # seconds per time-based fio job, timed
     repeat: int
+    ramp: float = 0.0  # seconds before that, not timed
+    random_repeat: int = 1  # repeats of warm time-based cells (each already runs ramp + runtime s)
     prefault: bool = True
     skip: frozenset = frozenset()  # (state, workload key) cells not to run
     juicefs_backend: object = None
@@ -69,7 +71,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--repeat", type=int, help="repeats per cell; the table shows medians (default 3; quick 1)")
     p.add_argument("--size", help="size of the big file (default 1G; quick 256M)")
     p.add_argument("--small-files", type=int, help="number of 64 KiB files (default 2000; quick 500)")
-    p.add_argument("--runtime", type=float, help="seconds per random-read job (default 3; quick 1)")
+    p.add_argument("--runtime", type=float,
+                   help="seconds each random-read job is timed, after its ramp (default 20; quick 1)")
+    p.add_argument("--ramp", type=float,
+                   help="seconds each random-read job runs before it is timed (fio ramp_time; default 5; quick 0)")
+    p.add_argument("--random-repeat", type=int,
+                   help="repeats of warm random-read cells, at most --repeat (default 1: one 20 s steady-state "
+                        "run each keeps the full run under ~40 min; cold ones, 3 s long, repeat --repeat times)")
     p.add_argument("--systems", default=",".join(DEFAULT_SYSTEMS),
                    help=f"comma-separated, from {', '.join(SYSTEMS)} (default %(default)s)")
     p.add_argument("--workloads", default=",".join(w.key for w in WORKLOADS),
@@ -98,14 +106,35 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.repeat = args.repeat or (1 if args.quick else 3)
     args.size = host.parse_size(args.size or ("256M" if args.quick else "1G"))
     args.small_files = args.small_files if args.small_files is not None else (500 if args.quick else 2000)
-    args.runtime = args.runtime or (1.0 if args.quick else 3.0)
+    args.runtime = args.runtime or (1.0 if args.quick else 20.0)
+    args.ramp = args.ramp if args.ramp is not None else (0.0 if args.quick else 5.0)
+    args.random_repeat = min(args.repeat, args.random_repeat or 1)
     args.prefault = (not args.quick) if args.prefault is None else args.prefault
-    if args.repeat < 1 or args.size < 16 * MiB or args.runtime <= 0:
-        p.error("--repeat must be >= 1, --size >= 16M and --runtime > 0")
+    if args.repeat < 1 or args.random_repeat < 1 or args.size < 16 * MiB or args.runtime <= 0 or args.ramp < 0:
+        p.error("--repeat and --random-repeat must be >= 1, --size >= 16M, --runtime > 0 and --ramp >= 0")
     return args
 
 
 # -- one measurement -------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Counters:
+    """CPU seconds and the clock at one moment of a cell."""
+
+    time: float
+    daemon: float  # the daemon's processes
+    own: float  # this process, its reaped children, and fio's live processes
+    busy: float  # the whole machine
+    steal: float
+
+    @classmethod
+    def now(cls, pid: int | None, fio_sid: int | None = None) -> "Counters":
+        busy, steal = host.busy_cpu_seconds()
+        # fio still runs at the end of a ramp; once reaped its CPU is in own_cpu_seconds().
+        fio = host.cpu_seconds(fio_sid) if fio_sid else 0.0
+        return cls(time=time.monotonic(), daemon=host.cpu_seconds(pid) if pid else 0.0,
+                   own=host.own_cpu_seconds() + fio, busy=busy, steal=steal)
 
 
 class Recorder:
@@ -135,27 +164,33 @@ class Recorder:
         before = system.backend_counters()
         if pid:
             host.reset_peak_rss(pid)
-        daemon0 = host.cpu_seconds(pid) if pid else 0.0
-        own0, (busy0, steal0), t0 = host.own_cpu_seconds(), host.busy_cpu_seconds(), time.monotonic()
+        # The counters start where fio's figures do: after the ramp of a time-based job.
+        start = Counters.now(pid)
+
+        def ramp_over(fio_sid: int) -> None:
+            nonlocal start
+            start = Counters.now(pid, fio_sid)
+
         # A hung daemon would block a read forever: kill it, and the read fails with ENOTCONN.
         watchdog = threading.Timer(WATCHDOG, lambda: system.proc and host.stop_session(system.proc, 2))
         watchdog.start()
         try:
-            result = workload.run(system.root, self.bench, state)
+            result = workload.run(system.root, self.bench, state, at_ramp_end=ramp_over)
         finally:
             watchdog.cancel()
-        wall = time.monotonic() - t0
-        (busy1, steal1), own1 = host.busy_cpu_seconds(), host.own_cpu_seconds()
-        daemon = host.cpu_seconds(pid) - daemon0 if pid else 0.0
+        end = Counters.now(pid)
+        wall = end.time - start.time
+        daemon = end.daemon - start.daemon
         rec = {"system": system.key, "state": state, "workload": workload.key, "repeat": repeat,
-               "unit": workload.unit, **result,
+               "unit": workload.unit, **result, "wall_s": wall,
                # Cores busy with anything but this reader and this daemon: other work on
                # the machine (and kernel threads); steal: time the hypervisor took.
-               "other_cpu_cores": max(0.0, (busy1 - busy0) - (own1 - own0) - daemon) / wall,
-               "steal_cores": (steal1 - steal0) / wall}
+               "other_cpu_cores": max(0.0, (end.busy - start.busy) - (end.own - start.own) - daemon) / wall,
+               "steal_cores": (end.steal - start.steal) / wall}
         if pid:
             cpu = daemon
             rec["daemon_cpu_s"] = cpu
+            rec["daemon_cpu_cores"] = cpu / wall
             rec["peak_rss_bytes"] = host.peak_rss_bytes(pid)
             if workload.unit != "ms" and result["bytes"]:
                 rec["cpu_s_per_gib"] = cpu / (result["bytes"] / GiB)
@@ -164,7 +199,7 @@ class Recorder:
         self.data["runs"].append(rec)
         extra = ""
         if "cpu_s_per_gib" in rec:
-            extra += f"  cpu {rec['cpu_s_per_gib']:.2f} s/GiB"
+            extra += f"  cpu {rec['cpu_s_per_gib']:.2f} s/GiB, {rec['daemon_cpu_cores']:.2f} cores"
         if "peak_rss_bytes" in rec:
             extra += f"  rss {rec['peak_rss_bytes'] / MiB:.0f} MiB"
         if "delta_gets" in rec:
@@ -187,9 +222,10 @@ class Recorder:
 # -- the schedule ------------------------------------------------------------------------------
 
 
-def applies(system: System, workload: Workload, state: str, bench: Bench) -> bool:
+def applies(system: System, workload: Workload, state: str, bench: Bench, repeat: int = 0) -> bool:
     return (state in system.states and state in workload.states and (state, workload.key) not in bench.skip
-            and (system.has_small_files or not workload.needs_small_files))
+            and (system.has_small_files or not workload.needs_small_files)
+            and (repeat < bench.random_repeat or not workload.time_based or state == COLD))
 
 
 def run_schedule(bench: Bench, rec: Recorder, systems: list[System], workloads: list[Workload],
@@ -224,7 +260,7 @@ def run_schedule(bench: Bench, rec: Recorder, systems: list[System], workloads: 
         for r in range(bench.repeat):
             for w in workloads:
                 for system in live:
-                    if system.key in broken or not applies(system, w, COLD, bench):
+                    if system.key in broken or not applies(system, w, COLD, bench, r):
                         continue
                     try:
                         with system.mounted(fresh=True):
@@ -252,7 +288,7 @@ def run_schedule(bench: Bench, rec: Recorder, systems: list[System], workloads: 
             for r in range(bench.repeat):
                 for w in workloads:
                     for system in ready:
-                        if system.key not in broken and applies(system, w, state, bench):
+                        if system.key not in broken and applies(system, w, state, bench, r):
                             cell(system, w, state, r)  # drops the page cache first unless WARM
     finally:
         for system in ready:
@@ -323,7 +359,8 @@ def run(args: argparse.Namespace, data: dict, work: Path, shm: Path, stack: cont
     bench = Bench(
         work=work, shm=shm,
         dataset=Dataset(args.size, args.small_files, ttfb_count=8 if args.quick else 20),
-        runtime=args.runtime, repeat=args.repeat, prefault=args.prefault,
+        runtime=args.runtime, repeat=args.repeat, ramp=args.ramp, random_repeat=args.random_repeat,
+        prefault=args.prefault,
         skip=QUICK_SKIPS if args.quick else frozenset(),
         juicefs_backend=host.juicefs_backend(),
     )
@@ -331,7 +368,8 @@ def run(args: argparse.Namespace, data: dict, work: Path, shm: Path, stack: cont
     m["cachefs_digest"] = host.cachefs_digest()
     m["loadavg_at_start"] = os.getloadavg()
     data.update(dataset={**dataclasses.asdict(bench.dataset), "total_bytes": bench.dataset.total_bytes},
-                runtime_s=bench.runtime, repeat=bench.repeat, prefault=bench.prefault)
+                runtime_s=bench.runtime, ramp_s=bench.ramp, repeat=bench.repeat, random_repeat=bench.random_repeat,
+                prefault=bench.prefault)
     log(f"bench: {m['hostname']}, {m['cores']} cores, {m['memory_bytes'] / GiB:.1f} GiB, kernel {m['kernel']}, "
         f"{m['cachefs']}; work dir {work}")
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 MiB = 1 << 20
 GiB = 1 << 30
-STATES = ("cold", "warm", "warm-dropped")
+COLD, WARM, DROPPED = STATES = ("cold", "warm", "warm-dropped")
 # The pairs compared with JuiceFS CE: the same tier in the same state.
 JUICEFS_PAIRS = (("cachefs", "juicefs", "MEM vs JuiceFS shm"), ("cachefs-ssd", "juicefs-disk", "SSD vs JuiceFS disk"))
 
@@ -67,6 +67,11 @@ def fmt(value: float | None, unit: str) -> str:
     return f"{value:.1f}"
 
 
+def fmt_cores(cores: float | None) -> str:
+    """The daemon's CPU cores during a cell, as a suffix to the cell's figure."""
+    return "" if cores is None else f" · {cores:.2f}c"
+
+
 def fmt_ratio(r: float | None) -> str:
     return "—" if r is None else f"{r:.2f}×"
 
@@ -104,6 +109,24 @@ def error_lines(errors: list[str]) -> list[str]:
     return ["", "## Errors", ""] + [f"- `{e.splitlines()[0][:300]}`" for e in errors]
 
 
+def random_method(data: dict) -> str:
+    """How the random jobs ran, and which of their figures stands."""
+    ramp, runtime = data.get("ramp_s", 0), data["runtime_s"]
+    text = f"random jobs timed for {runtime:g} s"
+    if ramp:
+        text += f" after a {ramp:g} s ramp (fio ramp_time; the daemon's CPU is counted from the same moment)"
+    if data.get("random_repeat", data["repeat"]) != data["repeat"]:
+        text += f", {data['random_repeat']} repeat(s) of each"
+    if any(r.get("state") == COLD and "runtime_s" in r for r in data["runs"]):
+        cold = min(r["runtime_s"] for r in data["runs"] if r.get("state") == COLD and "runtime_s" in r)
+        text += f" (cold ones {cold:g} s with no ramp: longer would time a filled cache)"
+    if runtime >= 20:
+        text += "; these steady-state figures stand over the 3 s ones of earlier runs"
+    else:
+        text += "; shorter than 20 s, so not steady state: the 20 s figures stand"
+    return text
+
+
 def _header(data: dict) -> list[str]:
     m, d = data["machine"], data["dataset"]
     raw = data.get("raw_s3", {}).get("mib_s")
@@ -115,7 +138,7 @@ def _header(data: dict) -> list[str]:
         f"- **Dataset**: big.bin {d['big_size'] / MiB:.0f} MiB, {d['small_count']} × 64 KiB, "
         f"{d['ttfb_count']} × 8 MiB (TTFB: opened in reverse listing order, out of reach of directory read-ahead), random bytes, written through S3 to a local JuiceFS volume "
         f"served by `juicefs gateway` on 127.0.0.1",
-        f"- **Method**: median of {data['repeat']} repeat(s); random jobs run {data['runtime_s']:g} s; "
+        f"- **Method**: median of {data['repeat']} repeat(s); {random_method(data)}; "
         f"fio psync; small files read by 4 threads; the run took {data.get('duration_s', 0) / 60:.1f} min; "
         f"load average at start {m.get('loadavg_at_start', [0.0])[0]:.2f}",
         "- **Raw S3**: ranged 4 MiB GETs with s3fs, 8 streams, page cache dropped: "
@@ -145,7 +168,8 @@ def main_table(data: dict, t: Table) -> list[str]:
     ]
     for workload, state in t.rows():
         w = data["workloads"][workload]
-        cells = [fmt(t.median(s, state, workload), w["unit"]) for s in systems]
+        cells = [fmt(t.median(s, state, workload), w["unit"]) + fmt_cores(t.median(s, state, workload, "daemon_cpu_cores"))
+                 for s in systems]
         lines.append(
             f"| {w['label']} ({w['unit']}) | {state} | " + " | ".join(cells)
             + f" | {fmt_ratio(t.ratio('cachefs', 'juicefs', state, workload))}"
@@ -160,13 +184,14 @@ def cost_table(data: dict, t: Table) -> list[str]:
     if not fuse:
         return ["(no FUSE system measured)"]
     cachefs = [k for k in fuse if k.startswith("cachefs")]
-    head = [f"CPU s/GiB {data['systems'][k]['label']}" for k in fuse]
+    head = [f"CPU s/GiB · cores {data['systems'][k]['label']}" for k in fuse]
     head += [f"{data['systems'][k]['label']} {x}" for k in cachefs for x in ("peak RSS MiB", "GETs")]
     lines = ["| workload | state | " + " | ".join(head) + " |", "|---|---|" + "---:|" * len(head)]
     for workload, state in t.rows():
         if data["workloads"][workload]["unit"] == "ms" or state == "warm":
             continue  # TTFB reads 1 byte; warm reads mostly never reach the daemon
-        cells = [fmt(t.median(k, state, workload, "cpu_s_per_gib"), "") for k in fuse]
+        cells = [fmt(t.median(k, state, workload, "cpu_s_per_gib"), "")
+                 + fmt_cores(t.median(k, state, workload, "daemon_cpu_cores")) for k in fuse]
         for k in cachefs:
             rss = t.median(k, state, workload, "peak_rss_bytes")
             cells.append(fmt(rss / MiB if rss else None, ""))
@@ -248,6 +273,79 @@ def targets(data: dict, t: Table) -> list[tuple[str, str, str]]:
     return out
 
 
+def _verdict(ok: bool | None) -> str:
+    return "not measured" if ok is None else ("met" if ok else "**MISSED**")
+
+
+def issue14_targets(data: dict, t: Table) -> list[tuple[str, str, str]]:
+    """(target, verdict, the numbers) for each target of issue 14 this run can judge
+    (peer hits and epochs larger than the cache have their own benches: bench.peer_hits, bench.epochs)."""
+    out = []
+    label = lambda w: data["workloads"][w]["label"]  # noqa: E731
+
+    def value(system: str, state: str, workload: str) -> str:
+        unit = data["workloads"][workload]["unit"]
+        return fmt(t.median(system, state, workload), unit) + fmt_cores(t.median(system, state, workload,
+                                                                                  "daemon_cpu_cores"))
+
+    r = t.ratio("cachefs", "ceiling", DROPPED, "rand-4k-direct")
+    out.append(("MEM, small O_DIRECT (rand 4k ×4 direct, warm-dropped) ≥ 0.9 × pyfuse3 ceiling",
+                _verdict(None if r is None else r >= 0.9),
+                f"{value('cachefs', DROPPED, 'rand-4k-direct')} vs {value('ceiling', DROPPED, 'rand-4k-direct')} "
+                f"IOPS = {fmt_ratio(r)}"))
+
+    checked, missed, nums = 0, 0, []
+    for workload in ("rand-4k-direct", "rand-128k-direct"):
+        r = t.ratio("cachefs", "juicefs", DROPPED, workload)
+        room = t.ratio("ceiling", "juicefs", DROPPED, workload)
+        if r is None:
+            continue
+        if room is not None and room < 1.0:
+            nums.append(f"{label(workload)} {fmt_ratio(r)} (ceiling {fmt_ratio(room)} JuiceFS: out of reach)")
+            continue
+        checked += 1
+        missed += r < 1.0
+        nums.append(f"{label(workload)} {fmt_ratio(r)}")
+    out.append(("MEM ≥ 1.0 × JuiceFS shm on O_DIRECT random reads, where the ceiling allows (warm-dropped)",
+                _verdict(not missed) if checked else ("out of reach" if nums else _verdict(None)),
+                "; ".join(nums)))
+
+    cells, missed_cells = [], []
+    for workload in ("seq-1m-1j", "seq-1m-4j", "rand-4k", "rand-128k", "rand-4k-direct", "rand-128k-direct"):
+        r = t.ratio("cachefs-ssd", "juicefs-disk", DROPPED, workload)
+        if r is None:
+            continue
+        cpu = t.median("cachefs-ssd", DROPPED, workload, "cpu_s_per_gib")
+        text = f"{label(workload)} {fmt_ratio(r)}" + (f" ({cpu:.2f} s/GiB)" if cpu is not None else "")
+        cells.append(text)
+        if r < 0.9:
+            missed_cells.append(text)
+    out.append(("SSD hits (MEM off, warm-dropped) ≥ 0.9 × JuiceFS disk cache, sequential and random; "
+                "cachefs CPU per GiB", _verdict(None if not cells else not missed_cells), "; ".join(cells)))
+
+    raw = data.get("raw_s3", {}).get("mib_s")
+    cold = t.median("cachefs", COLD, "seq-1m-1j")
+    cpu = t.median("cachefs", COLD, "seq-1m-1j", "cpu_s_per_gib")
+    ok = None if not (raw and cold and cpu is not None) else cold >= 0.9 * raw and cpu <= 1.0
+    out.append(("cold seq 1M ≥ 0.9 × raw S3 (8 streams) and the mount's CPU ≤ 1.0 s/GiB", _verdict(ok),
+                f"{fmt(cold, '')} vs {fmt(raw, '')} MiB/s" + (f" = {cold / raw:.2f}×" if raw and cold else "")
+                + f", {fmt(cpu, '')} s/GiB"))
+
+    files = t.median("cachefs", COLD, "small-files")
+    others = {k: t.median(k, COLD, "small-files") for k in ("rclone", "s3fs") if k in data["systems"]}
+    others = {k: v for k, v in others.items() if v}
+    best = max(others.values()) if others else None
+    out.append(("small files, cold ≥ 1.0 × the better of rclone and s3fs-fuse", _verdict(
+        None if not (files and best) else files >= best),
+        f"{fmt(files, '')} files/s vs " + (", ".join(f"{k} {fmt(v, '')}" for k, v in others.items()) or "—")
+        + (f" = {files / best:.2f}×" if files and best else "")))
+
+    ttfb, rclone = t.median("cachefs", COLD, "ttfb"), t.median("rclone", COLD, "ttfb")
+    out.append(("TTFB, cold ≤ 1.0 × rclone's", _verdict(None if not (ttfb and rclone) else ttfb <= rclone),
+                f"{fmt(ttfb, 'ms')} vs {fmt(rclone, 'ms')} ms"))
+    return out
+
+
 def render(data: dict) -> str:
     t = Table(data)
     lines = _header(data)
@@ -255,12 +353,16 @@ def render(data: dict) -> str:
               "Cold: the system's cache wiped, fresh mount, page cache dropped. Warm: after an untimed pass "
               "over the dataset, page cache kept. Warm-dropped: page cache dropped before each workload (the "
               "daemon serves the hit). *direct* = O_DIRECT, one FUSE request per read. Ratios: above 1.0 "
-              "means cachefs MEM is better (for ms: the other's time ÷ cachefs's).", ""]
+              "means cachefs MEM is better (for ms: the other's time ÷ cachefs's). After each figure: "
+              "the daemon's CPU cores (its CPU seconds ÷ the cell's wall seconds; 2 cores in all).", ""]
     lines += main_table(data, t)
     lines += ["", "## Targets (issue 5)", "", "| target | verdict | numbers |", "|---|---|---|"]
     lines += [f"| {a} | {b} | {c} |" for a, b, c in targets(data, t)]
+    lines += ["", "## Targets (issue 14)", "", "| target | verdict | numbers |", "|---|---|---|"]
+    lines += [f"| {a} | {b} | {c} |" for a, b, c in issue14_targets(data, t)]
     lines += ["", "## Daemon cost", "",
-              "CPU s/GiB: utime+stime of the daemon's processes during the workload ÷ GiB the workload read. "
+              "CPU s/GiB: utime+stime of the daemon's processes during the workload ÷ GiB the workload read; "
+              "cores: the same CPU seconds ÷ the workload's wall seconds. "
               "Peak RSS: VmHWM, reset before each workload. GETs: cachefs's backend GET requests.", ""]
     lines += cost_table(data, t)
     notes = []

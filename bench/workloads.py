@@ -23,6 +23,9 @@ from bench.host import GiB, MiB
 from bench.systems import COLD, DROPPED, WARM
 
 JOBS = Path(__file__).resolve().parent / "jobs"
+# A cold cell times a cache being filled: 20 s of random reads over the 1 GiB file would
+# cache most of it and time warm reads, so cold random jobs run this long, with no ramp.
+COLD_RUNTIME = 3.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,6 +46,11 @@ class Workload:
     def sequential(self) -> bool:
         return self.key.startswith("seq")
 
+    @property
+    def time_based(self) -> bool:
+        """A random fio job: runs for ``--ramp`` + ``--runtime`` seconds, timed after the ramp."""
+        return self.job is not None and not self.sequential
+
     def files(self, dataset) -> list[str]:
         """The dataset files the workload reads."""
         if self.job:
@@ -57,9 +65,10 @@ class Workload:
             return dataset.small_count * dataset.small_size
         return dataset.ttfb_count * 4 * MiB  # kernel read-ahead behind the 1-byte read
 
-    def run(self, root: Path, bench, state: str) -> dict:
+    def run(self, root: Path, bench, state: str, at_ramp_end=None) -> dict:
+        """Read; ``at_ramp_end(fio_session_id)`` is called once a time-based job's ramp is over."""
         if self.job:
-            return run_fio(self, root / BIG, bench, looped=state == WARM)
+            return run_fio(self, root / BIG, bench, looped=state == WARM, cold=state == COLD, at_ramp_end=at_ramp_end)
         if self.key == "small-files":
             return read_small_files(root, bench.dataset.small_paths, threads=4)
         if self.key == "ttfb":
@@ -89,30 +98,50 @@ QUICK_SKIPS = frozenset({(COLD, "seq-1m-4j"), (COLD, "rand-4k-direct"), (WARM, "
 # -- fio -------------------------------------------------------------------------------
 
 
-def run_fio(workload: Workload, path: Path, bench, looped: bool = False) -> dict:
+def run_fio(workload: Workload, path: Path, bench, looped: bool = False, cold: bool = False,
+            at_ramp_end=None) -> dict:
     """Run the workload's job file on ``path``.
 
     ``looped``: sequential jobs read the file again and again (reopening it each time)
     until 2 GiB were read, instead of once: only right when the page cache holds the file.
+    ``cold``: a time-based job runs at most COLD_RUNTIME seconds, with no ramp.
+    ``at_ramp_end(sid)``: for a time-based job with a ramp, called when the ramp is over
+    with the session id of fio's processes (one per job), so that the caller can start
+    its own counters where fio starts its figures.
     """
     size = bench.dataset.big_size
+    runtime = min(bench.runtime, COLD_RUNTIME) if cold else bench.runtime
+    ramp = bench.ramp if workload.time_based and not cold else 0
     env = {
         **os.environ,
         "FILE": str(path),
         "SIZE": str(size),
         "PART": str(size // 4),
-        "RUNTIME": str(bench.runtime),
+        "RUNTIME": str(runtime),
+        "RAMP": str(ramp),
         "DIRECT": "1" if workload.direct else "0",
         "LOOPS": str(-(-2 * GiB // size) if looped else 1),
     }
     cmd = ["fio", "--readonly", "--output-format=json", str(JOBS / workload.job)]
     # A sequential pass at 50 MiB/s or a hung mount must not stall the run forever.
-    timeout = bench.runtime + 60 + int(env["LOOPS"]) * size / (20 * MiB)
-    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
-    if res.returncode != 0:
-        raise RuntimeError(f"fio {workload.job} failed ({res.returncode}): {res.stderr.strip()[-500:]}")
+    timeout = runtime + ramp + 60 + int(env["LOOPS"]) * size / (20 * MiB)
+    # Its own session: the caller counts the CPU of all of fio's job processes by session id.
+    with subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                          start_new_session=True) as proc:
+        try:
+            if at_ramp_end is not None and ramp > 0:
+                try:
+                    proc.wait(timeout=ramp)
+                except subprocess.TimeoutExpired:
+                    at_ramp_end(proc.pid)
+            stdout, stderr = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, 9)
+            raise RuntimeError(f"fio {workload.job} took more than {timeout:.0f} s") from None
+    if proc.returncode != 0:
+        raise RuntimeError(f"fio {workload.job} failed ({proc.returncode}): {stderr.strip()[-500:]}")
     # fio may print notes before the JSON document.
-    report = json.loads(res.stdout[res.stdout.index("{"):])
+    report = json.loads(stdout[stdout.index("{"):])
     job = report["jobs"][0]
     if job.get("error"):
         raise RuntimeError(f"fio {workload.job}: error {job['error']}")
@@ -127,6 +156,8 @@ def run_fio(workload: Workload, path: Path, bench, looped: bool = False) -> dict
         "clat_mean_us": clat.get("mean", 0) / 1000,
         "clat_p99_us": pct.get("99.000000", 0) / 1000,
     }
+    if workload.time_based:
+        out.update(runtime_s=runtime, ramp_s=ramp)
     out["value"] = out["mib_s"] if workload.unit == "MiB/s" else out["iops"]
     if out["bytes"] == 0:
         raise RuntimeError(f"fio {workload.job} read nothing")

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The side-by-side benchmark of issue 5, in one command, as root:
 #
-#   bash scripts/bench.sh            # full run (~25 min): medians of 3 repeats
+#   bash scripts/bench.sh            # full run (~35 min): medians of 3 repeats, random jobs 20 s once
 #   bash scripts/bench.sh --quick    # smoke run (< 3 min): smaller dataset, 1 repeat
 #
 # Sets up the machine (scripts/setup.sh, plus rclone from Debian), then runs

@@ -717,6 +717,20 @@ async def test_disk_range_reads_verify_only_the_blocks_they_read(tmp_path):
 
 
 @pytest.mark.trio
+async def test_disk_reads_files_written_with_another_block_size(tmp_path):
+    # Each file's header gives its block size: a change of hotpath.BLOCK_SIZE keeps old caches warm.
+    size = 3 * (16 << 10) + 5
+    data = payload(size)
+    path = chunk_path(tmp_path, key(0))
+    path.parent.mkdir(parents=True)
+    path.write_bytes(hotpath.seal_chunk(key(0), data, 16 << 10) + data)
+    disk = await open_disk(tmp_path, 1 << 30)
+    assert bytes(await disk.get_range(chunk(0, size), (16 << 10) + 7, (32 << 10) + 9000)) == \
+        data[(16 << 10) + 7 : (32 << 10) + 9000]
+    assert bytes(await disk.get(chunk(0, size))) == data
+
+
+@pytest.mark.trio
 async def test_disk_range_read_from_the_page_cache_needs_no_worker_thread(tmp_path, monkeypatch):
     # Random readers come back to blocks the kernel still caches: those are read
     # on the trio thread (RWF_NOWAIT), without the two thread switches of a hop.
@@ -729,14 +743,14 @@ async def test_disk_range_read_from_the_page_cache_needs_no_worker_thread(tmp_pa
     assert await disk.put(chunk(0), data)
     assert bytes(await disk.get_range(chunk(0, size), 10, 20)) == data[10:20]  # opens, parses, caches block 0
     hops = 0
-    run_sync = trio.to_thread.run_sync
+    run_sync = disk._range_threads.run
 
     async def counting_run_sync(*args, **kwargs):
         nonlocal hops
         hops += 1
         return await run_sync(*args, **kwargs)
 
-    monkeypatch.setattr(trio.to_thread, "run_sync", counting_run_sync)
+    monkeypatch.setattr(disk._range_threads, "run", counting_run_sync)
     assert bytes(await disk.get_range(chunk(0, size), 100, 4196)) == data[100:4196]
     assert hops == 0, "block 0 is in the page cache"
     # A block the kernel does not hold: preadv(RWF_NOWAIT) says it would block.

@@ -1,0 +1,104 @@
+"""cachefs.cache.read_threads: the SSD tier's hop for range reads that wait for the disk."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import trio
+import trio.testing
+
+from cachefs.cache.read_threads import ReadThreads
+
+
+@pytest.mark.trio
+async def test_runs_off_the_trio_thread_and_returns_or_raises():
+    threads = ReadThreads(2, "test")
+    try:
+        here = threading.get_ident()
+        assert await threads.run(lambda a, b: (a + b, threading.get_ident()), 2, 3) != (5, here)
+        assert (await threads.run(lambda a, b: a + b, 2, 3)) == 5
+
+        def fail():
+            raise OSError(5, "EIO")
+
+        with pytest.raises(OSError, match="EIO"):
+            await threads.run(fail)
+    finally:
+        threads.close()
+
+
+@pytest.mark.trio
+async def test_runs_as_many_reads_at_once_as_it_has_threads():
+    threads = ReadThreads(3, "test")
+    inside, release = [], threading.Event()
+    lock = threading.Lock()
+
+    def read(n):
+        with lock:
+            inside.append(n)
+        release.wait(10)
+        return n
+
+    try:
+        results = []
+        async with trio.open_nursery() as nursery:
+            for n in range(3):
+                nursery.start_soon(lambda n=n: _append(results, threads.run(read, n)))
+            await trio.testing.wait_all_tasks_blocked()
+            for _ in range(1000):  # the threads pick their jobs up on their own time
+                if len(inside) == 3:
+                    break
+                await trio.to_thread.run_sync(release.wait, 0.01)
+            assert len(inside) == 3
+            release.set()
+        assert sorted(results) == [0, 1, 2]
+    finally:
+        threads.close()
+
+
+async def _append(results, awaitable):
+    results.append(await awaitable)
+
+
+@pytest.mark.trio
+async def test_a_cancel_waits_for_the_read_it_handed_over():
+    threads = ReadThreads(1, "test")
+    release = threading.Event()
+    got = []
+
+    async def reader(scope):
+        with scope:
+            got.append(await threads.run(lambda: release.wait(10) and "read"))
+            await trio.lowlevel.checkpoint()
+            got.append("not reached: the cancel lands at the next checkpoint")
+
+    try:
+        scope = trio.CancelScope()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(reader, scope)
+            await trio.testing.wait_all_tasks_blocked()
+            scope.cancel()
+            await trio.testing.wait_all_tasks_blocked()
+            assert got == []  # still waiting: the read holds a buffer and a descriptor
+            release.set()
+        assert got == ["read"]
+    finally:
+        threads.close()
+
+
+@pytest.mark.trio
+async def test_close_ends_the_threads():
+    threads = ReadThreads(2, "test")
+    await threads.run(lambda: None)
+    started = list(threads._threads)
+    assert len(started) == 2 and all(t.is_alive() for t in started)
+    threads.close()
+    for t in started:
+        t.join(10)
+        assert not t.is_alive()
+
+
+def test_needs_a_thread():
+    with pytest.raises(ValueError):
+        ReadThreads(0, "test")
