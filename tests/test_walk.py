@@ -143,7 +143,10 @@ def test_a_walk_through_a_mount_finds_the_next_files_loaded(s3_behind_proxy, cac
     files = {f"s{i:03d}.bin": os.urandom(20_000 + i) for i in range(30)}
     for name, data in files.items():
         src.write(f"shards/{name}", data)
-    m = cachefs_mount(src, "--read-ahead", read_ahead)
+    # Listings and attributes trusted for the whole test: a HEAD below would then mean
+    # a file opened without its listing's size and version, not a slow machine
+    # outliving the 1 s defaults.
+    m = cachefs_mount(src, "--read-ahead", read_ahead, "--attr-ttl", "600", "--dir-ttl", "600")
     root = os.path.join(m.mountpoint, "shards")
     names = sorted(os.listdir(root))
     assert names == sorted(files)
