@@ -293,7 +293,8 @@ class Staging:
             fsync_path(self.journal_dir)  # the entries' names
 
     def forget(self, entry: JournalEntry) -> None:
-        """The entry's upload is done (or superseded). Blocking: run in a thread."""
+        """The entry's upload is done (or superseded). One unlink: called on the trio thread,
+        as the entry was written there."""
         try:
             os.unlink(self._entry_path(entry))
         except FileNotFoundError:
