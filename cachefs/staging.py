@@ -30,6 +30,7 @@ no entry names (files open at the crash) are deleted.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import errno
 import itertools
@@ -238,7 +239,8 @@ class Staging:
                 raise OSError(errno.EIO, f"short write of journal entry {entry.seq}")
         except BaseException:
             os.close(fd)
-            os.unlink(self._entry_path(entry))
+            with contextlib.suppress(OSError):
+                os.unlink(self._entry_path(entry))  # the write's error is the one to report
             raise
         os.close(fd)
         self._unsynced[entry.seq] = entry
