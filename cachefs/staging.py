@@ -11,9 +11,10 @@ needs room while closed files are waiting for their uploads waits for them
 (back-pressure); if only files still open hold the room, nothing would ever
 free it, and the write fails with ENOSPC (`StagingFull`) instead of hanging.
 
-Durability (--writeback): close() writes a closed file's journal entry (to a
-temporary name, renamed into place) and returns; a process killed after that
-loses nothing, the kernel has the bytes. The committer then makes entries
+Durability (--writeback): close() writes a closed file's journal entry (one
+write(2) of a new file, on the trio thread: a thread hop there made the close
+wait behind the committer's fsyncs, 3.4 ms a file against 0.8) and returns; a
+process killed after that loses nothing, the kernel has the bytes. The committer then makes entries
 durable in rounds (group commit): it fsyncs the staged bytes and the entry of
 every file journaled since its last round, then the two directories once, off
 the close path, so a writer does not wait for the disk once per file (three
@@ -22,12 +23,14 @@ fsync() waits for the round that covers its file. What an OS crash or power
 loss can take is what a local filesystem would: files closed but not fsync'd
 within the last round. At the next start, `open` keeps the entries whose staged
 file has the entry's size (a crash before the round can leave a short file: that
-entry is dropped with an error line); staged files no entry names (files open at
-the crash) are deleted.
+entry is dropped with an error line, as is an entry the crash cut short, which
+no rename guards: like a short staged file, it was never fsync'd); staged files
+no entry names (files open at the crash) are deleted.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import errno
 import itertools
@@ -220,22 +223,28 @@ class Staging:
 
     async def journal(self, source: str, path: str, staged: StagedFile, size: int) -> JournalEntry:
         """Journal a closed file, so that a restart uploads it. Returns once the entry is
-        written; `durable` waits for it to be on disk.
+        written (to the page cache: no checkpoint); `durable` waits for it to be on disk.
 
         Raises:
             OSError: the entry could not be written.
         """
-        entry = await trio.to_thread.run_sync(self._write_entry, source, path, staged, size)
+        entry = JournalEntry(next(self._seq), source, path, staged.path, size, time.time())
+        data = entry.to_json().encode()
+        fd = os.open(self._entry_path(entry), os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        try:
+            # One write of a new file, no temporary name and rename: a kill leaves it whole
+            # (the kernel has it), and one an OS crash cuts short was not durable yet, so
+            # `open` drops it as it drops an entry whose staged bytes are short.
+            if os.write(fd, data) != len(data):
+                raise OSError(errno.EIO, f"short write of journal entry {entry.seq}")
+        except BaseException:
+            os.close(fd)
+            with contextlib.suppress(OSError):
+                os.unlink(self._entry_path(entry))  # the write's error is the one to report
+            raise
+        os.close(fd)
         self._unsynced[entry.seq] = entry
         self._journaled.set()
-        return entry
-
-    def _write_entry(self, source: str, path: str, staged: StagedFile, size: int) -> JournalEntry:
-        entry = JournalEntry(next(self._seq), source, path, staged.path, size, time.time())
-        final = self._entry_path(entry)
-        with open(final + ".tmp", "w") as f:
-            f.write(entry.to_json())
-        os.rename(final + ".tmp", final)  # whole or absent after a crash
         return entry
 
     def _entry_path(self, entry: JournalEntry) -> str:
@@ -286,7 +295,8 @@ class Staging:
             fsync_path(self.journal_dir)  # the entries' names
 
     def forget(self, entry: JournalEntry) -> None:
-        """The entry's upload is done (or superseded). Blocking: run in a thread."""
+        """The entry's upload is done (or superseded). One unlink: called on the trio thread,
+        as the entry was written there."""
         try:
             os.unlink(self._entry_path(entry))
         except FileNotFoundError:

@@ -38,6 +38,9 @@ RETRY_FIRST = 1.0
 RETRY_MAX = 60.0
 # Chunks of an uploaded file cached at once (each one chunk in memory).
 CACHE_WORKERS = 4
+# A chunk this small is read back from the staged file on the trio thread: it was just
+# written, so it is in the page cache, and a thread hop cost more than the read.
+INLINE_READ = 256 << 10
 
 
 class EarlyParts:
@@ -285,7 +288,7 @@ class Uploader:
                 if upload.early is not None and upload.early.upload_id is not None:
                     self.drop_early(upload.dataset, upload.path, upload.early)  # cancelled before it began
                 if upload.entry is not None and (upload.info is not None or upload.cancelled):
-                    await trio.to_thread.run_sync(self.staging.forget, upload.entry)
+                    self.staging.forget(upload.entry)  # an unlink, as the entry's write: no thread hop
                 uploads = self.pending.get(key, [])
                 if upload in uploads:
                     uploads.remove(upload)
@@ -319,8 +322,10 @@ class Uploader:
         async def worker() -> None:
             for index in indexes:
                 key = chunk_key(obj, size, index)
-                # Opened per chunk: one thread hop for a small file's chunk, not three.
-                data = await trio.to_thread.run_sync(_read_at, upload.staged.path, key.length, index * size)
+                if key.length <= INLINE_READ:
+                    data = _read_at(upload.staged.path, key.length, index * size)
+                else:  # opened per chunk: one thread hop, not three
+                    data = await trio.to_thread.run_sync(_read_at, upload.staged.path, key.length, index * size)
                 if len(data) != key.length:
                     break  # cut short under us: cache nothing more
                 for tier in tiers:

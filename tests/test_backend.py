@@ -654,24 +654,36 @@ async def test_a_new_name_is_checked_alone_while_its_directory_is_listed_in_the_
 
 
 @pytest.mark.trio
-async def test_a_large_listing_is_not_listed_again_for_new_names(slow_list_store, clock, monkeypatch):
-    """Creating N files in a directory of more than one LIST page: N stats, no LIST."""
-    monkeypatch.setattr(namespace_mod, "ONE_PAGE", 2)  # the three entries of out/ are "large"
+async def test_a_growing_directory_is_listed_again_only_while_that_costs_less_than_its_name_checks(slow_list_store, clock):
+    """A writer creating 4 files per --dir-ttl: its directory is listed again while it holds
+    at most NAME_CHECK_ENTRIES x 4 entries (a LIST costs the server per entry); past that,
+    each new name is checked alone. Listing it again on every expiry made each create cost
+    more than the last (quadratic in the files)."""
     store = slow_list_store
+    per_ttl = 4
+    bound = namespace_mod.NAME_CHECK_ENTRIES * per_ttl
     async with trio.open_nursery() as nursery:
         backend = Backend(store, concurrency=4, timeout=5.0, retries=0, clock=clock)
         ns = Namespace(backend, attr_ttl=1.0, dir_ttl=1.0, clock=clock, nursery=nursery)
         await ns.list_dir("out")
-        for i in range(20):
-            clock.now += 0.5  # the listing expires after the first lookup
+        listed_at = []  # entries in the directory at each LIST
+        for i in range(3 * bound):
+            clock.now += 1.0 / per_ttl
+            lists = store.calls["list started"]
             with pytest.raises(ObjectNotFound):
-                await ns.lookup("out", f"new{i}")
-            ns.put_entry(ObjectInfo(f"out/new{i}", "file", 1, 0.0, f"etag:{i}"))
-        await trio.sleep(0.01)
-        assert store.calls["list started"] == 1, "only the first listing"
-        assert store.calls["stat"] == 19
+                await ns.lookup("out", f"new{i:03d}")
+            await trio.testing.wait_all_tasks_blocked()
+            await _until(lambda: "out" not in ns._listing)
+            if store.calls["list started"] > lists:
+                listed_at.append(3 + i)
+            store.add(f"out/new{i:03d}", b"n")  # its upload landed
+            ns.put_entry(ObjectInfo(f"out/new{i:03d}", "file", 1, 0.0, f"etag:{i}"))
+        assert len(listed_at) >= 3, "a small directory is listed again, not each name checked"
+        assert max(listed_at) <= bound + 2, f"listed again at {listed_at} entries: past {bound}, names are checked alone"
+        stats = store.calls["stat"]
+        assert stats >= 3 * bound - max(listed_at) - 2, "each name after the last LIST checked alone"
         assert (await ns.lookup("out", "old1")).size == 3, "an entry it holds: listed again"
-        assert store.calls["list"] == 2
+        assert store.calls["stat"] == stats
 
 
 @pytest.mark.trio

@@ -505,3 +505,30 @@ def test_a_rewritten_file_is_served_by_its_peer_in_the_new_version_only(s3_sourc
     assert _read(os.path.join(reader.mountpoint, "f.bin")) == new
     assert reader.metric("cachefs_read_bytes_total", source="peer") - from_peer == len(new)  # served by the worker
     assert s3_source.read("f.bin") == new
+
+
+def test_a_writer_filling_a_directory_costs_the_server_the_same_for_each_file(s3_behind_proxy, cachefs_mount):
+    """Past a few dozen entries, the kernel's lookup before each create is one check of the new
+    name (a HEAD and a LIST of one key), not a LIST of the whole directory again: such a LIST
+    costs the server per entry, and listing a directory that grows with every create made each
+    file cost more than the last. Counted at the S3 server."""
+    source = s3_behind_proxy
+    ttl = "0.2"
+    m = _rw(cachefs_mount, source, "--dir-ttl", ttl, "--attr-ttl", ttl, "--entry-ttl", ttl)
+    out = os.path.join(m.mountpoint, "out")
+    os.mkdir(out)
+    prefix = source.prefix.partition("/")[2] + "/out/"
+    source.proxy.reset()
+    files = 300
+    for i in range(files):
+        _write(os.path.join(out, f"f{i:04d}"), b"x" * 1000)
+    lists = source.proxy.lists
+    full_lists = sum(n for (p, keys), n in lists.items() if p == prefix and not keys)
+    name_checks = sum(n for (p, keys), n in lists.items() if p.startswith(prefix + "f") and keys == "1")
+    assert source.proxy.requests["PUT"] == files
+    assert name_checks <= files
+    # Listed again only while small (a few times, whatever the pace): the old rule listed it
+    # again every half --dir-ttl: 129 times in this test (5 now) on a loaded machine.
+    assert full_lists <= 12, (full_lists, name_checks)
+    assert sorted(os.listdir(out)) == [f"f{i:04d}" for i in range(files)]
+    assert source.read("out/f0299") == b"x" * 1000
