@@ -137,6 +137,16 @@ async def test_authenticated_connections_per_host_are_capped(autojump_clock):
         nursery.cancel_scope.cancel()
 
 
+async def _no_chunk_before_the_cut(frames) -> None:
+    """What was sent before the server cut the connection, then its end: never a whole chunk."""
+    with pytest.raises((protocol.ProtocolError, trio.BrokenResourceError)):
+        while True:
+            frame = await frames.receive()
+            assert frame is None or frame[0]["t"] != ChunkData.t
+            if frame is None:
+                raise trio.BrokenResourceError
+
+
 @pytest.mark.trio
 async def test_a_peer_that_stops_reading_loses_its_connection_at_the_send_timeout(autojump_clock):
     limits = ServerLimits(send_timeout=60.0)
@@ -145,13 +155,7 @@ async def test_a_peer_that_stops_reading_loses_its_connection_at_the_send_timeou
         assert (await _authenticate(frames))["t"] == Ready.t
         await frames.send(_request())
         await trio.sleep(100)  # not reading: the 64 KiB answer cannot go out
-        with pytest.raises((protocol.ProtocolError, trio.BrokenResourceError)):
-            # What was sent before the cut, then the end: never a whole frame.
-            while True:
-                frame = await frames.receive()
-                assert frame is None or frame[0]["t"] != ChunkData.t
-                if frame is None:
-                    raise trio.BrokenResourceError
+        await _no_chunk_before_the_cut(frames)
         assert metrics.PEER_CONNECTIONS_CLOSED.labels("send-timeout")._value.get() >= 1
 
 
@@ -543,11 +547,6 @@ async def test_a_peer_that_stops_reading_a_big_chunk_loses_its_connection_at_the
             await trio.to_thread.run_sync(time.sleep, 0.01)
         assert metrics.PEER_CONNECTIONS_CLOSED.labels("send-timeout")._value.get() == closed + 1
         assert trio.current_time() >= 60
-        with pytest.raises((protocol.ProtocolError, trio.BrokenResourceError)):
-            while True:
-                frame = await frames.receive()
-                assert frame is None or frame[0]["t"] != ChunkData.t
-                if frame is None:
-                    raise trio.BrokenResourceError
+        await _no_chunk_before_the_cut(frames)
         await frames.stream.aclose()
         nursery.cancel_scope.cancel()
