@@ -524,9 +524,13 @@ class Node:
                     return
                 sent += size
 
-        async with trio.open_nursery() as nursery:
-            for node, held in sorted(at_owners.items()):
-                nursery.start_soon(pin_at, node, held)
+        try:
+            async with trio.open_nursery() as nursery:
+                for node, held in sorted(at_owners.items()):
+                    nursery.start_soon(pin_at, node, held)
+        except BaseException:  # cancelled (the caller left): leave no lease behind either
+            await self._unpin_at_owners({node: [lease_id] for node in asked})
+            raise
         if failures:
             await self._unpin_at_owners({node: [lease_id] for node in asked})
             raise ConfigError(failures[0] + (f" (and {len(failures) - 1} more owners refused)" if len(failures) > 1 else ""))

@@ -77,7 +77,7 @@ class PinHolder(Protocol):
     """What keeps the pins peers ask for: the node, with its SSD tier and leases."""
 
     async def hold_pins(self, req: PinChunks) -> Pinned | str:
-        """Pin under `req.lease`; the answer, or why not (one line: no SSD tier, a lease id in use)."""
+        """Pin under `req.lease`; the answer to `req.id`, or why not (one line: no SSD tier, a lease id in use)."""
 
     async def release_pins(self, leases: tuple[str, ...]) -> tuple[int, int]:
         """End these leases; (how many there were, the bytes they pinned)."""
@@ -350,7 +350,7 @@ class PeerServer:
         if isinstance(answer, str):
             metrics.PEER_SERVED.labels("refused").inc()
             return ChunkError(req.id, "refused", answer)
-        return dataclasses.replace(answer, id=req.id)
+        return answer
 
     def _resolve(self, req: GetChunk) -> tuple[Reader, ObjectId] | ChunkError:
         """The reader and object `req` asks for, or the error to answer with."""
