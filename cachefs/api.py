@@ -139,8 +139,9 @@ class Mount:
         return self._call("refresh", path=self._inner(path), recursive=recursive)
 
     def pin(self, *paths: str, ttl: float, owner: str = "python") -> dict:
-        """Keep the chunks of `paths` on the SSD tier for `ttl` seconds (or until `unpin`).
-        Returns the lease: id, owner, paths, bytes, expires."""
+        """Keep the chunks of `paths` on the SSD tier (with peers: at each chunk's owner on
+        the ring) for `ttl` seconds (or until `unpin`). Returns the lease: id, owner,
+        paths, bytes, expires, and with peers the bytes kept at each owner ("peers")."""
         return self._call("pin.add", paths=[self._inner(p) for p in paths], ttl=float(ttl), owner=owner)
 
     def unpin(self, *paths: str, owner: str | None = None) -> list[dict]:

@@ -217,8 +217,9 @@ def _parser() -> argparse.ArgumentParser:
         "pin",
         help="keep PATHs' chunks from eviction for a while",
         description="Pins the chunks of each PATH (a file, or every file below a directory, inside a cachefs mount) "
-        "on the mount's SSD tier until the lease ends (--ttl) or `cachefs unpin`. Pinned bytes count against "
-        "--pin-quota; a pin that would exceed it is refused. Leases survive a restart of the mount.",
+        "on the mount's SSD tier (with --peers: on each chunk's owner on the ring) until the lease ends (--ttl) "
+        "or `cachefs unpin`. Pinned bytes count against --pin-quota (each owner's own); a pin that would exceed "
+        "one is refused and nothing is pinned. Leases survive a restart of the mount and of the owners.",
     )
     pn.add_argument("paths", nargs="+", metavar="PATH")
     pn.add_argument("--ttl", required=True, metavar="DURATION", help="how long the lease lasts, e.g. 90m, 6h, 2d")
@@ -547,8 +548,9 @@ def _pin(a: argparse.Namespace) -> int:
     if a.json:
         print(json.dumps(lease, indent=2))
     else:
+        owners = f", at {len(lease['peers'])} owners on the ring" if lease.get("peers") else ""
         print(f"cachefs: pinned {format_size(lease['bytes'])} of {', '.join(a.paths)} "
-              f"for {a.ttl} (lease {lease['id']}, owner {lease['owner']})")
+              f"for {a.ttl} (lease {lease['id']}, owner {lease['owner']}{owners})")
     return 0
 
 
@@ -559,6 +561,10 @@ def _unpin(a: argparse.Namespace) -> int:
     inner = [control_client.mount_path(p) for p in a.paths] if by_path else []
     gone = _control(a.paths[0], "pin.remove", {"paths": inner, "owner": a.owner, "ids": a.lease})
     print(f"cachefs: ended {len(gone)} lease(s), {format_size(sum(g['bytes'] for g in gone))} unpinned")
+    unreached = sorted({node for g in gone for node in g.get("unreached", [])})
+    if unreached:
+        print(f"cachefs: owners {', '.join(unreached)} could not be told; their part ends at the lease's TTL",
+              file=sys.stderr)
     return 0
 def _warmup(a: argparse.Namespace) -> int:
     from cachefs import warmup_client

@@ -30,9 +30,12 @@ from cachefs import control, heap, hotpath, metrics
 from cachefs.backend import Backend
 from cachefs.config import CacheConfig, Credentials, DatasetConfig, MountOptions, format_size
 from cachefs.errors import BackendError, ConfigError, PeerError
+from cachefs.logsafe import loggable
 from cachefs.namespace import Namespace
 from cachefs.objects import ObjectId, ObjectInfo, chunk_digest, source_tag
-from cachefs.pins import PinRegistry
+from cachefs.peer import protocol
+from cachefs.peer.protocol import PinChunks, Pinned
+from cachefs.pins import Lease, PinRegistry
 from cachefs.reader import Reader
 from cachefs.stack import open_backend, open_peer_tier, open_tiers, reader_tiers, serve_metrics, serve_peers
 from cachefs.staging import JournalEntry, Staging
@@ -42,6 +45,9 @@ from cachefs.warmup import Warmups
 from cachefs.writes import Writes
 
 log = logging.getLogger(__name__)
+
+# The longest lease owner (a job id): it travels to the ring's owners with each pin.
+MAX_OWNER = 256
 
 
 @dataclasses.dataclass(eq=False)
@@ -120,6 +126,7 @@ class Node:
         self._stack = contextlib.AsyncExitStack()
         self._nursery: trio.Nursery | None = None
         self._changing = trio.Lock()  # one add or remove at a time
+        self._pinning = trio.Lock()  # one pin at a time: its quota checks hold until it is made
         self.peer_server = None  # with `serve`: the PeerServer, once listening
         self.ready = False  # set by the mount once the kernel answers, by the worker once it listens
         self.draining = False
@@ -186,7 +193,7 @@ class Node:
         )
         self._stack.callback(metrics.unregister_source_usage)
         if self.serve:
-            self.peer_server = await serve_peers(config, self.name, self.serve, self.readers, nursery)
+            self.peer_server = await serve_peers(config, self.name, self.serve, self.readers, nursery, pins=self)
         if self.control_socket is not None:
             await nursery.start(control.serve_control, self, self.control_socket)
 
@@ -405,59 +412,226 @@ class Node:
         """Keep the chunks of `paths` (files, or all files below directories) on the SSD
         tier until the lease ends, `ttl` seconds from now, or they are unpinned.
 
+        With peers, each chunk is pinned at its owner on the ring (see
+        `_pin_at_owners`), all or nothing; only the chunks this node owns are
+        pinned here.
+
         Raises:
-            ConfigError: no SSD tier, a path in no dataset, or the pin quota would be exceeded.
+            ConfigError: no SSD tier where a chunk must be pinned, a path in no
+                dataset, a pin quota (ours, a dataset's or an owner's) would be
+                exceeded, or an owner could not be asked. Nothing is pinned then.
         """
-        if self.disk is None:
-            raise ConfigError("pins keep chunks on the SSD tier, and this node has none (--cache-size 0)")
         if not 0 < ttl < 10 * 365 * 86400:
             raise ConfigError(f"a lease of {ttl:g} s: give a positive duration")
-        digests: list[bytes] = []
+        if not 0 < len(owner) <= MAX_OWNER:
+            raise ConfigError(f"a lease owner is 1..{MAX_OWNER} characters, not {len(owner)}")
+        if self.disk is None and self.peers is None:
+            raise ConfigError("pins keep chunks on the SSD tier, and this node has none (--cache-size 0)")
+        chunks: list[tuple[bytes, int]] = []  # (digest, length)
         per_dataset: dict[str, int] = {}
         size = self.config.chunk_size
         for path in paths:
             dataset, inner = self._dataset_of(path)
             for f in await self._files(dataset, inner):
                 obj = ObjectId(dataset.source, f.path, f.version, f.size)
-                digests += [chunk_digest(obj, size, i) for i in range((f.size + size - 1) // size)]
+                chunks += [(chunk_digest(obj, size, i), min(size, f.size - i * size))
+                           for i in range((f.size + size - 1) // size)]
                 per_dataset[dataset.name] = per_dataset.get(dataset.name, 0) + f.size
-        checks = [("the", sum(per_dataset.values()), self.pins.pinned(), self.config.pin_limit, "--pin-quota")]
-        for name, wanted in per_dataset.items():
-            limit = self.datasets[name].config.pin_quota
-            if limit is not None:
-                checks.append((f"dataset {name}'s", wanted, self.pins.pinned(name), limit, "its pin_quota"))
-        for whose, wanted, pinned, limit, knob in checks:
-            if pinned + wanted > limit:
-                raise ConfigError(
-                    f"pinning {format_size(wanted)} more would pin {format_size(pinned + wanted)}, over {whose} "
-                    f"pin quota of {format_size(limit)} ({format_size(pinned)} pinned now); unpin something or raise {knob}"
-                )
-        lease = self.pins.new(owner, paths, ttl, digests, per_dataset)
-        self.disk.pin(digests)
-        await self._pins_saved()
-        log.info("pinned %s for %s (lease %s, %gs)", ", ".join(paths), owner, lease.id, ttl)
+        here, at_owners = self._by_owner(chunks)
+        if here and self.disk is None:
+            raise ConfigError("pins keep chunks on the SSD tier, and this node has none (--cache-size 0)")
+        async with self._pinning:
+            wanted_here = sum(length for _, length in here)
+            checks = []
+            if wanted_here:
+                checks.append(("the", wanted_here, self.pins.pinned(), self.config.pin_limit, "--pin-quota"))
+            for name, wanted in per_dataset.items():
+                limit = self.datasets[name].config.pin_quota
+                if limit is not None:
+                    checks.append((f"dataset {name}'s", wanted, self.pins.pinned_of(name), limit, "its pin_quota"))
+            for whose, wanted, pinned, limit, knob in checks:
+                if pinned + wanted > limit:
+                    raise ConfigError(
+                        f"pinning {format_size(wanted)} more would pin {format_size(pinned + wanted)}, over {whose} "
+                        f"pin quota of {format_size(limit)} ({format_size(pinned)} pinned now); unpin something or raise {knob}"
+                    )
+            lease_id = self.pins.new_id()
+            if at_owners:
+                await self._pin_at_owners(lease_id, owner, paths, ttl, at_owners)
+            digests = [digest for digest, _ in here]
+            peers = {node: sum(length for _, length in held) for node, held in at_owners.items()}
+            lease = self.pins.new(owner, paths, ttl, digests, per_dataset, lease_id=lease_id, peers=peers)
+            if digests:
+                self.disk.pin(digests)
+            await self._pins_saved()
+        log.info("pinned %s for %s (lease %s, %gs%s)", ", ".join(paths), owner, lease.id, ttl,
+                 f"; at {len(peers)} owners" if peers else "")
         return lease.describe(self.pins.clock())
 
+    def _by_owner(self, chunks: list[tuple[bytes, int]]) -> tuple[list[tuple[bytes, int]], dict[str, list[tuple[bytes, int]]]]:
+        """The chunks to pin here (without peers, or those we own on the ring), and those of each other owner."""
+        ring = self.peers.ring() if self.peers is not None else None
+        if ring is None or not ring.nodes:
+            return chunks, {}
+        here: list[tuple[bytes, int]] = []
+        at_owners: dict[str, list[tuple[bytes, int]]] = {}
+        for chunk in chunks:
+            owner = ring.owner(chunk[0])
+            if owner == self.name:
+                here.append(chunk)
+            else:
+                at_owners.setdefault(owner, []).append(chunk)
+        return here, at_owners
+
+    async def _pin_at_owners(
+        self, lease_id: str, owner: str, paths: list[str], ttl: float, at_owners: dict[str, list[tuple[bytes, int]]]
+    ) -> None:
+        """Pin each owner's chunks there under lease `lease_id` (protocol v5), all of
+        them or none: if one owner refuses (over its pin quota), is older than v5 or
+        does not answer within --peer-timeout, the lease is ended at every owner
+        asked, and this raises.
+
+        Raises:
+            ConfigError: one line, the first owner's reason (with its numbers for a quota).
+        """
+        client = self.peers.client
+        asked: set[str] = set()
+        failures: list[str] = []
+
+        async def pin_at(node: str, held: list[tuple[bytes, int]]) -> None:
+            asked.add(node)
+            total, sent = sum(length for _, length in held), 0
+            for start in range(0, len(held), protocol.MAX_PIN_DIGESTS):
+                batch = held[start : start + protocol.MAX_PIN_DIGESTS]
+                size = sum(length for _, length in batch)
+                with trio.move_on_after(self.config.peer_timeout) as scope:
+                    try:
+                        answer = await client.pin_chunks(node, lease_id, owner, ttl, [d for d, _ in batch], size, paths)
+                    except PeerError as e:
+                        why = "it is older than pins at the owners (peer protocol v5)" if e.code == "version" else str(e)
+                        failures.append(f"cannot pin at owner {node}: {why}")
+                        return
+                if scope.cancelled_caught:
+                    failures.append(f"cannot pin at owner {node}: no answer within {self.config.peer_timeout:g} s")
+                    return
+                if answer.refused:
+                    before = answer.pinned - sent  # what others pin there, without this lease's earlier batches
+                    failures.append(
+                        f"pinning {format_size(total)} more at owner {node} would pin {format_size(before + total)}, "
+                        f"over its pin quota of {format_size(answer.quota)} ({format_size(before)} pinned now); "
+                        f"unpin something or raise that node's --pin-quota"
+                    )
+                    return
+                sent += size
+
+        try:
+            async with trio.open_nursery() as nursery:
+                for node, held in sorted(at_owners.items()):
+                    nursery.start_soon(pin_at, node, held)
+        except BaseException:  # cancelled (the caller left): leave no lease behind either
+            await self._unpin_at_owners({node: [lease_id] for node in asked})
+            raise
+        if failures:
+            await self._unpin_at_owners({node: [lease_id] for node in asked})
+            raise ConfigError(failures[0] + (f" (and {len(failures) - 1} more owners refused)" if len(failures) > 1 else ""))
+
+    async def _unpin_at_owners(self, by_node: dict[str, list[str]]) -> set[str]:
+        """End leases at their owners (protocol v5), each within --peer-timeout.
+        Never raises: an owner that cannot be told ends its lease at its TTL.
+
+        Returns:
+            The owners that were not told.
+        """
+        unreached: set[str] = set()
+
+        async def unpin_at(node: str, ids: list[str]) -> None:
+            for start in range(0, len(ids), protocol.MAX_UNPIN_LEASES):
+                why = f"no answer within {self.config.peer_timeout:g} s"
+                with trio.move_on_after(self.config.peer_timeout):
+                    try:
+                        await self.peers.client.unpin_leases(node, ids[start : start + protocol.MAX_UNPIN_LEASES])
+                        continue
+                    except PeerError as e:
+                        why = str(e)
+                log.warning("cannot end leases %s at owner %s (%s); they end at their TTL there", ", ".join(ids), node, why)
+                unreached.add(node)
+                return
+
+        with trio.CancelScope(shield=True):  # a pin that failed must not leave leases behind
+            async with trio.open_nursery() as nursery:
+                for node, ids in by_node.items():
+                    nursery.start_soon(unpin_at, node, ids)
+        return unreached
+
     async def unpin(self, *, paths: list[str] = (), owner: str | None = None, ids: list[str] = ()) -> list[dict]:
-        """End the leases pinning any of `paths`, of `owner`, or with these ids."""
+        """End the leases pinning any of `paths`, of `owner`, or with these ids, here
+        and at the owners that keep their chunks. An owner that cannot be told is
+        listed in the lease's "unreached"; its part ends at the lease's TTL."""
         gone = self.pins.take(ids=list(ids), owner=owner, paths=list(paths))
-        for lease in gone:
-            self.disk.unpin(lease.digests)
+        self._unpin_here(gone)
         if gone:
             await self._pins_saved()
+        unreached = await self._unpin_at_owners(_owners_of(gone)) if self.peers is not None else set()
         now = self.pins.clock()
-        return [lease.describe(now) for lease in gone]
+        described = []
+        for lease in gone:
+            d = lease.describe(now)
+            if unreached & set(lease.peers):
+                d["unreached"] = sorted(unreached & set(lease.peers))
+            described.append(d)
+        return described
+
+    def _unpin_here(self, leases: list[Lease]) -> None:
+        for lease in leases:
+            if lease.digests:
+                self.disk.unpin(lease.digests)
 
     def list_pins(self) -> list[dict]:
         now = self.pins.clock()
         return [lease.describe(now) for lease in self.pins.leases.values()]
+
+    # The peer server's PinHolder: pins of the chunks we own, asked for by peers.
+
+    async def hold_pins(self, req: PinChunks) -> Pinned | str:
+        """Keep chunks a peer pins (it found us their owner) under its lease; refused
+        (nothing pinned) over our --pin-quota. Saved before the answer goes out."""
+        if self.disk is None:
+            return f"{self.name} has no SSD tier to pin on"
+        digests = req.digest_list()
+        async with self._pinning:
+            pinned, quota = self.pins.pinned(), self.config.pin_limit
+            if pinned + req.bytes > quota:
+                log.info("refused a pin of %s for %s from %s: %s pinned of a %s quota", format_size(req.bytes),
+                         loggable(req.owner), loggable(req.origin), format_size(pinned), format_size(quota))
+                return Pinned(req.id, True, pinned, quota)
+            try:
+                lease = self.pins.hold(req.lease, req.owner, req.origin, list(req.paths), req.ttl_ms / 1000, digests,
+                                       req.bytes)
+            except ValueError as e:
+                return str(e)
+            self.disk.pin(digests)
+            await self._pins_saved()
+        log.info("pinned %d chunks (%s) for %s from %s (lease %s)", len(digests), format_size(req.bytes),
+                 loggable(req.owner), loggable(req.origin), lease.id)
+        return Pinned(req.id, False, pinned + req.bytes, quota)
+
+    async def release_pins(self, leases: tuple[str, ...]) -> tuple[int, int]:
+        """End leases a peer made here (unpinned or ended there)."""
+        gone = self.pins.take(ids=list(leases))
+        self._unpin_here(gone)
+        if gone:
+            await self._pins_saved()
+            log.info("leases %s ended by their origin", ", ".join(lease.id for lease in gone))
+        return len(gone), sum(lease.bytes for lease in gone)
 
     async def _pins_saved(self) -> None:
         await trio.to_thread.run_sync(self.pins.save)
         self._pins_changed.set()
 
     async def _expire_pins(self) -> None:
-        """End each lease when its time is up (also those that ran out while the node was down)."""
+        """End each lease when its time is up (also those that ran out while the node was
+        down), here and, for leases made here, at their owners (who end theirs at the
+        same TTL anyway)."""
         while True:
             next_expiry = self.pins.next_expiry()
             wait = math.inf if next_expiry is None else max(0.0, next_expiry - self.pins.clock())
@@ -465,11 +639,13 @@ class Node:
                 await self._pins_changed.wait()
             self._pins_changed = trio.Event()
             expired = self.pins.take_expired()
+            self._unpin_here(expired)
             for lease in expired:
-                self.disk.unpin(lease.digests)
                 log.info("pin lease %s of %s expired", lease.id, lease.owner)
             if expired:
                 await trio.to_thread.run_sync(self.pins.save)
+                if self.peers is not None and any(lease.peers for lease in expired):
+                    self._nursery.start_soon(self._unpin_at_owners, _owners_of(expired))
 
     def _dataset_of(self, path: str) -> tuple[Dataset, str]:
         located = self.locate(path)
@@ -674,6 +850,15 @@ class _Whereabouts:
         self.holders[n].append(node)
         self.chunk_counts[node] = self.chunk_counts.get(node, 0) + 1
         self.byte_counts[node] = self.byte_counts.get(node, 0) + self.chunks[n][1]
+
+
+def _owners_of(leases: list[Lease]) -> dict[str, list[str]]:
+    """node -> the ids of `leases` it keeps chunks of."""
+    by_node: dict[str, list[str]] = {}
+    for lease in leases:
+        for node in lease.peers:
+            by_node.setdefault(node, []).append(lease.id)
+    return by_node
 
 
 def _ratio(part: int, whole: int) -> float:

@@ -26,7 +26,7 @@ from cachefs.errors import (
 from cachefs.objects import ChunkTier
 from cachefs.peer.client import PeerClient, PeerTier
 from cachefs.peer.membership import Membership
-from cachefs.peer.server import PeerServer
+from cachefs.peer.server import PeerServer, PinHolder
 from cachefs.reader import Reader
 
 log = logging.getLogger(__name__)
@@ -137,15 +137,17 @@ def open_peer_tier(config: CacheConfig, node: str, nursery: trio.Nursery) -> Pee
 
 
 async def serve_peers(
-    config: CacheConfig, node: str, address: tuple[str, int], readers: dict[str, Reader], nursery: trio.Nursery
+    config: CacheConfig, node: str, address: tuple[str, int], readers: dict[str, Reader], nursery: trio.Nursery,
+    pins: PinHolder | None = None,
 ) -> PeerServer:
-    """Serve the chunks of `readers` (source URL → reader) to authenticated peers at `address`.
+    """Serve the chunks of `readers` (source URL → reader) to authenticated peers at `address`,
+    and keep the pins they ask for in `pins`.
 
     Returns:
         The server, listening (`drain` it to stop).
     """
     assert config.peer_secret is not None
-    server = PeerServer(node, config.peer_secret, readers, max_payload=config.chunk_size)
+    server = PeerServer(node, config.peer_secret, readers, max_payload=config.chunk_size, pins=pins)
     host, port = address
     try:
         listeners = await trio.open_tcp_listeners(port, host=host)

@@ -184,8 +184,13 @@ def render_node(target: str, status: dict) -> str:
     if pins or status.get("pin_quota"):
         lines.append(f"  pins: {_size(status.get('pinned_bytes', 0))} of {_size(status.get('pin_quota', 0))} pin quota")
         for p in pins:
+            where = ""
+            if p.get("peers"):
+                where = "  at " + ", ".join(f"{node} {_size(n)}" for node, n in sorted(p["peers"].items()))
+            elif p.get("origin"):
+                where = f"  for {p['origin']}"
             lines.append(f"    {p.get('id')}  {p.get('owner')}  {_size(p.get('bytes', 0))}  "
-                         f"{', '.join(p.get('paths', []))}  ({p.get('expires_in', 0):.0f} s left)")
+                         f"{', '.join(p.get('paths', []))}  ({p.get('expires_in', 0):.0f} s left){where}")
     writes = status.get("writes")
     if writes:
         mode = "writeback" if writes.get("writeback") else "upload on close"

@@ -48,8 +48,12 @@ with atheris.instrument_imports(include=["cachefs"]):
         Hello,
         LoadChunk,
         Loaded,
+        PinChunks,
+        Pinned,
         ProtocolError,
         Ready,
+        UnpinLeases,
+        Unpinned,
         encode_frame,
         parse_message,
     )
@@ -151,6 +155,10 @@ def _check_message(header: dict, payload: bytes) -> None:
         assert len(key.digest) == 16 and 0 < key.length <= CHUNK_SIZE, key
         if isinstance(message, HasChunk):
             assert SERVER._has(message) == Held(message.id, False)
+    elif isinstance(message, PinChunks):
+        digests = message.digest_list()
+        assert 0 < len(digests) <= protocol.MAX_PIN_DIGESTS and {len(d) for d in digests} == {protocol.DIGEST_SIZE}
+        assert message.bytes >= len(digests) and 0 < message.ttl_ms <= protocol.MAX_TTL_MS
     elif isinstance(message, Hello):
         own = os.urandom(16)
         mac = protocol.hello_mac(SECRET, "server", own, message.nonce)
@@ -198,6 +206,10 @@ def seeds() -> list[bytes]:
         ChunkError(6, "notfound", "no such key"),
         Loaded(7, True),
         Held(8, False),
+        PinChunks(10, "0123456789ab", "job-1", "mount:h:1", 60_000, 3 << 18, b"\x05" * 48, ("ds/a",)),
+        Pinned(10, True, 1 << 20, 1 << 21),
+        UnpinLeases(11, ("0123456789ab",)),
+        Unpinned(11, 1, 3 << 18),
     ]
     frames = []
     for message in messages:

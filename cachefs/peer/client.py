@@ -11,6 +11,7 @@ that answers "busy" (a worker draining on SIGTERM) is skipped for a few seconds
 and the next node is asked at once, without counting as an attempt.
 Warm-up asks an owner to load a chunk into its own tiers (`load_chunk`, protocol
 v2; a v1 peer is reported as unable to, and the caller loads the chunk itself).
+A pin asks each owner to keep its chunks (`pin_chunks`, `unpin_leases`: protocol v5).
 """
 
 from __future__ import annotations
@@ -38,8 +39,12 @@ from cachefs.peer.protocol import (
     Hello,
     LoadChunk,
     Loaded,
+    PinChunks,
+    Pinned,
     ProtocolError,
     Ready,
+    UnpinLeases,
+    Unpinned,
 )
 from cachefs.peer.ring import Ring
 from cachefs.peer.stream import FrameStream
@@ -60,7 +65,7 @@ class _Pending:
 
     def __init__(self) -> None:
         self.done = trio.Event()
-        self.reply: ChunkData | Loaded | Held | ChunkError | None = None  # None: the connection was lost
+        self.reply: ChunkData | Loaded | Held | Pinned | Unpinned | ChunkError | None = None  # None: the connection was lost
         self.payload = b""
 
 
@@ -102,7 +107,7 @@ class PeerConnection:
             while (frame := await self.frames.receive()) is not None:
                 header, payload = frame
                 message = protocol.parse_message(header)
-                if not isinstance(message, (ChunkData, Loaded, Held, ChunkError)):
+                if not isinstance(message, (ChunkData, Loaded, Held, Pinned, Unpinned, ChunkError)):
                     raise ProtocolError(f"unexpected {header.get('t')!r} from a server")
                 pending = self._pending.pop(message.id, None)
                 if pending is not None:  # else: the requester timed out and left
@@ -115,9 +120,10 @@ class PeerConnection:
             pass
 
     async def request(
-        self, req_fields: dict, kind: type[GetChunk] = GetChunk
-    ) -> tuple[ChunkData | Loaded | Held | ChunkError, bytes]:
-        """Send one GetChunk (or LoadChunk, HasChunk) and wait for its answer. Checkpoints; cancel to time out.
+        self, req_fields: dict, kind: type[GetChunk | PinChunks | UnpinLeases] = GetChunk
+    ) -> tuple[ChunkData | Loaded | Held | Pinned | Unpinned | ChunkError, bytes]:
+        """Send one GetChunk (or LoadChunk, HasChunk, PinChunks, UnpinLeases) and wait
+        for its answer. Checkpoints; cancel to time out.
 
         Raises:
             PeerError: the connection is or becomes unusable.
@@ -351,6 +357,48 @@ class PeerClient:
         """
         reply = await self._ask_v2(peer, obj, chunk_size, index, HasChunk, Held)
         return reply.held
+
+    async def pin_chunks(
+        self, peer: str, lease: str, owner: str, ttl: float, digests: list[bytes], size: int, paths: list[str]
+    ) -> Pinned:
+        """Have `peer` keep these chunks (at most MAX_PIN_DIGESTS) under `lease` for
+        `ttl` seconds (protocol v5). `size`: their bytes, against its pin quota.
+
+        Returns:
+            The answer: pinned, or refused over the peer's quota (nothing pinned then).
+        Raises:
+            PeerError: connection failure, a refusal (`code` as in ChunkError), or
+                code "version": the peer speaks an older protocol and keeps no pins.
+        """
+        conn = await self._connection(peer)
+        if conn.version < protocol.PIN_VERSION:
+            raise PeerError(f"peer {peer}: speaks protocol v{conn.version}, keeps no pins", code="version")
+        fields = dict(
+            lease=lease, owner=owner, origin=self.node, ttl_ms=max(1, round(ttl * 1000)), bytes=size,
+            digests=b"".join(digests), paths=tuple(p[: protocol.MAX_PIN_PATH] for p in paths[: protocol.MAX_PIN_PATHS]),
+        )
+        reply, _ = await conn.request(fields, PinChunks)
+        return self._answer(peer, reply, Pinned, "pin")
+
+    async def unpin_leases(self, peer: str, leases: list[str]) -> Unpinned:
+        """Have `peer` end these leases (at most MAX_UNPIN_LEASES; protocol v5).
+
+        Raises:
+            PeerError: as `pin_chunks`.
+        """
+        conn = await self._connection(peer)
+        if conn.version < protocol.PIN_VERSION:
+            raise PeerError(f"peer {peer}: speaks protocol v{conn.version}, keeps no pins", code="version")
+        reply, _ = await conn.request(dict(leases=tuple(leases)), UnpinLeases)
+        return self._answer(peer, reply, Unpinned, "unpin")
+
+    @staticmethod
+    def _answer(peer: str, reply, answer: type, asked: str):
+        if isinstance(reply, ChunkError):
+            raise PeerError(f"peer {peer}: {reply.code}: {loggable(reply.message)}", code=reply.code)
+        if not isinstance(reply, answer):
+            raise PeerError(f"peer {peer}: answered a {asked!r} with {reply.t!r}")
+        return reply
 
     async def _ask_v2(self, peer: str, obj: ObjectId, chunk_size: int, index: int, kind: type[GetChunk], answer: type):
         """Send a protocol-v2 request about one chunk; its reply, of type `answer`."""

@@ -54,6 +54,17 @@ not wait for 4 MiB). A server older than v4 would ignore the two fields (unknown
 fields are ignored) and answer the whole chunk, so a client sends them only on a
 connection of version 4; on an older one it asks for the whole chunk.
 
+Version 5 adds pins at the chunks' owners. `PinChunks` ("pin") asks the server
+to keep some chunks (by digest, DIGEST_SIZE bytes each, concatenated in one bin
+field, at most MAX_PIN_DIGESTS per message) from eviction under a lease: the
+lease id, owner and time to live are the client's, and a lease with more
+chunks than one message holds arrives in several. The server answers `Pinned`:
+done, or refused (nothing added) because its pin quota would be exceeded, with
+its numbers. `UnpinLeases` ("unpin") ends leases by id, answered with
+`Unpinned`. A client sends them only on a connection of version 5; an older
+server closes the connection on a version-5 Hello, and the client finds it
+cannot pin there.
+
 Every message validates its fields strictly in `from_header`: a wrong type, a
 missing field, a negative int, a str longer than MAX_STR or an unknown "t" is a
 `ProtocolError`, and the caller closes that connection. Unknown extra fields
@@ -73,17 +84,27 @@ import msgpack
 from cachefs import hotpath
 from cachefs.errors import CachefsError
 
-PROTOCOL_VERSION = 4
+PROTOCOL_VERSION = 5
 # Hello versions a server accepts; a connection runs at min(client's, server's).
-SUPPORTED_VERSIONS = frozenset({1, 2, 3, 4})
+SUPPORTED_VERSIONS = frozenset({1, 2, 3, 4, 5})
 # The first version with LoadChunk/Loaded.
 LOAD_VERSION = 2
 # The first version with LoadChunk.count (a run of chunks) and Loaded.cached_mask.
 RUN_VERSION = 3
 # The first version with GetChunk.start/end (a byte range of the chunk).
 RANGE_VERSION = 4
+# The first version with PinChunks/Pinned and UnpinLeases/Unpinned (pins at the owners).
+PIN_VERSION = 5
 # The most chunks one LoadChunk may name.
 MAX_RUN = 64
+# What one PinChunks or UnpinLeases may carry: they stay well inside MAX_HEADER.
+DIGEST_SIZE = 16
+MAX_PIN_DIGESTS = 1024
+MAX_PIN_PATHS = 8
+MAX_PIN_PATH = 256  # characters of one of them
+MAX_LEASE_ID = 64
+MAX_UNPIN_LEASES = 64
+MAX_TTL_MS = 10 * 365 * 86400 * 1000
 
 PREFIX = struct.Struct(">II")
 PREFIX_SIZE = PREFIX.size
@@ -610,11 +631,142 @@ class Held:
         return cls(_uint(h, cls.t, "id"), _bool(h, cls.t, "held"))
 
 
-Message = Union[Hello, Auth, Ready, GetChunk, LoadChunk, HasChunk, ChunkData, Loaded, Held, ChunkError]
+def _strs(h: Mapping[str, Any], t: str, name: str, min_len: int, max_len: int, max_chars: int = MAX_STR) -> tuple[str, ...]:
+    value = _get(h, t, name)
+    if type(value) is not list:
+        raise ProtocolError(f"{t}: {name!r} is a {type(value).__name__}, not a list")
+    if not min_len <= len(value) <= max_len:
+        raise ProtocolError(f"{t}: {name!r} has {len(value)} items, not {min_len}..{max_len}")
+    for item in value:
+        if type(item) is not str or not 0 < len(item) <= max_chars:
+            raise ProtocolError(f"{t}: {name!r} holds something other than a str of 1..{max_chars} characters")
+    return tuple(value)
+
+
+def _lease_id(h: Mapping[str, Any], t: str, name: str) -> str:
+    value = _str(h, t, name)
+    if not 0 < len(value) <= MAX_LEASE_ID:
+        raise ProtocolError(f"{t}: {name!r} is not 1..{MAX_LEASE_ID} characters")
+    return value
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class PinChunks:
+    """Protocol v5: keep chunks from eviction under lease `lease` of `owner` for
+    `ttl_ms` milliseconds from now (the server's clock), counted against the
+    server's pin quota as `bytes`. Answered with `Pinned` or ChunkError.
+
+    `digests` is DIGEST_SIZE-byte chunk digests, concatenated (1..MAX_PIN_DIGESTS
+    of them); `bytes` is their chunks' length, at least one byte each. A lease
+    id the server has already (from this `origin` and `owner`) gets these
+    chunks added: a lease larger than one message arrives in several.
+    `origin` (the node that pinned) and `paths` (the first MAX_PIN_PATHS it
+    pinned, each cut to MAX_PIN_PATH characters) are for the server's status."""
+
+    t: ClassVar[str] = "pin"
+    id: int
+    lease: str
+    owner: str
+    origin: str
+    ttl_ms: int
+    bytes: int
+    digests: bytes
+    paths: tuple[str, ...] = ()
+
+    def digest_list(self) -> list[bytes]:
+        return [self.digests[i : i + DIGEST_SIZE] for i in range(0, len(self.digests), DIGEST_SIZE)]
+
+    def to_header(self) -> dict[str, Any]:
+        return {"t": self.t, "id": self.id, "lease": self.lease, "owner": self.owner, "origin": self.origin,
+                "ttl_ms": self.ttl_ms, "bytes": self.bytes, "digests": self.digests, "paths": list(self.paths)}
+
+    @classmethod
+    def from_header(cls, h: Mapping[str, Any]) -> PinChunks:
+        t = cls.t
+        digests = _bytes(h, t, "digests", DIGEST_SIZE, DIGEST_SIZE * MAX_PIN_DIGESTS)
+        if len(digests) % DIGEST_SIZE:
+            raise ProtocolError(f"{t}: 'digests' has {len(digests)} bytes, not a multiple of {DIGEST_SIZE}")
+        size = _uint(h, t, "bytes")
+        if size < len(digests) // DIGEST_SIZE:
+            raise ProtocolError(f"{t}: {size} bytes for {len(digests) // DIGEST_SIZE} chunks")
+        ttl_ms = _uint(h, t, "ttl_ms", minimum=1)
+        if ttl_ms > MAX_TTL_MS:
+            raise ProtocolError(f"{t}: 'ttl_ms' = {ttl_ms} is more than {MAX_TTL_MS}")
+        return cls(
+            id=_uint(h, t, "id"),
+            lease=_lease_id(h, t, "lease"),
+            owner=_str(h, t, "owner"),
+            origin=_str(h, t, "origin"),
+            ttl_ms=ttl_ms,
+            bytes=size,
+            digests=digests,
+            paths=_strs(h, t, "paths", 0, MAX_PIN_PATHS, MAX_PIN_PATH),
+        )
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Pinned:
+    """The answer to PinChunks `id`: pinned, or `refused` (nothing added) because
+    the server's pin quota would be exceeded. `pinned`: bytes the server's leases
+    pin now; `quota`: its pin quota."""
+
+    t: ClassVar[str] = "pinned"
+    id: int
+    refused: bool
+    pinned: int
+    quota: int
+
+    def to_header(self) -> dict[str, Any]:
+        return {"t": self.t, "id": self.id, "refused": self.refused, "pinned": self.pinned, "quota": self.quota}
+
+    @classmethod
+    def from_header(cls, h: Mapping[str, Any]) -> Pinned:
+        t = cls.t
+        return cls(_uint(h, t, "id"), _bool(h, t, "refused"), _uint(h, t, "pinned"), _uint(h, t, "quota"))
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class UnpinLeases:
+    """Protocol v5: end the leases with these ids (1..MAX_UNPIN_LEASES); ids the
+    server does not have are no error. Answered with `Unpinned`."""
+
+    t: ClassVar[str] = "unpin"
+    id: int
+    leases: tuple[str, ...]
+
+    def to_header(self) -> dict[str, Any]:
+        return {"t": self.t, "id": self.id, "leases": list(self.leases)}
+
+    @classmethod
+    def from_header(cls, h: Mapping[str, Any]) -> UnpinLeases:
+        return cls(_uint(h, cls.t, "id"), _strs(h, cls.t, "leases", 1, MAX_UNPIN_LEASES, MAX_LEASE_ID))
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Unpinned:
+    """The answer to UnpinLeases `id`: how many of the leases the server had, and the bytes they pinned."""
+
+    t: ClassVar[str] = "unpinned"
+    id: int
+    leases: int
+    bytes: int
+
+    def to_header(self) -> dict[str, Any]:
+        return {"t": self.t, "id": self.id, "leases": self.leases, "bytes": self.bytes}
+
+    @classmethod
+    def from_header(cls, h: Mapping[str, Any]) -> Unpinned:
+        return cls(_uint(h, cls.t, "id"), _uint(h, cls.t, "leases"), _uint(h, cls.t, "bytes"))
+
+
+Message = Union[
+    Hello, Auth, Ready, GetChunk, LoadChunk, HasChunk, ChunkData, Loaded, Held, ChunkError,
+    PinChunks, Pinned, UnpinLeases, Unpinned,
+]
 
 MESSAGE_TYPES: Mapping[str, type[Message]] = {
     cls.t: cls for cls in (Hello, Auth, Ready, GetChunk, LoadChunk, HasChunk, ChunkData, Loaded, Held, ChunkError)
-}
+} | {cls.t: cls for cls in (PinChunks, Pinned, UnpinLeases, Unpinned)}  # v5
 
 
 def parse_message(header: Mapping[str, Any]) -> Message:

@@ -4,7 +4,9 @@ One task per connection: a mutual HMAC handshake, then requests handled
 concurrently (bounded per connection) and answered in any order by id.
 Requests are GetChunk (answered with the chunk, or on protocol v4 with the byte
 range of it that was asked for) and, on connections of protocol version 2 or
-later, LoadChunk (warm-up: load it into our tiers, answer Loaded).
+later, LoadChunk (warm-up: load it into our tiers, answer Loaded). On protocol
+v5, PinChunks and UnpinLeases hand pins of the chunks we own to the node's
+`PinHolder`.
 
 Each connection is a boundary: whatever happens inside it (a reset, a
 malformed frame, a bug) is logged and closes that connection only; the
@@ -18,7 +20,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-from typing import TYPE_CHECKING, Mapping
+from typing import TYPE_CHECKING, Mapping, Protocol
 
 import trio
 
@@ -36,8 +38,12 @@ from cachefs.peer.protocol import (
     Hello,
     LoadChunk,
     Loaded,
+    PinChunks,
+    Pinned,
     ProtocolError,
     Ready,
+    UnpinLeases,
+    Unpinned,
 )
 from cachefs.peer.stream import FrameStream
 from cachefs.logsafe import LogLimiter, loggable
@@ -71,9 +77,20 @@ class ServerLimits:
     send_timeout: float = 60.0  # an answer the peer does not take within this closes the connection
 
 
+class PinHolder(Protocol):
+    """What keeps the pins peers ask for: the node, with its SSD tier and leases."""
+
+    async def hold_pins(self, req: PinChunks) -> Pinned | str:
+        """Pin under `req.lease`; the answer to `req.id`, or why not (one line: no SSD tier, a lease id in use)."""
+
+    async def release_pins(self, leases: tuple[str, ...]) -> tuple[int, int]:
+        """End these leases; (how many there were, the bytes they pinned)."""
+
+
 class PeerServer:
     """Serves the chunks of `sources` (source URL → its Reader, kept up to date by the
-    node) to authenticated peers."""
+    node) to authenticated peers, and keeps the pins they ask for in `pins` (None:
+    refused)."""
 
     def __init__(
         self,
@@ -82,8 +99,10 @@ class PeerServer:
         sources: Mapping[str, "Reader"],
         max_payload: int,
         limits: ServerLimits = ServerLimits(),
+        pins: PinHolder | None = None,
     ):
         self.node = node
+        self.pins = pins
         self.secret = secret
         self.sources = sources  # not copied: a node adds and removes datasets while serving
         self.max_payload = max_payload
@@ -266,7 +285,10 @@ class PeerServer:
                         return
                     session.last_active = trio.current_time()
                     request = protocol.parse_message(frame[0])
-                    if not isinstance(request, GetChunk) or (
+                    if isinstance(request, (PinChunks, UnpinLeases)):
+                        if version < protocol.PIN_VERSION:
+                            raise ProtocolError(f"unexpected {frame[0].get('t')!r} after a v{version} handshake")
+                    elif not isinstance(request, GetChunk) or (
                         isinstance(request, (LoadChunk, HasChunk)) and version < protocol.LOAD_VERSION
                     ) or (isinstance(request, LoadChunk) and request.count > 1 and version < protocol.RUN_VERSION) or (
                         # A range is a v4 read; loads and questions are about whole chunks.
@@ -285,14 +307,16 @@ class PeerServer:
                 # The connection is finished; requests still running have no one to answer.
                 nursery.cancel_scope.cancel()
 
-    async def _answer(self, session: _Session, req: GetChunk) -> None:
+    async def _answer(self, session: _Session, req: GetChunk | PinChunks | UnpinLeases) -> None:
         try:
-            if isinstance(req, HasChunk):
+            if isinstance(req, (PinChunks, UnpinLeases)):
+                reply = await self._pins(req)
+            elif isinstance(req, HasChunk):
                 reply = self._has(req)
             else:
                 reply = await (self._load(req) if isinstance(req, LoadChunk) else self._chunk(req))
             with trio.move_on_after(self.limits.send_timeout) as sending:
-                if isinstance(reply, (ChunkError, Loaded, Held)):
+                if isinstance(reply, (ChunkError, Loaded, Held, Pinned, Unpinned)):
                     await session.frames.send(reply.to_header())
                 else:
                     payload, checksum = reply
@@ -312,7 +336,7 @@ class PeerServer:
             if self._in_flight == 0:
                 self._idle.set()
 
-    async def _refuse(self, session: _Session, req: GetChunk) -> None:
+    async def _refuse(self, session: _Session, req: GetChunk | PinChunks | UnpinLeases) -> None:
         """Draining: tell the peer to ask the next node on the ring."""
         metrics.PEER_SERVED.labels("busy").inc()
         try:
@@ -326,6 +350,20 @@ class PeerServer:
         finally:
             session.last_active = trio.current_time()
             session.slots.release()
+
+    async def _pins(self, req: PinChunks | UnpinLeases) -> Pinned | Unpinned | ChunkError:
+        """Hand a pin or unpin to the node; pins are refused where no one keeps them."""
+        if self.pins is None:
+            metrics.PEER_SERVED.labels("refused").inc()
+            return ChunkError(req.id, "refused", f"{self.node} keeps no pins")
+        if isinstance(req, UnpinLeases):
+            count, size = await self.pins.release_pins(req.leases)
+            return Unpinned(req.id, count, size)
+        answer = await self.pins.hold_pins(req)
+        if isinstance(answer, str):
+            metrics.PEER_SERVED.labels("refused").inc()
+            return ChunkError(req.id, "refused", answer)
+        return answer
 
     def _resolve(self, req: GetChunk) -> tuple[Reader, ObjectId] | ChunkError:
         """The reader and object `req` asks for, or the error to answer with."""
