@@ -92,11 +92,27 @@ async def test_close_ends_the_threads():
     threads = ReadThreads(2, "test")
     await threads.run(lambda: None)
     started = list(threads._threads)
-    assert len(started) == 2 and all(t.is_alive() for t in started)
+    assert len(started) == 1 and all(t.is_alive() for t in started)  # one read, one thread: started as needed
     threads.close()
     for t in started:
         t.join(10)
         assert not t.is_alive()
+
+
+@pytest.mark.trio
+async def test_idle_threads_end_and_reads_start_them_again():
+    """A daemon that stopped reading holds no read threads (a leak check counting its
+    threads sees the same number before and after), and the next read still runs."""
+    threads = ReadThreads(2, "test", idle_seconds=0.05)
+    try:
+        assert await threads.run(lambda: "first") == "first"
+        (thread,) = threads._threads
+        await trio.to_thread.run_sync(thread.join, 10)  # ends on its own once idle
+        assert not thread.is_alive() and threads.running == 0
+        assert await threads.run(lambda: "again") == "again"
+        assert threads.running == 1
+    finally:
+        threads.close()
 
 
 def test_needs_a_thread():

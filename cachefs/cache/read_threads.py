@@ -10,7 +10,9 @@ fixed set of threads takes jobs from one queue and reschedules the waiting
 task through the trio token: nothing else.
 
 The guide's "no bare threads" is kept in spirit: the threads only run the
-functions given to `run`, belong to one tier, and stop at `close`.
+functions given to `run`, belong to one tier, and stop at `close`. Like trio's
+own worker threads, one idle for IDLE_SECONDS ends (and is started again when
+reads need it), so a quiet daemon holds no threads for reads long done.
 """
 
 from __future__ import annotations
@@ -22,6 +24,9 @@ from typing import Any, Callable
 import outcome
 import trio
 
+# Seconds a thread waits for a read before it ends (trio's worker threads: 10 s).
+IDLE_SECONDS = 10.0
+
 
 class ReadThreads:
     """`count` threads, started at the first `run`, that run blocking reads.
@@ -31,13 +36,17 @@ class ReadThreads:
         name: the threads' name (shown by py-spy, top -H).
     """
 
-    def __init__(self, count: int, name: str):
+    def __init__(self, count: int, name: str, idle_seconds: float = IDLE_SECONDS):
         if count < 1:
             raise ValueError(f"count must be >= 1, got {count}")
         self.count = count
         self.name = name
+        self.idle_seconds = idle_seconds
         self._jobs: queue.SimpleQueue = queue.SimpleQueue()
-        self._threads: list[threading.Thread] = []
+        self._lock = threading.Lock()  # guards _threads and _idle: a thread ends only with no job queued
+        self._threads: set[threading.Thread] = set()
+        self._idle = 0  # threads waiting for a job
+        self._closed = False
 
     async def run(self, fn: Callable[..., Any], *args: Any) -> Any:
         """`fn(*args)` in one of the threads; its result, or its exception raised here.
@@ -46,20 +55,39 @@ class ReadThreads:
         read once handed over is waited for: a cancel takes effect when it returns.
         """
         await trio.lowlevel.checkpoint_if_cancelled()
-        if not self._threads:
-            self._start()
-        self._jobs.put((fn, args, trio.lowlevel.current_trio_token(), trio.lowlevel.current_task()))
+        with self._lock:
+            self._jobs.put((fn, args, trio.lowlevel.current_trio_token(), trio.lowlevel.current_task()))
+            if self._idle < self._jobs.qsize() and len(self._threads) < self.count and not self._closed:
+                thread = threading.Thread(target=self._work, name=f"{self.name} {len(self._threads)}", daemon=True)
+                self._threads.add(thread)
+                thread.start()
         return await trio.lowlevel.wait_task_rescheduled(lambda _: trio.lowlevel.Abort.FAILED)
 
-    def _start(self) -> None:
-        for i in range(self.count):
-            thread = threading.Thread(target=self._work, name=f"{self.name} {i}", daemon=True)
-            thread.start()
-            self._threads.append(thread)
+    @property
+    def running(self) -> int:
+        """Threads alive now (at most `count`)."""
+        return len(self._threads)
 
     def _work(self) -> None:
-        jobs = self._jobs
-        while (job := jobs.get()) is not None:
+        jobs, me = self._jobs, threading.current_thread()
+        while True:
+            with self._lock:
+                self._idle += 1
+            try:
+                job = jobs.get(timeout=self.idle_seconds)
+            except queue.Empty:
+                with self._lock:
+                    self._idle -= 1
+                    if jobs.qsize() == 0:  # else a job came as we gave up: take it
+                        self._threads.discard(me)
+                        return
+                continue
+            with self._lock:
+                self._idle -= 1
+            if job is None:
+                with self._lock:
+                    self._threads.discard(me)
+                return
             fn, args, token, task = job
             result = outcome.capture(fn, *args)
             del job, fn, args  # hold no buffer or descriptor while idle
@@ -70,6 +98,7 @@ class ReadThreads:
 
     def close(self) -> None:
         """Let the threads end once the reads handed over are done; does not wait for them."""
-        for _ in self._threads:
-            self._jobs.put(None)
-        self._threads = []
+        with self._lock:
+            self._closed = True
+            for _ in self._threads:
+                self._jobs.put(None)
