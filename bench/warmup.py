@@ -30,6 +30,9 @@ load on the machine falls on all alike):
   nothing stored: what any cachefs warm-up through this gateway can reach here.
 
 Each time is the warm-up command's wall clock, from its start to its exit.
+Both cachefs (warm-up writes only) and JuiceFS leave cache writes in the page
+cache for the kernel to write back; the `sync` right after each warm-up is
+timed apart and shown beside it.
 
 Writes bench/results/<UTC time>-<host>-warmup.md and .json. Everything started
 is unmounted and stopped on the way out, also after a failure or Ctrl-C.
@@ -179,9 +182,10 @@ class Bench(GatewayCells):
         t = time.monotonic()
         disk = lambda: metric(scrape(loader_metrics), "cachefs_cache_used_bytes", tier="disk")  # noqa: E731
         settle(disk)  # the SSD tier is written behind the loads
+        settle_s = max(0.0, time.monotonic() - t - 1.0)
         after = scrape(loader_metrics)
         r.update(
-            bytes=summary["bytes_loaded"], node_seconds=summary["elapsed"], settle_s=max(0.0, time.monotonic() - t - 1.0),
+            bytes=summary["bytes_loaded"], node_seconds=summary["elapsed"], settle_s=settle_s, sync_s=_sync_seconds(),
             bytes_by_peers=summary["bytes_by_peers"], concurrency=summary["concurrency"],
             loader_gets=metric(after, "cachefs_backend_requests_total", op="get") - gets_before,
             cached_bytes={tier: metric(after, "cachefs_source_cached_bytes", tier=tier) for tier in ("mem", "disk")},
@@ -240,7 +244,8 @@ class Bench(GatewayCells):
         t = time.monotonic()
         blocks = lambda: metric(scrape(mnt.metrics_addr), "juicefs_blockcache_bytes")  # noqa: E731
         settle(blocks)  # cache writes may trail the warm-up's return
-        r.update(bytes=self.total, settle_s=max(0.0, time.monotonic() - t - 1.0), disk_used=blocks(),
+        r.update(bytes=self.total, settle_s=max(0.0, time.monotonic() - t - 1.0), sync_s=_sync_seconds(),
+                 disk_used=blocks(),
                  threads=self.args.threads or 50, object_bytes=object_get_bytes(mnt.metrics_addr) - object_before)
         if r["disk_used"] < self.total:
             raise RuntimeError(f"juicefs: the block cache holds {r['disk_used']:.0f} bytes after the warm-up, "
@@ -253,7 +258,7 @@ class Bench(GatewayCells):
         gateway_before, own_before = host.cpu_seconds(self.gateway.proc.pid), host.own_cpu_seconds()
         busy_before = host.busy_cpu_seconds()[0]
         r = raw_s3_read(self.gateway, self.args.dataset.big_size)
-        return {"seconds": r["seconds"], "bytes": r["bytes"], "gets": r["gets"], "settle_s": 0.0,
+        return {"seconds": r["seconds"], "bytes": r["bytes"], "gets": r["gets"], "settle_s": 0.0, "sync_s": 0.0,
                 "machine_busy_cores": (host.busy_cpu_seconds()[0] - busy_before) / r["seconds"],
                 "cpu": {"loader": host.own_cpu_seconds() - own_before,
                         "gateway": host.cpu_seconds(self.gateway.proc.pid) - gateway_before}}
@@ -264,7 +269,7 @@ class Bench(GatewayCells):
         gateway_before, own_before = host.cpu_seconds(self.gateway.proc.pid), host.own_cpu_seconds()
         busy_before = host.busy_cpu_seconds()[0]
         r = raw_fast_read(self.gateway, self.args.dataset, range_size=range_size)
-        return {"seconds": r["seconds"], "bytes": r["bytes"], "gets": r["gets"], "settle_s": 0.0,
+        return {"seconds": r["seconds"], "bytes": r["bytes"], "gets": r["gets"], "settle_s": 0.0, "sync_s": 0.0,
                 "machine_busy_cores": (host.busy_cpu_seconds()[0] - busy_before) / r["seconds"],
                 "cpu": {"loader": host.own_cpu_seconds() - own_before,
                         "gateway": host.cpu_seconds(self.gateway.proc.pid) - gateway_before}}
@@ -337,6 +342,14 @@ def write_juicefs_on_gateway(gateway, work: Path, copy: Path) -> float:
     return time.monotonic() - t0
 
 
+def _sync_seconds() -> float:
+    """How long `sync` takes right after a warm-up: the writes it left to the kernel
+    (page cache not on disk yet), which the MiB/s above do not include."""
+    t = time.monotonic()
+    os.sync()
+    return time.monotonic() - t
+
+
 # -- the report ----------------------------------------------------------------------------
 
 
@@ -353,6 +366,7 @@ def medians(data: dict) -> dict[str, dict]:
             "all": [r["mib_s"] for r in runs],
             "seconds": statistics.median(r["seconds"] for r in runs),
             "settle_s": statistics.median(r["settle_s"] for r in runs),
+            "sync_s": statistics.median(r.get("sync_s", 0.0) for r in runs),
             "cpu": {k: statistics.median(r["cpu"][k] for r in runs) / gib for k in runs[0]["cpu"]},
             "busy": statistics.median(r["machine_busy_cores"] for r in runs),
         }
@@ -400,8 +414,8 @@ def render(data: dict) -> str:
         lines += [
             "",
             f"| system | MiB/s (median) | each repeat | s | ÷ {BASELINE} | ÷ s3-fast | +s until the disk cache settled "
-            "| CPU s/GiB: loader | mount | gateway | busy cores (machine) |",
-            "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+            "| +s for `sync` after | CPU s/GiB: loader | mount | gateway | busy cores (machine) |",
+            "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
         ]
         jfs = med.get(BASELINE, {}).get("mib_s")
         ceiling = med.get(CEILING, {}).get("mib_s")
@@ -411,7 +425,7 @@ def render(data: dict) -> str:
             cpu = s["cpu"]
             lines.append(
                 f"| {LABELS[system]} | {s['mib_s']:,.0f} | {' / '.join(f'{v:,.0f}' for v in s['all'])} "
-                f"| {s['seconds']:.1f} | {ratio} | {of_ceiling} | {s['settle_s']:.1f} | {cpu['loader']:.1f} "
+                f"| {s['seconds']:.1f} | {ratio} | {of_ceiling} | {s['settle_s']:.1f} | {s['sync_s']:.1f} | {cpu['loader']:.1f} "
                 f"| {report.fmt(cpu.get('mount'), '')} | {report.fmt(cpu.get('gateway'), '')} | {s['busy']:.2f} |"
             )
         lines += [
