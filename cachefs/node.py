@@ -720,7 +720,7 @@ class Node:
         A chunk held both here and by its owner counts for both."""
         if info.kind != "file":
             raise ConfigError(f"{info.path or '/'}: locations are per file")
-        found = await self._where(dataset, [info], ask_all=True)
+        found = await self._where(dataset, [info])
         return {"chunks": len(found.chunks), "nodes": dict(found.chunk_counts), "unanswered": sorted(found.unanswered)}
 
     async def _held(self, dataset: Dataset, files: list[ObjectInfo]) -> dict:
@@ -729,7 +729,7 @@ class Node:
         how many bytes of them each node holds ("nodes"; the input a scheduler needs
         for cache-aware placement). Owners that did not answer are "unanswered"
         and count as holding nothing."""
-        found = await self._where(dataset, files, ask_all=False)
+        found = await self._where(dataset, files)
         cached = sum(length for (_, length), holders in zip(found.chunks, found.holders) if holders)
         total = sum(f.size for f in files)
         return {
@@ -743,10 +743,10 @@ class Node:
             "unanswered": sorted(found.unanswered),
         }
 
-    async def _where(self, dataset: Dataset, files: list[ObjectInfo], ask_all: bool) -> _Whereabouts:
+    async def _where(self, dataset: Dataset, files: list[ObjectInfo]) -> _Whereabouts:
         """Who holds each chunk of `files`: this node's tiers, and the chunk's owner on
-        the ring, asked with HasChunk (16 at once, each within --peer-timeout). With
-        `ask_all` False an owner is asked only about chunks not held here."""
+        the ring, asked with HasChunk (16 at once, each within --peer-timeout), also
+        about chunks held here: each node's count is what it truly holds."""
         size = self.config.chunk_size
         local = [t for t in (self.mem, self.disk) if t is not None and t.capacity]
         found = _Whereabouts()
@@ -759,8 +759,6 @@ class Node:
                 found.add((digest, min(size, f.size - index * size)))
                 if any(digest in t for t in local):
                     found.held(len(found.chunks) - 1, self.name)
-                    if not ask_all:
-                        continue
                 found.asked(self.name)
                 owner = ring.owners(digest, 1)[0] if ring is not None and ring.nodes else self.name
                 if owner != self.name:

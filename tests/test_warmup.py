@@ -487,6 +487,10 @@ def test_a_warmup_from_one_mount_fills_the_ring_for_the_other(s3_behind_proxy, s
     src.proxy.reset()
     _read_all(m2.mountpoint, files)  # the other mount's first read: byte-exact...
     assert _data_gets(src.proxy, src.prefix) == 0  # ...and no backend GET
+    # What m2 now holds too does not hide what the workers hold: each node's bytes are its own.
+    for name, data in files.items():
+        held = json.loads(os.getxattr(os.path.join(m2.mountpoint, name), "user.cachefs.cached"))
+        assert sum(n for node, n in held["nodes"].items() if node in {w.addr for w in workers}) == len(data), held
     assert m1.metric("cachefs_read_bytes_total", source="backend") == 0  # m1 pushed nothing through itself
 
 
