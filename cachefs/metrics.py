@@ -6,6 +6,7 @@ separate series. Later layers (peers, workers) add to these, never rename them.
 
 from __future__ import annotations
 
+import bisect
 import logging
 import urllib.parse
 import weakref
@@ -13,25 +14,102 @@ from typing import Callable
 
 import prometheus_client as prom
 import trio
+from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
 
 log = logging.getLogger(__name__)
 
-READ_BYTES = prom.Counter(
+
+class _HotCount:
+    __slots__ = ("value",)
+
+    def __init__(self) -> None:
+        self.value = 0
+
+    def inc(self, amount: float = 1) -> None:
+        self.value += amount
+
+
+class HotCounter:
+    """A labelled counter for series bumped on every FUSE read: `inc` is a plain
+    add, where prometheus_client's takes a lock (2 µs; a MEM hit costs ~30 µs
+    in all). Only the trio thread may bump one: the add is not atomic.
+    Exposed as `NAME_total`, like prom.Counter."""
+
+    def __init__(self, name: str, documentation: str, labelnames: list[str]):
+        self.name, self.documentation, self.labelnames = name, documentation, labelnames
+        self._children: dict[tuple[str, ...], _HotCount] = {}
+        prom.REGISTRY.register(self)
+
+    def labels(self, *values: str) -> _HotCount:
+        child = self._children.get(values)
+        if child is None:
+            child = self._children[values] = _HotCount()
+        return child
+
+    def collect(self):
+        family = CounterMetricFamily(self.name, self.documentation, labels=self.labelnames)
+        for values, child in list(self._children.items()):
+            family.add_metric(list(values), child.value)
+        yield family
+
+    def describe(self):
+        yield CounterMetricFamily(self.name, self.documentation, labels=self.labelnames)
+
+
+class _HotObservations:
+    __slots__ = ("bounds", "counts", "sum")
+
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)  # the last: above every bound (+Inf)
+        self.sum = 0.0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect.bisect_left(self.bounds, value)] += 1
+        self.sum += value
+
+
+class HotHistogram:
+    """A labelled histogram with HotCounter's plain adds (observe: 0.3 µs, not 3)."""
+
+    def __init__(self, name: str, documentation: str, labelnames: list[str], buckets: tuple[float, ...]):
+        self.name, self.documentation, self.labelnames = name, documentation, labelnames
+        self.buckets = tuple(sorted(buckets))
+        self._children: dict[tuple[str, ...], _HotObservations] = {}
+        prom.REGISTRY.register(self)
+
+    def labels(self, *values: str) -> _HotObservations:
+        child = self._children.get(values)
+        if child is None:
+            child = self._children[values] = _HotObservations(self.buckets)
+        return child
+
+    def collect(self):
+        family = HistogramMetricFamily(self.name, self.documentation, labels=self.labelnames)
+        for values, child in list(self._children.items()):
+            cumulative, running = [], 0
+            for bound, n in zip(self.buckets + (float("inf"),), list(child.counts)):
+                running += n
+                cumulative.append((prom.utils.floatToGoString(bound), running))
+            family.add_metric(list(values), cumulative, child.sum)
+        yield family
+
+    def describe(self):
+        yield HistogramMetricFamily(self.name, self.documentation, labels=self.labelnames)
+
+
+READ_BYTES = HotCounter(
     "cachefs_read_bytes", "Bytes returned to readers, by where the chunk came from", ["source"]
 )
-_read_bytes_children: dict[str, prom.Counter] = {}
 
 
-def read_bytes(source: str) -> prom.Counter:
-    """READ_BYTES for one source, bound once: this runs on every read."""
-    child = _read_bytes_children.get(source)
-    if child is None:
-        child = _read_bytes_children[source] = READ_BYTES.labels(source)
-    return child
+def read_bytes(source: str) -> _HotCount:
+    """READ_BYTES for one source."""
+    return READ_BYTES.labels(source)
 
 
-CACHE_HITS = prom.Counter("cachefs_cache_hits", "Chunk lookups served by a tier", ["tier"])
-CACHE_MISSES = prom.Counter("cachefs_cache_misses", "Chunk lookups a tier could not serve", ["tier"])
+CACHE_HITS = HotCounter("cachefs_cache_hits", "Chunk lookups served by a tier", ["tier"])
+CACHE_MISSES = HotCounter("cachefs_cache_misses", "Chunk lookups a tier could not serve", ["tier"])
 CACHE_ERRORS = prom.Counter(
     "cachefs_cache_errors", "Cached chunks dropped as corrupt or unreadable", ["tier", "reason"]
 )
@@ -96,7 +174,7 @@ PEER_CONNECTIONS_CLOSED = prom.Counter(
     ["reason"],
 )
 FUSE_ERRORS = prom.Counter("cachefs_fuse_errors", "Errors returned to the kernel", ["op", "errno"])
-FUSE_OP_SECONDS = prom.Histogram(
+FUSE_OP_SECONDS = HotHistogram(
     "cachefs_fuse_op_seconds",
     "Time cachefs took to answer a FUSE request, errors included, by operation",
     ["op"],

@@ -186,3 +186,38 @@ def test_every_series_the_dashboard_queries_exists(local_source, secret_file, ca
     for panel in dashboard["panels"]:
         if panel["type"] != "row":
             assert panel.get("targets") and all(t["expr"] for t in panel["targets"]), panel["title"]
+
+
+@pytest.mark.parametrize("values", [[], [0.00005, 0.0001, 0.00011, 0.3, 30, 31, 0.0], [1e-7] * 5 + [7.5] * 3])
+def test_hot_series_expose_what_prometheus_client_would(values):
+    """The lock-free series bumped on every read serve the same samples as
+    prometheus_client's own Counter and Histogram fed the same values."""
+    import prometheus_client as prom
+
+    from cachefs import metrics
+
+    ours_h = metrics.FUSE_OP_SECONDS.labels(f"test-{len(values)}")
+    ours_c = metrics.READ_BYTES.labels(f"test-{len(values)}")
+    registry = prom.CollectorRegistry()
+    theirs_h = prom.Histogram(
+        "cachefs_fuse_op_seconds", "", ["op"], buckets=metrics.FUSE_OP_SECONDS.buckets, registry=registry
+    ).labels(f"test-{len(values)}")
+    theirs_c = prom.Counter("cachefs_read_bytes", "", ["source"], registry=registry).labels(f"test-{len(values)}")
+    for v in values:
+        for h in (ours_h, theirs_h):
+            h.observe(v)
+        for c in (ours_c, theirs_c):
+            c.inc(int(v * 1000) + 1)
+
+    def samples(reg) -> dict:
+        return {
+            (s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in reg.collect()
+            if family.name in ("cachefs_fuse_op_seconds", "cachefs_read_bytes")
+            for s in family.samples
+            if not s.name.endswith("_created") and f"test-{len(values)}" in s.labels.values()
+        }
+
+    expected = samples(registry)
+    assert len(expected) == len(metrics.FUSE_OP_SECONDS.buckets) + 1 + 2 + 1  # buckets, +Inf, _count, _sum, counter
+    assert samples(prom.REGISTRY) == pytest.approx(expected)
