@@ -40,7 +40,8 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
-from cachefs import hotpath, metrics
+from cachefs import metrics
+from cachefs.cache.disk import file_header_size
 from cachefs.errors import BackendError, ConfigError, ObjectChanged, ObjectNotFound, PeerError
 from cachefs.objects import ObjectId, check_relative_path, chunk_key, join
 
@@ -433,8 +434,8 @@ class Warmups:
 def _on_disk(size: int, chunk_size: int) -> int:
     """Bytes `size` bytes of one object take in the SSD tier: its chunks and their headers."""
     full, rest = divmod(size, chunk_size)
-    need = full * (hotpath.header_size(chunk_size) + chunk_size)
-    return need + (hotpath.header_size(rest) + rest if rest else 0)
+    need = full * (file_header_size(chunk_size) + chunk_size)
+    return need + (file_header_size(rest) + rest if rest else 0)
 
 
 def _bytes(n: int) -> str:

@@ -24,7 +24,7 @@ from hypothesis import strategies as st
 from prometheus_client import REGISTRY
 
 from cachefs import hotpath
-from cachefs.cache.disk import DiskTier
+from cachefs.cache.disk import CHECKSUM_BLOCK, DiskTier, file_header_size
 from cachefs.cache.mem import MemTier
 from cachefs.errors import BackendUnavailable, CacheDirInUse
 from cachefs.objects import ChunkKey, ObjectId, chunk_digest
@@ -229,7 +229,7 @@ def test_mem_matches_reference_lru(capacity, ops):
 
 def entry(size: int) -> int:
     """Bytes one chunk of `size` data bytes takes on disk."""
-    return hotpath.header_size(size) + size
+    return file_header_size(size) + size
 
 
 async def open_disk(cache_dir: Path, capacity: int, free_space_ratio: float = 0.0) -> DiskTier:
@@ -514,7 +514,7 @@ async def test_disk_corrupt_chunk_is_a_miss_and_deleted(tmp_path, damage):
     path = chunk_path(tmp_path, key(0))
     raw = bytearray(path.read_bytes())
     if damage == "flip_data_byte":
-        raw[hotpath.header_size(1000) + 500] ^= 0x01
+        raw[file_header_size(1000) + 500] ^= 0x01
     elif damage == "flip_header_byte":
         raw[0] ^= 0x01
     elif damage == "truncate":
@@ -663,7 +663,7 @@ async def test_disk_writes_direct_and_falls_back_when_refused_at_open(tmp_path, 
             return real_open(path, flags, *args)
 
         monkeypatch.setattr(os, "open", no_direct_open)
-    sizes = [0, 1, 4095, 4096, 4097, 3 * hotpath.BLOCK_SIZE + 3]
+    sizes = [0, 1, 4095, 4096, 4097, 3 * CHECKSUM_BLOCK + 3]
     disk = await open_disk(tmp_path, 100 * entry(max(sizes)))
     for n, size in enumerate(sizes):
         assert await disk.put(chunk(n), payload(size, n))
@@ -695,8 +695,8 @@ async def test_disk_direct_write_refused_at_write_time_falls_back(tmp_path, monk
 
 @pytest.mark.trio
 async def test_disk_range_reads_verify_only_the_blocks_they_read(tmp_path):
-    block = hotpath.BLOCK_SIZE
-    size = 5 * block + 777
+    block = CHECKSUM_BLOCK
+    size = 9 * block + 777  # fill spans (128 KiB): blocks 0-3, 4-7, 8-9
     disk = await open_disk(tmp_path, 4 * entry(size))
     data = payload(size)
     assert await disk.put(chunk(0), data)
@@ -704,16 +704,65 @@ async def test_disk_range_reads_verify_only_the_blocks_they_read(tmp_path):
         assert bytes(await disk.get_range(chunk(0, size), start, end)) == data[start:end]
     path = chunk_path(tmp_path, key(0))
     raw = bytearray(path.read_bytes())
-    raw[hotpath.header_size(size) + 2 * block + 5] ^= 0xFF  # damage block 2
+    raw[file_header_size(size) + 5 * block + 5] ^= 0xFF  # damage block 5
     path.write_bytes(raw)
-    # Blocks 0-1 are intact and verified on their own...
+    # Blocks 0-3 are intact and verified on their own, from the page cache or the disk...
     assert bytes(await disk.get_range(chunk(0, size), 0, 2 * block)) == data[: 2 * block]
+    assert bytes(await disk.get_range(chunk(0, size), 8 * block, size)) == data[8 * block :]
     errors = corrupt_errors()
-    # ...a read that touches block 2 is never served: the chunk is dropped.
-    assert await disk.get_range(chunk(0, size), 2 * block + 100, 2 * block + 200) is None
+    # ...a read that touches block 5 is never served: the chunk is dropped.
+    assert await disk.get_range(chunk(0, size), 5 * block + 100, 5 * block + 200) is None
     assert corrupt_errors() == errors + 1
     assert not path.exists()
     assert await disk.get_range(chunk(0, size), 0, 10) is None
+
+
+@pytest.mark.trio
+async def test_disk_range_read_from_the_page_cache_copies_one_checksum_block(tmp_path, monkeypatch):
+    # A hit's cost is the kernel's copy out of the page cache: a 4 KiB read takes
+    # the 32 KiB block it falls in, not a 128 KiB one.
+    if not hasattr(os, "RWF_NOWAIT"):
+        pytest.skip("no RWF_NOWAIT")
+    size = 8 * CHECKSUM_BLOCK
+    disk = await open_disk(tmp_path, 4 * entry(size))
+    data = payload(size)
+    assert await disk.put(chunk(0), data)
+    chunk_path(tmp_path, key(0)).read_bytes()  # the whole file in the page cache
+    assert bytes(await disk.get_range(chunk(0, size), 0, 10)) == data[:10]  # parses the header
+    asked = []
+    real_preadv = os.preadv
+
+    def recording_preadv(fd, buffers, offset, flags=0):
+        asked.append((sum(len(b) for b in buffers), flags))
+        return real_preadv(fd, buffers, offset, flags)
+
+    monkeypatch.setattr(os, "preadv", recording_preadv)
+    start = 5 * CHECKSUM_BLOCK + 1000
+    assert bytes(await disk.get_range(chunk(0, size), start, start + 4096)) == data[start : start + 4096]
+    assert asked == [(CHECKSUM_BLOCK, os.RWF_NOWAIT)]
+
+
+@pytest.mark.trio
+async def test_disk_range_read_from_the_disk_verifies_its_whole_fill_span(tmp_path, monkeypatch):
+    # A read that waits for the disk takes 128 KiB, as large reads fill the page
+    # cache faster, and serves none of it unless all of it verifies.
+    size = 8 * CHECKSUM_BLOCK
+    disk = await open_disk(tmp_path, 4 * entry(size))
+    data = payload(size)
+    assert await disk.put(chunk(0), data)
+    path = chunk_path(tmp_path, key(0))
+    raw = bytearray(path.read_bytes())
+    raw[file_header_size(size) + 3 * CHECKSUM_BLOCK] ^= 0xFF  # damage block 3, in the first fill span
+    path.write_bytes(raw)
+
+    def preadv_without_the_pages(fd, buffers, offset, flags=0):
+        raise BlockingIOError(errno.EAGAIN, "would block")
+
+    monkeypatch.setattr(os, "preadv", preadv_without_the_pages)
+    errors = corrupt_errors()
+    assert await disk.get_range(chunk(0, size), 0, 4096) is None
+    assert corrupt_errors() == errors + 1
+    assert not path.exists()
 
 
 @pytest.mark.trio

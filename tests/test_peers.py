@@ -57,11 +57,11 @@ def test_mounts_share_one_backend_fetch_per_chunk(s3_behind_proxy, secret_file, 
     for m in mounts:
         assert m.metric("cachefs_read_bytes_total", source="backend") == 0
     # Which worker holds how much of the source: together, the whole file, once.
-    from cachefs import hotpath
+    from cachefs.cache.disk import file_header_size
 
     held = sum(w.metric("cachefs_source_cached_bytes", source="src", tier="disk") for w in workers)
     chunk_lengths = [min(CHUNK, len(data) - i) for i in range(0, len(data), CHUNK)]
-    assert held == sum(hotpath.header_size(n) + n for n in chunk_lengths)  # data plus headers
+    assert held == sum(file_header_size(n) + n for n in chunk_lengths)  # data plus headers
     out = subprocess.run([sys.executable, "-m", "cachefs", "status", *(w.metrics_addr for w in workers)],
                          capture_output=True, text=True, cwd=REPO, env=hermetic_env())
     assert out.returncode == 0, out.stderr

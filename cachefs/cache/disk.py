@@ -59,19 +59,29 @@ _NAME_RE = re.compile(r"^[0-9a-f]{32}$")
 _DIR_RE = re.compile(r"^[0-9a-f]{2}$")
 
 
-# Enough of a chunk file to hold its whole header: 8 KiB covers a 64 MiB chunk
-# in 128 KiB blocks, and all of a small chunk.
-# (Smaller checksum blocks were tried, 16 KiB: a random 4 KiB read then reads 16 KiB
-# from the disk instead of 128 KiB, but the page cache fills 8 x slower, and a hit
-# there costs ~30 us on the trio thread against a hop to the disk: random 4 KiB
-# O_DIRECT reads after a page cache drop ran at 0.66 x the rate of 128 KiB blocks.)
+# Bytes each checksum of a chunk file we write covers. A range read whose blocks
+# are in the page cache reads and verifies only the blocks it needs, and on our
+# VMs the kernel's copy out of the page cache is most of a hit's cost: preadv of
+# 128 KiB from the page cache ~22 us, of 32 KiB ~7.5 us, of 4 KiB ~3 us (xxh3 of
+# 128 KiB: ~3 us). Files keep their block size in the header, so files written with
+# another one stay readable.
+CHECKSUM_BLOCK = 32 << 10
+# What a range read that must wait for the disk reads at least: 128 KiB, aligned,
+# all verified. It fills the page cache as fast as 128 KiB checksum blocks did
+# (smaller disk reads were tried, 16 KiB: the page cache fills 8 x slower, and
+# random 4 KiB O_DIRECT reads after a page cache drop ran at 0.66 x the rate).
+_FILL_SPAN = 128 << 10
+# A chunk file's first bytes, read once to parse its header: enough for the
+# header in the smallest block size a file may have (4 KiB), and at least 8 KiB
+# (all of a small chunk, with its data).
 _HEAD_PROBE = 8192
-# Parsed chunk headers kept for range reads (their checksums in an array: ~350 bytes
-# each for 4 MiB chunks).
-_LAYOUTS_KEPT = 8192
+_SMALLEST_BLOCK = 4096
+# Block checksums of parsed chunk headers kept for range reads (8 bytes each in
+# an array, so 8 MiB: the headers of 8192 chunks of 4 MiB in 32 KiB blocks).
+_LAYOUT_SUMS_KEPT = 1 << 20
 # Chunk files kept open for range reads. A range read whose blocks are in the
-# page cache is then served on the trio thread (preadv RWF_NOWAIT, ~4 us for
-# 128 KiB) instead of by a worker thread: the two thread switches of a hop
+# page cache is then served on the trio thread (preadv RWF_NOWAIT, ~8 us for
+# 32 KiB) instead of by a worker thread: the two thread switches of a hop
 # cost more than the read on our VMs.
 _FDS_KEPT = 256
 _NOWAIT = getattr(os, "RWF_NOWAIT", 0)
@@ -89,6 +99,11 @@ WRITE_THREADS = 4
 # budget (--mem-size, less the room demand reads keep) while in use, and
 # given back to the system when no fill runs.
 FILL_BYTES = 128 << 20
+
+
+def file_header_size(length: int) -> int:
+    """Bytes of header before `length` bytes of data in a chunk file we write."""
+    return hotpath.header_size(length, CHECKSUM_BLOCK)
 
 
 def _offer(send: trio.MemorySendChannel, item) -> None:
@@ -192,6 +207,7 @@ class DiskTier:
         self._pins: Counter[bytes] = Counter()  # digest -> leases pinning it (held now or once written)
         self._writing: set[bytes] = set()
         self._layouts: dict[bytes, tuple] = {}  # digest -> read_layout() of its file
+        self._layout_sums = 0  # checksums held in _layouts
         self._limiter = trio.CapacityLimiter(io_threads)
         # Range reads the page cache cannot answer at once: the hop on an SSD hit.
         self._range_threads = ReadThreads(io_threads, "cachefs disk range read")
@@ -342,17 +358,20 @@ class DiskTier:
             if layout is None:
                 # Random readers come back to the same chunks: keep their parsed
                 # headers, so a hit costs one pread instead of two.
-                head = os.pread(fd, _HEAD_PROBE, 0)
+                head = os.pread(fd, max(_HEAD_PROBE, hotpath.header_size(expected_len, _SMALLEST_BLOCK)), 0)
                 length, size, offset, sums = hotpath.read_layout(digest, head, os.fstat(fd).st_size)
                 layout = (length, size, offset, array.array("Q", sums))  # 8 bytes a checksum, not ~40
-                if len(self._layouts) >= _LAYOUTS_KEPT:
+                if self._layout_sums + len(sums) > _LAYOUT_SUMS_KEPT:
                     self._layouts.clear()
+                    self._layout_sums = 0
                 self._layouts[digest] = layout
+                self._layout_sums += len(sums)
             length, block_size, offset, sums = layout
             if length != expected_len:
                 raise ChunkCorrupt(f"length {length}, expected {expected_len}")
-            first = start // block_size
-            lo, hi = first * block_size, min(-(-end // block_size) * block_size, length)
+            # From the page cache, just the blocks asked for; from the disk, a whole fill span.
+            span = block_size if nowait else max(block_size, _FILL_SPAN)
+            lo, hi = start // span * span, min(-(-end // span) * span, length)
             if offset + hi <= len(head):
                 data = head[offset + lo : offset + hi]  # a small chunk: already read
             elif nowait:
@@ -375,7 +394,7 @@ class DiskTier:
             os.close(fd)
         if len(data) != hi - lo:
             raise ChunkCorrupt(f"short read: {len(data)} of {hi - lo} bytes")
-        hotpath.verify_blocks(sums, block_size, first, data)
+        hotpath.verify_blocks(sums, block_size, lo // block_size, data)
         return memoryview(data)[start - lo : end - lo]
 
     def _open_for_read(self, digest: bytes, cached_only: bool) -> int | None:
@@ -399,6 +418,11 @@ class DiskTier:
                 if len(self._fds) > _FDS_KEPT:
                     os.close(self._fds.popitem(last=False)[1])
         return fd
+
+    def _forget_layout(self, digest: bytes) -> None:
+        layout = self._layouts.pop(digest, None)
+        if layout is not None:
+            self._layout_sums -= len(layout[3])
 
     def _forget_fd(self, digest: bytes) -> None:
         with self._fds_lock:
@@ -525,7 +549,7 @@ class DiskTier:
         if all(held):
             return held
         tag = keys[0].digest[:SOURCE_TAG_SIZE]  # one object: one source
-        mine = {i: hotpath.header_size(k.length) + k.length for i, k in enumerate(keys) if not held[i]}
+        mine = {i: file_header_size(k.length) + k.length for i, k in enumerate(keys) if not held[i]}
         for i, size in mine.items():
             # Reserve before fetching: concurrent puts cannot overshoot the cap or a quota together.
             self._writing.add(keys[i].digest)
@@ -540,20 +564,20 @@ class DiskTier:
                 return held
             buffers = []
             for k in keys:
-                padded = -(-(hotpath.header_size(k.length) + k.length) // _DIRECT_ALIGN) * _DIRECT_ALIGN
+                padded = -(-(file_header_size(k.length) + k.length) // _DIRECT_ALIGN) * _DIRECT_ALIGN
                 buf = self._fill_buffers.pop() if self._fill_buffers else None
                 buffers.append(buf if buf is not None and len(buf) >= padded else mmap.mmap(-1, padded))
             # No `with`: if `fetch` raises, a thread it abandoned may still hold the views;
             # the buffers are then left to the garbage collector, never reused.
             views = []
             for k, buf in zip(keys, buffers):
-                head = hotpath.header_size(k.length)
+                head = file_header_size(k.length)
                 views.append(memoryview(buf)[head : head + k.length])
 
             async def write(i: int) -> None:
                 k = keys[i]
                 await trio.to_thread.run_sync(
-                    self._write_filled, k.digest, buffers[i], hotpath.header_size(k.length), k.length,
+                    self._write_filled, k.digest, buffers[i], file_header_size(k.length), k.length,
                     limiter=self._write_limiter,
                 )
                 self._indexed(k.digest, mine[i])
@@ -620,7 +644,7 @@ class DiskTier:
         """Reserve room for a chunk, then write it in a thread and index the file."""
         if digest in self._index or digest in self._writing:
             return False
-        size = hotpath.header_size(len(data)) + len(data)
+        size = file_header_size(len(data)) + len(data)
         tag = digest[:SOURCE_TAG_SIZE]
         reason = "pinned" if digest in self._pins else self._index.admit(digest, size, self.used + size > self.capacity)
         if reason is None:
@@ -664,7 +688,7 @@ class DiskTier:
         self.by_source[digest[:SOURCE_TAG_SIZE]] += size
 
     def _write(self, digest: bytes, data: bytes | memoryview) -> None:
-        header = hotpath.seal_chunk(digest, data)
+        header = hotpath.seal_chunk(digest, data, CHECKSUM_BLOCK)
         self._write_file(
             digest, lambda fd: self._write_direct(fd, header, data), lambda fd: self._write_buffered(fd, header, data)
         )
@@ -682,7 +706,7 @@ class DiskTier:
         """
         with memoryview(buf) as view:
             with view[head : head + length] as data:
-                header = hotpath.seal_chunk(digest, data)
+                header = hotpath.seal_chunk(digest, data, CHECKSUM_BLOCK)
             view[:head] = header
             with view[: head + length] as whole:
                 write = functools.partial(self._write_buffered, header=whole, data=b"")
@@ -829,7 +853,7 @@ class DiskTier:
 
     def _evicted(self, digest: bytes, size: int, victims: list[str]) -> int:
         """Account for a chunk taken out of the index; its file joins `victims`. Returns its size."""
-        self._layouts.pop(digest, None)
+        self._forget_layout(digest)
         self._forget_fd(digest)  # else its space stays in use until the fd closes
         self.used -= size
         self.by_source[digest[:SOURCE_TAG_SIZE]] -= size
@@ -881,7 +905,7 @@ class DiskTier:
             await self._drop(digest)
 
     async def _drop(self, digest: bytes) -> None:
-        self._layouts.pop(digest, None)
+        self._forget_layout(digest)
         self._forget_fd(digest)
         size = self._index.pop(digest)
         if size is not None:
