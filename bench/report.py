@@ -284,7 +284,7 @@ def issue14_targets(data: dict, t: Table) -> list[tuple[str, str, str]]:
     label = lambda w: data["workloads"][w]["label"]  # noqa: E731
 
     def value(system: str, state: str, workload: str) -> str:
-        unit = data["workloads"][workload]["unit"]
+        unit = data["workloads"].get(workload, {}).get("unit", "")  # a workload not run: "—"
         return fmt(t.median(system, state, workload), unit) + fmt_cores(t.median(system, state, workload,
                                                                                   "daemon_cpu_cores"))
 
