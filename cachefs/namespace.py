@@ -258,7 +258,7 @@ class Namespace:
         self._missed(parent)
         self._list_soon(parent, listed, fetched_at, self.dir_ttl)
         try:
-            info = await self.backend.stat(path)
+            info = await self.backend.check_name(path)
         except ObjectNotFound:
             self._cache.pop(("attr", path))
             raise
