@@ -98,6 +98,10 @@ class LocalStore:
     def stat(self, path: str) -> ObjectInfo:
         return self._info(path, os.lstat(self._abs(path)))
 
+    def check_name(self, path: str) -> ObjectInfo:
+        """`stat` of a name that is probably not there (one lstat either way)."""
+        return self.stat(path)
+
     def list_dir(self, path: str) -> list[ObjectInfo]:
         out = []
         with os.scandir(self._abs(path)) as it:
@@ -253,6 +257,27 @@ class FsspecStore:
                                        "using s3fs for this request", e)
         info = self._info(self.fs.info(self._abs(path)))
         return dataclasses.replace(info, path=path)
+
+    def check_name(self, path: str) -> ObjectInfo:
+        """`stat` of a name that is probably not there (the lookup before a create): its
+        HEAD and the LIST that tells a directory go out together, one round trip, where
+        `stat` sends the LIST only after the HEAD found nothing (two round trips, both on
+        the path of every create under --writeback)."""
+        if self.fast is not None and self.fast_list:
+            bucket, key = self._key(path)
+            if key:
+                try:
+                    found = self.fast.head_or_dir(bucket, key)
+                except _FallBack as e:
+                    _fallbacks.warning("stat-fallback", "a plain HEAD or LIST got an answer only s3fs handles (%s); "
+                                       "using s3fs for this request", e)
+                else:
+                    if found is False:
+                        raise FileNotFoundError(errno.ENOENT, f"{bucket}/{key}")
+                    if found is True:
+                        return ObjectInfo(path, "dir", 0, 0.0, "dir")
+                    return dataclasses.replace(self._info(found), path=path)
+        return self.stat(path)
 
     def _fast_stat(self, path: str, bucket: str, key: str) -> ObjectInfo:
         """As s3fs's `info`: a HEAD of the key; if there is no such object, a directory if
@@ -541,14 +566,16 @@ class S3FastPath:
         for conn in self._local.__dict__.pop("conns", {}).values():
             conn.close()
 
-    def _connection(self, scheme: str, netloc: str, fresh: bool) -> http.client.HTTPConnection:
+    def _connection(self, scheme: str, netloc: str, fresh: bool, spare: bool = False) -> http.client.HTTPConnection:
+        """The thread's kept-alive connection to `netloc` (`spare`: its second one, for a
+        request sent while the first waits for its own answer)."""
         conns = self._local.__dict__.setdefault("conns", {})
-        conn = conns.get(netloc)
+        conn = conns.get((netloc, spare))
         if conn is None or fresh:
             if conn is not None:
                 conn.close()
             cls = http.client.HTTPSConnection if scheme == "https" else http.client.HTTPConnection
-            conn = conns[netloc] = cls(netloc, timeout=self.timeout)
+            conn = conns[(netloc, spare)] = cls(netloc, timeout=self.timeout)
         return conn
 
     def get(
@@ -681,14 +708,62 @@ class S3FastPath:
             conn.close()  # as in get: a half-read answer must not stay on the kept connection
             raise
 
+    @staticmethod
+    def _under_params(bucket: str, prefix: str) -> dict:
+        return {"Bucket": bucket, "Prefix": prefix, "Delimiter": "/", "MaxKeys": 1, "EncodingType": "url"}
+
+    @staticmethod
+    def _lists_any(page: ElementTree.Element) -> bool:
+        return any(_local_name(e.tag) in ("Contents", "CommonPrefixes") for e in page)
+
     def any_under(self, bucket: str, prefix: str) -> bool:
         """Whether any key starts with `prefix` (one LIST of at most one key).
 
         Raises:
             PermissionError, OSError, _FallBack (an answer only s3fs can handle).
         """
-        page = self._list_page({"Bucket": bucket, "Prefix": prefix, "Delimiter": "/", "MaxKeys": 1, "EncodingType": "url"})
-        return any(_local_name(e.tag) in ("Contents", "CommonPrefixes") for e in page)
+        return self._lists_any(self._list_page(self._under_params(bucket, prefix)))
+
+    def head_or_dir(self, bucket: str, key: str) -> dict | bool:
+        """As `head`, and if there is no such object, as `any_under(key/)`: True for a
+        directory, False for nothing. The LIST is sent on the thread's spare connection
+        before the HEAD, so both are in flight at once. A LIST answer that cannot be
+        used as it is (a connection the server had closed, an error) is asked again
+        the ordinary way, which reports it.
+
+        Raises:
+            PermissionError, OSError, _FallBack (an answer only s3fs can handle).
+        """
+        scheme, netloc, target = self.signer.presign("list_objects_v2", self._under_params(bucket, f"{key}/"), "GET")
+        spare: http.client.HTTPConnection | None = self._connection(scheme, netloc, fresh=False, spare=True)
+        try:
+            spare.request("GET", target)
+        except Exception:  # noqa: BLE001 - asked again below, the ordinary way
+            spare.close()
+            spare = None
+        try:
+            found = self.head(bucket, key)
+        except BaseException:
+            if spare is not None:
+                spare.close()  # its unread answer must not meet the next request
+            raise
+        page = None
+        if spare is not None:
+            try:
+                resp = spare.getresponse()
+                body = resp.read()
+                if resp.status == 200 and found is None:
+                    page = ElementTree.fromstring(body)
+            except (http.client.HTTPException, OSError, ElementTree.ParseError):
+                spare.close()
+            except BaseException:
+                spare.close()
+                raise
+        if found is not None:
+            return found
+        if page is None:
+            return self.any_under(bucket, f"{key}/")
+        return self._lists_any(page)
 
     def put(self, bucket: str, key: str, body: bytes, query: dict) -> dict[str, str]:
         """PUT `body` as the object `key` (or, with UploadId and PartNumber in `query`, as
@@ -1076,6 +1151,10 @@ class Backend:
 
     async def stat(self, path: str) -> ObjectInfo:
         return await self._call("stat", path or "/", self.store.stat, path)
+
+    async def check_name(self, path: str) -> ObjectInfo:
+        """`stat` of a name that is probably not there: the store may ask faster for that."""
+        return await self._call("stat", path or "/", self.store.check_name, path)
 
     async def list_dir(self, path: str) -> list[ObjectInfo]:
         return await self._call("list", path or "/", self.store.list_dir, path)

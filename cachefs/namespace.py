@@ -7,8 +7,8 @@ HEAD per file. When the backend fails, what we already know is served stale
 rather than failing: cached data must stay readable while the backend is down.
 
 A name missing from an expired listing (the kernel's lookup before a create, a
-probe for a file that is not there) is checked alone, with one `stat` of that
-name, never by waiting for the whole directory to be listed again: a writer
+probe for a file that is not there) is checked alone, with one `check_name` of
+that name (its HEAD and directory LIST in one round trip), never by waiting for the whole directory to be listed again: a writer
 creating files in a directory of thousands would otherwise wait for a LIST of
 all of them once per --dir-ttl. The directory is listed again in the background
 instead, while that costs the server less than checking the names it would
@@ -258,7 +258,7 @@ class Namespace:
         self._missed(parent)
         self._list_soon(parent, listed, fetched_at, self.dir_ttl)
         try:
-            info = await self.backend.stat(path)
+            info = await self.backend.check_name(path)
         except ObjectNotFound:
             self._cache.pop(("attr", path))
             raise

@@ -16,12 +16,16 @@ write(2) of a new file, on the trio thread: a thread hop there made the close
 wait behind the committer's fsyncs, 3.4 ms a file against 0.8) and returns; a
 process killed after that loses nothing, the kernel has the bytes. The committer then makes entries
 durable in rounds (group commit): it fsyncs the staged bytes and the entry of
-every file journaled since its last round, then the two directories once, off
-the close path, so a writer does not wait for the disk once per file (three
-fsyncs per close made --writeback slower than upload on close for small files).
-fsync() waits for the round that covers its file. What an OS crash or power
-loss can take is what a local filesystem would: files closed but not fsync'd
-within the last round. At the next start, `open` keeps the entries whose staged
+every file journaled since its last round and not uploaded yet, then the two
+directories once, off the close path, so a writer does not wait for the disk
+once per file (three fsyncs per close made --writeback slower than upload on
+close for small files). A round starts COMMIT_INTERVAL after the first entry
+it covers (ext4 commits its journal every 5 s too), or at once when fsync()
+waits for it: most small files have landed by then and need no fsync at all
+(a round after every close kept the SSD busy with two fsyncs per file, and the
+creates of new files waited behind them). What an OS crash or power loss can
+take is what a local filesystem would: files closed but not fsync'd within
+the last COMMIT_INTERVAL and not uploaded yet. At the next start, `open` keeps the entries whose staged
 file has the entry's size (a crash before the round can leave a short file: that
 entry is dropped with an error line, as is an entry the crash cut short, which
 no rename guards: like a short staged file, it was never fsync'd); staged files
@@ -55,6 +59,9 @@ log = logging.getLogger(__name__)
 
 # Room is reserved in steps of this many bytes, not per write.
 RESERVE_STEP = 1 << 20
+# Seconds from a file's close to the committer's round that makes it durable, unless
+# fsync() asks sooner or its upload lands first.
+COMMIT_INTERVAL = 5.0
 
 
 @dataclasses.dataclass(eq=False)
@@ -104,6 +111,7 @@ class Staging:
         self._unsynced: dict[int, JournalEntry] = {}  # journaled, waiting for the committer
         self._syncing: dict[int, JournalEntry] = {}  # in the committer's round now
         self._journaled = trio.Event()  # set when _unsynced gains an entry
+        self._asked = trio.Event()  # set when fsync() waits for an entry in _unsynced
         self._round_done = trio.Event()  # set (and replaced) after each round
         self._failed: set[int] = set()  # seqs whose round failed: fsync() reports EIO
         metrics.STAGING_CAPACITY.set(limit)
@@ -257,23 +265,31 @@ class Staging:
             OSError: the round that covered it failed to sync.
         """
         while entry.seq in self._unsynced or entry.seq in self._syncing:
+            if entry.seq in self._unsynced:
+                self._asked.set()  # no waiting out the interval
             await self._round_done.wait()
         if entry.seq in self._failed:
             self._failed.discard(entry.seq)
             raise OSError(errno.EIO, f"could not make the staged bytes of {entry.path} durable")
 
     async def commit_forever(self) -> None:
-        """The committer: one round at a time, each covering every entry journaled
-        before it began (the entries journaled during a round wait for the next)."""
+        """The committer: one round at a time, COMMIT_INTERVAL after the first entry
+        journaled since the last one (sooner if fsync() waits), each covering every
+        entry journaled before it began and not uploaded yet (the entries journaled
+        during a round wait for the next)."""
         while True:
             await self._journaled.wait()
+            with trio.move_on_after(COMMIT_INTERVAL):
+                await self._asked.wait()
             self._journaled = trio.Event()
+            self._asked = trio.Event()
             self._syncing, self._unsynced = self._unsynced, {}
-            try:
-                await trio.to_thread.run_sync(self._sync, list(self._syncing.values()))
-            except OSError as e:
-                log.error("could not fsync %d journaled files: %s", len(self._syncing), e)
-                self._failed.update(self._syncing)
+            if self._syncing:
+                try:
+                    await trio.to_thread.run_sync(self._sync, list(self._syncing.values()))
+                except OSError as e:
+                    log.error("could not fsync %d journaled files: %s", len(self._syncing), e)
+                    self._failed.update(self._syncing)
             self._syncing = {}
             self._round_done.set()
             self._round_done = trio.Event()
@@ -295,8 +311,9 @@ class Staging:
             fsync_path(self.journal_dir)  # the entries' names
 
     def forget(self, entry: JournalEntry) -> None:
-        """The entry's upload is done (or superseded). One unlink: called on the trio thread,
-        as the entry was written there."""
+        """The entry's upload is done (or superseded): no round needs to sync it now. One
+        unlink: called on the trio thread, as the entry was written there."""
+        self._unsynced.pop(entry.seq, None)
         try:
             os.unlink(self._entry_path(entry))
         except FileNotFoundError:

@@ -133,3 +133,27 @@ def test_fast_stat_equals_s3fs_stat(request, etags, stores):
     for entry in store.list_dir("d"):
         info = store.stat(entry.path)
         assert (info.kind, info.size, info.version) == (entry.kind, entry.size, entry.version), entry.path
+
+
+@pytest.mark.parametrize("etags", ["etag", "noetag"])
+def test_check_name_answers_as_stat_also_when_its_kept_connections_died(request, etags, stores):
+    """The lookup before a create sends its HEAD and its LIST together (the LIST on the
+    thread's spare connection): the answers are stat's, and a connection the server
+    closed meanwhile is asked again, not reported."""
+    import socket
+
+    src = _tree(request, etags)
+    store = store_for(src, stores)
+    paths = [*(f"d/{name}" for name in NAMES), "d", "d/sub", "d/sub/deeper"]
+    missing = ["absent", "d/su", "d/sub/deep", "d/plain/x"]
+    for dead in (False, True):
+        for path in paths:
+            if dead:
+                for conn in store.fast._local.conns.values():
+                    if conn.sock is not None:
+                        conn.sock.shutdown(socket.SHUT_RDWR)  # as a server closing idle connections
+            assert store.check_name(path) == store.stat(path), path
+        for path in missing:
+            with pytest.raises(FileNotFoundError):
+                store.check_name(path)
+    assert store.fast_list, "the fast path fell back to s3fs"

@@ -10,7 +10,7 @@ import pytest
 import trio
 import trio.testing
 
-from cachefs.staging import Staging
+from cachefs.staging import COMMIT_INTERVAL, Staging
 
 
 def _staged_file(staging: Staging, data: bytes):
@@ -61,6 +61,43 @@ async def test_entries_journaled_together_share_one_round(staging, monkeypatch):
         await staging.durable(late)
         nursery.cancel_scope.cancel()
     assert rounds == [[e.seq for e in entries], [late.seq]]
+
+
+@pytest.mark.trio
+async def test_a_round_comes_an_interval_after_a_close_and_skips_files_uploaded_by_then(staging, monkeypatch, autojump_clock):
+    """Without an fsync(), the round waits COMMIT_INTERVAL: a file whose upload landed by
+    then is never fsync'd (a round after every close cost two fsyncs per small file)."""
+    rounds = []
+    monkeypatch.setattr(staging, "_sync", lambda entries: rounds.append([e.path for e in entries]))
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(staging.commit_forever)
+        t0 = trio.current_time()
+        landed = await staging.journal("s3://b/p", "landed", _staged_file(staging, b"y"), 1)
+        await staging.journal("s3://b/p", "pending", _staged_file(staging, b"z"), 1)
+        await trio.sleep(COMMIT_INTERVAL / 2)
+        staging.forget(landed)  # its upload is done: the backend has it
+        await trio.sleep(COMMIT_INTERVAL / 2 - 0.01)
+        assert rounds == []  # nothing synced while the interval runs
+        while not rounds:  # the round runs in a thread: the fake clock may pass it by
+            await trio.sleep(0.01)
+        assert trio.current_time() >= t0 + COMMIT_INTERVAL
+        nursery.cancel_scope.cancel()
+    assert rounds == [["pending"]]
+
+
+@pytest.mark.trio
+async def test_fsync_does_not_wait_out_the_interval(staging, monkeypatch, autojump_clock):
+    rounds = []
+    monkeypatch.setattr(staging, "_sync", lambda entries: rounds.append([e.path for e in entries]))
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(staging.commit_forever)
+        entry = await staging.journal("s3://b/p", "f", _staged_file(staging, b"y"), 1)
+        await trio.sleep(0.1)
+        t0 = trio.current_time()
+        await staging.durable(entry)
+        assert trio.current_time() == t0  # no virtual time passed: the round began at once
+        nursery.cancel_scope.cancel()
+    assert rounds == [["f"]]
 
 
 @pytest.mark.trio
