@@ -47,7 +47,7 @@ import trio
 from cachefs import hotpath, metrics
 from cachefs.budget import MemoryBudget
 from cachefs.cache.policy import ADMISSIONS, make_index
-from cachefs.cache.read_threads import ReadThreads
+from cachefs.threads import BlockingThreads
 from cachefs.errors import CacheDirInUse, ChunkCorrupt
 from cachefs.objects import SOURCE_TAG_SIZE, Buffer, ChunkKey, Medium, source_tag
 
@@ -175,8 +175,8 @@ class DiskTier:
         self._layouts: dict[bytes, tuple] = {}  # digest -> read_layout() of its file
         self._limiter = trio.CapacityLimiter(io_threads)
         # Range reads the page cache cannot answer at once: the hop on an SSD hit.
-        self._range_threads = ReadThreads(io_threads, "cachefs disk range read")
-        self._write_limiter = trio.CapacityLimiter(WRITE_THREADS)
+        self._range_threads = BlockingThreads(io_threads, "cachefs disk range read")
+        self._write_threads = BlockingThreads(WRITE_THREADS, "cachefs disk write")
         self._direct = hasattr(os, "O_DIRECT")  # off for good after the file system refuses it
         self._aligned: list[mmap.mmap] = []  # free write buffers; at most WRITE_THREADS exist
         # digest -> an open read-only fd of its file. Readers use dup()s, so the
@@ -240,6 +240,7 @@ class DiskTier:
     def close(self) -> None:
         """Close the kept descriptors and give up the directory; the tier is unusable after."""
         self._range_threads.close()
+        self._write_threads.close()
         with self._fds_lock:
             fds = list(self._fds.values())
             self._fds.clear()
@@ -532,7 +533,7 @@ class DiskTier:
             # Then every chunk in one hop to a thread: a hop per chunk, or writing each
             # as its bytes arrive, cost more CPU than it saved time (page-cache writes).
             jobs = [(keys[i].digest, buffers[i], hotpath.header_size(keys[i].length), keys[i].length) for i in mine]
-            written, error = await trio.to_thread.run_sync(self._write_filled, jobs, limiter=self._write_limiter)
+            written, error = await self._write_threads.run(self._write_filled, jobs)
             for i in list(mine)[:written]:
                 self._indexed(keys[i].digest, mine[i])
                 held[i] = True
@@ -574,7 +575,7 @@ class DiskTier:
             if victims:
                 await trio.to_thread.run_sync(_unlink_all, victims, limiter=self._limiter)
             if room:
-                await trio.to_thread.run_sync(self._write, digest, data, limiter=self._write_limiter)
+                await self._write_threads.run(self._write, digest, data)
                 self._indexed(digest, size)
                 stored = True
             return stored
