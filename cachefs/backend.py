@@ -298,7 +298,7 @@ class FsspecStore:
     def _s3_get(self, obj: ObjectId, start: int, end: int, into: list[memoryview] | None = None):
         from fsspec.asyn import sync
 
-        bucket, key, _ = self.fs.split_path(self._abs(obj.path))
+        bucket, key = self._key(obj.path)  # as writes do: s3fs's split_path cost 2% of a warm-up's thread time
         fs = self.fs
         etag = obj.version.removeprefix("etag:") if obj.version.startswith("etag:") else ""
         conditions = {"IfMatch": f'"{etag}"'} if etag else {}
