@@ -43,6 +43,7 @@ from cachefs.errors import (
 )
 from cachefs.logsafe import LogLimiter
 from cachefs.objects import Kind, ObjectId, ObjectInfo, check_relative_path, join
+from cachefs.threads import BlockingThreads
 
 if TYPE_CHECKING:
     from cachefs.upload import EarlyParts
@@ -157,11 +158,8 @@ class LocalStore:
     def set_mtime(self, path: str, mtime: float) -> None:
         os.utime(self._abs(path), (mtime, mtime), follow_symlinks=False)
 
-    def fetch_into(
-        self, obj: ObjectId, start: int, end: int, into: list[memoryview], on_filled: Callable[[int], None] | None = None
-    ) -> int:
-        """`fetch` into the buffers `into` in turn (end - start bytes in all); returns the
-        bytes read, after announcing each buffer read whole (`on_filled(i)`)."""
+    def fetch_into(self, obj: ObjectId, start: int, end: int, into: list[memoryview]) -> int:
+        """`fetch` into the buffers `into` in turn (end - start bytes in all); returns the bytes read."""
         fd = os.open(self._abs(obj.path), os.O_RDONLY | os.O_CLOEXEC)
         try:
             if _local_version(os.fstat(fd)) != obj.version:
@@ -169,7 +167,6 @@ class LocalStore:
             n = os.preadv(fd, into, start)
         finally:
             os.close(fd)
-        _announce(into, n, on_filled)
         return n
 
 
@@ -315,24 +312,18 @@ class FsspecStore:
             return self._s3_get(obj, start, end)
         return self.fs.cat_file(self._abs(obj.path), start=start, end=end)
 
-    def fetch_into(
-        self, obj: ObjectId, start: int, end: int, into: list[memoryview], on_filled: Callable[[int], None] | None = None
-    ) -> int:
+    def fetch_into(self, obj: ObjectId, start: int, end: int, into: list[memoryview]) -> int:
         """`fetch` into the buffers `into` in turn (end - start bytes in all); returns
-        the bytes read. The S3 fast path receives straight into them, and announces
-        each as it is whole (`on_filled(i)`); other stores copy, then announce all."""
-        data = self._s3_get(obj, start, end, into, on_filled) if self.is_s3 else self.fetch(obj, start, end)
+        the bytes read. The S3 fast path receives straight into them; other stores copy."""
+        data = self._s3_get(obj, start, end, into) if self.is_s3 else self.fetch(obj, start, end)
         if data is into:
             return end - start
-        return _scatter(data, into, on_filled)
+        return _scatter(data, into)
 
-    def _s3_get(
-        self, obj: ObjectId, start: int, end: int, into: list[memoryview] | None = None,
-        on_filled: Callable[[int], None] | None = None,
-    ):
+    def _s3_get(self, obj: ObjectId, start: int, end: int, into: list[memoryview] | None = None):
         from fsspec.asyn import sync
 
-        bucket, key, _ = self.fs.split_path(self._abs(obj.path))
+        bucket, key = self._key(obj.path)  # as writes do: s3fs's split_path cost 2% of a warm-up's thread time
         fs = self.fs
         etag = obj.version.removeprefix("etag:") if obj.version.startswith("etag:") else ""
         conditions = {"IfMatch": f'"{etag}"'} if etag else {}
@@ -349,7 +340,7 @@ class FsspecStore:
             try:
                 data, _ = self.fast.get(
                     bucket, key, start, end, {"If-Match": f'"{etag}"'} if etag else {},
-                    into=into, check=check, on_filled=on_filled,
+                    into=into, check=check,
                 )
             except _FallBack as e:
                 # This request only: one odd answer must not change how every later one is made.
@@ -582,14 +573,12 @@ class S3FastPath:
         self, bucket: str, key: str, start: int, end: int, headers: dict[str, str],
         into: list[memoryview] | None = None,
         check: Callable[[dict], None] | None = None,
-        on_filled: Callable[[int], None] | None = None,
     ) -> tuple[bytearray | list[memoryview], dict]:
         """Bytes [start, end) and the response headers; if `into` is given, the bytes
         are received into its buffers in turn (end - start bytes in all) and it is returned.
 
         `check(headers)` runs before any byte of the body is received (it raises if
-        the answer is not the version asked for); `on_filled(i)` is called as soon as
-        `into[i]` is whole, so a caller may use it while the rest arrives.
+        the answer is not the version asked for).
 
         Raises:
             FileNotFoundError, PermissionError, ObjectChanged (412/416, or a shorter range
@@ -611,7 +600,7 @@ class S3FastPath:
                 if check is not None:
                     check(dict(resp.getheaders()))
                 data = hotpath.empty_buffer(end - start) if into is None else into  # filled below or raised
-                for i, buf in enumerate([data] if into is None else into):
+                for buf in [data] if into is None else into:
                     with memoryview(buf) as view:
                         size, filled = len(view), 0
                         while filled < size and (n := resp.readinto(view[filled:])):
@@ -619,8 +608,6 @@ class S3FastPath:
                     got += filled
                     if filled < size:
                         break
-                    if on_filled is not None and into is not None:
-                        on_filled(i)
             except BaseException:
                 conn.close()  # a body cut short (timeout, IncompleteRead) must not poison the next request
                 raise
@@ -955,58 +942,22 @@ def open_store(
     return FsspecStore(url, endpoint_url, timeout, credentials, profile)
 
 
-class _Receipt:
-    """A fetch into several buffers across its attempts: a retry asks only for the
-    buffers not yet whole, so one already announced (`on_filled(i)`, from the
-    fetching thread) is never written again while its caller uses it."""
-
-    def __init__(self, store, obj: ObjectId, start: int, into: list[memoryview], on_filled):
-        self.store, self.obj, self.start, self.into, self.on_filled = store, obj, start, into, on_filled
-        self.whole = 0  # leading buffers received whole
-
-    def attempt(self) -> int:
-        """One request for the rest; returns the bytes held in all."""
-        first = self.whole
-        done = sum(len(b) for b in self.into[:first])
-        rest = self.into[first:]
-        end = self.start + done + sum(len(b) for b in rest)
-
-        def filled(i: int) -> None:
-            self.whole = first + i + 1
-            if self.on_filled is not None:
-                self.on_filled(first + i)
-
-        return done + _fetch_into(self.store, self.obj, self.start + done, end, rest, filled)
-
-
-def _fetch_into(store, obj: ObjectId, start: int, end: int, into: list[memoryview], on_filled=None) -> int:
+def _fetch_into(store, obj: ObjectId, start: int, end: int, into: list[memoryview]) -> int:
     """`store.fetch_into`, or `fetch` and a copy for a store without it."""
     fetch_into = getattr(store, "fetch_into", None)
     if fetch_into is not None:
-        return fetch_into(obj, start, end, into, on_filled)
-    return _scatter(store.fetch(obj, start, end), into, on_filled)
+        return fetch_into(obj, start, end, into)
+    return _scatter(store.fetch(obj, start, end), into)
 
 
-def _scatter(data, into: list[memoryview], on_filled: Callable[[int], None] | None = None) -> int:
-    """Copy `data` into the buffers `into` in turn, announce the whole ones; returns len(data)."""
+def _scatter(data, into: list[memoryview]) -> int:
+    """Copy `data` into the buffers `into` in turn; returns len(data)."""
     view, at = memoryview(data), 0
     for buf in into:
         n = min(len(buf), len(view) - at)
         buf[:n] = view[at : at + n]
         at += n
-    _announce(into, len(view), on_filled)
     return len(view)
-
-
-def _announce(into: list[memoryview], n: int, on_filled: Callable[[int], None] | None) -> None:
-    """`on_filled(i)` for each of the buffers `into` that the first `n` bytes filled."""
-    if on_filled is None:
-        return
-    for i, buf in enumerate(into):
-        n -= len(buf)
-        if n < 0:
-            return
-        on_filled(i)
 
 
 def _translate(e: BaseException, what: str) -> BackendError:
@@ -1076,7 +1027,9 @@ class Backend:
         self.source = store.url
         self.timeout = timeout
         self.retries = retries
-        self.limiter = trio.CapacityLimiter(concurrency)
+        # Reads (GETs, stats, listings) run in these threads, `concurrency` at once: a
+        # lighter hop than trio.to_thread (see cachefs.threads), paid on every miss.
+        self._read_threads = BlockingThreads(concurrency, "cachefs backend")
         # Uploads have their own slots: a big upload must not hold up reads' misses.
         self.upload_limiter = trio.CapacityLimiter(upload_concurrency)
         self._clock = clock
@@ -1111,7 +1064,6 @@ class Backend:
         clears the breaker that fails reads fast (`is_down`).
         """
         deadline = math.inf if change else trio.current_time() + self.timeout
-        limiter = self.upload_limiter if change else self.limiter
         delay = 0.05
         attempt = 0
         while True:
@@ -1120,7 +1072,10 @@ class Backend:
             error: BackendError | None = None
             with trio.move_on_at(deadline):
                 try:
-                    result = await trio.to_thread.run_sync(fn, *args, limiter=limiter, abandon_on_cancel=not change)
+                    if change:
+                        result = await trio.to_thread.run_sync(fn, *args, limiter=self.upload_limiter)
+                    else:
+                        result = await self._read_threads.run(fn, *args, abandon_on_cancel=True)
                 except Exception as e:  # noqa: BLE001 - translated right here
                     error = _translate(e, what)
                 else:
@@ -1144,6 +1099,7 @@ class Backend:
 
     def close(self) -> None:
         """Close the store's connections; the backend is not used after."""
+        self._read_threads.close()
         try:
             self.store.close()
         except Exception:  # noqa: BLE001 - closing is best effort: the process may be going anyway
@@ -1277,17 +1233,13 @@ class Backend:
     async def set_mtime(self, path: str, mtime: float) -> None:
         await self._change("setattr", path, self.store.set_mtime, path, mtime)
 
-    async def fetch_into(
-        self, obj: ObjectId, start: int, into: list[memoryview], on_filled: Callable[[int], None] | None = None
-    ) -> None:
+    async def fetch_into(self, obj: ObjectId, start: int, into: list[memoryview]) -> None:
         """Read bytes [start, start + the buffers' total length) of exactly this object
         version into the buffers `into`, in turn, with one request and without a buffer
         of our own (the S3 fast path receives straight into them).
 
-        `on_filled(i)` is called, from a worker thread, as soon as `into[i]` holds its
-        bytes for good: a retry after a failure asks only for the buffers after it.
-        If this raises, a thread may still be writing into the buffers not announced
-        (one abandoned at the deadline): the caller must not reuse them.
+        If this raises, a thread may still be writing into the buffers (one abandoned
+        at the deadline): the caller must not reuse them.
 
         Raises:
             ObjectChanged: the backend holds another version now, or the read came short.
@@ -1296,8 +1248,7 @@ class Backend:
         end = start + sum(len(b) for b in into)
         if not 0 <= start < end <= obj.size:
             raise ValueError(f"{obj.path}: bad range [{start}, {end}) of an object of {obj.size} bytes")
-        receipt = _Receipt(self.store, obj, start, into, on_filled)
-        n = await self._call("get", f"{obj.path}[{start}:{end}]", receipt.attempt)
+        n = await self._call("get", f"{obj.path}[{start}:{end}]", _fetch_into, self.store, obj, start, end, into)
         if n != end - start:
             raise ObjectChanged(f"{obj.path}: short read at {start} ({n} of {end - start} bytes)")
         metrics.BACKEND_READ_BYTES.inc(n)

@@ -196,7 +196,7 @@ async def test_warm_up_fills_are_claimed_in_the_budget_and_mem_makes_room(tmp_pa
     objs = [ObjectId("fake://b", f"w{i}", "v1", 4 * C) for i in range(6)]
     peak = 0
 
-    async def fetch(views, on_filled) -> None:
+    async def fetch(views) -> None:
         nonlocal peak
         for view in views:
             peak = max(peak, budget.used)

@@ -274,7 +274,7 @@ async def test_disk_fill_stores_the_fetched_chunks_and_counts_their_bytes(tmp_pa
     keys = [chunk(n, 1000) for n in range(3)]
     data = [payload(1000, seed=n) for n in range(3)]
 
-    async def fetch(views, on_filled):
+    async def fetch(views):
         for view, part in zip(views, data):
             view[:] = part
 
@@ -288,46 +288,50 @@ async def test_disk_fill_stores_the_fetched_chunks_and_counts_their_bytes(tmp_pa
 
 
 @pytest.mark.trio
-async def test_disk_fill_writes_an_announced_chunk_while_the_fetch_goes_on(tmp_path):
-    """A chunk whose bytes are in is on disk before the request ends: a warm-up's
-    load costs its fetch and one write, not the fetch and every write after it."""
-    disk = await open_disk(tmp_path, 10 * entry(1000))
-    keys = [chunk(n, 1000) for n in range(3)]
-    data = [payload(1000, seed=n) for n in range(3)]
-    seen_on_disk = []
-
-    async def fetch(views, on_filled):
-        for i, (view, part) in enumerate(zip(views, data)):
-            view[:] = part
-            on_filled(i)
-            with trio.fail_after(10):  # without the early write this never ends
-                while (got := await disk.get(keys[i])) is None:
-                    await trio.sleep(0.001)
-            seen_on_disk.append(bytes(got) == part)
-
-    assert await disk.fill(keys, fetch) == [True, True, True]
-    assert seen_on_disk == [True, True, True]
-    assert disk.usage() == (3 * entry(1000), 3)
-
-
-@pytest.mark.trio
-async def test_disk_fill_that_fails_keeps_only_the_announced_chunks(tmp_path):
-    """A request cut short after its first chunk: that chunk is stored (its bytes
-    were whole), the rest are not, and the error comes out as it was raised."""
+async def test_disk_fill_that_fails_stores_nothing_and_leaves_the_cap_exact(tmp_path):
+    """A request cut short halfway: no chunk is stored (not even one whose bytes
+    were whole), the error comes out as it was raised, and the reserved room is
+    given back, so the same chunks fill later."""
     disk = await open_disk(tmp_path, 10 * entry(1000))
     keys = [chunk(n, 1000) for n in range(3)]
 
-    async def fetch(views, on_filled):
+    async def cut_short(views):
         views[0][:] = payload(1000, seed=0)
-        on_filled(0)
         views[1][:500] = payload(500, seed=1)
         raise BackendUnavailable("cut short")
 
     with pytest.raises(BackendUnavailable, match="cut short"):
-        await disk.fill(keys, fetch)
+        await disk.fill(keys, cut_short)
+    assert [await disk.get(k) for k in keys] == [None, None, None]
+    assert disk.usage() == (0, 0)
+
+    async def whole(views):
+        for n, view in enumerate(views):
+            view[:] = payload(1000, seed=n)
+
+    assert await disk.fill(keys, whole) == [True, True, True]
+    assert [bytes(await disk.get(k)) for k in keys] == [payload(1000, seed=n) for n in range(3)]
+
+
+@pytest.mark.trio
+async def test_disk_fill_whose_write_fails_keeps_the_chunks_written_before(tmp_path):
+    """The second chunk's file cannot be made: the first stays stored and counted, the
+    others are not, the failure is counted, and no room stays reserved."""
+    disk = await open_disk(tmp_path, 10 * entry(1000))
+    keys = [chunk(n, 1000) for n in range(3)]
+    chunk_path(tmp_path, keys[1].digest).mkdir(parents=True)  # a directory where its file goes
+    errors = sample("cachefs_cache_errors_total", tier="disk", reason="write")
+
+    async def fetch(views):
+        for n, view in enumerate(views):
+            view[:] = payload(1000, seed=n)
+
+    assert await disk.fill(keys, fetch) == [True, False, False]
     assert bytes(await disk.get(keys[0])) == payload(1000, seed=0)
-    assert await disk.get(keys[1]) is None and await disk.get(keys[2]) is None
+    assert await disk.get(keys[2]) is None
     assert disk.usage() == (entry(1000), 1)
+    assert disk.used == sum(chunk_files(tmp_path).values())
+    assert sample("cachefs_cache_errors_total", tier="disk", reason="write") == errors + 1
 
 
 @pytest.mark.trio
@@ -338,9 +342,8 @@ async def test_disk_fill_cancelled_raises_plain_cancellation(tmp_path):
     keys = [chunk(n, 1000) for n in range(3)]
     stuck = trio.Event()
 
-    async def fetch(views, on_filled):
+    async def fetch(views):
         views[0][:] = payload(1000, seed=0)
-        on_filled(0)
         stuck.set()
         await trio.sleep_forever()
 
@@ -360,8 +363,8 @@ async def test_disk_fill_cancelled_raises_plain_cancellation(tmp_path):
                 raise
     assert scope.cancelled_caught
     assert [type(e) for e in raised] == [trio.Cancelled]
-    assert await disk.get(keys[1]) is None
-    assert disk.usage() in [(0, 0), (entry(1000), 1)]  # chunk 0 whole or not at all
+    assert [await disk.get(k) for k in keys] == [None, None, None]
+    assert disk.usage() == (0, 0)
 
 
 @pytest.mark.trio

@@ -22,9 +22,9 @@ against a container's memory limit. Warm-up's writes are the exception (see
 also lives in the page cache, unless the tier drops what it read (`drop_pages`,
 a worker's default: see `DiskTier`).
 
-Warm-up writes without a copy of ours (`fill`): the backend receives the chunk
-straight into a reused buffer with room for the header before it, and that
-buffer is written as it is, buffered (see `_write_filled`).
+Warm-up writes without a copy of ours (`fill`): the backend receives the chunks
+straight into reused buffers with room for the header before each, and those
+buffers are written as they are, buffered (see `_write_filled`).
 """
 
 from __future__ import annotations
@@ -32,9 +32,7 @@ from __future__ import annotations
 import array
 import errno
 import fcntl
-import functools
 import logging
-import math
 import mmap
 import os
 import re
@@ -49,7 +47,7 @@ import trio
 from cachefs import hotpath, metrics
 from cachefs.budget import MemoryBudget
 from cachefs.cache.policy import ADMISSIONS, make_index
-from cachefs.cache.read_threads import ReadThreads
+from cachefs.threads import BlockingThreads
 from cachefs.errors import CacheDirInUse, ChunkCorrupt
 from cachefs.objects import SOURCE_TAG_SIZE, Buffer, ChunkKey, Medium, source_tag
 
@@ -104,23 +102,6 @@ FILL_BYTES = 128 << 20
 def file_header_size(length: int) -> int:
     """Bytes of header before `length` bytes of data in a chunk file we write."""
     return hotpath.header_size(length, CHECKSUM_BLOCK)
-
-
-def _offer(send: trio.MemorySendChannel, item) -> None:
-    """`send.send_nowait(item)` unless the channel is closed (a late call from a thread)."""
-    try:
-        send.send_nowait(item)
-    except (trio.ClosedResourceError, trio.BrokenResourceError):
-        pass
-
-
-def _cancellation(group: BaseExceptionGroup) -> BaseException:
-    """The group a nursery raised when cancelled, as the one Cancelled callers
-    expect; any other group as it is."""
-    cancelled, rest = group.split(trio.Cancelled)
-    while rest is None and isinstance(cancelled, BaseExceptionGroup):
-        cancelled = cancelled.exceptions[0]
-    return group if rest is not None else cancelled
 
 
 def _unlink_all(paths: list[str]) -> None:
@@ -210,8 +191,8 @@ class DiskTier:
         self._layout_sums = 0  # checksums held in _layouts
         self._limiter = trio.CapacityLimiter(io_threads)
         # Range reads the page cache cannot answer at once: the hop on an SSD hit.
-        self._range_threads = ReadThreads(io_threads, "cachefs disk range read")
-        self._write_limiter = trio.CapacityLimiter(WRITE_THREADS)
+        self._range_threads = BlockingThreads(io_threads, "cachefs disk range read")
+        self._write_threads = BlockingThreads(WRITE_THREADS, "cachefs disk write")
         self._direct = hasattr(os, "O_DIRECT")  # off for good after the file system refuses it
         self._aligned: list[mmap.mmap] = []  # free write buffers; at most WRITE_THREADS exist
         # digest -> an open read-only fd of its file. Readers use dup()s, so the
@@ -275,6 +256,7 @@ class DiskTier:
     def close(self) -> None:
         """Close the kept descriptors and give up the directory; the tier is unusable after."""
         self._range_threads.close()
+        self._write_threads.close()
         with self._fds_lock:
             fds = list(self._fds.values())
             self._fds.clear()
@@ -489,18 +471,15 @@ class DiskTier:
             room = min(room, (self._budget.capacity - self._budget.reserve) // 2)
         return max(1, room // chunk_size)
 
-    async def fill(
-        self, keys: list[ChunkKey], fetch: Callable[[list[memoryview], Callable[[int], None]], Awaitable[None]]
-    ) -> list[bool]:
+    async def fill(self, keys: list[ChunkKey], fetch: Callable[[list[memoryview]], Awaitable[None]]) -> list[bool]:
         """Store consecutive chunks of one object that `fetch` writes straight into
         buffers of ours (warm-up).
 
-        `fetch(views, on_filled)` fills the views in turn, all key.length bytes of
-        each, with one backend request, and may call `on_filled(i)` (from any
-        thread) once views[i] is whole for good; each view lies in a page-aligned
-        buffer with room for its chunk's header before it, and the buffer is then
-        written as it is (buffered: see `_write_filled`), at once if announced,
-        while the rest arrives: no copy of ours, no MEM tier, and no fresh memory per chunk (the buffers
+        `fetch(views)` fills the views in turn, all key.length bytes of each, with
+        one backend request; each view lies in a page-aligned buffer with room for
+        its chunk's header before it, and once the fetch is done the buffers are
+        written as they are (buffered: see `_write_filled`), all in one hop to a
+        thread: no copy of ours, no MEM tier, and no fresh memory per chunk (the buffers
         are reused while fills run; FILL_BYTES of them at most, claimed in the
         chunk budget, which MEM makes room for). Nothing is fetched if every chunk
         is held already, or if there is no room. Checkpoints.
@@ -511,7 +490,7 @@ class DiskTier:
             For each chunk, whether it is held now (stored, present before, or being
             written by someone else); False: no room, or the write failed.
         Raises:
-            Whatever `fetch` raises; of the chunks, only those it announced are stored then.
+            Whatever `fetch` raises; no chunk is stored then.
         """
         n = len(keys)
         if self._fill_slots is None:
@@ -555,7 +534,7 @@ class DiskTier:
             self._writing.add(keys[i].digest)
             self.used += size
             self._reserved[tag] += size
-        written: set[int] = set()
+        written = 0  # of the chunks in `mine`, in order: the first `written` are on disk
         try:
             room, victims = self._claim_room(sum(mine.values()), tag)
             if victims:
@@ -573,66 +552,26 @@ class DiskTier:
             for k, buf in zip(keys, buffers):
                 head = file_header_size(k.length)
                 views.append(memoryview(buf)[head : head + k.length])
-
-            async def write(i: int) -> None:
-                k = keys[i]
-                await trio.to_thread.run_sync(
-                    self._write_filled, k.digest, buffers[i], file_header_size(k.length), k.length,
-                    limiter=self._write_limiter,
-                )
-                self._indexed(k.digest, mine[i])
-                written.add(i)
-                held[i] = True
-
-            # Each chunk is written as soon as its bytes are in, while the request
-            # receives the next: a load takes its fetch and one write, not the sum of all.
-            filled_send, filled_receive = trio.open_memory_channel[int](math.inf)
-            token = trio.lowlevel.current_trio_token()
-
-            def on_filled(i: int) -> None:  # from the fetching thread
-                token.run_sync_soon(_offer, filled_send, i)
-
-            # Raised after the nursery, as they are (not in a group): the fetch's
-            # error first; a write's stops the writes.
-            failure: list[Exception] = []
-            write_failure: list[OSError] = []
-
-            async def write_as_filled() -> None:
-                async for i in filled_receive:
-                    if i in mine and not write_failure:
-                        try:
-                            await write(i)
-                        except OSError as e:
-                            write_failure.append(e)
-
-            try:
-                async with trio.open_nursery() as nursery:
-                    nursery.start_soon(write_as_filled)
-                    try:
-                        await fetch(views, on_filled)
-                    except Exception as e:  # noqa: BLE001 - raised below, after the announced chunks are written
-                        failure.append(e)
-                    finally:
-                        # Queued after the announcements (run_sync_soon keeps order): the
-                        # writer ends once it has every chunk announced.
-                        token.run_sync_soon(filled_send.close)
-            except BaseExceptionGroup as group:
-                raise _cancellation(group)
-            if failure or write_failure:
-                raise (failure + write_failure)[0]
+            await fetch(views)
             del views
-            for i in mine:
-                if i not in written:
-                    await write(i)  # not announced (a fetch that does not announce)
+            # Then every chunk in one hop to a thread: a hop per chunk, or writing each
+            # as its bytes arrive, cost more CPU than it saved time (page-cache writes).
+            jobs = [(keys[i].digest, buffers[i], file_header_size(keys[i].length), keys[i].length) for i in mine]
+            written, error = await self._write_threads.run(self._write_filled, jobs)
+            for i in list(mine)[:written]:
+                self._indexed(keys[i].digest, mine[i])
+                held[i] = True
             self._fill_buffers.extend(buffers)
+            if error is not None:
+                raise error
             return held
         except OSError as e:
             log.warning("cannot write chunks of %s to %s: %s", keys[0].obj.path, self.root, e)
             metrics.CACHE_ERRORS.labels(self.name, "write").inc()
             return held
         finally:
-            for i, size in mine.items():
-                if i not in written:
+            for n, (i, size) in enumerate(mine.items()):
+                if n >= written:
                     self.used -= size
                 self._reserved[tag] -= size
                 self._writing.discard(keys[i].digest)
@@ -660,7 +599,7 @@ class DiskTier:
             if victims:
                 await trio.to_thread.run_sync(_unlink_all, victims, limiter=self._limiter)
             if room:
-                await trio.to_thread.run_sync(self._write, digest, data, limiter=self._write_limiter)
+                await self._write_threads.run(self._write, digest, data)
                 self._indexed(digest, size)
                 stored = True
             return stored
@@ -690,11 +629,12 @@ class DiskTier:
     def _write(self, digest: bytes, data: bytes | memoryview) -> None:
         header = hotpath.seal_chunk(digest, data, CHECKSUM_BLOCK)
         self._write_file(
-            digest, lambda fd: self._write_direct(fd, header, data), lambda fd: self._write_buffered(fd, header, data)
+            digest, lambda fd: self._write_buffered(fd, header, data), lambda fd: self._write_direct(fd, header, data)
         )
 
-    def _write_filled(self, digest: bytes, buf: mmap.mmap, head: int, length: int) -> None:
-        """Write a `fill` buffer: the chunk at [head, head + length), its header sealed in front.
+    def _write_filled(self, jobs: list[tuple[bytes, mmap.mmap, int, int]]) -> tuple[int, OSError | None]:
+        """Write `fill` buffers, each (digest, buffer, head, length): the chunk at
+        [head, head + length), its header sealed in front. Stops at the first error.
 
         Buffered, unlike other chunk writes, as JuiceFS writes its cache: a warm-up
         writes as fast as the backend sends, and an O_DIRECT write waits for the
@@ -703,22 +643,29 @@ class DiskTier:
         started at once by FADV_DONTNEED; 0.4 s more CPU per GiB). The kernel writes
         the pages back later; they are clean page cache then, which reclaim takes
         first (the worker drops a chunk file's pages once it has served it).
-        """
-        with memoryview(buf) as view:
-            with view[head : head + length] as data:
-                header = hotpath.seal_chunk(digest, data, CHECKSUM_BLOCK)
-            view[:head] = header
-            with view[: head + length] as whole:
-                write = functools.partial(self._write_buffered, header=whole, data=b"")
-                self._write_file(digest, write, write, direct=False)
 
-    def _write_file(self, digest: bytes, write_direct, write_buffered, direct: bool = True) -> None:
+        Returns:
+            (chunks written, the error that stopped the rest or None).
+        """
+        for n, (digest, buf, head, length) in enumerate(jobs):
+            try:
+                with memoryview(buf) as view:
+                    with view[head : head + length] as data:
+                        header = hotpath.seal_chunk(digest, data, CHECKSUM_BLOCK)
+                    view[:head] = header
+                    with view[: head + length] as whole:
+                        self._write_file(digest, lambda fd: self._write_buffered(fd, whole, b""))
+            except OSError as e:
+                return n, e
+        return len(jobs), None
+
+    def _write_file(self, digest: bytes, write_buffered, write_direct=None) -> None:
         """Write a chunk's file: to a temp file with `write_direct(fd)` (O_DIRECT, if
-        `direct` and the file system takes it) or `write_buffered(fd)`, then renamed
+        given and the file system takes it) or else `write_buffered(fd)`, then renamed
         into place."""
         path = self._path(digest)
         tmp = f"{path}.tmp{os.getpid()}"
-        direct = direct and self._direct
+        direct = write_direct is not None and self._direct
         try:
             fd = self._create(tmp, direct)
         except FileNotFoundError:

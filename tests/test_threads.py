@@ -1,4 +1,4 @@
-"""cachefs.cache.read_threads: the SSD tier's hop for range reads that wait for the disk."""
+"""cachefs.threads: the SSD tier's hop for range reads that wait for the disk."""
 
 from __future__ import annotations
 
@@ -8,12 +8,12 @@ import pytest
 import trio
 import trio.testing
 
-from cachefs.cache.read_threads import ReadThreads
+from cachefs.threads import BlockingThreads
 
 
 @pytest.mark.trio
 async def test_runs_off_the_trio_thread_and_returns_or_raises():
-    threads = ReadThreads(2, "test")
+    threads = BlockingThreads(2, "test")
     try:
         here = threading.get_ident()
         assert await threads.run(lambda a, b: (a + b, threading.get_ident()), 2, 3) != (5, here)
@@ -30,7 +30,7 @@ async def test_runs_off_the_trio_thread_and_returns_or_raises():
 
 @pytest.mark.trio
 async def test_runs_as_many_reads_at_once_as_it_has_threads():
-    threads = ReadThreads(3, "test")
+    threads = BlockingThreads(3, "test")
     inside, release = [], threading.Event()
     lock = threading.Lock()
 
@@ -63,7 +63,7 @@ async def _append(results, awaitable):
 
 @pytest.mark.trio
 async def test_a_cancel_waits_for_the_read_it_handed_over():
-    threads = ReadThreads(1, "test")
+    threads = BlockingThreads(1, "test")
     release = threading.Event()
     got = []
 
@@ -88,8 +88,38 @@ async def test_a_cancel_waits_for_the_read_it_handed_over():
 
 
 @pytest.mark.trio
+async def test_an_abandoned_call_returns_at_once_and_holds_its_thread(autojump_clock):
+    """abandon_on_cancel: the cancel takes effect at once; the call runs on in its
+    thread, its outcome dropped, and holds that thread until it returns, so a call
+    queued behind it waits."""
+    threads = BlockingThreads(1, "test")
+    release = threading.Event()
+    ran = []
+    try:
+        with trio.move_on_after(1) as scope:
+            await threads.run(lambda: release.wait(10) and ran.append("first"), abandon_on_cancel=True)
+        assert scope.cancelled_caught and ran == []
+        with trio.move_on_after(1) as scope:
+            await threads.run(lambda: ran.append("queued") or "dropped", abandon_on_cancel=True)
+        assert scope.cancelled_caught and ran == []  # behind the first, in the one thread
+        release.set()
+        assert await threads.run(lambda: "next") == "next"
+        assert ran == ["first", "queued"]
+    finally:
+        threads.close()
+
+
+@pytest.mark.trio
+async def test_a_call_after_close_still_runs():
+    threads = BlockingThreads(1, "test")
+    threads.close()
+    with trio.fail_after(10):
+        assert await threads.run(lambda: "late") == "late"
+
+
+@pytest.mark.trio
 async def test_close_ends_the_threads():
-    threads = ReadThreads(2, "test")
+    threads = BlockingThreads(2, "test")
     await threads.run(lambda: None)
     started = list(threads._threads)
     assert len(started) == 1 and all(t.is_alive() for t in started)  # one read, one thread: started as needed
@@ -103,7 +133,7 @@ async def test_close_ends_the_threads():
 async def test_idle_threads_end_and_reads_start_them_again():
     """A daemon that stopped reading holds no read threads (a leak check counting its
     threads sees the same number before and after), and the next read still runs."""
-    threads = ReadThreads(2, "test", idle_seconds=0.05)
+    threads = BlockingThreads(2, "test", idle_seconds=0.05)
     try:
         assert await threads.run(lambda: "first") == "first"
         (thread,) = threads._threads
@@ -117,4 +147,4 @@ async def test_idle_threads_end_and_reads_start_them_again():
 
 def test_needs_a_thread():
     with pytest.raises(ValueError):
-        ReadThreads(0, "test")
+        BlockingThreads(0, "test")
