@@ -53,9 +53,9 @@ class BlockingThreads:
 
         Checkpoints. As with `trio.to_thread.run_sync`, a call once handed over is
         waited for (a cancel takes effect when it returns), unless `abandon_on_cancel`:
-        then a cancel takes effect at once, and the call still runs to its end in its
-        thread, its outcome dropped (only for calls without side effects). An
-        abandoned call holds its thread until it returns.
+        then a cancel takes effect at once: a call still queued is dropped, one
+        running runs to its end in its thread, its outcome dropped (only for calls
+        without side effects), and holds that thread until it returns.
         """
         if self._closed:  # a late call (shutdown): trio's threads still take it
             return await trio.to_thread.run_sync(fn, *args, abandon_on_cancel=abandon_on_cancel)
@@ -63,10 +63,7 @@ class BlockingThreads:
         job = _Job(fn, args, trio.lowlevel.current_trio_token(), trio.lowlevel.current_task())
         with self._lock:
             self._jobs.put(job)
-            if self._idle < self._jobs.qsize() and len(self._threads) < self.count and not self._closed:
-                thread = threading.Thread(target=self._work, name=f"{self.name} {len(self._threads)}", daemon=True)
-                self._threads.add(thread)
-                thread.start()
+            self._start_if_needed()
 
         def abort(_) -> trio.lowlevel.Abort:
             if not abandon_on_cancel:
@@ -75,6 +72,14 @@ class BlockingThreads:
             return trio.lowlevel.Abort.SUCCEEDED
 
         return await trio.lowlevel.wait_task_rescheduled(abort)
+
+    def _start_if_needed(self) -> None:
+        # Under _lock. A thread counts as idle from before it waits for a job until after
+        # it took one, so a job queued in between finds none idle: the taker checks again.
+        if self._idle < self._jobs.qsize() and len(self._threads) < self.count and not self._closed:
+            thread = threading.Thread(target=self._work, name=f"{self.name} {len(self._threads)}", daemon=True)
+            self._threads.add(thread)
+            thread.start()
 
     @property
     def running(self) -> int:
@@ -97,10 +102,16 @@ class BlockingThreads:
                 continue
             with self._lock:
                 self._idle -= 1
+                self._start_if_needed()
             if job is None:
                 with self._lock:
                     self._threads.discard(me)
                 return
+            if job.abandoned:
+                # Given up while queued: run it and a backend that hangs would keep every
+                # thread busy with GETs nobody waits for, the queue growing behind them
+                # (trio's limiter drops a call cancelled while it waits, too).
+                continue
             result = outcome.capture(job.fn, *job.args)  # abandoned or not, as trio's threads do
             job.fn = job.args = None  # hold no buffer or descriptor while idle
             try:
