@@ -53,9 +53,11 @@ class BlockingThreads:
 
         Checkpoints. As with `trio.to_thread.run_sync`, a call once handed over is
         waited for (a cancel takes effect when it returns), unless `abandon_on_cancel`:
-        then a cancel takes effect at once: a call still queued is dropped, one
-        running runs to its end in its thread, its outcome dropped (only for calls
-        without side effects), and holds that thread until it returns.
+        then a cancel takes effect at once, and the call still runs to its end in its
+        thread, its outcome dropped (only for calls without side effects). An
+        abandoned call holds its thread until it returns. (Backend reads queue
+        behind abandoned ones only until the first times out: then the backend's
+        breaker fails reads fast.)
         """
         if self._closed:  # a late call (shutdown): trio's threads still take it
             return await trio.to_thread.run_sync(fn, *args, abandon_on_cancel=abandon_on_cancel)
@@ -107,11 +109,6 @@ class BlockingThreads:
                 with self._lock:
                     self._threads.discard(me)
                 return
-            if job.abandoned:
-                # Given up while queued: run it and a backend that hangs would keep every
-                # thread busy with GETs nobody waits for, the queue growing behind them
-                # (trio's limiter drops a call cancelled while it waits, too).
-                continue
             result = outcome.capture(job.fn, *job.args)  # abandoned or not, as trio's threads do
             job.fn = job.args = None  # hold no buffer or descriptor while idle
             try:
