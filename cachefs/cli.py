@@ -13,11 +13,13 @@ import subprocess
 import sys
 import tempfile
 
+from typing import TYPE_CHECKING
+
 from cachefs import __version__
-from cachefs.cache.policy import ADMISSIONS
-from cachefs.config import CacheConfig, NodeConfig, WorkerConfig, format_size, parse_addr
-from cachefs.loader import CREDENTIAL_FLAGS, SETTINGS, cache_settings, load_node, render
 from cachefs.errors import ConfigError
+
+if TYPE_CHECKING:
+    from cachefs.config import CacheConfig, NodeConfig, WorkerConfig
 
 log = logging.getLogger("cachefs")
 
@@ -32,6 +34,9 @@ def _version() -> str:
 
 
 def _add_cache_args(p: argparse.ArgumentParser, d: CacheConfig) -> None:
+    from cachefs.cache.policy import ADMISSIONS
+    from cachefs.config import format_size
+
     # No argparse defaults: a flag not given must not override the --config file.
     # The defaults shown are the dataclass's, which apply when neither sets a value.
     g = p.add_argument_group("cache")
@@ -77,7 +82,13 @@ def _add_cache_args(p: argparse.ArgumentParser, d: CacheConfig) -> None:
     g.add_argument("--log-file", help="log here instead of stderr (with -d: default /tmp/cachefs-MOUNTPOINT.log)")
 
 
-def _parser() -> argparse.ArgumentParser:
+# Commands that only talk to a running node: their parser is built without the
+# node commands', which import the node's configuration modules (0.1 s of a
+# `cachefs warmup` that JuiceFS's Go binary does not pay).
+_CONTROL_COMMANDS = {"dataset", "status", "refresh", "pin", "unpin", "warmup", "umount"}
+
+
+def _parser(node_commands: bool = True) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="cachefs",
         description="A FUSE caching filesystem: mount an object-store prefix or a directory "
@@ -85,6 +96,19 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--version", action="version", version=_version())
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    if node_commands:
+        _add_node_commands(sub)
+    _add_control_commands(sub)
+    if node_commands:
+        _add_fluid_mount(sub)
+    u = sub.add_parser("umount", help="unmount a cachefs mount", description="Unmount MOUNTPOINT; the daemon then exits.")
+    u.add_argument("mountpoint", metavar="MOUNTPOINT")
+    u.add_argument("-z", "--lazy", action="store_true", help="detach now even if busy")
+    return p
+
+
+def _add_node_commands(sub) -> None:
+    from cachefs.config import NodeConfig, WorkerConfig, format_size
 
     d = NodeConfig(mountpoint="")
     m = sub.add_parser(
@@ -165,6 +189,8 @@ def _parser() -> argparse.ArgumentParser:
     )
     _add_cache_args(w, dw)
 
+
+def _add_control_commands(sub) -> None:
     ds = sub.add_parser(
         "dataset",
         help="add, remove or list the datasets of a running mount",
@@ -254,6 +280,8 @@ def _parser() -> argparse.ArgumentParser:
     wu.add_argument("--ttl", metavar="DURATION", help="with --pin: how long the lease lasts, e.g. 6h")
     wu.add_argument("--owner", default="cli", help="with --pin: who holds the lease")
 
+
+def _add_fluid_mount(sub) -> None:
     fl = sub.add_parser(
         "fluid-mount",
         help="the FUSE container command of a Fluid ThinRuntime",
@@ -265,11 +293,6 @@ def _parser() -> argparse.ArgumentParser:
                     help="Fluid's config file (default /etc/fluid/config/config.json)")
     fl.add_argument("--log-file", help="log here instead of stderr")
 
-    u = sub.add_parser("umount", help="unmount a cachefs mount", description="Unmount MOUNTPOINT; the daemon then exits.")
-    u.add_argument("mountpoint", metavar="MOUNTPOINT")
-    u.add_argument("-z", "--lazy", action="store_true", help="detach now even if busy")
-    return p
-
 
 # Flags that name files or directories: made absolute here, against the cwd.
 _PATH_FLAGS = ("cache_dir", "run_dir", "peer_secret_file", "access_key_file", "secret_key_file")
@@ -277,6 +300,8 @@ _PATH_FLAGS = ("cache_dir", "run_dir", "peer_secret_file", "access_key_file", "s
 
 def _flags(a: argparse.Namespace) -> dict:
     """The settings flags given, by config field (see loader.SETTINGS)."""
+    from cachefs.loader import CREDENTIAL_FLAGS, SETTINGS
+
     known = {s.field for s in SETTINGS} | set(CREDENTIAL_FLAGS)
     flags = {k: v for k, v in vars(a).items() if k in known and v is not None}
     for k in _PATH_FLAGS:
@@ -298,6 +323,8 @@ def _node_config(a: argparse.Namespace, extra: list[str]) -> NodeConfig:
         raise ConfigError("nothing to mount: give SOURCE MOUNTPOINT, --dataset NAME=URL or --config FILE")
     if a.read_write and source is None:
         raise ConfigError("--read-write is for SOURCE MOUNTPOINT; give a --dataset the rw option instead")
+    from cachefs.loader import load_node
+
     return load_node(
         flags=flags, config_file=a.config, source=source, datasets=a.dataset, environment=not a.print_config,
         read_write=a.read_write,
@@ -305,6 +332,9 @@ def _node_config(a: argparse.Namespace, extra: list[str]) -> NodeConfig:
 
 
 def _worker_config(a: argparse.Namespace) -> WorkerConfig:
+    from cachefs.config import WorkerConfig, parse_addr
+    from cachefs.loader import cache_settings
+
     sources = {}
     for item in a.source:
         name, sep, url = item.partition("=")
@@ -336,6 +366,8 @@ def _setup_logging(level: str, log_file: str | None) -> None:
 def _mount(a: argparse.Namespace, argv: list[str], extra: list[str]) -> int:
     node = _node_config(a, extra)
     if a.print_config:
+        from cachefs.loader import render
+
         sys.stdout.write(render(node))
         return 0
     config = node
@@ -540,6 +572,7 @@ def _refresh(a: argparse.Namespace) -> int:
 
 def _pin(a: argparse.Namespace) -> int:
     from cachefs import control_client
+    from cachefs.config import format_size
     from cachefs.loader import parse_duration
 
     ttl = parse_duration(a.ttl, "--ttl")
@@ -556,6 +589,7 @@ def _pin(a: argparse.Namespace) -> int:
 
 def _unpin(a: argparse.Namespace) -> int:
     from cachefs import control_client
+    from cachefs.config import format_size
 
     by_path = not a.owner and not a.lease
     inner = [control_client.mount_path(p) for p in a.paths] if by_path else []
@@ -568,11 +602,14 @@ def _unpin(a: argparse.Namespace) -> int:
     return 0
 def _warmup(a: argparse.Namespace) -> int:
     from cachefs import warmup_client
-    from cachefs.loader import parse_duration
 
     if a.pin != (a.ttl is not None):
         raise ConfigError("--pin and --ttl go together: a pin needs a lease time")
-    pin = (parse_duration(a.ttl, "--ttl"), a.owner) if a.pin else None
+    pin = None
+    if a.pin:
+        from cachefs.loader import parse_duration
+
+        pin = (parse_duration(a.ttl, "--ttl"), a.owner)
     return warmup_client.run(
         a.paths, recursive=a.recursive, concurrency=a.concurrency, wait_ratio=a.wait_ratio, as_json=a.json, pin=pin
     )
@@ -605,7 +642,7 @@ _COMMANDS = {
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    parser = _parser()
+    parser = _parser(node_commands=not (argv and argv[0] in _CONTROL_COMMANDS))
     # parse_known_args: SOURCE and MOUNTPOINT are optional (nargs="?"), so argparse
     # leaves a MOUNTPOINT written after an option over; _node_config takes it back.
     args, extra = parser.parse_known_args(argv)
