@@ -343,6 +343,7 @@ class DiskTier:
                 head = os.pread(fd, max(_HEAD_PROBE, hotpath.header_size(expected_len, _SMALLEST_BLOCK)), 0)
                 length, size, offset, sums = hotpath.read_layout(digest, head, os.fstat(fd).st_size)
                 layout = (length, size, offset, array.array("Q", sums))  # 8 bytes a checksum, not ~40
+                self._forget_layout(digest)  # a read on another thread may have parsed it too
                 if self._layout_sums + len(sums) > _LAYOUT_SUMS_KEPT:
                     self._layouts.clear()
                     self._layout_sums = 0
