@@ -149,7 +149,8 @@ def test_hung_or_partitioned_worker_costs_one_timeout_and_rejoins(
         # now and then all 8 are one worker's: CI once picked the other and failed here).
         served_first = [w.metric("cachefs_peer_served_total", outcome="ok") for w in workers]
         assert max(served_first) > 0, "no worker served the mount"
-        victim, link = max(zip(workers, links), key=lambda wl: served_first[workers.index(wl[0])])
+        owner = max(range(len(workers)), key=served_first.__getitem__)
+        victim, link = workers[owner], links[owner]
 
         if fault == "sigstop":
             victim.proc.send_signal(signal.SIGSTOP)
