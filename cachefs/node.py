@@ -193,7 +193,9 @@ class Node:
         )
         self._stack.callback(metrics.unregister_source_usage)
         if self.serve:
-            self.peer_server = await serve_peers(config, self.name, self.serve, self.readers, nursery, pins=self)
+            self.peer_server = await serve_peers(
+                config, self.name, self.serve, self.readers, nursery, pins=self, capacity=self.warm_capacity
+            )
         if self.control_socket is not None:
             await nursery.start(control.serve_control, self, self.control_socket)
 
@@ -589,6 +591,10 @@ class Node:
     def list_pins(self) -> list[dict]:
         now = self.pins.clock()
         return [lease.describe(now) for lease in self.pins.leases.values()]
+
+    def warm_capacity(self) -> int:
+        """What the cache a warm-up fills here holds: the SSD tier, else MEM (see Reader.warm_run)."""
+        return self.disk.capacity if self.disk is not None else self.mem.capacity
 
     # The peer server's PinHolder: pins of the chunks we own, asked for by peers.
 

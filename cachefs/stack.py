@@ -6,6 +6,7 @@ import gc
 import logging
 import os
 import socket
+from typing import Callable
 
 import trio
 
@@ -138,16 +139,19 @@ def open_peer_tier(config: CacheConfig, node: str, nursery: trio.Nursery) -> Pee
 
 async def serve_peers(
     config: CacheConfig, node: str, address: tuple[str, int], readers: dict[str, Reader], nursery: trio.Nursery,
-    pins: PinHolder | None = None,
+    pins: PinHolder | None = None, capacity: Callable[[], int] | None = None,
 ) -> PeerServer:
     """Serve the chunks of `readers` (source URL → reader) to authenticated peers at `address`,
-    and keep the pins they ask for in `pins`.
+    keep the pins they ask for in `pins`, and tell them `capacity()`, what the cache a
+    warm-up fills holds.
 
     Returns:
         The server, listening (`drain` it to stop).
     """
     assert config.peer_secret is not None
-    server = PeerServer(node, config.peer_secret, readers, max_payload=config.chunk_size, pins=pins)
+    server = PeerServer(
+        node, config.peer_secret, readers, max_payload=config.chunk_size, pins=pins, capacity=capacity
+    )
     host, port = address
     try:
         listeners = await trio.open_tcp_listeners(port, host=host)

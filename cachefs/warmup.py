@@ -32,6 +32,7 @@ counted as a failed file or ends the job in state "failed" with a reason.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import itertools
 import logging
@@ -252,7 +253,7 @@ class Warmups:
         try:
             with job.scope:
                 files = await self._walk(job, roots, recursive)
-                self._check_fits(job, files)
+                await self._check_fits(job, files)
                 job.state = "running"
                 await self._load(job, files)
                 job.state = "done"
@@ -312,15 +313,17 @@ class Warmups:
                         pending.append(entry.path)
         return files
 
-    def _check_fits(self, job: WarmupJob, files: list[_File]) -> None:
-        """Raise CannotFit if the local cache cannot hold all of `files` (without peers only).
+    async def _check_fits(self, job: WarmupJob, files: list[_File]) -> None:
+        """Raise CannotFit if the cache that would hold `files` cannot: the local one,
+        or with peers any owner's, for its share on the ring. Checkpoints.
 
         Raises:
             CannotFit: naming both sizes.
         """
         node = self.node
         if node.peers is not None:
-            return  # each owner holds its share; the ring's capacity is not known here
+            await self._check_owners_fit(files)
+            return
         disk = node.disk
         if disk is not None:
             need = sum(_on_disk(f.obj.size, f.dataset.reader.chunk_size) for f in files)
@@ -332,6 +335,41 @@ class Warmups:
             need, capacity, what = job.bytes_total, node.mem.capacity, "the memory cache"
         if need > capacity:
             raise CannotFit(f"cannot fit: {_bytes(need)} to load, {what} holds {_bytes(capacity)}")
+
+    async def _check_owners_fit(self, files: list[_File]) -> None:
+        """With peers: each owner's share of `files` (its chunks on the ring, headers
+        included) must fit the cache its warm-ups fill, which it tells (protocol v6).
+        An owner that cannot tell (older, down, no answer in --peer-timeout) is not
+        checked: its loads go on as before. Checkpoints.
+
+        Raises:
+            CannotFit: the first owner whose share is larger, with both sizes.
+        """
+        node = self.node
+        peers = node.peers
+        assert peers is not None
+        need: collections.Counter = collections.Counter()  # owner (None: this node) -> bytes
+        for f in files:
+            for owner, keys in self._runs(f):
+                need[owner] += sum(file_header_size(k.length) + k.length for k in keys)
+        capacities: dict[str | None, int] = {None: node.warm_capacity()}
+
+        async def ask(owner: str) -> None:
+            try:
+                with trio.fail_after(node.config.peer_timeout):
+                    capacities[owner] = await peers.client.capacity(owner)
+            except (PeerError, trio.TooSlowError) as e:
+                log.info("warm-up: cannot check that %s can hold its share (%s); not checked", owner, e or "no answer")
+
+        async with trio.open_nursery() as nursery:
+            for owner in need:
+                if owner is not None:
+                    nursery.start_soon(ask, owner)
+        for owner, share in need.items():
+            capacity = capacities.get(owner)
+            if capacity is not None and share > capacity:
+                where = "this node's cache" if owner is None else f"the cache of {owner}, its owner on the ring,"
+                raise CannotFit(f"cannot fit: {_bytes(share)} to load into {where} which holds {_bytes(capacity)}")
 
     async def _load(self, job: WarmupJob, files: list[_File]) -> None:
         slots = trio.Semaphore(job.concurrency)

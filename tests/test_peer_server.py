@@ -550,3 +550,27 @@ async def test_a_peer_that_stops_reading_a_big_chunk_loses_its_connection_at_the
         await _no_chunk_before_the_cut(frames)
         await frames.stream.aclose()
         nursery.cancel_scope.cancel()
+
+
+# -- capacity (protocol v6) ---------------------------------------------------------
+
+
+@pytest.mark.trio
+async def test_a_server_tells_its_warmup_capacity_and_older_or_silent_ones_say_why_not(monkeypatch):
+    """What a mount asks each owner before a warm-up: its capacity; a server that
+    does not say refuses on a connection that goes on; a v5 server is never asked."""
+    async with trio.open_nursery() as nursery:
+        telling = await serve_on_loopback(PeerServer("w1", SECRET, {}, max_payload=1 << 16, capacity=lambda: 5 << 30), nursery)
+        silent = await serve_on_loopback(PeerServer("w2", SECRET, {}, max_payload=1 << 16), nursery)
+        client = PeerClient("mount-1", SECRET, nursery, max_payload=1 << 16)
+        assert await client.capacity(telling) == 5 << 30
+        with pytest.raises(PeerError) as e:
+            await client.capacity(silent)
+        assert e.value.code == "refused"
+        assert await client.capacity(telling) == 5 << 30 and not client._conns[silent].closed
+        monkeypatch.setattr(protocol, "SUPPORTED_VERSIONS", frozenset({1, 2, 3, 4, 5}))
+        older = await serve_on_loopback(PeerServer("w3", SECRET, {}, max_payload=1 << 16, capacity=lambda: 1), nursery)
+        with pytest.raises(PeerError) as e:
+            await client.capacity(older)
+        assert e.value.code == "version" and client._conns[older].version == 5
+        nursery.cancel_scope.cancel()

@@ -23,6 +23,7 @@ from cachefs.peer.protocol import (
     MAX_HEADER,
     MAX_STR,
     PROTOCOL_VERSION,
+    AskSpace,
     Auth,
     ChunkData,
     ChunkError,
@@ -33,6 +34,7 @@ from cachefs.peer.protocol import (
     Loaded,
     ProtocolError,
     Ready,
+    Space,
     encode_frame,
     hello_mac,
     parse_message,
@@ -353,6 +355,8 @@ EXAMPLES = [
     ChunkError(1, "refused", "source 's3://x' is not served here"),
     LoadChunk(2, "s3://bucket/market", "2024/01/trades.parquet", "etag:abc", 1 << 30, 4 << 20, 5),
     Loaded(2, True),
+    AskSpace(3),
+    Space(3, 1 << 40),
 ]
 # One value of each msgpack type; a field given any type but its own must be rejected.
 TYPE_VALUES = {
@@ -361,7 +365,7 @@ TYPE_VALUES = {
 FIELD_TYPES = {
     "version": "int", "node": "str", "nonce": "bytes", "mac": "bytes", "id": "int", "source": "str", "path": "str",
     "size": "int", "chunk_size": "int", "index": "int", "checksum": "int", "code": "str", "message": "str",
-    "cached": "bool",
+    "cached": "bool", "capacity": "int",
 }
 
 

@@ -508,6 +508,24 @@ def test_a_warmup_larger_than_the_cache_says_it_cannot_fit(s3_behind_proxy, cach
 
 
 @pytest_integration
+def test_a_warmup_larger_than_an_owners_cache_says_it_cannot_fit(s3_behind_proxy, secret_file, cachefs_worker,
+                                                                  cachefs_mount):
+    """With peers the chunks go to their owners on the ring: each owner's share is
+    checked against the capacity it tells (peer protocol v6), before any GET."""
+    src = s3_behind_proxy
+    src.write("big.bin", os.urandom(8 * CHUNK))
+    worker = cachefs_worker(src, "--cache-size", "1M")
+    m = cachefs_mount(src, *SMALL, "--peers", worker.addr, "--secret-file", str(secret_file))
+    src.proxy.reset()
+    out = _warmup(m.mountpoint, "-r")
+    assert out.returncode == 1
+    assert out.stderr.startswith("cachefs: error: warmup 1 failed: cannot fit: 2.0 MiB"), out.stderr
+    assert f"into the cache of {worker.addr}, its owner on the ring, which holds 1.0 MiB" in out.stderr
+    assert _data_gets(src.proxy, src.prefix) == 0  # refused before loading anything
+    assert worker.metric("cachefs_peer_served_total", outcome="loaded") == 0
+
+
+@pytest_integration
 def test_wait_ratio_returns_early_and_the_node_goes_on(s3_source, cachefs_mount):
     from cachefs import control_client
 

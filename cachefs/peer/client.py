@@ -30,6 +30,7 @@ from cachefs.errors import PeerError
 from cachefs.logsafe import loggable
 from cachefs.peer import protocol
 from cachefs.peer.protocol import (
+    AskSpace,
     Auth,
     ChunkData,
     ChunkError,
@@ -43,6 +44,7 @@ from cachefs.peer.protocol import (
     Pinned,
     ProtocolError,
     Ready,
+    Space,
     UnpinLeases,
     Unpinned,
 )
@@ -107,7 +109,7 @@ class PeerConnection:
             while (frame := await self.frames.receive()) is not None:
                 header, payload = frame
                 message = protocol.parse_message(header)
-                if not isinstance(message, (ChunkData, Loaded, Held, Pinned, Unpinned, ChunkError)):
+                if not isinstance(message, (ChunkData, Loaded, Held, Pinned, Unpinned, Space, ChunkError)):
                     raise ProtocolError(f"unexpected {header.get('t')!r} from a server")
                 pending = self._pending.pop(message.id, None)
                 if pending is not None:  # else: the requester timed out and left
@@ -120,9 +122,9 @@ class PeerConnection:
             pass
 
     async def request(
-        self, req_fields: dict, kind: type[GetChunk | PinChunks | UnpinLeases] = GetChunk
-    ) -> tuple[ChunkData | Loaded | Held | Pinned | Unpinned | ChunkError, bytes]:
-        """Send one GetChunk (or LoadChunk, HasChunk, PinChunks, UnpinLeases) and wait
+        self, req_fields: dict, kind: type[GetChunk | PinChunks | UnpinLeases | AskSpace] = GetChunk
+    ) -> tuple[ChunkData | Loaded | Held | Pinned | Unpinned | Space | ChunkError, bytes]:
+        """Send one GetChunk (or LoadChunk, HasChunk, PinChunks, UnpinLeases, AskSpace) and wait
         for its answer. Checkpoints; cancel to time out.
 
         Raises:
@@ -391,6 +393,19 @@ class PeerClient:
             raise PeerError(f"peer {peer}: speaks protocol v{conn.version}, keeps no pins", code="version")
         reply, _ = await conn.request(dict(leases=tuple(leases)), UnpinLeases)
         return self._answer(peer, reply, Unpinned, "unpin")
+
+    async def capacity(self, peer: str) -> int:
+        """The bytes the cache a warm-up fills on `peer` holds at most (protocol v6).
+
+        Raises:
+            PeerError: connection failure, a refusal, or code "version": the peer
+                speaks an older protocol.
+        """
+        conn = await self._connection(peer)
+        if conn.version < protocol.SPACE_VERSION:
+            raise PeerError(f"peer {peer}: speaks protocol v{conn.version}, does not say its capacity", code="version")
+        reply, _ = await conn.request({}, AskSpace)
+        return self._answer(peer, reply, Space, "space?").capacity
 
     @staticmethod
     def _answer(peer: str, reply, answer: type, asked: str):

@@ -84,9 +84,9 @@ import msgpack
 from cachefs import hotpath
 from cachefs.errors import CachefsError
 
-PROTOCOL_VERSION = 5
+PROTOCOL_VERSION = 6
 # Hello versions a server accepts; a connection runs at min(client's, server's).
-SUPPORTED_VERSIONS = frozenset({1, 2, 3, 4, 5})
+SUPPORTED_VERSIONS = frozenset({1, 2, 3, 4, 5, 6})
 # The first version with LoadChunk/Loaded.
 LOAD_VERSION = 2
 # The first version with LoadChunk.count (a run of chunks) and Loaded.cached_mask.
@@ -95,6 +95,8 @@ RUN_VERSION = 3
 RANGE_VERSION = 4
 # The first version with PinChunks/Pinned and UnpinLeases/Unpinned (pins at the owners).
 PIN_VERSION = 5
+# The first version with AskSpace/Space (how much an owner's cache holds, before a warm-up).
+SPACE_VERSION = 6
 # The most chunks one LoadChunk may name.
 MAX_RUN = 64
 # What one PinChunks or UnpinLeases may carry: they stay well inside MAX_HEADER.
@@ -759,14 +761,48 @@ class Unpinned:
         return cls(_uint(h, cls.t, "id"), _uint(h, cls.t, "leases"), _uint(h, cls.t, "bytes"))
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
+class AskSpace:
+    """Protocol v6: how many bytes does the cache a warm-up fills on the server hold
+    (its SSD tier, else MEM)? Answered with `Space`, or ChunkError "refused"."""
+
+    t: ClassVar[str] = "space?"
+    id: int
+
+    def to_header(self) -> dict[str, Any]:
+        return {"t": self.t, "id": self.id}
+
+    @classmethod
+    def from_header(cls, h: Mapping[str, Any]) -> AskSpace:
+        return cls(_uint(h, cls.t, "id"))
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Space:
+    """The answer to AskSpace `id`: the bytes that cache holds at most, chunk headers included."""
+
+    t: ClassVar[str] = "space"
+    id: int
+    capacity: int
+
+    def to_header(self) -> dict[str, Any]:
+        return {"t": self.t, "id": self.id, "capacity": self.capacity}
+
+    @classmethod
+    def from_header(cls, h: Mapping[str, Any]) -> Space:
+        return cls(_uint(h, cls.t, "id"), _uint(h, cls.t, "capacity"))
+
+
 Message = Union[
     Hello, Auth, Ready, GetChunk, LoadChunk, HasChunk, ChunkData, Loaded, Held, ChunkError,
-    PinChunks, Pinned, UnpinLeases, Unpinned,
+    PinChunks, Pinned, UnpinLeases, Unpinned, AskSpace, Space,
 ]
 
 MESSAGE_TYPES: Mapping[str, type[Message]] = {
     cls.t: cls for cls in (Hello, Auth, Ready, GetChunk, LoadChunk, HasChunk, ChunkData, Loaded, Held, ChunkError)
-} | {cls.t: cls for cls in (PinChunks, Pinned, UnpinLeases, Unpinned)}  # v5
+} | {cls.t: cls for cls in (PinChunks, Pinned, UnpinLeases, Unpinned)} | {  # v5
+    cls.t: cls for cls in (AskSpace, Space)  # v6
+}
 
 
 def parse_message(header: Mapping[str, Any]) -> Message:

@@ -20,7 +20,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-from typing import TYPE_CHECKING, Mapping, Protocol
+from typing import TYPE_CHECKING, Callable, Mapping, Protocol
 
 import trio
 
@@ -29,6 +29,7 @@ from cachefs.objects import Buffer, ObjectId, check_relative_path, chunk_key
 from cachefs.errors import BackendError, ObjectChanged, ObjectNotFound
 from cachefs.peer import protocol
 from cachefs.peer.protocol import (
+    AskSpace,
     Auth,
     ChunkData,
     ChunkError,
@@ -42,6 +43,7 @@ from cachefs.peer.protocol import (
     Pinned,
     ProtocolError,
     Ready,
+    Space,
     UnpinLeases,
     Unpinned,
 )
@@ -89,7 +91,8 @@ class PinHolder(Protocol):
 
 class PeerServer:
     """Serves the chunks of `sources` (source URL → its Reader, kept up to date by the
-    node) to authenticated peers, and keeps the pins they ask for in `pins` (None:
+    node) to authenticated peers, keeps the pins they ask for in `pins` (None:
+    refused), and tells them what `capacity()` says its warm-up cache holds (None:
     refused)."""
 
     def __init__(
@@ -100,9 +103,11 @@ class PeerServer:
         max_payload: int,
         limits: ServerLimits = ServerLimits(),
         pins: PinHolder | None = None,
+        capacity: Callable[[], int] | None = None,
     ):
         self.node = node
         self.pins = pins
+        self.capacity = capacity
         self.secret = secret
         self.sources = sources  # not copied: a node adds and removes datasets while serving
         self.max_payload = max_payload
@@ -285,8 +290,8 @@ class PeerServer:
                         return
                     session.last_active = trio.current_time()
                     request = protocol.parse_message(frame[0])
-                    if isinstance(request, (PinChunks, UnpinLeases)):
-                        if version < protocol.PIN_VERSION:
+                    if isinstance(request, (PinChunks, UnpinLeases, AskSpace)):
+                        if version < (protocol.SPACE_VERSION if isinstance(request, AskSpace) else protocol.PIN_VERSION):
                             raise ProtocolError(f"unexpected {frame[0].get('t')!r} after a v{version} handshake")
                     elif not isinstance(request, GetChunk) or (
                         isinstance(request, (LoadChunk, HasChunk)) and version < protocol.LOAD_VERSION
@@ -307,16 +312,18 @@ class PeerServer:
                 # The connection is finished; requests still running have no one to answer.
                 nursery.cancel_scope.cancel()
 
-    async def _answer(self, session: _Session, req: GetChunk | PinChunks | UnpinLeases) -> None:
+    async def _answer(self, session: _Session, req: GetChunk | PinChunks | UnpinLeases | AskSpace) -> None:
         try:
-            if isinstance(req, (PinChunks, UnpinLeases)):
+            if isinstance(req, AskSpace):
+                reply = self._space(req)
+            elif isinstance(req, (PinChunks, UnpinLeases)):
                 reply = await self._pins(req)
             elif isinstance(req, HasChunk):
                 reply = self._has(req)
             else:
                 reply = await (self._load(req) if isinstance(req, LoadChunk) else self._chunk(req))
             with trio.move_on_after(self.limits.send_timeout) as sending:
-                if isinstance(reply, (ChunkError, Loaded, Held, Pinned, Unpinned)):
+                if isinstance(reply, (ChunkError, Loaded, Held, Pinned, Unpinned, Space)):
                     await session.frames.send(reply.to_header())
                 else:
                     payload, checksum = reply
@@ -336,7 +343,7 @@ class PeerServer:
             if self._in_flight == 0:
                 self._idle.set()
 
-    async def _refuse(self, session: _Session, req: GetChunk | PinChunks | UnpinLeases) -> None:
+    async def _refuse(self, session: _Session, req: GetChunk | PinChunks | UnpinLeases | AskSpace) -> None:
         """Draining: tell the peer to ask the next node on the ring."""
         metrics.PEER_SERVED.labels("busy").inc()
         try:
@@ -364,6 +371,12 @@ class PeerServer:
             metrics.PEER_SERVED.labels("refused").inc()
             return ChunkError(req.id, "refused", answer)
         return answer
+
+    def _space(self, req: AskSpace) -> Space | ChunkError:
+        if self.capacity is None:
+            metrics.PEER_SERVED.labels("refused").inc()
+            return ChunkError(req.id, "refused", f"{self.node} does not say its capacity")
+        return Space(req.id, self.capacity())
 
     def _resolve(self, req: GetChunk) -> tuple[Reader, ObjectId] | ChunkError:
         """The reader and object `req` asks for, or the error to answer with."""
