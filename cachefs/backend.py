@@ -377,8 +377,13 @@ class FsspecStore:
         if not self.is_s3:
             self.fs.put_file(staged, self._abs(path))
             return None
-        with open(staged, "rb") as f:
-            body = f.read()
+        # O_NOATIME: the first read of a file just written would update its atime (relatime),
+        # a journal transaction per file that waits behind the staging area's fsyncs.
+        fd = os.open(staged, os.O_RDONLY | os.O_CLOEXEC | getattr(os, "O_NOATIME", 0))
+        try:
+            body = os.read(fd, os.fstat(fd).st_size)
+        finally:
+            os.close(fd)
         return _written(path, len(body), self._put(path, body, {}))
 
     def _put(self, path: str, body: bytes, query: dict) -> dict[str, str]:
