@@ -2,8 +2,7 @@
 
 Layout under --cache-dir: `staging/<id>` holds the bytes of one file being
 written (or closed and not yet uploaded), `journal/<seq>.json` one closed file
-waiting for its upload under --writeback. Eviction never touches either. Both
-are deleted, once let go of, in batches in a thread (`Staging.reap_forever`).
+waiting for its upload under --writeback. Eviction never touches either.
 
 Room: staged bytes count against --stage-size and against the SSD tier's
 --cache-size (chunks are evicted to make room), reserved a mebibyte at a time
@@ -115,11 +114,6 @@ class Staging:
         self._asked = trio.Event()  # set when fsync() waits for an entry in _unsynced
         self._round_done = trio.Event()  # set (and replaced) after each round
         self._failed: set[int] = set()  # seqs whose round failed: fsync() reports EIO
-        # Files let go of (staged bytes, entries of landed uploads) and the room each frees,
-        # deleted in batches by `reap_forever` while it runs.
-        self._doomed: list[tuple[str, int]] = []
-        self._doomed_added = trio.Event()
-        self._reaping = False
         metrics.STAGING_CAPACITY.set(limit)
         metrics.STAGED_BYTES.set_function(lambda: self.used)
 
@@ -212,50 +206,13 @@ class Staging:
         staged.keep |= keep_file  # whoever lets go last: the journal still needs the file
         if staged.holders > 0:
             return
+        if not staged.keep:
+            try:
+                os.unlink(staged.path)
+            except FileNotFoundError:
+                pass
         room, staged.reserved = staged.reserved, 0
-        if staged.keep:
-            self._give_back(room)
-        else:
-            self._delete(staged.path, room)
-
-    def _delete(self, path: str, room: int) -> None:
-        """Delete `path` and then give back `room`: in `reap_forever`'s next batch while it
-        runs, else now."""
-        if self._reaping:
-            self._doomed.append((path, room))
-            self._doomed_added.set()
-            return
-        _unlink_all([path])
-        if room:
-            self._give_back(room)
-
-    async def reap_forever(self) -> None:
-        """Delete the files `release` and `forget` let go of, in batches, in a thread. On
-        the trio thread each unlink waited behind the committer's fsyncs (ext4's journal):
-        under --writeback with small files that was a third of the trio thread's time, and
-        every FUSE request waited meanwhile. A staged file's room is given back once it is
-        deleted, so the disk never holds more than the bounds. What is left when this is
-        cancelled is deleted at once."""
-        self._reaping = True
-        batch: list[tuple[str, int]] = []
-        try:
-            while True:
-                await self._doomed_added.wait()
-                self._doomed_added = trio.Event()
-                batch, self._doomed = self._doomed, []
-                await trio.to_thread.run_sync(_unlink_all, [path for path, _ in batch])
-                self._gave_back(batch)
-                batch = []
-        finally:
-            self._reaping = False
-            left, batch, self._doomed = batch + self._doomed, [], []
-            _unlink_all([path for path, _ in left])  # a journal entry left behind would upload again
-            self._gave_back(left)
-
-    def _gave_back(self, deleted: list[tuple[str, int]]) -> None:
-        room = sum(r for _, r in deleted)
-        if room:
-            self._give_back(room)
+        self._give_back(room)
 
     def _give_back(self, room: int) -> None:
         self.used -= room
@@ -354,20 +311,13 @@ class Staging:
             fsync_path(self.journal_dir)  # the entries' names
 
     def forget(self, entry: JournalEntry) -> None:
-        """The entry's upload is done (or superseded): no round needs to sync it now, and
-        it is deleted (by `reap_forever`, in a batch, while it runs)."""
+        """The entry's upload is done (or superseded): no round needs to sync it now. One
+        unlink: called on the trio thread, as the entry was written there."""
         self._unsynced.pop(entry.seq, None)
-        self._delete(self._entry_path(entry), 0)
-
-
-def _unlink_all(paths: list[str]) -> None:
-    for path in paths:
         try:
-            os.unlink(path)
+            os.unlink(self._entry_path(entry))
         except FileNotFoundError:
             pass
-        except OSError as e:  # a file left behind costs room until the next start, never a write
-            log.warning("could not delete %s: %s", path, e)
 
 
 def _rounded(size: int) -> int:

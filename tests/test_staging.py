@@ -5,7 +5,6 @@ from __future__ import annotations
 import errno
 import json
 import os
-import threading
 
 import pytest
 import trio
@@ -162,39 +161,3 @@ def test_a_restart_drops_an_entry_an_os_crash_cut_short(tmp_path, caplog):
     assert [e.path for e in again.open()] == ["whole"]
     assert os.listdir(again.journal_dir) == [f"{whole.seq:012d}.json"]
     assert any("unusable, dropped" in r.getMessage() and r.levelname == "ERROR" for r in caplog.records)
-
-
-@pytest.mark.trio
-async def test_files_let_go_of_are_deleted_off_the_trio_thread_and_then_free_their_room(staging, monkeypatch):
-    """While the reaper runs, `release` and `forget` delete nothing on the trio thread (there
-    each unlink waited behind the committer's fsyncs): it deletes them in a batch, in a
-    thread, and only then gives back the room; what is left at its cancel is deleted then."""
-    trio_thread = threading.get_ident()
-    unlinked_on = []
-    real_unlink = os.unlink
-    monkeypatch.setattr(os, "unlink", lambda p: unlinked_on.append(threading.get_ident()) or real_unlink(p))
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(staging.reap_forever)
-        await trio.testing.wait_all_tasks_blocked()
-        files = [_staged_file(staging, b"x" * 1000) for _ in range(3)]
-        for staged in files:
-            await staging.reserve(staged, 1000)
-        entry = await staging.journal("s3://b/p", "f", files[0], 1000)
-        held = staging.used
-        for staged in files:
-            staging.release(staged)
-        staging.forget(entry)
-        assert all(os.path.exists(f.path) for f in files) and staging.used == held, "nothing yet"
-        with trio.fail_after(10):
-            while staging.used:
-                await trio.sleep(0.001)
-        assert not any(os.path.exists(f.path) for f in files)
-        assert os.listdir(staging.journal_dir) == []
-        assert unlinked_on and trio_thread not in unlinked_on
-        last = _staged_file(staging, b"y")
-        await staging.reserve(last, 1)
-        staging.release(last)
-        nursery.cancel_scope.cancel()  # before the reaper's next batch
-    assert not os.path.exists(last.path) and staging.used == 0
-    staging.release(_staged_file(staging, b"z"))  # no reaper now: deleted at once
-    assert os.listdir(staging.dir) == []
