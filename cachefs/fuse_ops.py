@@ -542,8 +542,21 @@ class Operations(pyfuse3.Operations):
     @fuse_errors
     async def create(self, parent_inode, name, mode, flags, ctx):
         dataset, inner, _ = self._child(parent_inode, name)
+        namespace = dataset.namespace
+        namespace.creating(inner)
+        current = None
+        if flags & os.O_EXCL or not flags & os.O_TRUNC:
+            # The kernel's lookup may have been answered by the listing of a directory this
+            # node is filling (Namespace.lookup): ask the backend, so that O_EXCL still fails
+            # and a create without O_TRUNC keeps what another node put there meanwhile.
+            parent, _, leaf = inner.rpartition("/")
+            current = await namespace.find_now(parent, leaf)
+            if current is not None and flags & os.O_EXCL:
+                raise pyfuse3.FUSEError(errno.EEXIST)
+            if current is not None and current.kind == "dir":
+                raise pyfuse3.FUSEError(errno.EISDIR)
         f = OpenFile(0, None, ReadStream(), dataset, writable=True)
-        f.write = await self.node.writes.open(dataset, inner, None, truncate=True)
+        f.write = await self.node.writes.open(dataset, inner, current, truncate=current is None)
         info = self._outer(dataset, f.write.info)
         try:
             f.inode = self.inodes.lookup(info.path)

@@ -20,7 +20,11 @@ lacks lists it again ahead of time, so that a writer creating one file after
 another never finds it expired. A writer filling a large directory has each new
 name checked alone, a constant cost per file: listing again a directory that
 grows with every create cost the server more with each file (quadratic in the
-files). A listing's age counts from the start of its LIST. Names this
+files). In a directory this node is filling (it added an entry within FILL_TRUST x --dir-ttl), its
+listing answers for the names it lacks for FILL_TRUST x --dir-ttl without asking at
+all, and is listed again ahead of that only while the LIST costs no more than the
+name checks it spares (see `lookup` for what another node's new name means then).
+A listing's age counts from the start of its LIST. Names this
 node itself adds or removes while a LIST of their directory is in flight are
 applied to its result: the node never loses sight of its own writes because a
 LIST started before them.
@@ -51,6 +55,10 @@ log = logging.getLogger(__name__)
 # Directories whose first entry was stat'ed but which were not listed (yet): only
 # a hint for when to list, so a small fixed bound is enough.
 FIRST_CHILD_DIRS = 4096
+
+# How long (in --dir-ttl) the listing of a directory this node is filling answers
+# for the names it lacks, without asking the backend: see `Namespace.lookup`.
+FILL_TRUST = 10
 
 # Listed entries that cost the server as much as checking one name alone (a HEAD and
 # a LIST of one key). Measured on the JuiceFS gateway: a LIST of 300 entries took
@@ -136,6 +144,8 @@ class Namespace:
         self._first_child: BoundedLru[str, str] = BoundedLru(FIRST_CHILD_DIRS)
         # directory listed -> names looked up and missing from its listing since that LIST
         self._misses: BoundedLru[str, int] = BoundedLru(FIRST_CHILD_DIRS)
+        # directory -> when this node last added an entry to it (created, uploaded, made)
+        self._filled: BoundedLru[str, float] = BoundedLru(FIRST_CHILD_DIRS)
         metrics.META_CACHE_ENTRIES.set_function(lambda: self._cache.entries)
 
     # The two kinds of entry in the one LRU.
@@ -200,12 +210,20 @@ class Namespace:
         return info
 
     def _made_up_dir(self, path: str, cached: tuple[ObjectInfo, float] | None) -> ObjectInfo | None:
-        """An object store's directory listed within --dir-ttl: it is still there, and its
-        attributes are made up (version "dir"), so what we knew of them still holds. No
-        HEAD for the getattr the kernel sends every --attr-ttl while files are created in it.
+        """An object store's directory listed within --dir-ttl, or one this node is filling
+        (`_filling`), or the dataset's root: it is still there, and its attributes are made
+        up (version "dir"), so what we knew of them still holds. No HEAD for the getattr the
+        kernel sends after every create in it, or of the root every --attr-ttl.
         None otherwise (a local directory's attributes are real: they are asked again)."""
+        if isinstance(self.backend.store, LocalStore):
+            return None
+        if not path:
+            # The dataset's root: a prefix, there while the bucket is (see `stat`).
+            return cached[0] if cached is not None and cached[0].version == "dir" else None
         own = self._listed(path)
-        if not path or own is None or not self._fresh(own[1], self.dir_ttl) or isinstance(self.backend.store, LocalStore):
+        if own is None:
+            return None
+        if not self._fresh(own[1], self.dir_ttl) and not self._filling(path, own[1]):
             return None
         info = cached[0] if cached is not None else None
         if info is None:
@@ -222,8 +240,25 @@ class Namespace:
             return False
         return first != name
 
+    def _filling(self, parent: str, fetched_at: float) -> bool:
+        """Whether `parent`, listed at `fetched_at`, is a directory this node is filling
+        (it added an entry within FILL_TRUST x --dir-ttl) whose listing is young enough
+        (as much) to answer for the names it lacks."""
+        added = self._filled.get(parent)
+        now = self._clock()
+        trust = FILL_TRUST * self.dir_ttl
+        return added is not None and now - added < trust and now - fetched_at < trust
+
     async def lookup(self, parent: str, name: str) -> ObjectInfo:
         """The child `name` of directory `parent`.
+
+        In a directory this node is filling, a name its listing lacks is not there,
+        for FILL_TRUST x --dir-ttl after the LIST, without asking: the kernel looks up
+        every name before creating it, and a check of each at the backend cost a round
+        trip per file and as much of the server as the PUT itself. A name another node
+        makes there meanwhile is not seen here for that long; a create of it on this
+        node replaces it at close (last close wins, whole), except a create that must
+        not (O_EXCL, or without O_TRUNC), which asks the backend (`find_now`).
 
         Raises:
             ObjectNotFound: no such entry.
@@ -231,6 +266,10 @@ class Namespace:
         listing = self._listed(parent)
         if listing is not None:
             children, fetched_at = listing
+            if name not in children and self._filling(parent, fetched_at):
+                self._missed(parent)
+                self._refill_soon(parent, len(children), fetched_at)
+                raise ObjectNotFound(f"{join(parent, name)}: not found")
             if self._fresh(fetched_at, self.dir_ttl):
                 child = children.get(name)
                 if child is None:
@@ -243,6 +282,45 @@ class Namespace:
             if name not in children:
                 return await self._new_name(parent, name, len(children), fetched_at)
         return await self.stat(join(parent, name))
+
+    async def find_now(self, parent: str, name: str) -> ObjectInfo | None:
+        """For a create that must not replace what is there: the child `name` of `parent`
+        as a listing within --dir-ttl shows it, else as the backend has it now (one
+        name check, however recently this node filled the directory); None if absent.
+
+        Raises:
+            BackendError: the backend could not be asked.
+        """
+        listing = self._listed(parent)
+        if listing is not None and self._fresh(listing[1], self.dir_ttl):
+            return listing[0].get(name)
+        path = join(parent, name)
+        cached = self._attr(path)
+        if cached is not None and self._fresh(cached[1], self.attr_ttl):
+            return cached[0]
+        try:
+            info = await self.backend.check_name(path)
+        except ObjectNotFound:
+            self._cache.pop(("attr", path))
+            return None
+        self._set_attr(path, info, self._clock())
+        return info
+
+    def creating(self, path: str) -> None:
+        """This node creates `path` (its upload comes at close): its directory is being filled."""
+        self._filled.put(path.rpartition("/")[0], self._clock())
+
+    def _refill_soon(self, path: str, listed: int, fetched_at: float) -> None:
+        """A directory this node is filling (its listing of `listed` entries LISTed at
+        `fetched_at`): once half its trust has passed, list it again in the background,
+        so that it goes on answering, if that LIST costs the server no more than
+        checking the names it answered since (NAME_CHECK_ENTRIES entries each). Else
+        its trust runs out, and new names are checked alone again."""
+        trust = FILL_TRUST * self.dir_ttl
+        if self._nursery is None or path in self._listing or self._fresh(fetched_at, trust / 2):
+            return
+        if listed <= NAME_CHECK_ENTRIES * (self._misses.get(path) or 0):
+            self._nursery.start_soon(self._revalidate, path, trust / 2)
 
     def _missed(self, parent: str) -> None:
         self._misses.put(parent, (self._misses.get(parent) or 0) + 1)
@@ -385,6 +463,7 @@ class Namespace:
         Known at once, without asking, also in the parent's listing if one is cached."""
         now = self._clock()
         parent = info.path.rpartition("/")[0]
+        self._filled.put(parent, now)
         if parent in self._own_changes:
             self._own_changes[parent][info.name] = info
         listed = self._listed(parent)

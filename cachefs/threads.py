@@ -51,8 +51,9 @@ class BlockingThreads:
     async def run(self, fn: Callable[..., Any], *args: Any, abandon_on_cancel: bool = False) -> Any:
         """`fn(*args)` in one of the threads; its result, or its exception raised here.
 
-        Checkpoints. As with `trio.to_thread.run_sync`, a call once handed over is
-        waited for (a cancel takes effect when it returns), unless `abandon_on_cancel`:
+        Checkpoints. As with `trio.to_thread.run_sync`, a call still queued (all
+        threads busy) is dropped by a cancel, and one a thread took is waited for (a
+        cancel takes effect when it returns), unless `abandon_on_cancel`:
         then a cancel takes effect at once, and the call still runs to its end in its
         thread, its outcome dropped (only for calls without side effects). An
         abandoned call holds its thread until it returns. (Backend reads queue
@@ -69,7 +70,11 @@ class BlockingThreads:
 
         def abort(_) -> trio.lowlevel.Abort:
             if not abandon_on_cancel:
-                return trio.lowlevel.Abort.FAILED
+                with self._lock:
+                    if job.started:
+                        return trio.lowlevel.Abort.FAILED
+                    job.dropped = True  # still queued: it never runs (as trio's limiter wait)
+                return trio.lowlevel.Abort.SUCCEEDED
             job.abandoned = True
             return trio.lowlevel.Abort.SUCCEEDED
 
@@ -105,10 +110,14 @@ class BlockingThreads:
             with self._lock:
                 self._idle -= 1
                 self._start_if_needed()
+                if job is not None:
+                    job.started = True
             if job is None:
                 with self._lock:
                     self._threads.discard(me)
                 return
+            if job.dropped:
+                continue
             result = outcome.capture(job.fn, *job.args)  # abandoned or not, as trio's threads do
             job.fn = job.args = None  # hold no buffer or descriptor while idle
             try:
@@ -126,11 +135,14 @@ class BlockingThreads:
 
 
 class _Job:
-    __slots__ = ("fn", "args", "token", "task", "abandoned")
+    __slots__ = ("fn", "args", "token", "task", "abandoned", "started", "dropped")
 
     def __init__(self, fn: Callable[..., Any], args: tuple, token: trio.lowlevel.TrioToken, task: trio.lowlevel.Task):
         self.fn, self.args, self.token, self.task = fn, args, token, task
         self.abandoned = False  # set on the trio thread only
+        # Under the owner's lock: a thread took it; it was cancelled before that.
+        self.started = False
+        self.dropped = False
 
     def deliver(self, result: outcome.Outcome) -> None:
         """On the trio thread: wake the waiting task, unless it gave up on the call."""

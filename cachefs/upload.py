@@ -343,7 +343,7 @@ class Uploader:
 
 
 def _read_at(path: str, length: int, offset: int) -> bytes:
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | getattr(os, "O_NOATIME", 0))  # see FsspecStore.put_file
     try:
         return os.pread(fd, length, offset)
     finally:

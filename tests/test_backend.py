@@ -633,11 +633,12 @@ async def test_a_new_name_is_checked_alone_while_its_directory_is_listed_in_the_
         for i in range(5):
             with pytest.raises(ObjectNotFound):
                 await ns.lookup("out", f"mine{i}")
-            # This node's own changes while the LIST is in flight (an upload landed, a delete).
-            ns.put_entry(ObjectInfo(f"out/mine{i}", "file", 4, 0.0, f"etag:{i}"))
-        ns.drop_entry("out/old0")
         assert (await ns.lookup("out", "theirs")).size == 14, "another node's name is seen at once"
         assert store.calls["stat"] == 6
+        # This node's own changes while the LIST is in flight (uploads landed, a delete).
+        for i in range(5):
+            ns.put_entry(ObjectInfo(f"out/mine{i}", "file", 4, 0.0, f"etag:{i}"))
+        ns.drop_entry("out/old0")
         assert store.calls["list started"] == 2, "one LIST in the background, however many lookups"
         store.listing.set()
         await _until(lambda: store.calls["list"] == 2)
@@ -651,36 +652,89 @@ async def test_a_new_name_is_checked_alone_while_its_directory_is_listed_in_the_
 
 
 @pytest.mark.trio
-async def test_a_growing_directory_is_listed_again_only_while_that_costs_less_than_its_name_checks(slow_list_store, clock):
-    """A writer creating 4 files per --dir-ttl: its directory is listed again while it holds
-    at most NAME_CHECK_ENTRIES x 4 entries (a LIST costs the server per entry); past that,
-    each new name is checked alone. Listing it again on every expiry made each create cost
-    more than the last (quadratic in the files)."""
+async def test_a_directory_this_node_fills_is_listed_again_only_while_that_costs_less_than_name_checks(
+        slow_list_store, clock):
+    """A writer on this node creating 4 files per --dir-ttl: its listing answers for the new
+    names without asking (FILL_TRUST x --dir-ttl), and is listed again only while a LIST costs
+    the server no more than checking the names it answered since; past NAME_CHECK_ENTRIES x
+    the names of one trust period, each new name is checked alone. Listing it again on every
+    expiry made each create cost more than the last (quadratic in the files)."""
     store = slow_list_store
     per_ttl = 4
-    bound = namespace_mod.NAME_CHECK_ENTRIES * per_ttl
+    bound = namespace_mod.NAME_CHECK_ENTRIES * per_ttl * namespace_mod.FILL_TRUST
     async with trio.open_nursery() as nursery:
         backend = Backend(store, concurrency=4, timeout=5.0, retries=0, clock=clock)
         ns = Namespace(backend, attr_ttl=1.0, dir_ttl=1.0, clock=clock, nursery=nursery)
         await ns.list_dir("out")
         listed_at = []  # entries in the directory at each LIST
-        for i in range(3 * bound):
+        stat_at = []  # entries in the directory at each name checked alone
+        for i in range(bound + 60):
             clock.now += 1.0 / per_ttl
-            lists = store.calls["list started"]
+            lists, stats = store.calls["list started"], store.calls["stat"]
             with pytest.raises(ObjectNotFound):
                 await ns.lookup("out", f"new{i:03d}")
             await trio.testing.wait_all_tasks_blocked()
             await _until(lambda: "out" not in ns._listing)
             if store.calls["list started"] > lists:
                 listed_at.append(3 + i)
+            if store.calls["stat"] > stats:
+                stat_at.append(3 + i)
             store.add(f"out/new{i:03d}", b"n")  # its upload landed
             ns.put_entry(ObjectInfo(f"out/new{i:03d}", "file", 1, 0.0, f"etag:{i}"))
-        assert len(listed_at) >= 3, "a small directory is listed again, not each name checked"
-        assert max(listed_at) <= bound + 2, f"listed again at {listed_at} entries: past {bound}, names are checked alone"
-        stats = store.calls["stat"]
-        assert stats >= 3 * bound - max(listed_at) - 2, "each name after the last LIST checked alone"
+        assert len(listed_at) >= 5, "listed again while small"
+        assert max(listed_at) <= bound + 3, f"listed again at {listed_at} entries"
+        assert sum(listed_at) <= namespace_mod.NAME_CHECK_ENTRIES * (bound + 60), "no dearer than name checks"
+        assert stat_at and min(stat_at) > bound - 3, f"a name checked alone at {stat_at[:3]} entries"
+        assert len(stat_at) >= 60 - namespace_mod.FILL_TRUST * per_ttl - 3, "past the bound each name is checked"
         assert (await ns.lookup("out", "old1")).size == 3, "an entry it holds: listed again"
-        assert store.calls["stat"] == stats
+
+
+@pytest.mark.trio
+async def test_a_directory_this_node_fills_answers_new_names_from_its_listing(ns_store, clock):
+    """The kernel's lookup before each create, in a directory this node added an entry to
+    within --dir-ttl: answered by its listing, expired or not, for FILL_TRUST x --dir-ttl after
+    the LIST, without asking. Another node's name made meanwhile is not seen by lookups for that
+    long; `find_now` (a create with O_EXCL or without O_TRUNC) still asks the backend."""
+    ns = namespace(ns_store, clock, attr_ttl=1.0, dir_ttl=1.0)
+    listed = clock.now
+    await ns.list_dir("d")
+    await ns.stat("d")  # the kernel's lookup of the directory
+    clock.now += 0.5
+    ns.put_entry(ObjectInfo("d/mine0", "file", 4, 0.0, "etag:0"))  # an upload of this node landed
+    ns_store.add("d/theirs", b"another node's")
+    calls = dict(ns_store.calls)
+    trust = namespace_mod.FILL_TRUST * 1.0
+    for i in range(1, 20):
+        clock.now += 0.4  # past --dir-ttl after the third; each create within --dir-ttl of the last
+        ns.creating(f"d/mine{i}")
+        with pytest.raises(ObjectNotFound):
+            await ns.lookup("d", f"mine{i}")
+        assert clock.now - listed < trust
+    with pytest.raises(ObjectNotFound):
+        await ns.lookup("d", "theirs")
+    assert ns_store.calls == calls, "nothing asked while filling"
+    assert (await ns.stat("d")).kind == "dir" and ns_store.calls == calls, "nor the directory's attributes"
+    assert (await ns.find_now("d", "theirs")).size == 14, "a create that must not replace it asks"
+    assert ns_store.calls["stat"] == calls["stat"] + 1
+    assert await ns.find_now("d", "mine3") is None
+    clock.now = listed + trust  # the listing is too old to answer for names it lacks
+    ns.creating("d/mine20")
+    with pytest.raises(ObjectNotFound):
+        await ns.lookup("d", "mine20")
+    assert ns_store.calls["stat"] == calls["stat"] + 3, "checked alone again"
+
+
+@pytest.mark.trio
+async def test_a_directory_this_node_stopped_filling_checks_new_names_again(ns_store, clock):
+    ns = namespace(ns_store, clock, attr_ttl=1.0, dir_ttl=1.0)
+    await ns.list_dir("d")
+    ns.put_entry(ObjectInfo("d/mine", "file", 4, 0.0, "etag:0"))
+    clock.now += namespace_mod.FILL_TRUST * 1.0 - 1.0
+    await ns.list_dir("d")
+    ns_store.add("d/theirs", b"another node's")
+    clock.now += 1.5  # nothing added for FILL_TRUST x --dir-ttl: not filling; the listing expired
+    assert (await ns.lookup("d", "theirs")).size == 14
+    assert ns_store.calls["stat"] == 1
 
 
 @pytest.mark.trio

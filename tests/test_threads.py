@@ -63,14 +63,14 @@ async def _append(results, awaitable):
 
 
 @pytest.mark.trio
-async def test_a_cancel_waits_for_the_read_it_handed_over():
+async def test_a_cancel_waits_for_the_read_a_thread_took():
     threads = BlockingThreads(1, "test")
-    release = threading.Event()
+    release, taken = threading.Event(), threading.Event()
     got = []
 
     async def reader(scope):
         with scope:
-            got.append(await threads.run(lambda: release.wait(10) and "read"))
+            got.append(await threads.run(lambda: taken.set() or (release.wait(10) and "read")))
             await trio.lowlevel.checkpoint()
             got.append("not reached: the cancel lands at the next checkpoint")
 
@@ -78,12 +78,34 @@ async def test_a_cancel_waits_for_the_read_it_handed_over():
         scope = trio.CancelScope()
         async with trio.open_nursery() as nursery:
             nursery.start_soon(reader, scope)
-            await trio.testing.wait_all_tasks_blocked()
+            await trio.to_thread.run_sync(taken.wait, 10)
             scope.cancel()
             await trio.testing.wait_all_tasks_blocked()
             assert got == []  # still waiting: the read holds a buffer and a descriptor
             release.set()
         assert got == ["read"]
+    finally:
+        threads.close()
+
+
+@pytest.mark.trio
+async def test_a_cancel_drops_a_call_still_queued(autojump_clock):
+    """As trio.to_thread's wait for its limiter: a call no thread took yet never runs once
+    cancelled (an upload queued at unmount is not sent then), and the one running is
+    waited for."""
+    threads = BlockingThreads(1, "test")
+    release = threading.Event()
+    ran = []
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_append, ran, threads.run(lambda: release.wait(10) and "first"))
+            await trio.testing.wait_all_tasks_blocked()
+            with trio.move_on_after(1) as scope:
+                await threads.run(lambda: ran.append("queued"))
+            assert scope.cancelled_caught and ran == []
+            release.set()
+        assert await threads.run(lambda: "next") == "next"
+        assert ran == ["first"]
     finally:
         threads.close()
 
