@@ -117,6 +117,8 @@ class BlockingThreads:
                     self._threads.discard(me)
                 return
             if job.dropped:
+                job.fn = job.args = None
+                del job
                 continue
             result = outcome.capture(job.fn, *job.args)  # abandoned or not, as trio's threads do
             job.fn = job.args = None  # hold no buffer or descriptor while idle
