@@ -1162,11 +1162,16 @@ class Backend:
         """
         store = self.store
         count = -(-size // part_size)
+        if early is not None and (size <= part_size or count > MAX_PARTS):
+            await self.abort_parts(path, early)
+            early = None
         if early is not None:
-            await early.settled()
-            if size <= part_size or count > MAX_PARTS or early.upload_id is None:
-                await self.abort_parts(path, early)
-                early = None
+            async with early.starting:  # a part in flight may be starting the multipart upload
+                pass
+            if early.upload_id is None:
+                await early.settled()  # a part not begun yet may still start one
+            if early.upload_id is None:
+                early = None  # none was sent
         if size <= part_size or not self.takes_parts:
             info = await self._change("put", path, store.put_file, path, staged)
         else:
@@ -1176,20 +1181,38 @@ class Backend:
             upload_id = early.upload_id if early is not None else None
             if upload_id is None:
                 upload_id = await self._change("put", path, store.start_multipart, path)
-            etags = [early.etags.get(index, "") if early is not None else "" for index in range(count)]
-            if early is not None:
-                early.forget()  # this upload completes or aborts it: no later attempt may reuse its parts
+            etags = [""] * count
             try:
                 async def put_part(index: int) -> None:
                     etags[index] = await self.put_part(path, upload_id, index, part_size, staged, size)
 
                 async with trio.open_nursery() as nursery:
-                    for index, etag in enumerate(etags):
-                        if not etag:
+                    if early is None:
+                        for index in range(count):
                             nursery.start_soon(put_part, index)
+                    else:
+                        # The parts never sent go at once, beside those still in flight (the
+                        # last ones the writer left behind): waiting for those first held up
+                        # every close by a part's time.
+                        in_flight = set(early.sending)
+                        for index in range(count):
+                            if index not in early.etags and index not in in_flight:
+                                nursery.start_soon(put_part, index)
+                        await early.settled()
+                        for index in in_flight:
+                            if index in early.etags:
+                                etags[index] = early.etags[index]
+                            elif index < count:
+                                nursery.start_soon(put_part, index)  # failed, or written into since
+                        for index, etag in early.etags.items():
+                            if index not in in_flight and index < count:
+                                etags[index] = etag
+                        early.forget()  # this upload completes or aborts it: no later attempt may reuse its parts
                 info = await self._change("put", path, store.finish_multipart, path, upload_id, etags, size)
             except BaseException:
                 with trio.CancelScope(shield=True):
+                    if early is not None:
+                        early.forget()
                     await self._abort(path, upload_id)
                 raise
         metrics.BACKEND_WRITTEN_BYTES.inc(size)

@@ -78,6 +78,17 @@ def test_files_of_every_size_land_whole(source, cachefs_mount):
     assert sorted(os.listdir(m.mountpoint)) == sorted(f"f{s}" for s in sizes)
 
 
+def test_files_around_part_boundaries_land_whole(s3_source, cachefs_mount):
+    """Written in sequence, their full parts go before the close (sent early), the rest
+    at the close, beside the early ones still in flight: the object is the bytes written."""
+    m = _rw(cachefs_mount, s3_source)
+    rng = random.Random(12)
+    for size in [PART - 1, PART, PART + 1, 3 * PART - 1, 3 * PART, 3 * PART + 1]:
+        data = rng.randbytes(size)
+        _write(os.path.join(m.mountpoint, f"f{size}"), data)
+        assert s3_source.read(f"f{size}") == data, size
+
+
 def test_read_after_write_is_served_from_cache(s3_behind_proxy, cachefs_mount):
     source = s3_behind_proxy
     m = _rw(cachefs_mount, source, "--mem-size", "0", "--cache-size", "256M")
