@@ -114,3 +114,13 @@ async def test_a_part_written_into_while_in_flight_is_sent_again(tmp_path):
         early.sent(0, etag)
     assert store.objects["f"] == data
     assert store.puts[1] == 2
+
+
+def test_a_part_is_ready_once_filled_and_the_file_is_larger_than_one_part():
+    early = EarlyParts(PART)
+    assert early.ready(PART) == []  # may stay a file of one part: a single PUT
+    assert early.ready(PART + 1) == [0]
+    assert early.ready(3 * PART) == [1, 2]  # filled, not yet written past
+    assert early.ready(3 * PART + 5) == []
+    early.stopped = True
+    assert early.ready(10 * PART) == []
