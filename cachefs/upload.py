@@ -46,13 +46,17 @@ INLINE_READ = 256 << 10
 class EarlyParts:
     """Parts of a large file sent while it is still being written.
 
-    A sequential writer that has moved past a part will not come back to it, so
-    the part goes to the backend at once and close() sends only the rest: sending
+    A sequential writer that has filled a part will not come back to it, so the
+    part goes to the backend at once, and close() sends only the rest: sending
     everything at close made close-to-open writes take the write time plus the
-    upload time (half the speed of S3). A write into a part already sent (or in
-    flight) makes it stale, sent again at close; a write out of sequence stops
-    early sending for the file. Parts are invisible in S3 until the upload is
-    completed, so nothing half-written is ever shown."""
+    upload time (half the speed of S3). A part goes as soon as a write fills it,
+    not once the writer writes past it: then the last part of a file that ends
+    on a part boundary waited for the close, and the close for its upload. None
+    goes before the file is larger than one part (a file of one part is a single
+    PUT). A write into a part already sent (or in flight) makes it stale, sent
+    again at close; a write out of sequence stops early sending for the file.
+    Parts are invisible in S3 until the upload is completed, so nothing
+    half-written is ever shown."""
 
     def __init__(self, part_size: int):
         self.part_size = part_size
@@ -77,10 +81,10 @@ class EarlyParts:
             if index in self.sending:
                 self.sending[index] = False
 
-    def ready(self, offset: int) -> list[int]:
-        """The parts a sequential writer now writing at `offset` has left behind."""
+    def ready(self, end: int) -> list[int]:
+        """The parts a sequential writer whose last write ended at `end` has filled."""
         out = []
-        while not self.stopped and (self.next + 1) * self.part_size <= offset:
+        while not self.stopped and end > self.part_size and (self.next + 1) * self.part_size <= end:
             out.append(self.next)
             self.next += 1
         return out
@@ -159,9 +163,9 @@ class Uploader:
         uploads = self.pending.get((dataset.source, path))
         return uploads[-1] if uploads else None
 
-    def send_early(self, dataset: Dataset, path: str, early: EarlyParts, staged: StagedFile, offset: int) -> None:
-        """A sequential writer of `path` writes at `offset`: send the parts it has left behind."""
-        for index in early.ready(offset):
+    def send_early(self, dataset: Dataset, path: str, early: EarlyParts, staged: StagedFile, end: int) -> None:
+        """A sequential writer of `path` wrote up to `end`: send the parts it has filled."""
+        for index in early.ready(end):
             early.sending[index] = True
             # Not held (a hold would make the writer copy the file, as for a seal): a file let
             # go of first fails the part's read, and the part is sent at close, or never.

@@ -103,7 +103,7 @@ class WriteFile:
         if start != self.written_to:
             early.stopped = True  # not a sequential writer: it may come back to any part
         self.written_to = end
-        self.writes.uploader.send_early(self.dataset, self.path, early, self.staged, start)
+        self.writes.uploader.send_early(self.dataset, self.path, early, self.staged, end)
 
     def read(self, offset: int, size: int) -> bytes:
         return os.pread(self.fd, size, offset)

@@ -1069,3 +1069,36 @@ def test_presigned_urls_are_botocores(monkeypatch, endpoint, token):
         assert path == theirs.path, operation
         assert sorted(query.split("&")) == sorted(theirs.query.split("&")), operation
     fast.close()
+
+
+@pytest.mark.parametrize("endpoint", ["http://127.0.0.1:9000", "https://s3.example.com:443", None])
+@pytest.mark.parametrize("token", [None, "session/token+="])
+def test_signed_puts_are_botocores(monkeypatch, endpoint, token):
+    """A PUT signed over its body's SHA-256 carries the same Authorization header (so
+    the same signature) as botocore's SigV4 signing of that request with its payload signed."""
+    import datetime
+
+    import botocore.auth
+    import botocore.awsrequest
+
+    from cachefs.backend import S3FastPath
+
+    fast = S3FastPath(endpoint, ("AKIDEXAMPLE", "wJalrXUtnFEMI/K7MDENG+bPxRfiCYEXAMPLEKEY"), 5.0)
+    if token is not None:
+        fast.signer._credentials.token = token
+    now = datetime.datetime(2026, 11, 28, 3, 4, 5)
+    monkeypatch.setattr(botocore.auth, "get_current_datetime", lambda *a, **k: now)
+    key = "t-1/d/é-ü 日本+plus%per~tilde&amp'quote"
+    body = bytearray(b"part bytes " * 1000)
+    for operation, params in [
+        ("put_object", {"Bucket": "bucket", "Key": key}),
+        ("upload_part", {"Bucket": "bucket", "Key": key, "UploadId": "a+b/c==", "PartNumber": 7}),
+    ]:
+        scheme, netloc, target, headers = fast.signer.sign(operation, params, "PUT", memoryview(body), now)
+        request = botocore.awsrequest.AWSRequest("PUT", f"{scheme}://{netloc}{target}", data=bytes(body))
+        signer = botocore.auth.S3SigV4Auth(fast.signer._credentials, "s3", fast.signer.region)
+        signer._should_sha256_sign_payload = lambda request: True  # as botocore does over HTTP
+        signer.add_auth(request)
+        assert headers["x-amz-content-sha256"] == request.headers["X-Amz-Content-SHA256"], operation
+        assert headers["Authorization"] == request.headers["Authorization"], operation
+    fast.close()

@@ -157,3 +157,35 @@ def test_check_name_answers_as_stat_also_when_its_kept_connections_died(request,
             with pytest.raises(FileNotFoundError):
                 store.check_name(path)
     assert store.fast_list, "the fast path fell back to s3fs"
+
+
+def test_puts_carry_a_checked_hash_of_their_body(s3_source, stores, monkeypatch, tmp_path):
+    """Objects and parts go up signed over their body's SHA-256: what lands is the
+    bytes sent, and a body that is not the one hashed (damaged on the way) is refused
+    by the server, nothing stored."""
+    from cachefs.backend import _FallBack, _Presigner
+
+    store = store_for(s3_source, stores)
+    body = bytearray(b"0123456789abcdef" * 65536)  # 1 MiB
+    staged = tmp_path / "staged"
+    staged.write_bytes(body)
+    store.put_file("whole", str(staged))
+    assert s3_source.read("whole") == body
+    upload = store.start_multipart("parts")
+    etags = [store.put_part("parts", upload, 1, str(staged), 0, len(body))]
+    store.finish_multipart("parts", upload, etags, len(body))
+    assert s3_source.read("parts") == body
+
+    sign = _Presigner.sign
+    monkeypatch.setattr(_Presigner, "sign", lambda self, op, params, method, data, now=None:
+                        sign(self, op, params, method, bytes(data[:-1]) + b"!", now))
+    bucket, key = store._key("damaged")
+    with pytest.raises(_FallBack, match="HTTP 400"):  # the fast path hands a 400 to botocore
+        store.fast.put(bucket, key, body, {})
+    upload = store.start_multipart("damaged-parts")
+    with pytest.raises(_FallBack, match="HTTP 400"):
+        store.fast.put(bucket, f"{key}-parts", body, {"UploadId": upload, "PartNumber": 1})
+    store.abort_multipart("damaged-parts", upload)
+    names = {info.path.rpartition("/")[2] for info in store.list_dir("")}
+    assert names == {"whole", "parts"}
+

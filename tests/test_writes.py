@@ -78,6 +78,17 @@ def test_files_of_every_size_land_whole(source, cachefs_mount):
     assert sorted(os.listdir(m.mountpoint)) == sorted(f"f{s}" for s in sizes)
 
 
+def test_files_around_part_boundaries_land_whole(s3_source, cachefs_mount):
+    """Written in sequence, their full parts go before the close (sent early), the rest
+    at the close, beside the early ones still in flight: the object is the bytes written."""
+    m = _rw(cachefs_mount, s3_source)
+    rng = random.Random(12)
+    for size in [PART - 1, PART, PART + 1, 3 * PART - 1, 3 * PART, 3 * PART + 1]:
+        data = rng.randbytes(size)
+        _write(os.path.join(m.mountpoint, f"f{size}"), data)
+        assert s3_source.read(f"f{size}") == data, size
+
+
 def test_read_after_write_is_served_from_cache(s3_behind_proxy, cachefs_mount):
     source = s3_behind_proxy
     m = _rw(cachefs_mount, source, "--mem-size", "0", "--cache-size", "256M")
@@ -451,6 +462,30 @@ def test_a_sequential_writer_sends_parts_before_close_and_later_changes_still_la
                 del data[100:]
         assert source.read(name) == bytes(data), name
         assert _read(path) == bytes(data), name
+
+
+def test_a_file_ending_on_a_part_boundary_has_every_part_sent_before_close(s3_behind_proxy, cachefs_mount):
+    """The part a write fills goes at once, the last one too: the close only completes
+    the upload. A file of exactly one part starts no multipart upload: one PUT."""
+    source = s3_behind_proxy
+    m = _rw(cachefs_mount, source)
+    rng = random.Random(13)
+    for parts in (3, 1):
+        source.proxy.reset()
+        data = rng.randbytes(parts * PART)
+        name = f"p{parts}.bin"
+        with open(os.path.join(m.mountpoint, name), "wb", buffering=0) as f:
+            for at in range(0, len(data), CHUNK):
+                f.write(data[at:at + CHUNK])
+            if parts > 1:
+                _wait_for(lambda: source.proxy.requests["PUT"] == parts, f"{name}: all parts sent before the close")
+            else:
+                assert source.proxy.requests["POST"] == 0  # no multipart upload begun
+        assert source.read(name) == data
+        if parts == 1:
+            assert (source.proxy.requests["PUT"], source.proxy.requests["POST"], source.proxy.requests["DELETE"]) == (1, 0, 0)
+        else:
+            assert source.proxy.requests["PUT"] == parts  # none sent again at close
 
 
 def test_creating_files_waits_for_no_listing_of_their_directory(s3_behind_proxy, cachefs_mount):
