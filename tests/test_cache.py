@@ -288,45 +288,6 @@ async def test_disk_fill_stores_the_fetched_chunks_and_counts_their_bytes(tmp_pa
 
 
 @pytest.mark.trio
-@pytest.mark.parametrize("refused", [False, True])
-async def test_disk_fill_writes_direct_and_reads_back_after_a_restart(tmp_path, monkeypatch, refused):
-    """Warm-up's chunk files are opened O_DIRECT (no page-cache copy), or buffered
-    where the file system refuses it; a restarted tier reads back exactly the bytes."""
-    real_open = os.open
-    opened = []
-
-    def recording_open(path, flags, *args):
-        if str(path).endswith(f".tmp{os.getpid()}"):  # a chunk file being written
-            opened.append((str(path), bool(flags & os.O_DIRECT)))
-            if refused and flags & os.O_DIRECT:
-                raise OSError(errno.EINVAL, "Invalid argument")
-        return real_open(path, flags, *args)
-
-    monkeypatch.setattr(os, "open", recording_open)
-    sizes = [1, 4095, 4097, 3 * CHECKSUM_BLOCK + 3]
-    disk = await open_disk(tmp_path, 10 * entry(max(sizes)))
-    keys = [chunk(n, size) for n, size in enumerate(sizes)]
-    data = [payload(size, seed=n) for n, size in enumerate(sizes)]
-
-    async def fetch(views):
-        for view, part in zip(views, data):
-            view[:] = part
-
-    assert await disk.fill(keys, fetch) == [True] * len(sizes)
-    written_direct = dict(opened)  # each file's last open: the one it was written through
-    assert len(written_direct) == len(sizes)
-    # Refused: O_DIRECT was tried, then every file went buffered.
-    assert set(written_direct.values()) == {not refused}
-    assert any(direct for _, direct in opened)
-    disk.close()
-    again = await open_disk(tmp_path, 10 * entry(max(sizes)))
-    for n, (k, part) in enumerate(zip(keys, data)):
-        assert chunk_path(tmp_path, key(n)).stat().st_size == entry(len(part))
-        got = await again.get(k)
-        assert got is not None and bytes(got) == part
-
-
-@pytest.mark.trio
 async def test_disk_fill_that_fails_stores_nothing_and_leaves_the_cap_exact(tmp_path):
     """A request cut short halfway: no chunk is stored (not even one whose bytes
     were whole), the error comes out as it was raised, and the reserved room is

@@ -17,13 +17,14 @@ chunks that are not its own. The kernel drops the lock when the owner exits.
 Files are written with O_DIRECT where the file system takes it: on our VMs a
 buffered write of a new 4 MiB file costs ~25x the CPU of a direct one (fresh
 page-cache pages and their first touch), and dirty page cache would count
-against a container's memory limit. Reads stay buffered, so a hot chunk file
+against a container's memory limit. Warm-up's writes are the exception (see
+`_write_filled`): there the disk's latency, not CPU, was the limit. Reads stay buffered, so a hot chunk file
 also lives in the page cache, unless the tier drops what it read (`drop_pages`,
 a worker's default: see `DiskTier`).
 
 Warm-up writes without a copy of ours (`fill`): the backend receives the chunks
 straight into reused buffers with room for the header before each, and those
-buffers are written as they are, with O_DIRECT (see `_write_filled`).
+buffers are written as they are, buffered (see `_write_filled`).
 """
 
 from __future__ import annotations
@@ -478,7 +479,7 @@ class DiskTier:
         `fetch(views)` fills the views in turn, all key.length bytes of each, with
         one backend request; each view lies in a page-aligned buffer with room for
         its chunk's header before it, and once the fetch is done the buffers are
-        written as they are (O_DIRECT: see `_write_filled`), all in one hop to a
+        written as they are (buffered: see `_write_filled`), all in one hop to a
         thread: no copy of ours, no MEM tier, and no fresh memory per chunk (the buffers
         are reused while fills run; FILL_BYTES of them at most, claimed in the
         chunk budget, which MEM makes room for). Nothing is fetched if every chunk
@@ -636,12 +637,13 @@ class DiskTier:
         """Write `fill` buffers, each (digest, buffer, head, length): the chunk at
         [head, head + length), its header sealed in front. Stops at the first error.
 
-        O_DIRECT, as other chunk writes: the buffers are page-aligned and padded,
-        so they go to the disk as they are. Through the page cache, the kernel's
-        copy into fresh pages was 58% of a worker's CPU while warming (perf,
-        copy_folio_from_iter_atomic), and the warm-up ended with its bytes still
-        dirty. Write threads keep several writes in flight: this disk takes 4 MiB
-        direct writes at 985 MB/s 4 deep, 345 MB/s one at a time (fio).
+        Buffered, unlike other chunk writes, as JuiceFS writes its cache: a warm-up
+        writes as fast as the backend sends, and an O_DIRECT write waits for the
+        disk, which the backend may be reading from too (warming 1 GiB into a
+        worker: 171 MiB/s direct, 210 buffered, 183 buffered with the writeback
+        started at once by FADV_DONTNEED; 0.4 s more CPU per GiB). The kernel writes
+        the pages back later; they are clean page cache then, which reclaim takes
+        first (the worker drops a chunk file's pages once it has served it).
 
         Returns:
             (chunks written, the error that stopped the rest or None).
@@ -653,9 +655,7 @@ class DiskTier:
                         header = hotpath.seal_chunk(digest, data, CHECKSUM_BLOCK)
                     view[:head] = header
                     with view[: head + length] as whole:
-                        self._write_file(
-                            digest, lambda fd: self._write_buffered(fd, whole, b""), lambda fd: self._write_aligned(fd, whole)
-                        )
+                        self._write_file(digest, lambda fd: self._write_buffered(fd, whole, b""))
             except OSError as e:
                 return n, e
         return len(jobs), None
