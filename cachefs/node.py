@@ -192,12 +192,16 @@ class Node:
             [self.mem, self.disk], lambda: {d.name or d.source: d.source for d in self.datasets.values()}
         )
         self._stack.callback(metrics.unregister_source_usage)
+        # The control socket first: a node whose peer port answers can be asked how it
+        # is (a worker restarted under its clients was once asked before it could answer).
+        if self.control_socket is not None:
+            await nursery.start(control.serve_control, self, self.control_socket)
         if self.serve:
             self.peer_server = await serve_peers(
                 config, self.name, self.serve, self.readers, nursery, pins=self, capacity=self.warm_capacity
             )
-        if self.control_socket is not None:
-            await nursery.start(control.serve_control, self, self.control_socket)
+            if self.draining:  # asked to drain before it listened: it never takes a request
+                await self.peer_server.drain(0)
 
     async def _open_staging(self) -> None:
         config = self.config
