@@ -299,10 +299,21 @@ class Namespace:
         if cached is not None and self._fresh(cached[1], self.attr_ttl):
             return cached[0]
         try:
+            return await self._check_name(path)
+        except ObjectNotFound:
+            return None
+
+    async def _check_name(self, path: str) -> ObjectInfo:
+        """The backend's answer for one name, kept as its attributes (or forgotten: gone).
+
+        Raises:
+            ObjectNotFound, BackendError: as `Backend.check_name`.
+        """
+        try:
             info = await self.backend.check_name(path)
         except ObjectNotFound:
             self._cache.pop(("attr", path))
-            return None
+            raise
         self._set_attr(path, info, self._clock())
         return info
 
@@ -336,16 +347,13 @@ class Namespace:
         self._missed(parent)
         self._list_soon(parent, listed, fetched_at, self.dir_ttl)
         try:
-            info = await self.backend.check_name(path)
+            return await self._check_name(path)
         except ObjectNotFound:
-            self._cache.pop(("attr", path))
             raise
         except BackendError as e:
             # Backend down: the listing we know has no such name.
             log.info("serving a stale listing of %s: %s", parent or "/", e)
             raise ObjectNotFound(f"{path}: not found") from None
-        self._set_attr(path, info, self._clock())
-        return info
 
     def _list_soon(self, path: str, listed: int, fetched_at: float, max_age: float) -> None:
         """List `path` (a listing of `listed` entries, LISTed at `fetched_at`) again in
