@@ -1261,14 +1261,11 @@ class Backend:
                             if index not in early.etags and index not in in_flight:
                                 nursery.start_soon(put_part, index)
                         await early.settled()
-                        for index in in_flight:
+                        for index in range(count):
                             if index in early.etags:
                                 etags[index] = early.etags[index]
-                            elif index < count:
+                            elif index in in_flight:
                                 nursery.start_soon(put_part, index)  # failed, or written into since
-                        for index, etag in early.etags.items():
-                            if index not in in_flight and index < count:
-                                etags[index] = etag
                         early.forget()  # this upload completes or aborts it: no later attempt may reuse its parts
                 info = await self._change("put", path, store.finish_multipart, path, upload_id, etags, size)
             except BaseException:
