@@ -731,13 +731,12 @@ class DiskTier:
         # Header and data copied into one page-aligned buffer: its aligned part goes
         # straight to the disk (see `_write_aligned`).
         length = len(header) + len(data)
-        padded = -(-length // _DIRECT_ALIGN) * _DIRECT_ALIGN
         try:
             buf = self._aligned.pop()  # atomic: writer threads never share a buffer
         except IndexError:
             buf = None
-        if buf is None or len(buf) < padded:
-            buf = mmap.mmap(-1, padded)  # page-aligned
+        if buf is None or len(buf) < length:
+            buf = mmap.mmap(-1, length)  # page-aligned
         try:
             with memoryview(buf) as view:
                 view[: len(header)] = header
