@@ -1033,11 +1033,9 @@ async def test_an_object_store_directory_listed_recently_needs_no_head(ns_store,
 # -- the S3 fast path's presigned URLs ------------------------------------------------
 
 
-@pytest.mark.parametrize("endpoint", ["http://127.0.0.1:9000", "https://s3.example.com:443", None])
-@pytest.mark.parametrize("token", [None, "session/token+="])
-def test_presigned_urls_are_botocores(monkeypatch, endpoint, token):
-    """Signed without botocore's machinery, the same URL to the character (so the same
-    signature) as botocore's generate_presigned_url, for every request of the fast path."""
+def _signing_at_a_fixed_time(monkeypatch, endpoint, token):
+    """A fast path with example credentials (and `token`), botocore's clock set to the
+    same fixed time as ours, and a key with every character SigV4 escapes: (fast, now, key)."""
     import datetime
 
     import botocore.auth
@@ -1049,7 +1047,15 @@ def test_presigned_urls_are_botocores(monkeypatch, endpoint, token):
         fast.signer._credentials.token = token
     now = datetime.datetime(2026, 11, 28, 3, 4, 5)
     monkeypatch.setattr(botocore.auth, "get_current_datetime", lambda *a, **k: now)
-    key = "t-1/d/é-ü 日本+plus%per~tilde&amp'quote"
+    return fast, now, "t-1/d/é-ü 日本+plus%per~tilde&amp'quote"
+
+
+@pytest.mark.parametrize("endpoint", ["http://127.0.0.1:9000", "https://s3.example.com:443", None])
+@pytest.mark.parametrize("token", [None, "session/token+="])
+def test_presigned_urls_are_botocores(monkeypatch, endpoint, token):
+    """Signed without botocore's machinery, the same URL to the character (so the same
+    signature) as botocore's generate_presigned_url, for every request of the fast path."""
+    fast, now, key = _signing_at_a_fixed_time(monkeypatch, endpoint, token)
     cases = [
         ("get_object", {"Bucket": "bucket", "Key": key}, "GET"),
         ("head_object", {"Bucket": "bucket", "Key": key}, "HEAD"),
@@ -1076,19 +1082,10 @@ def test_presigned_urls_are_botocores(monkeypatch, endpoint, token):
 def test_signed_puts_are_botocores(monkeypatch, endpoint, token):
     """A PUT signed over its body's SHA-256 carries the same Authorization header (so
     the same signature) as botocore's SigV4 signing of that request with its payload signed."""
-    import datetime
-
     import botocore.auth
     import botocore.awsrequest
 
-    from cachefs.backend import S3FastPath
-
-    fast = S3FastPath(endpoint, ("AKIDEXAMPLE", "wJalrXUtnFEMI/K7MDENG+bPxRfiCYEXAMPLEKEY"), 5.0)
-    if token is not None:
-        fast.signer._credentials.token = token
-    now = datetime.datetime(2026, 11, 28, 3, 4, 5)
-    monkeypatch.setattr(botocore.auth, "get_current_datetime", lambda *a, **k: now)
-    key = "t-1/d/é-ü 日本+plus%per~tilde&amp'quote"
+    fast, now, key = _signing_at_a_fixed_time(monkeypatch, endpoint, token)
     body = bytearray(b"part bytes " * 1000)
     for operation, params in [
         ("put_object", {"Bucket": "bucket", "Key": key}),

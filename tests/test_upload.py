@@ -63,15 +63,22 @@ async def _until(condition) -> None:
             await trio.sleep(0.001)  # the store answers in threads
 
 
-@pytest.mark.trio
-async def test_a_close_sends_the_parts_never_sent_while_early_ones_are_still_in_flight(tmp_path):
-    data = random.Random(3).randbytes(4 * PART + 10)
+def _staged_upload(tmp_path, data: bytes) -> tuple:
+    """`data` staged in a file, a store, a backend over it, and early parts of a
+    multipart upload of "f" begun: (staged, store, backend, early)."""
     staged = tmp_path / "staged"
     staged.write_bytes(data)
     store = PartsStore()
     backend = Backend(store, concurrency=2, timeout=10, retries=0, upload_concurrency=8)
     early = EarlyParts(PART)
     early.upload_id = store.start_multipart("f")
+    return staged, store, backend, early
+
+
+@pytest.mark.trio
+async def test_a_close_sends_the_parts_never_sent_while_early_ones_are_still_in_flight(tmp_path):
+    data = random.Random(3).randbytes(4 * PART + 10)
+    staged, store, backend, early = _staged_upload(tmp_path, data)
     early.next = 2
     early.sending = {0: True, 1: True}  # left behind by the writer; their PUTs not answered yet
     done = trio.Event()
@@ -97,12 +104,7 @@ async def test_a_close_sends_the_parts_never_sent_while_early_ones_are_still_in_
 @pytest.mark.trio
 async def test_a_part_written_into_while_in_flight_is_sent_again(tmp_path):
     data = bytearray(random.Random(4).randbytes(3 * PART + 1))
-    staged = tmp_path / "staged"
-    staged.write_bytes(data)
-    store = PartsStore()
-    backend = Backend(store, concurrency=2, timeout=10, retries=0, upload_concurrency=8)
-    early = EarlyParts(PART)
-    early.upload_id = store.start_multipart("f")
+    staged, store, backend, early = _staged_upload(tmp_path, data)
     early.sending = {0: True}
     etag = store.put_part("f", early.upload_id, 1, str(staged), 0, PART)  # the old bytes of part 1
     early.touched(10, 20)  # then written into, before its PUT was answered

@@ -544,6 +544,16 @@ def test_a_rewritten_file_is_served_by_its_peer_in_the_new_version_only(s3_sourc
     assert s3_source.read("f.bin") == new
 
 
+def _an_empty_directory_counted(cachefs_mount, source, ttl: str) -> tuple[str, str]:
+    """A read-write mount with every metadata TTL `ttl`, a new directory "out" made in it,
+    and the proxy's counts reset: (its path in the mount, its key prefix in the bucket)."""
+    m = _rw(cachefs_mount, source, "--dir-ttl", ttl, "--attr-ttl", ttl, "--entry-ttl", ttl)
+    out = os.path.join(m.mountpoint, "out")
+    os.mkdir(out)
+    source.proxy.reset()
+    return out, source.prefix.partition("/")[2] + "/out/"
+
+
 def test_a_writer_filling_a_directory_costs_the_server_the_same_for_each_file(s3_behind_proxy, cachefs_mount):
     """Past a few dozen entries, the kernel's lookup before each create is one check of the new
     name (a HEAD and a LIST of one key), not a LIST of the whole directory again: such a LIST
@@ -551,11 +561,7 @@ def test_a_writer_filling_a_directory_costs_the_server_the_same_for_each_file(s3
     file cost more than the last. Counted at the S3 server."""
     source = s3_behind_proxy
     ttl = "0.2"
-    m = _rw(cachefs_mount, source, "--dir-ttl", ttl, "--attr-ttl", ttl, "--entry-ttl", ttl)
-    out = os.path.join(m.mountpoint, "out")
-    os.mkdir(out)
-    prefix = source.prefix.partition("/")[2] + "/out/"
-    source.proxy.reset()
+    out, prefix = _an_empty_directory_counted(cachefs_mount, source, ttl)
     files = 300
     for i in range(files):
         _write(os.path.join(out, f"f{i:04d}"), b"x" * 1000)
@@ -584,11 +590,7 @@ def test_creates_in_a_directory_this_node_fills_ask_the_server_nothing_but_the_p
     close (the last close wins, whole)."""
     source = s3_behind_proxy
     ttl = "0.2"
-    m = _rw(cachefs_mount, source, "--dir-ttl", ttl, "--attr-ttl", ttl, "--entry-ttl", ttl)
-    out = os.path.join(m.mountpoint, "out")
-    os.mkdir(out)
-    prefix = source.prefix.partition("/")[2] + "/out/"
-    source.proxy.reset()
+    out, prefix = _an_empty_directory_counted(cachefs_mount, source, ttl)
     files = 60
     t0 = time.monotonic()
     for i in range(files):
