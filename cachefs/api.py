@@ -21,7 +21,7 @@ import json
 import os
 import signal
 import subprocess
-from typing import Any
+from typing import Any, Callable
 
 from cachefs import control_client
 from cachefs.errors import ConfigError
@@ -147,6 +147,44 @@ class Mount:
     def unpin(self, *paths: str, owner: str | None = None) -> list[dict]:
         """End the leases pinning any of `paths`, or all of `owner`'s. Returns them."""
         return self._call("pin.remove", paths=[self._inner(p) for p in paths], owner=owner, ids=[])
+
+    def warmup(
+        self, *paths: str, recursive: bool = True, concurrency: int | None = None, wait_ratio: float | None = None,
+        on_progress: Callable[[dict], Any] | None = None,
+    ) -> dict:
+        """Load `paths` (relative to the mountpoint, or absolute inside it) into the cache
+        that will serve them, as `cachefs warmup` does: with peers, each chunk at its
+        owner on the ring. `on_progress(p)` gets the job's counters as it goes (at least
+        twice a second): bytes_done, bytes_total, ratio (None while listing),
+        files_done, files_total, state, ... With `wait_ratio`, returns as soon as that
+        share of the bytes is cached; the node goes on loading the rest.
+
+        Returns:
+            The last counters; "failed_count" and "failures" name files that failed.
+        Raises:
+            ConfigError: a path outside the mount or in no dataset, or the job failed
+                (it cannot fit, a listing failed); one line. Interrupted
+                (KeyboardInterrupt), the job is cancelled first.
+        """
+        from cachefs import warmup_client
+
+        sock = control_client.socket_for(self.mountpoint)
+        args: dict[str, Any] = {"paths": [self._inner(p) for p in paths], "recursive": recursive}
+        if concurrency is not None:
+            args["concurrency"] = concurrency  # else the node's default (8, as the CLI's)
+        started: dict = {}
+        try:
+            p, _ = warmup_client.follow(sock, self.mountpoint, args, wait_ratio, on_progress or (lambda p: None), started)
+        except KeyboardInterrupt:
+            if "job" in started:
+                try:
+                    self._call("warmup.cancel", job=started["job"])
+                except ConfigError:
+                    pass  # the mount is gone: so is its job
+            raise
+        if p["state"] in ("failed", "cancelled"):
+            raise ConfigError(f"warmup {p['job']} {p['state']}: {p['error'] or 'cancelled'}")
+        return p
 
     def residency(self, path: str) -> Residency:
         """What this node caches of a file, or of the files right in a directory."""

@@ -227,7 +227,7 @@ def run(
         output = PlainOutput(out)
     started: dict = {}
     try:
-        final, early = _follow(sock, label, args, wait_ratio, output, started)
+        final, early = follow(sock, label, args, wait_ratio, output.update, started)
     except KeyboardInterrupt:
         output.close()
         if "job" in started:
@@ -243,8 +243,11 @@ def run(
     return _report(final, early, wait_ratio, as_json, output, out, err)
 
 
-def _follow(sock: str, label: str, args: dict, wait_ratio: float | None, output, started: dict):
-    """Start the job and poll it until it ends, or until `wait_ratio` of its bytes are cached.
+def follow(sock: str, label: str, args: dict, wait_ratio: float | None, on_progress: Callable[[dict], Any],
+           started: dict):
+    """Start the job (`warmup.start` with `args`) and follow it until it ends, or until
+    `wait_ratio` of its bytes are cached, calling `on_progress(p)` with each progress.
+    `started["job"]` is the job's id once it runs (to cancel it).
 
     Returns:
         (the last progress, whether we left early at the ratio).
@@ -252,7 +255,7 @@ def _follow(sock: str, label: str, args: dict, wait_ratio: float | None, output,
     p = control_client.request(sock, "warmup.start", args, START_TIMEOUT, label=label)
     started["job"] = p["job"]
     while True:
-        output.update(p)
+        on_progress(p)
         if p["state"] in ("done", "failed", "cancelled"):
             return p, False
         if wait_ratio is not None and p["ratio"] is not None and p["ratio"] >= wait_ratio:

@@ -49,6 +49,16 @@ def test_mount_read_change_datasets_and_status(tmp_path, local_source, s3_source
             lease = m.pin("loc/a", ttl=3600, owner="nb")
             assert lease["bytes"] == {len(data)} and [p["owner"] for p in m.status().pins] == ["nb"]
             assert [g["id"] for g in m.unpin(owner="nb")] == [lease["id"]]
+            seen = []
+            done = m.warmup("loc", on_progress=seen.append)
+            assert done["state"] == "done" and done["bytes_total"] == {len(data)} == done["bytes_done"]
+            assert seen and seen[-1]["bytes_done"] == {len(data)} and all(p["job"] == done["job"] for p in seen)
+            try:
+                m.warmup("loc/no-such-dir")
+            except cachefs.errors.ConfigError as e:
+                assert "no such file or directory" in str(e).lower(), e
+            else:
+                raise AssertionError("a warm-up of a missing path did not raise")
             m.remove_dataset("s3")
             assert [d.name for d in m.datasets()] == ["loc"]
             print("pid", m.process.pid)
