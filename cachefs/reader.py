@@ -105,7 +105,7 @@ class ReadStream:
     reads: int = 0
     sequential_reads: int = 0
     jumps: int = 0  # non-sequential reads in a row
-    ahead_until: int = 0  # first chunk index not yet scheduled for read-ahead
+    ahead_until: int = 0  # first chunk index not yet scheduled for read-ahead (never lowered)
 
 
 class Reader:
@@ -405,7 +405,11 @@ class Reader:
         else:
             stream.sequential_reads = 0
             stream.jumps += 1
-            stream.ahead_until = 0
+            # `ahead_until` stays: after a jump forward, reading ahead starts past the
+            # read anyway. A jump back is mostly the kernel filling a hole it left
+            # (it skips read-ahead while FUSE is congested) behind its furthest read:
+            # the chunks after the hole were loaded for this stream, maybe read in
+            # full and let go already, and read ahead again they were fetched twice.
         stream.next_offset = max(stream.next_offset, end) if stream.sequential_reads else end
         if stream.sequential_reads < 2 or not self.read_ahead:
             return
