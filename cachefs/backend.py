@@ -1043,6 +1043,11 @@ def _translate(e: BaseException, what: str) -> BackendError:
     if status == 403:
         return BackendPermissionDenied(f"{what}: access denied ({e})")
     name = type(e).__name__
+    if name in ("NoCredentialsError", "PartialCredentialsError"):
+        # botocore found no keys: as permanent as refused ones, and the fix is the user's.
+        return BackendPermissionDenied(
+            f"{what}: no S3 credentials found: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, "
+            "or a dataset's profile= or access_key_file=/secret_key_file= (docs/configuration.md)")
     if isinstance(e, (ConnectionError, TimeoutError)) or "Connect" in name or "Timeout" in name:
         return BackendUnavailable(f"{what}: backend unreachable ({name}: {e})")
     return BackendError(f"{what}: {name}: {e}")

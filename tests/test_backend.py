@@ -20,6 +20,7 @@ import threading
 import urllib.parse
 from collections import Counter
 
+import botocore.exceptions
 import pytest
 import trio
 import trio.testing
@@ -191,8 +192,9 @@ async def test_gives_up_after_retries(store, retries):
         (lambda: TimeoutError("read timed out"), BackendUnavailable, True),
         (lambda: OSError(errno.EIO, "I/O error"), BackendError, True),
         (lambda: ValueError("botocore says no"), BackendError, True),
+        (lambda: botocore.exceptions.NoCredentialsError(), BackendPermissionDenied, False),
     ],
-    ids=["enoent", "enotdir", "eacces", "changed", "reset", "timeout", "eio", "other"],
+    ids=["enoent", "enotdir", "eacces", "changed", "reset", "timeout", "eio", "other", "no-credentials"],
 )
 async def test_errors_are_translated_and_only_transient_ones_retried(store, make_error, expected, retried):
     obj = store.add("f", DATA)
