@@ -294,7 +294,7 @@ class Uploader:
                 if upload.early is not None and upload.early.upload_id is not None:
                     self.drop_early(upload.dataset, upload.path, upload.early)  # cancelled before it began
                 if upload.entry is not None and (upload.info is not None or upload.cancelled):
-                    self.staging.forget(upload.entry)  # an unlink, as the entry's write: no thread hop
+                    await self.staging.forget(upload.entry)  # gone before `done`: no restart uploads it again
                 uploads = self.pending.get(key, [])
                 if upload in uploads:
                     uploads.remove(upload)

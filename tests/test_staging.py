@@ -6,6 +6,7 @@ import contextlib
 import errno
 import json
 import os
+import threading
 
 import pytest
 import trio
@@ -76,7 +77,7 @@ async def test_a_round_comes_an_interval_after_a_close_and_skips_files_uploaded_
         landed = await staging.journal("s3://b/p", "landed", _staged_file(staging, b"y"), 1)
         await staging.journal("s3://b/p", "pending", _staged_file(staging, b"z"), 1)
         await trio.sleep(COMMIT_INTERVAL / 2)
-        staging.forget(landed)  # its upload is done: the backend has it
+        await staging.forget(landed)  # its upload is done: the backend has it
         await trio.sleep(COMMIT_INTERVAL / 2 - 0.01)
         assert rounds == []  # nothing synced while the interval runs
         while not rounds:  # the round runs in a thread: the fake clock may pass it by
@@ -165,7 +166,7 @@ def test_a_restart_drops_an_entry_an_os_crash_cut_short(tmp_path, caplog):
 
 
 async def _with_spares(staging: Staging, nursery: trio.Nursery) -> None:
-    nursery.start_soon(staging.prepare_forever)
+    nursery.start_soon(staging.housekeep_forever)
     while len(staging._spare_files) < SPARES or len(staging._spare_entries) < SPARES:
         await trio.sleep(0.01)  # made in a thread
 
@@ -233,3 +234,43 @@ def test_a_restart_removes_unused_spares_without_an_error(tmp_path, caplog):
     assert os.listdir(again.journal_dir) == [f"{whole.seq:012d}.json"]
     assert os.listdir(again.dir) == [os.path.basename(whole.staged)]
     assert not [r for r in caplog.records if r.levelname in ("ERROR", "WARNING")]
+
+
+@pytest.mark.trio
+async def test_files_let_go_of_are_removed_off_the_trio_thread_and_their_room_then_given_back(tmp_path, monkeypatch):
+    """An unlink on the trio thread waited for ext4's journal too. The room of a file let go
+    of comes back only once it is gone (the disk never holds more than the bounds), and a
+    writer that needs it meanwhile waits for it: no ENOSPC."""
+    staging = Staging(str(tmp_path), limit=2 << 20, disk=None)
+    staging.open()
+    async with trio.open_nursery() as nursery:
+        await _with_spares(staging, nursery)
+        staged, fd = staging.create_file()
+        await staging.reserve(staged, 2 << 20)  # all the room there is
+        os.write(fd, b"x" * 100)
+        os.close(fd)
+        entry = await staging.journal("s3://b/p", "f", staged, 100)
+        entry_path = os.path.join(staging.journal_dir, f"{entry.seq:012d}.json")
+        with trio.testing.assert_no_checkpoints():
+            staging.release(staged)
+        assert os.path.exists(staged.path)  # not removed by the trio thread
+        assert staging.used == 2 << 20 and staging.removing == 2 << 20
+        # An entry is gone when forget returns: no restart uploads it again after an unlink
+        # or a rename of its path (which wait for its upload to be done).
+        unlinked_by = []
+        real_unlink = os.unlink
+
+        def recording_unlink(path, *args, **kwargs):
+            unlinked_by.append(threading.current_thread())
+            return real_unlink(path, *args, **kwargs)
+
+        monkeypatch.setattr(os, "unlink", recording_unlink)
+        await staging.forget(entry)
+        assert not os.path.exists(entry_path)
+        assert unlinked_by and threading.main_thread() not in unlinked_by
+        other, other_fd = staging.create_file()
+        os.close(other_fd)
+        await staging.reserve(other, 1 << 20)  # waits for the removal: nothing is draining
+        assert not os.path.exists(staged.path)
+        assert staging.used == 1 << 20 and staging.removing == 0
+        nursery.cancel_scope.cancel()

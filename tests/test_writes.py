@@ -311,7 +311,7 @@ def test_kill9_between_writeback_close_and_upload_loses_nothing(s3_behind_proxy,
         assert _read(os.path.join(second.mountpoint, name)) == data
     # An entry is forgotten when its upload ends, after the chunks are cached: a moment
     # after the object shows in S3 (the full suite, on a loaded machine, once saw all four).
-    # Empty files are the spares made ahead for the next closes (Staging.prepare_forever).
+    # Empty files are the spares made ahead for the next closes (Staging.housekeep_forever).
     _wait_for(lambda: _filled(os.path.join(first.cache_dir, "journal")) == [], "the journal to empty")
     _wait_for(lambda: _filled(os.path.join(first.cache_dir, "staging")) == [], "the staged files to go")
 
