@@ -72,6 +72,9 @@ COMMIT_INTERVAL = 5.0
 # Empty staged files and journal entry files kept created ahead (each kind), made again
 # in a thread once half are used: see `Staging.housekeep_forever`.
 SPARES = 16
+# Seconds housekeep_forever gathers files to remove before a round: one thread hop per
+# file let go of cost more CPU than the unlinks it moved off the trio thread.
+REMOVE_INTERVAL = 0.05
 
 
 @dataclasses.dataclass(eq=False)
@@ -136,6 +139,7 @@ class Staging:
         self._housekeeping = False  # housekeep_forever runs: it removes, not the trio thread
         self._chores = trio.Event()  # set when there is something for housekeep_forever
         self._chores.set()
+        self._spares_wanted = trio.Event()  # set when _spares_low becomes true
         self._unremoved: set[str] = set()  # entry files doomed and not removed yet (`forget` waits)
         self._removal_round = trio.Event()  # set (and replaced) after each removal round
         metrics.STAGING_CAPACITY.set(limit)
@@ -202,6 +206,7 @@ class Staging:
     def _used_spare(self, spares: collections.deque) -> None:
         if len(spares) <= SPARES // 2:
             self._spares_low = True
+            self._spares_wanted.set()
             self._chores.set()
 
     async def housekeep_forever(self) -> None:
@@ -220,11 +225,15 @@ class Staging:
         try:
             while True:
                 await self._chores.wait()
+                if not self._spares_low:  # only removals: gather more first, unless spares run low
+                    with trio.move_on_after(REMOVE_INTERVAL):
+                        await self._spares_wanted.wait()
                 self._chores = trio.Event()
                 doomed, self._doomed = self._doomed, []
                 files, seqs = 0, []
                 if self._spares_low:
                     self._spares_low = False
+                    self._spares_wanted = trio.Event()
                     files = SPARES - len(self._spare_files)
                     seqs = [next(self._seq) for _ in range(SPARES - len(self._spare_entries))]
                     self._preparing = trio.Event()
