@@ -212,6 +212,7 @@ class Node:
             raise ConfigError(f"{config.label('cache_dir')} {config.cache_dir}: cannot hold staged writes ({e})") from None
         self.staging = staging
         self._nursery.start_soon(staging.commit_forever)
+        self._nursery.start_soon(staging.housekeep_forever)
         self._stack.callback(staging.sync_all)  # runs after the uploads stopped: what is left resumes
         self.uploader = Uploader(staging, self._nursery, config.part_size, self._uploaded)
         self.writes = Writes(staging, self.uploader)

@@ -6,15 +6,20 @@ waiting for its upload under --writeback. Eviction never touches either.
 
 Room: staged bytes count against --stage-size and against the SSD tier's
 --cache-size (chunks are evicted to make room), reserved a mebibyte at a time
-before the bytes are written, so neither bound is ever overshot. A writer that
+before the bytes are written, so neither bound is ever overshot (a file let go
+of is removed in a thread, and its room comes back once it is gone). A writer that
 needs room while closed files are waiting for their uploads waits for them
 (back-pressure); if only files still open hold the room, nothing would ever
-free it, and the write fails with ENOSPC (`StagingFull`) instead of hanging.
+free it, and the write fails with ENOSPC (`StagingFull`) instead of hanging
+(files being removed count as freeing room).
 
 Durability (--writeback): close() writes a closed file's journal entry (one
-write(2) of a new file, on the trio thread: a thread hop there made the close
-wait behind the committer's fsyncs, 3.4 ms a file against 0.8) and returns; a
-process killed after that loses nothing, the kernel has the bytes. The committer then makes entries
+write(2) into an empty entry file created ahead, on the trio thread: a thread hop
+there made the close wait behind the committer's fsyncs, 3.4 ms a file against
+0.8) and returns; a process killed after that loses nothing, the kernel has the
+bytes. Staged files and entry files are created ahead, SPARES at a time, in a
+thread (`housekeep_forever`): a create on the trio thread waited for ext4's journal
+and held up every request of the mount. The committer then makes entries
 durable in rounds (group commit): it fsyncs the staged bytes and the entry of
 every file journaled since its last round and not uploaded yet, then the two
 directories once, off the close path, so a writer does not wait for the disk
@@ -28,12 +33,14 @@ take is what a local filesystem would: files closed but not fsync'd within
 the last COMMIT_INTERVAL and not uploaded yet. At the next start, `open` keeps the entries whose staged
 file has the entry's size (a crash before the round can leave a short file: that
 entry is dropped with an error line, as is an entry the crash cut short, which
-no rename guards: like a short staged file, it was never fsync'd); staged files
-no entry names (files open at the crash) are deleted.
+no rename guards: like a short staged file, it was never fsync'd); empty entry
+files (spares never used) and staged files no entry names (files open at the
+crash, spares) are deleted.
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import errno
@@ -62,6 +69,12 @@ RESERVE_STEP = 1 << 20
 # Seconds from a file's close to the committer's round that makes it durable, unless
 # fsync() asks sooner or its upload lands first.
 COMMIT_INTERVAL = 5.0
+# Empty staged files and journal entry files kept created ahead (each kind), made again
+# in a thread once half are used: see `Staging.housekeep_forever`.
+SPARES = 16
+# Seconds housekeep_forever gathers files to remove before a round: one thread hop per
+# file let go of cost more CPU than the unlinks it moved off the trio thread.
+REMOVE_INTERVAL = 0.05
 
 
 @dataclasses.dataclass(eq=False)
@@ -106,6 +119,7 @@ class Staging:
         self.disk = disk
         self.used = 0  # bytes reserved by staged files
         self.draining = 0  # bytes of staged files waiting for or in an upload: they will free room
+        self.removing = 0  # room of files let go of, given back once housekeep_forever removed them
         self._freed = trio.Event()
         self._seq = itertools.count(1)
         self._unsynced: dict[int, JournalEntry] = {}  # journaled, waiting for the committer
@@ -114,6 +128,20 @@ class Staging:
         self._asked = trio.Event()  # set when fsync() waits for an entry in _unsynced
         self._round_done = trio.Event()  # set (and replaced) after each round
         self._failed: set[int] = set()  # seqs whose round failed: fsync() reports EIO
+        # Files created ahead by `housekeep_forever`, taken oldest first: (StagedFile, fd)
+        # empty staged files, and (seq, fd) empty journal entry files in seq order.
+        self._spare_files: collections.deque[tuple[StagedFile, int]] = collections.deque()
+        self._spare_entries: collections.deque[tuple[int, int]] = collections.deque()
+        self._spares_low = True  # half the spares of a kind are used (the first ones: at the start)
+        self._preparing: trio.Event | None = None  # set when the spares being made are in
+        # Files let go of, for `housekeep_forever` to remove: (path, room to give back after).
+        self._doomed: list[tuple[str, int]] = []
+        self._housekeeping = False  # housekeep_forever runs: it removes, not the trio thread
+        self._chores = trio.Event()  # set when there is something for housekeep_forever
+        self._chores.set()
+        self._spares_wanted = trio.Event()  # set when _spares_low becomes true
+        self._unremoved: set[str] = set()  # entry files doomed and not removed yet (`forget` waits)
+        self._removal_round = trio.Event()  # set (and replaced) after each removal round
         metrics.STAGING_CAPACITY.set(limit)
         metrics.STAGED_BYTES.set_function(lambda: self.used)
 
@@ -125,8 +153,10 @@ class Staging:
         entries = []
         for name in os.listdir(self.journal_dir):
             full = os.path.join(self.journal_dir, name)
-            if not name.endswith(".json"):
-                os.unlink(full)  # an entry cut short before its rename: never promised to anyone
+            if not name.endswith(".json") or os.path.getsize(full) == 0:
+                # An entry cut short before its rename (older versions), a spare never used, or
+                # one an OS crash left empty (never fsync'd): never promised to anyone.
+                os.unlink(full)
                 continue
             try:
                 with open(full) as f:
@@ -157,8 +187,114 @@ class Staging:
     # -- files ------------------------------------------------------------------------
 
     def new_file(self) -> StagedFile:
-        """An empty staged file (created by the caller's first open)."""
+        """A staged file not created yet (the caller creates it); see `create_file`."""
         return StagedFile(os.path.join(self.dir, uuid.uuid4().hex))
+
+    def create_file(self) -> tuple[StagedFile, int]:
+        """An empty staged file and an fd of it, open for read and write: one created ahead
+        if any is left (no create on the trio thread), else created now. No checkpoint.
+
+        Raises:
+            OSError: it could not be created.
+        """
+        self._used_spare(self._spare_files)
+        if self._spare_files:
+            return self._spare_files.popleft()
+        staged = self.new_file()
+        return staged, _create(staged.path)
+
+    def _used_spare(self, spares: collections.deque) -> None:
+        if len(spares) <= SPARES // 2:
+            self._spares_low = True
+            self._spares_wanted.set()
+            self._chores.set()
+
+    async def housekeep_forever(self) -> None:
+        """Create and remove the staging area's files in a thread, for the trio thread: a
+        create or an unlink there waits for ext4's journal, behind the committer's fsyncs,
+        and every request of the mount with it (under --writeback with 4 writers of small
+        files, the two creates and two unlinks of each file held it 2 ms per file).
+
+        Keeps SPARES empty staged files and journal entry files created ahead, made again
+        once half are used; entry files take their seqs when made, in order, so entries
+        still replay in the order the files were closed. Removes the files let go of
+        (`release`, `forget`) in batches, and gives back their room once they are gone,
+        so the disk never holds more than the bounds. When cancelled (the node stops), it
+        removes what is left to remove and the spares not used."""
+        self._housekeeping = True
+        try:
+            while True:
+                await self._chores.wait()
+                if not self._spares_low:  # only removals: gather more first, unless spares run low
+                    with trio.move_on_after(REMOVE_INTERVAL):
+                        await self._spares_wanted.wait()
+                self._chores = trio.Event()
+                doomed, self._doomed = self._doomed, []
+                files, seqs = 0, []
+                if self._spares_low:
+                    self._spares_low = False
+                    self._spares_wanted = trio.Event()
+                    files = SPARES - len(self._spare_files)
+                    seqs = [next(self._seq) for _ in range(SPARES - len(self._spare_entries))]
+                    self._preparing = trio.Event()
+                made: tuple[list, list] = ([], [])
+                try:
+                    with trio.CancelScope(shield=True):  # what the thread makes is ours to remove
+                        made = await trio.to_thread.run_sync(self._housekeep, [p for p, _ in doomed], files, seqs)
+                except OSError as e:
+                    log.warning("could not create spare staging files (they are made on demand): %s", e)
+                finally:
+                    if self._preparing is not None:
+                        self._preparing.set()
+                        self._preparing = None
+                    self._removed(doomed)
+                self._spare_files.extend(made[0])
+                self._spare_entries.extend(made[1])
+        finally:
+            self._housekeeping = False
+            doomed, self._doomed = self._doomed, []
+            _remove_all([p for p, _ in doomed])
+            self._removed(doomed)
+            self._unremoved.clear()  # all removed now: no forget may wait for a round any more
+            self.drop_spares()
+
+    def _housekeep(
+        self, doomed: list[str], files: int, seqs: list[int]
+    ) -> tuple[list[tuple[StagedFile, int]], list[tuple[int, int]]]:
+        """Blocking: remove `doomed`, then create the spares (on an error, none: what was made is removed)."""
+        _remove_all(doomed)
+        return self._make_spares(files, seqs)
+
+    def _make_spares(self, files: int, seqs: list[int]) -> tuple[list[tuple[StagedFile, int]], list[tuple[int, int]]]:
+        """Blocking: create the spares; on an error, none (what was made is removed)."""
+        made: list[tuple[StagedFile, int]] = []
+        entries: list[tuple[int, int]] = []
+        try:
+            for _ in range(files):
+                staged = self.new_file()
+                made.append((staged, _create(staged.path)))
+            for seq in seqs:
+                entries.append((seq, _create(self._seq_path(seq))))
+        except BaseException:
+            for path, fd in [(s.path, fd) for s, fd in made] + [(self._seq_path(q), fd) for q, fd in entries]:
+                os.close(fd)
+                with contextlib.suppress(OSError):
+                    os.unlink(path)
+            raise
+        return made, entries
+
+    def drop_spares(self) -> None:
+        """Remove the spares not used (a restart removes them too). Blocking: 2 x SPARES unlinks at most."""
+        while self._spare_files:
+            staged, fd = self._spare_files.popleft()
+            os.close(fd)
+            with contextlib.suppress(OSError):
+                os.unlink(staged.path)
+        while self._spare_entries:
+            seq, fd = self._spare_entries.popleft()
+            os.close(fd)
+            with contextlib.suppress(OSError):
+                os.unlink(self._seq_path(seq))
 
     async def reserve(self, staged: StagedFile, size: int) -> None:
         """Make sure `staged` has room for `size` bytes, waiting for uploads to free some.
@@ -171,7 +307,7 @@ class Staging:
             if await self._take(need):
                 staged.reserved += need
                 return
-            if not self.draining:
+            if not self.draining and not self.removing:
                 raise StagingFull(
                     f"staging is full ({format_size(self.used)} of {format_size(self.limit)} held by files "
                     f"open for write); raise --stage-size or --cache-size"
@@ -206,13 +342,26 @@ class Staging:
         staged.keep |= keep_file  # whoever lets go last: the journal still needs the file
         if staged.holders > 0:
             return
-        if not staged.keep:
-            try:
-                os.unlink(staged.path)
-            except FileNotFoundError:
-                pass
         room, staged.reserved = staged.reserved, 0
+        if not staged.keep and self._housekeeping:
+            self._doom(staged.path, room)
+            return
+        if not staged.keep:
+            _remove_all([staged.path])
         self._give_back(room)
+
+    def _doom(self, path: str, room: int) -> None:
+        self._doomed.append((path, room))
+        self.removing += room
+        self._chores.set()
+
+    def _removed(self, doomed: list[tuple[str, int]]) -> None:
+        room = sum(r for _, r in doomed)
+        self.removing -= room
+        self._give_back(room)
+        self._unremoved.difference_update(p for p, _ in doomed)
+        self._removal_round.set()
+        self._removal_round = trio.Event()
 
     def _give_back(self, room: int) -> None:
         self.used -= room
@@ -231,18 +380,27 @@ class Staging:
 
     async def journal(self, source: str, path: str, staged: StagedFile, size: int) -> JournalEntry:
         """Journal a closed file, so that a restart uploads it. Returns once the entry is
-        written (to the page cache: no checkpoint); `durable` waits for it to be on disk.
+        written (to the page cache); `durable` waits for it to be on disk. Checkpoints only
+        if no spare entry file is left and spares are being made (it waits for them).
 
         Raises:
             OSError: the entry could not be written.
         """
-        entry = JournalEntry(next(self._seq), source, path, staged.path, size, time.time())
+        self._used_spare(self._spare_entries)
+        if not self._spare_entries and self._preparing is not None:
+            await self._preparing.wait()  # they hold the next seqs: entries stay in order
+        if self._spare_entries:
+            seq, fd = self._spare_entries.popleft()
+        else:
+            seq = next(self._seq)
+            fd = _create(self._seq_path(seq), os.O_WRONLY)
+        entry = JournalEntry(seq, source, path, staged.path, size, time.time())
         data = entry.to_json().encode()
-        fd = os.open(self._entry_path(entry), os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         try:
-            # One write of a new file, no temporary name and rename: a kill leaves it whole
-            # (the kernel has it), and one an OS crash cuts short was not durable yet, so
-            # `open` drops it as it drops an entry whose staged bytes are short.
+            # One write of a file made empty ahead (or now), no temporary name and rename: a
+            # kill leaves it whole (the kernel has it), and one an OS crash cuts short (or
+            # empty) was not durable yet, so `open` drops it as it drops an entry whose
+            # staged bytes are short.
             if os.write(fd, data) != len(data):
                 raise OSError(errno.EIO, f"short write of journal entry {entry.seq}")
         except BaseException:
@@ -256,7 +414,10 @@ class Staging:
         return entry
 
     def _entry_path(self, entry: JournalEntry) -> str:
-        return os.path.join(self.journal_dir, f"{entry.seq:012d}.json")
+        return self._seq_path(entry.seq)
+
+    def _seq_path(self, seq: int) -> str:
+        return os.path.join(self.journal_dir, f"{seq:012d}.json")
 
     async def durable(self, entry: JournalEntry) -> None:
         """Until `entry` and its staged bytes are on disk (what fsync() promises).
@@ -310,14 +471,37 @@ class Staging:
             fsync_path(self.dir)  # the staged files' names
             fsync_path(self.journal_dir)  # the entries' names
 
-    def forget(self, entry: JournalEntry) -> None:
-        """The entry's upload is done (or superseded): no round needs to sync it now. One
-        unlink: called on the trio thread, as the entry was written there."""
+    async def forget(self, entry: JournalEntry) -> None:
+        """The entry's upload is done (or cancelled): no round needs to sync it now. Returns
+        once its file is gone (removed by `housekeep_forever`, off the trio thread), so
+        that no restart uploads it again after the caller moved on (an unlink or a rename
+        of the path, a newer close landing). Checkpoints only while housekeep_forever runs."""
         self._unsynced.pop(entry.seq, None)
+        path = self._entry_path(entry)
+        if not self._housekeeping:
+            _remove_all([path])
+            return
+        self._doom(path, 0)
+        self._unremoved.add(path)
+        while path in self._unremoved:
+            await self._removal_round.wait()
+
+
+def _remove_all(paths: list[str]) -> None:
+    """Unlink `paths`, in order; those already gone are skipped, and one that cannot be
+    removed is logged (a restart removes a staged file no entry names). Blocking."""
+    for path in paths:
         try:
-            os.unlink(self._entry_path(entry))
+            os.unlink(path)
         except FileNotFoundError:
             pass
+        except OSError as e:
+            log.warning("could not remove %s: %s", path, e)
+
+
+def _create(path: str, access: int = os.O_RDWR) -> int:
+    """Create the new file `path` (0600) and open it."""
+    return os.open(path, access | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
 
 
 def _rounded(size: int) -> int:

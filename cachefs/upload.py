@@ -285,6 +285,8 @@ class Uploader:
                 # The close returns now; until the chunks are cached, this node still reads
                 # the file from its staged bytes (it stays pending), so reads make no GET.
                 upload.landed.set()
+                if not upload.background:
+                    await _let_waiters_run()
                 await self._cache_chunks(upload)
                 await self._uploaded(upload.dataset, upload.path, upload.info)
         finally:
@@ -292,7 +294,7 @@ class Uploader:
                 if upload.early is not None and upload.early.upload_id is not None:
                     self.drop_early(upload.dataset, upload.path, upload.early)  # cancelled before it began
                 if upload.entry is not None and (upload.info is not None or upload.cancelled):
-                    self.staging.forget(upload.entry)  # an unlink, as the entry's write: no thread hop
+                    await self.staging.forget(upload.entry)  # gone before `done`: no restart uploads it again
                 uploads = self.pending.get(key, [])
                 if upload in uploads:
                     uploads.remove(upload)
@@ -344,6 +346,17 @@ class Uploader:
                         nursery.start_soon(worker)
         except* OSError as group:
             log.warning("could not cache the chunks of %s after its upload: %s", upload.path, group.exceptions[0])
+
+
+async def _let_waiters_run() -> None:
+    """Until the tasks woken before this call have run a step: the close waiting for an
+    upload answers the kernel before the upload goes on to cache the file's chunks.
+
+    Trio runs the tasks woken in one batch in either order, so one checkpoint can still
+    come first; after two, every task woken before the first has run. Caching first kept
+    close() waiting 0.5 ms (of 15) per small file, and the next file's requests behind it."""
+    await trio.lowlevel.checkpoint()
+    await trio.lowlevel.checkpoint()
 
 
 def _read_at(path: str, length: int, offset: int) -> bytes:

@@ -35,11 +35,6 @@ log = logging.getLogger(__name__)
 _ids = itertools.count(1)
 
 
-def _open(path: str, create: bool) -> int:
-    flags = os.O_RDWR | os.O_CLOEXEC | (os.O_CREAT | os.O_EXCL if create else 0)
-    return os.open(path, flags, 0o600)
-
-
 class WriteFile:
     """One path open for write on this node. Every method runs on the trio thread."""
 
@@ -69,8 +64,7 @@ class WriteFile:
         staging = self.writes.staging
         if self.staged.holders == 1:
             return
-        copy = staging.new_file()
-        fd = _open(copy.path, create=True)
+        copy, fd = staging.create_file()
         try:
             await staging.reserve(copy, self.size)
             await trio.to_thread.run_sync(_copy_range, self.fd, fd, self.size)
@@ -202,8 +196,7 @@ class Writes:
         """
         wf = self.find(dataset, path)
         if wf is None:
-            staged = self.staging.new_file()
-            fd = _open(staged.path, create=True)
+            staged, fd = self.staging.create_file()
             wf = WriteFile(self, dataset, path, staged, fd, 0)
             try:
                 if not truncate:

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
+import threading
 
 import pytest
 import trio
 import trio.testing
 
-from cachefs.staging import COMMIT_INTERVAL, Staging
+from cachefs.staging import COMMIT_INTERVAL, SPARES, Staging
 
 
 def _staged_file(staging: Staging, data: bytes):
@@ -75,7 +77,7 @@ async def test_a_round_comes_an_interval_after_a_close_and_skips_files_uploaded_
         landed = await staging.journal("s3://b/p", "landed", _staged_file(staging, b"y"), 1)
         await staging.journal("s3://b/p", "pending", _staged_file(staging, b"z"), 1)
         await trio.sleep(COMMIT_INTERVAL / 2)
-        staging.forget(landed)  # its upload is done: the backend has it
+        await staging.forget(landed)  # its upload is done: the backend has it
         await trio.sleep(COMMIT_INTERVAL / 2 - 0.01)
         assert rounds == []  # nothing synced while the interval runs
         while not rounds:  # the round runs in a thread: the fake clock may pass it by
@@ -161,3 +163,114 @@ def test_a_restart_drops_an_entry_an_os_crash_cut_short(tmp_path, caplog):
     assert [e.path for e in again.open()] == ["whole"]
     assert os.listdir(again.journal_dir) == [f"{whole.seq:012d}.json"]
     assert any("unusable, dropped" in r.getMessage() and r.levelname == "ERROR" for r in caplog.records)
+
+
+async def _with_spares(staging: Staging, nursery: trio.Nursery) -> None:
+    nursery.start_soon(staging.housekeep_forever)
+    while len(staging._spare_files) < SPARES or len(staging._spare_entries) < SPARES:
+        await trio.sleep(0.01)  # made in a thread
+
+
+@pytest.mark.trio
+async def test_files_and_entries_come_created_ahead_and_entries_keep_the_close_order(staging, monkeypatch):
+    """Under --writeback a create on the trio thread waited for ext4's journal, behind the
+    committer's fsyncs, and every request with it: staged files and entry files are created
+    ahead in a thread, and an entry written into one still replays in the order of the closes."""
+    async with trio.open_nursery() as nursery:
+        await _with_spares(staging, nursery)
+        made = set(os.listdir(staging.dir)) | set(os.listdir(staging.journal_dir))
+        creates = []
+        real_open = os.open
+
+        def counting_open(path, flags, *args):
+            if flags & os.O_CREAT:
+                creates.append(path)
+            return real_open(path, flags, *args)
+
+        monkeypatch.setattr(os, "open", counting_open)
+        entries = []
+        for i in range(SPARES * 3):  # more than one batch of spares: used up and made again meanwhile
+            with trio.testing.assert_no_checkpoints() if i < SPARES // 2 else contextlib.nullcontext():
+                staged, fd = staging.create_file()
+            os.write(fd, b"x")
+            os.close(fd)
+            if i < SPARES // 2:
+                assert os.path.basename(staged.path) in made
+            if i < SPARES // 2:
+                entry_count = len(creates)
+            entries.append(await staging.journal("s3://b/p", f"f{i}", staged, 1))
+            if i < SPARES // 2:
+                assert len(creates) == entry_count  # the entry's file was there already
+            await trio.sleep(0)
+        nursery.cancel_scope.cancel()
+    seqs = [e.seq for e in entries]
+    assert seqs == sorted(seqs) and len(set(seqs)) == len(seqs)
+    assert len(os.listdir(staging.journal_dir)) == len(entries)  # the spares left were removed
+    again = Staging(staging.dir.rpartition("/")[0], limit=64 << 20, disk=None)
+    assert [e.path for e in again.open()] == [f"f{i}" for i in range(SPARES * 3)]
+
+
+def test_a_restart_removes_unused_spares_without_an_error(tmp_path, caplog):
+    first = Staging(str(tmp_path), limit=64 << 20, disk=None)
+    first.open()
+
+    async def journal_one_with_spares():
+        async with trio.open_nursery() as nursery:
+            await _with_spares(first, nursery)
+            staged, fd = first.create_file()
+            os.write(fd, b"a" * 10)
+            os.close(fd)
+            entry = await first.journal("s3://b/p", "whole", staged, 10)
+            nursery.cancel_scope.cancel()
+        return entry
+
+    whole = trio.run(journal_one_with_spares)
+    # As if killed: the spares stay behind, empty.
+    made, entries = first._make_spares(2, [whole.seq + 1, whole.seq + 2])
+    for _, fd in made + entries:
+        os.close(fd)
+    again = Staging(str(tmp_path), limit=64 << 20, disk=None)
+    assert [e.path for e in again.open()] == ["whole"]
+    assert os.listdir(again.journal_dir) == [f"{whole.seq:012d}.json"]
+    assert os.listdir(again.dir) == [os.path.basename(whole.staged)]
+    assert not [r for r in caplog.records if r.levelname in ("ERROR", "WARNING")]
+
+
+@pytest.mark.trio
+async def test_files_let_go_of_are_removed_off_the_trio_thread_and_their_room_then_given_back(tmp_path, monkeypatch):
+    """An unlink on the trio thread waited for ext4's journal too. The room of a file let go
+    of comes back only once it is gone (the disk never holds more than the bounds), and a
+    writer that needs it meanwhile waits for it: no ENOSPC."""
+    staging = Staging(str(tmp_path), limit=2 << 20, disk=None)
+    staging.open()
+    async with trio.open_nursery() as nursery:
+        await _with_spares(staging, nursery)
+        staged, fd = staging.create_file()
+        await staging.reserve(staged, 2 << 20)  # all the room there is
+        os.write(fd, b"x" * 100)
+        os.close(fd)
+        entry = await staging.journal("s3://b/p", "f", staged, 100)
+        entry_path = os.path.join(staging.journal_dir, f"{entry.seq:012d}.json")
+        with trio.testing.assert_no_checkpoints():
+            staging.release(staged)
+        assert os.path.exists(staged.path)  # not removed by the trio thread
+        assert staging.used == 2 << 20 and staging.removing == 2 << 20
+        # An entry is gone when forget returns: no restart uploads it again after an unlink
+        # or a rename of its path (which wait for its upload to be done).
+        unlinked_by = []
+        real_unlink = os.unlink
+
+        def recording_unlink(path, *args, **kwargs):
+            unlinked_by.append(threading.current_thread())
+            return real_unlink(path, *args, **kwargs)
+
+        monkeypatch.setattr(os, "unlink", recording_unlink)
+        await staging.forget(entry)
+        assert not os.path.exists(entry_path)
+        assert unlinked_by and threading.main_thread() not in unlinked_by
+        other, other_fd = staging.create_file()
+        os.close(other_fd)
+        await staging.reserve(other, 1 << 20)  # waits for the removal: nothing is draining
+        assert not os.path.exists(staged.path)
+        assert staging.used == 1 << 20 and staging.removing == 0
+        nursery.cancel_scope.cancel()
