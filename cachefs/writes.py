@@ -109,6 +109,11 @@ class WriteFile:
         return os.pread(self.fd, size, offset)
 
     async def truncate(self, size: int) -> None:
+        if self.early is not None and size < self.size:
+            # Early parts are sent from a mapping of this file (FsspecStore.put_part):
+            # cut under one in flight, its read would fault. None starts after this.
+            self.early.stopped = True
+            await self.early.settled()
         while True:
             await self._own()
             await self.writes.staging.reserve(self.staged, size)
