@@ -23,7 +23,10 @@ close for small files). A round starts COMMIT_INTERVAL after the first entry
 it covers (ext4 commits its journal every 5 s too), or at once when fsync()
 waits for it: most small files have landed by then and need no fsync at all
 (a round after every close kept the SSD busy with two fsyncs per file, and the
-creates of new files waited behind them). What an OS crash or power loss can
+creates of new files waited behind them). A large file's bytes are written out
+while it is written, WRITE_OUT_STEP at a time (`write_out`: started, not waited
+for), so the fsync that ends it waits for its last step, not for all of it.
+What an OS crash or power loss can
 take is what a local filesystem would: files closed but not fsync'd within
 the last COMMIT_INTERVAL and not uploaded yet. At the next start, `open` keeps the entries whose staged
 file has the entry's size (a crash before the round can leave a short file: that
@@ -35,11 +38,13 @@ no entry names (files open at the crash) are deleted.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import dataclasses
 import errno
 import itertools
 import json
 import logging
+import math
 import os
 import time
 import uuid
@@ -62,6 +67,10 @@ RESERVE_STEP = 1 << 20
 # Seconds from a file's close to the committer's round that makes it durable, unless
 # fsync() asks sooner or its upload lands first.
 COMMIT_INTERVAL = 5.0
+# Under --writeback, a file's staged bytes are written out to the disk this many at a
+# time as they are written (`write_out`), so that its fsync() waits for the last step
+# only: fsync() of a 256 MiB file written at once took 0.5 s, a third of the writer's time.
+WRITE_OUT_STEP = 8 << 20
 
 
 @dataclasses.dataclass(eq=False)
@@ -114,6 +123,7 @@ class Staging:
         self._asked = trio.Event()  # set when fsync() waits for an entry in _unsynced
         self._round_done = trio.Event()  # set (and replaced) after each round
         self._failed: set[int] = set()  # seqs whose round failed: fsync() reports EIO
+        self._write_out, self._writing_out = trio.open_memory_channel(math.inf)  # (path, start, end)
         metrics.STAGING_CAPACITY.set(limit)
         metrics.STAGED_BYTES.set_function(lambda: self.used)
 
@@ -227,6 +237,25 @@ class Staging:
             self._freed.set()  # waiters must see that nothing more will come
             self._freed = trio.Event()
 
+    # -- durability -------------------------------------------------------------------
+
+    def write_out(self, staged: StagedFile, start: int, end: int) -> None:
+        """Have the kernel start writing bytes [start, end) of `staged` to the disk, not
+        waiting for it (`write_out_forever` does it in a thread): a later fsync() of the
+        file then waits for what was written since. No checkpoint."""
+        if _sync_file_range is not None:
+            self._write_out.send_nowait((staged.path, start, end))
+
+    async def write_out_forever(self) -> None:
+        """Start the writes `write_out` asked for, one at a time. Runs until cancelled."""
+        async for path, start, end in self._writing_out:
+            try:
+                await trio.to_thread.run_sync(_start_write_out, path, start, end)
+            except FileNotFoundError:
+                pass  # uploaded and let go of already: nothing to keep
+            except OSError as e:  # the fsync that needs these bytes reports its own error
+                log.debug("could not start writing %s out: %s", path, e)
+
     # -- journal ----------------------------------------------------------------------
 
     async def journal(self, source: str, path: str, staged: StagedFile, size: int) -> JournalEntry:
@@ -318,6 +347,30 @@ class Staging:
             os.unlink(self._entry_path(entry))
         except FileNotFoundError:
             pass
+
+
+def _load_sync_file_range():
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).sync_file_range
+    except (AttributeError, OSError):
+        return None  # not Linux: fsync() writes everything then
+    fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+_sync_file_range = _load_sync_file_range()
+_SYNC_FILE_RANGE_WRITE = 2  # start writing the dirty pages in the range, wait for nothing
+
+
+def _start_write_out(path: str, start: int, end: int) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | getattr(os, "O_NOATIME", 0))
+    try:
+        if _sync_file_range(fd, start, end - start, _SYNC_FILE_RANGE_WRITE) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, os.strerror(err))
+    finally:
+        os.close(fd)
 
 
 def _rounded(size: int) -> int:
