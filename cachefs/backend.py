@@ -417,7 +417,7 @@ class FsspecStore:
         try:
             if os.fstat(fd).st_size < end:
                 raise OSError(errno.EIO, f"{staged}: short read of part {number}")
-            with mapped_range(fd, start, end) as body:
+            with _mapped_range(fd, start, end) as body:
                 return self._put(path, body, {"UploadId": upload_id, "PartNumber": number}, source=(fd, start)).get("etag", "")
         finally:
             os.close(fd)
@@ -500,14 +500,14 @@ _NOATIME = getattr(os, "O_NOATIME", 0)  # see FsspecStore.put_file
 
 
 @contextlib.contextmanager
-def mapped_range(fd: int, start: int, end: int, populate: bool = True):
-    """A read-only view of bytes [start, end) of file `fd`, mapped from its page cache
-    (`populate`: all of it at once, not a page fault at a time as it is read). The file
-    must not shrink below `end` while the view is read: a page past its end faults
-    (SIGBUS, which ends the process)."""
+def _mapped_range(fd: int, start: int, end: int):
+    """A read-only view of bytes [start, end) of file `fd`, mapped from its page cache,
+    all at once (not a page fault at a time as it is read). The file must not shrink
+    below `end` while the view is read: a page past its end faults (SIGBUS, which ends
+    the process)."""
     base = start - start % mmap.ALLOCATIONGRANULARITY  # where a mapping may begin
-    flags = mmap.MAP_SHARED | (getattr(mmap, "MAP_POPULATE", 0) if populate else 0)
-    mapping = mmap.mmap(fd, end - base, flags=flags, prot=mmap.PROT_READ, offset=base)
+    mapping = mmap.mmap(fd, end - base, flags=mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0),
+                        prot=mmap.PROT_READ, offset=base)
     try:
         with memoryview(mapping) as whole, whole[start - base :] as view:
             yield view

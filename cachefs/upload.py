@@ -24,7 +24,6 @@ from typing import TYPE_CHECKING, Awaitable, Callable
 import trio
 
 from cachefs import metrics
-from cachefs.backend import mapped_range
 from cachefs.errors import BackendError, BackendUnavailable, CachefsError
 from cachefs.objects import ObjectId, ObjectInfo, chunk_key
 from cachefs.staging import JournalEntry, StagedFile, Staging
@@ -311,7 +310,8 @@ class Uploader:
     async def _cache_chunks(self, upload: Upload) -> None:
         """Put the uploaded bytes into a local tier as chunks of the new version:
         read-after-write is a hit, with no GET. The SSD tier takes them if there is one,
-        straight from the staged file (mapped: the tier's write is the only copy), and
+        straight from the staged file (`DiskTier.put_from`: the only copy is the
+        kernel's, into the buffer the chunk file is written from), and
         MEM does not: a large file read back into fresh memory to cache it was a fifth
         of the daemon's CPU writing it, and it pushed out of MEM what readers had
         there; a read of the file takes its chunks into MEM as any SSD hit does. With
@@ -339,8 +339,8 @@ class Uploader:
             await self._put_chunks(upload, tiers, None)
 
     async def _put_chunks(self, upload: Upload, tiers: list, fd: int | None) -> None:
-        """The chunks of the uploaded file into `tiers`: mapped from `fd` (the staged
-        file, open), or read into memory of their own (no `fd`)."""
+        """The chunks of the uploaded file into `tiers`: SSD tiers, read by them from `fd`
+        (the staged file, open), or (no `fd`) read into memory of their own."""
         info = upload.info
         obj = ObjectId(upload.dataset.source, upload.path, info.version, info.size)
         size = upload.dataset.reader.chunk_size
@@ -352,10 +352,8 @@ class Uploader:
                 key = chunk_key(obj, size, index)
                 start = index * size
                 if fd is not None:
-                    # Not populated here: its pages are mapped as the tier's thread reads them.
-                    with mapped_range(fd, start, start + key.length, populate=False) as data:
-                        for tier in tiers:
-                            await tier.put(key, data)
+                    for tier in tiers:
+                        await tier.put_from(key, fd, start)
                     continue
                 if key.length <= INLINE_READ:
                     data = _read_at(upload.staged.path, key.length, start)
