@@ -213,9 +213,10 @@ class Node:
         self.staging = staging
         self._nursery.start_soon(staging.commit_forever)
         self._nursery.start_soon(staging.housekeep_forever)
+        self._nursery.start_soon(staging.write_out_forever)
         self._stack.callback(staging.sync_all)  # runs after the uploads stopped: what is left resumes
         self.uploader = Uploader(staging, self._nursery, config.part_size, self._uploaded)
-        self.writes = Writes(staging, self.uploader)
+        self.writes = Writes(staging, self.uploader, writeback=bool(getattr(config, "writeback", False)))
         if self._journal:
             log.info("%d uploads journaled before the restart resume", len(self._journal))
         self._stack.callback(self._report_unfinished)

@@ -310,28 +310,57 @@ class Uploader:
                 upload.done.set()
 
     async def _cache_chunks(self, upload: Upload) -> None:
-        """Put the uploaded bytes into the local tiers as chunks of the new version:
-        read-after-write is a hit, with no GET. The next upload of the path waits for
-        this, so CACHE_WORKERS chunks go at once: the reads of the staged file, the checksums
-        and the SSD tier's writes overlap (one at a time, this took a third of the
-        close of a large file)."""
+        """Put the uploaded bytes into a local tier as chunks of the new version:
+        read-after-write is a hit, with no GET. The SSD tier takes them if there is one,
+        straight from the staged file (`DiskTier.put_from`: the only copy is the
+        kernel's, into the buffer the chunk file is written from), and
+        MEM does not: a large file read back into fresh memory to cache it was a fifth
+        of the daemon's CPU writing it, and it pushed out of MEM what readers had
+        there; a read of the file takes its chunks into MEM as any SSD hit does. With
+        no SSD tier, MEM takes them. The next upload of the path waits for this, so
+        CACHE_WORKERS chunks go at once: the reads of the staged file, the checksums
+        and the tier's writes overlap (one at a time, this took a third of the close
+        of a large file)."""
         info = upload.info
-        reader = upload.dataset.reader
-        tiers = [t for t in reader.tiers if t.medium != "network"]
+        local = [t for t in upload.dataset.reader.tiers if t.medium != "network"]
+        tiers = [t for t in local if t.medium == "disk"] or local
         if info is None or not tiers or info.size != upload.size:
             return  # the backend shows other bytes than ours (a concurrent writer): cache nothing
+        if tiers[0].medium == "disk":
+            try:
+                fd = os.open(upload.staged.path, os.O_RDONLY | os.O_CLOEXEC | getattr(os, "O_NOATIME", 0))
+            except OSError as e:
+                log.warning("could not cache the chunks of %s after its upload: %s", upload.path, e)
+                return
+            try:
+                if os.fstat(fd).st_size >= info.size:  # never cut while an upload holds it
+                    await self._put_chunks(upload, tiers, fd)
+            finally:
+                os.close(fd)
+        else:
+            await self._put_chunks(upload, tiers, None)
+
+    async def _put_chunks(self, upload: Upload, tiers: list, fd: int | None) -> None:
+        """The chunks of the uploaded file into `tiers`: SSD tiers, read by them from `fd`
+        (the staged file, open), or (no `fd`) read into memory of their own."""
+        info = upload.info
         obj = ObjectId(upload.dataset.source, upload.path, info.version, info.size)
-        size = reader.chunk_size
+        size = upload.dataset.reader.chunk_size
         chunks = -(-info.size // size)
         indexes = iter(range(chunks))  # shared by the workers
 
         async def worker() -> None:
             for index in indexes:
                 key = chunk_key(obj, size, index)
+                start = index * size
+                if fd is not None:
+                    for tier in tiers:
+                        await tier.put_from(key, fd, start)
+                    continue
                 if key.length <= INLINE_READ:
-                    data = _read_at(upload.staged.path, key.length, index * size)
+                    data = _read_at(upload.staged.path, key.length, start)
                 else:  # opened per chunk: one thread hop, not three
-                    data = await trio.to_thread.run_sync(_read_at, upload.staged.path, key.length, index * size)
+                    data = await trio.to_thread.run_sync(_read_at, upload.staged.path, key.length, start)
                 if len(data) != key.length:
                     break  # cut short under us: cache nothing more
                 for tier in tiers:

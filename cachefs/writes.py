@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 import trio
 
 from cachefs.objects import ObjectId, ObjectInfo, join
-from cachefs.staging import StagedFile, Staging
+from cachefs.staging import WRITE_OUT_STEP, StagedFile, Staging
 from cachefs.upload import EarlyParts, Upload, Uploader
 
 if TYPE_CHECKING:
@@ -54,6 +54,7 @@ class WriteFile:
         self.early: EarlyParts | None = None
         self.written_to = 0  # where the last write ended: the next one is in sequence if it starts here
         self.unlinked = False  # deleted while open: its bytes go nowhere
+        self.out_to = 0  # --writeback: the staged bytes before this are being written to the disk
 
     @property
     def info(self) -> ObjectInfo:
@@ -75,6 +76,7 @@ class WriteFile:
         os.close(self.fd)
         staging.release(self.staged)
         self.staged, self.fd = copy, fd
+        self.out_to = 0  # the copy is all in the page cache
 
     async def write(self, offset: int, data: bytes) -> int:
         end = offset + len(data)
@@ -86,6 +88,11 @@ class WriteFile:
         written = os.pwrite(self.fd, data, offset)  # the page cache: no thread hop for 128 KiB
         if self.early is not None:
             self._send_early(offset, offset + written)
+        if self.writes.writeback and offset + written >= self.out_to + WRITE_OUT_STEP:
+            # A step more is written: the disk takes it now, not all at the fsync.
+            step_end = (offset + written) // WRITE_OUT_STEP * WRITE_OUT_STEP
+            self.writes.staging.write_out(self.staged, self.out_to, step_end)
+            self.out_to = step_end
         self.size = max(self.size, offset + written)
         self.mtime = time.time()
         self.dirty = True
@@ -103,12 +110,18 @@ class WriteFile:
         return os.pread(self.fd, size, offset)
 
     async def truncate(self, size: int) -> None:
+        if self.early is not None and size < self.size:
+            # Early parts are sent from a mapping of this file (FsspecStore.put_part):
+            # cut under one in flight, its read would fault. None starts after this.
+            self.early.stopped = True
+            await self.early.settled()
         while True:
             await self._own()
             await self.writes.staging.reserve(self.staged, size)
             if self.staged.holders == 1:
                 break
         os.ftruncate(self.fd, size)
+        self.out_to = min(self.out_to, size)
         if self.early is not None:
             self.early.touched(size, None)
             self.early.stopped = True
@@ -156,9 +169,10 @@ class WriteFile:
 class Writes:
     """The files open for write on this node, by (source, path)."""
 
-    def __init__(self, staging: Staging, uploader: Uploader):
+    def __init__(self, staging: Staging, uploader: Uploader, writeback: bool = False):
         self.staging = staging
         self.uploader = uploader
+        self.writeback = writeback  # --writeback: fsync() makes the staged bytes durable
         self.files: dict[tuple[str, str], WriteFile] = {}
 
     def find(self, dataset: Dataset, path: str) -> WriteFile | None:

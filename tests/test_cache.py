@@ -908,3 +908,32 @@ async def test_a_worker_tier_drops_the_pages_it_served(tmp_path, drop_pages):
     else:
         assert resident == -(-path.stat().st_size // mmap.PAGESIZE)  # a mount keeps its hot chunk files
     disk.close()
+
+
+@pytest.mark.trio
+async def test_disk_put_from_reads_the_chunk_from_a_file(tmp_path):
+    """put_from stores the chunk's bytes read from a file at an offset (a staged file just
+    uploaded), sealed as put seals them; a file too short for the chunk is a write error,
+    nothing stored, its room given back."""
+    disk = DiskTier(str(tmp_path / "cache"), 1 << 20, 0.0)
+    await disk.load()
+    data = random.Random(11).randbytes(3 * CHUNK + 5)
+    staged = tmp_path / "staged"
+    staged.write_bytes(data)
+    fd = os.open(staged, os.O_RDONLY)
+    try:
+        whole, tail = chunk(1, CHUNK), chunk(2, 5)
+        assert await disk.put_from(whole, fd, CHUNK)
+        assert await disk.put_from(tail, fd, 3 * CHUNK)
+        assert bytes(await disk.get(whole)) == data[CHUNK : 2 * CHUNK]
+        assert bytes(await disk.get_range(whole, 10, 5000)) == data[CHUNK + 10 : CHUNK + 5000]
+        assert bytes(await disk.get(tail)) == data[3 * CHUNK :]
+        assert not await disk.put_from(whole, fd, 0)  # held already
+        used = disk.usage()[0]
+        errors = sample("cachefs_cache_errors_total", tier="disk", reason="write")
+        assert not await disk.put_from(chunk(3, CHUNK), fd, 3 * CHUNK)  # 5 bytes left, not a chunk's worth
+        assert sample("cachefs_cache_errors_total", tier="disk", reason="write") == errors + 1
+        assert disk.usage()[0] == used and chunk(3, CHUNK).digest not in disk
+    finally:
+        os.close(fd)
+        disk.close()

@@ -189,3 +189,43 @@ def test_puts_carry_a_checked_hash_of_their_body(s3_source, stores, monkeypatch,
     names = {info.path.rpartition("/")[2] for info in store.list_dir("")}
     assert names == {"whole", "parts"}
 
+
+
+def test_parts_go_from_the_staged_file_at_any_offset(s3_source, stores, monkeypatch, tmp_path):
+    """put_part sends a part straight from the staged file (mapped and hashed, then
+    sendfile): parts that begin off a page boundary land byte-exact; a body whose bytes
+    are not the ones hashed is refused by the server; a file shorter than the part is
+    an error before anything is sent."""
+    import os
+    import random
+
+    from cachefs.backend import _FallBack, _Presigner
+
+    store = store_for(s3_source, stores)
+    body = random.Random(7).randbytes(3 * 1000_003)  # parts of an odd size: offsets off the page
+    staged = tmp_path / "staged"
+    staged.write_bytes(body)
+    upload = store.start_multipart("odd")
+    cuts = [0, 1000_003, 2000_006, len(body)]
+    etags = [store.put_part("odd", upload, n, str(staged), start, end)
+             for n, (start, end) in enumerate(zip(cuts, cuts[1:]), 1)]
+    store.finish_multipart("odd", upload, etags, len(body))
+    assert s3_source.read("odd") == body
+
+    upload = store.start_multipart("short")
+    with pytest.raises(OSError, match="short read"):
+        store.put_part("short", upload, 1, str(staged), len(body) - 10, len(body) + 10)
+
+    sign = _Presigner.sign
+    monkeypatch.setattr(_Presigner, "sign", lambda self, op, params, method, data, now=None:
+                        sign(self, op, params, method, bytes(data[:-1]) + b"!", now))
+    bucket, key = store._key("short")
+    fd = os.open(staged, os.O_RDONLY)
+    try:
+        with pytest.raises(_FallBack, match="HTTP 400"):
+            store.fast.put(bucket, key, memoryview(body)[5:1000_005], {"UploadId": upload, "PartNumber": 1},
+                           source=(fd, 5))
+    finally:
+        os.close(fd)
+    store.abort_multipart("short", upload)
+    assert {info.path.rpartition("/")[2] for info in store.list_dir("")} == {"odd"}

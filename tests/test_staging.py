@@ -274,3 +274,78 @@ async def test_files_let_go_of_are_removed_off_the_trio_thread_and_their_room_th
         assert not os.path.exists(staged.path)
         assert staging.used == 1 << 20 and staging.removing == 0
         nursery.cancel_scope.cancel()
+
+def _dirty_pages(path: str, start: int, length: int) -> int | None:
+    """Pages of `path` in [start, start + length) dirty in the page cache (cachestat(2),
+    Linux 6.5); None if the kernel cannot tell."""
+    import ctypes
+
+    class Range(ctypes.Structure):
+        _fields_ = [("off", ctypes.c_uint64), ("len", ctypes.c_uint64)]
+
+    class Stat(ctypes.Structure):
+        _fields_ = [(name, ctypes.c_uint64) for name in
+                    ("cache", "dirty", "writeback", "evicted", "recently_evicted")]
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    span, stat = Range(start, length), Stat()
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        if libc.syscall(451, fd, ctypes.byref(span), ctypes.byref(stat), 0) != 0:  # SYS_cachestat (x86-64)
+            return None
+    finally:
+        os.close(fd)
+    return stat.dirty
+
+
+@pytest.mark.trio
+async def test_write_out_starts_writing_the_staged_bytes_to_the_disk(staging):
+    """The range write_out asks for leaves the page cache's dirty pages within seconds
+    (the kernel's own write-back waits 30 s for them): a later fsync() of the file
+    waits for the rest only. (On a machine busy writing, the kernel may write them
+    first: then this passes either way.)"""
+    from cachefs import staging as staging_mod
+
+    if staging_mod._sync_file_range is None or os.uname().machine != "x86_64":
+        pytest.skip("no sync_file_range or cachestat here")
+    staged = _staged_file(staging, os.urandom(12 << 20))
+    if not _dirty_pages(staged.path, 0, 8 << 20):
+        pytest.skip("the page cache does not say which pages are dirty (cachestat, or no write-back here)")
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(staging.write_out_forever)
+        staging.write_out(staged, 0, 8 << 20)
+        with trio.fail_after(10):
+            while _dirty_pages(staged.path, 0, 8 << 20):
+                await trio.sleep(0.01)  # the request runs in a thread
+        nursery.cancel_scope.cancel()
+    staging.release(staged)
+
+
+@pytest.mark.trio
+async def test_a_writeback_writer_has_its_bytes_written_out_a_step_at_a_time(staging, monkeypatch):
+    """Under --writeback, each WRITE_OUT_STEP a file grows by is handed to write_out
+    once: the steps a sequential writer filled, and after a truncate the cut step again."""
+    from cachefs.staging import WRITE_OUT_STEP as STEP
+    from cachefs.writes import WriteFile, Writes
+
+    asked = []
+    monkeypatch.setattr(staging, "write_out", lambda staged, start, end: asked.append((start, end)))
+    staged = staging.new_file()
+    fd = os.open(staged.path, os.O_RDWR | os.O_CREAT, 0o600)
+    wf = WriteFile(Writes(staging, uploader=None, writeback=True), None, "f", staged, fd, 0)
+    try:
+        block = b"x" * (1 << 20)
+        for at in range(0, 2 * STEP + (3 << 20), len(block)):
+            await wf.write(at, block)
+        assert asked == [(0, STEP), (STEP, 2 * STEP)]
+        await wf.truncate(STEP // 2)
+        for at in range(STEP // 2, 2 * STEP, len(block)):
+            await wf.write(at, block)
+        assert asked[2:] == [(STEP // 2, STEP), (STEP, 2 * STEP)]
+        plain = Writes(staging, uploader=None)
+        wf.writes = plain
+        await wf.write(4 * STEP, block)
+        assert len(asked) == 4  # without --writeback, nothing: the upload makes the file safe
+    finally:
+        os.close(fd)
+        staging.release(staged)

@@ -535,6 +535,24 @@ def test_creating_files_waits_for_no_listing_of_their_directory(s3_behind_proxy,
         assert source.read(f"out/mine{i}") == b"mine"
 
 
+
+def test_an_uploaded_file_is_cached_on_the_ssd_and_not_pushed_into_mem(s3_behind_proxy, cachefs_mount):
+    """After the upload the chunks are in the SSD tier (from the staged file), not in MEM,
+    so writing a large file does not push readers' chunks out of MEM; reading it back
+    makes no GET and takes its chunks into MEM as SSD hits."""
+    source = s3_behind_proxy
+    m = _rw(cachefs_mount, source, "--mem-size", "64M", "--cache-size", "256M")
+    data = random.Random(21).randbytes(12 * CHUNK + 7)
+    path = os.path.join(m.mountpoint, "big.bin")
+    _write(path, data)
+    _wait_for(lambda: m.metric("cachefs_cache_chunks", tier="disk") == 13, "the chunks cached on the SSD")
+    assert m.metric("cachefs_cache_used_bytes", tier="mem") == 0
+    source.proxy.reset()
+    assert _read(path) == data
+    data_gets = sum(n for (_, rng), n in source.proxy.gets.items() if rng)
+    assert data_gets == 0, source.proxy.gets
+    assert m.metric("cachefs_cache_used_bytes", tier="mem") > 0  # promoted by the read
+
 def test_a_rewritten_file_is_served_by_its_peer_in_the_new_version_only(s3_source, secret_file, cachefs_worker,
                                                                         cachefs_mount, run_cachefs):
     """The version is in every chunk key, so a worker that served a file's old bytes can

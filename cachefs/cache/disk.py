@@ -461,7 +461,19 @@ class DiskTier:
             True if stored; False if already present, being written, not
             admitted (--admission) or no room.
         """
-        return await self._store(key.digest, data)
+        return await self._store(key.digest, len(data), self._write, data)
+
+    async def put_from(self, key: ChunkKey, fd: int, offset: int) -> bool:
+        """As `put`, the chunk's bytes the key.length bytes of file `fd` at `offset` (a
+        staged file just uploaded). In the write thread they are read straight into the
+        aligned buffer the chunk file is written from: the kernel's copy is the only one,
+        and the GIL is not held for it (a copy from bytes of ours into that buffer held
+        it, 1 ms per chunk of 4 MiB, while FUSE requests waited).
+
+        Raises:
+            Nothing: a short read or a failed write counts as a write error (False).
+        """
+        return await self._store(key.digest, key.length, self._write_from, fd, offset, key.length)
 
     def fill_run_chunks(self, chunk_size: int) -> int:
         """The most chunks of `chunk_size` one `fill` may take, and fills together."""
@@ -580,11 +592,12 @@ class DiskTier:
                 del self._reserved[tag]
             self._publish()
 
-    async def _store(self, digest: bytes, data: bytes | memoryview) -> bool:
-        """Reserve room for a chunk, then write it in a thread and index the file."""
+    async def _store(self, digest: bytes, length: int, write: Callable[..., None], *args) -> bool:
+        """Reserve room for a chunk of `length` bytes, then write it in a thread with
+        `write(digest, *args)` and index the file."""
         if digest in self._index or digest in self._writing:
             return False
-        size = file_header_size(len(data)) + len(data)
+        size = file_header_size(length) + length
         tag = digest[:SOURCE_TAG_SIZE]
         reason = "pinned" if digest in self._pins else self._index.admit(digest, size, self.used + size > self.capacity)
         if reason is None:
@@ -600,7 +613,7 @@ class DiskTier:
             if victims:
                 await trio.to_thread.run_sync(_unlink_all, victims, limiter=self._limiter)
             if room:
-                await self._write_threads.run(self._write, digest, data)
+                await self._write_threads.run(write, digest, *args)
                 self._indexed(digest, size)
                 stored = True
             return stored
@@ -632,6 +645,27 @@ class DiskTier:
         self._write_file(
             digest, lambda fd: self._write_buffered(fd, header, data), lambda fd: self._write_direct(fd, header, data)
         )
+
+    def _write_from(self, digest: bytes, fd: int, offset: int, length: int) -> None:
+        head = file_header_size(length)
+        try:
+            buf = self._aligned.pop()  # atomic: writer threads never share a buffer
+        except IndexError:
+            buf = None
+        if buf is None or len(buf) < head + length:
+            buf = mmap.mmap(-1, head + length)  # page-aligned
+        try:
+            with memoryview(buf) as view:
+                with view[head : head + length] as data:
+                    if os.preadv(fd, [data], offset) != length:
+                        raise OSError(errno.EIO, f"short read of chunk {digest.hex()} from {fd}")
+                    header = hotpath.seal_chunk(digest, data, CHECKSUM_BLOCK)
+                view[:head] = header
+                with view[: head + length] as whole:
+                    self._write_file(digest, lambda f: self._write_buffered(f, whole, b""),
+                                     lambda f: self._write_aligned(f, whole))
+        finally:
+            self._aligned.append(buf)
 
     def _write_filled(self, jobs: list[tuple[bytes, mmap.mmap, int, int]]) -> tuple[int, OSError | None]:
         """Write `fill` buffers, each (digest, buffer, head, length): the chunk at
