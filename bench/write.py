@@ -22,12 +22,14 @@ Each workload then runs on every system in turn (interleaved, per repeat):
 - `small-1`, `small-4`: --files files of 64 KiB written and closed one after
   another by 1 and by 4 writer threads: files/s.
 
-For the --writeback systems the run also waits, after the writer returned,
-until nothing is pending (cachefs: `cachefs_uploads_pending`; JuiceFS:
-`juicefs_staging_blocks`), and reports the time from the start until then
-("landed"). Before each cell: `sync`, so no earlier cell's dirty pages are
-written back inside it. Per cell: CPU seconds of the daemon's processes
-(/proc/PID/stat, utime+stime) and of the gateway.
+After the writer returned, each cell waits until nothing is pending
+(cachefs: `cachefs_uploads_pending`, which also counts a close-to-open upload
+whose chunks are still being cached; JuiceFS: `juicefs_staging_blocks`), so no
+cell's work runs into the next; for the --writeback systems it reports the time
+from the start until then ("landed"). Before each cell: `sync`, so no earlier
+cell's dirty pages are written back inside it. Per cell, until nothing is
+pending: CPU seconds of the daemon's processes (/proc/PID/stat, utime+stime)
+and of the gateway.
 
 Raw S3 (the ceiling of close-to-open mode): botocore, the client cachefs
 uses, from memory: multipart uploads of files of --size in parts of 8 MiB
@@ -243,10 +245,14 @@ def run_cell(system: WriteSystem, workload: str, rep: int, args) -> dict:
     t0 = time.monotonic()
     kind, n = workload.split("-")
     rec = fio_seq(directory, int(n), args.size) if kind == "seq" else small_files(directory, args.files, int(n))
+    # Every system, not only --writeback ones: until nothing is pending. After a
+    # close-to-open close, cachefs still puts the uploaded chunks into its SSD tier
+    # (the upload stays pending until then): that CPU is the cell's, and must not run
+    # into the next cell, another system's.
+    deadline = time.monotonic() + 1800
+    while system.pending() and time.monotonic() < deadline:
+        time.sleep(0.05)
     if system.writeback:
-        deadline = time.monotonic() + 1800
-        while system.pending() and time.monotonic() < deadline:
-            time.sleep(0.05)
         rec["landed_s"] = time.monotonic() - t0
     rec.update(system=system.key, workload=workload, repeat=rep, cpu_s=host.cpu_seconds(sid) - cpu0,
                gateway_cpu_s=host.cpu_seconds(gw) - gw0, put_bytes=system.put_bytes() - put0)
@@ -376,7 +382,8 @@ def render(data: dict) -> str:
         f"{size / MiB:,.0f} MiB per job, each job its own file, `end_fsync=1`; MiB/s = bytes / fio's wall time. "
         f"Small files: {files} × 64 KiB written and closed one after another by 1 or 4 threads. "
         f"*landed*: from the start until nothing is pending (cachefs_uploads_pending, juicefs_staging_blocks). "
-        f"CPU: the daemon's utime+stime per GiB written (cachefs: its one process; JuiceFS: its processes), "
+        f"Each cell ends when nothing is pending (no cell's work runs into the next). "
+        f"CPU: the daemon's utime+stime per GiB written, until then (cachefs: its one process; JuiceFS: its processes), "
         f"the gateway's apart. Median of {data['repeat']} repeat(s); systems interleaved.",
         "",
         *report.experiment_lines(data),
