@@ -4,6 +4,7 @@ the block."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -100,4 +101,52 @@ def test_a_mount_that_cannot_start_raises_one_line_and_leaves_nothing(tmp_path):
     assert res.returncode == 0, res.stderr
     assert res.stdout.startswith("ConfigError: mount ") and "no such bucket, prefix or directory" in res.stdout
     assert len(res.stdout.strip().splitlines()) == 1
+    assert not is_mounted(str(mnt))
+
+
+def test_a_warmup_interrupted_from_python_is_cancelled_at_the_node_and_resumes(tmp_path, s3_behind_proxy):
+    # Ctrl-C in a notebook raises KeyboardInterrupt wherever the script is: here in the
+    # progress callback, while every ranged GET waits 0.3 s at the proxy (the job cannot
+    # end first). The node must not go on loading a job nobody follows; a second warm-up
+    # loads only what the first did not.
+    files = {f"d/f{i:02d}.bin": os.urandom(200_000) for i in range(12)}
+    for name, data in files.items():
+        s3_behind_proxy.write(name, data)
+    total = sum(map(len, files.values()))
+    proxy = s3_behind_proxy.proxy
+    proxy.fault = "slow:0.3"
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    res = _run(f"""
+        import cachefs, json
+        with cachefs.mount({str(mnt)!r}, datasets={{"s3": {s3_behind_proxy.url!r}}},
+                           cache_dir={str(tmp_path / "cache")!r}, mem_size="64M", cache_size="256M",
+                           options={s3_behind_proxy.mount_args!r}) as m:
+            seen = []
+            def interrupt(p):
+                seen.append(p)
+                if p["state"] == "running":
+                    raise KeyboardInterrupt
+            try:
+                m.warmup("s3/d", concurrency=1, on_progress=interrupt)
+            except KeyboardInterrupt:
+                pass
+            else:
+                raise AssertionError("the interrupt did not reach the caller")
+            job = seen[-1]["job"]
+            after = m._call("warmup.progress", job=job, wait=10)
+            print(json.dumps({{"state": after["state"], "done": after["bytes_done"]}}))
+            again = m.warmup("s3/d")
+            print(json.dumps({{"state": again["state"], "cached": again["bytes_cached"],
+                              "loaded": again["bytes_loaded"], "total": again["bytes_total"]}}))
+        print("done")
+    """, tmp_path, env=s3_behind_proxy.env)
+    proxy.fault = None
+    assert res.returncode == 0, res.stderr
+    lines = res.stdout.splitlines()
+    assert lines[-1] == "done"
+    first, second = (json.loads(line) for line in lines[-3:-1])
+    assert first["state"] == "cancelled" and first["done"] < total
+    assert second["state"] == "done" and second["total"] == total
+    assert second["cached"] + second["loaded"] == total and second["loaded"] < total
     assert not is_mounted(str(mnt))
