@@ -172,16 +172,8 @@ class Mount:
         args: dict[str, Any] = {"paths": [self._inner(p) for p in paths], "recursive": recursive}
         if concurrency is not None:
             args["concurrency"] = concurrency  # else the node's default (8, as the CLI's)
-        started: dict = {}
-        try:
-            p, _ = warmup_client.follow(sock, self.mountpoint, args, wait_ratio, on_progress or (lambda p: None), started)
-        except KeyboardInterrupt:
-            if "job" in started:
-                try:
-                    self._call("warmup.cancel", job=started["job"])
-                except ConfigError:
-                    pass  # the mount is gone: so is its job
-            raise
+        # Interrupted (a KeyboardInterrupt), `follow` cancels the job first.
+        p, _ = warmup_client.follow(sock, self.mountpoint, args, wait_ratio, on_progress or (lambda p: None))
         if p["state"] in ("failed", "cancelled"):
             raise ConfigError(f"warmup {p['job']} {p['state']}: {p['error'] or 'cancelled'}")
         return p

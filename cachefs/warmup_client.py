@@ -225,43 +225,54 @@ def run(
         output = BarOutput(out)
     else:
         output = PlainOutput(out)
-    started: dict = {}
     try:
-        final, early = follow(sock, label, args, wait_ratio, output.update, started)
-    except KeyboardInterrupt:
+        final, early = follow(sock, label, args, wait_ratio, output.update)
+    except Interrupted as e:
         output.close()
-        if "job" in started:
-            try:
-                p = control_client.request(sock, "warmup.cancel", {"job": started["job"]}, timeout=5, label=label)
-                if as_json:
-                    output._print({"type": "summary", **p, "exit": 130})
-            except ConfigError:
-                pass
+        if as_json and e.progress is not None:
+            output._print({"type": "summary", **e.progress, "exit": 130})
         print("cachefs: warmup interrupted; loaded chunks stay cached, so running it again resumes", file=err)
         return 130
     output.close()
     return _report(final, early, wait_ratio, as_json, output, out, err)
 
 
-def follow(sock: str, label: str, args: dict, wait_ratio: float | None, on_progress: Callable[[dict], Any],
-           started: dict):
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C while following a warm-up: the job was cancelled at the node, and
+    `progress` is its counters then (None if the node could not be told: gone)."""
+
+    def __init__(self, progress: dict | None):
+        super().__init__()
+        self.progress = progress
+
+
+def follow(sock: str, label: str, args: dict, wait_ratio: float | None, on_progress: Callable[[dict], Any]):
     """Start the job (`warmup.start` with `args`) and follow it until it ends, or until
     `wait_ratio` of its bytes are cached, calling `on_progress(p)` with each progress.
-    `started["job"]` is the job's id once it runs (to cancel it).
 
     Returns:
         (the last progress, whether we left early at the ratio).
+    Raises:
+        Interrupted: KeyboardInterrupt once the job ran: it is cancelled first (a job
+            nobody follows must not go on loading); chunks loaded so far stay cached.
     """
     p = control_client.request(sock, "warmup.start", args, START_TIMEOUT, label=label)
-    started["job"] = p["job"]
-    while True:
-        on_progress(p)
-        if p["state"] in ("done", "failed", "cancelled"):
-            return p, False
-        if wait_ratio is not None and p["ratio"] is not None and p["ratio"] >= wait_ratio:
-            return p, True
-        # Answered when the job ends, or after POLL seconds with the counters then.
-        p = control_client.request(sock, "warmup.progress", {"job": p["job"], "wait": POLL}, CALL_TIMEOUT, label=label)
+    job = p["job"]
+    try:
+        while True:
+            on_progress(p)
+            if p["state"] in ("done", "failed", "cancelled"):
+                return p, False
+            if wait_ratio is not None and p["ratio"] is not None and p["ratio"] >= wait_ratio:
+                return p, True
+            # Answered when the job ends, or after POLL seconds with the counters then.
+            p = control_client.request(sock, "warmup.progress", {"job": job, "wait": POLL}, CALL_TIMEOUT, label=label)
+    except KeyboardInterrupt:
+        try:
+            cancelled = control_client.request(sock, "warmup.cancel", {"job": job}, timeout=5, label=label)
+        except ConfigError:
+            cancelled = None  # the mount is gone: so is its job
+        raise Interrupted(cancelled) from None
 
 
 def _report(p: dict, early: bool, wait_ratio: float | None, as_json: bool, output, out: TextIO, err: TextIO) -> int:
