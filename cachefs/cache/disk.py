@@ -30,6 +30,7 @@ buffers are written as they are, buffered (see `_write_filled`).
 from __future__ import annotations
 
 import array
+import contextlib
 import errno
 import fcntl
 import logging
@@ -648,24 +649,14 @@ class DiskTier:
 
     def _write_from(self, digest: bytes, fd: int, offset: int, length: int) -> None:
         head = file_header_size(length)
-        try:
-            buf = self._aligned.pop()  # atomic: writer threads never share a buffer
-        except IndexError:
-            buf = None
-        if buf is None or len(buf) < head + length:
-            buf = mmap.mmap(-1, head + length)  # page-aligned
-        try:
-            with memoryview(buf) as view:
-                with view[head : head + length] as data:
-                    if os.preadv(fd, [data], offset) != length:
-                        raise OSError(errno.EIO, f"short read of chunk {digest.hex()} from {fd}")
-                    header = hotpath.seal_chunk(digest, data, CHECKSUM_BLOCK)
-                view[:head] = header
-                with view[: head + length] as whole:
-                    self._write_file(digest, lambda f: self._write_buffered(f, whole, b""),
-                                     lambda f: self._write_aligned(f, whole))
-        finally:
-            self._aligned.append(buf)
+        with self._aligned_buffer(head + length) as view:
+            with view[head:] as data:
+                if os.preadv(fd, [data], offset) != length:
+                    raise OSError(errno.EIO, f"short read of chunk {digest.hex()} from {fd}")
+                header = hotpath.seal_chunk(digest, data, CHECKSUM_BLOCK)
+            view[:head] = header
+            self._write_file(digest, lambda f: self._write_buffered(f, view, b""),
+                             lambda f: self._write_aligned(f, view))
 
     def _write_filled(self, jobs: list[tuple[bytes, mmap.mmap, int, int]]) -> tuple[int, OSError | None]:
         """Write `fill` buffers, each (digest, buffer, head, length): the chunk at
@@ -764,7 +755,15 @@ class DiskTier:
     def _write_direct(self, fd: int, header: bytes, data: bytes | memoryview) -> None:
         # Header and data copied into one page-aligned buffer: its aligned part goes
         # straight to the disk (see `_write_aligned`).
-        length = len(header) + len(data)
+        with self._aligned_buffer(len(header) + len(data)) as view:
+            view[: len(header)] = header
+            view[len(header) :] = data
+            self._write_aligned(fd, view)
+
+    @contextlib.contextmanager
+    def _aligned_buffer(self, length: int):
+        """A view of the first `length` bytes of a page-aligned write buffer, taken from
+        the free ones (or made), and given back after."""
         try:
             buf = self._aligned.pop()  # atomic: writer threads never share a buffer
         except IndexError:
@@ -772,11 +771,8 @@ class DiskTier:
         if buf is None or len(buf) < length:
             buf = mmap.mmap(-1, length)  # page-aligned
         try:
-            with memoryview(buf) as view:
-                view[: len(header)] = header
-                view[len(header) : length] = data
-                with view[:length] as whole:
-                    self._write_aligned(fd, whole)
+            with memoryview(buf) as whole, whole[:length] as view:
+                yield view
         finally:
             self._aligned.append(buf)
 
