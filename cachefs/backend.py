@@ -378,9 +378,7 @@ class FsspecStore:
         if not self.is_s3:
             self.fs.put_file(staged, self._abs(path))
             return None
-        # O_NOATIME: the first read of a file just written would update its atime (relatime),
-        # a journal transaction per file that waits behind the staging area's fsyncs.
-        fd = os.open(staged, os.O_RDONLY | os.O_CLOEXEC | getattr(os, "O_NOATIME", 0))
+        fd = os.open(staged, os.O_RDONLY | os.O_CLOEXEC | NOATIME)
         try:
             body = os.read(fd, os.fstat(fd).st_size)
         finally:
@@ -413,7 +411,7 @@ class FsspecStore:
         daemon's CPU writing a large file. The caller must not shrink the file while a
         part of it is in flight: a mapped page past the end faults (SIGBUS) when read.
         """
-        fd = os.open(staged, os.O_RDONLY | os.O_CLOEXEC | _NOATIME)
+        fd = os.open(staged, os.O_RDONLY | os.O_CLOEXEC | NOATIME)
         try:
             if os.fstat(fd).st_size < end:
                 raise OSError(errno.EIO, f"{staged}: short read of part {number}")
@@ -496,7 +494,10 @@ class FsspecStore:
             raise ObjectChanged(f"{obj.path}: modified since it was opened")
 
 
-_NOATIME = getattr(os, "O_NOATIME", 0)  # see FsspecStore.put_file
+# Staged files are opened with it to be read: the first read of a file just written would
+# update its atime (relatime), a journal transaction per file that waits behind the
+# staging area's fsyncs.
+NOATIME = getattr(os, "O_NOATIME", 0)
 
 
 @contextlib.contextmanager

@@ -60,7 +60,7 @@ from typing import TYPE_CHECKING
 import trio
 
 from cachefs import metrics
-from cachefs.backend import fsync_path
+from cachefs.backend import NOATIME, fsync_path
 from cachefs.config import format_size
 from cachefs.errors import StagingFull
 
@@ -548,7 +548,7 @@ _SYNC_FILE_RANGE_WRITE = 2  # start writing the dirty pages in the range, wait f
 
 
 def _start_write_out(path: str, start: int, end: int) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | getattr(os, "O_NOATIME", 0))
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | NOATIME)
     try:
         if _sync_file_range(fd, start, end - start, _SYNC_FILE_RANGE_WRITE) != 0:
             err = ctypes.get_errno()

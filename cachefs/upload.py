@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Awaitable, Callable
 import trio
 
 from cachefs import metrics
+from cachefs.backend import NOATIME
 from cachefs.errors import BackendError, BackendUnavailable, CachefsError
 from cachefs.objects import ObjectId, ObjectInfo, chunk_key
 from cachefs.staging import JournalEntry, StagedFile, Staging
@@ -328,7 +329,7 @@ class Uploader:
             return  # the backend shows other bytes than ours (a concurrent writer): cache nothing
         if tiers[0].medium == "disk":
             try:
-                fd = os.open(upload.staged.path, os.O_RDONLY | os.O_CLOEXEC | getattr(os, "O_NOATIME", 0))
+                fd = os.open(upload.staged.path, os.O_RDONLY | os.O_CLOEXEC | NOATIME)
             except OSError as e:
                 log.warning("could not cache the chunks of %s after its upload: %s", upload.path, e)
                 return
@@ -389,7 +390,7 @@ async def _let_waiters_run() -> None:
 
 
 def _read_at(path: str, length: int, offset: int) -> bytes:
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | getattr(os, "O_NOATIME", 0))  # see FsspecStore.put_file
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | NOATIME)
     try:
         return os.pread(fd, length, offset)
     finally:
