@@ -286,25 +286,23 @@ class Staging:
             for seq in seqs:
                 entries.append((seq, _create(self._seq_path(seq))))
         except BaseException:
-            for path, fd in [(s.path, fd) for s, fd in made] + [(self._seq_path(q), fd) for q, fd in entries]:
-                os.close(fd)
-                with contextlib.suppress(OSError):
-                    os.unlink(path)
+            self._discard(made, entries)
             raise
         return made, entries
 
     def drop_spares(self) -> None:
         """Remove the spares not used (a restart removes them too). Blocking: 2 x SPARES unlinks at most."""
-        while self._spare_files:
-            staged, fd = self._spare_files.popleft()
+        files, entries = list(self._spare_files), list(self._spare_entries)
+        self._spare_files.clear()
+        self._spare_entries.clear()
+        self._discard(files, entries)
+
+    def _discard(self, files: list[tuple[StagedFile, int]], entries: list[tuple[int, int]]) -> None:
+        """Blocking: close and remove spares, (StagedFile, fd) files and (seq, fd) entry files."""
+        for path, fd in [(s.path, fd) for s, fd in files] + [(self._seq_path(q), fd) for q, fd in entries]:
             os.close(fd)
             with contextlib.suppress(OSError):
-                os.unlink(staged.path)
-        while self._spare_entries:
-            seq, fd = self._spare_entries.popleft()
-            os.close(fd)
-            with contextlib.suppress(OSError):
-                os.unlink(self._seq_path(seq))
+                os.unlink(path)
 
     async def reserve(self, staged: StagedFile, size: int) -> None:
         """Make sure `staged` has room for `size` bytes, waiting for uploads to free some.
