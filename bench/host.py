@@ -233,6 +233,21 @@ def cpu_seconds(sid: int) -> float:
     return total / _CLK_TCK
 
 
+def wait_idle(sids: list[int], timeout: float = 60.0, window: float = 0.5, share: float = 0.05) -> float:
+    """Wait until the processes of sessions ``sids`` together use less than ``share``
+    of a CPU over ``window`` seconds (or ``timeout`` passed); the seconds waited.
+
+    A benchmark cell starts on quiet servers: work deferred by the cell before (the
+    S3 gateway deleting a removed file's blocks, a client flushing) must not run
+    into it, where it would be counted against whichever system happens to run next."""
+    t0 = time.monotonic()
+    while True:
+        c0 = sum(cpu_seconds(sid) for sid in sids)
+        time.sleep(window)
+        if sum(cpu_seconds(sid) for sid in sids) - c0 < share * window or time.monotonic() - t0 >= timeout:
+            return time.monotonic() - t0 - window
+
+
 def _status_kib(pid: int, key: str) -> int:
     try:
         with open(f"/proc/{pid}/status") as f:

@@ -26,8 +26,12 @@ After the writer returned, each cell waits until nothing is pending
 (cachefs: `cachefs_uploads_pending`, which also counts a close-to-open upload
 whose chunks are still being cached; JuiceFS: `juicefs_staging_blocks`), so no
 cell's work runs into the next; for the --writeback systems it reports the time
-from the start until then ("landed"). Before each cell: `sync`, so no earlier
-cell's dirty pages are written back inside it. Per cell, until nothing is
+from the start until then ("landed"). Before each cell (the raw ones too): `sync`,
+so no earlier cell's dirty pages are written back inside it, then a wait until
+the gateway and every daemon are idle (under 5 % of a CPU for 0.5 s): the
+gateway deletes a removed file's blocks after the DELETE has returned, and that
+work ran into the next cell (the first small-file cell after the fio cells
+found the gateway using 1 s more CPU than the others, and ran 25 % slower). Per cell, until nothing is
 pending: CPU seconds of the daemon's processes (/proc/PID/stat, utime+stime)
 and of the gateway.
 
@@ -239,6 +243,7 @@ def remove_tree(directory: Path) -> None:
 def run_cell(system: WriteSystem, workload: str, rep: int, args) -> dict:
     directory = system.root / f"{workload}-r{rep}"
     os.sync()
+    idle_wait = host.wait_idle(args.idle_sids)
     sid = system.proc.pid
     gw = args.gateway_sid
     cpu0, gw0, put0 = host.cpu_seconds(sid), host.cpu_seconds(gw), system.put_bytes()
@@ -254,13 +259,14 @@ def run_cell(system: WriteSystem, workload: str, rep: int, args) -> dict:
         time.sleep(0.05)
     if system.writeback:
         rec["landed_s"] = time.monotonic() - t0
-    rec.update(system=system.key, workload=workload, repeat=rep, cpu_s=host.cpu_seconds(sid) - cpu0,
+    rec.update(system=system.key, workload=workload, repeat=rep, idle_wait_s=idle_wait, cpu_s=host.cpu_seconds(sid) - cpu0,
                gateway_cpu_s=host.cpu_seconds(gw) - gw0, put_bytes=system.put_bytes() - put0)
     rec["value"] = rec["bytes"] / MiB / rec["wall_s"] if kind == "seq" else rec["files"] / rec["wall_s"]
     if "landed_s" in rec:
         rec["landed_value"] = rec["bytes"] / MiB / rec["landed_s"] if kind == "seq" else rec["files"] / rec["landed_s"]
     rec["cpu_s_per_gib"] = rec["cpu_s"] / (rec["bytes"] / GiB)
     landed = f", landed after {rec['landed_s']:.1f} s" if "landed_s" in rec else ""
+    landed += f" (waited {idle_wait:.1f} s for idle servers first)" if idle_wait >= 0.1 else ""
     log(f"  {workload:8s} {system.key:11s} r{rep}: {rec['value']:8.1f} {'MiB/s' if kind == 'seq' else 'files/s'}"
         f"{landed}, daemon CPU {rec['cpu_s_per_gib']:.1f} s/GiB")
     if kind == "seq":
@@ -300,11 +306,13 @@ def raw_cells(gateway, args, rep: int) -> list[dict]:
 
     def timed(name: str, streams: int, total: int, fn, unit_count: int | None = None) -> dict:
         os.sync()
+        idle_wait = host.wait_idle(args.idle_sids)
         gw0 = host.cpu_seconds(args.gateway_sid)
         t = time.monotonic()
         fn()
         wall = time.monotonic() - t
         rec = {"system": "raw", "workload": name, "inflight": streams, "wall_s": wall, "bytes": total,
+               "idle_wait_s": idle_wait,
                "gateway_cpu_s": host.cpu_seconds(args.gateway_sid) - gw0}
         rec["value"] = unit_count / wall if unit_count else total / MiB / wall
         log(f"  raw {name:26s}: {rec['value']:8.1f} {'files/s' if unit_count else 'MiB/s'}")
@@ -351,6 +359,7 @@ def run(args: argparse.Namespace, data: dict, work: Path, shm: Path, stack: cont
         stack.callback(s.stop)
         s.start(work)
         systems.append(s)
+    args.idle_sids = [args.gateway_sid, *(s.proc.pid for s in systems)]
     for rep in range(args.repeat):
         if not args.no_raw:
             data["raw"] += raw_cells(gateway, args, rep)
