@@ -237,8 +237,8 @@ def wait_idle(sids: list[int], timeout: float = 60.0, window: float = 0.5, share
     """Wait until the processes of sessions ``sids`` together use less than ``share``
     of a CPU over ``window`` seconds (or ``timeout`` passed); the seconds waited.
 
-    A benchmark cell starts on quiet servers: work deferred by the cell before (the
-    S3 gateway deleting a removed file's blocks, a client flushing) must not run
+    A benchmark cell starts on quiet servers: work deferred by the cell before (JuiceFS
+    deleting a removed file's blocks in the background) must not run
     into it, where it would be counted against whichever system happens to run next."""
     t0 = time.monotonic()
     while True:

@@ -31,9 +31,9 @@ whose chunks are still being cached; JuiceFS: `juicefs_staging_blocks`), so no
 cell's work runs into the next; for the --writeback systems it reports the time
 from the start until then ("landed"). Before each cell (the raw ones too): `sync`,
 so no earlier cell's dirty pages are written back inside it, then a wait until
-the gateway and every daemon are idle (under 5 % of a CPU for 0.5 s): the
-gateway deletes a removed file's blocks after the DELETE has returned, and that
-work ran into the next cell (the first small-file cell after the fio cells
+the gateway and every daemon are idle (under 5 % of a CPU for 0.5 s): JuiceFS
+deletes a removed file's blocks in the background, after the unlink or DELETE
+has returned, and that work ran into the next cell (the first small-file cell after the fio cells
 found the gateway using 1 s more CPU than the others, and ran 25 % slower). Per cell, until nothing is
 pending: CPU seconds of the daemon's processes (/proc/PID/stat, utime+stime)
 and of the gateway.
@@ -397,7 +397,8 @@ def render(data: dict) -> str:
         f"(first write to the last fsync returned; not fio's start-up). "
         f"Small files: {files} × 64 KiB written and closed one after another by 1 or 4 threads. "
         f"*landed*: from the start until nothing is pending (cachefs_uploads_pending, juicefs_staging_blocks). "
-        f"Each cell ends when nothing is pending (no cell's work runs into the next). "
+        f"Each cell ends when nothing is pending, and starts once the gateway and every daemon are idle "
+        f"(no cell's work runs into the next). "
         f"CPU: the daemon's utime+stime per GiB written, until then (cachefs: its one process; JuiceFS: its processes), "
         f"the gateway's apart. Median of {data['repeat']} repeat(s); systems interleaved.",
         "",
