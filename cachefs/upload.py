@@ -39,6 +39,9 @@ RETRY_FIRST = 1.0
 RETRY_MAX = 60.0
 # Chunks of an uploaded file cached at once (each one chunk in memory).
 CACHE_WORKERS = 4
+# Seconds an upload's chunks wait at most, before they are cached, for the node's other
+# uploads to end (`Uploader._uploads_quiet`).
+CACHE_YIELD_MAX = 2.0
 # A chunk this small is read back from the staged file on the trio thread: it was just
 # written, so it is in the page cache, and a thread hop cost more than the read.
 INLINE_READ = 256 << 10
@@ -152,6 +155,9 @@ class Uploader:
         self._uploaded = uploaded
         self._locks: dict[tuple[str, str], trio.Lock] = {}
         self.pending: dict[tuple[str, str], list[Upload]] = {}  # (source, path) -> not yet landed, oldest first
+        # Close-to-open uploads and early parts being sent now: what closes wait for.
+        self._sending = 0
+        self._quiet = trio.Event()  # set (and replaced) when _sending drops to 0
         metrics.UPLOADS_PENDING.set_function(lambda: len(self.all_pending()))
         metrics.UPLOADS_PENDING_BYTES.set_function(lambda: sum(u.size for u in self.all_pending()))
 
@@ -175,6 +181,7 @@ class Uploader:
     async def _send_part(self, dataset: Dataset, path: str, early: EarlyParts, staged: StagedFile, index: int) -> None:
         backend = dataset.backend
         etag = None
+        self._sending += 1
         try:
             async with early.starting:
                 if early.upload_id is None:
@@ -186,6 +193,7 @@ class Uploader:
             log.info("early part %d of %s not sent (sent at close): %s", index + 1, path, e)
         finally:
             early.sent(index, etag)
+            self._sent()
 
     def drop_early(self, dataset: Dataset, path: str, early: EarlyParts) -> None:
         """The file will not be uploaded with these parts (closed unsealed, or deleted)."""
@@ -220,6 +228,8 @@ class Uploader:
     def _start(self, upload: Upload) -> None:
         key = (upload.dataset.source, upload.path)
         self.pending.setdefault(key, []).append(upload)
+        if len(self.pending[key]) > 1:
+            self._wake_yielders()  # one of them may hold up this upload (`_uploads_quiet`)
         self.staging.draining_changed(+upload.size)
         self._nursery.start_soon(self._run, upload)
 
@@ -256,9 +266,7 @@ class Uploader:
             async with lock:  # FIFO: the uploads of one path land in the order they were closed
                 while not upload.cancelled:
                     try:
-                        upload.info = await upload.dataset.backend.upload(
-                            upload.path, upload.staged.path, upload.size, self.part_size, upload.early
-                        )
+                        upload.info = await self._send(upload)
                         break
                     except Exception as e:  # noqa: BLE001 - an upload must never take the mount down
                         if not isinstance(e, BackendError):
@@ -288,6 +296,8 @@ class Uploader:
                 upload.landed.set()
                 if not upload.background:
                     await _let_waiters_run()
+                    if upload.size > upload.dataset.reader.chunk_size:
+                        await self._uploads_quiet(key)
                 await self._cache_chunks(upload)
                 await self._uploaded(upload.dataset, upload.path, upload.info)
         finally:
@@ -309,6 +319,46 @@ class Uploader:
                 self.staging.release(upload.staged, keep_file=keep)
                 upload.landed.set()
                 upload.done.set()
+
+    async def _send(self, upload: Upload) -> ObjectInfo:
+        """The upload's one attempt: `Backend.upload`; one a close waits for counts as sending."""
+        waited_for = not upload.background
+        self._sending += waited_for
+        try:
+            return await upload.dataset.backend.upload(
+                upload.path, upload.staged.path, upload.size, self.part_size, upload.early
+            )
+        finally:
+            if waited_for:
+                self._sent()
+
+    def _sent(self) -> None:
+        self._sending -= 1
+        if not self._sending:
+            self._wake_yielders()
+
+    def _wake_yielders(self) -> None:
+        self._quiet.set()
+        self._quiet = trio.Event()
+
+    async def _uploads_quiet(self, key: tuple[str, str]) -> None:
+        """Until no close-to-open upload or early part is being sent, CACHE_YIELD_MAX
+        seconds at most, or until another upload of the same path (`key`) waits for this
+        one to end: a close-to-open upload caches its chunks after the others.
+
+        Caching an uploaded file reads and checksums it and writes it to the SSD: 3.7 ms
+        of CPU and 12 ms of the disk per 4 MiB chunk here. Run beside other files' uploads
+        (4 files written at once, the first done caching while the others still send their
+        last parts), it took the CPU and the disk that the others' closes were waiting
+        for. The wait is bounded, so that uploads without end never keep a file from the
+        cache for long (it is read from its staged bytes meanwhile, with no GET). Only
+        for files of more than one chunk: a small file's one chunk is cheap to cache, and
+        with 4 writers of small files there is nearly always an upload in flight, so
+        their files waited up to the bound (files/s fell 5 %, 5 repeats side by side).
+        Not for --writeback uploads, which no close waits for."""
+        with trio.move_on_after(CACHE_YIELD_MAX):
+            while self._sending and len(self.pending.get(key, ())) <= 1:
+                await self._quiet.wait()
 
     async def _cache_chunks(self, upload: Upload) -> None:
         """Put the uploaded bytes into a local tier as chunks of the new version:

@@ -1,18 +1,22 @@
-"""Backend.upload's multipart uploads with parts sent early (while the file was written)."""
+"""Backend.upload's multipart uploads with parts sent early (while the file was written),
+and when the Uploader caches an uploaded file's chunks."""
 
 from __future__ import annotations
 
 import collections
 import hashlib
+import os
 import random
 import threading
+from types import SimpleNamespace
 
 import pytest
 import trio
 
 from cachefs.backend import Backend
 from cachefs.objects import ObjectInfo
-from cachefs.upload import EarlyParts
+from cachefs.staging import Staging
+from cachefs.upload import CACHE_YIELD_MAX, EarlyParts, Uploader
 
 PART = 1000
 
@@ -126,3 +130,120 @@ def test_a_part_is_ready_once_filled_and_the_file_is_larger_than_one_part():
     assert early.ready(3 * PART + 5) == []
     early.stopped = True
     assert early.ready(10 * PART) == []
+
+
+class HeldBackend:
+    """A backend whose uploads each end when the test lets them (`land`)."""
+
+    def __init__(self):
+        self.gates: dict[str, trio.Event] = {}
+
+    async def upload(self, path, staged, size, part_size, early=None) -> ObjectInfo:
+        await self.gates.setdefault(path, trio.Event()).wait()
+        return ObjectInfo(path, "file", size, 0.0, f"v-{path}")
+
+    def land(self, path: str) -> None:
+        self.gates.setdefault(path, trio.Event()).set()
+
+
+class RecordingDiskTier:
+    """An SSD tier that records which chunks were cached, and when."""
+
+    medium = "disk"
+
+    def __init__(self):
+        self.cached: list[tuple[str, float]] = []
+
+    async def put_from(self, key, fd, offset) -> bool:
+        self.cached.append((key.obj.path, trio.current_time()))
+        return True
+
+
+def _uploader_over(tmp_path, nursery):
+    """An Uploader of a dataset whose backend is a HeldBackend and whose one tier is a
+    RecordingDiskTier: (uploader, staging, dataset)."""
+    staging = Staging(str(tmp_path), 1 << 30, None)
+    staging.open()
+    tier = RecordingDiskTier()
+    dataset = SimpleNamespace(source="s3://b/p", name="", removed=False, backend=HeldBackend(),
+                              reader=SimpleNamespace(tiers=[tier], chunk_size=4096))
+
+    async def uploaded(dataset, path, info) -> None:
+        pass
+
+    return Uploader(staging, nursery, 8 << 20, uploaded), staging, dataset
+
+
+async def _submit(uploader, staging, dataset, path: str, background: bool = False, size: int = 5000):
+    """Upload `size` bytes (5000: 2 chunks of 4096, a file that waits to be cached) as `path`."""
+    staged, fd = staging.create_file()
+    os.pwrite(fd, b"x" * size, 0)
+    os.close(fd)
+    upload = await uploader.submit(dataset, path, staged, size, background)
+    staging.release(staged)  # the writer lets go: the upload holds it
+    return upload
+
+
+@pytest.mark.trio
+async def test_a_close_to_open_upload_caches_its_chunks_after_the_uploads_still_in_flight(tmp_path, autojump_clock):
+    async with trio.open_nursery() as nursery:
+        uploader, staging, dataset = _uploader_over(tmp_path, nursery)
+        tier, backend = dataset.reader.tiers[0], dataset.backend
+        first = await _submit(uploader, staging, dataset, "a")
+        second = await _submit(uploader, staging, dataset, "b")
+        backend.land("a")
+        await first.landed.wait()  # "a"'s close returns now...
+        await trio.sleep(1)
+        assert tier.cached == []  # ...but its chunks wait while "b" is still being sent
+        backend.land("b")
+        await first.done.wait()
+        await second.done.wait()
+        assert sorted(p for p, _ in tier.cached) == ["a", "a", "b", "b"]  # 5000 bytes: 2 chunks each
+
+
+@pytest.mark.trio
+async def test_an_upload_waits_to_cache_its_chunks_for_a_bounded_time_only(tmp_path, autojump_clock):
+    async with trio.open_nursery() as nursery:
+        uploader, staging, dataset = _uploader_over(tmp_path, nursery)
+        tier, backend = dataset.reader.tiers[0], dataset.backend
+        first = await _submit(uploader, staging, dataset, "a")
+        await _submit(uploader, staging, dataset, "stuck")  # never answered
+        backend.land("a")
+        await first.landed.wait()
+        landed_at = trio.current_time()
+        await first.done.wait()
+        assert [p for p, _ in tier.cached] == ["a", "a"]
+        assert tier.cached[0][1] - landed_at == pytest.approx(CACHE_YIELD_MAX, abs=0.01)
+        # A --writeback upload caches at once: no close waits for the others.
+        background = await _submit(uploader, staging, dataset, "w", background=True)
+        start = trio.current_time()
+        backend.land("w")
+        await background.done.wait()
+        assert [t for p, t in tier.cached if p == "w"] == [start, start]
+        # So does a file of one chunk: cheap to cache, and small files would pile up waiting.
+        small = await _submit(uploader, staging, dataset, "s", size=100)
+        start = trio.current_time()
+        backend.land("s")
+        await small.done.wait()
+        assert [t for p, t in tier.cached if p == "s"] == [start]
+        nursery.cancel_scope.cancel()
+
+
+@pytest.mark.trio
+async def test_an_upload_caches_at_once_when_a_newer_close_of_its_path_waits_for_it(tmp_path, autojump_clock):
+    async with trio.open_nursery() as nursery:
+        uploader, staging, dataset = _uploader_over(tmp_path, nursery)
+        tier, backend = dataset.reader.tiers[0], dataset.backend
+        first = await _submit(uploader, staging, dataset, "a")
+        await _submit(uploader, staging, dataset, "stuck")  # never answered
+        backend.land("a")
+        await first.landed.wait()
+        await trio.sleep(0.5)
+        assert tier.cached == []  # yielding to "stuck"
+        # The path is closed again: its upload waits for the first one's end (uploads of
+        # a path land in order), so the first stops yielding.
+        start = trio.current_time()
+        await _submit(uploader, staging, dataset, "a")
+        await first.done.wait()
+        assert [t for p, t in tier.cached] == [start, start]
+        nursery.cancel_scope.cancel()
