@@ -184,18 +184,25 @@ async def _submit(uploader, staging, dataset, path: str, background: bool = Fals
     return upload
 
 
+async def _landed_while_another_is_sent(uploader, staging, dataset, other: str) -> tuple:
+    """Upload "a" (2 chunks) and `other`; return once "a" has landed (its close returned)
+    and `other` is still being sent: (the two Uploads)."""
+    first = await _submit(uploader, staging, dataset, "a")
+    second = await _submit(uploader, staging, dataset, other)
+    dataset.backend.land("a")
+    await first.landed.wait()
+    return first, second
+
+
 @pytest.mark.trio
 async def test_a_close_to_open_upload_caches_its_chunks_after_the_uploads_still_in_flight(tmp_path, autojump_clock):
     async with trio.open_nursery() as nursery:
         uploader, staging, dataset = _uploader_over(tmp_path, nursery)
-        tier, backend = dataset.reader.tiers[0], dataset.backend
-        first = await _submit(uploader, staging, dataset, "a")
-        second = await _submit(uploader, staging, dataset, "b")
-        backend.land("a")
-        await first.landed.wait()  # "a"'s close returns now...
+        tier = dataset.reader.tiers[0]
+        first, second = await _landed_while_another_is_sent(uploader, staging, dataset, "b")
         await trio.sleep(1)
-        assert tier.cached == []  # ...but its chunks wait while "b" is still being sent
-        backend.land("b")
+        assert tier.cached == []  # "a"'s close returned, but its chunks wait while "b" is sent
+        dataset.backend.land("b")
         await first.done.wait()
         await second.done.wait()
         assert sorted(p for p, _ in tier.cached) == ["a", "a", "b", "b"]  # 5000 bytes: 2 chunks each
@@ -206,10 +213,7 @@ async def test_an_upload_waits_to_cache_its_chunks_for_a_bounded_time_only(tmp_p
     async with trio.open_nursery() as nursery:
         uploader, staging, dataset = _uploader_over(tmp_path, nursery)
         tier, backend = dataset.reader.tiers[0], dataset.backend
-        first = await _submit(uploader, staging, dataset, "a")
-        await _submit(uploader, staging, dataset, "stuck")  # never answered
-        backend.land("a")
-        await first.landed.wait()
+        first, _ = await _landed_while_another_is_sent(uploader, staging, dataset, "stuck")  # never answered
         landed_at = trio.current_time()
         await first.done.wait()
         assert [p for p, _ in tier.cached] == ["a", "a"]
@@ -233,11 +237,8 @@ async def test_an_upload_waits_to_cache_its_chunks_for_a_bounded_time_only(tmp_p
 async def test_an_upload_caches_at_once_when_a_newer_close_of_its_path_waits_for_it(tmp_path, autojump_clock):
     async with trio.open_nursery() as nursery:
         uploader, staging, dataset = _uploader_over(tmp_path, nursery)
-        tier, backend = dataset.reader.tiers[0], dataset.backend
-        first = await _submit(uploader, staging, dataset, "a")
-        await _submit(uploader, staging, dataset, "stuck")  # never answered
-        backend.land("a")
-        await first.landed.wait()
+        tier = dataset.reader.tiers[0]
+        first, _ = await _landed_while_another_is_sent(uploader, staging, dataset, "stuck")  # never answered
         await trio.sleep(0.5)
         assert tier.cached == []  # yielding to "stuck"
         # The path is closed again: its upload waits for the first one's end (uploads of
