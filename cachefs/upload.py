@@ -323,7 +323,8 @@ class Uploader:
     async def _send(self, upload: Upload) -> ObjectInfo:
         """The upload's one attempt: `Backend.upload`; one a close waits for counts as sending."""
         waited_for = not upload.background
-        self._sending += waited_for
+        if waited_for:
+            self._sending += 1
         try:
             return await upload.dataset.backend.upload(
                 upload.path, upload.staged.path, upload.size, self.part_size, upload.early
