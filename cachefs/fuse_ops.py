@@ -145,7 +145,6 @@ class Operations(pyfuse3.Operations):
         metrics.INODES.set_function(lambda: len(self.inodes))
         self._gid = os.getgid() if getattr(config, "gid", None) is None else config.gid
         self._umask = getattr(config, "umask", 0o022)
-        self._writeback = bool(getattr(config, "writeback", False))
         # statfs: None reports a large, full filesystem; else an async function giving
         # (bytes, files) of the datasets, or None while unknown (cachefs fluid-mount).
         self.usage: Callable[[], Awaitable[tuple[int, int] | None]] | None = None
@@ -530,14 +529,14 @@ class Operations(pyfuse3.Operations):
         f = self._files.get(fh)
         if f is not None and f.writable:
             # close(): by default the upload is done when this returns (close-to-open).
-            await f.write.commit(background=self._writeback)
+            await f.write.commit(background=self.node.writes.writeback)
 
     @fuse_errors
     async def fsync(self, fh, datasync):
         f = self._files.get(fh)
         if f is not None and f.writable:
             # Durable when this returns: uploaded, or (--writeback) fsync'd and journaled.
-            await f.write.sync(background=self._writeback)
+            await f.write.sync(background=self.node.writes.writeback)
 
     @fuse_errors
     async def create(self, parent_inode, name, mode, flags, ctx):
@@ -595,7 +594,7 @@ class Operations(pyfuse3.Operations):
                     wf = await writes.open(dataset, inner, current, truncate=attr.st_size == 0)
                     try:
                         await wf.truncate(attr.st_size)
-                        await wf.commit(background=self._writeback)
+                        await wf.commit(background=self.node.writes.writeback)
                     finally:
                         writes.close(wf)
                     wf = None

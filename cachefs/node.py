@@ -828,7 +828,7 @@ class Node:
             return None
         pending = self.uploader.all_pending()
         return {
-            "writeback": bool(getattr(self.config, "writeback", False)),
+            "writeback": self.writes.writeback,
             "staged_bytes": self.staging.used,
             "stage_limit": self.staging.limit,
             "open_for_write": len(self.writes.files),
