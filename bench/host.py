@@ -235,11 +235,12 @@ def cpu_seconds(sid: int) -> float:
 
 def wait_idle(sids: list[int], timeout: float = 60.0, window: float = 0.5, share: float = 0.05) -> float:
     """Wait until the processes of sessions ``sids`` together use less than ``share``
-    of a CPU over ``window`` seconds (or ``timeout`` passed); the seconds waited.
+    of a CPU over ``window`` seconds (or ``timeout`` passed). Returns the seconds waited
+    beyond the one window every call takes (0 if they were idle at once).
 
     A benchmark cell starts on quiet servers: work deferred by the cell before (JuiceFS
-    deleting a removed file's blocks in the background) must not run
-    into it, where it would be counted against whichever system happens to run next."""
+    deleting a removed file's blocks in the background) must not run into it, where it
+    would be counted against whichever system happens to run next."""
     t0 = time.monotonic()
     while True:
         c0 = sum(cpu_seconds(sid) for sid in sids)

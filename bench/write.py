@@ -33,10 +33,10 @@ from the start until then ("landed"). Before each cell (the raw ones too): `sync
 so no earlier cell's dirty pages are written back inside it, then a wait until
 the gateway and every daemon are idle (under 5 % of a CPU for 0.5 s): JuiceFS
 deletes a removed file's blocks in the background, after the unlink or DELETE
-has returned, and that work ran into the next cell (the first small-file cell after the fio cells
-found the gateway using 1 s more CPU than the others, and ran 25 % slower). Per cell, until nothing is
-pending: CPU seconds of the daemon's processes (/proc/PID/stat, utime+stime)
-and of the gateway.
+has returned, and that work ran into the next cell (the first small-file cell
+after the fio cells found the gateway using 1 s more CPU than the others, and
+ran 25 % slower). Per cell, until nothing is pending: CPU seconds of the
+daemon's processes (/proc/PID/stat, utime+stime) and of the gateway.
 
 Raw S3 (the ceiling of close-to-open mode): botocore, the client cachefs
 uses, from memory: multipart uploads of files of --size in parts of 8 MiB
@@ -264,16 +264,17 @@ def run_cell(system: WriteSystem, workload: str, rep: int, args) -> dict:
         time.sleep(0.05)
     if system.writeback:
         rec["landed_s"] = time.monotonic() - t0
-    rec.update(system=system.key, workload=workload, repeat=rep, idle_wait_s=idle_wait, cpu_s=host.cpu_seconds(sid) - cpu0,
-               gateway_cpu_s=host.cpu_seconds(gw) - gw0, put_bytes=system.put_bytes() - put0)
+    rec.update(system=system.key, workload=workload, repeat=rep, idle_wait_s=idle_wait,
+               cpu_s=host.cpu_seconds(sid) - cpu0, gateway_cpu_s=host.cpu_seconds(gw) - gw0,
+               put_bytes=system.put_bytes() - put0)
     rec["value"] = rec["bytes"] / MiB / rec["runtime_s"] if kind == "seq" else rec["files"] / rec["wall_s"]
     if "landed_s" in rec:
         rec["landed_value"] = rec["bytes"] / MiB / rec["landed_s"] if kind == "seq" else rec["files"] / rec["landed_s"]
     rec["cpu_s_per_gib"] = rec["cpu_s"] / (rec["bytes"] / GiB)
     landed = f", landed after {rec['landed_s']:.1f} s" if "landed_s" in rec else ""
-    landed += f" (waited {idle_wait:.1f} s for idle servers first)" if idle_wait >= 0.1 else ""
+    waited = f" (waited {idle_wait:.1f} s for idle servers first)" if idle_wait >= 0.1 else ""
     log(f"  {workload:8s} {system.key:11s} r{rep}: {rec['value']:8.1f} {'MiB/s' if kind == 'seq' else 'files/s'}"
-        f"{landed}, daemon CPU {rec['cpu_s_per_gib']:.1f} s/GiB")
+        f"{landed}{waited}, daemon CPU {rec['cpu_s_per_gib']:.1f} s/GiB")
     if kind == "seq":
         remove_tree(directory)  # big files: keep the volume and the caches small
     return rec

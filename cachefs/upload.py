@@ -155,7 +155,8 @@ class Uploader:
         self._uploaded = uploaded
         self._locks: dict[tuple[str, str], trio.Lock] = {}
         self.pending: dict[tuple[str, str], list[Upload]] = {}  # (source, path) -> not yet landed, oldest first
-        # Close-to-open uploads and early parts being sent now: what closes wait for.
+        # Close-to-open uploads and early parts being sent now: what closes wait for
+        # (under --writeback no close does, and no upload waits on this count).
         self._sending = 0
         self._quiet = trio.Event()  # set (and replaced) when _sending drops to 0
         metrics.UPLOADS_PENDING.set_function(lambda: len(self.all_pending()))
