@@ -176,7 +176,9 @@ class Uploader:
         for index in early.ready(end):
             early.sending[index] = True
             # Not held (a hold would make the writer copy the file, as for a seal): a file let
-            # go of first fails the part's read, and the part is sent at close, or never.
+            # go of first fails the part's read, and the part is sent at close, or never. So
+            # the file is never emptied for reuse under a part being read from its mapping.
+            staged.reusable = False
             self._nursery.start_soon(self._send_part, dataset, path, early, staged, index)
 
     async def _send_part(self, dataset: Dataset, path: str, early: EarlyParts, staged: StagedFile, index: int) -> None:

@@ -15,7 +15,7 @@ import trio
 
 from cachefs.backend import Backend
 from cachefs.objects import ObjectInfo
-from cachefs.staging import Staging
+from cachefs.staging import SPARES, Staging
 from cachefs.upload import CACHE_YIELD_MAX, EarlyParts, Uploader
 
 PART = 1000
@@ -145,6 +145,13 @@ class HeldBackend:
     def land(self, path: str) -> None:
         self.gates.setdefault(path, trio.Event()).set()
 
+    async def start_parts(self, path) -> str:
+        return f"parts-{path}"
+
+    async def put_part(self, path, upload_id, index, part_size, staged, size) -> str:
+        await self.gates.setdefault(path, trio.Event()).wait()
+        return f"etag-{index}"
+
 
 class RecordingDiskTier:
     """An SSD tier that records which chunks were cached, and when."""
@@ -247,4 +254,28 @@ async def test_an_upload_caches_at_once_when_a_newer_close_of_its_path_waits_for
         await _submit(uploader, staging, dataset, "a")
         await first.done.wait()
         assert [t for p, t in tier.cached] == [start, start]
+        nursery.cancel_scope.cancel()
+
+
+@pytest.mark.trio
+async def test_a_file_whose_parts_are_sent_early_is_removed_never_emptied_for_reuse(tmp_path, autojump_clock):
+    """Early parts are read from a mapping of the staged file without holding it: emptied
+    for reuse under a part in flight (`Staging.housekeep_forever`), the read would fault."""
+    async with trio.open_nursery() as nursery:
+        uploader, staging, dataset = _uploader_over(tmp_path, nursery)
+        nursery.start_soon(staging.housekeep_forever)
+        await _until(lambda: len(staging._spare_files) == SPARES)
+        staged, fd = staging.create_file()  # a spare: one is wanted back
+        os.pwrite(fd, b"x" * 3000, 0)
+        os.close(fd)
+        await staging.reserve(staged, 3000)
+        early = EarlyParts(PART)
+        uploader.send_early(dataset, "big", early, staged, 3000)
+        assert early.sending  # parts in flight, the file not held
+        inode = os.stat(staged.path).st_ino
+        staging.release(staged)  # the writer went away (its file unlinked)
+        await _until(lambda: not staging.used)  # given back once it is removed (or emptied)
+        assert not os.path.exists(staged.path)
+        assert inode not in {os.fstat(fd).st_ino for _, fd in staging._spare_files}
+        dataset.backend.land("big")
         nursery.cancel_scope.cancel()
