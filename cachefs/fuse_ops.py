@@ -103,6 +103,7 @@ class OpenFile:
     info: ObjectInfo | None = None  # with `obj`: its attributes at open, as the mount shows them
     write: WriteFile | None = None  # the path is open for write on this node: its bytes
     writable: bool = False  # this handle was opened for write
+    write_only: bool = False  # opened O_WRONLY: served without the page cache (`Operations._opened`)
     staged: tuple[StagedFile, int] | None = None  # a closed file not uploaded yet, and an fd of it
 
 
@@ -452,6 +453,7 @@ class Operations(pyfuse3.Operations):
             current = None if flags & os.O_TRUNC else await self._stored(dataset, inner)
             f.write = await writes.open(dataset, inner, current, truncate=bool(flags & os.O_TRUNC))
             f.writable = True
+            f.write_only = flags & os.O_ACCMODE == os.O_WRONLY
         elif writes is not None and (wf := writes.find(dataset, inner)) is not None:
             f.write = wf
             wf.handles += 1  # reads see this node's writes, from the same staged file
@@ -470,6 +472,12 @@ class Operations(pyfuse3.Operations):
         f.dataset.open_files += 1
         self.inodes.opened(f.inode)
         fi = pyfuse3.FileInfo(fh=fh)
+        # A write-only handle's writes skip the page cache (direct_io): through it, the kernel
+        # asked getxattr("security.capability") before every write (FUSE keeps no "no
+        # capabilities" state), a request per write, and copied each write into pages
+        # nobody reads through that handle. It cannot be mmap'ed (mmap needs read access),
+        # so nothing is lost that a handle open for read and write would need.
+        fi.direct_io = f.write_only
         local = f.obj is None  # bytes of this node's writes: the kernel's pages may be older
         fi.keep_cache = not local and self._opened_versions.get(f.inode) == version
         if local:
@@ -554,7 +562,7 @@ class Operations(pyfuse3.Operations):
                 raise pyfuse3.FUSEError(errno.EEXIST)
             if current is not None and current.kind == "dir":
                 raise pyfuse3.FUSEError(errno.EISDIR)
-        f = OpenFile(0, None, ReadStream(), dataset, writable=True)
+        f = OpenFile(0, None, ReadStream(), dataset, writable=True, write_only=flags & os.O_ACCMODE == os.O_WRONLY)
         f.write = await self.node.writes.open(dataset, inner, current, truncate=current is None)
         info = self._outer(dataset, f.write.info)
         try:

@@ -659,3 +659,29 @@ def test_creates_in_a_directory_this_node_fills_ask_the_server_nothing_but_the_p
     assert sorted(os.listdir(out)) == sorted([*(f"f{i:03d}" for i in range(files)), "f-last", "theirs", "theirs2",
                                               "theirs3"])
     assert _read(os.path.join(out, "theirs")) == b"another node's"
+
+
+def test_a_write_only_handle_skips_the_page_cache_and_readers_see_its_writes(local_source, cachefs_mount):
+    """Write-only handles are direct_io: the kernel then asks no getxattr
+    ("security.capability") before every write, as it did through the page cache; and a
+    reader of the file open on this node still sees each write at once, though it had
+    read (and the kernel cached) the bytes before."""
+    m = _rw(cachefs_mount, local_source)
+    path = os.path.join(m.mountpoint, "shared.bin")
+    expected = bytearray(b"a" * 100_000)
+    _write(path, bytes(expected))
+    getxattrs = m.metric("cachefs_fuse_op_seconds_count", op="getxattr")
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        with open(path, "rb", buffering=0) as reader:
+            assert reader.read() == expected  # cached by the kernel now
+            for i in range(20):
+                assert os.pwrite(fd, b"b" * 10, 4000 * i) == 10
+                expected[4000 * i : 4000 * i + 10] = b"b" * 10
+                reader.seek(0)
+                assert reader.read() == expected
+    finally:
+        os.close(fd)
+    assert m.metric("cachefs_fuse_op_seconds_count", op="getxattr") == getxattrs
+    assert local_source.read("shared.bin") == expected
+    assert _read(path) == expected
