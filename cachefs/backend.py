@@ -1050,6 +1050,17 @@ def open_store(
     return FsspecStore(url, endpoint_url, timeout, credentials, profile)
 
 
+def _put_then(put_file: Callable[..., ObjectInfo | None], then: Callable[[ObjectInfo], None], *args) -> ObjectInfo | None:
+    """`put_file(*args)`, then `then(info)` in the same thread if the answer named the version."""
+    info = put_file(*args)
+    if info is not None:
+        try:
+            then(info)
+        except Exception:  # noqa: BLE001 - the object is in the store: this must not fail (and retry) the PUT
+            log.exception("after the upload of %s", info.path)
+    return info
+
+
 def _fetch_into(store, obj: ObjectId, start: int, end: int, into: list[memoryview]) -> int:
     """`store.fetch_into`, or `fetch` and a copy for a store without it."""
     fetch_into = getattr(store, "fetch_into", None)
@@ -1258,7 +1269,8 @@ class Backend:
         return bool(getattr(self.store, "is_s3", False))
 
     async def upload(
-        self, path: str, staged: str, size: int, part_size: int, early: EarlyParts | None = None
+        self, path: str, staged: str, size: int, part_size: int, early: EarlyParts | None = None,
+        after_put: Callable[[ObjectInfo], None] | None = None,
     ) -> ObjectInfo:
         """Make `path` hold the bytes of local file `staged` (`size` bytes), whole or not
         at all: one PUT up to `part_size`, else a multipart upload (parts in parallel
@@ -1266,6 +1278,8 @@ class Backend:
         already sent while the file was written; those still true of its bytes are
         kept, the rest sent now. Returns the new object's attributes (its version):
         from the PUT's answer when it holds an ETag (S3), else from a HEAD after.
+        `after_put(info)`: run in the PUT's thread once a single PUT's answer named the
+        version (blocking; an exception it raises is logged, never an upload's failure).
 
         Raises:
             BackendError: after bounded retries of a request; a multipart upload is aborted.
@@ -1283,7 +1297,10 @@ class Backend:
             if early.upload_id is None:
                 early = None  # none was sent
         if size <= part_size or not self.takes_parts:
-            info = await self._change("put", path, store.put_file, path, staged)
+            if after_put is None:
+                info = await self._change("put", path, store.put_file, path, staged)
+            else:
+                info = await self._change("put", path, _put_then, store.put_file, after_put, path, staged)
         else:
             if count > MAX_PARTS:
                 part_size = -(-size // MAX_PARTS)

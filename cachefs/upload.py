@@ -26,7 +26,7 @@ import trio
 from cachefs import metrics
 from cachefs.backend import NOATIME
 from cachefs.errors import BackendError, BackendUnavailable, CachefsError
-from cachefs.objects import ObjectId, ObjectInfo, chunk_key
+from cachefs.objects import ObjectId, ObjectInfo, chunk_key, source_tag
 from cachefs.staging import JournalEntry, StagedFile, Staging
 
 if TYPE_CHECKING:
@@ -45,6 +45,10 @@ CACHE_YIELD_MAX = 2.0
 # A chunk this small is read back from the staged file on the trio thread: it was just
 # written, so it is in the page cache, and a thread hop cost more than the read.
 INLINE_READ = 256 << 10
+# A file of one chunk this small is cached by its upload's own thread, right after the
+# PUT (`DiskTier.reserve_unkeyed`); larger ones after the close returned, so that their
+# close does not wait for their chunk's write too.
+CACHE_WITH_PUT = 256 << 10
 
 
 class EarlyParts:
@@ -127,6 +131,7 @@ class Upload:
     done: trio.Event = dataclasses.field(default_factory=trio.Event)  # cached too: the upload is over
     error: CachefsError | None = None
     info: ObjectInfo | None = None  # the object as uploaded
+    cached: bool = False  # its chunk was cached with the PUT (`Uploader._send`)
     cancelled: bool = False  # the path was deleted: upload nothing more
     pause: trio.CancelScope | None = None  # while waiting to retry
     early: EarlyParts | None = None  # parts sent before the close
@@ -324,15 +329,20 @@ class Uploader:
                 upload.done.set()
 
     async def _send(self, upload: Upload) -> ObjectInfo:
-        """The upload's one attempt: `Backend.upload`; one a close waits for counts as sending."""
+        """The upload's one attempt: `Backend.upload`; one a close waits for counts as sending.
+        A small file's chunk is cached by the PUT's thread, if the SSD tier has room for it."""
         waited_for = not upload.background
         if waited_for:
             self._sending += 1
+        with_put = _CachedWithPut.reserve(upload)
         try:
             return await upload.dataset.backend.upload(
-                upload.path, upload.staged.path, upload.size, self.part_size, upload.early
+                upload.path, upload.staged.path, upload.size, self.part_size, upload.early,
+                after_put=with_put.write if with_put is not None else None,
             )
         finally:
+            if with_put is not None:
+                upload.cached = with_put.settle()
             if waited_for:
                 self._sent()
 
@@ -379,7 +389,7 @@ class Uploader:
         info = upload.info
         local = [t for t in upload.dataset.reader.tiers if t.medium != "network"]
         tiers = [t for t in local if t.medium == "disk"] or local
-        if info is None or not tiers or info.size != upload.size:
+        if info is None or not tiers or info.size != upload.size or upload.cached:
             return  # the backend shows other bytes than ours (a concurrent writer): cache nothing
         if tiers[0].medium == "disk":
             try:
@@ -430,6 +440,49 @@ class Uploader:
                         nursery.start_soon(worker)
         except* OSError as group:
             log.warning("could not cache the chunks of %s after its upload: %s", upload.path, group.exceptions[0])
+
+
+class _CachedWithPut:
+    """The chunk of a small file, cached on the SSD by its upload's thread right after the
+    PUT (`Backend.upload(after_put=...)`), in room taken before (`DiskTier.reserve_unkeyed`)."""
+
+    def __init__(self, upload: Upload, tier, tag: bytes, room: int):
+        self.upload = upload
+        self.tier = tier
+        self.tag = tag
+        self.room = room
+        self.digest: bytes | None = None  # the chunk written
+
+    @classmethod
+    def reserve(cls, upload: Upload) -> _CachedWithPut | None:
+        """Room for `upload`'s chunk, if it is one small chunk and the SSD tier has room now."""
+        chunk_size = upload.dataset.reader.chunk_size
+        if not 0 < upload.size <= min(CACHE_WITH_PUT, chunk_size):
+            return None
+        tier = next((t for t in upload.dataset.reader.tiers if t.medium == "disk"), None)
+        if tier is None:
+            return None
+        tag = source_tag(upload.dataset.source)
+        room = tier.reserve_unkeyed(tag, upload.size)
+        return cls(upload, tier, tag, room) if room is not None else None
+
+    def write(self, info: ObjectInfo) -> None:
+        """Blocking, in the PUT's thread: the chunk of the object `info` the PUT made."""
+        upload = self.upload
+        if info.size != upload.size:
+            return  # the store shows other bytes than ours
+        key = chunk_key(ObjectId(upload.dataset.source, upload.path, info.version, info.size),
+                        upload.dataset.reader.chunk_size, 0)
+        fd = os.open(upload.staged.path, os.O_RDONLY | os.O_CLOEXEC | NOATIME)
+        try:
+            if self.tier.write_unkeyed(key.digest, fd, key.length):
+                self.digest = key.digest
+        finally:
+            os.close(fd)
+
+    def settle(self) -> bool:
+        """Index the chunk written, or give the room back; whether it is cached."""
+        return self.tier.settle_unkeyed(self.tag, self.room, self.digest)
 
 
 async def _let_waiters_run() -> None:

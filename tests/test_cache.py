@@ -384,6 +384,54 @@ async def test_disk_lru_eviction_order(tmp_path):
         assert bytes(await disk.get(chunk(n, 1000))) == payload(1000, n)
 
 
+def _staged(tmp_path: Path, data: bytes) -> int:
+    """An fd of a file holding `data` (as a staged file being uploaded)."""
+    path = tmp_path / f"staged-{len(data)}-{data[:4].hex()}"
+    path.write_bytes(data)
+    return os.open(path, os.O_RDONLY)
+
+
+@pytest.mark.trio
+async def test_disk_chunk_written_with_its_upload_is_indexed_in_the_room_taken_before(tmp_path):
+    """A small file's chunk: room taken before its key is known (its version comes with
+    the PUT's answer), written by the upload's thread, then indexed, all within the cap."""
+    cache = tmp_path / "cache"
+    disk = await open_disk(cache, 2 * entry(1000))
+    tag = key(0)[:4]
+    room = disk.reserve_unkeyed(tag, 1000)
+    assert room == entry(1000) and disk.used == room
+    assert disk.reserve_unkeyed(tag, 1000) == room
+    assert disk.reserve_unkeyed(tag, 1000) is None, "only without evicting: the cap is reached"
+    assert disk.used == 2 * room
+    fd = _staged(tmp_path, payload(1000, 1))
+    try:
+        assert await trio.to_thread.run_sync(disk.write_unkeyed, key(1), fd, 1000)
+    finally:
+        os.close(fd)
+    assert disk.settle_unkeyed(tag, room, key(1)) is True
+    assert disk.settle_unkeyed(tag, room, None) is False  # the other one wrote nothing
+    assert disk.usage() == (entry(1000), 1)
+    assert bytes(await disk.get(chunk(1, 1000))) == payload(1000, 1)
+    assert chunk_files(cache) == {key(1).hex(): entry(1000)}  # no temporary file left
+
+
+@pytest.mark.trio
+async def test_disk_chunk_written_with_its_upload_is_counted_once_if_already_stored(tmp_path):
+    cache = tmp_path / "cache"
+    disk = await open_disk(cache, 10 * entry(1000))
+    assert await disk.put(chunk(1), payload(1000, 1))
+    tag = key(1)[:4]
+    room = disk.reserve_unkeyed(tag, 1000)
+    fd = _staged(tmp_path, payload(1000, 1))
+    try:
+        assert await trio.to_thread.run_sync(disk.write_unkeyed, key(1), fd, 1000)
+    finally:
+        os.close(fd)
+    assert disk.settle_unkeyed(tag, room, key(1)) is False
+    assert disk.usage() == (entry(1000), 1)
+    assert bytes(await disk.get(chunk(1, 1000))) == payload(1000, 1)
+
+
 @pytest.mark.trio
 async def test_disk_chunk_larger_than_capacity_is_refused(tmp_path):
     disk = await open_disk(tmp_path, 3 * entry(1000))

@@ -476,6 +476,58 @@ class DiskTier:
         """
         return await self._store(key.digest, key.length, self._write_from, fd, offset, key.length)
 
+    # -- the chunk of a small file being uploaded ---------------------------------------
+
+    def reserve_unkeyed(self, tag: bytes, length: int) -> int | None:
+        """Room for the one chunk (`length` bytes) of a small file of the source `tag` being
+        uploaded, whose key is not known yet: its version comes with the upload's answer.
+        The upload's own thread then writes it (`write_unkeyed`) right after the PUT: a hop
+        to a write thread of its own cost more CPU than writing the file (0.6 ms against
+        0.18 per 64 KiB chunk here), and its trio work held up the next file's requests.
+        Only if it fits without evicting anything; else None (cache it with `put_from`).
+        Returns the room taken, for `settle_unkeyed`."""
+        size = file_header_size(length) + length
+        self.used += size
+        self._reserved[tag] += size
+        try:
+            fits = not self._over_quota(tag) and not self._over_capacity(
+                self._statvfs() if self.free_space_ratio else None, 0)
+        except OSError:
+            fits = False
+        if not fits:
+            self.used -= size
+            self._unreserve(tag, size)
+            return None
+        return size
+
+    def write_unkeyed(self, digest: bytes, fd: int, length: int) -> bool:
+        """Blocking, in the caller's thread: write chunk `digest`, the first `length` bytes of
+        file `fd`, into the room `reserve_unkeyed` took. In a buffer and under a temporary
+        name of its own: the write threads' buffers are theirs, and a `put` of the same chunk
+        (a peer asking for it) may be writing at the same time. Returns False (logged) on
+        an error."""
+        try:
+            self._write_from(digest, fd, 0, length, own=True)
+            return True
+        except OSError as e:
+            log.warning("cannot write chunk %s to %s: %s", digest.hex(), self.root, e)
+            metrics.CACHE_ERRORS.labels(self.name, "write").inc()
+            return False
+
+    def settle_unkeyed(self, tag: bytes, room: int, digest: bytes | None) -> bool:
+        """After `write_unkeyed` of chunk `digest` (None: none was written) into the room
+        `reserve_unkeyed` took: index the chunk, or give the room back. Returns whether
+        it is indexed."""
+        self._unreserve(tag, room)
+        indexed = digest is not None and digest not in self._index and digest not in self._writing
+        if indexed:
+            self._index.admit(digest, room, False)  # the policy's bookkeeping: there is room
+            self._indexed(digest, room)
+        else:
+            self.used -= room  # failed, or that chunk is (being) stored already: the same bytes
+        self._publish()
+        return indexed
+
     def fill_run_chunks(self, chunk_size: int) -> int:
         """The most chunks of `chunk_size` one `fill` may take, and fills together."""
         room = FILL_BYTES
@@ -587,10 +639,8 @@ class DiskTier:
             for n, (i, size) in enumerate(mine.items()):
                 if n >= written:
                     self.used -= size
-                self._reserved[tag] -= size
+                self._unreserve(tag, size)
                 self._writing.discard(keys[i].digest)
-            if not self._reserved[tag]:
-                del self._reserved[tag]
             self._publish()
 
     async def _store(self, digest: bytes, length: int, write: Callable[..., None], *args) -> bool:
@@ -627,9 +677,7 @@ class DiskTier:
         finally:
             if not stored:
                 self.used -= size
-            self._reserved[tag] -= size
-            if not self._reserved[tag]:
-                del self._reserved[tag]
+            self._unreserve(tag, size)
             self._writing.discard(digest)
             self._publish()
 
@@ -647,16 +695,19 @@ class DiskTier:
             digest, lambda fd: self._write_buffered(fd, header, data), lambda fd: self._write_direct(fd, header, data)
         )
 
-    def _write_from(self, digest: bytes, fd: int, offset: int, length: int) -> None:
+    def _write_from(self, digest: bytes, fd: int, offset: int, length: int, own: bool = False) -> None:
+        """Write chunk `digest` from the `length` bytes of file `fd` at `offset`. `own`: in a
+        buffer and under a temporary name of its own, not a write thread's (`write_unkeyed`)."""
         head = file_header_size(length)
-        with self._aligned_buffer(head + length) as view:
+        with self._own_buffer(head + length) if own else self._aligned_buffer(head + length) as view:
             with view[head:] as data:
                 if os.preadv(fd, [data], offset) != length:
                     raise OSError(errno.EIO, f"short read of chunk {digest.hex()} from {fd}")
                 header = hotpath.seal_chunk(digest, data, CHECKSUM_BLOCK)
             view[:head] = header
             self._write_file(digest, lambda f: self._write_buffered(f, view, b""),
-                             lambda f: self._write_aligned(f, view))
+                             lambda f: self._write_aligned(f, view),
+                             tmp_suffix=f"-{threading.get_ident()}" if own else "")
 
     def _write_filled(self, jobs: list[tuple[bytes, mmap.mmap, int, int]]) -> tuple[int, OSError | None]:
         """Write `fill` buffers, each (digest, buffer, head, length): the chunk at
@@ -689,12 +740,12 @@ class DiskTier:
                 return n, e
         return len(jobs), None
 
-    def _write_file(self, digest: bytes, write_buffered, write_direct=None) -> None:
+    def _write_file(self, digest: bytes, write_buffered, write_direct=None, tmp_suffix: str = "") -> None:
         """Write a chunk's file: to a temp file with `write_direct(fd)` (O_DIRECT, if
         given and the file system takes it) or else `write_buffered(fd)`, then renamed
         into place."""
         path = self._path(digest)
-        tmp = f"{path}.tmp{os.getpid()}"
+        tmp = f"{path}.tmp{os.getpid()}{tmp_suffix}"
         direct = write_direct is not None and self._direct
         try:
             fd = self._create(tmp, direct)
@@ -777,6 +828,17 @@ class DiskTier:
             self._aligned.append(buf)
 
     @staticmethod
+    @contextlib.contextmanager
+    def _own_buffer(length: int):
+        """A view of a page-aligned buffer of `length` bytes made for one write, freed after."""
+        buf = mmap.mmap(-1, length)
+        try:
+            with memoryview(buf) as view:
+                yield view
+        finally:
+            buf.close()
+
+    @staticmethod
     def _write_aligned(fd: int, whole: memoryview) -> None:
         """Write `whole` (a view from the start of a page-aligned buffer) to `fd`, opened
         O_DIRECT: its aligned part direct, the tail after it (a chunk's header makes
@@ -824,24 +886,40 @@ class DiskTier:
         quota = self._quotas.get(tag)
         if quota is not None and size > quota:
             return False, victims  # would never fit: keep what the source has
-        while quota is not None and self.by_source[tag] + self._reserved[tag] > quota:
+        while self._over_quota(tag):
             victim = self._index.pop_victim_with_prefix(tag)
             if victim is None:
                 return False, victims  # its writes in progress alone fill the quota
             freed += self._evicted(*victim, victims)
         st = self._statvfs() if self.free_space_ratio else None
-        # statvfs does not see writes still in progress (this one among them): count them as written.
-        writing = sum(self._reserved.values()) if st is not None else 0
-        while self.used > self.capacity or (
-            st is not None
-            and st.f_bavail * st.f_frsize + freed - writing < self.free_space_ratio * st.f_blocks * st.f_frsize
-        ):
+        while self._over_capacity(st, freed):
             try:
                 victim = self._index.pop_victim(sample)
             except KeyError:
                 return False, victims  # nothing left but pinned chunks
             freed += self._evicted(*victim, victims)
         return True, victims
+
+    def _over_quota(self, tag: bytes) -> bool:
+        """The source `tag`'s chunks, with its writes in progress, are more than its quota."""
+        quota = self._quotas.get(tag)
+        return quota is not None and self.by_source[tag] + self._reserved[tag] > quota
+
+    def _over_capacity(self, st: os.statvfs_result | None, freed: int) -> bool:
+        """`self.used` is over the cap, or the disk (`st`, None: not checked), once `freed`
+        bytes are gone and the writes in progress written, has less than --free-space-ratio free."""
+        if self.used > self.capacity:
+            return True
+        if st is None:
+            return False
+        # statvfs does not see writes still in progress: count them as written.
+        writing = sum(self._reserved.values())
+        return st.f_bavail * st.f_frsize + freed - writing < self.free_space_ratio * st.f_blocks * st.f_frsize
+
+    def _unreserve(self, tag: bytes, size: int) -> None:
+        self._reserved[tag] -= size
+        if not self._reserved[tag]:
+            del self._reserved[tag]
 
     def _evicted(self, digest: bytes, size: int, victims: list[str]) -> int:
         """Account for a chunk taken out of the index; its file joins `victims`. Returns its size."""
@@ -871,9 +949,7 @@ class DiskTier:
             log.warning("cannot make room in %s: %s", self.root, e)
             room, victims = False, []
         finally:
-            self._reserved[b""] -= size
-            if not self._reserved[b""]:
-                del self._reserved[b""]
+            self._unreserve(b"", size)
         if victims:
             await trio.to_thread.run_sync(_unlink_all, victims, limiter=self._limiter)
         if not room:
