@@ -237,10 +237,10 @@ class Staging:
         order, so entries still replay in the order the files were closed.
 
         Reused, not removed and made again: on an ext4 without a journal every create
-        skips, one by one, the inodes freed in the last minutes (`recently_deleted`), and
-        with a file removed per file written that was a fifth of the daemon's CPU writing
-        small files (perf), 1.3-2 ms per file. When cancelled (the node stops), it removes
-        what is left to remove and the spares not used."""
+        skips, one by one, the inodes freed in the last minutes (`recently_deleted`). With a
+        file removed per file written, that was a fifth of the daemon's CPU writing small
+        files (perf), and over 2,000 files on a fresh file system 0.5 ms per file. When
+        cancelled (the node stops), it removes what is left to remove and the spares not used."""
         self._housekeeping = True
         try:
             while True:

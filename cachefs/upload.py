@@ -389,7 +389,9 @@ class Uploader:
         info = upload.info
         local = [t for t in upload.dataset.reader.tiers if t.medium != "network"]
         tiers = [t for t in local if t.medium == "disk"] or local
-        if info is None or not tiers or info.size != upload.size or upload.cached:
+        if upload.cached:
+            return  # by the PUT's thread (`_CachedWithPut`)
+        if info is None or not tiers or info.size != upload.size:
             return  # the backend shows other bytes than ours (a concurrent writer): cache nothing
         if tiers[0].medium == "disk":
             try:
