@@ -384,11 +384,16 @@ async def test_disk_lru_eviction_order(tmp_path):
         assert bytes(await disk.get(chunk(n, 1000))) == payload(1000, n)
 
 
-def _staged(tmp_path: Path, data: bytes) -> int:
-    """An fd of a file holding `data` (as a staged file being uploaded)."""
-    path = tmp_path / f"staged-{len(data)}-{data[:4].hex()}"
+async def _write_unkeyed(disk: DiskTier, tmp_path: Path, digest: bytes, data: bytes) -> bool:
+    """`disk.write_unkeyed` of chunk `digest` from a file holding `data` (as a staged file
+    being uploaded), in a thread as the upload's own."""
+    path = tmp_path / f"staged-{digest.hex()}"
     path.write_bytes(data)
-    return os.open(path, os.O_RDONLY)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        return await trio.to_thread.run_sync(disk.write_unkeyed, digest, fd, len(data))
+    finally:
+        os.close(fd)
 
 
 @pytest.mark.trio
@@ -403,11 +408,7 @@ async def test_disk_chunk_written_with_its_upload_is_indexed_in_the_room_taken_b
     assert disk.reserve_unkeyed(tag, 1000) == room
     assert disk.reserve_unkeyed(tag, 1000) is None, "only without evicting: the cap is reached"
     assert disk.used == 2 * room
-    fd = _staged(tmp_path, payload(1000, 1))
-    try:
-        assert await trio.to_thread.run_sync(disk.write_unkeyed, key(1), fd, 1000)
-    finally:
-        os.close(fd)
+    assert await _write_unkeyed(disk, tmp_path, key(1), payload(1000, 1))
     assert disk.settle_unkeyed(tag, room, key(1)) is True
     assert disk.settle_unkeyed(tag, room, None) is False  # the other one wrote nothing
     assert disk.usage() == (entry(1000), 1)
@@ -422,11 +423,7 @@ async def test_disk_chunk_written_with_its_upload_is_counted_once_if_already_sto
     assert await disk.put(chunk(1), payload(1000, 1))
     tag = key(1)[:4]
     room = disk.reserve_unkeyed(tag, 1000)
-    fd = _staged(tmp_path, payload(1000, 1))
-    try:
-        assert await trio.to_thread.run_sync(disk.write_unkeyed, key(1), fd, 1000)
-    finally:
-        os.close(fd)
+    assert await _write_unkeyed(disk, tmp_path, key(1), payload(1000, 1))
     assert disk.settle_unkeyed(tag, room, key(1)) is False
     assert disk.usage() == (entry(1000), 1)
     assert bytes(await disk.get(chunk(1, 1000))) == payload(1000, 1)
