@@ -325,7 +325,11 @@ class Staging:
         entry of its last content, should an OS crash bring one back, names no file then."""
         staged = self.new_file()
         os.rename(path, staged.path)
-        return staged, os.open(staged.path, os.O_RDWR | os.O_TRUNC | os.O_CLOEXEC)
+        try:
+            return staged, os.open(staged.path, os.O_RDWR | os.O_TRUNC | os.O_CLOEXEC)
+        except BaseException:
+            _remove_all([staged.path])  # under its new name: the caller removes the old one
+            raise
 
     def _reuse_entry(self, path: str, seq: int) -> int:
         """Blocking: the entry file `path`, emptied (never to be replayed again), renamed

@@ -393,9 +393,8 @@ async def test_files_let_go_of_come_back_as_empty_spares_instead_of_being_remove
             names.add(staged.path)
             await staging.forget(entry)  # uploaded
             staging.release(staged)
-        with trio.fail_after(5):
-            while staging.used:  # room comes back once the file is emptied
-                await trio.sleep(0.01)
+        while staging.used:  # room comes back once the file is emptied
+            await staging._removal_round.wait()
         assert (creates, unlinks) == ([], [])
         assert len(names) == SPARES * 4  # a new name each time: an old entry names no reused file
         journal = [os.path.join(staging.journal_dir, n) for n in os.listdir(staging.journal_dir)]
@@ -424,13 +423,35 @@ async def test_a_file_not_reusable_is_removed_and_spares_beyond_the_wanted_ones_
         files[0][0].reusable = False  # early parts read it unheld (Uploader.send_early)
         for staged, _ in files:
             staging.release(staged)
-        with trio.fail_after(5):
-            while staging.used:  # given back once each is emptied or removed
-                await trio.sleep(0.01)
+        while staging.used:  # given back once each is emptied or removed
+            await staging._removal_round.wait()
         assert not any(os.path.exists(s.path) for s, _ in files)
         spares = {os.fstat(fd).st_ino for _, fd in staging._spare_files}
         assert len(staging._spare_files) == SPARES
         reused = {staged.path for ino, staged in inodes.items() if ino in spares}
         assert sorted(unlinks) == sorted({s.path for s, _ in files} - reused)
         assert files[0][0].path in unlinks and len(reused) == 3 and len(unlinks) == 2
+        nursery.cancel_scope.cancel()
+
+
+@pytest.mark.trio
+async def test_a_file_that_cannot_be_reused_is_removed_and_leaves_nothing_behind(staging, monkeypatch, autojump_clock):
+    async with trio.open_nursery() as nursery:
+        await _with_spares(staging, nursery)
+        staged, fd = staging.create_file()
+        os.close(fd)
+        await staging.reserve(staged, 1)
+        real_open = os.open
+
+        def failing_to_empty(path, flags, *args, **kwargs):
+            if flags & os.O_TRUNC:
+                raise OSError(errno.EIO, "injected")
+            return real_open(path, flags, *args, **kwargs)
+
+        monkeypatch.setattr(os, "open", failing_to_empty)
+        staging.release(staged)
+        while staging.used:  # given back once it is removed
+            await staging._removal_round.wait()
+        spares = {os.path.basename(s.path) for s, _ in staging._spare_files}
+        assert set(os.listdir(staging.dir)) == spares  # not left under the name it was given
         nursery.cancel_scope.cancel()

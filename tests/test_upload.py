@@ -262,7 +262,7 @@ async def test_an_upload_caches_at_once_when_a_newer_close_of_its_path_waits_for
 
 
 @pytest.mark.trio
-async def test_a_file_whose_parts_are_sent_early_is_removed_never_emptied_for_reuse(tmp_path, autojump_clock):
+async def test_a_file_whose_parts_are_sent_early_is_removed_never_emptied_for_reuse(tmp_path):
     """Early parts are read from a mapping of the staged file without holding it: emptied
     for reuse under a part in flight (`Staging.housekeep_forever`), the read would fault."""
     async with trio.open_nursery() as nursery:
