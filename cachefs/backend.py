@@ -1050,6 +1050,15 @@ def open_store(
     return FsspecStore(url, endpoint_url, timeout, credentials, profile)
 
 
+def _timed(clock: Callable[[], float], fn: Callable[..., T], *args) -> tuple[T, float]:
+    """`fn(*args)` and the seconds it took by `clock`: a request's own time, in its thread,
+    not the wait for a free thread before it (under --writeback, 1,500 small files queued
+    for 4 upload threads made a PUT of milliseconds count as 3.7 s)."""
+    t0 = clock()
+    result = fn(*args)
+    return result, clock() - t0
+
+
 def _put_then(put_file: Callable[..., ObjectInfo | None], then: Callable[[ObjectInfo], None], *args) -> ObjectInfo | None:
     """`put_file(*args)`, then `then(info)` in the same thread if the answer named the version."""
     info = put_file(*args)
@@ -1194,19 +1203,19 @@ class Backend:
         attempt = 0
         while True:
             attempt += 1
-            t0 = time.monotonic()
             error: BackendError | None = None
             with trio.move_on_at(deadline):
                 try:
                     if change:
-                        result = await self._upload_threads.run(fn, *args)
+                        result, seconds = await self._upload_threads.run(_timed, self._clock, fn, *args)
                     else:
-                        result = await self._read_threads.run(fn, *args, abandon_on_cancel=True)
+                        result, seconds = await self._read_threads.run(_timed, self._clock, fn, *args,
+                                                                       abandon_on_cancel=True)
                 except Exception as e:  # noqa: BLE001 - translated right here
                     error = _translate(e, what)
                 else:
                     metrics.BACKEND_REQUESTS.labels(op, "ok").inc()
-                    metrics.BACKEND_SECONDS.labels(op).observe(time.monotonic() - t0)
+                    metrics.BACKEND_SECONDS.labels(op).observe(seconds)
                     if not change:
                         self._down_until = None
                     return result

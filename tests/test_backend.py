@@ -275,6 +275,27 @@ async def test_a_fetch_into_cut_short_is_retried_whole():
 
 
 @pytest.mark.trio
+async def test_request_seconds_are_a_requests_own_not_its_wait_for_a_thread(store):
+    """cachefs_backend_request_seconds times each request in its thread: one queued behind
+    another for the only thread does not count the other's time as its own."""
+    clock = FakeClock()
+    backend = Backend(store, concurrency=1, timeout=60.0, retries=0, clock=clock)
+    store.add("a")
+    store.add("b")
+    seconds, count = (sample(f"cachefs_backend_request_seconds_{k}", op="stat") for k in ("sum", "count"))
+    store.hang()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(backend.stat, "a")
+        await trio.to_thread.run_sync(store.entered.acquire)  # the first is in the store
+        nursery.start_soon(backend.stat, "b")  # waits for the only thread
+        await trio.testing.wait_all_tasks_blocked()
+        clock.now += 7.0  # the first takes 7 s
+        store.release()
+    assert sample("cachefs_backend_request_seconds_count", op="stat") == count + 2
+    assert sample("cachefs_backend_request_seconds_sum", op="stat") == seconds + 7.0
+
+
+@pytest.mark.trio
 async def test_stat_and_list_go_through(store):
     store.add("d/a", b"12345")
     store.add("d/b")
