@@ -254,9 +254,10 @@ class Staging:
                 files_wanted = SPARES - len(self._spare_files)
                 entries_wanted = SPARES - len(self._spare_entries)
                 for path, _, reuse in doomed:
-                    if reuse and self._is_entry(path) and len(reuse_entries) < entries_wanted:
+                    entry = self._is_entry(path)
+                    if reuse and entry and len(reuse_entries) < entries_wanted:
                         reuse_entries.append((path, next(self._seq)))
-                    elif reuse and not self._is_entry(path) and len(reuse_files) < files_wanted:
+                    elif reuse and not entry and len(reuse_files) < files_wanted:
                         reuse_files.append(path)
                     else:
                         remove.append(path)

@@ -386,11 +386,11 @@ class Uploader:
         CACHE_WORKERS chunks go at once: the reads of the staged file, the checksums
         and the tier's writes overlap (one at a time, this took a third of the close
         of a large file)."""
+        if upload.cached:
+            return  # by the PUT's thread (`_CachedWithPut`)
         info = upload.info
         local = [t for t in upload.dataset.reader.tiers if t.medium != "network"]
         tiers = [t for t in local if t.medium == "disk"] or local
-        if upload.cached:
-            return  # by the PUT's thread (`_CachedWithPut`)
         if info is None or not tiers or info.size != upload.size:
             return  # the backend shows other bytes than ours (a concurrent writer): cache nothing
         if tiers[0].medium == "disk":
