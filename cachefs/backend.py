@@ -27,12 +27,13 @@ import stat as stat_mod
 import threading
 import time
 import urllib.parse
-from typing import TYPE_CHECKING, Callable, NoReturn, TypeVar
+from typing import TYPE_CHECKING, Awaitable, Callable, NoReturn, TypeVar
 from xml.etree import ElementTree
 
 import trio
 
 from cachefs import hotpath, metrics
+from cachefs.async_put import AsyncPutter, NotHandled
 from cachefs.errors import (
     BackendError,
     BackendPermissionDenied,
@@ -53,6 +54,12 @@ log = logging.getLogger(__name__)
 _fallbacks = LogLimiter(log, interval=60.0)
 
 T = TypeVar("T")
+
+# Idle connections kept for PUTs from the trio thread (as many as uploads run at once).
+ASYNC_PUT_KEEP = 8
+# The largest file sent by a PUT from the trio thread (`FsspecStore.put_file_async`):
+# its body is read and hashed there. Larger ones go through the upload threads.
+ASYNC_PUT_MAX = 256 << 10
 
 
 def fsync_path(path: str) -> None:
@@ -212,14 +219,19 @@ class FsspecStore:
         self.is_s3 = protocol in ("s3", "s3a")
         self.fast: S3FastPath | None = None
         self.fast_list = True  # LISTs can fall back to s3fs on their own
+        self._putter: AsyncPutter | None = None  # small PUTs from the trio thread (`put_file_async`)
         if self.is_s3:
             self.fs.retries = 1
             self.fast = S3FastPath(endpoint_url, credentials, timeout, profile)
+            if (endpoint_url or "").startswith("http://"):
+                self._putter = AsyncPutter(timeout, keep=ASYNC_PUT_KEEP)
 
     def close(self) -> None:
         """Close the store's connections (s3fs's session; the fast path's, of this thread)."""
         if self.fast is not None:
             self.fast.close()
+        if self._putter is not None:
+            self._putter.close()
         s3 = getattr(self.fs, "_s3", None)
         if s3 is not None:
             type(self.fs).close_session(self.fs.loop, s3)
@@ -384,6 +396,42 @@ class FsspecStore:
         finally:
             os.close(fd)
         return _written(path, len(body), self._put(path, body, {}))
+
+    @property
+    def puts_async(self) -> bool:
+        """True if `put_file_async` may send PUTs (an S3 endpoint over plain HTTP)."""
+        return self._putter is not None
+
+    async def put_file_async(self, path: str, staged: str) -> ObjectInfo | None:
+        """`put_file` of a small file from the trio thread (`cachefs.async_put`): its body
+        is read here (it was just written: from the page cache) and signed as
+        `S3FastPath.put` signs it.
+
+        Raises:
+            NotHandled: send it with `put_file` instead (an answer only that path reads).
+            As `put_file` otherwise.
+        """
+        putter = self._putter
+        if putter is None:
+            raise NotHandled("no PUTs from the trio thread to this store")
+        bucket, key = self._key(path)
+        fd = os.open(staged, os.O_RDONLY | os.O_CLOEXEC | NOATIME)
+        try:
+            body = os.read(fd, os.fstat(fd).st_size)
+        finally:
+            os.close(fd)
+        signed = self.fast.signer.sign("put_object", {"Bucket": bucket, "Key": key}, "PUT", body)
+        if signed is None or signed[0] != "http":
+            raise NotHandled("not a request signed for plain HTTP")
+        _, netloc, target, headers = signed
+        try:
+            answer = await putter.put(netloc, target, headers, body)
+        except NotHandled as e:
+            if e.for_good:
+                log.info("%s: PUTs go through threads from now on (%s)", self.url, e)
+                self._putter = None
+            raise
+        return _written(path, len(body), answer)
 
     def _put(
         self, path: str, body: bytes | memoryview, query: dict, source: tuple[int, int] | None = None
@@ -1167,6 +1215,8 @@ class Backend:
         # trio.to_thread: its hop (context copy, limiter, thread cache) was a twentieth of
         # the daemon's CPU when writing small files under --writeback.
         self._upload_threads = BlockingThreads(upload_concurrency, "cachefs upload")
+        # Changes sent from either (a thread, or the trio thread: `fn_async`), so many at once.
+        self._upload_slots = trio.CapacityLimiter(upload_concurrency)
         self._clock = clock
         self._down_until: float | None = None  # None while the backend answers
         self._probing = False
@@ -1188,8 +1238,13 @@ class Backend:
             if probe:
                 self._probing = False
 
-    async def _attempts(self, op: str, what: str, fn: Callable[..., T], *args, change: bool = False) -> T:
+    async def _attempts(
+        self, op: str, what: str, fn: Callable[..., T], *args, change: bool = False,
+        fn_async: Callable[..., Awaitable[T]] | None = None,
+    ) -> T:
         """Run `fn(*args)` in a thread, retried up to --backend-retries times.
+        `fn_async` (a change only): each attempt is `await fn_async(*args)` instead,
+        until it raises NotHandled: then `fn`, in a thread, from then on.
 
         A read has one deadline, --backend-timeout, over all its attempts, and the
         attempt running at it is abandoned: a read has no side effects. A `change`
@@ -1207,7 +1262,17 @@ class Backend:
             with trio.move_on_at(deadline):
                 try:
                     if change:
-                        result, seconds = await self._upload_threads.run(_timed, self._clock, fn, *args)
+                        async with self._upload_slots:
+                            if fn_async is not None:
+                                try:
+                                    t0 = self._clock()
+                                    result = await fn_async(*args)
+                                    seconds = self._clock() - t0
+                                except NotHandled as e:
+                                    log.debug("%s %s: through a thread (%s)", op, what, e)
+                                    fn_async = None
+                            if fn_async is None:
+                                result, seconds = await self._upload_threads.run(_timed, self._clock, fn, *args)
                     else:
                         result, seconds = await self._read_threads.run(_timed, self._clock, fn, *args,
                                                                        abandon_on_cancel=True)
@@ -1268,9 +1333,16 @@ class Backend:
 
     # -- changes (read-write datasets) --------------------------------------------
 
-    async def _change(self, op: str, what: str, fn: Callable[..., T], *args) -> T:
+    async def _change(
+        self, op: str, what: str, fn: Callable[..., T], *args, fn_async: Callable[..., Awaitable[T]] | None = None,
+    ) -> T:
         """Run a change to the backend with bounded retries (see `_attempts`)."""
-        return await self._attempts(op, what, fn, *args, change=True)
+        return await self._attempts(op, what, fn, *args, change=True, fn_async=fn_async)
+
+    def puts_from_trio(self, size: int) -> bool:
+        """True if `upload` of a file of `size` bytes sends it from the trio thread (then
+        it takes no `after_put`)."""
+        return size <= ASYNC_PUT_MAX and getattr(self.store, "puts_async", False)
 
     @property
     def takes_parts(self) -> bool:
@@ -1285,7 +1357,9 @@ class Backend:
         at all: one PUT up to `part_size`, else a multipart upload (parts in parallel
         within the upload slots), which S3 shows only once completed. `early`: parts
         already sent while the file was written; those still true of its bytes are
-        kept, the rest sent now. Returns the new object's attributes (its version):
+        kept, the rest sent now. A file of at most ASYNC_PUT_MAX goes from the trio
+        thread where the store can (`puts_from_trio`; not with `after_put`). Returns the
+        new object's attributes (its version):
         from the PUT's answer when it holds an ETag (S3), else from a HEAD after.
         `after_put(info)`: run in the PUT's thread once a single PUT's answer named the
         version (blocking; an exception it raises is logged, never an upload's failure).
@@ -1307,7 +1381,8 @@ class Backend:
                 early = None  # none was sent
         if size <= part_size or not self.takes_parts:
             if after_put is None:
-                info = await self._change("put", path, store.put_file, path, staged)
+                put_async = store.put_file_async if self.puts_from_trio(size) else None
+                info = await self._change("put", path, store.put_file, path, staged, fn_async=put_async)
             else:
                 info = await self._change("put", path, _put_then, store.put_file, after_put, path, staged)
         else:

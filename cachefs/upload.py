@@ -45,9 +45,10 @@ CACHE_YIELD_MAX = 2.0
 # A chunk this small is read back from the staged file on the trio thread: it was just
 # written, so it is in the page cache, and a thread hop cost more than the read.
 INLINE_READ = 256 << 10
-# A file of one chunk this small is cached by its upload's own thread, right after the
-# PUT (`DiskTier.reserve_unkeyed`); larger ones after the close returned, so that their
-# close does not wait for their chunk's write too.
+# A file of one chunk this small, PUT from a thread, is cached by that thread right after
+# the PUT (`DiskTier.reserve_unkeyed`); larger ones, and small ones PUT from the trio
+# thread (`Backend.puts_from_trio`), after the close returned, so that their close does
+# not wait for their chunk's write too.
 CACHE_WITH_PUT = 256 << 10
 
 
@@ -334,7 +335,7 @@ class Uploader:
         waited_for = not upload.background
         if waited_for:
             self._sending += 1
-        with_put = _CachedWithPut.reserve(upload)
+        with_put = None if upload.dataset.backend.puts_from_trio(upload.size) else _CachedWithPut.reserve(upload)
         try:
             return await upload.dataset.backend.upload(
                 upload.path, upload.staged.path, upload.size, self.part_size, upload.early,
