@@ -4,6 +4,7 @@ it does not read is handed to the thread path (`NotHandled`)."""
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import functools
 
@@ -61,17 +62,26 @@ async def put(putter: AsyncPutter, netloc: str, body: bytes) -> dict[str, str]:
     return await putter.put(netloc, "/bucket/key?x=1", {"x-amz-date": "20260101T000000Z"}, body)
 
 
-@pytest.mark.trio
-async def test_puts_land_whole_on_one_kept_connection():
-    server = Server([OK] * 3)
+@contextlib.asynccontextmanager
+async def serving(server: Server):
+    """(a putter, the server's host:port) while `server` serves."""
     async with trio.open_nursery() as nursery:
         netloc = await server.start(nursery)
         putter = AsyncPutter(timeout=10, keep=2)
-        bodies = [b"", b"a" * 70_000, bytes(range(256)) * 10]
+        try:
+            yield putter, netloc
+        finally:
+            putter.close()
+            nursery.cancel_scope.cancel()
+
+
+@pytest.mark.trio
+async def test_puts_land_whole_on_one_kept_connection():
+    server = Server([OK] * 3)
+    bodies = [b"", b"a" * 70_000, bytes(range(256)) * 10]
+    async with serving(server) as (putter, netloc):
         for body in bodies:
             assert (await put(putter, netloc, body))["etag"] == '"abc"'
-        putter.close()
-        nursery.cancel_scope.cancel()
     assert server.bodies == bodies and server.connections == 1
 
 
@@ -80,14 +90,10 @@ async def test_a_kept_connection_the_server_let_go_is_replaced_once():
     """The server closes each connection after its answer: the next PUT finds its kept
     connection closed, sends on a new one, and the server gets each body once."""
     server = Server([OK] * 3, close_after=True)
-    async with trio.open_nursery() as nursery:
-        netloc = await server.start(nursery)
-        putter = AsyncPutter(timeout=10, keep=2)
+    async with serving(server) as (putter, netloc):
         for n in range(3):
             await trio.testing.wait_all_tasks_blocked()  # the server's close has happened
             await put(putter, netloc, b"%d" % n)
-        putter.close()
-        nursery.cancel_scope.cancel()
     assert server.bodies == [b"0", b"1", b"2"] and server.connections == 3
 
 
@@ -102,13 +108,9 @@ async def test_no_server_is_a_connection_error():
 
 @pytest.mark.trio
 async def test_a_new_connection_closed_without_an_answer_is_an_error():
-    server = Server([None])
-    async with trio.open_nursery() as nursery:
-        netloc = await server.start(nursery)
-        putter = AsyncPutter(timeout=10, keep=2)
+    async with serving(Server([None])) as (putter, netloc):
         with pytest.raises(ConnectionResetError):
             await put(putter, netloc, b"x")
-        nursery.cancel_scope.cancel()
 
 
 @pytest.mark.trio
@@ -120,15 +122,11 @@ async def test_a_new_connection_closed_without_an_answer_is_an_error():
 ])
 async def test_error_answers_are_named_as_the_thread_path_names_them(answer, error, code):
     server = Server([answer, OK])
-    async with trio.open_nursery() as nursery:
-        netloc = await server.start(nursery)
-        putter = AsyncPutter(timeout=10, keep=2)
+    async with serving(server) as (putter, netloc):
         with pytest.raises(error) as raised:
             await put(putter, netloc, b"x")
         assert raised.value.errno == code
         await put(putter, netloc, b"y")  # the connection was kept only if the answer was read whole
-        putter.close()
-        nursery.cancel_scope.cancel()
     assert server.bodies == [b"x", b"y"]
 
 
@@ -141,15 +139,10 @@ async def test_error_answers_are_named_as_the_thread_path_names_them(answer, err
     (b"SSH-2.0-OpenSSH\r\n\r\n", False),
 ])
 async def test_answers_only_the_thread_path_reads_are_handed_to_it(answer, for_good):
-    server = Server([answer])
-    async with trio.open_nursery() as nursery:
-        netloc = await server.start(nursery)
-        putter = AsyncPutter(timeout=10, keep=2)
+    async with serving(Server([answer])) as (putter, netloc):
         with pytest.raises(NotHandled) as raised:
             await put(putter, netloc, b"x")
         assert raised.value.for_good == for_good
-        putter.close()
-        nursery.cancel_scope.cancel()
 
 
 @pytest.mark.trio
