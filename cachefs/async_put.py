@@ -21,6 +21,7 @@ most of the CPU the trio-thread path saves.
 from __future__ import annotations
 
 import errno
+import os
 
 import trio
 
@@ -146,7 +147,7 @@ class AsyncPutter:
         if len(idle) < self.keep:
             idle.append(conn)
         else:
-            conn.stream.socket.close()
+            _close_now(conn)
 
     async def _answer(self, conn: _Connection, first: bool) -> tuple[int, dict[str, str], bytes]:
         """(status, headers, body) of the answer on `conn`; sets `conn.keep`. `first`: the
@@ -193,11 +194,11 @@ class AsyncPutter:
         return status, headers, text
 
     def close(self) -> None:
-        """Close the idle connections."""
+        """Close the idle connections, in the trio run or after it ended."""
         idle, self._idle = self._idle, {}
         for conns in idle.values():
             for conn in conns:
-                conn.stream.socket.close()
+                _close_now(conn)
 
 
 class _Stale(Exception):
@@ -209,6 +210,14 @@ async def _receive(conn: _Connection) -> bytes:
         return await conn.stream.receive_some(65536)
     except trio.BrokenResourceError as e:  # reset by the peer
         raise ConnectionResetError(str(e.__cause__ or e)) from e
+
+
+def _close_now(conn: _Connection) -> None:
+    sock = conn.stream.socket
+    try:
+        sock.close()  # tells the trio run's I/O manager first
+    except RuntimeError:  # the run has ended: nothing to tell
+        os.close(sock.detach())
 
 
 async def _close(conn: _Connection) -> None:

@@ -97,6 +97,24 @@ async def test_a_kept_connection_the_server_let_go_is_replaced_once():
     assert server.bodies == [b"0", b"1", b"2"] and server.connections == 3
 
 
+def test_close_after_the_run_ended_closes_the_kept_connections():
+    """The daemon may close its stores after trio.run returned: the connections kept
+    are closed all the same (a trio socket refuses `close` outside a run)."""
+    putter = AsyncPutter(timeout=10, keep=2)
+
+    async def main():
+        async with trio.open_nursery() as nursery:
+            netloc = await Server([OK]).start(nursery)
+            await put(putter, netloc, b"x")
+            nursery.cancel_scope.cancel()
+
+    trio.run(main)
+    kept = [conn.stream.socket for conns in putter._idle.values() for conn in conns]
+    assert len(kept) == 1
+    putter.close()
+    assert kept[0].fileno() == -1 and not putter._idle
+
+
 @pytest.mark.trio
 async def test_no_server_is_a_connection_error():
     with trio.socket.socket() as sock:
