@@ -91,22 +91,22 @@ class AsyncPutter:
                             raise ConnectionResetError(f"{netloc}: {e.__cause__ or e}") from e
                         status, headers_in, text = await self._answer(conn, first=reused)
                 except trio.TooSlowError:
-                    await _close(conn)
+                    _close(conn)
                     raise TimeoutError(f"{netloc}: no answer within {self.timeout:g}s") from None
                 except _Stale:
-                    await _close(conn)
+                    _close(conn)
                     for other in self._idle.pop(netloc, []):  # let go of at the same time, likely
-                        await _close(other)
+                        _close(other)
                     if attempt == 1:
                         continue  # a kept-alive connection the server had closed: once more, on a new one
                     raise ConnectionResetError("the connection closed before the answer") from None
                 except BaseException:
-                    await _close(conn)
+                    _close(conn)
                     raise
                 if conn.keep:
                     self._keep(netloc, conn)
                 else:
-                    await _close(conn)
+                    _close(conn)
                 if status == 200:
                     return headers_in
                 what = target.partition("?")[0]
@@ -147,7 +147,7 @@ class AsyncPutter:
         if len(idle) < self.keep:
             idle.append(conn)
         else:
-            _close_now(conn)
+            _close(conn)
 
     async def _answer(self, conn: _Connection, first: bool) -> tuple[int, dict[str, str], bytes]:
         """(status, headers, body) of the answer on `conn`; sets `conn.keep`. `first`: the
@@ -198,7 +198,7 @@ class AsyncPutter:
         idle, self._idle = self._idle, {}
         for conns in idle.values():
             for conn in conns:
-                _close_now(conn)
+                _close(conn)
 
 
 class _Stale(Exception):
@@ -212,14 +212,10 @@ async def _receive(conn: _Connection) -> bytes:
         raise ConnectionResetError(str(e.__cause__ or e)) from e
 
 
-def _close_now(conn: _Connection) -> None:
+def _close(conn: _Connection) -> None:
+    """Close `conn` at once, in the trio run or after it ended."""
     sock = conn.stream.socket
     try:
         sock.close()  # tells the trio run's I/O manager first
     except RuntimeError:  # the run has ended: nothing to tell
         os.close(sock.detach())
-
-
-async def _close(conn: _Connection) -> None:
-    with trio.CancelScope(shield=True):
-        await conn.stream.aclose()

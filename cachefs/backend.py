@@ -390,11 +390,7 @@ class FsspecStore:
         if not self.is_s3:
             self.fs.put_file(staged, self._abs(path))
             return None
-        fd = os.open(staged, os.O_RDONLY | os.O_CLOEXEC | NOATIME)
-        try:
-            body = os.read(fd, os.fstat(fd).st_size)
-        finally:
-            os.close(fd)
+        body = _read_whole(staged)
         return _written(path, len(body), self._put(path, body, {}))
 
     @property
@@ -415,11 +411,7 @@ class FsspecStore:
         if putter is None:
             raise NotHandled("no PUTs from the trio thread to this store")
         bucket, key = self._key(path)
-        fd = os.open(staged, os.O_RDONLY | os.O_CLOEXEC | NOATIME)
-        try:
-            body = os.read(fd, os.fstat(fd).st_size)
-        finally:
-            os.close(fd)
+        body = _read_whole(staged)
         signed = self.fast.signer.sign("put_object", {"Bucket": bucket, "Key": key}, "PUT", body)
         if signed is None or signed[0] != "http":
             raise NotHandled("not a request signed for plain HTTP")
@@ -585,6 +577,15 @@ def _headers(answer: dict) -> dict[str, str]:
     if answer.get("ETag"):
         headers["etag"] = answer["ETag"]
     return headers
+
+
+def _read_whole(staged: str) -> bytes:
+    """The bytes of the small file `staged`, the body of a single PUT."""
+    fd = os.open(staged, os.O_RDONLY | os.O_CLOEXEC | NOATIME)
+    try:
+        return os.read(fd, os.fstat(fd).st_size)
+    finally:
+        os.close(fd)
 
 
 def _written(path: str, size: int, headers: dict[str, str]) -> ObjectInfo | None:

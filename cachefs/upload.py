@@ -331,11 +331,12 @@ class Uploader:
 
     async def _send(self, upload: Upload) -> ObjectInfo:
         """The upload's one attempt: `Backend.upload`; one a close waits for counts as sending.
-        A small file's chunk is cached by the PUT's thread, if the SSD tier has room for it."""
+        A small file PUT from a thread has its chunk cached by that thread, if the SSD tier
+        has room for it."""
         waited_for = not upload.background
         if waited_for:
             self._sending += 1
-        with_put = None if upload.dataset.backend.puts_from_trio(upload.size) else _CachedWithPut.reserve(upload)
+        with_put = _CachedWithPut.reserve(upload)
         try:
             return await upload.dataset.backend.upload(
                 upload.path, upload.staged.path, upload.size, self.part_size, upload.early,
@@ -458,10 +459,13 @@ class _CachedWithPut:
 
     @classmethod
     def reserve(cls, upload: Upload) -> _CachedWithPut | None:
-        """Room for `upload`'s chunk, if it is one small chunk and the SSD tier has room now."""
+        """Room for `upload`'s chunk, if it is one small chunk PUT from a thread (not from the
+        trio thread: `Backend.puts_from_trio`) and the SSD tier has room now."""
         chunk_size = upload.dataset.reader.chunk_size
         if not 0 < upload.size <= min(CACHE_WITH_PUT, chunk_size):
             return None
+        if upload.dataset.backend.puts_from_trio(upload.size):
+            return None  # no PUT thread: cached after the close returned
         tier = next((t for t in upload.dataset.reader.tiers if t.medium == "disk"), None)
         if tier is None:
             return None
