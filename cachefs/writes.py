@@ -82,7 +82,7 @@ class WriteFile:
         end = offset + len(data)
         while True:
             await self._own()
-            await self.writes.staging.reserve(self.staged, max(end, self.size))
+            await self.writes.staging.reserve(self.staged, max(end, self.size), self.fd)
             if self.staged.holders == 1:  # no seal came while we waited for room
                 break
         written = os.pwrite(self.fd, data, offset)  # the page cache: no thread hop for 128 KiB

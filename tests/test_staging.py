@@ -12,7 +12,7 @@ import pytest
 import trio
 import trio.testing
 
-from cachefs.staging import COMMIT_INTERVAL, SPARES, Staging
+from cachefs.staging import COMMIT_INTERVAL, RESERVE_AHEAD, RESERVE_STEP, SPARES, Staging
 
 
 def _staged_file(staging: Staging, data: bytes):
@@ -455,3 +455,42 @@ async def test_a_file_that_cannot_be_reused_is_removed_and_leaves_nothing_behind
         spares = {os.path.basename(s.path) for s, _ in staging._spare_files}
         assert set(os.listdir(staging.dir)) == spares  # not left under the name it was given
         nursery.cancel_scope.cancel()
+
+
+@pytest.mark.trio
+async def test_a_large_file_gets_its_room_and_disk_blocks_a_step_ahead_of_its_writes(tmp_path):
+    """Past RESERVE_AHEAD, room comes RESERVE_AHEAD at a time and its blocks are allocated
+    with it (the file's size stays what was written); a small file's room stays in 1 MiB steps."""
+    staging = Staging(str(tmp_path), limit=64 << 20, disk=None)
+    staging.open()
+    small, small_fd = staging.create_file()
+    await staging.reserve(small, 100, small_fd)
+    assert small.reserved == RESERVE_STEP
+    big, fd = staging.create_file()
+    try:
+        await staging.reserve(big, RESERVE_AHEAD, fd)
+        assert big.reserved == RESERVE_AHEAD
+        await staging.reserve(big, RESERVE_AHEAD + 1, fd)
+        assert big.reserved == 2 * RESERVE_AHEAD and staging.used == 2 * RESERVE_AHEAD + RESERVE_STEP
+        st = os.fstat(fd)
+        assert st.st_size == 0
+        assert st.st_blocks * 512 >= RESERVE_AHEAD  # the step's blocks, allocated past the end
+        for size in range(RESERVE_AHEAD + 2, 2 * RESERVE_AHEAD, RESERVE_STEP):
+            with trio.testing.assert_no_checkpoints():
+                await staging.reserve(big, size, fd)  # within the step: nothing to take
+        assert big.reserved == 2 * RESERVE_AHEAD
+    finally:
+        os.close(fd)
+        os.close(small_fd)
+
+
+@pytest.mark.trio
+async def test_a_large_file_takes_only_the_room_it_needs_when_the_step_ahead_does_not_fit(tmp_path):
+    staging = Staging(str(tmp_path), limit=RESERVE_AHEAD + 3 * RESERVE_STEP, disk=None)
+    staging.open()
+    staged, fd = staging.create_file()
+    try:
+        await staging.reserve(staged, RESERVE_AHEAD + 2 * RESERVE_STEP, fd)  # no StagingFull, no wait
+        assert staged.reserved == staging.used == RESERVE_AHEAD + 2 * RESERVE_STEP
+    finally:
+        os.close(fd)
