@@ -30,7 +30,11 @@ After the writer returned, each cell waits until nothing is pending
 whose chunks are still being cached; JuiceFS: `juicefs_staging_blocks`), so no
 cell's work runs into the next; for the --writeback systems it reports the time
 from the start until then ("landed"). Before each cell (the raw ones too): `sync`,
-so no earlier cell's dirty pages are written back inside it, then a wait until
+so no earlier cell's dirty pages are written back inside it, and the page cache
+dropped, so that every cell starts with the same free memory (the earlier cells'
+files filled it: cachefs close-to-open seq-4 alone ran 170-229 MiB/s at 2.5-2.7
+CPU s/GiB, and 127.5 MiB/s at 5.2 s/GiB right after 21 GiB were read into the
+page cache, the kernel reclaiming pages for each write), then a wait until
 the gateway and every daemon are idle (under 5 % of a CPU for 0.5 s): JuiceFS
 deletes a removed file's blocks in the background, after the unlink or DELETE
 has returned, and that work ran into the next cell (the first small-file cell
@@ -247,7 +251,7 @@ def remove_tree(directory: Path) -> None:
 
 def run_cell(system: WriteSystem, workload: str, rep: int, args) -> dict:
     directory = system.root / f"{workload}-r{rep}"
-    os.sync()
+    host.drop_page_cache()
     idle_wait = host.wait_idle(args.idle_sids)
     sid = system.proc.pid
     gw = args.gateway_sid
@@ -311,7 +315,7 @@ def raw_cells(gateway, args, rep: int) -> list[dict]:
         client.complete_multipart_upload(Bucket=bucket, Key=key, UploadId=uid, MultipartUpload={"Parts": parts})
 
     def timed(name: str, streams: int, total: int, fn, unit_count: int | None = None) -> dict:
-        os.sync()
+        host.drop_page_cache()
         idle_wait = host.wait_idle(args.idle_sids)
         gw0 = host.cpu_seconds(args.gateway_sid)
         t = time.monotonic()
