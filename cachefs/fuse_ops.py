@@ -687,6 +687,7 @@ class Operations(pyfuse3.Operations):
             if info.kind == "dir" and target.kind != "dir":
                 raise pyfuse3.FUSEError(errno.ENOTDIR)
         writes = self.node.writes
+        moved = None
         if info.kind == "file":
             # Only what the backend holds can be renamed there: land this node's writes first.
             await writes.uploader.wait(dataset, old, self._upload_wait(dataset))
@@ -694,12 +695,15 @@ class Operations(pyfuse3.Operations):
             if wf is not None:
                 await wf.commit(background=False)
             await writes.uploader.cancel(dataset, new)  # replaced: its pending bytes are superseded
+            moved = await self._stored(dataset, old)  # the version its cached chunks are of
         await dataset.backend.rename(old, new, info.kind)
         writes.moved(dataset, old, new)
         dataset.namespace.drop_entry(old)
         dataset.namespace.drop_entry(new)
         dataset.namespace.invalidate(new)
         self.inodes.renamed(old_path, new_path)
+        if moved is not None:
+            await self.node.chunks_renamed(dataset, moved, new)
 
     # -- what no dataset supports ------------------------------------------------------
 

@@ -29,7 +29,7 @@ import trio
 from cachefs import control, heap, hotpath, metrics
 from cachefs.backend import Backend
 from cachefs.config import CacheConfig, Credentials, DatasetConfig, MountOptions, format_size
-from cachefs.errors import BackendError, ConfigError, PeerError
+from cachefs.errors import BackendError, ConfigError, ObjectNotFound, PeerError
 from cachefs.logsafe import loggable
 from cachefs.namespace import Namespace
 from cachefs.objects import ObjectId, ObjectInfo, chunk_digest, source_tag
@@ -404,6 +404,30 @@ class Node:
             self.mem.remove(digest)
             if self.disk is not None:
                 await self.disk.remove(digest)
+
+    async def chunks_renamed(self, dataset: Dataset, old: ObjectInfo, new_path: str) -> None:
+        """The file `old` was renamed to `new_path` in the backend: its chunks held here are
+        kept as the chunks of the object now at `new_path`, with no copy (`mv tmp final`
+        after a write reads `final` from the cache, as it read `tmp`). A new object of
+        other bytes, or one that cannot be asked for now, drops them instead."""
+        size = self.config.chunk_size
+        was = ObjectId(dataset.source, old.path, old.version, old.size)
+        held = [chunk_digest(was, size, i) for i in range((old.size + size - 1) // size)]
+        if not any(d in self.mem or (self.disk is not None and d in self.disk) for d in held):
+            return  # nothing to keep: no need to ask for the new version
+        try:
+            new = await dataset.namespace.stat(new_path)
+        except (BackendError, ObjectNotFound) as e:
+            log.info("dropping the cached chunks of %s, renamed to %s: %s", old.path, new_path, e)
+            new = None
+        if new is None or new.kind != "file" or new.size != old.size:
+            await self._drop_chunks(dataset, old)
+            return
+        now = ObjectId(dataset.source, new.path, new.version, new.size)
+        pairs = [(digest, chunk_digest(now, size, i)) for i, digest in enumerate(held)]
+        self.mem.rename(pairs)
+        if self.disk is not None:
+            await self.disk.rename(pairs)
 
     async def _refresh_every(self, dataset: Dataset, seconds: float) -> None:
         """--meta-refresh: revalidate the dataset's cached metadata in the background."""

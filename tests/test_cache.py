@@ -982,3 +982,63 @@ async def test_disk_put_from_reads_the_chunk_from_a_file(tmp_path):
     finally:
         os.close(fd)
         disk.close()
+
+
+def test_mem_rename_keeps_the_bytes_under_the_new_key_in_the_same_budget():
+    mem = MemTier(100)
+    now(mem.put(chunk(0), payload(40, 1)))
+    now(mem.put(chunk(1), payload(30, 2)))
+    now(mem.put(chunk(2, version="v2"), payload(30, 3)))
+    # 0 -> 0@v2 moves; 1 -> 2@v2 does not: that key holds other bytes already.
+    mem.rename([(key(0), key(0, "v2")), (key(1), key(2, "v2")), (key(5), key(5, "v2"))])
+    assert now(mem.get(chunk(0, version="v2"))) == payload(40, 1)
+    assert now(mem.get(chunk(0))) is None
+    assert now(mem.get(chunk(1))) == payload(30, 2)
+    assert now(mem.get(chunk(2, version="v2"))) == payload(30, 3)
+    assert mem.usage() == (100, 3) and mem.budget.used == 100
+
+
+@pytest.mark.trio
+async def test_disk_rename_moves_the_file_and_the_key_its_header_names(tmp_path):
+    disk = await open_disk(tmp_path, 10 * entry(1000))
+    for n in range(3):
+        assert await disk.put(chunk(n), payload(1000, n))
+    assert await disk.put(chunk(2, version="v2"), payload(1000, 9))
+    pairs = [(key(0), key(0, "v2")), (key(1), key(1, "v2")), (key(2), key(2, "v2")), (key(7), key(7, "v2"))]
+    assert await disk.rename(pairs) == 2  # not 2 (held already under its new key), not 7 (absent)
+    for n in (0, 1):
+        assert not chunk_path(tmp_path, key(n)).exists()
+        assert bytes(await disk.get(chunk(n, 1000, "v2"))) == payload(1000, n)
+        assert await disk.get(chunk(n, 1000)) is None
+    assert bytes(await disk.get(chunk(2, 1000))) == payload(1000, 2)
+    assert bytes(await disk.get(chunk(2, 1000, "v2"))) == payload(1000, 9)
+    assert disk.usage() == (4 * entry(1000), 4)
+    # The index after a restart is the files': the new names, their headers agreeing.
+    disk.close()
+    again = await open_disk(tmp_path, 10 * entry(1000))
+    assert again.usage() == (4 * entry(1000), 4)
+    assert bytes(await again.get(chunk(1, 1000, "v2"))) == payload(1000, 1)
+
+
+@pytest.mark.trio
+async def test_disk_rename_never_makes_a_corrupt_chunk_servable(tmp_path):
+    """The block checksums go along: a chunk damaged before its rename is a miss after it.
+    A file whose header was rewritten but not renamed (a crash in between) is a miss too."""
+    disk = await open_disk(tmp_path, 10 * entry(1000))
+    assert await disk.put(chunk(0), payload(1000, 0))
+    assert await disk.put(chunk(1), payload(1000, 1))
+    path = chunk_path(tmp_path, key(0))
+    raw = bytearray(path.read_bytes())
+    raw[file_header_size(1000) + 10] ^= 0x01
+    path.write_bytes(raw)
+    assert await disk.rename([(key(0), key(0, "v2"))]) == 1
+    assert await disk.get(chunk(0, 1000, "v2")) is None
+    assert not chunk_path(tmp_path, key(0, "v2")).exists()
+    # A crash inside a rename: the header names the new key, the file keeps its old name.
+    other = chunk_path(tmp_path, key(1))
+    raw = bytearray(other.read_bytes())
+    at = hotpath.HEADER_SIZE - hotpath.KEY_DIGEST_SIZE
+    raw[at : at + hotpath.KEY_DIGEST_SIZE] = key(1, "v2")
+    other.write_bytes(raw)
+    assert await disk.get(chunk(1, 1000)) is None
+    assert not other.exists()

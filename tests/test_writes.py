@@ -104,6 +104,28 @@ def test_read_after_write_is_served_from_cache(s3_behind_proxy, cachefs_mount):
     assert data_gets == 0, source.proxy.gets
 
 
+@pytest.mark.parametrize("tier", ["ssd", "mem"])
+def test_a_file_renamed_after_its_write_is_read_from_the_cache(s3_behind_proxy, cachefs_mount, tier):
+    """`mv tmp final`: the chunks cached with tmp's upload are final's, with no GET
+    (the S3 rename is a copy: final is another object version). In the SSD tier and,
+    with none, in MEM."""
+    source = s3_behind_proxy
+    tiers = ("--mem-size", "0", "--cache-size", "256M") if tier == "ssd" else ("--mem-size", "64M", "--cache-size", "0")
+    m = _rw(cachefs_mount, source, *tiers)
+    rng = random.Random(21)
+    files = {"big": rng.randbytes(PART + 3 * CHUNK + 5), "small": rng.randbytes(CHUNK // 2)}  # multipart, one PUT
+    for name, data in files.items():
+        _write(os.path.join(m.mountpoint, f"{name}.tmp"), data)
+        os.rename(os.path.join(m.mountpoint, f"{name}.tmp"), os.path.join(m.mountpoint, name))
+        assert source.read(name) == data
+    source.proxy.reset()
+    subprocess.run(["sh", "-c", "echo 3 > /proc/sys/vm/drop_caches"], check=False)
+    for name, data in files.items():
+        assert _read(os.path.join(m.mountpoint, name)) == data
+    data_gets = sum(n for (_, rng), n in source.proxy.gets.items() if rng)
+    assert data_gets == 0, source.proxy.gets
+
+
 def test_random_writes_truncate_and_extend(source, cachefs_mount):
     m = _rw(cachefs_mount, source)
     rng = random.Random(3)

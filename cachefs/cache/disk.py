@@ -100,6 +100,11 @@ WRITE_THREADS = 4
 FILL_BYTES = 128 << 20
 
 
+# Where a chunk file's header names its chunk: the key's digest ends the fixed part
+# (magic, format version, flags, length, block size, block count, digest).
+_KEY_DIGEST_AT = hotpath.HEADER_SIZE - hotpath.KEY_DIGEST_SIZE
+
+
 def file_header_size(length: int) -> int:
     """Bytes of header before `length` bytes of data in a chunk file we write."""
     return hotpath.header_size(length, CHECKSUM_BLOCK)
@@ -971,6 +976,63 @@ class DiskTier:
         """Drop a chunk now (an old version of a changed object), if held."""
         if digest in self._index:
             await self._drop(digest)
+
+    async def rename(self, pairs: list[tuple[bytes, bytes]]) -> int:
+        """Keep each chunk `old` as chunk `new`, the same bytes under another key (the chunks
+        of an object renamed in the backend): its file is renamed and the digest its header
+        names rewritten, no data copied. A chunk pinned or being written, and one whose new
+        digest is held or being written already, stays as it is. Returns how many moved."""
+        moves = []
+        for old, new in pairs:
+            if old in self._index and old not in self._pins and old not in self._writing \
+                    and new not in self._index and new not in self._writing:
+                self._forget_layout(old)
+                self._forget_fd(old)
+                moves.append((old, new, self._index.pop(old)))
+                self._writing.add(new)  # a put of it meanwhile would find the file being renamed
+        if not moves:
+            return 0
+        try:
+            moved = await trio.to_thread.run_sync(self._rename_files, [m[:2] for m in moves], limiter=self._limiter)
+        finally:
+            for _, new, _ in moves:
+                self._writing.discard(new)
+        for (old, new, size), ok in zip(moves, moved):
+            if ok:
+                self._index.add(new, size)
+            else:
+                self.used -= size
+                self.by_source[old[:SOURCE_TAG_SIZE]] -= size
+        self._publish()
+        return sum(moved)
+
+    def _rename_files(self, pairs: list[tuple[bytes, bytes]]) -> list[bool]:
+        """In a thread: the file of each chunk `old` becomes chunk `new`'s. The digest goes
+        into the header before the rename: a crash in between leaves a file whose header
+        names another chunk than its name, which a read drops as corrupt."""
+        done = []
+        for old, new in pairs:
+            path = self._path(old)
+            try:
+                fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+                try:
+                    if os.pwrite(fd, new, _KEY_DIGEST_AT) != len(new):
+                        raise OSError(errno.EIO, f"short write of the header of {path}")
+                finally:
+                    os.close(fd)
+                target = self._path(new)
+                try:
+                    os.rename(path, target)
+                except FileNotFoundError:
+                    os.makedirs(os.path.dirname(target), mode=0o700, exist_ok=True)
+                    os.rename(path, target)
+                done.append(True)
+            except OSError as e:
+                log.warning("cannot keep cached chunk %s as %s: %s", old.hex(), new.hex(), e)
+                metrics.CACHE_ERRORS.labels(self.name, "write").inc()
+                _unlink_all([path])
+                done.append(False)
+        return done
 
     async def _drop(self, digest: bytes) -> None:
         self._forget_layout(digest)

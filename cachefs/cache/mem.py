@@ -103,6 +103,20 @@ class MemTier:
         self._forget(digest)
         self._publish()
 
+    def rename(self, pairs: list[tuple[bytes, bytes]]) -> None:
+        """Keep each chunk `old` as chunk `new`, the same bytes under another key (the chunks
+        of an object renamed in the backend), unless `new` is held already."""
+        for old, new in pairs:
+            data = self._chunks.get(old)
+            if data is None or new in self._chunks:
+                continue
+            self._forget(old)
+            if self.budget.try_claim(new, len(data)):
+                self._chunks[new] = data
+                self.used += len(data)
+                self.by_source[new[:SOURCE_TAG_SIZE]] += len(data)
+        self._publish()
+
     def usage(self) -> tuple[int, int]:
         """Returns (bytes used, chunks held)."""
         return self.used, len(self._chunks)
