@@ -220,6 +220,10 @@ class FsspecStore:
         self.fast: S3FastPath | None = None
         self.fast_list = True  # LISTs can fall back to s3fs on their own
         self._putter: AsyncPutter | None = None  # small PUTs from the trio thread (`put_file_async`)
+        # Whether this store's HEADs and LISTs name ETags, as the last one seen did (None: none
+        # seen yet). Some servers name one in PUT answers only (the JuiceFS gateway without
+        # --keep-etag): a version taken from such an answer is not the one a stat reports.
+        self.stats_name_etags: bool | None = None
         if self.is_s3:
             self.fs.retries = 1
             self.fast = S3FastPath(endpoint_url, credentials, timeout, profile)
@@ -254,7 +258,13 @@ class FsspecStore:
         if hasattr(mtime, "timestamp"):
             mtime = mtime.timestamp()
         etag = (d.get("ETag") or d.get("etag") or "").strip('"')
+        self.stats_name_etags = bool(etag)
         return ObjectInfo(path, "file", size, float(mtime), _remote_version(etag, size, float(mtime)))
+
+    def _written(self, path: str, size: int, headers: dict[str, str]) -> ObjectInfo | None:
+        """`_written`, if this store's stats are known to name ETags too; else None, so that
+        the caller's HEAD gives the version a stat reports (and tells whether they do)."""
+        return _written(path, size, headers) if self.stats_name_etags else None
 
     def stat(self, path: str) -> ObjectInfo:
         return self._stat(path, together=False)
@@ -391,7 +401,7 @@ class FsspecStore:
             self.fs.put_file(staged, self._abs(path))
             return None
         body = _read_whole(staged)
-        return _written(path, len(body), self._put(path, body, {}))
+        return self._written(path, len(body), self._put(path, body, {}))
 
     @property
     def puts_async(self) -> bool:
@@ -423,7 +433,7 @@ class FsspecStore:
                 log.info("%s: PUTs go through threads from now on (%s)", self.url, e)
                 self._putter = None
             raise
-        return _written(path, len(body), answer)
+        return self._written(path, len(body), answer)
 
     def _put(
         self, path: str, body: bytes | memoryview, query: dict, source: tuple[int, int] | None = None
@@ -467,7 +477,7 @@ class FsspecStore:
         answer = self.fast.client.complete_multipart_upload(
             Bucket=bucket, Key=key, UploadId=upload_id, MultipartUpload={"Parts": parts}
         )
-        return _written(path, size, _headers(answer))
+        return self._written(path, size, _headers(answer))
 
     def abort_multipart(self, path: str, upload_id: str) -> None:
         bucket, key = self._key(path)
@@ -591,10 +601,10 @@ def _read_whole(staged: str) -> bytes:
 def _written(path: str, size: int, headers: dict[str, str]) -> ObjectInfo | None:
     """The attributes of an object just written, from the headers (names in lower case)
     of the answer to its PUT or CompleteMultipartUpload: its ETag is the version a HEAD
-    would report, and names exactly the bytes we sent (a HEAD could already see a
-    concurrent writer's object). The mtime is the answer's Date, to the second like a
-    HEAD's Last-Modified. None without an ETag (a store without them): the caller asks
-    with a HEAD."""
+    would report (where HEADs name ETags: `FsspecStore._written`), and names exactly the
+    bytes we sent (a HEAD could already see a concurrent writer's object). The mtime is
+    the answer's Date, to the second like a HEAD's Last-Modified. None without an ETag (a
+    store without them): the caller asks with a HEAD."""
     etag = (headers.get("etag") or "").strip('"')
     if not etag:
         return None
@@ -604,6 +614,15 @@ def _written(path: str, size: int, headers: dict[str, str]) -> ObjectInfo | None
     except (TypeError, ValueError):
         mtime = float(int(time.time()))
     return ObjectInfo(path, "file", size, mtime, _remote_version(etag, size, mtime))
+
+
+class _ThreadConnections(dict):
+    """One thread's kept-alive connections, by (netloc, spare): closed when the thread ends
+    and its locals go (left to the collector, each socket warned of being left open)."""
+
+    def __del__(self) -> None:
+        for conn in self.values():
+            conn.close()
 
 
 class S3FastPath:
@@ -652,7 +671,9 @@ class S3FastPath:
     def _connection(self, scheme: str, netloc: str, fresh: bool, spare: bool = False) -> http.client.HTTPConnection:
         """The thread's kept-alive connection to `netloc` (`spare`: its second one, for a
         request sent while the first waits for its own answer)."""
-        conns = self._local.__dict__.setdefault("conns", {})
+        conns = self._local.__dict__.get("conns")
+        if conns is None:
+            conns = self._local.conns = _ThreadConnections()
         conn = conns.get((netloc, spare))
         if conn is None or fresh:
             if conn is not None:

@@ -638,7 +638,8 @@ def test_a_writer_filling_a_directory_costs_the_server_the_same_for_each_file(s3
 def test_creates_in_a_directory_this_node_fills_ask_the_server_nothing_but_the_put(s3_behind_proxy, cachefs_mount):
     """In a directory this node is filling, the kernel's lookup before each create is answered
     by this node's listing, expired or not: each file costs the server its PUT and nothing
-    else (no HEAD, no name check), counted at the S3 server. A name another node made there
+    else (no HEAD, no name check), counted at the S3 server; the one HEAD is the store's, once,
+    after its first PUT (whether its HEADs name ETags as its PUT answers do). A name another node made there
     meanwhile: an O_EXCL create of it still fails, and a create with O_TRUNC replaces it at
     close (the last close wins, whole)."""
     source = s3_behind_proxy
@@ -654,7 +655,7 @@ def test_creates_in_a_directory_this_node_fills_ask_the_server_nothing_but_the_p
     full_lists = sum(n for (p, keys), n in lists.items() if p == prefix and not keys)
     assert source.proxy.requests["PUT"] == files
     if took < 10 * float(ttl):  # the whole run within the listing's trust (FILL_TRUST x --dir-ttl)
-        assert source.proxy.requests["HEAD"] == 0 and name_checks == 0, (dict(source.proxy.requests), took)
+        assert source.proxy.requests["HEAD"] <= 1 and name_checks == 0, (dict(source.proxy.requests), took)
     else:  # a slow machine: the listing is trusted again after each LIST of it
         assert name_checks <= files // 4, (name_checks, took)
     assert full_lists <= 3, "listed again at most once per half its trust, only while that is cheap"
