@@ -666,5 +666,3 @@ def _preallocate(fd: int, offset: int, length: int) -> None:
     effort: a file system that cannot (EOPNOTSUPP) or a full disk leaves it to the writes."""
     if _fallocate is not None:
         _fallocate(fd, _FALLOC_FL_KEEP_SIZE, offset, length)
-
-

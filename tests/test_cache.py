@@ -1034,6 +1034,13 @@ async def test_disk_rename_never_makes_a_corrupt_chunk_servable(tmp_path):
     assert await disk.rename([(key(0), key(0, "v2"))]) == 1
     assert await disk.get(chunk(0, 1000, "v2")) is None
     assert not chunk_path(tmp_path, key(0, "v2")).exists()
+    # A valid file of another chunk in its place: its checksums would pass under any key.
+    assert await disk.put(chunk(3), payload(1000, 3))
+    shutil.copy(chunk_path(tmp_path, key(1)), chunk_path(tmp_path, key(3)))
+    errors = corrupt_errors()
+    assert await disk.rename([(key(3), key(3, "v2"))]) == 0
+    assert await disk.get(chunk(3, 1000, "v2")) is None
+    assert not chunk_path(tmp_path, key(3)).exists() and corrupt_errors() == errors + 1
     # A crash inside a rename: the header names the new key, the file keeps its old name.
     other = chunk_path(tmp_path, key(1))
     raw = bytearray(other.read_bytes())

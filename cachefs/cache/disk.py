@@ -1000,6 +1000,8 @@ class DiskTier:
         for (old, new, size), ok in zip(moves, moved):
             if ok:
                 self._index.add(new, size)
+                if new in self._pins:  # pinned by its name before it was here
+                    self._index.pin(new)
             else:
                 self.used -= size
                 self.by_source[old[:SOURCE_TAG_SIZE]] -= size
@@ -1007,15 +1009,19 @@ class DiskTier:
         return sum(moved)
 
     def _rename_files(self, pairs: list[tuple[bytes, bytes]]) -> list[bool]:
-        """In a thread: the file of each chunk `old` becomes chunk `new`'s. The digest goes
-        into the header before the rename: a crash in between leaves a file whose header
-        names another chunk than its name, which a read drops as corrupt."""
+        """In a thread: the file of each chunk `old` becomes chunk `new`'s. Only if its header
+        names `old` (a file of another chunk put in its place is not made one of `new`, whose
+        checksums it would pass). The digest goes into the header before the rename: a crash
+        in between leaves a file whose header names another chunk than its name, which a
+        read drops as corrupt."""
         done = []
         for old, new in pairs:
             path = self._path(old)
             try:
-                fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+                fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
                 try:
+                    if os.pread(fd, len(old), _KEY_DIGEST_AT) != old:
+                        raise ChunkCorrupt("its header names another chunk")
                     if os.pwrite(fd, new, _KEY_DIGEST_AT) != len(new):
                         raise OSError(errno.EIO, f"short write of the header of {path}")
                 finally:
@@ -1027,9 +1033,9 @@ class DiskTier:
                     os.makedirs(os.path.dirname(target), mode=0o700, exist_ok=True)
                     os.rename(path, target)
                 done.append(True)
-            except OSError as e:
+            except (ChunkCorrupt, OSError) as e:
                 log.warning("cannot keep cached chunk %s as %s: %s", old.hex(), new.hex(), e)
-                metrics.CACHE_ERRORS.labels(self.name, "write").inc()
+                metrics.CACHE_ERRORS.labels(self.name, "corrupt" if isinstance(e, ChunkCorrupt) else "write").inc()
                 _unlink_all([path])
                 done.append(False)
         return done
