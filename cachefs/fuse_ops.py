@@ -631,11 +631,25 @@ class Operations(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.EISDIR)
         writes = self.node.writes
         await writes.uploader.cancel(dataset, inner)  # else a late upload would bring it back
-        if await self._stored(dataset, inner) is not None:
+        stored = await self._stored(dataset, inner)
+        if stored is not None:
             await dataset.backend.delete(inner)
         writes.unlinked(dataset, inner)
         dataset.namespace.drop_entry(inner)
         self.inodes.unlinked(path)
+        if stored is not None:
+            await self._chunks_gone(dataset, stored)
+
+    async def _chunks_gone(self, dataset: Dataset, gone: ObjectInfo) -> None:
+        """The file `gone` left the backend (deleted, or replaced by a rename): its cached chunks
+        go now, not when the LRU reaches them, unless a handle still reads that version (an
+        open file stays readable after its unlink, from what this node holds of it)."""
+        if gone.kind != "file":
+            return
+        for f in self._files.values():
+            if f.obj is not None and f.dataset is dataset and f.obj.path == gone.path and f.obj.version == gone.version:
+                return
+        await self.node.drop_chunks(dataset, gone)
 
     @fuse_errors
     async def mkdir(self, parent_inode, name, mode, ctx):
@@ -696,12 +710,15 @@ class Operations(pyfuse3.Operations):
                 await wf.commit(background=False)
             await writes.uploader.cancel(dataset, new)  # replaced: its pending bytes are superseded
             moved = await self._stored(dataset, old)  # the version its cached chunks are of
+        replaced = await self._stored(dataset, new) if target is not None and target.kind == "file" else None
         await dataset.backend.rename(old, new, info.kind)
         writes.moved(dataset, old, new)
         dataset.namespace.drop_entry(old)
         dataset.namespace.drop_entry(new)
         dataset.namespace.invalidate(new)
         self.inodes.renamed(old_path, new_path)
+        if replaced is not None:  # first: without ETags, the file moved there may have its version
+            await self._chunks_gone(dataset, replaced)
         if moved is not None:
             await self.node.chunks_renamed(dataset, moved, new)
 

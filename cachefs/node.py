@@ -389,21 +389,22 @@ class Node:
         changed = await dataset.namespace.refresh(inner, recursive)
         for old, _ in changed:
             if old.kind == "file":
-                await self._drop_chunks(dataset, old)
+                await self.drop_chunks(dataset, old)
         if changed:
             log.info("dataset %s: %d entries changed in the backend", dataset.name or "/", len(changed))
             await self.on_changed(dataset, changed)
         return {"changed": sum(new is not None for _, new in changed), "gone": sum(new is None for _, new in changed)}
 
-    async def _drop_chunks(self, dataset: Dataset, old: ObjectInfo) -> None:
-        """Chunks of a version no one will ask for again go first, not after the LRU reaches them."""
+    async def drop_chunks(self, dataset: Dataset, old: ObjectInfo) -> None:
+        """Chunks of a version no one will ask for again (changed, deleted or replaced in the
+        backend) go now, not after the LRU reaches them."""
         obj = ObjectId(dataset.source, old.path, old.version, old.size)
         size = self.config.chunk_size
-        for index in range((old.size + size - 1) // size):
-            digest = chunk_digest(obj, size, index)
+        digests = [chunk_digest(obj, size, index) for index in range((old.size + size - 1) // size)]
+        for digest in digests:
             self.mem.remove(digest)
-            if self.disk is not None:
-                await self.disk.remove(digest)
+        if self.disk is not None:
+            await self.disk.remove_all(digests)
 
     async def chunks_renamed(self, dataset: Dataset, old: ObjectInfo, new_path: str) -> None:
         """The file `old` was renamed to `new_path` in the backend: its chunks held here are
@@ -421,7 +422,7 @@ class Node:
             log.info("dropping the cached chunks of %s, renamed to %s: %s", old.path, new_path, e)
             new = None
         if new is None or new.kind != "file" or new.size != old.size:
-            await self._drop_chunks(dataset, old)
+            await self.drop_chunks(dataset, old)
             return
         now = ObjectId(dataset.source, new.path, new.version, new.size)
         pairs = [(digest, chunk_digest(now, size, i)) for i, digest in enumerate(held)]

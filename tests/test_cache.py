@@ -1049,3 +1049,15 @@ async def test_disk_rename_never_makes_a_corrupt_chunk_servable(tmp_path):
     other.write_bytes(raw)
     assert await disk.get(chunk(1, 1000)) is None
     assert not other.exists()
+
+
+@pytest.mark.trio
+async def test_disk_remove_all_drops_the_chunks_held_and_counts_them_out(tmp_path):
+    disk = await open_disk(tmp_path, 10 * entry(1000))
+    for n in range(3):
+        assert await disk.put(chunk(n), payload(1000, n))
+    await disk.remove_all([key(0), key(2), key(9)])  # 9: not held
+    assert disk.usage() == (entry(1000), 1)
+    assert not chunk_path(tmp_path, key(0)).exists() and not chunk_path(tmp_path, key(2)).exists()
+    assert await disk.get(chunk(0, 1000)) is None
+    assert bytes(await disk.get(chunk(1, 1000))) == payload(1000, 1)

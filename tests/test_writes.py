@@ -126,6 +126,29 @@ def test_a_file_renamed_after_its_write_is_read_from_the_cache(s3_behind_proxy, 
     assert data_gets == 0, source.proxy.gets
 
 
+def test_a_deleted_or_replaced_file_leaves_the_cache_unless_a_handle_still_reads_it(source, cachefs_mount):
+    """rm and a rename over a file drop its cached chunks at once (the cache holds what can
+    still be read); a file open while it is deleted keeps its chunks and reads on, whole."""
+    m = _rw(cachefs_mount, source, "--mem-size", "0", "--cache-size", "256M")
+    rng = random.Random(31)
+    files = {name: rng.randbytes(n * CHUNK) for name, n in [("gone", 4), ("held", 3), ("old", 2), ("new", 5)]}
+    for name, data in files.items():
+        _write(os.path.join(m.mountpoint, name), data)
+    cached = lambda: m.metric("cachefs_cache_chunks", tier="disk")  # noqa: E731
+    _wait_for(lambda: cached() == 14, "the written chunks cached on the SSD")
+    os.unlink(os.path.join(m.mountpoint, "gone"))
+    assert cached() == 10
+    with open(os.path.join(m.mountpoint, "held"), "rb") as f:
+        head = f.read(CHUNK)
+        os.unlink(os.path.join(m.mountpoint, "held"))
+        assert head + f.read() == files["held"]
+    assert cached() == 10
+    os.rename(os.path.join(m.mountpoint, "new"), os.path.join(m.mountpoint, "old"))
+    assert cached() == 8  # old's 2 chunks gone, new's 5 now old's
+    assert _read(os.path.join(m.mountpoint, "old")) == files["new"]
+    assert _held(source, "gone") is None and _held(source, "held") is None
+
+
 def test_random_writes_truncate_and_extend(source, cachefs_mount):
     m = _rw(cachefs_mount, source)
     rng = random.Random(3)
