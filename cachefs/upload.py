@@ -42,6 +42,12 @@ CACHE_WORKERS = 4
 # Seconds an upload's chunks wait at most, before they are cached, for the node's other
 # uploads to end (`Uploader._uploads_quiet`).
 CACHE_YIELD_MAX = 2.0
+# Seconds the chunk of a small file waits after its close returned before it is cached:
+# the writer's next requests come first (a create, a write and a close took 1.5 ms here),
+# and the caching then runs while that close waits for the server. Cached at once, it held
+# up those requests: writing 64 KiB files one after another, 88.6 against 84.1 files/s
+# (medians of 6 alternating rounds; not caching them at all, 98.8 against 88.5).
+CACHE_SMALL_AFTER = 0.005
 # A chunk this small is read back from the staged file on the trio thread: it was just
 # written, so it is in the page cache, and a thread hop cost more than the read.
 INLINE_READ = 256 << 10
@@ -307,6 +313,8 @@ class Uploader:
                     await _let_waiters_run()
                     if upload.size > upload.dataset.reader.chunk_size:
                         await self._uploads_quiet(key)
+                    elif not upload.cached:
+                        await trio.sleep(CACHE_SMALL_AFTER)
                 await self._cache_chunks(upload)
                 await self._uploaded(upload.dataset, upload.path, upload.info)
         finally:

@@ -17,7 +17,7 @@ from cachefs.backend import Backend
 from cachefs.cache.disk import DiskTier, file_header_size
 from cachefs.objects import ObjectId, ObjectInfo, chunk_key
 from cachefs.staging import SPARES, Staging
-from cachefs.upload import CACHE_YIELD_MAX, EarlyParts, Uploader
+from cachefs.upload import CACHE_SMALL_AFTER, CACHE_YIELD_MAX, EarlyParts, Uploader
 
 PART = 1000
 
@@ -238,12 +238,13 @@ async def test_an_upload_waits_to_cache_its_chunks_for_a_bounded_time_only(tmp_p
         backend.land("w")
         await background.done.wait()
         assert [t for p, t in tier.cached if p == "w"] == [start, start]
-        # So does a file of one chunk: cheap to cache, and small files would pile up waiting.
+        # A file of one chunk does not wait for the others either (cheap to cache, and small
+        # files would pile up waiting), only for the writer's next requests to go first.
         small = await _submit(uploader, staging, dataset, "s", size=100)
         start = trio.current_time()
         backend.land("s")
         await small.done.wait()
-        assert [t for p, t in tier.cached if p == "s"] == [start]
+        assert [t for p, t in tier.cached if p == "s"] == [pytest.approx(start + CACHE_SMALL_AFTER, abs=1e-6)]
         nursery.cancel_scope.cancel()
 
 
