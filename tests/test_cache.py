@@ -1061,3 +1061,20 @@ async def test_disk_remove_all_drops_the_chunks_held_and_counts_them_out(tmp_pat
     assert not chunk_path(tmp_path, key(0)).exists() and not chunk_path(tmp_path, key(2)).exists()
     assert await disk.get(chunk(0, 1000)) is None
     assert bytes(await disk.get(chunk(1, 1000))) == payload(1000, 1)
+
+
+@pytest.mark.trio
+async def test_disk_remove_all_that_cannot_unlink_still_forgets_the_chunks(tmp_path, monkeypatch):
+    """An rm must not fail for the cache: the chunks leave the index and the counts, and the
+    error is logged and counted."""
+    disk = await open_disk(tmp_path, 10 * entry(1000))
+    assert await disk.put(chunk(0), payload(1000))
+
+    def refused(paths):
+        raise PermissionError(errno.EACCES, "refused")
+
+    monkeypatch.setattr("cachefs.cache.disk._unlink_all", refused)
+    errors = sample("cachefs_cache_errors_total", tier="disk", reason="write")
+    await disk.remove_all([key(0)])
+    assert disk.usage() == (0, 0) and key(0) not in disk
+    assert sample("cachefs_cache_errors_total", tier="disk", reason="write") == errors + 1
