@@ -395,12 +395,18 @@ class Node:
             await self.on_changed(dataset, changed)
         return {"changed": sum(new is not None for _, new in changed), "gone": sum(new is None for _, new in changed)}
 
+    def _digests(self, dataset: Dataset, info: ObjectInfo) -> list[bytes]:
+        """The keys of the chunks of file `info` (of its version), in order."""
+        obj = ObjectId(dataset.source, info.path, info.version, info.size)
+        size = self.config.chunk_size
+        return [chunk_digest(obj, size, index) for index in range((info.size + size - 1) // size)]
+
     async def drop_chunks(self, dataset: Dataset, old: ObjectInfo) -> None:
         """Chunks of a version no one will ask for again (changed, deleted or replaced in the
         backend) go now, not after the LRU reaches them."""
-        obj = ObjectId(dataset.source, old.path, old.version, old.size)
-        size = self.config.chunk_size
-        digests = [chunk_digest(obj, size, index) for index in range((old.size + size - 1) // size)]
+        await self._drop_digests(self._digests(dataset, old))
+
+    async def _drop_digests(self, digests: list[bytes]) -> None:
         for digest in digests:
             self.mem.remove(digest)
         if self.disk is not None:
@@ -411,9 +417,7 @@ class Node:
         kept as the chunks of the object now at `new_path`, with no copy (`mv tmp final`
         after a write reads `final` from the cache, as it read `tmp`). A new object of
         other bytes, or one that cannot be asked for now, drops them instead."""
-        size = self.config.chunk_size
-        was = ObjectId(dataset.source, old.path, old.version, old.size)
-        held = [chunk_digest(was, size, i) for i in range((old.size + size - 1) // size)]
+        held = self._digests(dataset, old)
         if not any(d in self.mem or (self.disk is not None and d in self.disk) for d in held):
             return  # nothing to keep: no need to ask for the new version
         try:
@@ -422,10 +426,9 @@ class Node:
             log.info("dropping the cached chunks of %s, renamed to %s: %s", old.path, new_path, e)
             new = None
         if new is None or new.kind != "file" or new.size != old.size:
-            await self.drop_chunks(dataset, old)
+            await self._drop_digests(held)
             return
-        now = ObjectId(dataset.source, new.path, new.version, new.size)
-        pairs = [(digest, chunk_digest(now, size, i)) for i, digest in enumerate(held)]
+        pairs = list(zip(held, self._digests(dataset, new)))
         self.mem.rename(pairs)
         if self.disk is not None:
             await self.disk.rename(pairs)

@@ -615,17 +615,20 @@ def _create(path: str, access: int = os.O_RDWR) -> int:
     return os.open(path, access | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
 
 
-def _load_sync_file_range():
+def _libc_function(name: str, *argtypes):
+    """The C library's function `name` (returning an int, errno kept), or None where it
+    has none (not Linux)."""
     try:
-        fn = ctypes.CDLL(None, use_errno=True).sync_file_range
+        fn = getattr(ctypes.CDLL(None, use_errno=True), name)
     except (AttributeError, OSError):
-        return None  # not Linux: fsync() writes everything then
-    fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+        return None
+    fn.argtypes = list(argtypes)
     fn.restype = ctypes.c_int
     return fn
 
 
-_sync_file_range = _load_sync_file_range()
+# None (not Linux): fsync() writes everything then.
+_sync_file_range = _libc_function("sync_file_range", ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint)
 _SYNC_FILE_RANGE_WRITE = 2  # start writing the dirty pages in the range, wait for nothing
 
 
@@ -647,17 +650,8 @@ def _ahead(size: int) -> int:
     return -(-size // RESERVE_AHEAD) * RESERVE_AHEAD if size > RESERVE_AHEAD else _rounded(size)
 
 
-def _load_fallocate():
-    try:
-        fn = ctypes.CDLL(None, use_errno=True).fallocate
-    except (AttributeError, OSError):
-        return None  # not Linux: blocks are allocated as they are written
-    fn.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
-    fn.restype = ctypes.c_int
-    return fn
-
-
-_fallocate = _load_fallocate()
+# None (not Linux): blocks are allocated as they are written.
+_fallocate = _libc_function("fallocate", ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64)
 _FALLOC_FL_KEEP_SIZE = 1  # blocks past the end of the file: its size stays what was written
 
 

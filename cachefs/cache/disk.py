@@ -972,14 +972,9 @@ class DiskTier:
         self.used -= size
         self._publish()
 
-    async def remove(self, digest: bytes) -> None:
-        """Drop a chunk now (an old version of a changed object), if held."""
-        if digest in self._index:
-            await self._drop(digest)
-
     async def remove_all(self, digests: list[bytes]) -> None:
-        """`remove` each of `digests` (the chunks of an object changed or deleted): their files
-        go in one thread hop, not one each."""
+        """Drop the chunks of `digests` held (of an object changed or deleted) now: their
+        files go in one thread hop, not one each."""
         paths = []
         for digest in digests:
             if digest in self._index:
