@@ -46,7 +46,10 @@ Raw S3 (the ceiling of close-to-open mode): botocore, the client cachefs
 uses, from memory: multipart uploads of files of --size in parts of 8 MiB
 (cachefs's --part-size) with 1 and 4 requests in flight (one file, parts in
 parallel; and 4 files, one part each at a time), and PUTs of 64 KiB objects
-with 1 and 4 threads.
+with 1 and 4 threads. Raw is one more system of each workload: its cells run
+among that workload's cells, in the same rotation, each with the same history
+(the cells before it, the files deleted before it) as the cells it is compared
+with.
 
 Targets (issue 12): writeback >= 1.0 x JuiceFS writeback (both the writer's
 MiB/s or files/s); close-to-open >= 0.9 x raw S3 at equal concurrency (the
@@ -287,34 +290,77 @@ def run_cell(system: WriteSystem, workload: str, rep: int, args) -> dict:
 # -- raw S3 ----------------------------------------------------------------------------------
 
 
-def raw_cells(gateway, args, rep: int) -> list[dict]:
-    import botocore.config
-    import botocore.session
+# Which raw cells run among each workload's cells: the same history (the cell before,
+# the files deleted before it) as the cells they are compared with.
+RAW_CELLS = {  # workload: (name, multipart files at once (0: 64 KiB PUTs), requests in flight each)
+    "seq-1": (("multipart 1 file, 1 in flight", 1, 1), ("multipart 1 file, 4 in flight", 1, 4)),
+    "seq-4": (("multipart 4 files, 4 in flight", 4, 1),),
+    "small-1": (("PUT 64 KiB, 1 in flight", 0, 1),),
+    "small-4": (("PUT 64 KiB, 4 in flight", 0, 4),),
+}
 
-    config = botocore.config.Config(signature_version="s3v4", s3={"addressing_style": "path"},
-                                    max_pool_connections=16, retries={"total_max_attempts": 1})
-    client = botocore.session.get_session().create_client(
-        "s3", endpoint_url=gateway.endpoint_url, region_name="us-east-1", config=config,
-        aws_access_key_id=gateway.access_key, aws_secret_access_key=gateway.secret_key)
-    bucket = gateway.bucket
-    part = os.urandom(PART)
-    small = os.urandom(SMALL)
-    out = []
 
-    def multipart(key: str, inflight: int) -> None:
+class RawS3:
+    """botocore (cachefs's client) from memory against the gateway: the ceiling of close-to-open mode."""
+
+    key = "raw"
+
+    def __init__(self, gateway, args):
+        import botocore.config
+        import botocore.session
+
+        config = botocore.config.Config(signature_version="s3v4", s3={"addressing_style": "path"},
+                                        max_pool_connections=16, retries={"total_max_attempts": 1})
+        self.client = botocore.session.get_session().create_client(
+            "s3", endpoint_url=gateway.endpoint_url, region_name="us-east-1", config=config,
+            aws_access_key_id=gateway.access_key, aws_secret_access_key=gateway.secret_key)
+        self.bucket = gateway.bucket
+        self.args = args
+        self.part = os.urandom(PART)
+        self.small = os.urandom(SMALL)
+
+    def cells(self, workload: str, rep: int) -> list[dict]:
+        out = []
+        for name, files, inflight in RAW_CELLS[workload]:
+            tag = f"raw/r{rep}/{workload}/{inflight}"
+            if files:
+                keys = [f"{tag}-{j}" for j in range(files)]
+                out.append(self._timed(name, files * inflight, files * self.args.size,
+                                       lambda: self._files(keys, inflight)))
+                for key in keys:  # like the fio cells' files: deleted after the cell
+                    self.client.delete_object(Bucket=self.bucket, Key=key)
+            else:
+                out.append(self._timed(name, inflight, self.args.files * SMALL,
+                                       lambda: self._puts(tag, inflight), self.args.files))
+        return out
+
+    def _files(self, keys: list[str], inflight: int) -> None:
+        with concurrent.futures.ThreadPoolExecutor(len(keys)) as files:
+            list(files.map(lambda key: self._multipart(key, inflight), keys))
+
+    def _multipart(self, key: str, inflight: int) -> None:
+        client, bucket, size = self.client, self.bucket, self.args.size
         uid = client.create_multipart_upload(Bucket=bucket, Key=key)["UploadId"]
-        n = -(-args.size // PART)
 
         def one(i: int) -> dict:
-            body = part[: min(PART, args.size - i * PART)]
+            body = self.part[: min(PART, size - i * PART)]
             r = client.upload_part(Bucket=bucket, Key=key, UploadId=uid, PartNumber=i + 1, Body=body)
             return {"PartNumber": i + 1, "ETag": r["ETag"]}
 
         with concurrent.futures.ThreadPoolExecutor(inflight) as pool:
-            parts = list(pool.map(one, range(n)))
+            parts = list(pool.map(one, range(-(-size // PART))))
         client.complete_multipart_upload(Bucket=bucket, Key=key, UploadId=uid, MultipartUpload={"Parts": parts})
 
-    def timed(name: str, streams: int, total: int, fn, unit_count: int | None = None) -> dict:
+    def _puts(self, prefix: str, streams: int) -> None:
+        def one(first: int) -> None:
+            for i in range(first, self.args.files, streams):
+                self.client.put_object(Bucket=self.bucket, Key=f"{prefix}/f{i:05d}", Body=self.small)
+
+        with concurrent.futures.ThreadPoolExecutor(streams) as pool:
+            list(pool.map(one, range(streams)))
+
+    def _timed(self, name: str, streams: int, total: int, fn, unit_count: int | None = None) -> dict:
+        args = self.args
         host.drop_page_cache()
         idle_wait = host.wait_idle(args.idle_sids)
         gw0 = host.cpu_seconds(args.gateway_sid)
@@ -327,24 +373,6 @@ def raw_cells(gateway, args, rep: int) -> list[dict]:
         rec["value"] = unit_count / wall if unit_count else total / MiB / wall
         log(f"  raw {name:26s}: {rec['value']:8.1f} {'files/s' if unit_count else 'MiB/s'}")
         return rec
-
-    tag = f"raw/r{rep}"
-    out.append(timed("multipart 1 file, 1 in flight", 1, args.size, lambda: multipart(f"{tag}/a1", 1)))
-    out.append(timed("multipart 1 file, 4 in flight", 4, args.size, lambda: multipart(f"{tag}/a4", 4)))
-    with concurrent.futures.ThreadPoolExecutor(4) as files:
-        out.append(timed("multipart 4 files, 4 in flight", 4, 4 * args.size,
-                         lambda: list(files.map(lambda j: multipart(f"{tag}/b{j}", 1), range(4)))))
-    for streams in (1, 4):
-        def puts(streams=streams):
-            def one(first):
-                for i in range(first, args.files, streams):
-                    client.put_object(Bucket=bucket, Key=f"{tag}/s{streams}/f{i:05d}", Body=small)
-            with concurrent.futures.ThreadPoolExecutor(streams) as pool:
-                list(pool.map(one, range(streams)))
-        out.append(timed(f"PUT 64 KiB, {streams} in flight", streams, args.files * SMALL, puts, args.files))
-    for key in [f"{tag}/a1", f"{tag}/a4", *(f"{tag}/b{j}" for j in range(4))]:
-        client.delete_object(Bucket=bucket, Key=key)
-    return out
 
 
 # -- the run ----------------------------------------------------------------------------------
@@ -370,12 +398,17 @@ def run(args: argparse.Namespace, data: dict, work: Path, shm: Path, stack: cont
         s.start(work)
         systems.append(s)
     args.idle_sids = [args.gateway_sid, *(s.proc.pid for s in systems)]
+    # Raw S3 is one more system of each workload, interleaved with the others: a raw
+    # cell run once per repeat, before all the others, had another history than the
+    # cells it is compared with (small-file cells before the fio cells, or not).
+    order = systems if args.no_raw else [*systems, RawS3(gateway, args)]
     for rep in range(args.repeat):
-        if not args.no_raw:
-            data["raw"] += raw_cells(gateway, args, rep)
         for workload in args.workloads:
-            for s in systems if rep % 2 == 0 else systems[::-1]:
-                data["runs"].append(run_cell(s, workload, rep, args))
+            for s in order if rep % 2 == 0 else order[::-1]:
+                if isinstance(s, RawS3):
+                    data["raw"] += s.cells(workload, rep)
+                else:
+                    data["runs"].append(run_cell(s, workload, rep, args))
     if host.cachefs_digest() != m["cachefs_digest"]:
         data["cachefs_digest_end"] = host.cachefs_digest()
 
