@@ -219,7 +219,8 @@ def mount(
 
     Args:
         options: more `cachefs mount` flags, e.g. ["--peers", "dns+workers:7070", "--secret-file", "/etc/cachefs/secret"].
-        log_file: where the mount logs (default: a file in the temp directory, named after the mountpoint).
+        log_file: where the mount logs (default: `cachefs.cli.default_log_file`, in cachefs's own
+            log directory, named after the mountpoint).
 
     Raises:
         ConfigError: the mount could not start; nothing is left mounted. The message

@@ -78,7 +78,8 @@ def _add_cache_args(p: argparse.ArgumentParser, d: CacheConfig) -> None:
     g = p.add_argument_group("operation")
     g.add_argument("--metrics", metavar="HOST:PORT", help="serve Prometheus metrics at http://HOST:PORT/metrics")
     g.add_argument("--log-level", choices=["debug", "info", "warning", "error"], help=f"(default {d.log_level.lower()})")
-    g.add_argument("--log-file", help="log here instead of stderr (with -d: default /tmp/cachefs-MOUNTPOINT.log)")
+    g.add_argument("--log-file", help="log here instead of stderr (with -d: default /var/log/cachefs/MOUNTPOINT.log as root, "
+                   "~/.local/state/cachefs/ otherwise, or $XDG_STATE_HOME/cachefs/)")
 
 
 # Commands that only talk to a running node: their parser is built without the
@@ -447,10 +448,23 @@ def _spawn_background(a: argparse.Namespace, argv: list[str], config: NodeConfig
 
 
 def default_log_file(mountpoint: str) -> str:
-    """Where a background mount logs unless told: the temp directory, named after the mountpoint."""
-    import tempfile
+    """Where a background mount logs unless told: `log_dir()`/MOUNTPOINT.log."""
+    return os.path.join(log_dir(), re.sub(r"[^A-Za-z0-9]+", "-", mountpoint).strip("-") + ".log")
 
-    return os.path.join(tempfile.gettempdir(), "cachefs-" + re.sub(r"[^A-Za-z0-9]+", "-", mountpoint).strip("-") + ".log")
+
+def log_dir() -> str:
+    """cachefs's own directory for background mounts' logs, made if missing:
+    $XDG_STATE_HOME/cachefs, else /var/log/cachefs for root and ~/.local/state/cachefs
+    for others. Not the shared temp directory: anyone can put a symlink there under the
+    name a log would take, and root would then append to the file it points at."""
+    if os.environ.get("XDG_STATE_HOME"):
+        path = os.path.join(os.environ["XDG_STATE_HOME"], "cachefs")
+    elif os.geteuid() == 0:
+        path = "/var/log/cachefs"
+    else:
+        path = os.path.join(os.path.expanduser("~"), ".local", "state", "cachefs")
+    os.makedirs(path, mode=0o700, exist_ok=True)
+    return path
 
 
 def start_mount(argv: list[str], log_file: str, env: dict[str, str] | None = None) -> subprocess.Popen:

@@ -93,6 +93,19 @@ def _test_failed(request: pytest.FixtureRequest) -> bool:
     return any(getattr(getattr(node, f"rep_{when}", None), "failed", False) for when in ("setup", "call"))
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _state_home(tmp_path_factory):
+    """Background mounts that are not given --log-file log under $XDG_STATE_HOME/cachefs:
+    the session's temp tree, not the machine's /var/log (the daemons inherit it)."""
+    old = os.environ.get("XDG_STATE_HOME")
+    os.environ["XDG_STATE_HOME"] = str(tmp_path_factory.mktemp("state"))
+    yield
+    if old is None:
+        os.environ.pop("XDG_STATE_HOME", None)
+    else:
+        os.environ["XDG_STATE_HOME"] = old
+
+
 # -- the S3 backend --------------------------------------------------------------
 
 

@@ -7,6 +7,7 @@ import errno
 import os
 import signal
 import time
+from pathlib import Path
 
 import pytest
 
@@ -102,6 +103,31 @@ def test_background_mount_reports_the_reason(local_source, mp, tmp_path, run_cac
     r = run_cachefs("mount", tmp_path / "nope", mp, "--cache-dir", tmp_path / "c", "-d")
     _check_refused(r, "no such bucket, prefix or directory")
     assert not os.path.ismount(mp)
+    # The log it names is in cachefs's own directory (conftest points XDG_STATE_HOME at
+    # the session's temp tree), and says the same.
+    log = Path(r.stderr.rsplit("(log ", 1)[1].rstrip().rstrip(")"))
+    assert log.parent == Path(os.environ["XDG_STATE_HOME"]) / "cachefs"
+    assert "no such bucket, prefix or directory" in log.read_text()
+
+
+def test_background_logs_never_go_to_the_shared_temp_dir(tmp_path, monkeypatch):
+    """Root appending to a predictable name in /tmp would follow a symlink put there first."""
+    from cachefs.cli import default_log_file
+
+    monkeypatch.delenv("XDG_STATE_HOME", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
+    path = Path(default_log_file("/mnt/data sets/a"))
+    assert path == tmp_path / "home/.local/state/cachefs/mnt-data-sets-a.log"
+    assert path.parent.stat().st_mode & 0o777 == 0o700
+    monkeypatch.setattr(os, "geteuid", lambda: 0)
+    made = []
+    monkeypatch.setattr(os, "makedirs", lambda path, mode, exist_ok: made.append((path, mode)))
+    assert default_log_file("/mnt/a") == "/var/log/cachefs/mnt-a.log"
+    assert made == [("/var/log/cachefs", 0o700)]
+    monkeypatch.undo()
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
+    assert Path(default_log_file("/mnt/a")) == tmp_path / "state/cachefs/mnt-a.log"
 
 
 def test_backend_down_fails_misses_fast_and_serves_cached(tmp_path, cachefs_mount):
