@@ -481,6 +481,13 @@ def render(data: dict) -> str:
         if raw:
             lines.append(f"- {w}: cachefs close-to-open ≥ {TARGET_RAW} × raw S3 ({pairs[w]}): "
                          f"{verdict(med(cell('cachefs', w)), rawv(pairs[w]), TARGET_RAW)}")
+    # Not a target: what another FUSE file system whose close waits for S3 reaches here.
+    reference = [f"{w} {med(cell('juicefs', w)) / rawv(pairs[w]):.2f}×" for w in data["workloads"]
+                 if raw and med(cell("juicefs", w)) and rawv(pairs[w])]
+    if reference:
+        lines += ["", "For reference, JuiceFS without --writeback (its close also waits for S3; up to 20 block PUTs "
+                      "at once, --max-uploads) ÷ the same raw "
+                      "cells: " + ", ".join(reference) + "."]
     if data.get("baseline_tree"):
         lines += ["", "A/B (this tree ÷ baseline, the writer's number; landed for --writeback):", ""]
         for w in data["workloads"]:
