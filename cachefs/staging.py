@@ -412,10 +412,23 @@ class Staging:
     async def _take(self, need: int) -> bool:
         if self.used + need > self.limit:
             return False
-        if self.disk is not None and not await self.disk.claim(need):
-            return False
+        # Counted before the claim, which may wait (evicting chunks): a writer checking
+        # meanwhile must see it, or both pass the check and the limit is overshot.
         self.used += need
-        return True
+        try:
+            claimed = self.disk is None or await self.disk.claim(need)
+        except BaseException:
+            self._unclaimed(need)
+            raise
+        if not claimed:
+            self._unclaimed(need)
+        return claimed
+
+    def _unclaimed(self, need: int) -> None:
+        """Room counted by `_take` that the disk did not give after all."""
+        self.used -= need
+        self._freed.set()  # a writer that found it counted may fit now
+        self._freed = trio.Event()
 
     def shrink(self, staged: StagedFile, size: int) -> None:
         """`staged` was truncated to `size` bytes: give back the room it no longer needs."""

@@ -494,3 +494,61 @@ async def test_a_large_file_takes_only_the_room_it_needs_when_the_step_ahead_doe
         assert staged.reserved == staging.used == RESERVE_AHEAD + 2 * RESERVE_STEP
     finally:
         os.close(fd)
+
+
+class _EvictingDisk:
+    """An SSD tier whose claim waits (as DiskTier.claim does when it evicts chunks)."""
+
+    def __init__(self, refuse: bool = False):
+        self.used = 0
+        self.refuse = refuse
+
+    async def claim(self, need: int) -> bool:
+        await trio.sleep(0)
+        if self.refuse:
+            return False
+        self.used += need
+        return True
+
+    def give_back(self, room: int) -> None:
+        self.used -= room
+
+    def take(self, room: int) -> None:
+        self.used += room
+
+
+@pytest.mark.trio
+async def test_writers_reserving_at_once_never_take_more_than_the_limit(tmp_path):
+    """Each writer's room is counted before the SSD tier's claim waits: two writers that
+    both checked before either had counted took twice the room that was left."""
+    from cachefs.staging import StagingFull
+
+    disk = _EvictingDisk()
+    staging = Staging(str(tmp_path), limit=4 * RESERVE_STEP, disk=disk)
+    staging.open()
+    files = [staging.new_file() for _ in range(4)]
+    refused = []
+
+    async def writer(staged) -> None:
+        try:
+            await staging.reserve(staged, 3 * RESERVE_STEP)
+        except StagingFull:
+            refused.append(staged)  # nothing pending to wait for: refused, not overshot
+
+    async with trio.open_nursery() as nursery:
+        for staged in files:
+            nursery.start_soon(writer, staged)
+    assert staging.used == disk.used == 3 * RESERVE_STEP <= staging.limit
+    assert len(refused) == 3
+    assert sum(f.reserved for f in files) == 3 * RESERVE_STEP
+
+
+@pytest.mark.trio
+async def test_room_the_disk_refused_is_not_kept_counted(tmp_path):
+    staging = Staging(str(tmp_path), limit=4 * RESERVE_STEP, disk=_EvictingDisk(refuse=True))
+    staging.open()
+    staged = staging.new_file()
+    staging.draining_changed(1)  # an upload is pending: the writer waits instead of failing
+    with trio.move_on_after(1):  # not the fake clock: the writer waits on an event, not a timer
+        await staging.reserve(staged, RESERVE_STEP)
+    assert staging.used == 0 and staged.reserved == 0
