@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING
 
 import trio
 
+from cachefs.errors import StagingFull
 from cachefs.objects import ObjectId, ObjectInfo, join
 from cachefs.staging import WRITE_OUT_STEP, StagedFile, Staging
 from cachefs.upload import EarlyParts, Upload, Uploader
@@ -55,28 +56,44 @@ class WriteFile:
         self.written_to = 0  # where the last write ended: the next one is in sequence if it starts here
         self.unlinked = False  # deleted while open: its bytes go nowhere
         self.out_to = 0  # --writeback: the staged bytes before this are being written to the disk
+        self._owning = trio.Lock()  # one `_own` at a time
 
     @property
     def info(self) -> ObjectInfo:
         return ObjectInfo(self.path, "file", self.size, self.mtime, f"local:{self.id}:{self.size}")
 
     async def _own(self) -> None:
-        """Make the staged file this file's alone (an upload holds the one we had)."""
-        staging = self.writes.staging
-        if self.staged.holders == 1:
-            return
-        copy, fd = staging.create_file()
-        try:
-            await staging.reserve(copy, self.size)
-            await trio.to_thread.run_sync(_copy_range, self.fd, fd, self.size)
-        except BaseException:
-            os.close(fd)
-            staging.release(copy)
-            raise
-        os.close(self.fd)
-        staging.release(self.staged)
-        self.staged, self.fd = copy, fd
-        self.out_to = 0  # the copy is all in the page cache
+        """Make the staged file this file's alone (an upload holds the one we had). One
+        task at a time: two writes that both found the file held each made a copy, and
+        the second replaced the first's, with the write already made into it."""
+        async with self._owning:
+            staging = self.writes.staging
+            if self.staged.holders == 1:
+                return
+            copy, fd = staging.create_file()
+            try:
+                try:
+                    await staging.reserve(copy, self.size)
+                except StagingFull:
+                    if self.staged.holders > 1:
+                        raise
+                    # The upload ended while we waited, and gave back no room (its hold was
+                    # not the last): no copy is needed now, so no error either.
+                needed = self.staged.holders > 1
+                if needed:
+                    await trio.to_thread.run_sync(_copy_range, self.fd, fd, self.size)
+            except BaseException:
+                os.close(fd)
+                staging.release(copy)
+                raise
+            if not needed:
+                os.close(fd)
+                staging.release(copy)
+                return
+            os.close(self.fd)
+            staging.release(self.staged)
+            self.staged, self.fd = copy, fd
+            self.out_to = 0  # the copy is all in the page cache
 
     async def write(self, offset: int, data: bytes) -> int:
         end = offset + len(data)

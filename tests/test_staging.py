@@ -552,3 +552,59 @@ async def test_room_the_disk_refused_is_not_kept_counted(tmp_path):
     with trio.move_on_after(1):  # not the fake clock: the writer waits on an event, not a timer
         await staging.reserve(staged, RESERVE_STEP)
     assert staging.used == 0 and staged.reserved == 0
+
+
+def _write_file(staging: Staging, writeback: bool = False):
+    from cachefs.writes import WriteFile, Writes
+
+    staged, fd = staging.create_file()
+    return WriteFile(Writes(staging, uploader=None, writeback=writeback), None, "f", staged, fd, 0)
+
+
+@pytest.mark.trio
+async def test_two_writes_into_a_file_an_upload_holds_both_land_in_its_copy(staging):
+    """Both writes find the file held by an upload; the copy is made once and keeps both.
+    Each used to make its own copy, the second replacing the first's and its write."""
+    wf = _write_file(staging)
+    await wf.write(0, b"." * RESERVE_STEP)
+    held = wf.staged
+    staging.hold(held)  # a close's upload holds it
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(wf.write, 0, b"A")
+        nursery.start_soon(wf.write, 10, b"B")
+    assert os.pread(wf.fd, 12, 0) == b"A" + b"." * 9 + b"B."
+    assert wf.staged is not held and held.holders == 1
+    assert staging.used == 2 * RESERVE_STEP  # the upload's file and one copy
+    staging.release(held)
+    os.close(wf.fd)
+
+
+@pytest.mark.trio
+async def test_a_write_waiting_to_copy_a_file_needs_no_copy_once_the_upload_ends(tmp_path):
+    """A file larger than the room left: the write waits for the upload to end, then writes
+    into the file it has to itself again, with no StagingFull (ENOSPC) for the copy it no
+    longer needs."""
+    staging = Staging(str(tmp_path), limit=8 * RESERVE_STEP, disk=None)
+    staging.open()
+    wf = _write_file(staging, writeback=True)
+    await wf.write(0, b"x" * (5 * RESERVE_STEP))
+    held = wf.staged
+    staging.hold(held)  # an fsync's upload (Uploader.submit) holds it, and counts as draining
+    staging.draining_changed(wf.size)
+
+    async def upload_ends() -> None:
+        await trio.sleep(0)
+        staging.draining_changed(-5 * RESERVE_STEP)
+        staging.release(held)  # Uploader._run's finally: not the last hold, no room back
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(upload_ends)
+        assert await wf.write(5 * RESERVE_STEP, b"y") == 1
+    assert wf.staged is held and held.holders == 1
+    assert staging.used == _rounded_room(5 * RESERVE_STEP + 1)
+    assert os.pread(wf.fd, 2, 5 * RESERVE_STEP - 1) == b"xy"
+    os.close(wf.fd)
+
+
+def _rounded_room(size: int) -> int:
+    return -(-size // RESERVE_STEP) * RESERVE_STEP
