@@ -227,9 +227,16 @@ class Uploader:
             OSError: the journal could not be written (background only); nothing was started.
         """
         upload = Upload(dataset, path, staged, size, background, early=early)
+        # The upload's own hold (the writer may let go first), taken before the journal
+        # may wait for its spare entries: a write meanwhile must copy the file, not change
+        # the state this entry and this upload are of.
+        self.staging.hold(staged)
         if background:
-            upload.entry = await self.staging.journal(dataset.source, path, staged, size)
-        self.staging.hold(staged)  # the upload's own hold: the writer may let go first
+            try:
+                upload.entry = await self.staging.journal(dataset.source, path, staged, size)
+            except BaseException:
+                self.staging.release(staged)
+                raise
         self._start(upload)
         return upload
 

@@ -12,6 +12,7 @@ from types import SimpleNamespace
 
 import pytest
 import trio
+import trio.testing
 
 from cachefs.backend import Backend
 from cachefs.cache.disk import DiskTier, file_header_size
@@ -339,3 +340,43 @@ async def test_a_small_file_is_cached_by_its_put_thread_with_no_hop_of_its_own(t
     key = chunk_key(ObjectId("s3://b/p", "small", upload.info.version, len(data)), 4096, 0)
     assert bytes(await disk.get(key)) == data
     assert disk.usage() == (file_header_size(len(data)) + len(data), 1)
+
+
+@pytest.mark.trio
+async def test_a_write_while_a_writeback_close_journals_goes_to_a_copy(tmp_path):
+    """The upload holds the closed file before its journal entry may wait for spare entry
+    files: a write by another handle meanwhile copies the file, so the entry, the upload and
+    the staged bytes are all of the closed state. It used to change the file in place: the
+    entry named 1000 bytes of a file of 2000, which a restart after kill -9 dropped."""
+    from cachefs.writes import WriteFile, Writes
+
+    async with trio.open_nursery() as nursery:
+        uploader, staging, dataset = _uploader_over(tmp_path, nursery)
+        while staging._spare_entries:  # used up, and more being made: journal() waits
+            os.close(staging._spare_entries.popleft()[1])
+        staging._preparing = trio.Event()
+        staged, fd = staging.create_file()
+        wf = WriteFile(Writes(staging, uploader=uploader, writeback=True), dataset, "f", staged, fd, 0)
+        await wf.write(0, b"a" * 1000)
+        closed = {}
+
+        async def close() -> None:
+            closed["upload"] = await uploader.submit(dataset, "f", staged, 1000, background=True)
+
+        nursery.start_soon(close)
+        await trio.testing.wait_all_tasks_blocked()
+        await wf.write(0, b"B" * 2000)  # another handle, while the close journals
+        staging._preparing.set()
+        staging._preparing = None
+        await trio.testing.wait_all_tasks_blocked()
+        upload = closed["upload"]
+        assert wf.staged is not staged  # the write made its own copy
+        assert upload.entry.size == 1000 and upload.staged is staged
+        with open(staged.path, "rb") as f:
+            assert f.read() == b"a" * 1000
+        assert os.pread(wf.fd, 2001, 0) == b"B" * 2000
+        dataset.backend.land("f")
+        await upload.done.wait()
+        os.close(wf.fd)
+        staging.release(wf.staged)
+        nursery.cancel_scope.cancel()
