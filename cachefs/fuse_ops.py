@@ -703,11 +703,14 @@ class Operations(pyfuse3.Operations):
         writes = self.node.writes
         moved = None
         if info.kind == "file":
-            # Only what the backend holds can be renamed there: land this node's writes first.
-            await writes.uploader.wait(dataset, old, self._upload_wait(dataset))
+            # Only what the backend holds can be renamed there: land this node's writes first,
+            # those of a handle still open too. Every upload done, not only landed: its new
+            # version recorded (the cached chunks moved below are of that version, not of the
+            # one before) and its pending entry gone (it would show the old name again).
             wf = writes.find(dataset, old)
             if wf is not None:
                 await wf.commit(background=False)
+            await writes.uploader.wait(dataset, old, self._upload_wait(dataset))
             await writes.uploader.cancel(dataset, new)  # replaced: its pending bytes are superseded
             moved = await self._stored(dataset, old)  # the version its cached chunks are of
         replaced = await self._stored(dataset, new) if target is not None and target.kind == "file" else None

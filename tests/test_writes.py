@@ -126,6 +126,28 @@ def test_a_file_renamed_after_its_write_is_read_from_the_cache(s3_behind_proxy, 
     assert data_gets == 0, source.proxy.gets
 
 
+def test_a_file_renamed_while_open_with_changes_is_read_as_changed_under_its_new_name(local_source, cachefs_mount):
+    """An in-place edit of a cached file, renamed before its close: the new name reads the
+    edited bytes (the rename waited for the edit's upload to be recorded, so the chunks it
+    moved are the edit's), and the old name is gone at once. The new name used to read the
+    file as it was before the edit, and the old name to show for about --attr-ttl."""
+    m = _rw(cachefs_mount, local_source, "--mem-size", "0", "--cache-size", "256M")
+    before = random.Random(5).randbytes(2 * CHUNK)
+    a, b = os.path.join(m.mountpoint, "a"), os.path.join(m.mountpoint, "b")
+    _write(a, before)
+    _wait_for(lambda: m.metric("cachefs_cache_chunks", tier="disk") == 2, "the file's chunks cached")
+    with open(a, "r+b") as f:
+        f.write(b"X" * 100)  # the same size: only the version tells the states apart
+        f.flush()
+        os.rename(a, b)
+        assert not os.path.exists(a)
+    after = b"X" * 100 + before[100:]
+    assert local_source.read("b") == after
+    subprocess.run(["sh", "-c", "echo 3 > /proc/sys/vm/drop_caches"], check=False)
+    assert _read(b) == after
+    assert sorted(os.listdir(m.mountpoint)) == ["b"]
+
+
 def test_a_deleted_or_replaced_file_leaves_the_cache_unless_a_handle_still_reads_it(source, cachefs_mount):
     """rm and a rename over a file drop its cached chunks at once (the cache holds what can
     still be read); a file open while it is deleted keeps its chunks and reads on, whole."""
