@@ -630,10 +630,16 @@ class Operations(pyfuse3.Operations):
         if info.kind == "dir":
             raise pyfuse3.FUSEError(errno.EISDIR)
         writes = self.node.writes
-        await writes.uploader.cancel(dataset, inner)  # else a late upload would bring it back
+        landed = await writes.uploader.cancel(dataset, inner)  # else a late upload would bring it back
         stored = await self._stored(dataset, inner)
-        if stored is not None:
-            await dataset.backend.delete(inner)
+        if stored is not None or landed:
+            # `landed`: an upload cut short landed with its last request, after the listing
+            # `_stored` may answer from: the object is there all the same.
+            try:
+                await dataset.backend.delete(inner)
+            except ObjectNotFound:
+                if stored is not None:
+                    raise
         writes.unlinked(dataset, inner)
         dataset.namespace.drop_entry(inner)
         self.inodes.unlinked(path)

@@ -268,10 +268,11 @@ class Uploader:
             return
         raise BackendUnavailable(f"{path}: its upload has not landed yet (the backend is not taking it)")
 
-    async def cancel(self, dataset: Dataset, path: str) -> None:
+    async def cancel(self, dataset: Dataset, path: str) -> bool:
         """`path` was deleted: drop its pending uploads (and journal entries). Returns
         once none is left, so that no upload can land after the caller deletes the
-        object (one in the middle of a request finishes it, within the store's timeouts)."""
+        object (one in the middle of a request finishes it, within the store's timeouts):
+        whether one did land so, which no listing may show yet."""
         uploads = list(self.pending.get((dataset.source, path), ()))
         for upload in uploads:
             upload.cancelled = True
@@ -279,6 +280,7 @@ class Uploader:
                 upload.pause.cancel()
         for upload in uploads:
             await upload.done.wait()
+        return any(upload.info is not None for upload in uploads)
 
     async def _run(self, upload: Upload) -> None:
         key = (upload.dataset.source, upload.path)

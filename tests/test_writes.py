@@ -148,6 +148,29 @@ def test_a_file_renamed_while_open_with_changes_is_read_as_changed_under_its_new
     assert sorted(os.listdir(m.mountpoint)) == ["b"]
 
 
+def test_rm_of_a_writeback_file_whose_put_is_in_flight_deletes_what_it_put(s3_behind_proxy, cachefs_mount):
+    """--writeback: rm while the file's PUT is on its way. The rm waits for that request,
+    which lands; the directory's listing, cached from before the PUT, says the file is not
+    there, and rm used to skip the DELETE, so the file came back once the listing expired."""
+    source = s3_behind_proxy
+    m = _rw(cachefs_mount, source, "--writeback", "--attr-ttl", "60")  # the listing stays fresh
+    d = os.path.join(m.mountpoint, "d")
+    os.mkdir(d)
+    _write(os.path.join(d, "other"), b"x")
+    _wait_for(lambda: _held(source, "d/other") is not None, "d/other uploaded")
+    os.listdir(d)  # listed now: before the PUT below
+    source.proxy.fault_scope = "writes"
+    source.proxy.fault = "slow:2"  # each PUT (and DELETE) held 2 s at the proxy: the rm comes during it
+    try:
+        _write(os.path.join(d, "f"), os.urandom(CHUNK // 2))  # returns at once: journaled
+        _wait_for(lambda: source.proxy.faults["slow:2"] >= 1, "the PUT on its way")
+        os.unlink(os.path.join(d, "f"))
+    finally:
+        source.proxy.fault = None
+    assert _held(source, "d/f") is None
+    assert not os.path.exists(os.path.join(d, "f"))
+
+
 def test_a_deleted_or_replaced_file_leaves_the_cache_unless_a_handle_still_reads_it(source, cachefs_mount):
     """rm and a rename over a file drop its cached chunks at once (the cache holds what can
     still be read); a file open while it is deleted keeps its chunks and reads on, whole."""
