@@ -630,17 +630,22 @@ class Operations(pyfuse3.Operations):
         if info.kind == "dir":
             raise pyfuse3.FUSEError(errno.EISDIR)
         writes = self.node.writes
-        landed = await writes.uploader.cancel(dataset, inner)  # else a late upload would bring it back
-        stored = await self._stored(dataset, inner)
-        if stored is not None or landed:
-            # `landed`: an upload cut short landed with its last request, after the listing
-            # `_stored` may answer from: the object is there all the same.
-            try:
-                await dataset.backend.delete(inner)
-            except ObjectNotFound:
-                if stored is not None:
-                    raise
-        writes.unlinked(dataset, inner)
+        # First: a close of a handle open on it, while this waits, must not upload it again.
+        detached = writes.unlinked(dataset, inner)
+        try:
+            landed = await writes.uploader.cancel(dataset, inner)  # else a late upload would bring it back
+            stored = await self._stored(dataset, inner)
+            if stored is not None or landed:
+                # `landed`: an upload cut short landed with its last request, after the listing
+                # `_stored` may answer from: the object is there all the same.
+                try:
+                    await dataset.backend.delete(inner)
+                except ObjectNotFound:
+                    if stored is not None:
+                        raise
+        except BaseException:
+            writes.reattach(detached)  # not deleted: the open file is the path's again
+            raise
         dataset.namespace.drop_entry(inner)
         self.inodes.unlinked(path)
         if stored is not None:
@@ -708,6 +713,7 @@ class Operations(pyfuse3.Operations):
                 raise pyfuse3.FUSEError(errno.ENOTDIR)
         writes = self.node.writes
         moved = None
+        detached = None
         if info.kind == "file":
             # Only what the backend holds can be renamed there: land this node's writes first,
             # those of a handle still open too. Every upload done, not only landed: its new
@@ -717,10 +723,19 @@ class Operations(pyfuse3.Operations):
             if wf is not None:
                 await wf.commit(background=False)
             await writes.uploader.wait(dataset, old, self._upload_wait(dataset))
-            await writes.uploader.cancel(dataset, new)  # replaced: its pending bytes are superseded
-            moved = await self._stored(dataset, old)  # the version its cached chunks are of
-        replaced = await self._stored(dataset, new) if target is not None and target.kind == "file" else None
-        await dataset.backend.rename(old, new, info.kind)
+            # Replaced: a file open at `new` uploads nothing from now (a close of it while this
+            # waits must not land over what the rename puts there), and its pending bytes are
+            # superseded.
+            detached = writes.unlinked(dataset, new)
+        try:
+            if info.kind == "file":
+                await writes.uploader.cancel(dataset, new)
+                moved = await self._stored(dataset, old)  # the version its cached chunks are of
+            replaced = await self._stored(dataset, new) if target is not None and target.kind == "file" else None
+            await dataset.backend.rename(old, new, info.kind)
+        except BaseException:
+            writes.reattach(detached)  # not replaced: the file open at `new` is its path's again
+            raise
         writes.moved(dataset, old, new)
         dataset.namespace.drop_entry(old)
         dataset.namespace.drop_entry(new)

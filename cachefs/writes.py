@@ -316,12 +316,25 @@ class Writes:
             wf.path = new
             self.files[(dataset.source, new)] = wf
 
-    def unlinked(self, dataset: Dataset, path: str) -> None:
-        """`path` was deleted: an open file of it lives on, anonymous, and uploads nothing."""
+    def unlinked(self, dataset: Dataset, path: str) -> WriteFile | None:
+        """`path` is being deleted (or replaced): an open file of it lives on, anonymous,
+        and uploads nothing. Returns that file, for `reattach` if the deletion fails."""
         wf = self.files.pop((dataset.source, path), None)
         if wf is not None:
             wf.unlinked = True
             self._drop_early(wf)
+        return wf
+
+    def reattach(self, wf: WriteFile | None) -> None:
+        """The deletion `unlinked` was told of failed: open file `wf` is its path's again
+        (its parts sent early are gone: it uploads whole at its close), unless another
+        file was opened at the path meanwhile."""
+        if wf is None:
+            return
+        key = (wf.dataset.source, wf.path)
+        if key not in self.files:
+            wf.unlinked = False
+            self.files[key] = wf
 
     def _drop_early(self, wf: WriteFile) -> None:
         if wf.early is not None:

@@ -171,6 +171,33 @@ def test_rm_of_a_writeback_file_whose_put_is_in_flight_deletes_what_it_put(s3_be
     assert not os.path.exists(os.path.join(d, "f"))
 
 
+def test_a_handle_closed_while_its_file_is_deleted_does_not_bring_it_back(s3_behind_proxy, cachefs_mount):
+    """rm of a file another process has open with changes, and that process closes it while
+    the DELETE is on its way: the close uploads nothing (the file is deleted, as on POSIX,
+    where its bytes go nowhere). It used to upload the file again after the DELETE."""
+    import threading
+
+    source = s3_behind_proxy
+    m = _rw(cachefs_mount, source)
+    path = os.path.join(m.mountpoint, "f")
+    _write(path, b"before")
+    f = open(path, "r+b")
+    try:
+        f.write(b"after!")
+        f.flush()  # to the mount; the close below would upload it
+        source.proxy.fault_scope = "writes"
+        source.proxy.fault = "slow:2"  # the DELETE held 2 s at the proxy
+        removed = threading.Thread(target=os.unlink, args=(path,))
+        removed.start()
+        _wait_for(lambda: source.proxy.faults["slow:2"] >= 1, "the DELETE on its way")
+    finally:
+        f.close()
+        source.proxy.fault = None
+    removed.join()
+    assert _held(source, "f") is None
+    assert not os.path.exists(path)
+
+
 def test_a_deleted_or_replaced_file_leaves_the_cache_unless_a_handle_still_reads_it(source, cachefs_mount):
     """rm and a rename over a file drop its cached chunks at once (the cache holds what can
     still be read); a file open while it is deleted keeps its chunks and reads on, whole."""
