@@ -83,6 +83,8 @@ def _remote_version(etag: str, size: int, mtime: float) -> str:
 class LocalStore:
     """A local or NAS directory (also a JuiceFS mount path), read with plain syscalls."""
 
+    keeps_mtime = True  # set_mtime sets it
+
     def __init__(self, root: str):
         self.root = os.path.abspath(root)
         self.url = self.root
@@ -180,6 +182,8 @@ class LocalStore:
 
 class FsspecStore:
     """Any fsspec filesystem; S3 gets conditional ranged GETs."""
+
+    keeps_mtime = False  # an object's mtime is its upload's: set_mtime sets nothing
 
     def __init__(
         self,
@@ -1488,6 +1492,11 @@ class Backend:
 
     async def rename(self, old: str, new: str, kind: Kind) -> None:
         await self._change("rename", f"{old} -> {new}", self.store.rename, old, new, kind)
+
+    @property
+    def keeps_mtime(self) -> bool:
+        """Whether `set_mtime` sets anything."""
+        return getattr(self.store, "keeps_mtime", False)
 
     async def set_mtime(self, path: str, mtime: float) -> None:
         await self._change("setattr", path, self.store.set_mtime, path, mtime)

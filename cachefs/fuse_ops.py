@@ -610,7 +610,7 @@ class Operations(pyfuse3.Operations):
                 mtime = attr.st_mtime_ns / 1e9
                 if wf is not None:
                     wf.set_mtime(mtime)
-                else:
+                elif not writes.uploader.touch(dataset, inner, mtime):  # not landed yet: set after
                     await dataset.backend.set_mtime(inner, mtime)  # S3: an object's mtime is its upload's
                     dataset.namespace.invalidate(inner)
             # Modes and owners are the mount's (--uid, --gid, --umask): accepted, not kept.

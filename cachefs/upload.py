@@ -142,6 +142,7 @@ class Upload:
     cancelled: bool = False  # the path was deleted: upload nothing more
     pause: trio.CancelScope | None = None  # while waiting to retry
     early: EarlyParts | None = None  # parts sent before the close
+    mtime: float | None = None  # set (touch) before it landed: the object takes it after (`Uploader.touch`)
 
 
 class Uploader:
@@ -182,6 +183,17 @@ class Uploader:
         """The newest upload of `path` not landed yet: what a read of it must see."""
         uploads = self.pending.get((dataset.source, path))
         return uploads[-1] if uploads else None
+
+    def touch(self, dataset: Dataset, path: str, mtime: float) -> bool:
+        """A new mtime for `path` while an upload of it has not landed (`tar x` under
+        --writeback sets each file's mtime after its close): the object takes it once it
+        lands. Set now, it would fail (no object yet) or be undone by the upload. Returns
+        whether there was such an upload."""
+        upload = self.latest(dataset, path)
+        if upload is None or upload.info is not None or upload.cancelled:
+            return False
+        upload.mtime = mtime
+        return True
 
     def send_early(self, dataset: Dataset, path: str, early: EarlyParts, staged: StagedFile, end: int) -> None:
         """A sequential writer of `path` wrote up to `end`: send the parts it has filled."""
@@ -314,6 +326,8 @@ class Uploader:
                         delay = min(delay * 2, RETRY_MAX)
                 if upload.cancelled:
                     return
+                if upload.mtime is not None:
+                    await self._set_mtime(upload)
                 metrics.UPLOADS.labels("ok").inc()
                 # The close returns now; until the chunks are cached, this node still reads
                 # the file from its staged bytes (it stays pending), so reads make no GET.
@@ -345,6 +359,19 @@ class Uploader:
                 self.staging.release(upload.staged, keep_file=keep)
                 upload.landed.set()
                 upload.done.set()
+
+    @staticmethod
+    async def _set_mtime(upload: Upload) -> None:
+        """The mtime a touch gave the file before it landed, on the object now, where the
+        store keeps one (a local or NAS directory; S3's is the upload's time)."""
+        backend = upload.dataset.backend
+        if not backend.keeps_mtime:
+            return
+        try:
+            await backend.set_mtime(upload.path, upload.mtime)
+            upload.info = await backend.stat(upload.path)  # a local file's version names its mtime
+        except BackendError as e:
+            log.warning("could not set the mtime of %s after its upload: %s", upload.path, e)
 
     async def _send(self, upload: Upload) -> ObjectInfo:
         """The upload's one attempt: `Backend.upload`; one a close waits for counts as sending.

@@ -202,7 +202,10 @@ class Writes:
             return wf.info
         upload = self.uploader.latest(dataset, path)
         if upload is not None:
-            mtime = upload.entry.sealed_at if upload.entry is not None else time.time()
+            if upload.mtime is not None:
+                mtime = upload.mtime
+            else:
+                mtime = upload.entry.sealed_at if upload.entry is not None else time.time()
             return ObjectInfo(path, "file", upload.size, mtime, f"local:upload:{id(upload)}")
         return None
 

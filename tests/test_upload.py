@@ -380,3 +380,38 @@ async def test_a_write_while_a_writeback_close_journals_goes_to_a_copy(tmp_path)
         os.close(wf.fd)
         staging.release(wf.staged)
         nursery.cancel_scope.cancel()
+
+
+@pytest.mark.trio
+async def test_an_mtime_set_before_the_upload_landed_is_set_on_the_object_after(tmp_path):
+    """`tar x` under --writeback sets a file's mtime after its close, before its upload
+    lands. The object takes that mtime once it lands (set before, it failed with ENOENT
+    on a local source, or was undone by the upload), and the upload's version is the one
+    of the object with it."""
+
+    class TimedBackend(HeldBackend):
+        keeps_mtime = True
+
+        def __init__(self):
+            super().__init__()
+            self.mtimes: dict[str, float] = {}
+
+        async def set_mtime(self, path, mtime) -> None:
+            self.mtimes[path] = mtime
+
+        async def stat(self, path) -> ObjectInfo:
+            return ObjectInfo(path, "file", 5000, self.mtimes[path], f"v-{path}-{self.mtimes[path]}")
+
+    async with trio.open_nursery() as nursery:
+        uploader, staging, dataset = _uploader_over(tmp_path, nursery)
+        dataset.backend = backend = TimedBackend()
+        upload = await _submit(uploader, staging, dataset, "f", background=True)
+        await trio.testing.wait_all_tasks_blocked()  # the upload is on its way, held
+        assert uploader.touch(dataset, "f", 1e9)
+        assert backend.mtimes == {}  # not set on what is there now
+        backend.land("f")
+        await upload.done.wait()
+        assert backend.mtimes == {"f": 1e9}
+        assert upload.info.version == "v-f-1000000000.0"
+        assert not uploader.touch(dataset, "f", 2e9)  # nothing pending: set as usual
+        nursery.cancel_scope.cancel()

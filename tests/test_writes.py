@@ -198,6 +198,18 @@ def test_a_handle_closed_while_its_file_is_deleted_does_not_bring_it_back(s3_beh
     assert not os.path.exists(path)
 
 
+def test_touch_right_after_a_writeback_close_sets_the_mtime(local_source, cachefs_mount):
+    """`tar x` under --writeback: each file's mtime is set after its close, while its upload
+    may still be on its way. That used to fail with ENOENT on a local source."""
+    m = _rw(cachefs_mount, local_source, "--writeback")
+    path = os.path.join(m.mountpoint, "f")
+    _write(path, os.urandom(64 << 20))
+    os.utime(path, (1_000_000_000, 1_000_000_000))
+    assert os.stat(path).st_mtime == 1_000_000_000
+    _wait_for(lambda: _held(local_source, "f") is not None and local_source.path("f").stat().st_mtime == 1_000_000_000,
+              "the file landed with that mtime")
+
+
 def test_a_deleted_or_replaced_file_leaves_the_cache_unless_a_handle_still_reads_it(source, cachefs_mount):
     """rm and a rename over a file drop its cached chunks at once (the cache holds what can
     still be read); a file open while it is deleted keeps its chunks and reads on, whole."""
