@@ -196,7 +196,14 @@ class Staging:
         return entries
 
     def adopt(self, entry: JournalEntry) -> StagedFile:
-        """The staged file of a journal entry found by `open`, with its room taken."""
+        """The staged file of a journal entry found by `open`, with its room taken (and
+        the blocks allocated ahead past its end, before the crash, freed: not counted)."""
+        with contextlib.suppress(OSError):
+            fd = os.open(entry.staged, os.O_WRONLY | os.O_CLOEXEC)
+            try:
+                _free_tail(fd, entry.size)
+            finally:
+                os.close(fd)
         room = _rounded(entry.size)
         self.used += room  # already on disk: taken even if over a bound lowered since
         if self.disk is not None:
@@ -430,10 +437,13 @@ class Staging:
         self._freed.set()  # a writer that found it counted may fit now
         self._freed = trio.Event()
 
-    def shrink(self, staged: StagedFile, size: int) -> None:
-        """`staged` was truncated to `size` bytes: give back the room it no longer needs."""
+    def shrink(self, staged: StagedFile, size: int, fd: int | None = None) -> None:
+        """`staged` (open as `fd`) was truncated to `size` bytes: give back the room it no
+        longer needs, and the disk blocks allocated ahead in it."""
         spare = staged.reserved - _rounded(size)
         if spare > 0:
+            if fd is not None:
+                _free_tail(fd, size)
             staged.reserved -= spare
             self._give_back(spare)
 
@@ -666,6 +676,17 @@ def _ahead(size: int) -> int:
 # None (not Linux): blocks are allocated as they are written.
 _fallocate = _libc_function("fallocate", ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64)
 _FALLOC_FL_KEEP_SIZE = 1  # blocks past the end of the file: its size stays what was written
+_FALLOC_FL_PUNCH_HOLE = 2
+
+
+def _free_tail(fd: int, size: int) -> None:
+    """Free the blocks `_preallocate` allocated past `size`, the file's end: they outlive a
+    truncate that makes the file larger, and its close, but its room is counted only up to
+    `_rounded(size)`. Best effort, as `_preallocate`."""
+    with contextlib.suppress(OSError):
+        os.ftruncate(fd, size)  # ext4 frees them on a truncate, also to the same size
+    if _fallocate is not None:  # where a truncate keeps them (ext4 punches nothing past the end)
+        _fallocate(fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, size, 2 * RESERVE_AHEAD)
 
 
 def _preallocate(fd: int, offset: int, length: int) -> None:

@@ -143,7 +143,7 @@ class WriteFile:
             self.early.touched(size, None)
             self.early.stopped = True
         self.size = size
-        self.writes.staging.shrink(self.staged, size)
+        self.writes.staging.shrink(self.staged, size, self.fd)
         self.mtime = time.time()
         self.dirty = True
 

@@ -608,3 +608,46 @@ async def test_a_write_waiting_to_copy_a_file_needs_no_copy_once_the_upload_ends
 
 def _rounded_room(size: int) -> int:
     return -(-size // RESERVE_STEP) * RESERVE_STEP
+
+
+def _on_disk(path_or_fd) -> int:
+    st = os.fstat(path_or_fd) if isinstance(path_or_fd, int) else os.stat(path_or_fd)
+    return st.st_blocks * 512
+
+
+@pytest.mark.trio
+async def test_a_truncate_that_gives_room_back_frees_the_blocks_allocated_ahead_too(tmp_path):
+    """A file written to 20 MiB holds room, and blocks, up to 24; truncated up to 21 MiB it
+    gives 3 MiB of room back, and those blocks with it (allocated past the end, they outlived
+    the truncate, uncounted)."""
+    from cachefs.writes import WriteFile, Writes
+
+    staging = Staging(str(tmp_path), limit=64 << 20, disk=None)
+    staging.open()
+    staged, fd = staging.create_file()
+    wf = WriteFile(Writes(staging, uploader=None, writeback=False), None, "f", staged, fd, 0)
+    block = os.urandom(1 << 20)
+    for at in range(0, 20 << 20, len(block)):
+        await wf.write(at, block)
+    assert staged.reserved == 24 << 20 and _on_disk(fd) >= 24 << 20
+    await wf.truncate(21 << 20)
+    assert staged.reserved == staging.used == 21 << 20
+    assert _on_disk(fd) <= staged.reserved
+    os.close(fd)
+
+
+def test_a_restart_frees_the_blocks_a_journaled_file_had_allocated_ahead(tmp_path):
+    """Counted at a restart as its size rounded up, a journaled file has no more on disk."""
+    from cachefs.staging import JournalEntry
+
+    staging = Staging(str(tmp_path), limit=64 << 20, disk=None)
+    staging.open()
+    staged, fd = staging.create_file()
+    trio.run(staging.reserve, staged, 9 << 20, fd)
+    os.pwrite(fd, b"x" * (9 << 20), 0)
+    os.close(fd)
+    assert _on_disk(staged.path) >= 16 << 20  # its room, and blocks, a step ahead
+    adopted = Staging(str(tmp_path), limit=64 << 20, disk=None).adopt(
+        JournalEntry(1, "s3://b/p", "f", staged.path, 9 << 20, 0.0))
+    assert adopted.reserved == 9 << 20
+    assert _on_disk(staged.path) <= adopted.reserved
