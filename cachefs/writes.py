@@ -160,9 +160,18 @@ class WriteFile:
             return None
         self.dirty = False
         early, self.early = self.early, None  # later writes change a sealed state: no more early parts
-        upload = self.sealed = await self.writes.uploader.submit(
-            self.dataset, self.path, self.staged, self.size, background, early
-        )
+        try:
+            upload = await self.writes.uploader.submit(self.dataset, self.path, self.staged, self.size, background, early)
+        except BaseException:
+            # Not sealed (the journal could not be written): still ours to upload, and the
+            # parts sent early still of it. A later close or fsync tries again.
+            self.dirty = True
+            if self.early is None:
+                self.early = early
+            elif early is not None:
+                self.writes.uploader.drop_early(self.dataset, self.path, early)
+            raise
+        self.sealed = upload
         if not background:
             await upload.landed.wait()
             if upload.error is not None:
@@ -229,18 +238,27 @@ class Writes:
             BackendError: the current content could not be read; StagingFull.
         """
         wf = self.find(dataset, path)
+        made = None
         if wf is None:
             staged, fd = self.staging.create_file()
-            wf = WriteFile(self, dataset, path, staged, fd, 0)
+            made = WriteFile(self, dataset, path, staged, fd, 0)
             try:
                 if not truncate:
-                    await self._fill(wf, current)
+                    await self._fill(made, current)
             except BaseException:
                 os.close(fd)
                 self.staging.release(staged)
                 raise
-            self.files[(dataset.source, path)] = wf
-        elif truncate and wf.size:
+            # Another open of the path may have made its file while this one was filled: one
+            # file per path, or each handle writes into a copy of its own and a close uploads
+            # one of them (two O_APPEND writers lost one's bytes to a hole).
+            wf = self.find(dataset, path)
+            if wf is None:
+                wf = self.files[(dataset.source, path)] = made
+            else:
+                os.close(fd)
+                self.staging.release(staged)
+        if wf is not made and truncate and wf.size:
             await wf.truncate(0)
         if truncate:
             wf.dirty = True  # an O_TRUNC open of an unchanged file still empties it at close

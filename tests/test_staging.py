@@ -651,3 +651,62 @@ def test_a_restart_frees_the_blocks_a_journaled_file_had_allocated_ahead(tmp_pat
         JournalEntry(1, "s3://b/p", "f", staged.path, 9 << 20, 0.0))
     assert adopted.reserved == 9 << 20
     assert _on_disk(staged.path) <= adopted.reserved
+
+
+@pytest.mark.trio
+async def test_two_opens_of_a_file_at_once_share_one_staged_copy(staging):
+    """Both opens fill a copy of the current file (waiting on the reader); the second to
+    finish takes the first's file, so both handles write into one. Each used to keep its
+    own copy: two O_APPEND writers lost one writer's bytes to a hole."""
+    from types import SimpleNamespace
+
+    from cachefs.objects import ObjectInfo
+    from cachefs.writes import Writes
+
+    size = 4096
+
+    class Reader:
+        chunk_size = size
+
+        async def chunk(self, obj, index):
+            await trio.sleep(0)  # as a fetch does: the other open runs meanwhile
+            return b"c" * min(size, obj.size - index * size), None
+
+    dataset = SimpleNamespace(source="s3://b/p", reader=Reader(), backend=SimpleNamespace(takes_parts=False))
+    uploader = SimpleNamespace(latest=lambda dataset, path: None, part_size=8 << 20)
+    writes = Writes(staging, uploader=uploader, writeback=False)
+    current = ObjectInfo("f", "file", 3 * size, 0.0, "v1")
+    opened = []
+
+    async def open_() -> None:
+        opened.append(await writes.open(dataset, "f", current, truncate=False))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(open_)
+        nursery.start_soon(open_)
+    assert opened[0] is opened[1] and opened[0].handles == 2
+    assert staging.used == RESERVE_STEP  # the other copy's room given back
+    writes.close(opened[0])
+    writes.close(opened[0])
+    assert staging.used == 0 or staging.removing
+
+
+@pytest.mark.trio
+async def test_a_close_whose_journal_write_failed_keeps_the_changes_to_upload(staging):
+    """--writeback: the journal entry could not be written (a full disk): the close fails,
+    and the file is still to be uploaded by the next close or fsync, not marked clean."""
+    from types import SimpleNamespace
+
+    from cachefs.writes import WriteFile, Writes
+
+    async def submit(*args):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    writes = Writes(staging, uploader=SimpleNamespace(submit=submit), writeback=True)
+    staged, fd = staging.create_file()
+    wf = WriteFile(writes, None, "f", staged, fd, 0)
+    await wf.write(0, b"data")
+    with pytest.raises(OSError):
+        await wf.commit(background=True)
+    assert wf.dirty and wf.sealed is None
+    os.close(fd)
