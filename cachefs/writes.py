@@ -53,6 +53,7 @@ class WriteFile:
         self.sealed: Upload | None = None  # the last seal's upload
         # Parts sent while a new (or truncated) file is written in sequence (S3, large files).
         self.early: EarlyParts | None = None
+        self._parts_from: set[EarlyParts] = set()  # those that sent parts from this file (`truncate`)
         self.written_to = 0  # where the last write ended: the next one is in sequence if it starts here
         self.unlinked = False  # deleted while open: its bytes go nowhere
         self.out_to = 0  # --writeback: the staged bytes before this are being written to the disk
@@ -121,17 +122,23 @@ class WriteFile:
         if start != self.written_to:
             early.stopped = True  # not a sequential writer: it may come back to any part
         self.written_to = end
+        self._parts_from.add(early)
         self.writes.uploader.send_early(self.dataset, self.path, early, self.staged, end)
 
     def read(self, offset: int, size: int) -> bytes:
         return os.pread(self.fd, size, offset)
 
     async def truncate(self, size: int) -> None:
-        if self.early is not None and size < self.size:
-            # Early parts are sent from a mapping of this file (FsspecStore.put_part):
-            # cut under one in flight, its read would fault. None starts after this.
-            self.early.stopped = True
-            await self.early.settled()
+        if size < self.size:
+            # Early parts are sent from a mapping of this file (FsspecStore.put_part): cut
+            # under one in flight, its read would fault, and SIGBUS ends the daemon. None
+            # starts after this; those of parts the file has let go of (renamed or deleted
+            # while open, or handed to a close that failed) may still be in flight too.
+            if self.early is not None:
+                self.early.stopped = True
+            for early in list(self._parts_from):
+                await early.settled()
+            self._parts_from = {early for early in self._parts_from if early.sending}
         while True:
             await self._own()
             await self.writes.staging.reserve(self.staged, size)

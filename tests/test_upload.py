@@ -415,3 +415,74 @@ async def test_an_mtime_set_before_the_upload_landed_is_set_on_the_object_after(
         assert upload.info.version == "v-f-1000000000.0"
         assert not uploader.touch(dataset, "f", 2e9)  # nothing pending: set as usual
         nursery.cancel_scope.cancel()
+
+
+_TRUNCATE_UNDER_A_PART = r"""
+import os, sys, threading, time
+from types import SimpleNamespace
+import trio
+from cachefs.backend import Backend, _mapped_range
+from cachefs.staging import Staging
+from cachefs.upload import Uploader
+from cachefs.writes import Writes
+
+PART = 1 << 20
+reading = threading.Event()
+
+class SlowStore:
+    # put_part as FsspecStore.put_part reads a part: through a mapping of the staged file.
+    is_s3 = True
+    url = "s3://fake"
+    def start_multipart(self, path): return "u1"
+    def put_part(self, path, upload_id, number, staged, start, end):
+        fd = os.open(staged, os.O_RDONLY)
+        try:
+            with _mapped_range(fd, start, end) as body:
+                reading.set()
+                for at in range(0, len(body), 4096):  # slowly, a page at a time
+                    body[at]
+                    time.sleep(0.001)
+                return "etag"
+        finally:
+            os.close(fd)
+    def abort_multipart(self, path, upload_id): pass
+
+async def main(directory, how):
+    staging = Staging(directory, 1 << 30, None)
+    staging.open()
+    async with trio.open_nursery() as nursery:
+        async def uploaded(*args): pass
+        uploader = Uploader(staging, nursery, PART, uploaded)
+        backend = Backend(SlowStore(), concurrency=2, timeout=10, retries=0, upload_concurrency=4)
+        dataset = SimpleNamespace(source="s3://b/p", name="", removed=False, backend=backend,
+                                  reader=SimpleNamespace(tiers=[], chunk_size=PART))
+        writes = Writes(staging, uploader)
+        wf = await writes.open(dataset, "f", None, truncate=True)
+        await wf.write(0, b"x" * (PART + 4096))  # part 1 filled: sent early
+        await trio.to_thread.run_sync(reading.wait)
+        if how == "rename":
+            writes.moved(dataset, "f", "g")
+        else:
+            writes.unlinked(dataset, "f")
+        await wf.truncate(0)  # must wait for the part's read of the mapping
+        print("survived", flush=True)
+        nursery.cancel_scope.cancel()
+
+trio.run(main, sys.argv[1], sys.argv[2])
+"""
+
+
+@pytest.mark.parametrize("how", ["rename", "unlink"])
+def test_a_truncate_waits_for_parts_still_read_from_the_file(tmp_path, how):
+    """A file renamed or deleted while open lets go of its early parts; a truncate after
+    that still waits for one being read from the file's mapping. It used to cut the file
+    under the read: SIGBUS, which ends the daemon (here, the child process)."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "truncate_under_a_part.py"
+    script.write_text(_TRUNCATE_UNDER_A_PART)
+    r = subprocess.run([sys.executable, str(script), str(tmp_path / "staging"), how], capture_output=True,
+                       text=True, timeout=60, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                       env={**os.environ, "PYTHONPATH": os.path.dirname(os.path.dirname(os.path.abspath(__file__)))})
+    assert r.returncode == 0 and "survived" in r.stdout, (r.returncode, r.stderr[-2000:])
