@@ -1144,6 +1144,19 @@ def _put_then(put_file: Callable[..., ObjectInfo | None], then: Callable[[Object
     return info
 
 
+def _one_error(group: BaseExceptionGroup) -> BaseException:
+    """What a nursery of part uploads raised, as one error: the first BackendError among
+    its leaves (a 403 stays EACCES for the close), else the group as it is."""
+    pending: list[BaseException] = [group]
+    while pending:
+        error = pending.pop(0)
+        if isinstance(error, BaseExceptionGroup):
+            pending[:0] = error.exceptions
+        elif isinstance(error, BackendError):
+            return error
+    return group
+
+
 def _fetch_into(store, obj: ObjectId, start: int, end: int, into: list[memoryview]) -> int:
     """`store.fetch_into`, or `fetch` and a copy for a store without it."""
     fetch_into = getattr(store, "fetch_into", None)
@@ -1423,25 +1436,28 @@ class Backend:
                 async def put_part(index: int) -> None:
                     etags[index] = await self.put_part(path, upload_id, index, part_size, staged, size)
 
-                async with trio.open_nursery() as nursery:
-                    if early is None:
-                        for index in range(count):
-                            nursery.start_soon(put_part, index)
-                    else:
-                        # The parts never sent go at once, beside those still in flight (the
-                        # last ones the writer left behind): waiting for those first held up
-                        # every close by a part's time.
-                        in_flight = set(early.sending)
-                        for index in range(count):
-                            if index not in early.etags and index not in in_flight:
+                try:
+                    async with trio.open_nursery() as nursery:
+                        if early is None:
+                            for index in range(count):
                                 nursery.start_soon(put_part, index)
-                        await early.settled()
-                        for index in range(count):
-                            if index in early.etags:
-                                etags[index] = early.etags[index]
-                            elif index in in_flight:
-                                nursery.start_soon(put_part, index)  # failed, or written into since
-                        early.forget()  # this upload completes or aborts it: no later attempt may reuse its parts
+                        else:
+                            # The parts never sent go at once, beside those still in flight (the
+                            # last ones the writer left behind): waiting for those first held up
+                            # every close by a part's time.
+                            in_flight = set(early.sending)
+                            for index in range(count):
+                                if index not in early.etags and index not in in_flight:
+                                    nursery.start_soon(put_part, index)
+                            await early.settled()
+                            for index in range(count):
+                                if index in early.etags:
+                                    etags[index] = early.etags[index]
+                                elif index in in_flight:
+                                    nursery.start_soon(put_part, index)  # failed, or written into since
+                            early.forget()  # this upload completes or aborts it: no later attempt may reuse its parts
+                except BaseExceptionGroup as group:
+                    raise _one_error(group)  # a part's error as itself: its errno, not "unexpected"
                 info = await self._change("put", path, store.finish_multipart, path, upload_id, etags, size)
             except BaseException:
                 with trio.CancelScope(shield=True):

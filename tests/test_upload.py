@@ -486,3 +486,26 @@ def test_a_truncate_waits_for_parts_still_read_from_the_file(tmp_path, how):
                        text=True, timeout=60, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                        env={**os.environ, "PYTHONPATH": os.path.dirname(os.path.dirname(os.path.abspath(__file__)))})
     assert r.returncode == 0 and "survived" in r.stdout, (r.returncode, r.stderr[-2000:])
+
+
+@pytest.mark.trio
+async def test_a_part_refused_fails_the_upload_with_its_own_error(tmp_path):
+    """A part's 403 is the upload's BackendPermissionDenied (EACCES at the close), not an
+    exception group the uploader took for an unexpected failure (EIO), and the upload is
+    aborted."""
+    from cachefs.errors import BackendPermissionDenied
+
+    class RefusingStore(PartsStore):
+        def put_part(self, path, upload_id, number, staged, start, end):
+            if number == 2:
+                raise PermissionError(13, "Access Denied")
+            return super().put_part(path, upload_id, number, staged, start, end)
+
+    data = random.Random(4).randbytes(3 * PART)
+    staged = tmp_path / "staged"
+    staged.write_bytes(data)
+    store = RefusingStore()
+    backend = Backend(store, concurrency=2, timeout=10, retries=0, upload_concurrency=8)
+    with pytest.raises(BackendPermissionDenied):
+        await backend.upload("f", str(staged), len(data), PART)
+    assert store.aborted == ["u1"]
