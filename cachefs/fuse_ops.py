@@ -541,10 +541,17 @@ class Operations(pyfuse3.Operations):
 
     @fuse_errors
     async def fsync(self, fh, datasync):
+        # Durable when this returns: uploaded, or (--writeback) fsync'd and journaled. Through
+        # any handle of the file, as fsync(2) syncs the file, not the descriptor: `sync FILE`
+        # opens it read-only.
         f = self._files.get(fh)
-        if f is not None and f.writable:
-            # Durable when this returns: uploaded, or (--writeback) fsync'd and journaled.
-            await f.write.sync(background=self.node.writes.writeback)
+        if f is None:
+            return
+        writes = self.node.writes
+        if f.write is not None and not f.write.unlinked:
+            await f.write.sync(background=writes.writeback)
+        elif f.staged is not None:  # closed, and its upload not landed yet
+            await writes.settle(f.dataset, self._locate(self._path(f.inode))[1])
 
     @fuse_errors
     async def create(self, parent_inode, name, mode, flags, ctx):
@@ -597,6 +604,9 @@ class Operations(pyfuse3.Operations):
             if fields.update_size:
                 if wf is not None:
                     await wf.truncate(attr.st_size)
+                    if not any(o.write is wf and o.writable for o in self._files.values()):
+                        # Only readers hold it now: no writer's close will upload the change.
+                        await wf.commit(background=writes.writeback)
                 else:  # truncate(2) of a closed file: write it whole again
                     current = None if attr.st_size == 0 else await self._stored(dataset, inner)
                     wf = await writes.open(dataset, inner, current, truncate=attr.st_size == 0)

@@ -316,6 +316,24 @@ class Writes:
         os.close(wf.fd)
         self.staging.release(wf.staged)
 
+    async def settle(self, dataset: Dataset, path: str) -> None:
+        """fsync() of `path`, closed, through a handle not open for write: until its newest
+        upload is durable, as its close would have waited for (--writeback: journaled on
+        disk; close-to-open: landed).
+
+        Raises:
+            BackendError: that upload failed (close-to-open); OSError: the journal's fsync.
+        """
+        upload = self.uploader.latest(dataset, path)
+        if upload is None:
+            return
+        if upload.entry is not None:
+            await self.staging.durable(upload.entry)
+            return
+        await upload.landed.wait()
+        if upload.error is not None:
+            raise upload.error
+
     def open_pending(self, dataset: Dataset, path: str) -> tuple[StagedFile, int] | None:
         """For reading: the staged bytes of the newest upload of `path` not landed yet
         (held until `close_pending`) and an fd of them; None if there is none."""

@@ -210,6 +210,37 @@ def test_touch_right_after_a_writeback_close_sets_the_mtime(local_source, cachef
               "the file landed with that mtime")
 
 
+def test_fsync_through_a_read_only_handle_syncs_the_file(local_source, cachefs_mount):
+    """fsync(2) syncs the file, whatever the descriptor was opened for: `sync FILE` opens
+    it read-only. It used to do nothing unless the handle was open for write."""
+    m = _rw(cachefs_mount, local_source)
+    path = os.path.join(m.mountpoint, "f")
+    with open(path, "wb") as writer:
+        writer.write(b"written, not closed")
+        writer.flush()
+        with open(path, "rb") as reader:
+            os.fsync(reader.fileno())
+            assert local_source.read("f") == b"written, not closed"
+
+
+def test_truncate_of_a_file_only_readers_hold_is_uploaded(local_source, cachefs_mount):
+    """A file written and closed while a reader still holds it, then truncated by path:
+    the change is uploaded. It used to be lost at the reader's close (no writer was left
+    to upload it)."""
+    m = _rw(cachefs_mount, local_source)
+    path = os.path.join(m.mountpoint, "f")
+    with open(path, "wb") as writer:
+        writer.write(b"x" * 100)
+        writer.flush()
+        reader = open(path, "rb")
+    try:
+        os.truncate(path, 10)
+        assert local_source.read("f") == b"x" * 10
+    finally:
+        reader.close()
+    assert local_source.read("f") == b"x" * 10
+
+
 def test_a_deleted_or_replaced_file_leaves_the_cache_unless_a_handle_still_reads_it(source, cachefs_mount):
     """rm and a rename over a file drop its cached chunks at once (the cache holds what can
     still be read); a file open while it is deleted keeps its chunks and reads on, whole."""
