@@ -207,6 +207,7 @@ class Writes:
         self.uploader = uploader
         self.writeback = writeback  # --writeback: fsync() makes the staged bytes durable
         self.files: dict[tuple[str, str], WriteFile] = {}
+        self._filling: dict[tuple[str, str], set[WriteFile]] = {}  # files opens are filling, by path
 
     def find(self, dataset: Dataset, path: str) -> WriteFile | None:
         return self.files.get((dataset.source, path))
@@ -247,8 +248,11 @@ class Writes:
         wf = self.find(dataset, path)
         made = None
         if wf is None:
+            key = (dataset.source, path)
             staged, fd = self.staging.create_file()
             made = WriteFile(self, dataset, path, staged, fd, 0)
+            filling = self._filling.setdefault(key, set())
+            filling.add(made)
             try:
                 if not truncate:
                     await self._fill(made, current)
@@ -256,6 +260,15 @@ class Writes:
                 os.close(fd)
                 self.staging.release(staged)
                 raise
+            finally:
+                filling.discard(made)
+                if not filling and self._filling.get(key) is filling:
+                    del self._filling[key]
+            if made.unlinked:
+                # Deleted (or replaced by a rename) while this open filled its copy: it opened
+                # the file that went, and, as after an unlink, writes to it go nowhere.
+                made.handles += 1
+                return made
             # Another open of the path may have made its file while this one was filled: one
             # file per path, or each handle writes into a copy of its own and a close uploads
             # one of them (two O_APPEND writers lost one's bytes to a hole).
@@ -365,6 +378,8 @@ class Writes:
     def unlinked(self, dataset: Dataset, path: str) -> WriteFile | None:
         """`path` is being deleted (or replaced): an open file of it lives on, anonymous,
         and uploads nothing. Returns that file, for `reattach` if the deletion fails."""
+        for filling in self._filling.get((dataset.source, path), ()):
+            filling.unlinked = True  # an open still filling its copy opened the file that goes
         wf = self.files.pop((dataset.source, path), None)
         if wf is not None:
             wf.unlinked = True

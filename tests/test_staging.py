@@ -710,3 +710,43 @@ async def test_a_close_whose_journal_write_failed_keeps_the_changes_to_upload(st
         await wf.commit(background=True)
     assert wf.dirty and wf.sealed is None
     os.close(fd)
+
+
+@pytest.mark.trio
+async def test_an_open_that_was_filling_when_its_file_was_deleted_uploads_nothing(staging):
+    """rm while an open for write still copies the file in: the open gets the file that was
+    deleted, as after an unlink. It used to register it under the path, and its close
+    brought the deleted file back."""
+    from types import SimpleNamespace
+
+    from cachefs.objects import ObjectInfo
+    from cachefs.writes import Writes
+
+    filling = trio.Event()
+    go_on = trio.Event()
+
+    class Reader:
+        chunk_size = 4096
+
+        async def chunk(self, obj, index):
+            filling.set()
+            await go_on.wait()
+            return b"c" * obj.size, None
+
+    dataset = SimpleNamespace(source="s3://b/p", reader=Reader(), backend=SimpleNamespace(takes_parts=False))
+    writes = Writes(staging, uploader=SimpleNamespace(latest=lambda dataset, path: None, part_size=8 << 20))
+    opened = []
+
+    async def open_() -> None:
+        opened.append(await writes.open(dataset, "f", ObjectInfo("f", "file", 100, 0.0, "v1"), truncate=False))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(open_)
+        await filling.wait()
+        assert writes.unlinked(dataset, "f") is None  # rm: no file registered yet
+        go_on.set()
+    wf = opened[0]
+    assert wf.unlinked and writes.find(dataset, "f") is None
+    assert await wf.commit(background=False) is None  # its close uploads nothing
+    writes.close(wf)
+    assert writes._filling == {}
