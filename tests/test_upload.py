@@ -509,3 +509,60 @@ async def test_a_part_refused_fails_the_upload_with_its_own_error(tmp_path):
     with pytest.raises(BackendPermissionDenied):
         await backend.upload("f", str(staged), len(data), PART)
     assert store.aborted == ["u1"]
+
+
+@pytest.mark.trio
+async def test_an_upload_cancelled_while_its_first_early_part_starts_the_multipart_aborts_it(tmp_path):
+    """rm of a file whose close waits behind an earlier upload of the path, while its first
+    early part is still starting the multipart upload: once that part is done, the multipart
+    upload it started is aborted. With no id yet at the cancel, it used to be left behind."""
+
+    class SlowStart(HeldBackend):
+        def __init__(self):
+            super().__init__()
+            self.starting = trio.Event()
+            self.started = trio.Event()
+            self.aborted: list[str] = []
+
+        async def start_parts(self, path) -> str:
+            self.starting.set()
+            await self.started.wait()
+            return f"parts-{path}"
+
+        async def put_part(self, path, upload_id, index, part_size, staged, size) -> str:
+            return f"etag-{index}"
+
+        async def abort_parts(self, path, early) -> None:
+            await early.settled()
+            if early.upload_id is not None:
+                self.aborted.append(early.upload_id)
+                early.forget()
+
+    async with trio.open_nursery() as nursery:
+        uploader, staging, dataset = _uploader_over(tmp_path, nursery)
+        dataset.backend = backend = SlowStart()
+        first = await _submit(uploader, staging, dataset, "f")  # held by the backend: the path's lock
+        staged, fd = staging.create_file()
+        os.pwrite(fd, b"y" * 3 * PART, 0)
+        early = EarlyParts(PART)
+        early.next = 1
+        early.sending[0] = True
+        staged.reusable = False
+        nursery.start_soon(uploader._send_part, dataset, "f", early, staged, 0)
+        await backend.starting.wait()  # the first part is starting the multipart upload
+        second = await uploader.submit(dataset, "f", staged, 3 * PART, True, early)
+        staging.release(staged)
+        os.close(fd)
+
+        async def rm() -> None:
+            await uploader.cancel(dataset, "f")
+
+        nursery.start_soon(rm)
+        await trio.testing.wait_all_tasks_blocked()
+        backend.land("f")  # the first upload ends; the second finds itself cancelled
+        await second.done.wait()
+        backend.started.set()  # only now does the part get its multipart upload's id
+        await first.done.wait()
+        await trio.testing.wait_all_tasks_blocked()
+        assert backend.aborted == ["parts-f"]
+        nursery.cancel_scope.cancel()
