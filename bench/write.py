@@ -303,8 +303,6 @@ RAW_CELLS = {  # workload: (name, multipart files at once (0: 64 KiB PUTs), requ
 class RawS3:
     """botocore (cachefs's client) from memory against the gateway: the ceiling of close-to-open mode."""
 
-    key = "raw"
-
     def __init__(self, gateway, args):
         import botocore.config
         import botocore.session

@@ -342,12 +342,13 @@ class Uploader:
                 await self._uploaded(upload.dataset, upload.path, upload.info)
         finally:
             with trio.CancelScope(shield=True):
-                if upload.early is not None:
+                early = upload.early
+                if early is not None and (early.upload_id is not None or early.sending):
                     # Cancelled before it began, maybe while the first part was still starting
                     # the multipart upload (no id yet): `abort_parts` waits for the parts in
-                    # flight, then aborts whatever they started. After a completion or an
-                    # abort, it has nothing left to do.
-                    self.drop_early(upload.dataset, upload.path, upload.early)
+                    # flight, then aborts whatever they started. None after a completion or
+                    # an abort (`forget`: no id, nothing in flight).
+                    self.drop_early(upload.dataset, upload.path, early)
                 if upload.entry is not None and (upload.info is not None or upload.cancelled):
                     await self.staging.forget(upload.entry)  # gone before `done`: no restart uploads it again
                 uploads = self.pending.get(key, [])

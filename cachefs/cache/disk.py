@@ -975,13 +975,7 @@ class DiskTier:
     async def remove_all(self, digests: list[bytes]) -> None:
         """Drop the chunks of `digests` held (of an object changed or deleted) now: their
         files go in one thread hop, not one each."""
-        paths = []
-        for digest in digests:
-            if digest in self._index:
-                self._forget_layout(digest)
-                self._forget_fd(digest)
-                self._unindex(digest)
-                paths.append(self._path(digest))
+        paths = [self._path(digest) for digest in digests if self._forget(digest)]
         if paths:
             self._publish()
             try:
@@ -1056,14 +1050,18 @@ class DiskTier:
         return done
 
     async def _drop(self, digest: bytes) -> None:
-        self._forget_layout(digest)
-        self._forget_fd(digest)
-        if self._unindex(digest):
+        if self._forget(digest):
             self._publish()
         try:
             await trio.to_thread.run_sync(os.unlink, self._path(digest))
         except FileNotFoundError:
             pass
+
+    def _forget(self, digest: bytes) -> bool:
+        """A chunk out of the layouts, the open fds and the index; whether it was indexed."""
+        self._forget_layout(digest)
+        self._forget_fd(digest)
+        return self._unindex(digest)
 
     def _unindex(self, digest: bytes) -> bool:
         """Take a chunk out of the index and its bytes out of the counts; whether it was there."""
