@@ -282,8 +282,11 @@ class Writes:
             await wf.truncate(0)
         if truncate:
             wf.dirty = True  # an O_TRUNC open of an unchanged file still empties it at close
-            if wf.early is None and wf.size == 0 and dataset.backend.takes_parts and wf.sealed is None:
-                wf.early = EarlyParts(self.uploader.part_size)
+        # Any open of an empty file, not only an O_TRUNC one: fio creates its file, closes
+        # it, and opens it again without O_TRUNC to write it; all its parts waited for the
+        # close (close-to-open writes at 0.7x raw S3).
+        if wf.early is None and wf.size == 0 and dataset.backend.takes_parts and wf.sealed is None:
+            wf.early = EarlyParts(self.uploader.part_size)
         wf.handles += 1
         return wf
 

@@ -661,6 +661,28 @@ def test_a_file_ending_on_a_part_boundary_has_every_part_sent_before_close(s3_be
             assert source.proxy.requests["PUT"] == parts  # none sent again at close
 
 
+def test_a_writer_that_reopens_the_empty_file_it_made_sends_parts_before_close(s3_behind_proxy, cachefs_mount):
+    """fio creates its file, closes it, then opens it again without O_TRUNC to write it:
+    an open of an empty file sends full parts early too, as an O_TRUNC one does."""
+    source = s3_behind_proxy
+    m = _rw(cachefs_mount, source)
+    data = random.Random(31).randbytes(3 * PART + 77)
+    path = os.path.join(m.mountpoint, "laid-out.bin")
+    os.close(os.open(path, os.O_WRONLY | os.O_CREAT, 0o644))
+    assert source.read("laid-out.bin") == b""
+    source.proxy.reset()
+    fd = os.open(path, os.O_RDWR)  # no O_TRUNC
+    try:
+        for at in range(0, len(data), CHUNK):
+            os.write(fd, data[at:at + CHUNK])
+        _wait_for(lambda: source.proxy.requests["PUT"] >= 3, "parts sent before the close")
+        assert source.read("laid-out.bin") == b""  # invisible until the upload completes
+    finally:
+        os.close(fd)
+    assert source.read("laid-out.bin") == data
+    assert source.proxy.requests["PUT"] == 4  # the 3 early parts, and the last at close
+
+
 def test_creating_files_waits_for_no_listing_of_their_directory(s3_behind_proxy, cachefs_mount):
     """The kernel looks up every new name before creating it. Once the directory's listing
     has expired, each such name is checked alone (a HEAD and a one-key LIST), while the
