@@ -13,7 +13,9 @@ As root. Starts a JuiceFS volume served over S3 by `juicefs gateway` on
   BUCKET, prefix jfsw/), metadata in its own SQLite file: every block it writes
   goes through the same S3 server as cachefs's PUTs.
 
-Each workload then runs on every system in turn (interleaved, per repeat):
+Each workload then runs on every system in turn (interleaved, per repeat; repeat
+k starts at system k, so with --repeat a multiple of the number of systems, 5
+with raw S3, every system takes every place in the rotation as often):
 
 - `seq-1`, `seq-4`: fio sequential write, bs=1M, psync, 1 and 4 jobs, each job
   its own file of --size (256M with --quick), `end_fsync=1`: MiB/s = bytes /
@@ -401,8 +403,14 @@ def run(args: argparse.Namespace, data: dict, work: Path, shm: Path, stack: cont
     # cells it is compared with (small-file cells before the fio cells, or not).
     order = systems if args.no_raw else [*systems, RawS3(gateway, args)]
     for rep in range(args.repeat):
+        # Repeat k starts at system k (a Latin square over --repeat = the number of systems):
+        # each takes each place in the rotation as often. The first cell of a workload runs
+        # slower, whichever system's it is (seq-4 after the seq-1 cells: cachefs 149-168 MiB/s
+        # first, 162-220 later; raw 175-198 first, 197-235 later, in three runs), and with the
+        # order reversed every other repeat, 5 repeats put cachefs first 3 times, raw twice.
+        shift = rep % len(order)
         for workload in args.workloads:
-            for s in order if rep % 2 == 0 else order[::-1]:
+            for s in order[shift:] + order[:shift]:
                 if isinstance(s, RawS3):
                     data["raw"] += s.cells(workload, rep)
                 else:
@@ -436,7 +444,7 @@ def render(data: dict) -> str:
         f"Each cell ends when nothing is pending, and starts once the gateway and every daemon are idle "
         f"(no cell's work runs into the next). "
         f"CPU: the daemon's utime+stime per GiB written, until then (cachefs: its one process; JuiceFS: its processes), "
-        f"the gateway's apart. Median of {data['repeat']} repeat(s); systems interleaved.",
+        f"the gateway's apart. Median of {data['repeat']} repeat(s); systems interleaved, repeat k starting at system k.",
         "",
         *report.experiment_lines(data),
         *([f"- **A/B**: `cachefs-base` and `cachefs-wb-base` run cachefs {data['baseline_git']} from "
