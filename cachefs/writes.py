@@ -251,8 +251,7 @@ class Writes:
             key = (dataset.source, path)
             staged, fd = self.staging.create_file()
             made = WriteFile(self, dataset, path, staged, fd, 0)
-            filling = self._filling.setdefault(key, set())
-            filling.add(made)
+            self._filling.setdefault(key, set()).add(made)
             try:
                 if not truncate:
                     await self._fill(made, current)
@@ -261,9 +260,11 @@ class Writes:
                 self.staging.release(staged)
                 raise
             finally:
-                filling.discard(made)
-                if not filling and self._filling.get(key) is filling:
+                key = (dataset.source, made.path)  # renamed meanwhile (`moved`): its new name
+                self._filling[key].discard(made)
+                if not self._filling[key]:
                     del self._filling[key]
+            path = made.path
             if made.unlinked:
                 # Deleted (or replaced by a rename) while this open filled its copy: it opened
                 # the file that went, and, as after an unlink, writes to it go nowhere.
@@ -372,6 +373,9 @@ class Writes:
     def moved(self, dataset: Dataset, old: str, new: str) -> None:
         """`old` was renamed to `new`: its open file now writes to `new`."""
         self.unlinked(dataset, new)  # a file open at `new` was replaced: it uploads nothing now
+        for filling in self._filling.pop((dataset.source, old), ()):
+            filling.path = new  # an open still filling its copy opened the file that moved
+            self._filling.setdefault((dataset.source, new), set()).add(filling)
         wf = self.files.pop((dataset.source, old), None)
         if wf is not None:
             self._drop_early(wf)  # sent as parts of `old`'s key

@@ -750,3 +750,43 @@ async def test_an_open_that_was_filling_when_its_file_was_deleted_uploads_nothin
     assert await wf.commit(background=False) is None  # its close uploads nothing
     writes.close(wf)
     assert writes._filling == {}
+
+
+@pytest.mark.trio
+async def test_an_open_that_was_filling_when_its_file_was_renamed_writes_to_the_new_name(staging):
+    """mv while an open for write still copies the file in: the open has the file that
+    moved, so its writes go to the new name. It used to register under the old name, and
+    its close brought the old name back."""
+    from types import SimpleNamespace
+
+    from cachefs.objects import ObjectInfo
+    from cachefs.writes import Writes
+
+    filling = trio.Event()
+    go_on = trio.Event()
+
+    class Reader:
+        chunk_size = 4096
+
+        async def chunk(self, obj, index):
+            filling.set()
+            await go_on.wait()
+            return b"c" * obj.size, None
+
+    dataset = SimpleNamespace(source="s3://b/p", reader=Reader(), backend=SimpleNamespace(takes_parts=False))
+    writes = Writes(staging, uploader=SimpleNamespace(latest=lambda dataset, path: None, part_size=8 << 20))
+    opened = []
+
+    async def open_() -> None:
+        opened.append(await writes.open(dataset, "f", ObjectInfo("f", "file", 100, 0.0, "v1"), truncate=False))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(open_)
+        await filling.wait()
+        writes.moved(dataset, "f", "g")  # mv f g: no file registered yet
+        go_on.set()
+    wf = opened[0]
+    assert not wf.unlinked and wf.path == "g"
+    assert writes.find(dataset, "g") is wf and writes.find(dataset, "f") is None
+    assert not writes._filling
+    writes.close(wf)
