@@ -585,6 +585,17 @@ def _request_from_file(
         raise OSError(errno.EIO, f"the file ended {count - sent} bytes before the request's body")
 
 
+def _drain(resp: http.client.HTTPResponse, conn: http.client.HTTPConnection) -> None:
+    """Read the rest of an answer with no body of use (a HEAD's, a PUT's), so that the kept
+    connection is ready for the next request; one whose read failed (a timeout) is closed:
+    kept with its answer unread, it failed the next request sent on it."""
+    try:
+        resp.read()
+    except BaseException:
+        conn.close()
+        raise
+
+
 def _headers(answer: dict) -> dict[str, str]:
     """A botocore answer's HTTP headers (names in lower case), with its ETag."""
     headers = dict(answer.get("ResponseMetadata", {}).get("HTTPHeaders", {}))
@@ -780,11 +791,11 @@ class S3FastPath:
         """
         resp, conn = self._send("head_object", {"Bucket": bucket, "Key": key}, {}, method="HEAD")
         if resp.status == 404:
-            resp.read()  # (none: a HEAD) the connection stays usable
+            _drain(resp, conn)
             return None
         if resp.status != 200:
             self._fail(resp, conn, f"{bucket}/{key}", expected=200)
-        resp.read()
+        _drain(resp, conn)
         modified = resp.getheader("Last-Modified")
         return {
             "name": f"{bucket}/{key}",
@@ -899,7 +910,7 @@ class S3FastPath:
         resp, conn = self._send(operation, params, headers, method="PUT", body=body, signed=signed, source=source)
         if resp.status != 200:
             self._fail(resp, conn, f"{bucket}/{key}", expected=200)
-        resp.read()  # (empty) to keep the connection for the next request
+        _drain(resp, conn)
         return {name.lower(): value for name, value in resp.getheaders()}
 
     def _send(

@@ -1122,3 +1122,56 @@ def test_signed_puts_are_botocores(monkeypatch, endpoint, token):
         assert headers["x-amz-content-sha256"] == request.headers["X-Amz-Content-SHA256"], operation
         assert headers["Authorization"] == request.headers["Authorization"], operation
     fast.close()
+
+
+def test_a_put_whose_answer_stalls_leaves_no_broken_connection_for_the_next():
+    """A PUT's answer whose body never came (the read timed out): its connection is closed,
+    not kept with the answer unread, where the next request on it failed at once."""
+    import socket
+
+    from cachefs.backend import S3FastPath
+
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    answered = []
+
+    def serve() -> None:
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return
+            with conn:
+                buf = b""
+                try:
+                    while True:
+                        while b"\r\n\r\n" not in buf:
+                            data = conn.recv(65536)
+                            if not data:
+                                raise ConnectionError
+                            buf += data
+                        head, _, buf = buf.partition(b"\r\n\r\n")
+                        length = int(next(line.split(b":")[1] for line in head.split(b"\r\n")
+                                          if line.lower().startswith(b"content-length")))
+                        while len(buf) < length:
+                            buf += conn.recv(65536)
+                        buf = buf[length:]
+                        answered.append(head.split(b" ")[1])
+                        if len(answered) == 1:  # a body promised, never sent
+                            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n")
+                        else:
+                            conn.sendall(b'HTTP/1.1 200 OK\r\nETag: "e"\r\nContent-Length: 0\r\n\r\n')
+                except (ConnectionError, OSError):
+                    pass
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    fast = S3FastPath(f"http://127.0.0.1:{port}", ("AKIDEXAMPLE", "wJalrXUtnFEMI/K7MDENG+bPxRfiCYEXAMPLEKEY"), 0.3)
+    try:
+        with pytest.raises(TimeoutError):
+            fast.put("bucket", "a", b"first", {})
+        assert fast.put("bucket", "b", b"second", {})["etag"] == '"e"'
+        assert [target.rsplit(b"/", 1)[1] for target in answered] == [b"a", b"b"]
+    finally:
+        fast.close()
+        listener.close()
