@@ -478,10 +478,32 @@ class FsspecStore:
         """Complete the upload; the new object's attributes as `put_file` returns them."""
         bucket, key = self._key(path)
         parts = [{"PartNumber": n, "ETag": etag} for n, etag in enumerate(etags, 1)]
-        answer = self.fast.client.complete_multipart_upload(
-            Bucket=bucket, Key=key, UploadId=upload_id, MultipartUpload={"Parts": parts}
-        )
+        try:
+            answer = self.fast.client.complete_multipart_upload(
+                Bucket=bucket, Key=key, UploadId=upload_id, MultipartUpload={"Parts": parts}
+            )
+        except Exception as e:
+            # The answer to an earlier attempt was lost after S3 completed the upload: this
+            # retry finds no such upload, though the object landed. Its ETag tells: S3 makes
+            # a multipart object's from its parts' MD5s, which our parts' ETags are.
+            landed = self._completed_as(path, bucket, key, etags, size) if _error_code(e) == "NoSuchUpload" else None
+            if landed is None:
+                raise
+            log.info("%s: the upload was completed by an attempt whose answer was lost", path)
+            return landed
         return self._written(path, size, _headers(answer))
+
+    def _completed_as(self, path: str, bucket: str, key: str, etags: list[str], size: int) -> ObjectInfo | None:
+        """The object at `key` if it is the completion of exactly these parts (its ETag
+        is theirs combined, and its size ours); else None (it cannot be told: a store
+        whose ETags are not MD5s, or no such object)."""
+        expected = _multipart_etag(etags)
+        if expected is None:
+            return None
+        found = self.fast.head(bucket, key)
+        if not found or found.get("ETag", "").strip('"') != expected or found.get("size") != size:
+            return None
+        return dataclasses.replace(self._info(found), path=path)
 
     def abort_multipart(self, path: str, upload_id: str) -> None:
         bucket, key = self._key(path)
@@ -1222,6 +1244,27 @@ _REFUSALS = frozenset({
     errno.ENOTEMPTY, errno.EEXIST, errno.EXDEV, errno.ENOSPC,
     errno.EDQUOT, errno.EROFS, errno.ENAMETOOLONG, errno.EINVAL,
 })
+
+
+def _error_code(e: BaseException) -> str | None:
+    """The S3 error code ("NoSuchUpload") of a botocore ClientError, if `e` is one."""
+    response = getattr(e, "response", None)
+    return response.get("Error", {}).get("Code") if isinstance(response, dict) else None
+
+
+def _multipart_etag(etags: list[str]) -> str | None:
+    """The ETag S3 gives the object completed from parts of these ETags: the MD5 of their
+    MD5s, then "-" and how many. None if a part's ETag is not an MD5 (SSE-KMS, some stores)."""
+    digests = []
+    for etag in etags:
+        etag = etag.strip('"')
+        if len(etag) != 32:
+            return None
+        try:
+            digests.append(bytes.fromhex(etag))
+        except ValueError:
+            return None
+    return f"{hashlib.md5(b''.join(digests)).hexdigest()}-{len(etags)}"
 
 
 def _http_status(e: BaseException) -> int | None:

@@ -9,8 +9,9 @@ response bytes of all connections together).
 
 It also plays a sick backend: set `proxy.fault` at run time and the requests
 it applies to (`proxy.fault_scope`: "data", ranged GETs of object data, the
-default; "writes", PUTs, POSTs and DELETEs; "listings", LISTs of a directory's
-entries, not the LISTs of at most a key or two that check one name; or "all")
+default; "writes", PUTs, POSTs and DELETEs; "completes", the POSTs that complete
+a multipart upload; "listings", LISTs of a directory's entries, not the LISTs of
+at most a key or two that check one name; or "all")
 get, instead of the real answer:
 
     "503", "500"     that status with an S3 error body, then the connection closes
@@ -18,6 +19,8 @@ get, instead of the real answer:
                      timeout: a backend that stopped answering)
     "truncate"       the real status and headers, half the body, then EOF
     "reset"          a TCP reset (RST) instead of any answer
+    "lost"           the request reaches the server, its answer is dropped for a
+                     TCP reset (once: then the fault is cleared, so a retry is answered)
     None             the real answer (the default)
 
     with S3Proxy("http://127.0.0.1:9000", rate=100 << 20) as proxy:
@@ -125,7 +128,7 @@ class S3Proxy(_Listener):
             self.response_bytes = 0
             self.faults.clear()
 
-    def _fault_for(self, method: str, headers: dict[str, str], listing: tuple[str, str] | None) -> str | None:
+    def _fault_for(self, method: str, path: str, headers: dict[str, str], listing: tuple[str, str] | None) -> str | None:
         fault = self.fault  # read once: the test may flip it meanwhile
         if fault is None:
             return None
@@ -133,9 +136,15 @@ class S3Proxy(_Listener):
             return None
         if self.fault_scope == "writes" and method not in ("PUT", "POST", "DELETE"):
             return None
+        if self.fault_scope == "completes" and not (method == "POST" and "uploadId=" in path):
+            return None
         if self.fault_scope == "listings" and (listing is None or listing[1] in ("1", "2")):
             return None
         with self._lock:
+            if fault == "lost":
+                if self.fault != "lost":
+                    return None  # another request took the one loss
+                self.fault = None
             self.faults[fault] += 1
         return fault
 
@@ -161,6 +170,11 @@ class S3Proxy(_Listener):
         if fault == "reset":
             client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
             client.close()  # linger 0: the kernel sends RST
+            return False
+        if fault == "lost":
+            self._exchange(request)  # done by the server
+            client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            client.close()
             return False
         if fault == "truncate":
             head, body = self._exchange(request)
@@ -242,7 +256,7 @@ class S3Proxy(_Listener):
                     return
                 rest += data
             request, buf = head + b"\r\n\r\n" + rest[:length], rest[length:]
-            fault = self._fault_for(method, headers, listing)
+            fault = self._fault_for(method, path, headers, listing)
             if fault is not None and not self._inject(fault, client, request):
                 return
             upstream.sendall(request)

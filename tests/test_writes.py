@@ -683,6 +683,24 @@ def test_a_writer_that_reopens_the_empty_file_it_made_sends_parts_before_close(s
     assert source.proxy.requests["PUT"] == 4  # the 3 early parts, and the last at close
 
 
+def test_a_completion_whose_answer_was_lost_is_not_reported_as_a_failure(s3_behind_proxy, cachefs_mount):
+    """S3 completed the multipart upload but its answer never came back: the retry finds
+    no such upload. The object's ETag (made from the parts' MD5s) shows it is ours, so
+    the close succeeds; it used to fail with ENOENT though the file had landed."""
+    source = s3_behind_proxy
+    m = _rw(cachefs_mount, source)
+    data = random.Random(32).randbytes(2 * PART + 99)
+    source.proxy.fault_scope = "completes"
+    source.proxy.fault = "lost"  # the next completion lands, its answer is a TCP reset
+    try:
+        _write(os.path.join(m.mountpoint, "lost-answer.bin"), data)
+    finally:
+        source.proxy.fault = None
+    assert source.proxy.faults["lost"] == 1
+    assert source.read("lost-answer.bin") == data
+    assert _read(os.path.join(m.mountpoint, "lost-answer.bin")) == data
+
+
 def test_creating_files_waits_for_no_listing_of_their_directory(s3_behind_proxy, cachefs_mount):
     """The kernel looks up every new name before creating it. Once the directory's listing
     has expired, each such name is checked alone (a HEAD and a one-key LIST), while the
