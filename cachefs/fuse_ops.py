@@ -550,7 +550,9 @@ class Operations(pyfuse3.Operations):
         writes = self.node.writes
         if f.write is not None and not f.write.unlinked:
             await f.write.sync(background=writes.writeback)
-        elif f.staged is not None:  # closed, and its upload not landed yet
+        elif writes is not None and f.write is None and not f.dataset.config.read_only:
+            # Opened for reading before a writer opened the file, or after its close (its
+            # upload maybe not landed yet).
             await writes.settle(f.dataset, self._locate(self._path(f.inode))[1])
 
     @fuse_errors

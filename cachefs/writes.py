@@ -334,13 +334,18 @@ class Writes:
         self.staging.release(wf.staged)
 
     async def settle(self, dataset: Dataset, path: str) -> None:
-        """fsync() of `path`, closed, through a handle not open for write: until its newest
+        """fsync() of `path` through a handle not open for write: the file open for write
+        at `path` is synced as through its own handle; a closed one, until its newest
         upload is durable, as its close would have waited for (--writeback: journaled on
         disk; close-to-open: landed).
 
         Raises:
             BackendError: that upload failed (close-to-open); OSError: the journal's fsync.
         """
+        wf = self.find(dataset, path)
+        if wf is not None:
+            await wf.sync(background=self.writeback)
+            return
         upload = self.uploader.latest(dataset, path)
         if upload is None:
             return

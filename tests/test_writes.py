@@ -221,6 +221,12 @@ def test_fsync_through_a_read_only_handle_syncs_the_file(local_source, cachefs_m
         with open(path, "rb") as reader:
             os.fsync(reader.fileno())
             assert local_source.read("f") == b"written, not closed"
+    # A reader opened before the writer (it reads the stored file, not the writer's).
+    with open(path, "rb") as reader, open(path, "r+b") as writer:
+        writer.write(b"WRITTEN")
+        writer.flush()
+        os.fsync(reader.fileno())
+        assert local_source.read("f") == b"WRITTEN, not closed"
 
 
 def test_truncate_of_a_file_only_readers_hold_is_uploaded(local_source, cachefs_mount):
