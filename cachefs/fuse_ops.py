@@ -8,6 +8,7 @@ operation does on S3 and its errnos are in docs/semantics.md.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import errno
 import functools
@@ -739,16 +740,27 @@ class Operations(pyfuse3.Operations):
             # waits must not land over what the rename puts there), and its pending bytes are
             # superseded.
             detached = writes.unlinked(dataset, new)
-        try:
+        else:
+            # The same for the files under a directory (where the backend can rename one),
+            # and their closes held back while it moves: no kernel lock does that.
+            for wf in writes.under(dataset, old):
+                await wf.commit(background=False)
+        with writes.renaming(dataset, old) if info.kind == "dir" else contextlib.nullcontext():
+            try:
+                if info.kind == "file":
+                    await writes.uploader.cancel(dataset, new)
+                    moved = await self._stored(dataset, old)  # the version its cached chunks are of
+                else:
+                    await writes.uploader.wait(dataset, old, self._upload_wait(dataset), under=True)
+                replaced = await self._stored(dataset, new) if target is not None and target.kind == "file" else None
+                await dataset.backend.rename(old, new, info.kind)
+            except BaseException:
+                writes.reattach(detached)  # not replaced: the file open at `new` is its path's again
+                raise
             if info.kind == "file":
-                await writes.uploader.cancel(dataset, new)
-                moved = await self._stored(dataset, old)  # the version its cached chunks are of
-            replaced = await self._stored(dataset, new) if target is not None and target.kind == "file" else None
-            await dataset.backend.rename(old, new, info.kind)
-        except BaseException:
-            writes.reattach(detached)  # not replaced: the file open at `new` is its path's again
-            raise
-        writes.moved(dataset, old, new)
+                writes.moved(dataset, old, new)
+            else:
+                writes.moved_dir(dataset, old, new)
         dataset.namespace.drop_entry(old)
         dataset.namespace.drop_entry(new)
         dataset.namespace.invalidate(new)

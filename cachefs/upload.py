@@ -267,18 +267,25 @@ class Uploader:
         self.staging.draining_changed(+upload.size)
         self._nursery.start_soon(self._run, upload)
 
-    async def wait(self, dataset: Dataset, path: str, timeout: float) -> None:
-        """Until every upload of `path` submitted so far has landed or failed.
+    async def wait(self, dataset: Dataset, path: str, timeout: float, under: bool = False) -> None:
+        """Until every upload of `path` (`under`: of every file under directory `path`)
+        submitted so far has landed or failed.
 
         Raises:
             BackendUnavailable: they are still pending after `timeout` seconds (the
                 backend is down: a rename must not hang on it).
         """
+        if under:
+            prefix = f"{path}/"
+            uploads = [upload for (source, key), queued in self.pending.items()
+                       if source == dataset.source and key.startswith(prefix) for upload in queued]
+        else:
+            uploads = list(self.pending.get((dataset.source, path), ()))
         with trio.move_on_after(timeout):
-            for upload in list(self.pending.get((dataset.source, path), ())):
+            for upload in uploads:
                 await upload.done.wait()
             return
-        raise BackendUnavailable(f"{path}: its upload has not landed yet (the backend is not taking it)")
+        raise BackendUnavailable(f"{path}: an upload has not landed yet (the backend is not taking it)")
 
     async def cancel(self, dataset: Dataset, path: str) -> bool:
         """`path` was deleted: drop its pending uploads (and journal entries). Returns

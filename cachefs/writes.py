@@ -15,6 +15,7 @@ an upload always sends one closed or fsync'd state of the file, never a mix.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import os
@@ -163,6 +164,7 @@ class WriteFile:
         Raises:
             BackendError: the upload failed after its retries (not `background`).
         """
+        await self.writes.no_rename_over(self)
         if not self.dirty or self.unlinked:
             return None
         self.dirty = False
@@ -207,6 +209,7 @@ class Writes:
         self.uploader = uploader
         self.writeback = writeback  # --writeback: fsync() makes the staged bytes durable
         self.files: dict[tuple[str, str], WriteFile] = {}
+        self._renaming: dict[tuple[str, str], trio.Event] = {}  # (source, "dir/") -> set once renamed
         self._filling: dict[tuple[str, str], set[WriteFile]] = {}  # files opens are filling, by path
 
     def find(self, dataset: Dataset, path: str) -> WriteFile | None:
@@ -378,6 +381,17 @@ class Writes:
     def moved(self, dataset: Dataset, old: str, new: str) -> None:
         """`old` was renamed to `new`: its open file now writes to `new`."""
         self.unlinked(dataset, new)  # a file open at `new` was replaced: it uploads nothing now
+        self._rekey(dataset, old, new)
+
+    def moved_dir(self, dataset: Dataset, old: str, new: str) -> None:
+        """Directory `old` was renamed to `new`: the files open under it write under `new`."""
+        prefix = f"{old}/"
+        paths = {path for source, path in [*self.files, *self._filling] if source == dataset.source}
+        for path in paths:
+            if path.startswith(prefix):
+                self._rekey(dataset, path, new + path[len(old):])
+
+    def _rekey(self, dataset: Dataset, old: str, new: str) -> None:
         for filling in self._filling.pop((dataset.source, old), ()):
             filling.path = new  # an open still filling its copy opened the file that moved
             self._filling.setdefault((dataset.source, new), set()).add(filling)
@@ -386,6 +400,35 @@ class Writes:
             self._drop_early(wf)  # sent as parts of `old`'s key
             wf.path = new
             self.files[(dataset.source, new)] = wf
+
+    def under(self, dataset: Dataset, directory: str) -> list[WriteFile]:
+        """The files open for write under `directory`."""
+        prefix = f"{directory}/"
+        return [wf for (source, path), wf in self.files.items() if source == dataset.source and path.startswith(prefix)]
+
+    @contextlib.contextmanager
+    def renaming(self, dataset: Dataset, directory: str):
+        """While directory `directory` is renamed: a commit of a file under it waits, and
+        then uploads under the name the rename gave it. No kernel lock holds back the close
+        of a file inside a directory being renamed, and its upload to the old name would
+        fail once the directory has moved."""
+        key = (dataset.source, f"{directory}/")
+        done = self._renaming[key] = trio.Event()
+        try:
+            yield
+        finally:
+            del self._renaming[key]
+            done.set()
+
+    async def no_rename_over(self, wf: WriteFile) -> None:
+        """Until no directory that `wf` lies under is being renamed (`renaming`)."""
+        while True:
+            for (source, prefix), done in self._renaming.items():
+                if source == wf.dataset.source and wf.path.startswith(prefix):
+                    await done.wait()
+                    break
+            else:
+                return
 
     def unlinked(self, dataset: Dataset, path: str) -> WriteFile | None:
         """`path` is being deleted (or replaced): an open file of it lives on, anonymous,

@@ -790,3 +790,37 @@ async def test_an_open_that_was_filling_when_its_file_was_renamed_writes_to_the_
     assert writes.find(dataset, "g") is wf and writes.find(dataset, "f") is None
     assert not writes._filling
     writes.close(wf)
+
+
+@pytest.mark.trio
+async def test_a_close_during_a_directory_rename_uploads_under_the_new_name(staging):
+    """The kernel holds back no close of a file inside a directory being renamed: its
+    commit waits for the rename, then uploads under the name the file has after it."""
+    from types import SimpleNamespace
+
+    import trio.testing
+
+    from cachefs.writes import Writes
+
+    submitted = []
+
+    async def submit(dataset, path, staged, size, background, early):
+        submitted.append(path)
+        landed = trio.Event()
+        landed.set()
+        return SimpleNamespace(landed=landed, error=None, entry=None)
+
+    dataset = SimpleNamespace(source="/src", backend=SimpleNamespace(takes_parts=False))
+    writes = Writes(staging, uploader=SimpleNamespace(submit=submit, latest=lambda dataset, path: None,
+                                                      part_size=8 << 20))
+    wf = await writes.open(dataset, "d/f", None, truncate=True)
+    await wf.write(0, b"bytes")
+    async with trio.open_nursery() as nursery:
+        with writes.renaming(dataset, "d"):
+            nursery.start_soon(wf.commit, False)
+            await trio.testing.wait_all_tasks_blocked()
+            assert submitted == []  # held back while the directory moves
+            writes.moved_dir(dataset, "d", "d2")
+    assert submitted == ["d2/f"]
+    assert writes.find(dataset, "d2/f") is wf and writes.under(dataset, "d2") == [wf]
+    writes.close(wf)

@@ -229,6 +229,24 @@ def test_fsync_through_a_read_only_handle_syncs_the_file(local_source, cachefs_m
         assert local_source.read("f") == b"WRITTEN, not closed"
 
 
+def test_a_file_open_for_write_follows_its_directory_renamed(local_source, cachefs_mount):
+    """mv of a directory (a local or NAS source renames it) holding a file open for write:
+    the writes before it are landed first, and those after it land under the new name at
+    the close. The close used to upload to the old name, whose directory was gone: ENOENT,
+    and the bytes were lost."""
+    m = _rw(cachefs_mount, local_source)
+    os.mkdir(os.path.join(m.mountpoint, "d"))
+    with open(os.path.join(m.mountpoint, "d", "f"), "wb") as f:
+        f.write(b"before the move, ")
+        f.flush()
+        os.rename(os.path.join(m.mountpoint, "d"), os.path.join(m.mountpoint, "d2"))
+        assert local_source.read("d2/f") == b"before the move, "
+        f.write(b"after it")
+    assert local_source.read("d2/f") == b"before the move, after it"
+    assert not local_source.path("d").exists()
+    assert _read(os.path.join(m.mountpoint, "d2", "f")) == b"before the move, after it"
+
+
 def test_truncate_of_a_file_only_readers_hold_is_uploaded(local_source, cachefs_mount):
     """A file written and closed while a reader still holds it, then truncated by path:
     the change is uploaded. It used to be lost at the reader's close (no writer was left
