@@ -726,7 +726,7 @@ class Operations(pyfuse3.Operations):
                 raise pyfuse3.FUSEError(errno.ENOTDIR)
         writes = self.node.writes
         moved = None
-        detached = None
+        detached: list = []
         if info.kind == "file":
             # Only what the backend holds can be renamed there: land this node's writes first,
             # those of a handle still open too. Every upload done, not only landed: its new
@@ -736,6 +736,7 @@ class Operations(pyfuse3.Operations):
             if wf is not None:
                 await wf.commit(background=False)
             await writes.uploader.wait(dataset, old, self._upload_wait(dataset))
+            await writes.filled(dataset, old)  # opens of it still copying it in (no kernel lock)
             # Replaced: a file open at `new` uploads nothing from now (a close of it while this
             # waits must not land over what the rename puts there), and its pending bytes are
             # superseded.

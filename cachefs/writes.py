@@ -211,6 +211,7 @@ class Writes:
         self.files: dict[tuple[str, str], WriteFile] = {}
         self._renaming: dict[tuple[str, str], trio.Event] = {}  # (source, "dir/") -> set once renamed
         self._filling: dict[tuple[str, str], set[WriteFile]] = {}  # files opens are filling, by path
+        self._fill_ended = trio.Event()  # set (and replaced) whenever an open's fill ends
 
     def find(self, dataset: Dataset, path: str) -> WriteFile | None:
         return self.files.get((dataset.source, path))
@@ -267,6 +268,8 @@ class Writes:
                 self._filling[key].discard(made)
                 if not self._filling[key]:
                     del self._filling[key]
+                self._fill_ended.set()
+                self._fill_ended = trio.Event()
             path = made.path
             if made.unlinked:
                 # Deleted (or replaced by a rename) while this open filled its copy: it opened
@@ -282,8 +285,15 @@ class Writes:
             else:
                 os.close(fd)
                 self.staging.release(staged)
+        # This handle is taken first: the truncate below may wait, and a release of the
+        # file's last other handle meanwhile would let go of its staged copy under it.
+        wf.handles += 1
         if wf is not made and truncate and wf.size:
-            await wf.truncate(0)
+            try:
+                await wf.truncate(0)
+            except BaseException:
+                self.close(wf)
+                raise
         if truncate:
             wf.dirty = True  # an O_TRUNC open of an unchanged file still empties it at close
         # Any open of an empty file, not only an O_TRUNC one: fio creates its file, closes
@@ -291,7 +301,6 @@ class Writes:
         # close (close-to-open writes at 0.7x raw S3).
         if wf.early is None and wf.size == 0 and dataset.backend.takes_parts and wf.sealed is None:
             wf.early = EarlyParts(self.uploader.part_size)
-        wf.handles += 1
         return wf
 
     async def _fill(self, wf: WriteFile, current: ObjectInfo | None) -> None:
@@ -378,6 +387,12 @@ class Writes:
         os.close(fd)
         self.staging.release(staged)
 
+    async def filled(self, dataset: Dataset, path: str) -> None:
+        """Until no open of `path` is still copying its current content in: a rename waits,
+        or the copy would go on reading the object the rename deletes (ENOENT)."""
+        while (dataset.source, path) in self._filling:
+            await self._fill_ended.wait()
+
     def moved(self, dataset: Dataset, old: str, new: str) -> None:
         """`old` was renamed to `new`: its open file now writes to `new`."""
         self.unlinked(dataset, new)  # a file open at `new` was replaced: it uploads nothing now
@@ -430,27 +445,30 @@ class Writes:
             else:
                 return
 
-    def unlinked(self, dataset: Dataset, path: str) -> WriteFile | None:
+    def unlinked(self, dataset: Dataset, path: str) -> list[WriteFile]:
         """`path` is being deleted (or replaced): an open file of it lives on, anonymous,
-        and uploads nothing. Returns that file, for `reattach` if the deletion fails."""
-        for filling in self._filling.get((dataset.source, path), ()):
-            filling.unlinked = True  # an open still filling its copy opened the file that goes
+        and uploads nothing. Returns the files so detached (the open one, and those opens
+        are still filling), for `reattach` if the deletion fails."""
+        detached = [*self._filling.get((dataset.source, path), ())]  # opened the file that goes
         wf = self.files.pop((dataset.source, path), None)
         if wf is not None:
-            wf.unlinked = True
             self._drop_early(wf)
-        return wf
+            detached.append(wf)
+        for each in detached:
+            each.unlinked = True
+        return detached
 
-    def reattach(self, wf: WriteFile | None) -> None:
-        """The deletion `unlinked` was told of failed: open file `wf` is its path's again
-        (its parts sent early are gone: it uploads whole at its close), unless another
-        file was opened at the path meanwhile."""
-        if wf is None:
-            return
-        key = (wf.dataset.source, wf.path)
-        if key not in self.files:
-            wf.unlinked = False
-            self.files[key] = wf
+    def reattach(self, detached: list[WriteFile]) -> None:
+        """The deletion `unlinked` was told of failed: the files it detached are their
+        path's again (an open file's parts sent early are gone: it uploads whole at its
+        close), unless another file was opened at the path meanwhile."""
+        for wf in detached:
+            key = (wf.dataset.source, wf.path)
+            if wf in self._filling.get(key, ()):
+                wf.unlinked = False  # registered when its fill ends
+            elif key not in self.files:
+                wf.unlinked = False
+                self.files[key] = wf
 
     def _drop_early(self, wf: WriteFile) -> None:
         if wf.early is not None:

@@ -743,7 +743,8 @@ async def test_an_open_that_was_filling_when_its_file_was_deleted_uploads_nothin
     async with trio.open_nursery() as nursery:
         nursery.start_soon(open_)
         await filling.wait()
-        assert writes.unlinked(dataset, "f") is None  # rm: no file registered yet
+        detached = writes.unlinked(dataset, "f")  # rm: no file registered yet, one being filled
+        assert len(detached) == 1 and detached[0].unlinked
         go_on.set()
     wf = opened[0]
     assert wf.unlinked and writes.find(dataset, "f") is None
@@ -823,4 +824,79 @@ async def test_a_close_during_a_directory_rename_uploads_under_the_new_name(stag
             writes.moved_dir(dataset, "d", "d2")
     assert submitted == ["d2/f"]
     assert writes.find(dataset, "d2/f") is wf and writes.under(dataset, "d2") == [wf]
+    writes.close(wf)
+
+
+@pytest.mark.trio
+async def test_a_failed_rename_over_a_file_being_opened_leaves_its_open_writing_to_it(staging):
+    """mv c b fails at the backend while an open of b still copies b in: that open is b's
+    again, as an open file is. It stayed marked deleted, and its writes went nowhere."""
+    from types import SimpleNamespace
+
+    from cachefs.objects import ObjectInfo
+    from cachefs.writes import Writes
+
+    filling = trio.Event()
+    go_on = trio.Event()
+
+    class Reader:
+        chunk_size = 4096
+
+        async def chunk(self, obj, index):
+            filling.set()
+            await go_on.wait()
+            return b"c" * obj.size, None
+
+    dataset = SimpleNamespace(source="s3://b/p", reader=Reader(), backend=SimpleNamespace(takes_parts=False))
+    writes = Writes(staging, uploader=SimpleNamespace(latest=lambda dataset, path: None, part_size=8 << 20))
+    opened = []
+
+    async def open_() -> None:
+        opened.append(await writes.open(dataset, "b", ObjectInfo("b", "file", 100, 0.0, "v1"), truncate=False))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(open_)
+        await filling.wait()
+        detached = writes.unlinked(dataset, "b")  # mv c b, before its backend call
+        writes.reattach(detached)  # which failed: b is what it was
+        go_on.set()
+    wf = opened[0]
+    assert not wf.unlinked and writes.find(dataset, "b") is wf
+    writes.close(wf)
+
+
+@pytest.mark.trio
+async def test_an_o_trunc_open_while_the_last_other_handle_closes_returns(staging):
+    """An O_TRUNC open truncates the file another handle has open; that handle's release
+    meanwhile let go of the staged copy under the truncate, which then waited forever."""
+    from types import SimpleNamespace
+
+    import trio.testing
+
+    from cachefs.upload import EarlyParts
+    from cachefs.writes import Writes
+
+    dataset = SimpleNamespace(source="s3://b/p", reader=None, backend=SimpleNamespace(takes_parts=False))
+    writes = Writes(staging, uploader=SimpleNamespace(latest=lambda dataset, path: None, part_size=8 << 20))
+    first = await writes.open(dataset, "f", None, truncate=True)
+    await first.write(0, b"x" * 100)
+    first.dirty = False  # as after its close's upload
+    early = EarlyParts(8 << 20)
+    early.sending[0] = True  # a part in flight: a truncate that cuts waits for it
+    first._parts_from.add(early)
+    opened = []
+
+    async def open_truncating() -> None:
+        opened.append(await writes.open(dataset, "f", None, truncate=True))
+
+    with trio.fail_after(5):  # a safety net: the truncate used to spin, never blocking
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(open_truncating)
+            await trio.testing.wait_all_tasks_blocked()  # the open waits inside its truncate
+            writes.close(first)  # the other handle's release
+            early.sent(0, None)
+    wf = opened[0]
+    assert wf is first and wf.handles == 1 and wf.size == 0
+    assert os.fstat(wf.fd).st_size == 0
+    wf.dirty = False  # as after its close's upload
     writes.close(wf)

@@ -13,6 +13,7 @@ import random
 import shutil
 import signal
 import subprocess
+import threading
 import time
 
 import pytest
@@ -723,6 +724,41 @@ def test_a_completion_whose_answer_was_lost_is_not_reported_as_a_failure(s3_behi
     assert source.proxy.faults["lost"] == 1
     assert source.read("lost-answer.bin") == data
     assert _read(os.path.join(m.mountpoint, "lost-answer.bin")) == data
+
+
+def test_a_rename_waits_for_an_open_still_copying_the_file_in(s3_behind_proxy, cachefs_mount):
+    """open(a, O_WRONLY) copies a in first (no kernel lock holds back a rename meanwhile):
+    mv a b waits for that copy, and the open's writes land at b. The copy used to go on
+    reading a after the rename had deleted it: the open failed with ENOENT."""
+    source = s3_behind_proxy
+    m = _rw(cachefs_mount, source)
+    data = random.Random(33).randbytes(2 * CHUNK + 7)
+    source.write("a", data)  # not through the mount: nothing of it cached
+    a, b = os.path.join(m.mountpoint, "a"), os.path.join(m.mountpoint, "b")
+    os.stat(a)
+    source.proxy.fault_scope = "data"
+    source.proxy.fault = "slow:0.5"  # each GET of the copy held half a second
+    opened = {}
+
+    def opener() -> None:
+        try:
+            opened["fd"] = os.open(a, os.O_WRONLY)
+        except OSError as e:
+            opened["error"] = e
+
+    thread = threading.Thread(target=opener)
+    thread.start()
+    try:
+        _wait_for(lambda: source.proxy.faults["slow:0.5"] >= 1, "the open copying the file in")
+        os.rename(a, b)
+    finally:
+        source.proxy.fault = None
+        thread.join(30)
+    assert "error" not in opened, opened
+    os.pwrite(opened["fd"], b"XYZ", 0)
+    os.close(opened["fd"])
+    assert source.read("b") == b"XYZ" + data[3:]
+    assert _held(source, "a") is None
 
 
 def test_creating_files_waits_for_no_listing_of_their_directory(s3_behind_proxy, cachefs_mount):
