@@ -712,11 +712,10 @@ async def test_a_close_whose_journal_write_failed_keeps_the_changes_to_upload(st
     os.close(fd)
 
 
-@pytest.mark.trio
-async def test_an_open_that_was_filling_when_its_file_was_deleted_uploads_nothing(staging):
-    """rm while an open for write still copies the file in: the open gets the file that was
-    deleted, as after an unlink. It used to register it under the path, and its close
-    brought the deleted file back."""
+async def _open_while_filling(staging, path: str, during):
+    """Open `path` (a stored file of 100 bytes) for write, without O_TRUNC, and run
+    `during(writes, dataset)` while the open still copies the file in: (writes, dataset,
+    the open's file, what `during` returned)."""
     from types import SimpleNamespace
 
     from cachefs.objects import ObjectInfo
@@ -738,15 +737,24 @@ async def test_an_open_that_was_filling_when_its_file_was_deleted_uploads_nothin
     opened = []
 
     async def open_() -> None:
-        opened.append(await writes.open(dataset, "f", ObjectInfo("f", "file", 100, 0.0, "v1"), truncate=False))
+        opened.append(await writes.open(dataset, path, ObjectInfo(path, "file", 100, 0.0, "v1"), truncate=False))
 
     async with trio.open_nursery() as nursery:
         nursery.start_soon(open_)
         await filling.wait()
-        detached = writes.unlinked(dataset, "f")  # rm: no file registered yet, one being filled
-        assert len(detached) == 1 and detached[0].unlinked
+        result = during(writes, dataset)
         go_on.set()
-    wf = opened[0]
+    return writes, dataset, opened[0], result
+
+
+@pytest.mark.trio
+async def test_an_open_that_was_filling_when_its_file_was_deleted_uploads_nothing(staging):
+    """rm while an open for write still copies the file in: the open gets the file that was
+    deleted, as after an unlink. It used to register it under the path, and its close
+    brought the deleted file back."""
+    writes, dataset, wf, detached = await _open_while_filling(
+        staging, "f", lambda writes, dataset: writes.unlinked(dataset, "f"))  # rm: no file registered yet
+    assert detached == [wf]  # the one being filled
     assert wf.unlinked and writes.find(dataset, "f") is None
     assert await wf.commit(background=False) is None  # its close uploads nothing
     writes.close(wf)
@@ -758,35 +766,8 @@ async def test_an_open_that_was_filling_when_its_file_was_renamed_writes_to_the_
     """mv while an open for write still copies the file in: the open has the file that
     moved, so its writes go to the new name. It used to register under the old name, and
     its close brought the old name back."""
-    from types import SimpleNamespace
-
-    from cachefs.objects import ObjectInfo
-    from cachefs.writes import Writes
-
-    filling = trio.Event()
-    go_on = trio.Event()
-
-    class Reader:
-        chunk_size = 4096
-
-        async def chunk(self, obj, index):
-            filling.set()
-            await go_on.wait()
-            return b"c" * obj.size, None
-
-    dataset = SimpleNamespace(source="s3://b/p", reader=Reader(), backend=SimpleNamespace(takes_parts=False))
-    writes = Writes(staging, uploader=SimpleNamespace(latest=lambda dataset, path: None, part_size=8 << 20))
-    opened = []
-
-    async def open_() -> None:
-        opened.append(await writes.open(dataset, "f", ObjectInfo("f", "file", 100, 0.0, "v1"), truncate=False))
-
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(open_)
-        await filling.wait()
-        writes.moved(dataset, "f", "g")  # mv f g: no file registered yet
-        go_on.set()
-    wf = opened[0]
+    writes, dataset, wf, _ = await _open_while_filling(
+        staging, "f", lambda writes, dataset: writes.moved(dataset, "f", "g"))  # mv f g: no file registered yet
     assert not wf.unlinked and wf.path == "g"
     assert writes.find(dataset, "g") is wf and writes.find(dataset, "f") is None
     assert not writes._filling
@@ -831,36 +812,12 @@ async def test_a_close_during_a_directory_rename_uploads_under_the_new_name(stag
 async def test_a_failed_rename_over_a_file_being_opened_leaves_its_open_writing_to_it(staging):
     """mv c b fails at the backend while an open of b still copies b in: that open is b's
     again, as an open file is. It stayed marked deleted, and its writes went nowhere."""
-    from types import SimpleNamespace
 
-    from cachefs.objects import ObjectInfo
-    from cachefs.writes import Writes
-
-    filling = trio.Event()
-    go_on = trio.Event()
-
-    class Reader:
-        chunk_size = 4096
-
-        async def chunk(self, obj, index):
-            filling.set()
-            await go_on.wait()
-            return b"c" * obj.size, None
-
-    dataset = SimpleNamespace(source="s3://b/p", reader=Reader(), backend=SimpleNamespace(takes_parts=False))
-    writes = Writes(staging, uploader=SimpleNamespace(latest=lambda dataset, path: None, part_size=8 << 20))
-    opened = []
-
-    async def open_() -> None:
-        opened.append(await writes.open(dataset, "b", ObjectInfo("b", "file", 100, 0.0, "v1"), truncate=False))
-
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(open_)
-        await filling.wait()
+    def failed_rename_over(writes, dataset) -> None:
         detached = writes.unlinked(dataset, "b")  # mv c b, before its backend call
         writes.reattach(detached)  # which failed: b is what it was
-        go_on.set()
-    wf = opened[0]
+
+    writes, dataset, wf, _ = await _open_while_filling(staging, "b", failed_rename_over)
     assert not wf.unlinked and writes.find(dataset, "b") is wf
     writes.close(wf)
 
