@@ -724,6 +724,8 @@ class Operations(pyfuse3.Operations):
                 raise pyfuse3.FUSEError(errno.EISDIR)
             if info.kind == "dir" and target.kind != "dir":
                 raise pyfuse3.FUSEError(errno.ENOTDIR)
+            if target.kind == "dir" and self.node.writes.children(dataset, new):
+                raise pyfuse3.FUSEError(errno.ENOTEMPTY)  # files written here, not uploaded yet
         writes = self.node.writes
         moved = None
         detached: list = []
@@ -741,18 +743,14 @@ class Operations(pyfuse3.Operations):
             # waits must not land over what the rename puts there), and its pending bytes are
             # superseded.
             detached = writes.unlinked(dataset, new)
-        else:
-            # The same for the files under a directory (where the backend can rename one),
-            # and their closes held back while it moves: no kernel lock does that.
-            for wf in writes.under(dataset, old):
-                await wf.commit(background=False)
-        with writes.renaming(dataset, old) if info.kind == "dir" else contextlib.nullcontext():
+        # The same for the files under a directory (where the backend can rename one).
+        renaming = (writes.renaming_dir(dataset, old, self._upload_wait(dataset)) if info.kind == "dir"
+                    else contextlib.nullcontext())
+        async with renaming:
             try:
                 if info.kind == "file":
                     await writes.uploader.cancel(dataset, new)
                     moved = await self._stored(dataset, old)  # the version its cached chunks are of
-                else:
-                    await writes.uploader.wait(dataset, old, self._upload_wait(dataset), under=True)
                 replaced = await self._stored(dataset, new) if target is not None and target.kind == "file" else None
                 await dataset.backend.rename(old, new, info.kind)
             except BaseException:

@@ -170,7 +170,8 @@ class WriteFile:
         self.dirty = False
         early, self.early = self.early, None  # later writes change a sealed state: no more early parts
         try:
-            upload = await self.writes.uploader.submit(self.dataset, self.path, self.staged, self.size, background, early)
+            with self.writes.committing(self):
+                upload = await self.writes.uploader.submit(self.dataset, self.path, self.staged, self.size, background, early)
         except BaseException:
             # Not sealed (the journal could not be written): still ours to upload, and the
             # parts sent early still of it. A later close or fsync tries again.
@@ -212,6 +213,8 @@ class Writes:
         self._renaming: dict[tuple[str, str], trio.Event] = {}  # (source, "dir/") -> set once renamed
         self._filling: dict[tuple[str, str], set[WriteFile]] = {}  # files opens are filling, by path
         self._fill_ended = trio.Event()  # set (and replaced) whenever an open's fill ends
+        self._committing: set[WriteFile] = set()  # files whose commit is submitting its upload
+        self._commit_ended = trio.Event()  # set (and replaced) whenever one of those is submitted
 
     def find(self, dataset: Dataset, path: str) -> WriteFile | None:
         return self.files.get((dataset.source, path))
@@ -387,11 +390,29 @@ class Writes:
         os.close(fd)
         self.staging.release(staged)
 
-    async def filled(self, dataset: Dataset, path: str) -> None:
-        """Until no open of `path` is still copying its current content in: a rename waits,
-        or the copy would go on reading the object the rename deletes (ENOENT)."""
-        while (dataset.source, path) in self._filling:
+    async def filled(self, dataset: Dataset, path: str, under: bool = False) -> None:
+        """Until no open of `path` (`under`: of a file under directory `path`) is still
+        copying its current content in: a rename waits, or the copy would go on reading
+        the object the rename deletes or moves (ENOENT)."""
+        while any(_is_at(key, dataset, path, under) for key in self._filling):
             await self._fill_ended.wait()
+
+    @contextlib.contextmanager
+    def committing(self, wf: WriteFile):
+        """While `wf`'s commit submits its upload (which may wait for the journal): a
+        directory rename waits for it (`committed`), or it would upload to the old name."""
+        self._committing.add(wf)
+        try:
+            yield
+        finally:
+            self._committing.discard(wf)
+            self._commit_ended.set()
+            self._commit_ended = trio.Event()
+
+    async def committed(self, dataset: Dataset, directory: str) -> None:
+        """Until no commit of a file under `directory` is submitting its upload."""
+        while any(_is_at((wf.dataset.source, wf.path), dataset, directory, True) for wf in self._committing):
+            await self._commit_ended.wait()
 
     def moved(self, dataset: Dataset, old: str, new: str) -> None:
         """`old` was renamed to `new`: its open file now writes to `new`."""
@@ -421,15 +442,28 @@ class Writes:
         prefix = f"{directory}/"
         return [wf for (source, path), wf in self.files.items() if source == dataset.source and path.startswith(prefix)]
 
-    @contextlib.contextmanager
-    def renaming(self, dataset: Dataset, directory: str):
-        """While directory `directory` is renamed: a commit of a file under it waits, and
-        then uploads under the name the rename gave it. No kernel lock holds back the close
-        of a file inside a directory being renamed, and its upload to the old name would
-        fail once the directory has moved."""
+    @contextlib.asynccontextmanager
+    async def renaming_dir(self, dataset: Dataset, directory: str, upload_wait: float):
+        """Around the backend's rename of `directory`: what this node wrote under it lands
+        first (as for a file: the files open for write committed, the uploads of closed ones
+        done, the opens copying a file in finished), and a commit of a file under it waits
+        until the rename is over, then uploads under the name the file has after it (no
+        kernel lock holds back the close of a file inside a directory being renamed, and
+        its upload to the old name would fail once the directory has moved).
+
+        Raises:
+            BackendError: a commit failed; BackendUnavailable: uploads still pending after
+                `upload_wait` seconds.
+        """
+        for wf in self.under(dataset, directory):
+            if wf.handles and self.find(dataset, wf.path) is wf:  # not closed meanwhile
+                await wf.commit(background=False)
         key = (dataset.source, f"{directory}/")
         done = self._renaming[key] = trio.Event()
         try:
+            await self.committed(dataset, directory)  # commits that were past `no_rename_over`
+            await self.filled(dataset, directory, under=True)
+            await self.uploader.wait(dataset, directory, upload_wait, under=True)
             yield
         finally:
             del self._renaming[key]
@@ -449,11 +483,12 @@ class Writes:
         """`path` is being deleted (or replaced): an open file of it lives on, anonymous,
         and uploads nothing. Returns the files so detached (the open one, and those opens
         are still filling), for `reattach` if the deletion fails."""
-        detached = [*self._filling.get((dataset.source, path), ())]  # opened the file that goes
+        detached = []
         wf = self.files.pop((dataset.source, path), None)
         if wf is not None:
             self._drop_early(wf)
-            detached.append(wf)
+            detached.append(wf)  # first: the path's again before any open that was filling
+        detached += self._filling.get((dataset.source, path), ())  # they opened the file that goes
         for each in detached:
             each.unlinked = True
         return detached
@@ -474,6 +509,11 @@ class Writes:
         if wf.early is not None:
             self.uploader.drop_early(wf.dataset, wf.path, wf.early)
             wf.early = None
+
+
+def _is_at(key: tuple[str, str], dataset: Dataset, path: str, under: bool) -> bool:
+    """Whether (source, path) `key` is `path` of `dataset` (`under`: a path under it)."""
+    return key[0] == dataset.source and (key[1].startswith(f"{path}/") if under else key[1] == path)
 
 
 def _copy_range(src: int, dst: int, size: int) -> None:

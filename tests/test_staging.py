@@ -712,10 +712,10 @@ async def test_a_close_whose_journal_write_failed_keeps_the_changes_to_upload(st
     os.close(fd)
 
 
-async def _open_while_filling(staging, path: str, during):
-    """Open `path` (a stored file of 100 bytes) for write, without O_TRUNC, and run
-    `during(writes, dataset)` while the open still copies the file in: (writes, dataset,
-    the open's file, what `during` returned)."""
+def _filling_open(staging, path: str):
+    """An open of `path` (a stored file of 100 bytes) for write, without O_TRUNC, whose
+    copy-in waits: (writes, dataset, set once it copies, set to let it go on, `open_(into)`
+    that opens and appends the file to list `into`)."""
     from types import SimpleNamespace
 
     from cachefs.objects import ObjectInfo
@@ -732,15 +732,26 @@ async def _open_while_filling(staging, path: str, during):
             await go_on.wait()
             return b"c" * obj.size, None
 
+    async def no_wait(dataset, path, timeout, under=False) -> None:
+        pass
+
     dataset = SimpleNamespace(source="s3://b/p", reader=Reader(), backend=SimpleNamespace(takes_parts=False))
-    writes = Writes(staging, uploader=SimpleNamespace(latest=lambda dataset, path: None, part_size=8 << 20))
+    writes = Writes(staging, uploader=SimpleNamespace(latest=lambda dataset, path: None, part_size=8 << 20,
+                                                      wait=no_wait))
+
+    async def open_(into: list) -> None:
+        into.append(await writes.open(dataset, path, ObjectInfo(path, "file", 100, 0.0, "v1"), truncate=False))
+
+    return writes, dataset, filling, go_on, open_
+
+
+async def _open_while_filling(staging, path: str, during):
+    """Open `path` as `_filling_open` does and run `during(writes, dataset)` while the open
+    still copies the file in: (writes, dataset, the open's file, what `during` returned)."""
+    writes, dataset, filling, go_on, open_ = _filling_open(staging, path)
     opened = []
-
-    async def open_() -> None:
-        opened.append(await writes.open(dataset, path, ObjectInfo(path, "file", 100, 0.0, "v1"), truncate=False))
-
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(open_)
+        nursery.start_soon(open_, opened)
         await filling.wait()
         result = during(writes, dataset)
         go_on.set()
@@ -774,37 +785,135 @@ async def test_an_open_that_was_filling_when_its_file_was_renamed_writes_to_the_
     writes.close(wf)
 
 
-@pytest.mark.trio
-async def test_a_close_during_a_directory_rename_uploads_under_the_new_name(staging):
-    """The kernel holds back no close of a file inside a directory being renamed: its
-    commit waits for the rename, then uploads under the name the file has after it."""
+def _recording_writes(staging, hold: set[str] = frozenset()):
+    """Writes whose uploads land at once, recorded by path in order (those of a path in
+    `hold` once `release` is set): (writes, dataset, submitted, release)."""
     from types import SimpleNamespace
-
-    import trio.testing
 
     from cachefs.writes import Writes
 
     submitted = []
+    release = trio.Event()
 
     async def submit(dataset, path, staged, size, background, early):
         submitted.append(path)
+        if path in hold:
+            await release.wait()
         landed = trio.Event()
         landed.set()
         return SimpleNamespace(landed=landed, error=None, entry=None)
 
-    dataset = SimpleNamespace(source="/src", backend=SimpleNamespace(takes_parts=False))
-    writes = Writes(staging, uploader=SimpleNamespace(submit=submit, latest=lambda dataset, path: None,
-                                                      part_size=8 << 20))
+    async def wait(dataset, path, timeout, under=False):
+        pass
+
+    uploader = SimpleNamespace(submit=submit, wait=wait, latest=lambda dataset, path: None, part_size=8 << 20)
+    dataset = SimpleNamespace(source="/src", name="", backend=SimpleNamespace(takes_parts=False))
+    return Writes(staging, uploader=uploader), dataset, submitted, release
+
+
+@pytest.mark.trio
+async def test_a_close_during_a_directory_rename_uploads_under_the_new_name(staging):
+    """A directory rename lands the files open under it first; a close of one while it
+    moves (no kernel lock holds that back) waits, then uploads under the new name."""
+    import trio.testing
+
+    writes, dataset, submitted, _ = _recording_writes(staging)
     wf = await writes.open(dataset, "d/f", None, truncate=True)
-    await wf.write(0, b"bytes")
+    await wf.write(0, b"before")
     async with trio.open_nursery() as nursery:
-        with writes.renaming(dataset, "d"):
+        async with writes.renaming_dir(dataset, "d", 5):
+            assert submitted == ["d/f"]  # landed before the directory moves
+            await wf.write(0, b"during")
             nursery.start_soon(wf.commit, False)
             await trio.testing.wait_all_tasks_blocked()
-            assert submitted == []  # held back while the directory moves
+            assert submitted == ["d/f"]  # held back while it moves
             writes.moved_dir(dataset, "d", "d2")
-    assert submitted == ["d2/f"]
+    assert submitted == ["d/f", "d2/f"]
     assert writes.find(dataset, "d2/f") is wf and writes.under(dataset, "d2") == [wf]
+    wf.dirty = False
+    writes.close(wf)
+
+
+@pytest.mark.trio
+async def test_a_directory_rename_waits_for_a_close_already_submitting_its_upload(staging):
+    """A close under --writeback that was already submitting its upload (waiting for the
+    journal) when the directory rename began: the rename waits for it, so it uploads to
+    the old name before the directory moves, not after."""
+    import trio.testing
+
+    writes, dataset, submitted, release = _recording_writes(staging, hold={"d/f"})
+    wf = await writes.open(dataset, "d/f", None, truncate=True)
+    await wf.write(0, b"bytes")
+    events = []
+
+    async def rename_dir() -> None:
+        async with writes.renaming_dir(dataset, "d", 5):
+            events.append("moved")
+            writes.moved_dir(dataset, "d", "d2")
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(wf.commit, True)
+        await trio.testing.wait_all_tasks_blocked()  # inside its submit
+        nursery.start_soon(rename_dir)
+        await trio.testing.wait_all_tasks_blocked()
+        assert events == []  # the rename waits for that commit
+        release.set()
+    assert submitted == ["d/f"] and events == ["moved"] and wf.path == "d2/f"
+    wf.dirty = False
+    writes.close(wf)
+
+
+@pytest.mark.trio
+async def test_a_directory_rename_commits_no_file_closed_while_it_lands_others(staging):
+    """While the rename waits for one file's upload, another file under the directory is
+    closed (and let go of): the rename does not commit that one (its staged file is gone)."""
+    import trio.testing
+
+    writes, dataset, submitted, release = _recording_writes(staging, hold={"d/f1"})
+    f1 = await writes.open(dataset, "d/f1", None, truncate=True)
+    f2 = await writes.open(dataset, "d/f2", None, truncate=True)
+    await f1.write(0, b"1")
+    await f2.write(0, b"2")
+
+    async def rename_dir() -> None:
+        async with writes.renaming_dir(dataset, "d", 5):
+            writes.moved_dir(dataset, "d", "d2")
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(rename_dir)
+        await trio.testing.wait_all_tasks_blocked()  # waiting for f1's upload
+        f2.dirty = False  # as after a close whose upload failed and was given up
+        writes.close(f2)
+        release.set()
+    assert submitted == ["d/f1"]
+    f1.dirty = False
+    writes.close(f1)
+
+
+@pytest.mark.trio
+async def test_a_directory_rename_waits_for_opens_copying_a_file_under_it_in(staging):
+    """open(d/f) without O_TRUNC still copies f in when mv d d2 begins: the rename waits
+    for it, or the copy would read d/f after the directory moved (ENOENT)."""
+    import trio.testing
+
+    writes, dataset, filling, go_on, open_ = _filling_open(staging, "d/f")
+    events = []
+
+    async def rename_dir() -> None:
+        async with writes.renaming_dir(dataset, "d", 5):
+            events.append("moved")
+            writes.moved_dir(dataset, "d", "d2")
+
+    opened = []
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(open_, opened)
+        await filling.wait()
+        nursery.start_soon(rename_dir)
+        await trio.testing.wait_all_tasks_blocked()
+        assert events == []  # waiting for the copy
+        go_on.set()
+    wf = opened[0]
+    assert events == ["moved"] and wf.path == "d2/f" and writes.find(dataset, "d2/f") is wf
     writes.close(wf)
 
 
@@ -857,3 +966,24 @@ async def test_an_o_trunc_open_while_the_last_other_handle_closes_returns(stagin
     assert os.fstat(wf.fd).st_size == 0
     wf.dirty = False  # as after its close's upload
     writes.close(wf)
+
+
+@pytest.mark.trio
+async def test_a_failed_delete_gives_the_path_back_to_the_open_file_before_an_open_filling(staging):
+    """open(f) (B) still copies f in; another handle creates f (A) and writes; rm f
+    detaches both, B's copy ends meanwhile, and the delete fails: f is A's again, and A's
+    close uploads. The path went to B, and A's writes went nowhere."""
+    writes, dataset, filling, go_on, open_ = _filling_open(staging, "f")
+    opened = []
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(open_, opened)
+        await filling.wait()
+        a = await writes.open(dataset, "f", None, truncate=True)
+        await a.write(0, b"A's bytes")
+        detached = writes.unlinked(dataset, "f")
+        go_on.set()
+    writes.reattach(detached)  # the delete failed
+    assert writes.find(dataset, "f") is a and not a.unlinked and a.dirty
+    a.dirty = False
+    writes.close(a)
+    writes.close(opened[0])

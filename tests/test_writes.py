@@ -248,6 +248,26 @@ def test_a_file_open_for_write_follows_its_directory_renamed(local_source, cache
     assert _read(os.path.join(m.mountpoint, "d2", "f")) == b"before the move, after it"
 
 
+def test_a_directory_is_not_renamed_over_one_holding_a_file_not_uploaded_yet(local_source, cachefs_mount):
+    """`ls d2` shows a file written here and still open: d2 is not empty, and mv d1 d2 gives
+    ENOTEMPTY. The backend's d2 was empty, so the rename went through, and the file then
+    landed inside what had been d1."""
+    m = _rw(cachefs_mount, local_source)
+    d1, d2 = os.path.join(m.mountpoint, "d1"), os.path.join(m.mountpoint, "d2")
+    os.mkdir(d1)
+    _write(os.path.join(d1, "a"), b"a")
+    os.mkdir(d2)
+    with open(os.path.join(d2, "f"), "wb") as f:
+        f.write(b"d2's file")
+        f.flush()
+        assert os.listdir(d2) == ["f"]
+        with pytest.raises(OSError) as e:
+            os.rename(d1, d2)
+        assert e.value.errno == errno.ENOTEMPTY
+    assert sorted(os.listdir(local_source.path("d2"))) == ["f"]
+    assert local_source.read("d1/a") == b"a"
+
+
 def test_truncate_of_a_file_only_readers_hold_is_uploaded(local_source, cachefs_mount):
     """A file written and closed while a reader still holds it, then truncated by path:
     the change is uploaded. It used to be lost at the reader's close (no writer was left
