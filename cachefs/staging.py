@@ -407,6 +407,12 @@ class Staging:
                 staged.reserved += need
                 return
             if not self.draining and not self.removing:
+                if self.used + need <= self.limit:  # the disk refused, not the staging limit
+                    raise StagingFull(
+                        f"no room on the cache disk for {format_size(need)} more of a file open for write "
+                        f"({format_size(self.used)} staged; the rest of --cache-size is pinned, or the disk is "
+                        f"within --free-space-ratio of full): free space on it or raise --cache-size"
+                    )
                 raise StagingFull(
                     f"staging is full ({format_size(self.used)} of {format_size(self.limit)} held by files "
                     f"open for write); raise --stage-size or --cache-size"

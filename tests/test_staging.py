@@ -987,3 +987,23 @@ async def test_a_failed_delete_gives_the_path_back_to_the_open_file_before_an_op
     a.dirty = False
     writes.close(a)
     writes.close(opened[0])
+
+
+@pytest.mark.trio
+async def test_a_cache_disk_with_no_room_is_named_as_such_not_as_a_full_staging_area(tmp_path):
+    """The SSD tier refusing room (a disk full of other files, or its chunks pinned) is
+    ENOSPC with the disk named: "raise --stage-size" would not help there."""
+    from cachefs.staging import StagingFull
+
+    class FullDisk:
+        async def claim(self, size: int) -> bool:
+            return False
+
+    staging = Staging(str(tmp_path), limit=64 * RESERVE_STEP, disk=FullDisk())
+    staging.open()
+    with pytest.raises(StagingFull, match="no room on the cache disk"):
+        await staging.reserve(staging.new_file(), RESERVE_STEP)
+    staging = Staging(str(tmp_path / "small"), limit=RESERVE_STEP, disk=None)
+    staging.open()
+    with pytest.raises(StagingFull, match="staging is full"):
+        await staging.reserve(staging.new_file(), 2 * RESERVE_STEP)
