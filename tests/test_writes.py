@@ -481,6 +481,27 @@ def test_close_fails_with_eio_only_after_retries_and_recovers(s3_behind_proxy, c
     assert source.read("x.bin") == b"payload"
 
 
+def test_appending_to_a_writeback_file_not_landed_needs_no_backend(s3_behind_proxy, cachefs_mount):
+    """--writeback, the backend down: a file closed here and not uploaded yet is this node's
+    to serve. Rewriting it, appending to it (O_APPEND) and truncating it by path work from
+    the staged bytes, and all of it lands once the backend is back."""
+    source = s3_behind_proxy
+    m = _rw(cachefs_mount, source, "--writeback", "--backend-retries", "0", "--attr-ttl", "0", "--dir-ttl", "0")
+    path = os.path.join(m.mountpoint, "log.txt")
+    _write(path, b"")
+    _wait_for(lambda: _held(source, "log.txt") == b"", "the empty file landed")
+    source.proxy.fault_scope = "all"
+    source.proxy.fault = "503"  # the backend is down from here
+    _write(path, b"first line\n")  # --writeback: the close returns, its upload waits
+    with open(path, "ab") as f:
+        f.write(b"second line\n")
+    os.truncate(path, len(b"first line\nsecond"))
+    assert _read(path) == b"first line\nsecond"
+    assert _held(source, "log.txt") == b""
+    source.proxy.fault = None
+    _wait_for(lambda: _held(source, "log.txt") == b"first line\nsecond", "all of it landed")
+
+
 def test_writeback_uploads_once_the_backend_is_back(s3_behind_proxy, cachefs_mount, run_cachefs):
     source = s3_behind_proxy
     m = _rw(cachefs_mount, source, "--writeback", "--backend-retries", "0")
