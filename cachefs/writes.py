@@ -439,8 +439,7 @@ class Writes:
 
     def under(self, dataset: Dataset, directory: str) -> list[WriteFile]:
         """The files open for write under `directory`."""
-        prefix = f"{directory}/"
-        return [wf for (source, path), wf in self.files.items() if source == dataset.source and path.startswith(prefix)]
+        return [wf for key, wf in self.files.items() if _is_at(key, dataset, directory, under=True)]
 
     @contextlib.asynccontextmanager
     async def renaming_dir(self, dataset: Dataset, directory: str, upload_wait: float):
@@ -470,7 +469,7 @@ class Writes:
             done.set()
 
     async def no_rename_over(self, wf: WriteFile) -> None:
-        """Until no directory that `wf` lies under is being renamed (`renaming`)."""
+        """Until no directory that `wf` lies under is being renamed (`renaming_dir`)."""
         while True:
             for (source, prefix), done in self._renaming.items():
                 if source == wf.dataset.source and wf.path.startswith(prefix):
