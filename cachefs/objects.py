@@ -52,6 +52,11 @@ def join(parent: str, name: str) -> str:
     return f"{parent}/{name}" if parent else name
 
 
+def key_at(key: tuple[str, str], source: str, path: str, under: bool = False) -> bool:
+    """Whether (source, path) `key` is `path` of `source` (`under`: a path below it)."""
+    return key[0] == source and (key[1].startswith(f"{path}/") if under else key[1] == path)
+
+
 def check_relative_path(path: str) -> None:
     """Paths come from the kernel or from peers: refuse anything that could leave the source root.
 

@@ -26,7 +26,7 @@ import trio
 from cachefs import metrics
 from cachefs.backend import NOATIME
 from cachefs.errors import BackendError, BackendUnavailable, CachefsError
-from cachefs.objects import ObjectId, ObjectInfo, chunk_key, source_tag
+from cachefs.objects import ObjectId, ObjectInfo, chunk_key, key_at, source_tag
 from cachefs.staging import JournalEntry, StagedFile, Staging
 
 if TYPE_CHECKING:
@@ -276,9 +276,8 @@ class Uploader:
                 backend is down: a rename must not hang on it).
         """
         if under:
-            prefix = f"{path}/"
-            uploads = [upload for (source, key), queued in self.pending.items()
-                       if source == dataset.source and key.startswith(prefix) for upload in queued]
+            uploads = [upload for key, queued in self.pending.items() if key_at(key, dataset.source, path, under=True)
+                       for upload in queued]
         else:
             uploads = list(self.pending.get((dataset.source, path), ()))
         with trio.move_on_after(timeout):

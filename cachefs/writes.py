@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING
 import trio
 
 from cachefs.errors import StagingFull
-from cachefs.objects import ObjectId, ObjectInfo, join
+from cachefs.objects import ObjectId, ObjectInfo, join, key_at
 from cachefs.staging import WRITE_OUT_STEP, StagedFile, Staging
 from cachefs.upload import EarlyParts, Upload, Uploader
 
@@ -59,6 +59,11 @@ class WriteFile:
         self.unlinked = False  # deleted while open: its bytes go nowhere
         self.out_to = 0  # --writeback: the staged bytes before this are being written to the disk
         self._owning = trio.Lock()  # one `_own` at a time
+
+    @property
+    def key(self) -> tuple[str, str]:
+        """(source, path): what `Writes` knows this file by."""
+        return (self.dataset.source, self.path)
 
     @property
     def info(self) -> ObjectInfo:
@@ -210,11 +215,10 @@ class Writes:
         self.uploader = uploader
         self.writeback = writeback  # --writeback: fsync() makes the staged bytes durable
         self.files: dict[tuple[str, str], WriteFile] = {}
-        self._renaming: dict[tuple[str, str], trio.Event] = {}  # (source, "dir/") -> set once renamed
+        self._renaming: dict[tuple[str, str], trio.Event] = {}  # (source, directory) -> set once renamed
         self._filling: dict[tuple[str, str], set[WriteFile]] = {}  # files opens are filling, by path
-        self._fill_ended = trio.Event()  # set (and replaced) whenever an open's fill ends
+        self._ended = trio.Event()  # set (and replaced) whenever an open's fill or a commit's submit ends
         self._committing: set[WriteFile] = set()  # files whose commit is submitting its upload
-        self._commit_ended = trio.Event()  # set (and replaced) whenever one of those is submitted
 
     def find(self, dataset: Dataset, path: str) -> WriteFile | None:
         return self.files.get((dataset.source, path))
@@ -267,12 +271,11 @@ class Writes:
                 self.staging.release(staged)
                 raise
             finally:
-                key = (dataset.source, made.path)  # renamed meanwhile (`moved`): its new name
+                key = made.key  # renamed meanwhile (`moved`): its new name
                 self._filling[key].discard(made)
                 if not self._filling[key]:
                     del self._filling[key]
-                self._fill_ended.set()
-                self._fill_ended = trio.Event()
+                self._one_ended()
             path = made.path
             if made.unlinked:
                 # Deleted (or replaced by a rename) while this open filled its copy: it opened
@@ -342,7 +345,7 @@ class Writes:
             log.error("%s: closed with changes that were never uploaded (the close failed); they are lost",
                       join(wf.dataset.name, wf.path))
         self._drop_early(wf)
-        key = (wf.dataset.source, wf.path)
+        key = wf.key
         if self.files.get(key) is wf:
             del self.files[key]
         os.close(wf.fd)
@@ -394,8 +397,8 @@ class Writes:
         """Until no open of `path` (`under`: of a file under directory `path`) is still
         copying its current content in: a rename waits, or the copy would go on reading
         the object the rename deletes or moves (ENOENT)."""
-        while any(_is_at(key, dataset, path, under) for key in self._filling):
-            await self._fill_ended.wait()
+        while any(key_at(key, dataset.source, path, under) for key in self._filling):
+            await self._ended.wait()
 
     @contextlib.contextmanager
     def committing(self, wf: WriteFile):
@@ -406,13 +409,17 @@ class Writes:
             yield
         finally:
             self._committing.discard(wf)
-            self._commit_ended.set()
-            self._commit_ended = trio.Event()
+            self._one_ended()
 
     async def committed(self, dataset: Dataset, directory: str) -> None:
         """Until no commit of a file under `directory` is submitting its upload."""
-        while any(_is_at((wf.dataset.source, wf.path), dataset, directory, True) for wf in self._committing):
-            await self._commit_ended.wait()
+        while any(key_at(wf.key, dataset.source, directory, under=True) for wf in self._committing):
+            await self._ended.wait()
+
+    def _one_ended(self) -> None:
+        """An open's fill or a commit's submit ended: wake `filled` and `committed`."""
+        self._ended.set()
+        self._ended = trio.Event()
 
     def moved(self, dataset: Dataset, old: str, new: str) -> None:
         """`old` was renamed to `new`: its open file now writes to `new`."""
@@ -421,11 +428,9 @@ class Writes:
 
     def moved_dir(self, dataset: Dataset, old: str, new: str) -> None:
         """Directory `old` was renamed to `new`: the files open under it write under `new`."""
-        prefix = f"{old}/"
-        paths = {path for source, path in [*self.files, *self._filling] if source == dataset.source}
-        for path in paths:
-            if path.startswith(prefix):
-                self._rekey(dataset, path, new + path[len(old):])
+        moving = {key for key in [*self.files, *self._filling] if key_at(key, dataset.source, old, under=True)}
+        for _, path in moving:
+            self._rekey(dataset, path, new + path[len(old):])
 
     def _rekey(self, dataset: Dataset, old: str, new: str) -> None:
         for filling in self._filling.pop((dataset.source, old), ()):
@@ -439,7 +444,7 @@ class Writes:
 
     def under(self, dataset: Dataset, directory: str) -> list[WriteFile]:
         """The files open for write under `directory`."""
-        return [wf for key, wf in self.files.items() if _is_at(key, dataset, directory, under=True)]
+        return [wf for key, wf in self.files.items() if key_at(key, dataset.source, directory, under=True)]
 
     @contextlib.asynccontextmanager
     async def renaming_dir(self, dataset: Dataset, directory: str, upload_wait: float):
@@ -457,7 +462,7 @@ class Writes:
         for wf in self.under(dataset, directory):
             if wf.handles and self.find(dataset, wf.path) is wf:  # not closed meanwhile
                 await wf.commit(background=False)
-        key = (dataset.source, f"{directory}/")
+        key = (dataset.source, directory)
         done = self._renaming[key] = trio.Event()
         try:
             await self.committed(dataset, directory)  # commits that were past `no_rename_over`
@@ -471,8 +476,8 @@ class Writes:
     async def no_rename_over(self, wf: WriteFile) -> None:
         """Until no directory that `wf` lies under is being renamed (`renaming_dir`)."""
         while True:
-            for (source, prefix), done in self._renaming.items():
-                if source == wf.dataset.source and wf.path.startswith(prefix):
+            for (source, directory), done in self._renaming.items():
+                if key_at(wf.key, source, directory, under=True):
                     await done.wait()
                     break
             else:
@@ -497,7 +502,7 @@ class Writes:
         path's again (an open file's parts sent early are gone: it uploads whole at its
         close), unless another file was opened at the path meanwhile."""
         for wf in detached:
-            key = (wf.dataset.source, wf.path)
+            key = wf.key
             if wf in self._filling.get(key, ()):
                 wf.unlinked = False  # registered when its fill ends
             elif key not in self.files:
@@ -508,11 +513,6 @@ class Writes:
         if wf.early is not None:
             self.uploader.drop_early(wf.dataset, wf.path, wf.early)
             wf.early = None
-
-
-def _is_at(key: tuple[str, str], dataset: Dataset, path: str, under: bool) -> bool:
-    """Whether (source, path) `key` is `path` of `dataset` (`under`: a path under it)."""
-    return key[0] == dataset.source and (key[1].startswith(f"{path}/") if under else key[1] == path)
 
 
 def _copy_range(src: int, dst: int, size: int) -> None:
