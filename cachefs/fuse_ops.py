@@ -659,6 +659,7 @@ class Operations(pyfuse3.Operations):
         except BaseException:
             writes.reattach(detached)  # not deleted: the open file is the path's again
             raise
+        writes.deleted(detached)
         dataset.namespace.drop_entry(inner)
         self.inodes.unlinked(path)
         if stored is not None:
@@ -756,6 +757,7 @@ class Operations(pyfuse3.Operations):
             except BaseException:
                 writes.reattach(detached)  # not replaced: the file open at `new` is its path's again
                 raise
+            writes.deleted(detached)
             if info.kind == "file":
                 writes.moved(dataset, old, new)
             else:

@@ -219,6 +219,9 @@ class Writes:
         self._filling: dict[tuple[str, str], set[WriteFile]] = {}  # files opens are filling, by path
         self._ended = trio.Event()  # set (and replaced) whenever an open's fill or a commit's submit ends
         self._committing: set[WriteFile] = set()  # files whose commit is submitting its upload
+        # Files `unlinked` detached for a deletion (or a rename over their path) still going on:
+        # if it fails, `reattach` gives them their path back, the one they have then.
+        self._deleting: set[WriteFile] = set()
 
     def find(self, dataset: Dataset, path: str) -> WriteFile | None:
         return self.files.get((dataset.source, path))
@@ -266,6 +269,11 @@ class Writes:
             try:
                 if not truncate:
                     await self._fill(made, current)
+                # Detached meanwhile: it stays one of the path's opens until the deletion is
+                # known to have happened. Returned detached, then given back no path (another
+                # open had it), it kept the handle's writes from the file the path still was.
+                while made in self._deleting:
+                    await self._ended.wait()
             except BaseException:
                 os.close(fd)
                 self.staging.release(staged)
@@ -417,13 +425,13 @@ class Writes:
             await self._ended.wait()
 
     def _one_ended(self) -> None:
-        """An open's fill or a commit's submit ended: wake `filled` and `committed`."""
+        """An open's fill, a commit's submit or a deletion ended: wake those waiting for it."""
         self._ended.set()
         self._ended = trio.Event()
 
     def moved(self, dataset: Dataset, old: str, new: str) -> None:
         """`old` was renamed to `new`: its open file now writes to `new`."""
-        self.unlinked(dataset, new)  # a file open at `new` was replaced: it uploads nothing now
+        self.deleted(self.unlinked(dataset, new))  # a file open at `new` was replaced: it uploads nothing now
         self._rekey(dataset, old, new)
 
     def moved_dir(self, dataset: Dataset, old: str, new: str) -> None:
@@ -431,6 +439,9 @@ class Writes:
         moving = {key for key in [*self.files, *self._filling] if key_at(key, dataset.source, old, under=True)}
         for _, path in moving:
             self._rekey(dataset, path, new + path[len(old):])
+        for wf in self._deleting:  # a failed delete gives them back their path in the new place
+            if key_at(wf.key, dataset.source, old, under=True):
+                wf.path = new + wf.path[len(old):]
 
     def _rekey(self, dataset: Dataset, old: str, new: str) -> None:
         for filling in self._filling.pop((dataset.source, old), ()):
@@ -495,12 +506,20 @@ class Writes:
         detached += self._filling.get((dataset.source, path), ())  # they opened the file that goes
         for each in detached:
             each.unlinked = True
+        self._deleting.update(detached)
         return detached
+
+    def deleted(self, detached: list[WriteFile]) -> None:
+        """The deletion `unlinked` was told of happened: the files it detached stay so."""
+        self._deleting.difference_update(detached)
+        self._one_ended()
 
     def reattach(self, detached: list[WriteFile]) -> None:
         """The deletion `unlinked` was told of failed: the files it detached are their
         path's again (an open file's parts sent early are gone: it uploads whole at its
         close), unless another file was opened at the path meanwhile."""
+        self._deleting.difference_update(detached)
+        self._one_ended()
         for wf in detached:
             key = wf.key
             if wf in self._filling.get(key, ()):

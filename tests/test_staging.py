@@ -763,8 +763,13 @@ async def test_an_open_that_was_filling_when_its_file_was_deleted_uploads_nothin
     """rm while an open for write still copies the file in: the open gets the file that was
     deleted, as after an unlink. It used to register it under the path, and its close
     brought the deleted file back."""
-    writes, dataset, wf, detached = await _open_while_filling(
-        staging, "f", lambda writes, dataset: writes.unlinked(dataset, "f"))  # rm: no file registered yet
+
+    def rm(writes, dataset):  # no file registered yet
+        detached = writes.unlinked(dataset, "f")
+        writes.deleted(detached)  # the backend's delete went through
+        return detached
+
+    writes, dataset, wf, detached = await _open_while_filling(staging, "f", rm)
     assert detached == [wf]  # the one being filled
     assert wf.unlinked and writes.find(dataset, "f") is None
     assert await wf.commit(background=False) is None  # its close uploads nothing
@@ -969,10 +974,13 @@ async def test_an_o_trunc_open_while_the_last_other_handle_closes_returns(stagin
 
 
 @pytest.mark.trio
-async def test_a_failed_delete_gives_the_path_back_to_the_open_file_before_an_open_filling(staging):
-    """open(f) (B) still copies f in; another handle creates f (A) and writes; rm f
-    detaches both, B's copy ends meanwhile, and the delete fails: f is A's again, and A's
-    close uploads. The path went to B, and A's writes went nowhere."""
+async def test_an_open_filling_while_a_delete_fails_shares_the_file_opened_meanwhile(staging):
+    """open(f) (B) still copies f in; another handle opens f with O_TRUNC (A) and writes;
+    rm f detaches both, B's copy ends meanwhile, and the delete fails: f is A's again, and
+    B's handle writes into A's file, as two opens of one path do. B's open used to return
+    its own copy, detached for good: its writes went nowhere."""
+    import trio.testing
+
     writes, dataset, filling, go_on, open_ = _filling_open(staging, "f")
     opened = []
     async with trio.open_nursery() as nursery:
@@ -982,11 +990,36 @@ async def test_a_failed_delete_gives_the_path_back_to_the_open_file_before_an_op
         await a.write(0, b"A's bytes")
         detached = writes.unlinked(dataset, "f")
         go_on.set()
-    writes.reattach(detached)  # the delete failed
+        await trio.testing.wait_all_tasks_blocked()
+        assert not opened  # B waits to know whether f is gone
+        writes.reattach(detached)  # the delete failed
     assert writes.find(dataset, "f") is a and not a.unlinked and a.dirty
+    assert opened == [a] and a.handles == 2
     a.dirty = False
     writes.close(a)
-    writes.close(opened[0])
+    writes.close(a)
+    assert not writes._filling and not writes._deleting
+
+
+@pytest.mark.trio
+async def test_a_failed_delete_during_a_directory_rename_gives_the_file_its_new_path(staging):
+    """rm d/f is under way (its open file detached) when mv d d2 moves the directory; the
+    delete then fails: the open file is d2/f's, where its close uploads. It went back to
+    d/f, and its close brought the old directory back."""
+    writes, dataset, submitted, _ = _recording_writes(staging)
+    wf = await writes.open(dataset, "d/f", None, truncate=True)
+    await wf.write(0, b"bytes")
+    await wf.commit(background=False)
+    await wf.write(0, b"more!")
+    detached = writes.unlinked(dataset, "d/f")  # rm d/f, waiting for its backend call
+    async with writes.renaming_dir(dataset, "d", 5):
+        writes.moved_dir(dataset, "d", "d2")
+    writes.reattach(detached)  # the delete failed (d/f had moved)
+    assert writes.find(dataset, "d2/f") is wf and writes.find(dataset, "d/f") is None
+    await wf.commit(background=False)
+    assert submitted == ["d/f", "d2/f"]
+    writes.close(wf)
+    assert not writes._deleting
 
 
 @pytest.mark.trio
