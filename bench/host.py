@@ -233,6 +233,14 @@ def cpu_seconds(sid: int) -> float:
     return total / _CLK_TCK
 
 
+def busy_seconds() -> float:
+    """CPU seconds the whole machine spent busy so far (every CPU, every process and the
+    kernel's own threads; not idle or waiting for I/O), from /proc/stat."""
+    with open("/proc/stat") as f:
+        ticks = [int(v) for v in f.readline().split()[1:]]
+    return (sum(ticks) - ticks[3] - ticks[4]) / _CLK_TCK
+
+
 def wait_idle(sids: list[int], timeout: float = 60.0, window: float = 0.5, share: float = 0.05) -> float:
     """Wait until the processes of sessions ``sids`` together use less than ``share``
     of a CPU over ``window`` seconds (or ``timeout`` passed). Returns the seconds waited

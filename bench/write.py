@@ -260,7 +260,7 @@ def run_cell(system: WriteSystem, workload: str, rep: int, args) -> dict:
     idle_wait = host.wait_idle(args.idle_sids)
     sid = system.proc.pid
     gw = args.gateway_sid
-    cpu0, gw0, put0 = host.cpu_seconds(sid), host.cpu_seconds(gw), system.put_bytes()
+    cpu0, gw0, put0, busy0 = host.cpu_seconds(sid), host.cpu_seconds(gw), system.put_bytes(), host.busy_seconds()
     t0 = time.monotonic()
     kind, n = workload.split("-")
     rec = fio_seq(directory, int(n), args.size) if kind == "seq" else small_files(directory, args.files, int(n))
@@ -275,7 +275,7 @@ def run_cell(system: WriteSystem, workload: str, rep: int, args) -> dict:
         rec["landed_s"] = time.monotonic() - t0
     rec.update(system=system.key, workload=workload, repeat=rep, idle_wait_s=idle_wait,
                cpu_s=host.cpu_seconds(sid) - cpu0, gateway_cpu_s=host.cpu_seconds(gw) - gw0,
-               put_bytes=system.put_bytes() - put0)
+               put_bytes=system.put_bytes() - put0, host_cpu_s=host.busy_seconds() - busy0)
     rec["value"] = rec["bytes"] / MiB / rec["runtime_s"] if kind == "seq" else rec["files"] / rec["wall_s"]
     if "landed_s" in rec:
         rec["landed_value"] = rec["bytes"] / MiB / rec["landed_s"] if kind == "seq" else rec["files"] / rec["landed_s"]
@@ -363,13 +363,13 @@ class RawS3:
         args = self.args
         host.drop_page_cache()
         idle_wait = host.wait_idle(args.idle_sids)
-        gw0 = host.cpu_seconds(args.gateway_sid)
+        gw0, busy0 = host.cpu_seconds(args.gateway_sid), host.busy_seconds()
         t = time.monotonic()
         fn()
         wall = time.monotonic() - t
         rec = {"system": "raw", "workload": name, "inflight": streams, "wall_s": wall, "bytes": total,
                "idle_wait_s": idle_wait,
-               "gateway_cpu_s": host.cpu_seconds(args.gateway_sid) - gw0}
+               "gateway_cpu_s": host.cpu_seconds(args.gateway_sid) - gw0, "host_cpu_s": host.busy_seconds() - busy0}
         rec["value"] = unit_count / wall if unit_count else total / MiB / wall
         log(f"  raw {name:26s}: {rec['value']:8.1f} {'files/s' if unit_count else 'MiB/s'}")
         return rec
@@ -424,6 +424,12 @@ def med(recs: list[dict], field: str = "value") -> float | None:
     return statistics.median(values) if values else None
 
 
+def per_gib(recs: list[dict], field: str) -> str:
+    """The median of `field` (seconds) per GiB the cells wrote; "—" for runs that did not record it."""
+    value = med(recs, field)
+    return "—" if value is None else f"{value / (recs[0]['bytes'] / GiB):.1f}"
+
+
 def render(data: dict) -> str:
     size, files = data["size"], data["files"]
     runs, raw = data["runs"], data["raw"]
@@ -444,14 +450,17 @@ def render(data: dict) -> str:
         f"Each cell ends when nothing is pending, and starts once the gateway and every daemon are idle "
         f"(no cell's work runs into the next). "
         f"CPU: the daemon's utime+stime per GiB written, until then (cachefs: its one process; JuiceFS: its processes), "
-        f"the gateway's apart. Median of {data['repeat']} repeat(s); systems interleaved, repeat k starting at system k.",
+        f"the gateway's apart. Host CPU: the whole machine's busy time per GiB (every process and the kernel's "
+        f"threads, /proc/stat), from the start until nothing is pending: the S3 server shares these CPUs, so "
+        f"what the writer, the kernel and the daemon spend is taken from what the server can use. Median of {data['repeat']} repeat(s); systems interleaved, repeat k starting at system k.",
         "",
         *report.experiment_lines(data),
         *([f"- **A/B**: `cachefs-base` and `cachefs-wb-base` run cachefs {data['baseline_git']} from "
            f"{data['baseline_tree']}, mounted beside the others in the same run"] if data.get("baseline_tree") else []),
         "",
-        "| workload | system | MiB/s or files/s | landed (MiB/s or files/s) | daemon CPU s/GiB | gateway CPU s/GiB | bytes PUT ÷ written |",
-        "|---|---|---:|---:|---:|---:|---:|",
+        "| workload | system | MiB/s or files/s | landed (MiB/s or files/s) | daemon CPU s/GiB | gateway CPU s/GiB "
+        "| host CPU s/GiB | bytes PUT ÷ written |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
     ]
     for w in data["workloads"]:
         for s in data["systems"]:
@@ -462,14 +471,16 @@ def render(data: dict) -> str:
             lv = med(recs, "landed_value")
             lines.append(
                 f"| {w} | {s} | {med(recs):,.1f} | {'—' if lv is None else f'{lv:,.1f}'} | {med(recs, 'cpu_s_per_gib'):.1f} "
-                f"| {med(recs, 'gateway_cpu_s') / gib:.1f} | {med(recs, 'put_bytes') / recs[0]['bytes']:.2f} |")
+                f"| {med(recs, 'gateway_cpu_s') / gib:.1f} | {per_gib(recs, 'host_cpu_s')} "
+                f"| {med(recs, 'put_bytes') / recs[0]['bytes']:.2f} |")
     if raw:
         lines += ["", f"Raw S3 (botocore from memory, the same gateway; parts of {PART // MiB} MiB, files of "
                       f"{size / MiB:,.0f} MiB; 64 KiB objects):", "",
-                  "| raw | MiB/s or files/s | gateway CPU s/GiB |", "|---|---:|---:|"]
+                  "| raw | MiB/s or files/s | gateway CPU s/GiB | host CPU s/GiB |", "|---|---:|---:|---:|"]
         for name in dict.fromkeys(r["workload"] for r in raw):
             recs = [r for r in raw if r["workload"] == name]
-            lines.append(f"| {name} | {med(recs):,.1f} | {med(recs, 'gateway_cpu_s') / (recs[0]['bytes'] / GiB):.1f} |")
+            lines.append(f"| {name} | {med(recs):,.1f} | {med(recs, 'gateway_cpu_s') / (recs[0]['bytes'] / GiB):.1f} "
+                         f"| {per_gib(recs, 'host_cpu_s')} |")
 
     def verdict(a, b, target):
         if a is None or b is None:
