@@ -377,8 +377,10 @@ class Operations(pyfuse3.Operations):
         # Room to write where a dataset takes writes (tools check df first), else none.
         writable = any(not d.config.read_only for d in self.node.datasets.values())
         s.f_bfree = s.f_bavail = s.f_blocks // 2 if writable else 0
+        # Inodes alike: none free read a full filesystem to `df -i`, and to the usual
+        # "out of inodes" alerts on node_exporter's figures, on every read-write mount.
         s.f_files = 1 << 30
-        s.f_ffree = s.f_favail = 0
+        s.f_ffree = s.f_favail = s.f_files // 2 if writable else 0
         s.f_namemax = 255
         usage = await self.usage() if self.usage is not None else None
         if usage is not None:
@@ -389,6 +391,7 @@ class Operations(pyfuse3.Operations):
             s.f_blocks = used
             s.f_bfree = s.f_bavail = 0  # full even where a dataset takes writes: free would exceed the size
             s.f_files = files
+            s.f_ffree = s.f_favail = 0
         return s
 
     # -- directories --------------------------------------------------------

@@ -364,6 +364,9 @@ async def test_df_of_a_read_write_dataset_still_reports_its_bytes_as_used():
     ops = Operations(SimpleNamespace(datasets={"out": rw}, config=None), entry_ttl=1.0, attr_ttl=1.0, block_size=4096)
     plain = await ops.statfs(None)
     assert plain.f_bavail == plain.f_blocks // 2  # room to write, for tools that look first
+    # Files too: with no free inodes, `df -i` read 100 % used, and "out of inodes" alerts
+    # on node_exporter's figures fired for every read-write mount.
+    assert plain.f_favail == plain.f_ffree == plain.f_files // 2
 
     async def usage():
         return 1_049_364, 3
@@ -371,3 +374,4 @@ async def test_df_of_a_read_write_dataset_still_reports_its_bytes_as_used():
     ops.usage = usage  # cachefs fluid-mount: Fluid reads used bytes from df
     fluid = await ops.statfs(None)
     assert (fluid.f_frsize, fluid.f_blocks, fluid.f_bfree, fluid.f_bavail, fluid.f_files) == (1, 1_049_364, 0, 0, 3)
+    assert fluid.f_ffree == fluid.f_favail == 0  # full: never more free than in all

@@ -436,6 +436,8 @@ def test_read_only_datasets_refuse_every_change(local_source, cachefs_mount):
             attempt()
         assert e.value.errno == errno.EROFS, what
     assert local_source.read("a.txt") == b"a"
+    st = os.statvfs(mnt)
+    assert st.f_bavail == 0 and st.f_favail == 0  # df: no room to make anything
 
 
 def test_unsupported_operations_have_their_errno(local_source, cachefs_mount):
