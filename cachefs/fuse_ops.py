@@ -646,8 +646,9 @@ class Operations(pyfuse3.Operations):
         if info.kind == "dir":
             raise pyfuse3.FUSEError(errno.EISDIR)
         writes = self.node.writes
-        # First: a close of a handle open on it, while this waits, must not upload it again.
-        detached = writes.unlinked(dataset, inner)
+        # First: a close of a handle open on it, or an open of it, while this waits, waits for
+        # the outcome (`Writes.unlinked`): uploaded then, it would bring the file back.
+        deletion = writes.unlinked(dataset, inner)
         try:
             landed = await writes.uploader.cancel(dataset, inner)  # else a late upload would bring it back
             stored = await self._stored(dataset, inner)
@@ -660,9 +661,9 @@ class Operations(pyfuse3.Operations):
                     if stored is not None:
                         raise
         except BaseException:
-            writes.reattach(detached)  # not deleted: the open file is the path's again
+            writes.reattach(deletion)  # not deleted: the open file is the path's again
             raise
-        writes.deleted(detached)
+        writes.deleted(deletion)
         dataset.namespace.drop_entry(inner)
         self.inodes.unlinked(path)
         if stored is not None:
@@ -732,7 +733,7 @@ class Operations(pyfuse3.Operations):
                 raise pyfuse3.FUSEError(errno.ENOTEMPTY)  # files written here, not uploaded yet
         writes = self.node.writes
         moved = None
-        detached: list = []
+        deletion = None
         if info.kind == "file":
             # Only what the backend holds can be renamed there: land this node's writes first,
             # those of a handle still open too. Every upload done, not only landed: its new
@@ -746,7 +747,7 @@ class Operations(pyfuse3.Operations):
             # Replaced: a file open at `new` uploads nothing from now (a close of it while this
             # waits must not land over what the rename puts there), and its pending bytes are
             # superseded.
-            detached = writes.unlinked(dataset, new)
+            deletion = writes.unlinked(dataset, new)
         # The same for the files under a directory (where the backend can rename one).
         renaming = (writes.renaming_dir(dataset, old, self._upload_wait(dataset)) if info.kind == "dir"
                     else contextlib.nullcontext())
@@ -758,9 +759,11 @@ class Operations(pyfuse3.Operations):
                 replaced = await self._stored(dataset, new) if target is not None and target.kind == "file" else None
                 await dataset.backend.rename(old, new, info.kind)
             except BaseException:
-                writes.reattach(detached)  # not replaced: the file open at `new` is its path's again
+                if deletion is not None:
+                    writes.reattach(deletion)  # not replaced: the file open at `new` is its path's again
                 raise
-            writes.deleted(detached)
+            if deletion is not None:
+                writes.deleted(deletion)
             if info.kind == "file":
                 writes.moved(dataset, old, new)
             else:

@@ -16,6 +16,7 @@ an upload always sends one closed or fsync'd state of the file, never a mix.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import itertools
 import logging
 import os
@@ -57,6 +58,7 @@ class WriteFile:
         self._parts_from: set[EarlyParts] = set()  # those that sent parts from this file (`truncate`)
         self.written_to = 0  # where the last write ended: the next one is in sequence if it starts here
         self.unlinked = False  # deleted while open: its bytes go nowhere
+        self.closed = False  # its last handle was released: its staged file is gone
         self.out_to = 0  # --writeback: the staged bytes before this are being written to the disk
         self._owning = trio.Lock()  # one `_own` at a time
 
@@ -170,6 +172,7 @@ class WriteFile:
             BackendError: the upload failed after its retries (not `background`).
         """
         await self.writes.no_rename_over(self)
+        await self.writes.no_deletion_of(self)
         if not self.dirty or self.unlinked:
             return None
         self.dirty = False
@@ -217,11 +220,9 @@ class Writes:
         self.files: dict[tuple[str, str], WriteFile] = {}
         self._renaming: dict[tuple[str, str], trio.Event] = {}  # (source, directory) -> set once renamed
         self._filling: dict[tuple[str, str], set[WriteFile]] = {}  # files opens are filling, by path
-        self._ended = trio.Event()  # set (and replaced) whenever an open's fill or a commit's submit ends
+        self._ended = trio.Event()  # set (and replaced) when an open's fill, a commit's submit or a deletion ends
         self._committing: set[WriteFile] = set()  # files whose commit is submitting its upload
-        # Files `unlinked` detached for a deletion (or a rename over their path) still going on:
-        # if it fails, `reattach` gives them their path back, the one they have then.
-        self._deleting: set[WriteFile] = set()
+        self._deletions: list[Deletion] = []  # deletions (and renames over a path) going on
 
     def find(self, dataset: Dataset, path: str) -> WriteFile | None:
         return self.files.get((dataset.source, path))
@@ -269,10 +270,13 @@ class Writes:
             try:
                 if not truncate:
                     await self._fill(made, current)
-                # Detached meanwhile: it stays one of the path's opens until the deletion is
-                # known to have happened. Returned detached, then given back no path (another
-                # open had it), it kept the handle's writes from the file the path still was.
-                while made in self._deleting:
+                # The path is being deleted: this open is of the file that goes, unless the
+                # deletion fails. Until it is known, the open waits, still filling: `deleted`
+                # marks it unlinked, or after `reattach` it shares the file the path has, as
+                # any two opens of one path do. (Registered at once, its close brought a
+                # deleted file back; returned detached, a failed delete left its writes going
+                # nowhere.) The kernel's directory lock holds back creates, not opens.
+                while any(d.key == made.key for d in self._deletions):
                     await self._ended.wait()
             except BaseException:
                 os.close(fd)
@@ -349,6 +353,7 @@ class Writes:
         wf.handles -= 1
         if wf.handles:
             return
+        wf.closed = True
         if wf.dirty and not wf.unlinked:
             log.error("%s: closed with changes that were never uploaded (the close failed); they are lost",
                       join(wf.dataset.name, wf.path))
@@ -439,9 +444,12 @@ class Writes:
         moving = {key for key in [*self.files, *self._filling] if key_at(key, dataset.source, old, under=True)}
         for _, path in moving:
             self._rekey(dataset, path, new + path[len(old):])
-        for wf in self._deleting:  # a failed delete gives them back their path in the new place
-            if key_at(wf.key, dataset.source, old, under=True):
-                wf.path = new + wf.path[len(old):]
+        for deletion in self._deletions:  # a failed delete gives the path back in the new place
+            source, path = deletion.key
+            if key_at(deletion.key, dataset.source, old, under=True):
+                deletion.key = (source, new + path[len(old):])
+                for wf in deletion.detached:
+                    wf.path = deletion.key[1]
 
     def _rekey(self, dataset: Dataset, old: str, new: str) -> None:
         for filling in self._filling.pop((dataset.source, old), ()):
@@ -494,44 +502,61 @@ class Writes:
             else:
                 return
 
-    def unlinked(self, dataset: Dataset, path: str) -> list[WriteFile]:
-        """`path` is being deleted (or replaced): an open file of it lives on, anonymous,
-        and uploads nothing. Returns the files so detached (the open one, and those opens
-        are still filling), for `reattach` if the deletion fails."""
+    def unlinked(self, dataset: Dataset, path: str) -> Deletion:
+        """`path` is being deleted (or replaced): the file open at it lives on, anonymous,
+        and uploads nothing; opens of it wait for the outcome (`open`), and so does a close
+        of the file detached (`no_deletion_of`). Returns the deletion, for `deleted` once it
+        happened or `reattach` if it failed: one of the two must follow."""
         detached = []
         wf = self.files.pop((dataset.source, path), None)
         if wf is not None:
             self._drop_early(wf)
-            detached.append(wf)  # first: the path's again before any open that was filling
-        detached += self._filling.get((dataset.source, path), ())  # they opened the file that goes
-        for each in detached:
-            each.unlinked = True
-        self._deleting.update(detached)
-        return detached
+            wf.unlinked = True
+            detached.append(wf)
+        deletion = Deletion((dataset.source, path), detached)
+        self._deletions.append(deletion)
+        return deletion
 
-    def deleted(self, detached: list[WriteFile]) -> None:
-        """The deletion `unlinked` was told of happened: the files it detached stay so."""
-        self._deleting.difference_update(detached)
+    def deleted(self, deletion: Deletion) -> None:
+        """The deletion happened: the file it detached stays so, and the opens of the path
+        still filling opened the file that went (as after an unlink, they upload nothing)."""
+        self._deletions.remove(deletion)
+        for filling in self._filling.get(deletion.key, ()):
+            filling.unlinked = True
         self._one_ended()
 
-    def reattach(self, detached: list[WriteFile]) -> None:
-        """The deletion `unlinked` was told of failed: the files it detached are their
-        path's again (an open file's parts sent early are gone: it uploads whole at its
-        close), unless another file was opened at the path meanwhile."""
-        self._deleting.difference_update(detached)
-        self._one_ended()
-        for wf in detached:
+    def reattach(self, deletion: Deletion) -> None:
+        """The deletion failed: the file it detached is the path's again (its parts sent
+        early are gone: it uploads whole at its close), unless its last handle was let go
+        of meanwhile."""
+        self._deletions.remove(deletion)
+        for wf in deletion.detached:
             key = wf.key
-            if wf in self._filling.get(key, ()):
-                wf.unlinked = False  # registered when its fill ends
-            elif key not in self.files:
+            if not wf.closed and key not in self.files:
                 wf.unlinked = False
                 self.files[key] = wf
+        self._one_ended()
+
+    async def no_deletion_of(self, wf: WriteFile) -> None:
+        """Until no deletion that detached `wf` is going on: its close uploads it only if the
+        deletion failed (uploading nothing then lost its writes; uploading it anyway would
+        bring a deleted file back)."""
+        while any(wf in d.detached for d in self._deletions):
+            await self._ended.wait()
 
     def _drop_early(self, wf: WriteFile) -> None:
         if wf.early is not None:
             self.uploader.drop_early(wf.dataset, wf.path, wf.early)
             wf.early = None
+
+
+@dataclasses.dataclass(eq=False)
+class Deletion:
+    """A deletion of a path, or a rename over it, from `Writes.unlinked` until `Writes.deleted`
+    or `Writes.reattach`."""
+
+    key: tuple[str, str]  # (source, path); a directory rename meanwhile moves it (`moved_dir`)
+    detached: list[WriteFile]  # the file that was open at the path, if one was
 
 
 def _copy_range(src: int, dst: int, size: int) -> None:

@@ -765,12 +765,12 @@ async def test_an_open_that_was_filling_when_its_file_was_deleted_uploads_nothin
     brought the deleted file back."""
 
     def rm(writes, dataset):  # no file registered yet
-        detached = writes.unlinked(dataset, "f")
-        writes.deleted(detached)  # the backend's delete went through
-        return detached
+        deletion = writes.unlinked(dataset, "f")
+        writes.deleted(deletion)  # the backend's delete went through
+        return deletion
 
-    writes, dataset, wf, detached = await _open_while_filling(staging, "f", rm)
-    assert detached == [wf]  # the one being filled
+    writes, dataset, wf, deletion = await _open_while_filling(staging, "f", rm)
+    assert deletion.detached == []  # no file was open at f yet
     assert wf.unlinked and writes.find(dataset, "f") is None
     assert await wf.commit(background=False) is None  # its close uploads nothing
     writes.close(wf)
@@ -928,8 +928,8 @@ async def test_a_failed_rename_over_a_file_being_opened_leaves_its_open_writing_
     again, as an open file is. It stayed marked deleted, and its writes went nowhere."""
 
     def failed_rename_over(writes, dataset) -> None:
-        detached = writes.unlinked(dataset, "b")  # mv c b, before its backend call
-        writes.reattach(detached)  # which failed: b is what it was
+        deletion = writes.unlinked(dataset, "b")  # mv c b, before its backend call
+        writes.reattach(deletion)  # which failed: b is what it was
 
     writes, dataset, wf, _ = await _open_while_filling(staging, "b", failed_rename_over)
     assert not wf.unlinked and writes.find(dataset, "b") is wf
@@ -988,17 +988,17 @@ async def test_an_open_filling_while_a_delete_fails_shares_the_file_opened_meanw
         await filling.wait()
         a = await writes.open(dataset, "f", None, truncate=True)
         await a.write(0, b"A's bytes")
-        detached = writes.unlinked(dataset, "f")
+        deletion = writes.unlinked(dataset, "f")
         go_on.set()
         await trio.testing.wait_all_tasks_blocked()
         assert not opened  # B waits to know whether f is gone
-        writes.reattach(detached)  # the delete failed
+        writes.reattach(deletion)  # the delete failed
     assert writes.find(dataset, "f") is a and not a.unlinked and a.dirty
     assert opened == [a] and a.handles == 2
     a.dirty = False
     writes.close(a)
     writes.close(a)
-    assert not writes._filling and not writes._deleting
+    assert not writes._filling and not writes._deletions
 
 
 @pytest.mark.trio
@@ -1011,15 +1011,111 @@ async def test_a_failed_delete_during_a_directory_rename_gives_the_file_its_new_
     await wf.write(0, b"bytes")
     await wf.commit(background=False)
     await wf.write(0, b"more!")
-    detached = writes.unlinked(dataset, "d/f")  # rm d/f, waiting for its backend call
+    deletion = writes.unlinked(dataset, "d/f")  # rm d/f, waiting for its backend call
     async with writes.renaming_dir(dataset, "d", 5):
         writes.moved_dir(dataset, "d", "d2")
-    writes.reattach(detached)  # the delete failed (d/f had moved)
+    writes.reattach(deletion)  # the delete failed (d/f had moved)
     assert writes.find(dataset, "d2/f") is wf and writes.find(dataset, "d/f") is None
     await wf.commit(background=False)
     assert submitted == ["d/f", "d2/f"]
     writes.close(wf)
-    assert not writes._deleting
+    assert not writes._deletions
+
+
+@pytest.mark.parametrize("delete_fails", [True, False])
+@pytest.mark.trio
+async def test_a_close_during_a_delete_uploads_only_if_the_delete_fails(staging, delete_fails):
+    """The file open at f is written, rm f detaches it, and its close comes while the delete
+    is on its way: the close waits for the outcome. It uploaded nothing, and a failed delete
+    then lost its writes (and gave the path to a file whose staged copy was gone)."""
+    import trio.testing
+
+    writes, dataset, submitted, _ = _recording_writes(staging)
+    wf = await writes.open(dataset, "f", None, truncate=True)
+    await wf.write(0, b"written")
+    deletion = writes.unlinked(dataset, "f")
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(wf.commit, False)
+        await trio.testing.wait_all_tasks_blocked()
+        assert submitted == []  # waiting for the delete
+        if delete_fails:
+            writes.reattach(deletion)
+        else:
+            writes.deleted(deletion)
+    assert submitted == (["f"] if delete_fails else [])
+    assert (writes.find(dataset, "f") is wf) == delete_fails
+    wf.dirty = False
+    writes.close(wf)
+
+
+@pytest.mark.trio
+async def test_a_file_released_during_a_failed_delete_is_not_the_paths_again(staging):
+    writes, dataset, _, _ = _recording_writes(staging)
+    wf = await writes.open(dataset, "f", None, truncate=True)
+    deletion = writes.unlinked(dataset, "f")
+    wf.dirty = False
+    writes.close(wf)  # its last handle: the staged copy is let go of
+    writes.reattach(deletion)
+    assert writes.find(dataset, "f") is None
+
+
+@pytest.mark.parametrize("delete_fails", [True, False])
+@pytest.mark.trio
+async def test_an_open_that_begins_during_a_delete_waits_for_its_outcome(staging, delete_fails):
+    """open(f, O_TRUNC) while rm f is on its way (the kernel holds no lock against it): the
+    open is of the file being deleted. If the delete happens, it uploads nothing (it used to
+    register at f, and its close brought the deleted file back); if it fails, it shares the
+    file open there (which used to stay detached, its writes going nowhere)."""
+    import trio.testing
+
+    writes, dataset, submitted, _ = _recording_writes(staging)
+    a = await writes.open(dataset, "f", None, truncate=True)
+    await a.write(0, b"A")
+    deletion = writes.unlinked(dataset, "f")
+    opened = []
+
+    async def open_c() -> None:
+        opened.append(await writes.open(dataset, "f", None, truncate=True))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(open_c)
+        await trio.testing.wait_all_tasks_blocked()
+        assert not opened
+        if delete_fails:
+            writes.reattach(deletion)
+        else:
+            writes.deleted(deletion)
+    c = opened[0]
+    if delete_fails:
+        assert c is a and a.handles == 2 and writes.find(dataset, "f") is a
+    else:
+        assert c is not a and c.unlinked and writes.find(dataset, "f") is None
+        assert await c.commit(background=False) is None and submitted == []
+    for wf in {a, c}:
+        wf.dirty = False
+        while wf.handles:
+            writes.close(wf)
+    assert not writes._filling and not writes._deletions
+
+
+@pytest.mark.trio
+async def test_an_open_of_a_deleted_file_stays_detached_after_a_later_failed_delete(staging):
+    """B still copies f in when rm f deletes it; f is created again and a second rm f fails:
+    B opened the first f, which is gone, and must not write into the new one."""
+    writes, dataset, filling, go_on, open_ = _filling_open(staging, "f")
+    opened = []
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(open_, opened)
+        await filling.wait()
+        writes.deleted(writes.unlinked(dataset, "f"))  # the first rm
+        a = await writes.open(dataset, "f", None, truncate=True)  # created again
+        writes.reattach(writes.unlinked(dataset, "f"))  # the second rm, failed
+        go_on.set()
+    b = opened[0]
+    assert b is not a and b.unlinked and writes.find(dataset, "f") is a
+    writes.close(b)
+    a.dirty = False
+    writes.close(a)
 
 
 @pytest.mark.trio
