@@ -486,7 +486,9 @@ def render(data: dict) -> str:
         if a is None or b is None:
             return "—"
         r = a / b
-        return f"{a:,.1f} / {b:,.1f} = {r:.2f}× — {'**met**' if r >= target else '**MISSED**'}"
+        # Three decimals where two would round a miss up to the target (0.896 is not 0.90).
+        shown = f"{r:.2f}" if (round(r, 2) >= target) == (r >= target) else f"{r:.3f}"
+        return f"{a:,.1f} / {b:,.1f} = {shown}× — {'**met**' if r >= target else '**MISSED**'}"
 
     lines += ["", "Targets (issue 12):", ""]
     for w in data["workloads"]:
