@@ -59,6 +59,9 @@ class WriteFile:
         self.written_to = 0  # where the last write ended: the next one is in sequence if it starts here
         self.unlinked = False  # deleted while open: its bytes go nowhere
         self.closed = False  # its last handle was released: its staged file is gone
+        # Still being filled when its path was deleted: the file open there then, if one
+        # was, which this open shares (`Writes.deleted`).
+        self.same_as: WriteFile | None = None
         self.out_to = 0  # --writeback: the staged bytes before this are being written to the disk
         self._owning = trio.Lock()  # one `_own` at a time
 
@@ -171,8 +174,7 @@ class WriteFile:
         Raises:
             BackendError: the upload failed after its retries (not `background`).
         """
-        await self.writes.no_rename_over(self)
-        await self.writes.no_deletion_of(self)
+        await self.writes.settled(self)
         if not self.dirty or self.unlinked:
             return None
         self.dirty = False
@@ -291,16 +293,18 @@ class Writes:
             path = made.path
             if made.unlinked:
                 # Deleted (or replaced by a rename) while this open filled its copy: it opened
-                # the file that went, and, as after an unlink, writes to it go nowhere.
-                made.handles += 1
-                return made
-            # Another open of the path may have made its file while this one was filled: one
-            # file per path, or each handle writes into a copy of its own and a close uploads
-            # one of them (two O_APPEND writers lost one's bytes to a hole).
-            wf = self.find(dataset, path)
-            if wf is None:
-                wf = self.files[(dataset.source, path)] = made
+                # the file that went, and, as after an unlink, writes to it go nowhere. If a
+                # file was open there, that one: two opens of one path share a file.
+                same = made.same_as
+                wf = same if same is not None and not same.closed else made
             else:
+                # Another open of the path may have made its file while this one was filled:
+                # one file per path, or each handle writes into a copy of its own and a close
+                # uploads one of them (two O_APPEND writers lost one's bytes to a hole).
+                wf = self.find(dataset, path)
+                if wf is None:
+                    wf = self.files[(dataset.source, path)] = made
+            if wf is not made:
                 os.close(fd)
                 self.staging.release(staged)
         # This handle is taken first: the truncate below may wait, and a release of the
@@ -312,6 +316,8 @@ class Writes:
             except BaseException:
                 self.close(wf)
                 raise
+        if wf.unlinked:
+            return wf  # uploads nothing
         if truncate:
             wf.dirty = True  # an O_TRUNC open of an unchanged file still empties it at close
         # Any open of an empty file, not only an O_TRUNC one: fio creates its file, closes
@@ -505,7 +511,7 @@ class Writes:
     def unlinked(self, dataset: Dataset, path: str) -> Deletion:
         """`path` is being deleted (or replaced): the file open at it lives on, anonymous,
         and uploads nothing; opens of it wait for the outcome (`open`), and so does a close
-        of the file detached (`no_deletion_of`). Returns the deletion, for `deleted` once it
+        of the file detached (`settled`). Returns the deletion, for `deleted` once it
         happened or `reattach` if it failed: one of the two must follow."""
         detached = []
         wf = self.files.pop((dataset.source, path), None)
@@ -519,10 +525,13 @@ class Writes:
 
     def deleted(self, deletion: Deletion) -> None:
         """The deletion happened: the file it detached stays so, and the opens of the path
-        still filling opened the file that went (as after an unlink, they upload nothing)."""
+        still filling opened the file that went, that one (`open`): as after an unlink, they
+        upload nothing."""
         self._deletions.remove(deletion)
+        same = next((wf for wf in deletion.detached if not wf.closed), None)
         for filling in self._filling.get(deletion.key, ()):
             filling.unlinked = True
+            filling.same_as = same
         self._one_ended()
 
     def reattach(self, deletion: Deletion) -> None:
@@ -537,11 +546,17 @@ class Writes:
                 self.files[key] = wf
         self._one_ended()
 
-    async def no_deletion_of(self, wf: WriteFile) -> None:
-        """Until no deletion that detached `wf` is going on: its close uploads it only if the
-        deletion failed (uploading nothing then lost its writes; uploading it anyway would
-        bring a deleted file back)."""
-        while any(wf in d.detached for d in self._deletions):
+    async def settled(self, wf: WriteFile) -> None:
+        """Until no directory `wf` lies under is being renamed (`no_rename_over`) and no
+        deletion that detached `wf` is going on, both at once: a commit then uploads under
+        the path the file has, and only if the deletion failed (uploading nothing then lost
+        its writes; uploading anyway would bring a deleted file back). Each wait may let
+        the other begin: a delete failing while a directory rename began uploaded to the
+        old name while the directory moved."""
+        while True:
+            await self.no_rename_over(wf)
+            if not any(wf in d.detached for d in self._deletions):
+                return
             await self._ended.wait()
 
     def _drop_early(self, wf: WriteFile) -> None:

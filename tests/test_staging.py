@@ -1063,9 +1063,10 @@ async def test_a_file_released_during_a_failed_delete_is_not_the_paths_again(sta
 @pytest.mark.trio
 async def test_an_open_that_begins_during_a_delete_waits_for_its_outcome(staging, delete_fails):
     """open(f, O_TRUNC) while rm f is on its way (the kernel holds no lock against it): the
-    open is of the file being deleted. If the delete happens, it uploads nothing (it used to
-    register at f, and its close brought the deleted file back); if it fails, it shares the
-    file open there (which used to stay detached, its writes going nowhere)."""
+    open is of the file open at f, as two opens of one path are. If the delete happens, it
+    uploads nothing (it used to register a file of its own at f, whose close brought the
+    deleted file back); if it fails, the path is that file's again (it used to stay
+    detached, its writes going nowhere)."""
     import trio.testing
 
     writes, dataset, submitted, _ = _recording_writes(staging)
@@ -1086,11 +1087,12 @@ async def test_an_open_that_begins_during_a_delete_waits_for_its_outcome(staging
         else:
             writes.deleted(deletion)
     c = opened[0]
+    assert c is a and a.handles == 2 and a.size == 0  # the file open there, emptied by O_TRUNC
     if delete_fails:
-        assert c is a and a.handles == 2 and writes.find(dataset, "f") is a
+        assert writes.find(dataset, "f") is a
     else:
-        assert c is not a and c.unlinked and writes.find(dataset, "f") is None
-        assert await c.commit(background=False) is None and submitted == []
+        assert a.unlinked and writes.find(dataset, "f") is None
+        assert await a.commit(background=False) is None and submitted == []
     for wf in {a, c}:
         wf.dirty = False
         while wf.handles:
@@ -1136,3 +1138,58 @@ async def test_a_cache_disk_with_no_room_is_named_as_such_not_as_a_full_staging_
     staging.open()
     with pytest.raises(StagingFull, match="staging is full"):
         await staging.reserve(staging.new_file(), 2 * RESERVE_STEP)
+
+
+@pytest.mark.trio
+async def test_a_close_let_go_by_a_failed_delete_during_a_directory_rename_uploads_under_the_new_name(staging):
+    """A close of d/f waits for rm d/f; mv d d2 begins; the delete fails while the directory
+    moves. The close waits for the rename too, then uploads d2/f. It used to upload d/f
+    while the directory was moving (helper-42's reproduction)."""
+    import trio.testing
+
+    writes, dataset, submitted, _ = _recording_writes(staging)
+    wf = await writes.open(dataset, "d/f", None, truncate=True)
+    await wf.write(0, b"bytes")
+    deletion = writes.unlinked(dataset, "d/f")  # rm d/f, waiting for its backend call
+    with trio.fail_after(5):  # a safety net
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(wf.commit, False)  # the close
+            await trio.testing.wait_all_tasks_blocked()
+            async with writes.renaming_dir(dataset, "d", 5):
+                writes.reattach(deletion)  # the delete failed while d moves
+                await trio.testing.wait_all_tasks_blocked()
+                assert submitted == []  # not while the directory moves
+                writes.moved_dir(dataset, "d", "d2")
+    assert submitted == ["d2/f"]
+    wf.dirty = False
+    writes.close(wf)
+
+
+@pytest.mark.trio
+async def test_an_open_without_o_trunc_during_a_delete_shares_the_file_open_there(staging):
+    """A has f open and wrote to it; rm f is on its way; B opens f (no O_TRUNC) and the
+    delete happens: B opened the file A has, now anonymous, and each sees the other's
+    writes. B used to get a copy of its own (helper-42's reproduction)."""
+    import trio.testing
+
+    writes, dataset, submitted, _ = _recording_writes(staging)
+    a = await writes.open(dataset, "f", None, truncate=True)
+    await a.write(0, b"AAAA")
+    deletion = writes.unlinked(dataset, "f")
+    opened = []
+
+    async def open_b() -> None:
+        opened.append(await writes.open(dataset, "f", None, truncate=False))
+
+    with trio.fail_after(5):  # a safety net
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(open_b)
+            await trio.testing.wait_all_tasks_blocked()
+            writes.deleted(deletion)
+    b = opened[0]
+    await b.write(4, b"BB")
+    assert b is a and a.read(0, 10) == b"AAAABB"
+    assert await a.commit(background=False) is None and submitted == []
+    a.dirty = False
+    writes.close(a)
+    writes.close(a)
