@@ -458,7 +458,7 @@ class Operations(pyfuse3.Operations):
             f.write = await writes.open(dataset, inner, current, truncate=bool(flags & os.O_TRUNC))
             f.writable = True
             f.write_only = flags & os.O_ACCMODE == os.O_WRONLY
-        elif writes is not None and (wf := writes.find(dataset, inner)) is not None:
+        elif writes is not None and (wf := await writes.deleting(dataset, inner) or writes.find(dataset, inner)):
             f.write = wf
             wf.handles += 1  # reads see this node's writes, from the same staged file
         elif writes is not None and (staged := writes.open_pending(dataset, inner)) is not None:

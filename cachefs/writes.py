@@ -546,6 +546,18 @@ class Writes:
                 self.files[key] = wf
         self._one_ended()
 
+    async def deleting(self, dataset: Dataset, path: str) -> WriteFile | None:
+        """For an open of `path` not for write: until no deletion of it is going on, as for
+        one for write (`open`). Returns the file open at the path when a deletion that
+        happened detached it, if it is still open: the open reads that file, as two opens
+        of one path do (a reader let through read the stored object, not what the file
+        open there held, even after the delete failed)."""
+        detached: list[WriteFile] = []
+        while (deletion := next((d for d in self._deletions if d.key == (dataset.source, path)), None)) is not None:
+            detached = deletion.detached
+            await self._ended.wait()
+        return next((wf for wf in detached if wf.unlinked and not wf.closed), None)
+
     async def settled(self, wf: WriteFile) -> None:
         """Until no directory `wf` lies under is being renamed (`no_rename_over`) and no
         deletion that detached `wf` is going on, both at once: a commit then uploads under

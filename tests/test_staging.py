@@ -1266,3 +1266,90 @@ async def test_a_failed_rm_keeps_the_writeback_close_it_stopped(staging, still_o
                 await trio.testing.wait_all_tasks_blocked()
                 assert not os.path.exists(stopped.parked[0].staged.path)  # let go of by all
             nursery.cancel_scope.cancel()
+
+
+@pytest.mark.parametrize("delete_fails", [True, False])
+@pytest.mark.trio
+async def test_a_read_only_open_during_a_delete_reads_the_file_open_there(staging, delete_fails):
+    """A has f open for write and wrote "new"; rm f is on its way; `cat f` opens f read-only
+    meanwhile (no kernel lock holds that back): it reads A's file, as a reader opened before
+    the rm does, whether the delete then fails or happens. It read the stored object
+    (helper-42's reproduction, through Operations over stubs)."""
+    import errno
+    from types import SimpleNamespace
+
+    import pyfuse3
+    import trio.testing
+
+    from cachefs.errors import BackendUnavailable, ObjectNotFound
+    from cachefs.fuse_ops import Operations
+    from cachefs.objects import ObjectInfo
+    from cachefs.writes import Writes
+
+    delete_go = trio.Event()
+    stored = ObjectInfo("f", "file", 3, 0.0, "v1")
+
+    async def stat(inner):
+        if inner == "f":
+            return stored
+        if inner == "":
+            return ObjectInfo("", "dir", 0, 0.0, "dir")
+        raise ObjectNotFound(inner)
+
+    async def delete(inner):
+        await delete_go.wait()
+        if delete_fails:
+            raise BackendUnavailable("backend down")
+
+    class Reader:
+        chunk_size = 4096
+
+        async def chunk(self, obj, index):
+            return b"old", None
+
+        async def read(self, obj, off, size, stream):
+            return b"old"[off:off + size]
+
+    async def cancel(dataset, path):
+        return SimpleNamespace(landed=False, parked=[])
+
+    async def drop(stopped):
+        pass
+
+    dataset = SimpleNamespace(source="/src", name="", removed=False, walks=None, open_files=0,
+                              config=SimpleNamespace(read_only=False), reader=Reader(),
+                              namespace=SimpleNamespace(stat=stat, drop_entry=lambda p: None),
+                              backend=SimpleNamespace(takes_parts=False, delete=delete))
+    uploader = SimpleNamespace(latest=lambda d, p: None, cancel=cancel, drop=drop, restart=lambda s: None,
+                               part_size=8 << 20)
+    writes = Writes(staging, uploader=uploader)
+    node = SimpleNamespace(config=SimpleNamespace(), writes=writes, datasets={"": dataset},
+                           locate=lambda path: (dataset, path))
+    ops = Operations(node, entry_ttl=1, attr_ttl=1, block_size=4096)
+    ops._chunks_gone = lambda dataset, gone: trio.lowlevel.checkpoint()
+    ino = ops.inodes.lookup("f")
+    fa = await ops.open(ino, os.O_RDWR, None)
+    await ops.write(fa.fh, 0, b"new")
+    outcome = []
+
+    async def rm() -> None:
+        try:
+            await ops.unlink(pyfuse3.ROOT_INODE, b"f", None)
+            outcome.append("deleted")
+        except pyfuse3.FUSEError as e:
+            outcome.append(errno.errorcode[e.errno])
+
+    with trio.fail_after(5):  # a safety net
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(rm)
+            await trio.testing.wait_all_tasks_blocked()  # the DELETE is on its way
+            opened = []
+
+            async def cat() -> None:
+                opened.append(await ops.open(ino, os.O_RDONLY, None))
+
+            nursery.start_soon(cat)
+            await trio.testing.wait_all_tasks_blocked()
+            delete_go.set()
+    assert outcome == (["EIO"] if delete_fails else ["deleted"])
+    assert await ops.read(opened[0].fh, 0, 10) == b"new"
