@@ -790,6 +790,16 @@ async def test_an_open_that_was_filling_when_its_file_was_renamed_writes_to_the_
     writes.close(wf)
 
 
+def _close_all(writes, *files) -> None:
+    """Release every handle of `files` (as once their uploads landed), and check that no
+    open or deletion is left behind."""
+    for wf in files:
+        wf.dirty = False
+        while wf.handles:
+            writes.close(wf)
+    assert not writes._filling and not writes._deletions
+
+
 def _recording_writes(staging, hold: set[str] = frozenset()):
     """Writes whose uploads land at once, recorded by path in order (those of a path in
     `hold` once `release` is set): (writes, dataset, submitted, release)."""
@@ -995,10 +1005,7 @@ async def test_an_open_filling_while_a_delete_fails_shares_the_file_opened_meanw
         writes.reattach(deletion)  # the delete failed
     assert writes.find(dataset, "f") is a and not a.unlinked and a.dirty
     assert opened == [a] and a.handles == 2
-    a.dirty = False
-    writes.close(a)
-    writes.close(a)
-    assert not writes._filling and not writes._deletions
+    _close_all(writes, a)
 
 
 @pytest.mark.trio
@@ -1059,45 +1066,46 @@ async def test_a_file_released_during_a_failed_delete_is_not_the_paths_again(sta
     assert writes.find(dataset, "f") is None
 
 
+@pytest.mark.parametrize("o_trunc", [True, False])
 @pytest.mark.parametrize("delete_fails", [True, False])
 @pytest.mark.trio
-async def test_an_open_that_begins_during_a_delete_waits_for_its_outcome(staging, delete_fails):
-    """open(f, O_TRUNC) while rm f is on its way (the kernel holds no lock against it): the
-    open is of the file open at f, as two opens of one path are. If the delete happens, it
-    uploads nothing (it used to register a file of its own at f, whose close brought the
-    deleted file back); if it fails, the path is that file's again (it used to stay
+async def test_an_open_that_begins_during_a_delete_waits_for_its_outcome(staging, delete_fails, o_trunc):
+    """open(f) while rm f is on its way (the kernel holds no lock against it): the open is
+    of the file open at f, as two opens of one path are, and each handle sees the other's
+    writes. If the delete happens, it uploads nothing (it used to register a file of its
+    own at f, whose close brought the deleted file back; or, helper-42's reproduction, got
+    a copy of its own); if it fails, the path is that file's again (it used to stay
     detached, its writes going nowhere)."""
     import trio.testing
 
     writes, dataset, submitted, _ = _recording_writes(staging)
     a = await writes.open(dataset, "f", None, truncate=True)
-    await a.write(0, b"A")
+    await a.write(0, b"AAAA")
     deletion = writes.unlinked(dataset, "f")
     opened = []
 
     async def open_c() -> None:
-        opened.append(await writes.open(dataset, "f", None, truncate=True))
+        opened.append(await writes.open(dataset, "f", None, truncate=o_trunc))
 
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(open_c)
-        await trio.testing.wait_all_tasks_blocked()
-        assert not opened
-        if delete_fails:
-            writes.reattach(deletion)
-        else:
-            writes.deleted(deletion)
+    with trio.fail_after(5):  # a safety net
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(open_c)
+            await trio.testing.wait_all_tasks_blocked()
+            assert not opened
+            if delete_fails:
+                writes.reattach(deletion)
+            else:
+                writes.deleted(deletion)
     c = opened[0]
-    assert c is a and a.handles == 2 and a.size == 0  # the file open there, emptied by O_TRUNC
+    await c.write(c.size, b"CC")
+    assert c is a and a.handles == 2
+    assert a.read(0, 10) == (b"CC" if o_trunc else b"AAAACC")  # emptied by O_TRUNC, or not
     if delete_fails:
         assert writes.find(dataset, "f") is a
     else:
         assert a.unlinked and writes.find(dataset, "f") is None
         assert await a.commit(background=False) is None and submitted == []
-    for wf in {a, c}:
-        wf.dirty = False
-        while wf.handles:
-            writes.close(wf)
-    assert not writes._filling and not writes._deletions
+    _close_all(writes, a)
 
 
 @pytest.mark.trio
@@ -1163,36 +1171,6 @@ async def test_a_close_let_go_by_a_failed_delete_during_a_directory_rename_uploa
     assert submitted == ["d2/f"]
     wf.dirty = False
     writes.close(wf)
-
-
-@pytest.mark.trio
-async def test_an_open_without_o_trunc_during_a_delete_shares_the_file_open_there(staging):
-    """A has f open and wrote to it; rm f is on its way; B opens f (no O_TRUNC) and the
-    delete happens: B opened the file A has, now anonymous, and each sees the other's
-    writes. B used to get a copy of its own (helper-42's reproduction)."""
-    import trio.testing
-
-    writes, dataset, submitted, _ = _recording_writes(staging)
-    a = await writes.open(dataset, "f", None, truncate=True)
-    await a.write(0, b"AAAA")
-    deletion = writes.unlinked(dataset, "f")
-    opened = []
-
-    async def open_b() -> None:
-        opened.append(await writes.open(dataset, "f", None, truncate=False))
-
-    with trio.fail_after(5):  # a safety net
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(open_b)
-            await trio.testing.wait_all_tasks_blocked()
-            writes.deleted(deletion)
-    b = opened[0]
-    await b.write(4, b"BB")
-    assert b is a and a.read(0, 10) == b"AAAABB"
-    assert await a.commit(background=False) is None and submitted == []
-    a.dirty = False
-    writes.close(a)
-    writes.close(a)
 
 
 @pytest.mark.parametrize("delete_fails", [True, False])
