@@ -649,11 +649,10 @@ class Operations(pyfuse3.Operations):
         # First: a close of a handle open on it, or an open of it, while this waits, waits for
         # the outcome (`Writes.unlinked`): uploaded then, it would bring the file back.
         deletion = writes.unlinked(dataset, inner)
-        stopped = None
         try:
-            stopped = await writes.uploader.cancel(dataset, inner)  # else a late upload would bring it back
+            landed = await writes.uploader.cancel(dataset, inner)  # else a late upload would bring it back
             stored = await self._stored(dataset, inner)
-            if stored is not None or stopped.landed:
+            if stored is not None or landed:
                 # `landed`: an upload cut short landed with its last request, after the listing
                 # `_stored` may answer from: the object is there all the same.
                 try:
@@ -663,11 +662,8 @@ class Operations(pyfuse3.Operations):
                         raise
         except BaseException:
             writes.reattach(deletion)  # not deleted: the open file is the path's again
-            if stopped is not None:
-                writes.uploader.restart(stopped)  # and its closed states land, in order
             raise
         writes.deleted(deletion)
-        await writes.uploader.drop(stopped)
         dataset.namespace.drop_entry(inner)
         self.inodes.unlinked(path)
         if stored is not None:
@@ -756,23 +752,18 @@ class Operations(pyfuse3.Operations):
         renaming = (writes.renaming_dir(dataset, old, self._upload_wait(dataset)) if info.kind == "dir"
                     else contextlib.nullcontext())
         async with renaming:
-            stopped = None
             try:
                 if info.kind == "file":
-                    stopped = await writes.uploader.cancel(dataset, new)
+                    await writes.uploader.cancel(dataset, new)
                     moved = await self._stored(dataset, old)  # the version its cached chunks are of
                 replaced = await self._stored(dataset, new) if target is not None and target.kind == "file" else None
                 await dataset.backend.rename(old, new, info.kind)
             except BaseException:
                 if deletion is not None:
                     writes.reattach(deletion)  # not replaced: the file open at `new` is its path's again
-                if stopped is not None:
-                    writes.uploader.restart(stopped)  # and its closed states land, in order
                 raise
             if deletion is not None:
                 writes.deleted(deletion)
-            if stopped is not None:
-                await writes.uploader.drop(stopped)
             if info.kind == "file":
                 writes.moved(dataset, old, new)
             else:

@@ -140,20 +140,9 @@ class Upload:
     info: ObjectInfo | None = None  # the object as uploaded
     cached: bool = False  # its chunk was cached with the PUT (`Uploader._send`)
     cancelled: bool = False  # the path was deleted: upload nothing more
-    # Cancelled for a deletion not over yet: its staged file and journal entry are kept for
-    # the deletion's outcome (`Uploader.drop` or `Uploader.restart`).
-    parked: bool = False
     pause: trio.CancelScope | None = None  # while waiting to retry
     early: EarlyParts | None = None  # parts sent before the close
     mtime: float | None = None  # set (touch) before it landed: the object takes it after (`Uploader.touch`)
-
-
-@dataclasses.dataclass(eq=False)
-class Stopped:
-    """The uploads of a path `Uploader.cancel` stopped for its deletion."""
-
-    landed: bool  # one landed while it stopped them, which no listing may show yet
-    parked: list[Upload]  # those that did not: `Uploader.drop` or `Uploader.restart` them
 
 
 class Uploader:
@@ -297,40 +286,19 @@ class Uploader:
             return
         raise BackendUnavailable(f"{path}: an upload has not landed yet (the backend is not taking it)")
 
-    async def cancel(self, dataset: Dataset, path: str) -> Stopped:
-        """`path` is being deleted: stop its pending uploads. Returns once none is left, so
-        that no upload can land after the caller deletes the object (one in the middle of
-        a request finishes it, within the store's timeouts). Those that did not land keep
-        their staged files and journal entries: the caller `drop`s them once the object is
-        deleted, or `restart`s them if the deletion failed (dropped at once, a failed `rm`
-        lost the file's newest bytes, closed or fsync'd, for good)."""
+    async def cancel(self, dataset: Dataset, path: str) -> bool:
+        """`path` was deleted: drop its pending uploads (and journal entries). Returns
+        once none is left, so that no upload can land after the caller deletes the
+        object (one in the middle of a request finishes it, within the store's timeouts):
+        whether one did land so, which no listing may show yet."""
         uploads = list(self.pending.get((dataset.source, path), ()))
         for upload in uploads:
             upload.cancelled = True
-            upload.parked = True
             if upload.pause is not None:
                 upload.pause.cancel()
         for upload in uploads:
             await upload.done.wait()
-        return Stopped(landed=any(upload.info is not None for upload in uploads),
-                       parked=[upload for upload in uploads if upload.info is None])
-
-    async def drop(self, stopped: Stopped) -> None:
-        """The deletion happened: the uploads `cancel` stopped let go of their staged files
-        and journal entries."""
-        with trio.CancelScope(shield=True):
-            for upload in stopped.parked:
-                if upload.entry is not None:
-                    await self.staging.forget(upload.entry)
-                self.staging.release(upload.staged)
-
-    def restart(self, stopped: Stopped) -> None:
-        """The deletion failed: the uploads `cancel` stopped go on, in their order, each as a
-        new upload that retries until it lands (the close that waited for one has returned)."""
-        for upload in stopped.parked:
-            again = Upload(upload.dataset, upload.path, upload.staged, upload.size, background=True,
-                           entry=upload.entry, mtime=upload.mtime)
-            self._start(again)
+        return any(upload.info is not None for upload in uploads)
 
     async def _run(self, upload: Upload) -> None:
         key = (upload.dataset.source, upload.path)
@@ -387,8 +355,7 @@ class Uploader:
                     # flight, then aborts whatever they started. None after a completion or
                     # an abort (`forget`: no id, nothing in flight).
                     self.drop_early(upload.dataset, upload.path, early)
-                parked = upload.parked and upload.info is None  # kept for `drop` or `restart`
-                if upload.entry is not None and (upload.info is not None or upload.cancelled) and not parked:
+                if upload.entry is not None and (upload.info is not None or upload.cancelled):
                     await self.staging.forget(upload.entry)  # gone before `done`: no restart uploads it again
                 uploads = self.pending.get(key, [])
                 if upload in uploads:
@@ -400,8 +367,7 @@ class Uploader:
                 self.staging.draining_changed(-upload.size)
                 # A journaled upload cut short (unmount, dataset removed) resumes at the next start.
                 keep = upload.entry is not None and upload.info is None and not upload.cancelled
-                if not parked:
-                    self.staging.release(upload.staged, keep_file=keep)
+                self.staging.release(upload.staged, keep_file=keep)
                 upload.landed.set()
                 upload.done.set()
 
