@@ -650,6 +650,9 @@ class Operations(pyfuse3.Operations):
         # the outcome (`Writes.unlinked`): uploaded then, it would bring the file back.
         deletion = writes.unlinked(dataset, inner)
         try:
+            # A close already submitting its upload (under --writeback it may wait for a journal
+            # entry) puts it among those dropped here, not after the DELETE.
+            await writes.committed(dataset, inner, under=False)
             landed = await writes.uploader.cancel(dataset, inner)  # else a late upload would bring it back
             stored = await self._stored(dataset, inner)
             if stored is not None or landed:
@@ -754,6 +757,7 @@ class Operations(pyfuse3.Operations):
         async with renaming:
             try:
                 if info.kind == "file":
+                    await writes.committed(dataset, new, under=False)  # as at `unlink`
                     await writes.uploader.cancel(dataset, new)
                     moved = await self._stored(dataset, old)  # the version its cached chunks are of
                 replaced = await self._stored(dataset, new) if target is not None and target.kind == "file" else None

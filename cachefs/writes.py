@@ -430,9 +430,10 @@ class Writes:
             self._committing.discard(wf)
             self._one_ended()
 
-    async def committed(self, dataset: Dataset, directory: str) -> None:
-        """Until no commit of a file under `directory` is submitting its upload."""
-        while any(key_at(wf.key, dataset.source, directory, under=True) for wf in self._committing):
+    async def committed(self, dataset: Dataset, path: str, under: bool = True) -> None:
+        """Until no commit of a file under directory `path` (not `under`: of the file `path`)
+        is submitting its upload."""
+        while any(key_at(wf.key, dataset.source, path, under) for wf in self._committing):
             await self._ended.wait()
 
     def _one_ended(self) -> None:

@@ -1173,38 +1173,23 @@ async def test_a_close_let_go_by_a_failed_delete_during_a_directory_rename_uploa
     writes.close(wf)
 
 
-@pytest.mark.parametrize("delete_fails", [True, False])
-@pytest.mark.trio
-async def test_a_read_only_open_during_a_delete_reads_the_file_open_there(staging, delete_fails):
-    """A has f open for write and wrote "new"; rm f is on its way; `cat f` opens f read-only
-    meanwhile (no kernel lock holds that back): it reads A's file, as a reader opened before
-    the rm does, whether the delete then fails or happens. It read the stored object
-    (helper-42's reproduction, through Operations over stubs)."""
-    import errno
+def _ops_over_stubs(staging, delete, uploader=None):
+    """Operations over one unnamed read-write dataset whose backend holds f ("old", v1) and
+    deletes with `delete(inner)`; `uploader` stands in for the Uploader (none pending by
+    default). Returns (ops, writes, dataset)."""
     from types import SimpleNamespace
 
-    import pyfuse3
-    import trio.testing
-
-    from cachefs.errors import BackendUnavailable, ObjectNotFound
+    from cachefs.errors import ObjectNotFound
     from cachefs.fuse_ops import Operations
     from cachefs.objects import ObjectInfo
     from cachefs.writes import Writes
 
-    delete_go = trio.Event()
-    stored = ObjectInfo("f", "file", 3, 0.0, "v1")
-
     async def stat(inner):
         if inner == "f":
-            return stored
+            return ObjectInfo("f", "file", 3, 0.0, "v1")
         if inner == "":
             return ObjectInfo("", "dir", 0, 0.0, "dir")
         raise ObjectNotFound(inner)
-
-    async def delete(inner):
-        await delete_go.wait()
-        if delete_fails:
-            raise BackendUnavailable("backend down")
 
     class Reader:
         chunk_size = 4096
@@ -1216,18 +1201,44 @@ async def test_a_read_only_open_during_a_delete_reads_the_file_open_there(stagin
             return b"old"[off:off + size]
 
     async def cancel(dataset, path):
-        return False  # no upload of f pending
+        return False  # no upload of f landed meanwhile
 
     dataset = SimpleNamespace(source="/src", name="", removed=False, walks=None, open_files=0,
                               config=SimpleNamespace(read_only=False), reader=Reader(),
                               namespace=SimpleNamespace(stat=stat, drop_entry=lambda p: None),
                               backend=SimpleNamespace(takes_parts=False, delete=delete))
-    uploader = SimpleNamespace(latest=lambda d, p: None, cancel=cancel, part_size=8 << 20)
+    if uploader is None:
+        uploader = SimpleNamespace(latest=lambda d, p: None, cancel=cancel, part_size=8 << 20)
     writes = Writes(staging, uploader=uploader)
     node = SimpleNamespace(config=SimpleNamespace(), writes=writes, datasets={"": dataset},
                            locate=lambda path: (dataset, path))
     ops = Operations(node, entry_ttl=1, attr_ttl=1, block_size=4096)
     ops._chunks_gone = lambda dataset, gone: trio.lowlevel.checkpoint()
+    return ops, writes, dataset
+
+
+@pytest.mark.parametrize("delete_fails", [True, False])
+@pytest.mark.trio
+async def test_a_read_only_open_during_a_delete_reads_the_file_open_there(staging, delete_fails):
+    """A has f open for write and wrote "new"; rm f is on its way; `cat f` opens f read-only
+    meanwhile (no kernel lock holds that back): it reads A's file, as a reader opened before
+    the rm does, whether the delete then fails or happens. It read the stored object
+    (helper-42's reproduction, through Operations over stubs)."""
+    import errno
+
+    import pyfuse3
+    import trio.testing
+
+    from cachefs.errors import BackendUnavailable
+
+    delete_go = trio.Event()
+
+    async def delete(inner):
+        await delete_go.wait()
+        if delete_fails:
+            raise BackendUnavailable("backend down")
+
+    ops, writes, dataset = _ops_over_stubs(staging, delete)
     ino = ops.inodes.lookup("f")
     fa = await ops.open(ino, os.O_RDWR, None)
     await ops.write(fa.fh, 0, b"new")
@@ -1254,3 +1265,48 @@ async def test_a_read_only_open_during_a_delete_reads_the_file_open_there(stagin
             delete_go.set()
     assert outcome == (["EIO"] if delete_fails else ["deleted"])
     assert await ops.read(opened[0].fh, 0, 10) == b"new"
+
+
+@pytest.mark.trio
+async def test_an_rm_waits_for_a_close_already_submitting_its_upload(staging):
+    """A close of f was past its checks and still submitting its upload (under --writeback
+    it may wait there for a journal entry) when rm f began: the rm waits for it, so that the
+    upload is among those it drops before its DELETE. It landed after the DELETE and
+    brought f back (helper-43's review)."""
+    from types import SimpleNamespace
+
+    import pyfuse3
+    import trio.testing
+
+    release = trio.Event()
+    submits_done = []
+    cancels_saw = []
+
+    async def submit(dataset, path, staged, size, background, early):
+        await release.wait()
+        submits_done.append(path)
+        landed = trio.Event()
+        landed.set()
+        return SimpleNamespace(landed=landed, error=None, entry=None)
+
+    async def cancel(dataset, path):
+        cancels_saw.append(list(submits_done))
+        return False
+
+    async def delete(inner):
+        pass
+
+    uploader = SimpleNamespace(latest=lambda d, p: None, cancel=cancel, submit=submit, part_size=8 << 20)
+    ops, writes, dataset = _ops_over_stubs(staging, delete, uploader)
+    ino = ops.inodes.lookup("f")
+    fa = await ops.open(ino, os.O_WRONLY | os.O_TRUNC, None)
+    await ops.write(fa.fh, 0, b"new")
+    with trio.fail_after(5):  # a safety net
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(ops.flush, fa.fh)
+            await trio.testing.wait_all_tasks_blocked()  # inside its submit
+            nursery.start_soon(ops.unlink, pyfuse3.ROOT_INODE, b"f", None)
+            await trio.testing.wait_all_tasks_blocked()
+            assert cancels_saw == []  # the rm waits for that submit
+            release.set()
+    assert cancels_saw == [["f"]]
