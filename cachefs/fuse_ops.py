@@ -745,6 +745,7 @@ class Operations(pyfuse3.Operations):
             wf = writes.find(dataset, old)
             if wf is not None:
                 await wf.commit(background=False)
+            await writes.committed(dataset, old, under=False)  # a close already submitting its upload
             await writes.uploader.wait(dataset, old, self._upload_wait(dataset))
             await writes.filled(dataset, old)  # opens of it still copying it in (no kernel lock)
             # Replaced: a file open at `new` uploads nothing from now (a close of it while this

@@ -278,7 +278,7 @@ class Writes:
                 # any two opens of one path do. (Registered at once, its close brought a
                 # deleted file back; returned detached, a failed delete left its writes going
                 # nowhere.) The kernel's directory lock holds back creates, not opens.
-                while any(d.key == made.key for d in self._deletions):
+                while not made.unlinked and any(d.key == made.key for d in self._deletions):
                     await self._ended.wait()
             except BaseException:
                 os.close(fd)
@@ -531,8 +531,9 @@ class Writes:
         self._deletions.remove(deletion)
         same = next((wf for wf in deletion.detached if not wf.closed), None)
         for filling in self._filling.get(deletion.key, ()):
-            filling.unlinked = True
-            filling.same_as = same
+            if not filling.unlinked:  # else an earlier deletion took the file it opened
+                filling.unlinked = True
+                filling.same_as = same
         self._one_ended()
 
     def reattach(self, deletion: Deletion) -> None:

@@ -1173,10 +1173,12 @@ async def test_a_close_let_go_by_a_failed_delete_during_a_directory_rename_uploa
     writes.close(wf)
 
 
-def _ops_over_stubs(staging, delete, uploader=None):
-    """Operations over one unnamed read-write dataset whose backend holds f ("old", v1) and
-    deletes with `delete(inner)`; `uploader` stands in for the Uploader (none pending by
-    default). Returns (ops, writes, dataset)."""
+def _ops_over_stubs(staging, delete=None, rename_gate=None, hold=frozenset(), writeback=False):
+    """Operations over one unnamed read-write dataset whose backend holds f ("fff") and
+    g ("ggg"); `delete(inner)` runs before a DELETE takes effect, and a rename waits for
+    `rename_gate`; an upload of a path in `hold` is submitted once `release` is set (as a
+    --writeback close whose journal waits for a spare entry). Returns (ops, writes,
+    events: the backend's requests and the uploader's calls in order, release)."""
     from types import SimpleNamespace
 
     from cachefs.errors import ObjectNotFound
@@ -1184,37 +1186,71 @@ def _ops_over_stubs(staging, delete, uploader=None):
     from cachefs.objects import ObjectInfo
     from cachefs.writes import Writes
 
+    stored = {"f": ObjectInfo("f", "file", 3, 0.0, "vf"), "g": ObjectInfo("g", "file", 3, 0.0, "vg")}
+    content = {"f": b"fff", "g": b"ggg"}
+    events = []
+    release = trio.Event()
+
     async def stat(inner):
-        if inner == "f":
-            return ObjectInfo("f", "file", 3, 0.0, "v1")
         if inner == "":
             return ObjectInfo("", "dir", 0, 0.0, "dir")
+        if inner in stored:
+            return stored[inner]
         raise ObjectNotFound(inner)
 
     class Reader:
         chunk_size = 4096
 
         async def chunk(self, obj, index):
-            return b"old", None
+            return content[obj.path], None
 
         async def read(self, obj, off, size, stream):
-            return b"old"[off:off + size]
+            return content[obj.path][off:off + size]
+
+    async def backend_delete(inner):
+        if delete is not None:
+            await delete(inner)
+        events.append(("delete", inner))
+        stored.pop(inner)
+
+    async def backend_rename(old, new, kind):
+        if rename_gate is not None:
+            await rename_gate.wait()
+        events.append(("rename", old, new))
+        stored[new] = stored.pop(old)
+        content[new] = content.pop(old)
+
+    async def submit(dataset, path, staged, size, background, early):
+        if path in hold:
+            await release.wait()
+        with open(staged.path, "rb") as f:
+            events.append(("upload", path, f.read(size)))
+        landed = trio.Event()
+        landed.set()
+        return SimpleNamespace(landed=landed, error=None, entry=None)
 
     async def cancel(dataset, path):
-        return False  # no upload of f landed meanwhile
+        events.append(("cancel", path))
+        return False  # no upload of it landed meanwhile
+
+    async def wait(dataset, path, timeout, under=False):
+        pass
+
+    async def nothing(*args):
+        pass
 
     dataset = SimpleNamespace(source="/src", name="", removed=False, walks=None, open_files=0,
                               config=SimpleNamespace(read_only=False), reader=Reader(),
-                              namespace=SimpleNamespace(stat=stat, drop_entry=lambda p: None),
-                              backend=SimpleNamespace(takes_parts=False, delete=delete))
-    if uploader is None:
-        uploader = SimpleNamespace(latest=lambda d, p: None, cancel=cancel, part_size=8 << 20)
-    writes = Writes(staging, uploader=uploader)
+                              namespace=SimpleNamespace(stat=stat, drop_entry=lambda p: None, invalidate=lambda p: None),
+                              backend=SimpleNamespace(takes_parts=False, delete=backend_delete, rename=backend_rename,
+                                                      timeout=1, retries=0))
+    uploader = SimpleNamespace(latest=lambda d, p: None, cancel=cancel, submit=submit, wait=wait, part_size=8 << 20)
+    writes = Writes(staging, uploader=uploader, writeback=writeback)
     node = SimpleNamespace(config=SimpleNamespace(), writes=writes, datasets={"": dataset},
-                           locate=lambda path: (dataset, path))
+                           locate=lambda path: (dataset, path), chunks_renamed=nothing)
     ops = Operations(node, entry_ttl=1, attr_ttl=1, block_size=4096)
     ops._chunks_gone = lambda dataset, gone: trio.lowlevel.checkpoint()
-    return ops, writes, dataset
+    return ops, writes, events, release
 
 
 @pytest.mark.parametrize("delete_fails", [True, False])
@@ -1238,9 +1274,9 @@ async def test_a_read_only_open_during_a_delete_reads_the_file_open_there(stagin
         if delete_fails:
             raise BackendUnavailable("backend down")
 
-    ops, writes, dataset = _ops_over_stubs(staging, delete)
+    ops, writes, _, _ = _ops_over_stubs(staging, delete)
     ino = ops.inodes.lookup("f")
-    fa = await ops.open(ino, os.O_RDWR, None)
+    fa = await ops.open(ino, os.O_RDWR | os.O_TRUNC, None)
     await ops.write(fa.fh, 0, b"new")
     outcome = []
 
@@ -1267,37 +1303,18 @@ async def test_a_read_only_open_during_a_delete_reads_the_file_open_there(stagin
     assert await ops.read(opened[0].fh, 0, 10) == b"new"
 
 
+@pytest.mark.parametrize("rename", [False, True])
 @pytest.mark.trio
-async def test_an_rm_waits_for_a_close_already_submitting_its_upload(staging):
+async def test_rm_and_rename_wait_for_a_close_already_submitting_its_upload(staging, rename):
     """A close of f was past its checks and still submitting its upload (under --writeback
-    it may wait there for a journal entry) when rm f began: the rm waits for it, so that the
-    upload is among those it drops before its DELETE. It landed after the DELETE and
-    brought f back (helper-43's review)."""
-    from types import SimpleNamespace
-
+    it may wait there for a journal entry) when `rm f` or `mv f g` began: they wait for it.
+    The rm then drops the upload before its DELETE; it landed after it and brought f back
+    (helper-43's review). The rename lands it before moving f; it was started after the
+    move, bringing f back with the new bytes while g kept the old ones (helper-44's)."""
     import pyfuse3
     import trio.testing
 
-    release = trio.Event()
-    submits_done = []
-    cancels_saw = []
-
-    async def submit(dataset, path, staged, size, background, early):
-        await release.wait()
-        submits_done.append(path)
-        landed = trio.Event()
-        landed.set()
-        return SimpleNamespace(landed=landed, error=None, entry=None)
-
-    async def cancel(dataset, path):
-        cancels_saw.append(list(submits_done))
-        return False
-
-    async def delete(inner):
-        pass
-
-    uploader = SimpleNamespace(latest=lambda d, p: None, cancel=cancel, submit=submit, part_size=8 << 20)
-    ops, writes, dataset = _ops_over_stubs(staging, delete, uploader)
+    ops, writes, events, release = _ops_over_stubs(staging, hold={"f"}, writeback=True)
     ino = ops.inodes.lookup("f")
     fa = await ops.open(ino, os.O_WRONLY | os.O_TRUNC, None)
     await ops.write(fa.fh, 0, b"new")
@@ -1305,8 +1322,67 @@ async def test_an_rm_waits_for_a_close_already_submitting_its_upload(staging):
         async with trio.open_nursery() as nursery:
             nursery.start_soon(ops.flush, fa.fh)
             await trio.testing.wait_all_tasks_blocked()  # inside its submit
-            nursery.start_soon(ops.unlink, pyfuse3.ROOT_INODE, b"f", None)
+            if rename:
+                nursery.start_soon(ops.rename, pyfuse3.ROOT_INODE, b"f", pyfuse3.ROOT_INODE, b"g", 0, None)
+            else:
+                nursery.start_soon(ops.unlink, pyfuse3.ROOT_INODE, b"f", None)
             await trio.testing.wait_all_tasks_blocked()
-            assert cancels_saw == []  # the rm waits for that submit
+            assert events == []  # waiting for that submit
             release.set()
-    assert cancels_saw == [["f"]]
+    if rename:
+        assert events[0] == ("upload", "f", b"new") and ("rename", "f", "g") in events
+    else:
+        assert events == [("upload", "f", b"new"), ("cancel", "f"), ("delete", "f")]
+
+
+@pytest.mark.trio
+async def test_an_open_during_a_rename_over_the_path_shares_the_file_open_there(staging):
+    """A has g open and wrote "AAAA"; mv f g is on its way; B opens g for write meanwhile
+    (an open of an existing file takes no directory lock): as at unlink, B shares A's file.
+    The rename's second settling of g (`moved`) took that back, and B got a copy of its
+    own (helper-44's review)."""
+    import pyfuse3
+    import trio.testing
+
+    gate = trio.Event()
+    ops, writes, _, _ = _ops_over_stubs(staging, rename_gate=gate)
+    ino_g = ops.inodes.lookup("g")
+    fa = await ops.open(ino_g, os.O_RDWR, None)
+    await ops.write(fa.fh, 0, b"AAAA")
+    opened = []
+
+    async def open_b():
+        opened.append(await ops.open(ino_g, os.O_RDWR, None))
+
+    with trio.fail_after(5):  # a safety net
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(ops.rename, pyfuse3.ROOT_INODE, b"f", pyfuse3.ROOT_INODE, b"g", 0, None)
+            await trio.testing.wait_all_tasks_blocked()  # at the backend's rename
+            nursery.start_soon(open_b)
+            await trio.testing.wait_all_tasks_blocked()
+            assert not opened  # B waits for the outcome
+            gate.set()
+    assert ops._files[opened[0].fh].write is ops._files[fa.fh].write
+    assert await ops.read(opened[0].fh, 0, 10) == b"AAAA"
+
+
+@pytest.mark.trio
+async def test_an_open_of_a_deleted_file_does_not_share_the_file_a_later_rm_detached(staging):
+    """B still copies the first f in; rm f happens; f is created again (C) and written; a
+    second rm f happens with C still open: B opened the first f, not C. It shared C
+    (helper-44's review)."""
+    writes, dataset, filling, go_on, open_ = _filling_open(staging, "f")
+    opened = []
+    with trio.fail_after(5):  # a safety net
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(open_, opened)
+            await filling.wait()
+            writes.deleted(writes.unlinked(dataset, "f"))  # the first rm
+            c = await writes.open(dataset, "f", None, truncate=True)  # created again
+            await c.write(0, b"ZZZ")
+            writes.deleted(writes.unlinked(dataset, "f"))  # the second rm, C still open
+            go_on.set()
+    b = opened[0]
+    assert b is not c and b.read(0, 3) == b"ccc"  # the first f's bytes
+    writes.close(b)
+    _close_all(writes, c)
