@@ -270,16 +270,19 @@ class Writes:
             made = WriteFile(self, dataset, path, staged, fd, 0)
             self._filling.setdefault(key, set()).add(made)
             try:
-                if not truncate:
-                    await self._fill(made, current)
                 # The path is being deleted: this open is of the file that goes, unless the
                 # deletion fails. Until it is known, the open waits, still filling: `deleted`
                 # marks it unlinked, or after `reattach` it shares the file the path has, as
                 # any two opens of one path do. (Registered at once, its close brought a
                 # deleted file back; returned detached, a failed delete left its writes going
-                # nowhere.) The kernel's directory lock holds back creates, not opens.
-                while not made.unlinked and any(d.key == made.key for d in self._deletions):
-                    await self._ended.wait()
+                # nowhere.) The kernel's directory lock holds back creates, not opens. It
+                # waits before copying the file in: a copy under way when the delete
+                # happened read an object that was gone, and the open failed (ENOENT), though
+                # it was to share the file open there.
+                await self._deletions_over(made)
+                if not truncate and not self._to_share(made):
+                    await self._fill(made, current)
+                    await self._deletions_over(made)  # one that began during the copy
             except BaseException:
                 os.close(fd)
                 self.staging.release(staged)
@@ -326,6 +329,18 @@ class Writes:
         if wf.early is None and wf.size == 0 and dataset.backend.takes_parts and wf.sealed is None:
             wf.early = EarlyParts(self.uploader.part_size)
         return wf
+
+    async def _deletions_over(self, made: WriteFile) -> None:
+        """Until no deletion of the path `made` is being opened at is going on, unless one
+        already took the file it opens (`deleted`)."""
+        while not made.unlinked and any(d.key == made.key for d in self._deletions):
+            await self._ended.wait()
+
+    def _to_share(self, made: WriteFile) -> bool:
+        """Whether the open making `made` will share another file (`open`): no copy needed."""
+        if made.unlinked:
+            return made.same_as is not None and not made.same_as.closed
+        return made.key in self.files
 
     async def _fill(self, wf: WriteFile, current: ObjectInfo | None) -> None:
         upload = self.uploader.latest(wf.dataset, wf.path)

@@ -1386,3 +1386,54 @@ async def test_an_open_of_a_deleted_file_does_not_share_the_file_a_later_rm_deta
     assert b is not c and b.read(0, 3) == b"ccc"  # the first f's bytes
     writes.close(b)
     _close_all(writes, c)
+
+
+@pytest.mark.parametrize("rename", [False, True])
+@pytest.mark.trio
+async def test_an_open_during_a_delete_shares_the_file_open_there_without_copying_it_in(staging, rename):
+    """A has f open and wrote "new"; `rm f` (or `mv g f`) is on its way; B opens f O_RDWR
+    (no O_TRUNC, no lock): it waits for the outcome before copying f in, then shares A's
+    file. It copied the stored f in first, which read the object the delete removed, and
+    B's open failed (helper-45's review)."""
+    import pyfuse3
+    import trio.testing
+
+    from cachefs.errors import ObjectNotFound
+
+    gate = trio.Event()
+
+    async def delete(inner):
+        await gate.wait()
+
+    ops, writes, events, _ = _ops_over_stubs(staging, delete=delete, rename_gate=gate)
+    ino = ops.inodes.lookup("f")
+    fa = await ops.open(ino, os.O_RDWR | os.O_TRUNC, None)
+    await ops.write(fa.fh, 0, b"new")
+    await ops.flush(fa.fh)
+
+    class GoneOnceDeleted:
+        chunk_size = 4096
+
+        async def chunk(self, obj, index):
+            await gate.wait()  # reads on once the delete (or rename) has happened
+            await trio.lowlevel.checkpoint()
+            raise ObjectNotFound(f"{obj.path}: gone")
+
+    ops.node.datasets[""].reader = GoneOnceDeleted()
+    opened = []
+
+    async def open_b():
+        opened.append(await ops.open(ino, os.O_RDWR, None))
+
+    with trio.fail_after(5):  # a safety net
+        async with trio.open_nursery() as nursery:
+            if rename:
+                nursery.start_soon(ops.rename, pyfuse3.ROOT_INODE, b"g", pyfuse3.ROOT_INODE, b"f", 0, None)
+            else:
+                nursery.start_soon(ops.unlink, pyfuse3.ROOT_INODE, b"f", None)
+            await trio.testing.wait_all_tasks_blocked()  # at the backend call
+            nursery.start_soon(open_b)
+            await trio.testing.wait_all_tasks_blocked()
+            gate.set()
+    assert ops._files[opened[0].fh].write is ops._files[fa.fh].write
+    assert await ops.read(opened[0].fh, 0, 10) == b"new"
