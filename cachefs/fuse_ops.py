@@ -642,10 +642,16 @@ class Operations(pyfuse3.Operations):
     @fuse_errors
     async def unlink(self, parent_inode, name, ctx):
         dataset, inner, path = self._child(parent_inode, name)
+        writes = self.node.writes
+        # A directory above is being renamed (the kernel holds no lock of this one's for
+        # that): the name is looked up once it has moved, and the rename does not start
+        # while a deletion under it goes on (`Writes.renaming_dir`).
+        while (renamed := writes.renaming_above(dataset, inner)) is not None:
+            await renamed.wait()
+            dataset, inner, path = self._child(parent_inode, name)
         info = await self._stat(path)
         if info.kind == "dir":
             raise pyfuse3.FUSEError(errno.EISDIR)
-        writes = self.node.writes
         # First: a close of a handle open on it, or an open of it, while this waits, waits for
         # the outcome (`Writes.unlinked`): uploaded then, it would bring the file back.
         deletion = writes.unlinked(dataset, inner)

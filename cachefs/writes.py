@@ -506,6 +506,11 @@ class Writes:
         key = (dataset.source, directory)
         done = self._renaming[key] = trio.Event()
         try:
+            # Deletions under it (an `rm` that began first) end first: one that went on
+            # after the move deleted nothing at its old name, reported success, and left
+            # the file, detached, at the new one.
+            while any(key_at(d.key, dataset.source, directory, under=True) for d in self._deletions):
+                await self._ended.wait()
             await self.committed(dataset, directory)  # commits that were past `no_rename_over`
             await self.filled(dataset, directory, under=True)
             await self.uploader.wait(dataset, directory, upload_wait, under=True)
@@ -516,13 +521,17 @@ class Writes:
 
     async def no_rename_over(self, wf: WriteFile) -> None:
         """Until no directory that `wf` lies under is being renamed (`renaming_dir`)."""
-        while True:
-            for (source, directory), done in self._renaming.items():
-                if key_at(wf.key, source, directory, under=True):
-                    await done.wait()
-                    break
-            else:
-                return
+        while (done := self.renaming_above(wf.dataset, wf.path)) is not None:
+            await done.wait()
+
+    def renaming_above(self, dataset: Dataset, path: str) -> trio.Event | None:
+        """The rename of a directory `path` lies under, if one is going on (`renaming_dir`):
+        an event set once it is over."""
+        if not self._renaming:
+            return None
+        key = (dataset.source, path)
+        return next((done for (source, directory), done in self._renaming.items()
+                     if key_at(key, source, directory, under=True)), None)
 
     def unlinked(self, dataset: Dataset, path: str) -> Deletion:
         """`path` is being deleted (or replaced): the file open at it lives on, anonymous,

@@ -1008,27 +1008,6 @@ async def test_an_open_filling_while_a_delete_fails_shares_the_file_opened_meanw
     _close_all(writes, a)
 
 
-@pytest.mark.trio
-async def test_a_failed_delete_during_a_directory_rename_gives_the_file_its_new_path(staging):
-    """rm d/f is under way (its open file detached) when mv d d2 moves the directory; the
-    delete then fails: the open file is d2/f's, where its close uploads. It went back to
-    d/f, and its close brought the old directory back."""
-    writes, dataset, submitted, _ = _recording_writes(staging)
-    wf = await writes.open(dataset, "d/f", None, truncate=True)
-    await wf.write(0, b"bytes")
-    await wf.commit(background=False)
-    await wf.write(0, b"more!")
-    deletion = writes.unlinked(dataset, "d/f")  # rm d/f, waiting for its backend call
-    async with writes.renaming_dir(dataset, "d", 5):
-        writes.moved_dir(dataset, "d", "d2")
-    writes.reattach(deletion)  # the delete failed (d/f had moved)
-    assert writes.find(dataset, "d2/f") is wf and writes.find(dataset, "d/f") is None
-    await wf.commit(background=False)
-    assert submitted == ["d/f", "d2/f"]
-    writes.close(wf)
-    assert not writes._deletions
-
-
 @pytest.mark.parametrize("delete_fails", [True, False])
 @pytest.mark.trio
 async def test_a_close_during_a_delete_uploads_only_if_the_delete_fails(staging, delete_fails):
@@ -1148,29 +1127,47 @@ async def test_a_cache_disk_with_no_room_is_named_as_such_not_as_a_full_staging_
         await staging.reserve(staging.new_file(), 2 * RESERVE_STEP)
 
 
+@pytest.mark.parametrize("closing", [False, True])
 @pytest.mark.trio
-async def test_a_close_let_go_by_a_failed_delete_during_a_directory_rename_uploads_under_the_new_name(staging):
-    """A close of d/f waits for rm d/f; mv d d2 begins; the delete fails while the directory
-    moves. The close waits for the rename too, then uploads d2/f. It used to upload d/f
-    while the directory was moving (helper-42's reproduction)."""
+async def test_a_directory_rename_waits_for_a_delete_under_it(staging, closing):
+    """rm d/f is under way (its open file detached) when mv d d2 begins: the rename waits
+    for the rm's outcome. The delete fails here, so the file is d/f's again, moves to d2/f
+    with the directory, and its close (`closing`: one already waiting for the rm) uploads
+    d2/f. The rename used to go on beside the rm: the failed delete gave the file its old
+    name back, or its waiting close uploaded d/f while the directory moved (helper-42); an
+    rm that went on after the move deleted nothing and reported success (helper-45)."""
     import trio.testing
 
     writes, dataset, submitted, _ = _recording_writes(staging)
     wf = await writes.open(dataset, "d/f", None, truncate=True)
     await wf.write(0, b"bytes")
     deletion = writes.unlinked(dataset, "d/f")  # rm d/f, waiting for its backend call
+    moving = []
+
+    async def rename_dir() -> None:
+        async with writes.renaming_dir(dataset, "d", 5):
+            moving.append(True)
+            # And an rm under it that comes now waits for it (`Operations.unlink`).
+            assert writes.renaming_above(dataset, "d/g") is not None
+            assert writes.renaming_above(dataset, "dd/g") is None
+            await trio.testing.wait_all_tasks_blocked()
+            assert submitted == []  # nothing uploads while the directory moves
+            writes.moved_dir(dataset, "d", "d2")
+
     with trio.fail_after(5):  # a safety net
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(wf.commit, False)  # the close
+            if closing:
+                nursery.start_soon(wf.commit, False)
+                await trio.testing.wait_all_tasks_blocked()  # waiting for the rm
+            nursery.start_soon(rename_dir)
             await trio.testing.wait_all_tasks_blocked()
-            async with writes.renaming_dir(dataset, "d", 5):
-                writes.reattach(deletion)  # the delete failed while d moves
-                await trio.testing.wait_all_tasks_blocked()
-                assert submitted == []  # not while the directory moves
-                writes.moved_dir(dataset, "d", "d2")
+            assert moving == []  # waiting for the rm too
+            writes.reattach(deletion)  # the delete failed
+    assert moving == [True] and writes.find(dataset, "d2/f") is wf
+    if not closing:
+        await wf.commit(background=False)
     assert submitted == ["d2/f"]
-    wf.dirty = False
-    writes.close(wf)
+    _close_all(writes, wf)
 
 
 def _ops_over_stubs(staging, delete=None, rename_gate=None, hold=frozenset(), writeback=False):
