@@ -151,7 +151,9 @@ _subdir = st.lists(_word.filter(lambda p: p not in (".", "..")), max_size=4).map
     quota=st.none() | st.integers(1, 1 << 60),
     endpoint=st.none() | _word.map(lambda h: f"http://{h}:9000"),
     creds=st.sampled_from(["environment", "profile", "keys"]),
-    profile=_word,
+    # Also a key file's name: "." or ".." there names another path ("/k/." is "/k"), which
+    # the parser writes normalized.
+    profile=_word.filter(lambda p: p not in (".", "..")),
 )
 @settings(max_examples=200, deadline=None)
 def test_spec_round_trips(name, url, subdir, quota, endpoint, creds, profile):
