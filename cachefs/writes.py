@@ -280,7 +280,7 @@ class Writes:
                 # happened read an object that was gone, and the open failed (ENOENT), though
                 # it was to share the file open there.
                 await self._deletions_over(made)
-                if not truncate and not self._to_share(made):
+                if not truncate and self._shared(made) is None:
                     await self._fill(made, current)
                     await self._deletions_over(made)  # one that began during the copy
             except BaseException:
@@ -293,23 +293,14 @@ class Writes:
                 if not self._filling[key]:
                     del self._filling[key]
                 self._one_ended()
-            path = made.path
-            if made.unlinked:
-                # Deleted (or replaced by a rename) while this open filled its copy: it opened
-                # the file that went, and, as after an unlink, writes to it go nowhere. If a
-                # file was open there, that one: two opens of one path share a file.
-                same = made.same_as
-                wf = same if same is not None and not same.closed else made
-            else:
-                # Another open of the path may have made its file while this one was filled:
-                # one file per path, or each handle writes into a copy of its own and a close
-                # uploads one of them (two O_APPEND writers lost one's bytes to a hole).
-                wf = self.find(dataset, path)
-                if wf is None:
-                    wf = self.files[(dataset.source, path)] = made
-            if wf is not made:
+            wf = self._shared(made)
+            if wf is not None:
                 os.close(fd)
                 self.staging.release(staged)
+            else:
+                wf = made
+                if not made.unlinked:
+                    self.files[made.key] = made
         # This handle is taken first: the truncate below may wait, and a release of the
         # file's last other handle meanwhile would let go of its staged copy under it.
         wf.handles += 1
@@ -333,14 +324,21 @@ class Writes:
     async def _deletions_over(self, made: WriteFile) -> None:
         """Until no deletion of the path `made` is being opened at is going on, unless one
         already took the file it opens (`deleted`)."""
-        while not made.unlinked and any(d.key == made.key for d in self._deletions):
+        while not made.unlinked and self._deletion_of(made.key) is not None:
             await self._ended.wait()
 
-    def _to_share(self, made: WriteFile) -> bool:
-        """Whether the open making `made` will share another file (`open`): no copy needed."""
+    def _shared(self, made: WriteFile) -> WriteFile | None:
+        """The file the open making `made` shares instead, if there is one (`open`).
+
+        Deleted (or replaced by a rename) while this open filled its copy, it opened the
+        file that went, and, as after an unlink, writes to it go nowhere: the file open
+        there then, if one was and still is, as two opens of one path share a file.
+        Otherwise another open of the path may have made its file while this one was
+        filled: one file per path, or each handle writes into a copy of its own and a close
+        uploads one of them (two O_APPEND writers lost one's bytes to a hole)."""
         if made.unlinked:
-            return made.same_as is not None and not made.same_as.closed
-        return made.key in self.files
+            return _alive(made.same_as)
+        return self.files.get(made.key)
 
     async def _fill(self, wf: WriteFile, current: ObjectInfo | None) -> None:
         upload = self.uploader.latest(wf.dataset, wf.path)
@@ -470,8 +468,8 @@ class Writes:
             source, path = deletion.key
             if key_at(deletion.key, dataset.source, old, under=True):
                 deletion.key = (source, new + path[len(old):])
-                for wf in deletion.detached:
-                    wf.path = deletion.key[1]
+                if deletion.detached is not None:
+                    deletion.detached.path = deletion.key[1]
 
     def _rekey(self, dataset: Dataset, old: str, new: str) -> None:
         for filling in self._filling.pop((dataset.source, old), ()):
@@ -509,7 +507,7 @@ class Writes:
             # Deletions under it (an `rm` that began first) end first: one that went on
             # after the move deleted nothing at its old name, reported success, and left
             # the file, detached, at the new one.
-            while any(key_at(d.key, dataset.source, directory, under=True) for d in self._deletions):
+            while self._deletion_of(key, under=True) is not None:
                 await self._ended.wait()
             await self.committed(dataset, directory)  # commits that were past `no_rename_over`
             await self.filled(dataset, directory, under=True)
@@ -538,13 +536,11 @@ class Writes:
         and uploads nothing; opens of it wait for the outcome (`open`), and so does a close
         of the file detached (`settled`). Returns the deletion, for `deleted` once it
         happened or `reattach` if it failed: one of the two must follow."""
-        detached = []
         wf = self.files.pop((dataset.source, path), None)
         if wf is not None:
             self._drop_early(wf)
             wf.unlinked = True
-            detached.append(wf)
-        deletion = Deletion((dataset.source, path), detached)
+        deletion = Deletion((dataset.source, path), wf)
         self._deletions.append(deletion)
         return deletion
 
@@ -553,7 +549,7 @@ class Writes:
         still filling opened the file that went, that one (`open`): as after an unlink, they
         upload nothing."""
         self._deletions.remove(deletion)
-        same = next((wf for wf in deletion.detached if not wf.closed), None)
+        same = _alive(deletion.detached)
         for filling in self._filling.get(deletion.key, ()):
             if not filling.unlinked:  # else an earlier deletion took the file it opened
                 filling.unlinked = True
@@ -565,11 +561,10 @@ class Writes:
         early are gone: it uploads whole at its close), unless its last handle was let go
         of meanwhile."""
         self._deletions.remove(deletion)
-        for wf in deletion.detached:
-            key = wf.key
-            if not wf.closed and key not in self.files:
-                wf.unlinked = False
-                self.files[key] = wf
+        wf = _alive(deletion.detached)
+        if wf is not None and wf.key not in self.files:
+            wf.unlinked = False
+            self.files[wf.key] = wf
         self._one_ended()
 
     async def deleting(self, dataset: Dataset, path: str) -> WriteFile | None:
@@ -578,11 +573,16 @@ class Writes:
         happened detached it, if it is still open: the open reads that file, as two opens
         of one path do (a reader let through read the stored object, not what the file
         open there held, even after the delete failed)."""
-        detached: list[WriteFile] = []
-        while (deletion := next((d for d in self._deletions if d.key == (dataset.source, path)), None)) is not None:
+        detached = None
+        while (deletion := self._deletion_of((dataset.source, path))) is not None:
             detached = deletion.detached
             await self._ended.wait()
-        return next((wf for wf in detached if wf.unlinked and not wf.closed), None)
+        return _alive(detached) if detached is not None and detached.unlinked else None
+
+    def _deletion_of(self, key: tuple[str, str], under: bool = False) -> Deletion | None:
+        """A deletion going on of (source, path) `key` (`under`: of a path under that
+        directory), if there is one."""
+        return next((d for d in self._deletions if key_at(d.key, *key, under)), None)
 
     async def settled(self, wf: WriteFile) -> None:
         """Until no directory `wf` lies under is being renamed (`no_rename_over`) and no
@@ -593,7 +593,7 @@ class Writes:
         old name while the directory moved."""
         while True:
             await self.no_rename_over(wf)
-            if not any(wf in d.detached for d in self._deletions):
+            if not any(d.detached is wf for d in self._deletions):
                 return
             await self._ended.wait()
 
@@ -609,7 +609,12 @@ class Deletion:
     or `Writes.reattach`."""
 
     key: tuple[str, str]  # (source, path); a directory rename meanwhile moves it (`moved_dir`)
-    detached: list[WriteFile]  # the file that was open at the path, if one was
+    detached: WriteFile | None  # the file that was open at the path, if one was
+
+
+def _alive(wf: WriteFile | None) -> WriteFile | None:
+    """`wf`, unless there is none or its last handle was released (its staged file gone)."""
+    return wf if wf is not None and not wf.closed else None
 
 
 def _copy_range(src: int, dst: int, size: int) -> None:

@@ -770,7 +770,7 @@ async def test_an_open_that_was_filling_when_its_file_was_deleted_uploads_nothin
         return deletion
 
     writes, dataset, wf, deletion = await _open_while_filling(staging, "f", rm)
-    assert deletion.detached == []  # no file was open at f yet
+    assert deletion.detached is None  # no file was open at f yet
     assert wf.unlinked and writes.find(dataset, "f") is None
     assert await wf.commit(background=False) is None  # its close uploads nothing
     writes.close(wf)
