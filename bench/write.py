@@ -467,11 +467,10 @@ def render(data: dict) -> str:
             recs = cell(s, w)
             if not recs:
                 continue
-            gib = recs[0]["bytes"] / GiB
             lv = med(recs, "landed_value")
             lines.append(
                 f"| {w} | {s} | {med(recs):,.1f} | {'—' if lv is None else f'{lv:,.1f}'} | {med(recs, 'cpu_s_per_gib'):.1f} "
-                f"| {med(recs, 'gateway_cpu_s') / gib:.1f} | {per_gib(recs, 'host_cpu_s')} "
+                f"| {per_gib(recs, 'gateway_cpu_s')} | {per_gib(recs, 'host_cpu_s')} "
                 f"| {med(recs, 'put_bytes') / recs[0]['bytes']:.2f} |")
     if raw:
         lines += ["", f"Raw S3 (botocore from memory, the same gateway; parts of {PART // MiB} MiB, files of "
@@ -479,8 +478,7 @@ def render(data: dict) -> str:
                   "| raw | MiB/s or files/s | gateway CPU s/GiB | host CPU s/GiB |", "|---|---:|---:|---:|"]
         for name in dict.fromkeys(r["workload"] for r in raw):
             recs = [r for r in raw if r["workload"] == name]
-            lines.append(f"| {name} | {med(recs):,.1f} | {med(recs, 'gateway_cpu_s') / (recs[0]['bytes'] / GiB):.1f} "
-                         f"| {per_gib(recs, 'host_cpu_s')} |")
+            lines.append(f"| {name} | {med(recs):,.1f} | {per_gib(recs, 'gateway_cpu_s')} | {per_gib(recs, 'host_cpu_s')} |")
 
     def verdict(a, b, target):
         if a is None or b is None:
