@@ -101,6 +101,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--workloads", default=",".join(WORKLOADS), help="which of %(default)s")
     p.add_argument("--cachefs-args", default="", help="more `cachefs mount` flags for both cachefs systems")
     p.add_argument("--no-raw", action="store_true", help="skip the raw S3 cells")
+    p.add_argument("--split-cpus", action="store_true",
+                   help="the gateway on the last CPU, everything else (fio, the daemons, raw S3's client) on the "
+                        "others: S3 on a host of its own, as in production, where it takes no CPU from the client")
     p.add_argument("--baseline-tree", help="a checkout of another cachefs revision (with its native module built): "
                    "adds cachefs-base and cachefs-wb-base, run from it, beside the others (an A/B run)")
     p.add_argument("--baseline-label", help="what the baseline tree is, for the report (default: its git HEAD)")
@@ -385,7 +388,17 @@ def run(args: argparse.Namespace, data: dict, work: Path, shm: Path, stack: cont
     (work / "logs").mkdir()
     gateway = host.juicefs_backend().JuicefsS3(work / "backend")
     stack.callback(gateway.stop)
+    client_cpus = sorted(os.sched_getaffinity(0))
+    if args.split_cpus:
+        # Every later process and thread inherits this thread's CPUs: the gateway's
+        # from it, the client's (mounts, fio, raw S3's threads) after it.
+        if len(client_cpus) < 2:
+            raise SystemExit("--split-cpus needs 2 CPUs or more")
+        server_cpus, client_cpus = client_cpus[-1:], client_cpus[:-1]
+        os.sched_setaffinity(0, server_cpus)
+        m["cpu_split"] = {"gateway": server_cpus, "client": client_cpus}
     gateway.start()
+    os.sched_setaffinity(0, client_cpus)
     args.gateway_sid = gateway.proc.pid
     log(f"write: {m['hostname']}, load {os.getloadavg()[0]:.1f}; gateway {gateway.endpoint_url}; "
         f"{args.size / MiB:,.0f} MiB per fio job, {args.files} small files, {args.repeat} repeat(s)")
@@ -451,10 +464,14 @@ def render(data: dict) -> str:
         f"(no cell's work runs into the next). "
         f"CPU: the daemon's utime+stime per GiB written, until then (cachefs: its one process; JuiceFS: its processes), "
         f"the gateway's apart. Host CPU: the whole machine's busy time per GiB (every process and the kernel's "
-        f"threads, /proc/stat), from the start until nothing is pending: the S3 server shares these CPUs, so "
-        f"what the writer, the kernel and the daemon spend is taken from what the server can use. Median of {data['repeat']} repeat(s); systems interleaved, repeat k starting at system k.",
+        f"threads, /proc/stat), from the start until nothing is pending"
+        + ("" if data["machine"].get("cpu_split") else ": the S3 server shares these CPUs, so what the writer, the "
+           "kernel and the daemon spend is taken from what the server can use") + f". Median of {data['repeat']} repeat(s); systems interleaved, repeat k starting at system k.",
         "",
         *report.experiment_lines(data),
+        *([f"- **CPUs split**: the gateway on CPU {split['gateway']}, everything else (fio, the daemons, raw S3's "
+           f"client) on CPU {split['client']}: the S3 server takes no CPU from the client, as on a host of its own "
+           f"(the kernel's own threads run on any)"] if (split := data["machine"].get("cpu_split")) else []),
         *([f"- **A/B**: `cachefs-base` and `cachefs-wb-base` run cachefs {data['baseline_git']} from "
            f"{data['baseline_tree']}, mounted beside the others in the same run"] if data.get("baseline_tree") else []),
         "",
