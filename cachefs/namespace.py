@@ -40,7 +40,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import OrderedDict
-from typing import Callable, Generic, Hashable, TypeVar
+from typing import Awaitable, Callable, Generic, Hashable, TypeVar
 
 import trio
 
@@ -117,6 +117,16 @@ class BoundedLru(Generic[K, V]):
         return item[0]
 
 
+class _Asking:
+    """One HEAD of a path on its way, and what this node did to the path meanwhile."""
+
+    __slots__ = ("overtaken", "own")
+
+    def __init__(self) -> None:
+        self.overtaken = False
+        self.own: ObjectInfo | None = None
+
+
 class Namespace:
     """Every method that may ask the backend checkpoints and raises `BackendError`s."""
 
@@ -139,6 +149,8 @@ class Namespace:
         self._listing: dict[str, trio.Event] = {}  # single-flight of LIST per directory
         # directory being listed -> its entries this node put (info) or dropped (None) meanwhile
         self._own_changes: dict[str, dict[str, ObjectInfo | None]] = {}
+        # path being asked (a HEAD on its way) -> one `_Asking` per request
+        self._asking: dict[str, list[_Asking]] = {}
         self._nursery = nursery
         # directory not listed yet -> the one child stat'ed
         self._first_child: BoundedLru[str, str] = BoundedLru(FIRST_CHILD_DIRS)
@@ -192,7 +204,7 @@ class Namespace:
                 raise ObjectNotFound(f"{path}: not found")
             return children[name]
         try:
-            info = await self.backend.stat(path)
+            info = await self._ask(path, self.backend.stat)
         except ObjectNotFound:
             self._cache.pop(("attr", path))
             if path:
@@ -310,12 +322,45 @@ class Namespace:
             ObjectNotFound, BackendError: as `Backend.check_name`.
         """
         try:
-            info = await self.backend.check_name(path)
+            info = await self._ask(path, self.backend.check_name)
         except ObjectNotFound:
             self._cache.pop(("attr", path))
             raise
         self._set_attr(path, info, self._clock())
         return info
+
+    async def _ask(self, path: str, ask: Callable[[str], Awaitable[ObjectInfo]]) -> ObjectInfo:
+        """`await ask(path)` (a HEAD), unless this node changed `path` while it was on its
+        way: then what this node made (or ObjectNotFound: removed). The answer may be of
+        the object before that change (a close's upload landed meanwhile), and would
+        bring the old version back as the path's current one.
+
+        Raises:
+            ObjectNotFound, BackendError: as `ask`, if this node changed nothing.
+        """
+        asking = _Asking()
+        self._asking.setdefault(path, []).append(asking)
+        try:
+            info = await ask(path)
+        except (ObjectNotFound, BackendError):
+            if not asking.overtaken:
+                raise
+        finally:
+            others = [a for a in self._asking[path] if a is not asking]
+            if others:
+                self._asking[path] = others
+            else:
+                del self._asking[path]
+        if asking.overtaken:
+            if asking.own is None:
+                raise ObjectNotFound(f"{path}: not found")
+            return asking.own
+        return info
+
+    def _overtake(self, path: str, own: ObjectInfo | None) -> None:
+        """This node made `path` `own` (None: removed it): the HEADs of it on their way are out of date."""
+        for asking in self._asking.get(path, ()):
+            asking.overtaken, asking.own = True, own
 
     def creating(self, path: str) -> None:
         """This node creates `path` (its upload comes at close): its directory is being filled."""
@@ -471,6 +516,7 @@ class Namespace:
         Known at once, without asking, also in the parent's listing if one is cached."""
         now = self._clock()
         parent = info.path.rpartition("/")[0]
+        self._overtake(info.path, info)
         self._filled.put(parent, now)
         if parent in self._own_changes:
             self._own_changes[parent][info.name] = info
@@ -484,6 +530,7 @@ class Namespace:
 
     def drop_entry(self, path: str) -> None:
         """This node removed `path` from the backend (deleted, renamed away)."""
+        self._overtake(path, None)
         self._cache.pop(("attr", path))
         self._cache.pop(("dir", path))
         parent, _, name = path.rpartition("/")

@@ -1175,3 +1175,31 @@ def test_a_put_whose_answer_stalls_leaves_no_broken_connection_for_the_next():
     finally:
         fast.close()
         listener.close()
+
+
+@pytest.mark.trio
+async def test_a_head_answered_after_this_nodes_upload_does_not_bring_back_the_old_version():
+    """A stat of f sends a HEAD; before its answer comes, this node writes f and closes it:
+    the upload lands and the mount records the new version (`Namespace.put_entry`, from
+    `Node._uploaded`). The HEAD, served by the backend before the PUT, then answers with the
+    old version: it must not replace the one this node knows it wrote."""
+    old = ObjectInfo("f", "file", 5, 1000.0, "etag:old")
+    new = ObjectInfo("f", "file", 7, 1001.0, "etag:new")
+    asked, answer = trio.Event(), trio.Event()
+
+    class SlowHead:
+        store = object()  # not a LocalStore
+
+        async def stat(self, path):
+            asked.set()
+            await answer.wait()
+            return old  # what the backend held when it served the HEAD
+
+    ns = Namespace(SlowHead(), attr_ttl=60.0, dir_ttl=60.0)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(ns.stat, "f")
+        await asked.wait()  # the HEAD is on its way
+        ns.put_entry(new)  # this node's upload of f landed meanwhile
+        assert await ns.stat("f") == new
+        answer.set()
+    assert await ns.stat("f") == new, "the HEAD's late answer replaced this node's own write"

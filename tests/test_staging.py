@@ -1434,3 +1434,79 @@ async def test_an_open_during_a_delete_shares_the_file_open_there_without_copyin
             gate.set()
     assert ops._files[opened[0].fh].write is ops._files[fa.fh].write
     assert await ops.read(opened[0].fh, 0, 10) == b"new"
+
+
+@pytest.mark.trio
+async def test_a_read_after_this_nodes_own_close_is_not_of_the_version_a_late_head_names(tmp_path):
+    """Through Operations (a real Namespace, stubs below it): process A stats f (its HEAD on
+    its way, slow); process B on this node writes f ("new!", O_TRUNC) and closes it
+    (uploaded, the namespace told, as `Node._uploaded` does); A's HEAD then answers with what
+    f was before the PUT. B's close returned: an open of f now must read "new!"."""
+    from types import SimpleNamespace
+
+    from cachefs.fuse_ops import Operations
+    from cachefs.namespace import Namespace
+    from cachefs.objects import ObjectInfo
+    from cachefs.writes import Writes
+
+    old = ObjectInfo("f", "file", 4, 1000.0, "etag:old")
+    new = ObjectInfo("f", "file", 4, 1001.0, "etag:new")
+    content = {"etag:old": b"old."}
+    stored = {"f": old}
+    first_head, first_head_asked = trio.Event(), trio.Event()
+    heads = []
+
+    class HeadBackend:
+        store = object()  # not a LocalStore
+        takes_parts = False
+
+        async def stat(self, path):
+            heads.append(path)
+            answer = stored[path]
+            if len(heads) == 1:  # A's HEAD: served now, answered late
+                first_head_asked.set()
+                await first_head.wait()
+            await trio.lowlevel.checkpoint()
+            return answer
+
+    class Reader:  # the chunks of each version (the cache)
+        chunk_size = 4096
+
+        async def read(self, obj, off, size, stream):
+            return content[obj.version][off:off + size]
+
+    backend = HeadBackend()
+    namespace = Namespace(backend, attr_ttl=60.0, dir_ttl=60.0)
+    staging = Staging(str(tmp_path), limit=64 << 20, disk=None)
+    staging.open()
+
+    async def submit(dataset, path, staged, size, background, early):
+        with open(staged.path, "rb") as f:
+            content["etag:new"] = f.read(size)  # cached under the new version
+        stored[path] = new
+        namespace.put_entry(new)  # Node._uploaded
+        landed = trio.Event()
+        landed.set()
+        return SimpleNamespace(landed=landed, error=None, entry=None)
+
+    dataset = SimpleNamespace(source="s3://b/p", name="", removed=False, walks=None, open_files=0,
+                              config=SimpleNamespace(read_only=False), reader=Reader(), namespace=namespace,
+                              backend=backend)
+    uploader = SimpleNamespace(latest=lambda d, p: None, submit=submit, part_size=8 << 20)
+    writes = Writes(staging, uploader=uploader)
+    node = SimpleNamespace(config=SimpleNamespace(), writes=writes, datasets={"": dataset},
+                           locate=lambda path: (dataset, path))
+    ops = Operations(node, entry_ttl=1, attr_ttl=1, block_size=4096)
+    ino = ops.inodes.lookup("f")
+    with trio.fail_after(5):  # a safety net
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(ops.getattr, ino, None)  # A: stat f
+            await first_head_asked.wait()
+            fb = await ops.open(ino, os.O_WRONLY | os.O_TRUNC, None)  # B: echo -n new! > f
+            await ops.write(fb.fh, 0, b"new!")
+            await ops.flush(fb.fh)  # close() returns: uploaded
+            await ops.release(fb.fh)
+            first_head.set()  # A's HEAD answers
+    fc = await ops.open(ino, os.O_RDONLY, None)  # C, after B's close returned
+    assert await ops.read(fc.fh, 0, 4) == b"new!", "read-after-write on this node returned the old version"
+    assert (await ops.getattr(ino, None)).st_mtime_ns == int(new.mtime * 1e9)
