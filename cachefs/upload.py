@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import time
 from typing import TYPE_CHECKING, Awaitable, Callable
 
 import trio
@@ -143,6 +144,8 @@ class Upload:
     pause: trio.CancelScope | None = None  # while waiting to retry
     early: EarlyParts | None = None  # parts sent before the close
     mtime: float | None = None  # set (touch) before it landed: the object takes it after (`Uploader.touch`)
+    # When it was closed: its mtime until it lands (one answer to every stat, not the time of each)
+    sealed_at: float = dataclasses.field(default_factory=time.time)
 
 
 class Uploader:
@@ -255,7 +258,7 @@ class Uploader:
     def resume(self, dataset: Dataset, entry: JournalEntry) -> Upload:
         """Upload a journal entry left from before a restart."""
         staged = self.staging.adopt(entry)  # held by this upload alone
-        upload = Upload(dataset, entry.path, staged, entry.size, background=True, entry=entry)
+        upload = Upload(dataset, entry.path, staged, entry.size, background=True, entry=entry, sealed_at=entry.sealed_at)
         self._start(upload)
         return upload
 

@@ -236,10 +236,7 @@ class Writes:
             return wf.info
         upload = self.uploader.latest(dataset, path)
         if upload is not None:
-            if upload.mtime is not None:
-                mtime = upload.mtime
-            else:
-                mtime = upload.entry.sealed_at if upload.entry is not None else time.time()
+            mtime = upload.mtime if upload.mtime is not None else upload.sealed_at
             return ObjectInfo(path, "file", upload.size, mtime, f"local:upload:{id(upload)}")
         return None
 

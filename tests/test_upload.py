@@ -566,3 +566,27 @@ async def test_an_upload_cancelled_while_its_first_early_part_starts_the_multipa
         await trio.testing.wait_all_tasks_blocked()
         assert backend.aborted == ["parts-f"]
         nursery.cancel_scope.cancel()
+
+
+@pytest.mark.trio
+async def test_a_closed_file_not_uploaded_yet_keeps_one_mtime(tmp_path, autojump_clock, monkeypatch):
+    """A close-to-open close returned (the upload landed) and its chunks wait to be cached
+    (up to CACHE_YIELD_MAX, while other uploads are sent): meanwhile the node answers its
+    attributes from the pending upload (`Writes.info`). Its mtime must not change from one
+    stat to the next with nothing written (it was the time of each stat)."""
+    import cachefs.writes
+    from cachefs.writes import Writes
+
+    wall = [1_000_000.0]
+    monkeypatch.setattr(cachefs.writes, "time", SimpleNamespace(time=lambda: wall[0]))
+    async with trio.open_nursery() as nursery:
+        uploader, staging, dataset = _uploader_over(tmp_path, nursery)
+        writes = Writes(staging, uploader)
+        first, _ = await _landed_while_another_is_sent(uploader, staging, dataset, "b")
+        assert not first.done.is_set()  # still pending: attributes from the staged bytes
+        seen = writes.info(dataset, "a")
+        wall[0] += 0.5  # half a second later, nothing written
+        again = writes.info(dataset, "a")
+        assert again.size == seen.size
+        assert again.mtime == seen.mtime, f"mtime moved from {seen.mtime} to {again.mtime} with no write"
+        nursery.cancel_scope.cancel()
