@@ -307,8 +307,15 @@ class Node:
             if namespace is not None and refresh_every:
                 tasks.start_soon(self._refresh_every, dataset, refresh_every)
             log.info("dataset %s = %s%s", config.name or "/", dataset.source, "" if config.read_only else " (rw)")
-            for entry in [e for e in self._journal if e.source == dataset.source]:
-                self._journal.remove(entry)
+            # In seq order: the uploads of a path land in the order they were journaled.
+            left = [e for e in self._journal if e.source == dataset.source]
+            if self.uploader is not None:
+                left += [e for e in self.uploader.abandoned if e.source == dataset.source]
+            for entry in sorted(left, key=lambda e: e.seq):
+                if entry in self._journal:
+                    self._journal.remove(entry)
+                else:
+                    self.uploader.abandoned.remove(entry)
                 self.uploader.resume(dataset, entry)
             return dataset
 

@@ -151,6 +151,7 @@ class Staging:
         self._spare_entries: collections.deque[tuple[int, int]] = collections.deque()
         self._spares_low = True  # half the spares of a kind are used (the first ones: at the start)
         self._preparing: trio.Event | None = None  # set when the spares being made are in
+        self._entry_order = trio.Lock()  # journal()s waiting for entry files, in the order they came
         # Files let go of, for `housekeep_forever`: (path, room to give back after, reuse). A
         # staged or entry file to reuse is emptied and kept as a spare, if spares are wanted.
         self._doomed: list[tuple[str, int, bool]] = []
@@ -307,11 +308,13 @@ class Staging:
         self, remove: list[str], reuse_files: list[str], reuse_entries: list[tuple[str, int]], files: int,
         seqs: list[int],
     ) -> tuple[list[tuple[StagedFile, int]], list[tuple[int, int]]]:
-        """Blocking: remove `remove`; empty the staged files `reuse_files` and the entry files
-        `reuse_entries` ((path, its new seq)) as spares (one that cannot be is removed); then
+        """Blocking: empty the staged files `reuse_files` and the entry files `reuse_entries`
+        ((path, its new seq)) as spares (one that cannot be is removed); remove `remove`; then
         create `files` staged files and entry files for `seqs`. Returns the spares (on an
-        error, none: what was made or reused is removed)."""
-        _remove_all(remove)
+        error, none: what was made or reused is removed). Entries to reuse are the oldest
+        let go of, and are emptied before the others are removed: a kill in between
+        never leaves an older entry of a path whole and a newer one gone, which a restart
+        would replay over the newer bytes already landed."""
         reused: list[tuple[StagedFile, int]] = []
         reused_entries: list[tuple[int, int]] = []
         for path in reuse_files:
@@ -326,6 +329,7 @@ class Staging:
             except OSError as e:
                 log.debug("could not reuse %s (removed): %s", path, e)
                 _remove_all([path])
+        _remove_all(remove)
         try:
             made, entries = self._make_spares(files, seqs)
         except BaseException:
@@ -527,13 +531,16 @@ class Staging:
             OSError: the entry could not be written.
         """
         self._used_spare(self._spare_entries)
-        if not self._spare_entries and self._preparing is not None:
-            await self._preparing.wait()  # they hold the next seqs: entries stay in order
-        if self._spare_entries:
-            seq, fd = self._spare_entries.popleft()
+        if self._entry_order.locked() or (not self._spare_entries and self._preparing is not None):
+            # Spares being made hold the next seqs: wait for them, in line (trio's Lock is
+            # FIFO). Woken together by one event, waiters took the seqs in any order, and
+            # the later of two closes of a path could take the lower seq and land first.
+            async with self._entry_order:
+                while not self._spare_entries and self._preparing is not None:
+                    await self._preparing.wait()
+                seq, fd = self._entry_file()
         else:
-            seq = next(self._seq)
-            fd = _create(self._seq_path(seq), os.O_WRONLY)
+            seq, fd = self._entry_file()
         entry = JournalEntry(seq, source, path, staged.path, size, time.time())
         data = entry.to_json().encode()
         try:
@@ -552,6 +559,13 @@ class Staging:
         self._unsynced[entry.seq] = entry
         self._journaled.set()
         return entry
+
+    def _entry_file(self) -> tuple[int, int]:
+        """The next seq and its entry file, open for writing: a spare, or made now."""
+        if self._spare_entries:
+            return self._spare_entries.popleft()
+        seq = next(self._seq)
+        return seq, _create(self._seq_path(seq), os.O_WRONLY)
 
     def _entry_path(self, entry: JournalEntry) -> str:
         return self._seq_path(entry.seq)
@@ -610,6 +624,12 @@ class Staging:
         if entries:
             fsync_path(self.dir)  # the staged files' names
             fsync_path(self.journal_dir)  # the entries' names
+
+    async def drop_entry(self, entry: JournalEntry) -> None:
+        """An entry whose upload was given up and whose staged file was kept (its room
+        given back) will never be uploaded: the entry, then the file, go."""
+        await self.forget(entry)
+        await trio.to_thread.run_sync(_remove_all, [entry.staged])
 
     async def forget(self, entry: JournalEntry) -> None:
         """The entry's upload is done (or cancelled): no round needs to sync it now. Returns

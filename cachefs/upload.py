@@ -146,6 +146,7 @@ class Upload:
     mtime: float | None = None  # set (touch) before it landed: the object takes it after (`Uploader.touch`)
     # When it was closed: its mtime until it lands (one answer to every stat, not the time of each)
     sealed_at: float = dataclasses.field(default_factory=time.time)
+    after: Upload | None = None  # the upload of the same path before it, which must be done first
 
 
 class Uploader:
@@ -169,8 +170,10 @@ class Uploader:
         self.part_size = part_size
         self._nursery = nursery
         self._uploaded = uploaded
-        self._locks: dict[tuple[str, str], trio.Lock] = {}
         self.pending: dict[tuple[str, str], list[Upload]] = {}  # (source, path) -> not yet landed, oldest first
+        # Journaled uploads given up when their dataset was removed: resumed, before any
+        # newer write of their paths, if a dataset of their source is added again.
+        self.abandoned: list[JournalEntry] = []
         # Close-to-open uploads and early parts being sent now: what closes wait for
         # (under --writeback no close does, and no upload waits on this count).
         self._sending = 0
@@ -264,8 +267,14 @@ class Uploader:
 
     def _start(self, upload: Upload) -> None:
         key = (upload.dataset.source, upload.path)
-        self.pending.setdefault(key, []).append(upload)
-        if len(self.pending[key]) > 1:
+        queued = self.pending.setdefault(key, [])
+        # Its turn comes when the one submitted before it is done: the uploads of one path
+        # land in the order they were closed (or journaled: a restart resumes its entries
+        # in seq order). A lock taken as each task first ran let trio's scheduler pick
+        # among tasks started together, and an older close could land last.
+        upload.after = queued[-1] if queued else None
+        queued.append(upload)
+        if len(queued) > 1:
             self._wake_yielders()  # one of them may hold up this upload (`_uploads_quiet`)
         self.staging.draining_changed(+upload.size)
         self._nursery.start_soon(self._run, upload)
@@ -305,50 +314,55 @@ class Uploader:
 
     async def _run(self, upload: Upload) -> None:
         key = (upload.dataset.source, upload.path)
-        lock = self._locks.setdefault(key, trio.Lock())
         delay = RETRY_FIRST
         try:
-            async with lock:  # FIFO: the uploads of one path land in the order they were closed
-                while not upload.cancelled:
-                    try:
-                        upload.info = await self._send(upload)
-                        break
-                    except Exception as e:  # noqa: BLE001 - an upload must never take the mount down
-                        if not isinstance(e, BackendError):
-                            log.exception("upload of %s failed unexpectedly", upload.path)
-                            e = BackendError(f"{upload.path}: upload failed ({type(e).__name__}: {e})")
-                        if upload.dataset.removed:
-                            upload.error = e
-                            log.error("upload of %s abandoned: dataset %s was removed", upload.path,
-                                      upload.dataset.name or "/")
-                            return
-                        if not upload.background:
-                            upload.error = e
-                            metrics.UPLOADS.labels("error").inc()
-                            log.error("upload of %s failed: %s", upload.path, e)
-                            return
-                        metrics.UPLOADS.labels("retry").inc()
-                        log.warning("upload of %s failed, retrying in %.0fs: %s", upload.path, delay, e)
-                        with trio.CancelScope() as upload.pause:
-                            await trio.sleep(delay)
-                        upload.pause = None
-                        delay = min(delay * 2, RETRY_MAX)
-                if upload.cancelled:
-                    return
-                if upload.mtime is not None:
-                    await self._set_mtime(upload)
-                metrics.UPLOADS.labels("ok").inc()
-                # The close returns now; until the chunks are cached, this node still reads
-                # the file from its staged bytes (it stays pending), so reads make no GET.
-                upload.landed.set()
-                if not upload.background:
-                    await _let_waiters_run()
-                    if upload.size > upload.dataset.reader.chunk_size:
-                        await self._uploads_quiet(key)
-                    elif not upload.cached:
-                        await trio.sleep(CACHE_SMALL_AFTER)
-                await self._cache_chunks(upload)
-                await self._uploaded(upload.dataset, upload.path, upload.info)
+            if upload.after is not None:
+                # Done, not only landed: its journal entry is gone too, so no restart
+                # replays it over this one, which may land before a crash.
+                await upload.after.done.wait()
+                upload.after = None
+            if self.abandoned:
+                await self._supersede(key)
+            while not upload.cancelled:
+                try:
+                    upload.info = await self._send(upload)
+                    break
+                except Exception as e:  # noqa: BLE001 - an upload must never take the mount down
+                    if not isinstance(e, BackendError):
+                        log.exception("upload of %s failed unexpectedly", upload.path)
+                        e = BackendError(f"{upload.path}: upload failed ({type(e).__name__}: {e})")
+                    if upload.dataset.removed:
+                        upload.error = e
+                        log.error("upload of %s abandoned: dataset %s was removed", upload.path,
+                                  upload.dataset.name or "/")
+                        return
+                    if not upload.background:
+                        upload.error = e
+                        metrics.UPLOADS.labels("error").inc()
+                        log.error("upload of %s failed: %s", upload.path, e)
+                        return
+                    metrics.UPLOADS.labels("retry").inc()
+                    log.warning("upload of %s failed, retrying in %.0fs: %s", upload.path, delay, e)
+                    with trio.CancelScope() as upload.pause:
+                        await trio.sleep(delay)
+                    upload.pause = None
+                    delay = min(delay * 2, RETRY_MAX)
+            if upload.cancelled:
+                return
+            if upload.mtime is not None:
+                await self._set_mtime(upload)
+            metrics.UPLOADS.labels("ok").inc()
+            # The close returns now; until the chunks are cached, this node still reads
+            # the file from its staged bytes (it stays pending), so reads make no GET.
+            upload.landed.set()
+            if not upload.background:
+                await _let_waiters_run()
+                if upload.size > upload.dataset.reader.chunk_size:
+                    await self._uploads_quiet(key)
+                elif not upload.cached:
+                    await trio.sleep(CACHE_SMALL_AFTER)
+            await self._cache_chunks(upload)
+            await self._uploaded(upload.dataset, upload.path, upload.info)
         finally:
             with trio.CancelScope(shield=True):
                 early = upload.early
@@ -365,14 +379,23 @@ class Uploader:
                     uploads.remove(upload)
                 if not uploads:
                     self.pending.pop(key, None)
-                if not lock.locked() and not lock.statistics().tasks_waiting:
-                    self._locks.pop(key, None)
                 self.staging.draining_changed(-upload.size)
-                # A journaled upload cut short (unmount, dataset removed) resumes at the next start.
+                # A journaled upload cut short (unmount, dataset removed) resumes at the next
+                # start, or when a dataset of its source is added again (`abandoned`).
                 keep = upload.entry is not None and upload.info is None and not upload.cancelled
                 self.staging.release(upload.staged, keep_file=keep)
+                if keep and upload.dataset.removed:
+                    self.abandoned.append(upload.entry)
                 upload.landed.set()
                 upload.done.set()
+
+    async def _supersede(self, key: tuple[str, str]) -> None:
+        """A newer close of `key` is being uploaded: the entries of it given up with their
+        dataset (`abandoned`) are dropped, so that no restart or re-added dataset replays
+        them over it."""
+        for entry in [e for e in self.abandoned if (e.source, e.path) == key]:
+            self.abandoned.remove(entry)
+            await self.staging.drop_entry(entry)
 
     @staticmethod
     async def _set_mtime(upload: Upload) -> None:

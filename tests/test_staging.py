@@ -1510,3 +1510,124 @@ async def test_a_read_after_this_nodes_own_close_is_not_of_the_version_a_late_he
     fc = await ops.open(ino, os.O_RDONLY, None)  # C, after B's close returned
     assert await ops.read(fc.fh, 0, 4) == b"new!", "read-after-write on this node returned the old version"
     assert (await ops.getattr(ino, None)).st_mtime_ns == int(new.mtime * 1e9)
+
+
+@pytest.mark.parametrize("readded", ["after", "before"])
+def test_an_upload_abandoned_by_a_removed_dataset_never_lands_over_a_newer_close(tmp_path, readded):
+    """--writeback: a close of "f" is journaled while the backend does not take it, and the
+    dataset is removed (`cachefs dataset remove`): its upload is abandoned, its entry kept
+    "to resume when a dataset of the same source is added again". The dataset is added
+    again (`after` the upload was given up, or `before`, while it still waits to fail); a
+    newer close of "f" lands. The entry was resumed at the add (`after`) or dropped as
+    superseded (`before`); it was once kept until the next start, and replayed there: the
+    OLDER bytes replaced the newer ones in the backend."""
+    from cachefs.config import DatasetConfig, NodeConfig
+    from cachefs.errors import BackendError
+    from cachefs.node import Node
+
+    src = tmp_path / "src"
+    src.mkdir()
+    ds = DatasetConfig(name="d", url=str(src), read_only=False)
+    config = NodeConfig(mountpoint=str(tmp_path / "mnt"), cache_dir=str(tmp_path / "cache"), cache_size=256 << 20,
+                        mem_size=64 << 20, writeback=True, datasets=[ds])
+
+    async def write(node, data: bytes, wait: bool):
+        dataset = node.datasets["d"]
+        wf = await node.writes.open(dataset, "f", None, truncate=True)
+        await wf.write(0, data)
+        upload = await wf.commit(background=True)
+        node.writes.close(wf)
+        if wait:
+            await upload.done.wait()
+        return upload
+
+    async def first_run():
+        async with Node(config, config.datasets, name="t") as node:
+            dataset = node.datasets["d"]
+            down = trio.Event()
+
+            async def refused(*args, **kwargs):
+                await down.wait()
+                raise BackendError("the backend is down")
+
+            dataset.backend.upload = refused
+            old = await write(node, b"old bytes", wait=False)
+            await trio.testing.wait_all_tasks_blocked()
+            await node.remove_dataset("d")
+            if readded == "before":
+                await node.add_dataset(ds)
+                newer = await write(node, b"the newer bytes", wait=False)  # waits for the old one
+                down.set()
+                await newer.done.wait()
+                assert (src / "f").read_bytes() == b"the newer bytes"
+                return [len(b"old bytes")]
+            down.set()
+            await old.done.wait()  # abandoned: its entry stays for a later add of the source
+            await node.add_dataset(ds)
+            resumed = [u.size for u in node.uploader.all_pending()]
+            await write(node, b"the newer bytes", wait=True)
+            assert (src / "f").read_bytes() == b"the newer bytes"
+            return resumed
+
+    resumed = trio.run(first_run)
+
+    async def restart():
+        async with Node(config, config.datasets, name="t") as node:
+            for upload in node.uploader.all_pending():
+                await upload.done.wait()
+
+    trio.run(restart)
+    assert (src / "f").read_bytes() == b"the newer bytes", "a restart replayed the older close over the newer one"
+    assert resumed == [len(b"old bytes")], "the abandoned upload did not resume when its source was added again"
+
+
+@pytest.mark.trio
+async def test_a_kill_while_entries_are_let_go_of_never_leaves_an_older_entry_of_a_path_than_a_newer_one(
+        staging, monkeypatch, autojump_clock):
+    """Two closes of "f" land one after the other (the second upload runs once the first
+    released the path's lock, while the first's `forget` still waits for housekeeping), and
+    housekeep_forever gathers both entries into one round. More entries are let go of than
+    spares are wanted: the first ones are emptied for reuse, the rest removed, and
+    `_housekeep` removes before it empties. A kill -9 between the two leaves the OLDER
+    entry of "f" whole (its staged file is still there: it is released after `forget`)
+    and the newer one gone: the restart uploads the older bytes over the newer ones that
+    had landed."""
+    import math
+    import shutil
+
+    other = await staging.journal("s3://b/p", "g", _staged_file(staging, b"g" * 10), 10)  # journaled earlier
+    async with trio.open_nursery() as nursery:
+        await _with_spares(staging, nursery)
+        older = await staging.journal("s3://b/p", "f", _staged_file(staging, b"old" * 10), 30)
+        newer = await staging.journal("s3://b/p", "f", _staged_file(staging, b"newer" * 10), 50)
+        older_path = staging._entry_path(older)
+        cache_dir = staging.dir.rpartition("/")[0]
+        crash_dir = cache_dir + "-at-kill"
+        real_reuse = staging._reuse_entry
+
+        def reuse_entry(path, seq):
+            if path == older_path:  # kill -9 as the older entry is about to be emptied
+                shutil.copytree(cache_dir, crash_dir)
+            return real_reuse(path, seq)
+
+        monkeypatch.setattr(staging, "_reuse_entry", reuse_entry)
+        # The three uploads landed within REMOVE_INTERVAL: each `forget`s its entry, in this order.
+        autojump_clock.autojump_threshold = math.inf
+        for entry in (other, older, newer):
+            nursery.start_soon(staging.forget, entry)
+            await trio.testing.wait_all_tasks_blocked()
+        autojump_clock.autojump_threshold = 0
+        while os.path.getsize(older_path) if os.path.exists(older_path) else False:
+            await trio.sleep(0.01)
+        await trio.sleep(1)
+        nursery.cancel_scope.cancel()
+    assert os.path.isdir(crash_dir), "housekeeping emptied no entry"
+    for name in os.listdir(os.path.join(crash_dir, "journal")):  # the same --cache-dir after the restart
+        full = os.path.join(crash_dir, "journal", name)
+        with open(full) as f:
+            text = f.read()
+        with open(full, "w") as f:
+            f.write(text.replace(cache_dir + "/", crash_dir + "/"))
+    replayed = [e.seq for e in Staging(crash_dir, limit=64 << 20, disk=None).open() if e.path == "f"]
+    assert replayed in ([], [newer.seq], [older.seq, newer.seq]), \
+        f"the restart replays {replayed}: the older close of f ({older.seq}) without the newer ({newer.seq})"
