@@ -27,7 +27,7 @@ import stat as stat_mod
 import threading
 import time
 import urllib.parse
-from typing import TYPE_CHECKING, Awaitable, Callable, NoReturn, TypeVar
+from typing import TYPE_CHECKING, Awaitable, Callable, NamedTuple, NoReturn, TypeVar
 from xml.etree import ElementTree
 
 import trio
@@ -138,20 +138,23 @@ class LocalStore:
 
     # -- changes (read-write datasets) --------------------------------------------
 
-    def put_file(self, path: str, staged: str) -> None:
+    def put_file(self, path: str, staged: str) -> ObjectInfo:
         """Copy `staged` to `path`: to a temporary name beside it, fsync'd, then renamed
-        over it, so `path` is never seen half-written."""
+        over it, so `path` is never seen half-written. Returns the attributes of the file
+        written (a rename keeps them): a stat after could see another writer's."""
         target = self._abs(path)
         tmp = os.path.join(os.path.dirname(target), f".cachefs-upload-{os.getpid()}-{threading.get_ident()}")
         try:
             shutil.copyfile(staged, tmp)  # copy_file_range/sendfile: no bytes through Python
             fsync_path(tmp)
+            info = self._info(path, os.lstat(tmp))
             os.replace(tmp, target)
         except BaseException:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
             raise
         fsync_path(os.path.dirname(target))
+        return info
 
     def delete(self, path: str) -> None:
         os.unlink(self._abs(path))
@@ -265,10 +268,12 @@ class FsspecStore:
         self.stats_name_etags = bool(etag)
         return ObjectInfo(path, "file", size, float(mtime), _remote_version(etag, size, float(mtime)))
 
-    def _written(self, path: str, size: int, headers: dict[str, str]) -> ObjectInfo | None:
-        """`_written`, if this store's stats are known to name ETags too; else None, so that
-        the caller's HEAD gives the version a stat reports (and tells whether they do)."""
-        return _written(path, size, headers) if self.stats_name_etags else None
+    def _written(self, path: str, size: int, headers: dict[str, str]) -> ObjectInfo | Answered:
+        """`_written`, if this store's stats are known to name ETags too; else what the
+        answer says (`Answered`), so that the caller's HEAD gives the version a stat
+        reports (and tells whether they do) and can be checked against it."""
+        info = _written(path, size, headers) if self.stats_name_etags else None
+        return info if info is not None else _answered(headers)
 
     def stat(self, path: str) -> ObjectInfo:
         return self._stat(path, together=False)
@@ -395,11 +400,12 @@ class FsspecStore:
         bucket, _, key = self._abs(path).partition("/")
         return bucket, key
 
-    def put_file(self, path: str, staged: str) -> ObjectInfo | None:
+    def put_file(self, path: str, staged: str) -> ObjectInfo | Answered | None:
         """Upload `staged` as `path` in one request (a single PUT on S3).
 
         Returns:
-            The new object's attributes if the answer names its version (an ETag), else None.
+            The new object's attributes if the answer names its version (an ETag), else
+            what the answer says of it (S3), or None (nothing: another fsspec store).
         """
         if not self.is_s3:
             self.fs.put_file(staged, self._abs(path))
@@ -412,7 +418,7 @@ class FsspecStore:
         """True if `put_file_async` may send PUTs (an S3 endpoint over plain HTTP)."""
         return self._putter is not None
 
-    async def put_file_async(self, path: str, staged: str) -> ObjectInfo | None:
+    async def put_file_async(self, path: str, staged: str) -> ObjectInfo | Answered:
         """`put_file` of a small file from the trio thread (`cachefs.async_put`): its body
         is read here (it was just written: from the page cache) and signed as
         `S3FastPath.put` signs it.
@@ -474,7 +480,7 @@ class FsspecStore:
         finally:
             os.close(fd)
 
-    def finish_multipart(self, path: str, upload_id: str, etags: list[str], size: int) -> ObjectInfo | None:
+    def finish_multipart(self, path: str, upload_id: str, etags: list[str], size: int) -> ObjectInfo | Answered:
         """Complete the upload; the new object's attributes as `put_file` returns them."""
         bucket, key = self._key(path)
         parts = [{"PartNumber": n, "ETag": etag} for n, etag in enumerate(etags, 1)]
@@ -635,6 +641,47 @@ def _read_whole(staged: str) -> bytes:
         os.close(fd)
 
 
+@dataclasses.dataclass(frozen=True)
+class Answered:
+    """What the answer to a PUT (or to a multipart completion) says of the object it made,
+    where that is not the version a stat reports (a store whose HEADs name no ETag, or
+    not known yet to name one): its ETag ("" if none) and its Date, to the second (None
+    if none). The version then comes from a HEAD after the PUT, which may already see
+    another writer's object: `could_be` tells whether it can be ours."""
+
+    etag: str
+    mtime: float | None
+
+    def could_be(self, seen: ObjectInfo, size: int) -> bool:
+        """Whether `seen` (a stat after the PUT) can be the object this answer is of: not if
+        it differs in kind, size or ETag, or was written after the answer's second."""
+        if seen.kind != "file" or seen.size != size:
+            return False
+        if self.etag and seen.version.startswith("etag:"):
+            return seen.version == f"etag:{self.etag}"
+        return self.mtime is None or int(seen.mtime) <= self.mtime
+
+
+class Written(NamedTuple):
+    """What `Backend.upload` made: the object now at the path, and whether it is the one
+    uploaded (not another writer's, landed between the PUT and the HEAD that named it)."""
+
+    info: ObjectInfo
+    ours: bool
+
+
+def _answered(headers: dict[str, str]) -> Answered:
+    return Answered((headers.get("etag") or "").strip('"'), _date_second(headers.get("date")))
+
+
+def _date_second(date: str | None) -> float | None:
+    """An HTTP Date header as a time in whole seconds, or None."""
+    try:
+        return float(int(email.utils.parsedate_to_datetime(date).timestamp()))
+    except (TypeError, ValueError):
+        return None
+
+
 def _written(path: str, size: int, headers: dict[str, str]) -> ObjectInfo | None:
     """The attributes of an object just written, from the headers (names in lower case)
     of the answer to its PUT or CompleteMultipartUpload: its ETag is the version a HEAD
@@ -645,10 +692,8 @@ def _written(path: str, size: int, headers: dict[str, str]) -> ObjectInfo | None
     etag = (headers.get("etag") or "").strip('"')
     if not etag:
         return None
-    date = headers.get("date")
-    try:
-        mtime = float(int(email.utils.parsedate_to_datetime(date).timestamp()))
-    except (TypeError, ValueError):
+    mtime = _date_second(headers.get("date"))
+    if mtime is None:
         mtime = float(int(time.time()))
     return ObjectInfo(path, "file", size, mtime, _remote_version(etag, size, mtime))
 
@@ -1166,10 +1211,12 @@ def _timed(clock: Callable[[], float], fn: Callable[..., T], *args) -> tuple[T, 
     return result, clock() - t0
 
 
-def _put_then(put_file: Callable[..., ObjectInfo | None], then: Callable[[ObjectInfo], None], *args) -> ObjectInfo | None:
+def _put_then(
+    put_file: Callable[..., ObjectInfo | Answered | None], then: Callable[[ObjectInfo], None], *args
+) -> ObjectInfo | Answered | None:
     """`put_file(*args)`, then `then(info)` in the same thread if the answer named the version."""
     info = put_file(*args)
-    if info is not None:
+    if isinstance(info, ObjectInfo):
         try:
             then(info)
         except Exception:  # noqa: BLE001 - the object is in the store: this must not fail (and retry) the PUT
@@ -1445,15 +1492,16 @@ class Backend:
     async def upload(
         self, path: str, staged: str, size: int, part_size: int, early: EarlyParts | None = None,
         after_put: Callable[[ObjectInfo], None] | None = None,
-    ) -> ObjectInfo:
+    ) -> Written:
         """Make `path` hold the bytes of local file `staged` (`size` bytes), whole or not
         at all: one PUT up to `part_size`, else a multipart upload (parts in parallel
         within the upload slots), which S3 shows only once completed. `early`: parts
         already sent while the file was written; those still true of its bytes are
         kept, the rest sent now. A file of at most ASYNC_PUT_MAX goes from the trio
         thread where the store can (`puts_from_trio`; not with `after_put`). Returns the
-        new object's attributes (its version):
-        from the PUT's answer when it holds an ETag (S3), else from a HEAD after.
+        new object's attributes (its version): from the PUT's answer when it holds an
+        ETag (S3), else from a HEAD after, which may show another writer's object
+        (`Written.ours` False), told apart by its ETag or its time where it can be.
         `after_put(info)`: run in the PUT's thread once a single PUT's answer named the
         version (blocking; an exception it raises is logged, never an upload's failure).
 
@@ -1520,9 +1568,15 @@ class Backend:
                     await self._abort(path, upload_id)
                 raise
         metrics.BACKEND_WRITTEN_BYTES.inc(size)
-        if info is not None:
-            return info  # the answer named the version: no HEAD (a request, and a round trip, per file)
-        return await self._change("stat", path, store.stat, path)
+        if isinstance(info, ObjectInfo):
+            return Written(info, ours=True)  # the answer named the version: no HEAD (a request, and a round trip, per file)
+        seen = await self._change("stat", path, store.stat, path)
+        if isinstance(info, Answered) and not info.could_be(seen, size):
+            # Another writer's object landed between our PUT and this HEAD: it is the one
+            # there (the last close won), and our bytes are not of its version.
+            log.info("%s: replaced by another writer's object right after its upload", path)
+            return Written(seen, ours=False)
+        return Written(seen, ours=True)
 
     async def start_parts(self, path: str) -> str:
         """Begin a multipart upload of `path` (for parts sent before the file is closed)."""

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Awaitable, Callable
 import trio
 
 from cachefs import metrics
-from cachefs.backend import NOATIME
+from cachefs.backend import NOATIME, Written
 from cachefs.errors import BackendError, BackendUnavailable, CachefsError
 from cachefs.objects import ObjectId, ObjectInfo, chunk_key, key_at, source_tag
 from cachefs.staging import JournalEntry, StagedFile, Staging
@@ -139,6 +139,7 @@ class Upload:
     done: trio.Event = dataclasses.field(default_factory=trio.Event)  # cached too: the upload is over
     error: CachefsError | None = None
     info: ObjectInfo | None = None  # the object as uploaded
+    ours: bool = True  # whether `info` is of its bytes (not another writer's, landed right after)
     cached: bool = False  # its chunk was cached with the PUT (`Uploader._send`)
     cancelled: bool = False  # the path was deleted: upload nothing more
     pause: trio.CancelScope | None = None  # while waiting to retry
@@ -325,7 +326,7 @@ class Uploader:
                 await self._supersede(key)
             while not upload.cancelled:
                 try:
-                    upload.info = await self._send(upload)
+                    upload.info, upload.ours = await self._send(upload)
                     break
                 except Exception as e:  # noqa: BLE001 - an upload must never take the mount down
                     if not isinstance(e, BackendError):
@@ -410,7 +411,7 @@ class Uploader:
         except BackendError as e:
             log.warning("could not set the mtime of %s after its upload: %s", upload.path, e)
 
-    async def _send(self, upload: Upload) -> ObjectInfo:
+    async def _send(self, upload: Upload) -> Written:
         """The upload's one attempt: `Backend.upload`; one a close waits for counts as sending.
         A small file PUT from a thread has its chunk cached by that thread, if the SSD tier
         has room for it."""
@@ -474,7 +475,7 @@ class Uploader:
         info = upload.info
         local = [t for t in upload.dataset.reader.tiers if t.medium != "network"]
         tiers = [t for t in local if t.medium == "disk"] or local
-        if info is None or not tiers or info.size != upload.size:
+        if info is None or not tiers or info.size != upload.size or not upload.ours:
             return  # the backend shows other bytes than ours (a concurrent writer): cache nothing
         if tiers[0].medium == "disk":
             try:

@@ -266,7 +266,9 @@ def test_small_files_go_up_from_the_trio_thread_byte_exact(request, etags, store
         for name, body in bodies.items():
             staged = tmp_path / name.replace("/", "_")
             staged.write_bytes(body)
-            infos[name] = await backend.upload(name, str(staged), len(body), 8 << 20)
+            written = await backend.upload(name, str(staged), len(body), 8 << 20)
+            assert written.ours, name
+            infos[name] = written.info
         return infos
 
     infos = trio.run(main)
@@ -301,7 +303,7 @@ def test_a_put_the_trio_thread_cannot_read_goes_through_the_thread_path(s3_sourc
     monkeypatch.setattr(AsyncPutter, "put", counted)
     staged = tmp_path / "staged"
     staged.write_bytes(b"the real bytes")
-    info = trio.run(backend.upload, "refused", str(staged), 14, 8 << 20)
-    assert sent and s3_source.read("refused") == b"the real bytes" and info.size == 14
+    info, ours = trio.run(backend.upload, "refused", str(staged), 14, 8 << 20)
+    assert sent and s3_source.read("refused") == b"the real bytes" and info.size == 14 and ours
     assert store.puts_async  # a 400 is about that request, not the store
     backend.close()

@@ -14,7 +14,7 @@ import pytest
 import trio
 import trio.testing
 
-from cachefs.backend import Backend
+from cachefs.backend import Answered, Backend, Written
 from cachefs.cache.disk import DiskTier, file_header_size
 from cachefs.objects import ObjectId, ObjectInfo, chunk_key
 from cachefs.staging import SPARES, Staging
@@ -140,9 +140,9 @@ class HeldBackend:
     def __init__(self):
         self.gates: dict[str, trio.Event] = {}
 
-    async def upload(self, path, staged, size, part_size, early=None, after_put=None) -> ObjectInfo:
+    async def upload(self, path, staged, size, part_size, early=None, after_put=None) -> Written:
         await self.gates.setdefault(path, trio.Event()).wait()
-        return ObjectInfo(path, "file", size, 0.0, f"v-{path}")
+        return Written(ObjectInfo(path, "file", size, 0.0, f"v-{path}"), ours=True)
 
     def puts_from_trio(self, size: int) -> bool:
         return False
@@ -599,13 +599,13 @@ class ContentBackend:
         self.objects: dict[str, bytes] = {}
         self.landed: list[tuple[str, bytes]] = []
 
-    async def upload(self, path, staged, size, part_size, early=None, after_put=None) -> ObjectInfo:
+    async def upload(self, path, staged, size, part_size, early=None, after_put=None) -> Written:
         await trio.sleep(0)
         with open(staged, "rb") as f:
             body = f.read(size)
         self.objects[path] = body
         self.landed.append((path, body))
-        return ObjectInfo(path, "file", size, 0.0, f"v{len(self.landed)}")
+        return Written(ObjectInfo(path, "file", size, 0.0, f"v{len(self.landed)}"), ours=True)
 
     def puts_from_trio(self, size: int) -> bool:
         return False
@@ -688,3 +688,102 @@ async def test_two_writeback_closes_of_one_path_waiting_for_entry_files_land_in_
         assert backend.objects["f"] == b"a" * 1000 + b"b" * 1000, f"attempt {attempt}: the first close's state won"
         journal = Staging(str(tmp_path / f"c{attempt}"), 1 << 30, None)
         assert journal.open() == []
+
+
+class RacedStore:
+    """A store whose PUT answers name no version (the JuiceFS gateway without --keep-etag;
+    any S3 store before this mount saw a HEAD or LIST name an ETag), so the version of the object just written is taken from a HEAD after the
+    PUT. Another node's PUT of the same path, of the same size, lands between the two."""
+
+    is_s3 = True
+    url = "s3://fake"
+
+    def __init__(self, theirs: bytes, etags: bool):
+        self.objects: dict[str, tuple[bytes, float]] = {}
+        self.theirs = theirs
+        self.etags = etags  # whether HEADs name ETags (else the version is the size and second)
+
+    def put_file(self, path: str, staged: str) -> Answered:
+        with open(staged, "rb") as f:
+            ours = f.read()
+        self.objects[path] = (ours, 1000.0)
+        self.objects[path] = (self.theirs, 1001.0)  # the other node's PUT, right after ours
+        # What the answer says of ours: its Date, and its ETag where the store names one
+        # (not the version a HEAD reports here: without ETags, or none seen in a HEAD yet).
+        return Answered(hashlib.md5(ours).hexdigest() if self.etags else "", 1000.0)
+
+    def stat(self, path: str) -> ObjectInfo:
+        data, mtime = self.objects[path]
+        version = f"etag:{hashlib.md5(data).hexdigest()}" if self.etags else f"stat:{len(data)}-{int(mtime)}"
+        return ObjectInfo(path, "file", len(data), mtime, version)
+
+
+@pytest.mark.parametrize("etags", [False, True])
+@pytest.mark.trio
+async def test_an_upload_never_caches_its_bytes_under_the_version_of_another_writers_object(tmp_path, etags):
+    """Two nodes write one path, same size; the other node's PUT lands between this node's
+    PUT and the HEAD that tells this node its new version. The HEAD names the other node's
+    object: this node's bytes must not be cached under that version (it is the object in
+    the backend, the last close, and the one every later open of the path reads)."""
+    disk = DiskTier(str(tmp_path / "cache"), 1 << 20, 0.0)
+    await disk.load()
+    ours = random.Random(1).randbytes(3000)
+    theirs = random.Random(2).randbytes(3000)
+    store = RacedStore(theirs, etags)
+    backend = Backend(store, concurrency=2, timeout=10, retries=0)
+    dataset = SimpleNamespace(source="s3://b/p", name="", removed=False, backend=backend,
+                              reader=SimpleNamespace(tiers=[disk], chunk_size=4096))
+    async with trio.open_nursery() as nursery:
+        staging = Staging(str(tmp_path / "stage"), 1 << 30, None)
+        staging.open()
+
+        async def uploaded(dataset, path, info) -> None:
+            pass
+
+        uploader = Uploader(staging, nursery, 8 << 20, uploaded)
+        staged, fd = staging.create_file()
+        os.pwrite(fd, ours, 0)
+        os.close(fd)
+        upload = await uploader.submit(dataset, "f", staged, len(ours), False)
+        staging.release(staged)
+        await upload.done.wait()
+        nursery.cancel_scope.cancel()
+    assert store.objects["f"][0] == theirs  # the last PUT won, whole
+    now_there = store.stat("f")  # what every open of "f" reads from now on
+    key = chunk_key(ObjectId("s3://b/p", "f", now_there.version, now_there.size), 4096, 0)
+    cached = await disk.get(key)
+    assert cached is None or bytes(cached) == theirs, "this node's bytes cached as the other node's version"
+
+
+@pytest.mark.trio
+async def test_a_local_upload_names_the_version_of_the_file_it_wrote(tmp_path, monkeypatch):
+    """A local (or NAS) directory: the version of an upload is that of the file it renamed
+    into place (a rename keeps size and mtime), with no stat after it, which could see
+    another writer's file renamed over it right after (and cache this node's bytes as its)."""
+    from cachefs.backend import LocalStore
+
+    src = tmp_path / "src"
+    src.mkdir()
+    store = LocalStore(str(src))
+    backend = Backend(store, concurrency=2, timeout=10, retries=0)
+    staged = tmp_path / "staged"
+    staged.write_bytes(b"ours")
+    put_file = store.put_file
+
+    landed = {}
+
+    def put_then_replaced(path, staged_path):
+        info = put_file(path, staged_path)
+        landed["version"] = LocalStore(str(src)).stat(path).version  # ours, as a stat saw it then
+        theirs = tmp_path / "theirs"
+        theirs.write_bytes(b"them")
+        os.utime(theirs, ns=(1, 1))
+        os.replace(theirs, src / path)  # another writer's file, right after ours
+        return info
+
+    monkeypatch.setattr(store, "put_file", put_then_replaced)
+    monkeypatch.setattr(store, "stat", lambda path: pytest.fail("a stat after the upload"))
+    written = await backend.upload("f", str(staged), 4, PART)
+    assert written.ours
+    assert written.info.size == 4 and written.info.version == landed["version"]
+    backend.close()
