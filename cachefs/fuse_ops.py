@@ -609,10 +609,21 @@ class Operations(pyfuse3.Operations):
             wf = f.write if f is not None and f.writable else writes.find(dataset, inner)
             if fields.update_size:
                 if wf is not None:
-                    await wf.truncate(attr.st_size)
-                    if not any(o.write is wf and o.writable for o in self._files.values()):
-                        # Only readers hold it now: no writer's close will upload the change.
-                        await wf.commit(background=writes.writeback)
+                    # Found by its path, it is held as a handle would be while it changes: its
+                    # last close may come while the truncate waits for room, and let go of it.
+                    borrowed = f is None or not f.writable
+                    if borrowed:
+                        wf.handles += 1
+                    try:
+                        await wf.truncate(attr.st_size)
+                        if not any(o.write is wf and o.writable for o in self._files.values()):
+                            # Only readers hold it now: no writer's close will upload the change.
+                            await wf.commit(background=writes.writeback)
+                    finally:
+                        if borrowed:
+                            writes.close(wf)
+                    if wf.closed:
+                        wf = None  # its last handle went meanwhile: an mtime is set as on a closed file
                 else:  # truncate(2) of a closed file: write it whole again
                     current = None if attr.st_size == 0 else await self._stored(dataset, inner)
                     wf = await writes.open(dataset, inner, current, truncate=attr.st_size == 0)

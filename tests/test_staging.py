@@ -1631,3 +1631,40 @@ async def test_a_kill_while_entries_are_let_go_of_never_leaves_an_older_entry_of
     replayed = [e.seq for e in Staging(crash_dir, limit=64 << 20, disk=None).open() if e.path == "f"]
     assert replayed in ([], [newer.seq], [older.seq, newer.seq]), \
         f"the restart replays {replayed}: the older close of f ({older.seq}) without the newer ({newer.seq})"
+
+
+@pytest.mark.trio
+async def test_a_truncate_by_path_while_the_last_handle_is_released_ends_and_leaks_nothing(tmp_path):
+    """truncate(2) of f by its path (no fh: `setattr` finds the file open for write by its
+    path) waits for staging room, full of a closed file whose upload is pending; meanwhile
+    f's last handle is closed. The truncate then took room for a file let go of, never
+    given back, and looped for good, a copy made and dropped each round (helper-47's
+    review). It now holds the file as a handle does: it ends once the upload frees room,
+    and, the last holder, uploads the truncated file itself."""
+    from types import SimpleNamespace
+
+    mib = 1 << 20
+    staging = Staging(str(tmp_path), limit=8 * mib, disk=None)
+    staging.open()
+    ops, writes, events, _ = _ops_over_stubs(staging)
+    pending, fd = staging.create_file()  # a closed file, its upload pending
+    os.close(fd)
+    await staging.reserve(pending, 6 * mib)
+    staging.draining_changed(+6 * mib)
+    ino = ops.inodes.lookup("f")
+    fa = await ops.open(ino, os.O_WRONLY | os.O_TRUNC, None)
+    await ops.write(fa.fh, 0, b"a" * mib)
+    attr = SimpleNamespace(st_size=4 * mib)
+    fields = SimpleNamespace(update_size=True, update_mtime=False, update_mode=False, update_uid=False,
+                             update_gid=False)
+    with trio.fail_after(5):  # a safety net
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(ops.setattr, ino, attr, fields, None, None)
+            await trio.testing.wait_all_tasks_blocked()  # waiting for room
+            await ops.flush(fa.fh)  # the close: "a" * 1 MiB uploaded
+            await ops.release(fa.fh)
+            staging.draining_changed(-6 * mib)  # the pending upload lands and lets go of its file
+            staging.release(pending)
+    assert events[-2:] == [("upload", "f", b"a" * mib), ("upload", "f", b"a" * mib + bytes(3 * mib))]
+    assert writes.find(ops.node.datasets[""], "f") is None
+    assert staging.used == 0, f"{staging.used} bytes of room held by a file nobody holds"
