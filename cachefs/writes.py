@@ -338,12 +338,18 @@ class Writes:
         return self.files.get(made.key)
 
     async def _fill(self, wf: WriteFile, current: ObjectInfo | None) -> None:
-        upload = self.uploader.latest(wf.dataset, wf.path)
+        while (upload := self.uploader.latest(wf.dataset, wf.path)) is not None:
+            # Room first, holding nothing: the room may be the upload's own, given back only
+            # once it lets go of its file (a hold taken before, waiting, made it ENOSPC).
+            await self.staging.reserve(wf.staged, upload.size)
+            if upload is self.uploader.latest(wf.dataset, wf.path) and not upload.done.is_set():
+                break  # still the newest content, its file still there
+            if upload.info is not None:
+                current = upload.info  # it landed meanwhile: that is the stored file now
         if upload is not None:
             staged = upload.staged
             self.staging.hold(staged)  # the upload may end (and let go of it) while we copy
             try:
-                await self.staging.reserve(wf.staged, upload.size)
                 src = await trio.to_thread.run_sync(os.open, staged.path, os.O_RDONLY | os.O_CLOEXEC)
                 try:
                     await trio.to_thread.run_sync(_copy_range, src, wf.fd, upload.size)

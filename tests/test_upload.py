@@ -787,3 +787,80 @@ async def test_a_local_upload_names_the_version_of_the_file_it_wrote(tmp_path, m
     assert written.ours
     assert written.info.size == 4 and written.info.version == landed["version"]
     backend.close()
+
+
+class _ChunkTier:
+    medium = "disk"
+
+    async def put_from(self, key, fd, offset) -> bool:
+        return True
+
+    def reserve_unkeyed(self, tag, length):
+        return None
+
+
+@pytest.mark.parametrize("writeback", [False, True])
+@pytest.mark.trio
+async def test_an_open_for_write_of_a_file_whose_upload_is_pending_waits_for_it_not_enospc(tmp_path, writeback):
+    """Staging (8 MiB) holds only a closed 5 MiB file waiting for its upload. An open of it
+    for write (no O_TRUNC: `>>`) needs a 5 MiB copy: it waits for the upload (back-pressure)
+    and fails not. The fill held the upload's staged file while it waited for room, so the
+    upload's end freed nothing, nothing was left draining, and the open got StagingFull
+    (ENOSPC): helper-47's review, its test."""
+    from cachefs.errors import StagingFull
+    from cachefs.writes import Writes
+
+    mib = 1 << 20
+    size = 5 * mib
+    data = b"z" * size
+
+    class Reader:
+        chunk_size = mib
+        tiers = [_ChunkTier()]
+
+        async def chunk(self, obj, index):  # the object as uploaded, once it landed
+            assert obj.version == "v-f"
+            return data[index * mib:(index + 1) * mib], None
+
+    staging = Staging(str(tmp_path), limit=8 * mib, disk=None)
+    staging.open()
+    backend = HeldBackend()
+    dataset = SimpleNamespace(source="s3://b/p", name="", removed=False, backend=backend, reader=Reader())
+
+    async def uploaded(dataset, path, info) -> None:
+        pass
+
+    async with trio.open_nursery() as nursery:
+        uploader = Uploader(staging, nursery, 8 << 20, uploaded)
+        writes = Writes(staging, uploader, writeback=writeback)
+        # The file as its writer left it: written, closed, its upload pending.
+        staged, fd = staging.create_file()
+        await staging.reserve(staged, size, fd)
+        os.pwrite(fd, data, 0)
+        os.close(fd)
+        upload = await uploader.submit(dataset, "f", staged, size, background=writeback)
+        staging.release(staged)  # the writer's last handle is released
+        opened = {}
+        ended = trio.Event()
+
+        async def open_for_append() -> None:
+            try:
+                opened["wf"] = await writes.open(dataset, "f", ObjectInfo("f", "file", 1, 0.0, "v-old"),
+                                                 truncate=False)
+            except StagingFull as e:
+                opened["error"] = e
+            finally:
+                ended.set()
+
+        nursery.start_soon(open_for_append)
+        await trio.testing.wait_all_tasks_blocked()
+        assert not opened  # waiting for room: back-pressure
+        backend.land("f")  # the upload lands and ends: its staged file can go
+        await upload.done.wait()
+        with trio.fail_after(5):  # a safety net only: it ends at once
+            await ended.wait()
+        assert "error" not in opened, f"ENOSPC for an open while only a closed file filled staging: {opened.get('error')}"
+        wf = opened["wf"]
+        assert wf.size == size and os.pread(wf.fd, 10, size - 10) == data[-10:]
+        writes.close(wf)
+        nursery.cancel_scope.cancel()
