@@ -1078,3 +1078,40 @@ async def test_disk_remove_all_that_cannot_unlink_still_forgets_the_chunks(tmp_p
     await disk.remove_all([key(0)])
     assert disk.usage() == (0, 0) and key(0) not in disk
     assert sample("cachefs_cache_errors_total", tier="disk", reason="write") == errors + 1
+
+
+@pytest.mark.trio
+async def test_room_a_failed_eviction_claimed_for_staging_is_not_kept_counted(tmp_path, monkeypatch):
+    """A writer's room is claimed from the SSD tier, which evicts chunks for it; the unlink of
+    the evicted files fails (EIO, EROFS, EACCES: `_unlink_all` passes on all but ENOENT). The
+    write fails (EIO), and `DiskTier.claim` left the room it counted in `used`: staging took
+    it back (`_unclaimed`), the tier never did, and each such failure shrank the cache for
+    good (helper-47's review, its test)."""
+    from cachefs.cache import disk as disk_module
+    from cachefs.staging import Staging
+
+    MiB = 1 << 20
+    from cachefs.cache.disk import DiskTier
+    from cachefs.objects import ObjectId, chunk_key
+
+    disk = DiskTier(str(tmp_path / "cache"), 4 * MiB, 0.0, admission="lru")
+    await disk.load()
+    obj = ObjectId("s3://b/p", "o", "v1", 4 * MiB)
+    for index in range(3):
+        assert await disk.put(chunk_key(obj, MiB, index), b"c" * MiB)
+    staging = Staging(str(tmp_path), limit=4 * MiB, disk=disk)
+    staging.open()
+
+    def failing_unlink(paths):
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(disk_module, "_unlink_all", failing_unlink)
+    with pytest.raises(OSError):
+        await staging.reserve(staging.new_file(), 2 * MiB)  # evicts two chunks for it
+    monkeypatch.undo()
+    assert staging.used == 0
+    indexed = sum(disk.by_source.values())  # the chunk files the tier still holds
+    held, count = disk.usage()
+    assert held == indexed, f"the SSD tier counts {held} bytes: {held - indexed} more than its {count} " \
+                            f"chunks ({indexed}), with nothing staged"
+    disk.close()

@@ -955,11 +955,16 @@ class DiskTier:
             room, victims = False, []
         finally:
             self._unreserve(b"", size)
-        if victims:
-            await trio.to_thread.run_sync(_unlink_all, victims, limiter=self._limiter)
-        if not room:
-            self.used -= size
-        self._publish()
+        try:
+            if victims:
+                await trio.to_thread.run_sync(_unlink_all, victims, limiter=self._limiter)
+        except BaseException:
+            room = False  # the caller gets the error: nothing is taken
+            raise
+        finally:
+            if not room:
+                self.used -= size
+            self._publish()
         return room
 
     def take(self, size: int) -> None:
