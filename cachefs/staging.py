@@ -151,6 +151,7 @@ class Staging:
         self._spare_entries: collections.deque[tuple[int, int]] = collections.deque()
         self._spares_low = True  # half the spares of a kind are used (the first ones: at the start)
         self._preparing: trio.Event | None = None  # set when the spares being made are in
+        self._kept: dict[str, int] = {}  # staged file kept for its journal entry -> its room, still counted
         self._entry_order = trio.Lock()  # journal()s waiting for entry files, in the order they came
         # Files let go of, for `housekeep_forever`: (path, room to give back after, reuse). A
         # staged or entry file to reuse is emptied and kept as a spare, if spares are wanted.
@@ -197,7 +198,8 @@ class Staging:
         return entries
 
     def adopt(self, entry: JournalEntry) -> StagedFile:
-        """The staged file of a journal entry found by `open`, with its room taken (and
+        """The staged file of a journal entry found by `open` (or kept after its upload was
+        given up: `release`), with its room taken (and
         the blocks allocated ahead past its end, before the crash, freed: not counted)."""
         with contextlib.suppress(OSError):
             fd = os.open(entry.staged, os.O_WRONLY | os.O_CLOEXEC)
@@ -205,6 +207,9 @@ class Staging:
                 _free_tail(fd, entry.size)
             finally:
                 os.close(fd)
+        kept = self._kept.pop(entry.staged, 0)
+        if kept:
+            self._give_back(kept)  # kept by this process, and counted since: taken again below
         room = _rounded(entry.size)
         self.used += room  # already on disk: taken even if over a bound lowered since
         if self.disk is not None:
@@ -468,11 +473,15 @@ class Staging:
         if staged.holders > 0:
             return
         room, staged.reserved = staged.reserved, 0
-        if not staged.keep and self._housekeeping:
+        if staged.keep:
+            # Still on the disk, so still counted, until its entry is resumed (`adopt`) or
+            # dropped (`drop_entry`), or the node stops.
+            self._kept[staged.path] = self._kept.get(staged.path, 0) + room
+            return
+        if self._housekeeping:
             self._doom(staged.path, room, reuse=staged.reusable)
             return
-        if not staged.keep:
-            _remove_all([staged.path])
+        _remove_all([staged.path])
         self._give_back(room)
 
     def _doom(self, path: str, room: int, reuse: bool) -> None:
@@ -626,10 +635,13 @@ class Staging:
             fsync_path(self.journal_dir)  # the entries' names
 
     async def drop_entry(self, entry: JournalEntry) -> None:
-        """An entry whose upload was given up and whose staged file was kept (its room
-        given back) will never be uploaded: the entry, then the file, go."""
+        """An entry whose upload was given up, its staged file kept, will never be uploaded:
+        the entry, then the file and its room, go."""
         await self.forget(entry)
         await trio.to_thread.run_sync(_remove_all, [entry.staged])
+        kept = self._kept.pop(entry.staged, 0)
+        if kept:
+            self._give_back(kept)
 
     async def forget(self, entry: JournalEntry) -> None:
         """The entry's upload is done (or cancelled): no round needs to sync it now. Returns
