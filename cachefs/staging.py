@@ -85,6 +85,8 @@ SPARES = 16
 # Seconds housekeep_forever gathers files to remove before a round: one thread hop per
 # file let go of cost more CPU than the unlinks it moved off the trio thread.
 REMOVE_INTERVAL = 0.05
+# How often a writer waiting for room the cache disk refused asks it again.
+DISK_RECHECK = 1.0
 # Under --writeback, a file's staged bytes are written out to the disk this many at a
 # time as they are written (`write_out`), so that its fsync() waits for the last step
 # only: fsync() of a 256 MiB file written at once took 0.5 s, a third of the writer's time.
@@ -415,8 +417,9 @@ class Staging:
             if await self._take(need):
                 staged.reserved += need
                 return
+            disk_refused = self.used + need <= self.limit  # not the staging limit
             if not self.draining and not self.removing:
-                if self.used + need <= self.limit:  # the disk refused, not the staging limit
+                if disk_refused:
                     raise StagingFull(
                         f"no room on the cache disk for {format_size(need)} more of a file open for write "
                         f"({format_size(self.used)} staged; the rest of --cache-size is pinned, or the disk is "
@@ -429,7 +432,10 @@ class Staging:
             if not waited:
                 metrics.STAGING_WAITS.inc()
                 waited = True
-            await self._freed.wait()
+            # The disk's room comes back with nothing here to tell (a pin lease ending, space
+            # freed on the disk by others): it is asked again now and then.
+            with trio.move_on_after(DISK_RECHECK if disk_refused else math.inf):
+                await self._freed.wait()
 
     async def _take(self, need: int) -> bool:
         if self.used + need > self.limit:

@@ -1668,3 +1668,48 @@ async def test_a_truncate_by_path_while_the_last_handle_is_released_ends_and_lea
     assert events[-2:] == [("upload", "f", b"a" * mib), ("upload", "f", b"a" * mib + bytes(3 * mib))]
     assert writes.find(ops.node.datasets[""], "f") is None
     assert staging.used == 0, f"{staging.used} bytes of room held by a file nobody holds"
+
+
+@pytest.mark.trio
+async def test_a_writer_waiting_for_room_the_cache_disk_refused_gets_it_once_the_disk_has_it(tmp_path, autojump_clock):
+    """The SSD tier is full of pinned chunks (a pin lease), so it refuses a writer's room; an
+    upload (--writeback, its backend down: retried for as long as it takes) is pending, so the
+    writer waits instead of failing. The lease ends and the chunks are unpinned: the room is
+    there, but nothing woke the writer: `Staging._freed` is set only by staging's own events,
+    and the writer slept until that unrelated upload landed (helper-47's review, its test).
+    It now asks the disk again now and then (DISK_RECHECK)."""
+    from cachefs.cache.disk import DiskTier
+    from cachefs.objects import ObjectId, chunk_key
+
+    MiB = 1 << 20
+
+    disk = DiskTier(str(tmp_path / "cache"), 4 * MiB, 0.0, admission="lru")
+    await disk.load()
+    obj = ObjectId("s3://b/p", "o", "v1", 3 * MiB)
+    keys = [chunk_key(obj, MiB, index) for index in range(3)]
+    for key in keys:
+        assert await disk.put(key, b"c" * MiB)
+    disk.pin([k.digest for k in keys])
+    staging = Staging(str(tmp_path), limit=4 * MiB, disk=disk)
+    staging.open()
+    staging.draining_changed(+MiB)  # another file's upload, pending for as long as its backend is down
+    staged = staging.new_file()
+    got = trio.Event()
+
+    async def writer() -> None:
+        await staging.reserve(staged, 2 * MiB)
+        got.set()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(writer)
+        await trio.testing.wait_all_tasks_blocked()
+        assert not got.is_set()  # waiting: the disk has no room now
+        disk.unpin([k.digest for k in keys])  # the lease ended: the chunks can go
+        # The clock jumps only once the run has been idle for a while, so not while the disk
+        # tier evicts in a thread (it would jump past the hour then).
+        autojump_clock.autojump_threshold = 0.5
+        with trio.move_on_after(3600):
+            await got.wait()
+        assert got.is_set(), "the writer still waits an hour after the cache disk had room for it"
+        assert staged.reserved == 2 * MiB
+    disk.close()
