@@ -401,7 +401,8 @@ class Staging:
     async def reserve(self, staged: StagedFile, size: int, fd: int | None = None) -> None:
         """Make sure `staged` has room for `size` bytes, waiting for uploads to free some.
         A file past RESERVE_AHEAD gets room up to the next multiple of it if there is that
-        much, and with `fd` (the file, open for write) its disk blocks too.
+        much, and with `fd` (the file, open for write) its disk blocks too, as does a jump
+        of RESERVE_AHEAD or more (only steps under it stay sparse until written).
 
         Raises:
             StagingFull: no upload is pending that could free room.
@@ -415,6 +416,10 @@ class Staging:
                 staged.reserved += ahead
                 return
             if await self._take(need):
+                if fd is not None and need >= RESERVE_AHEAD:
+                    # A jump (a truncate up, a file copied in): its blocks now, or the disk
+                    # shows the room free, and chunks cached meanwhile take it.
+                    _preallocate(fd, staged.reserved, need)
                 staged.reserved += need
                 return
             disk_refused = self.used + need <= self.limit  # not the staging limit

@@ -85,7 +85,7 @@ class WriteFile:
             copy, fd = staging.create_file()
             try:
                 try:
-                    await staging.reserve(copy, self.size)
+                    await staging.reserve(copy, self.size, fd)
                 except StagingFull:
                     if self.staged.holders > 1:
                         raise
@@ -152,7 +152,7 @@ class WriteFile:
             self._parts_from = {early for early in self._parts_from if early.sending}
         while True:
             await self._own()
-            await self.writes.staging.reserve(self.staged, size)
+            await self.writes.staging.reserve(self.staged, size, self.fd)
             if self.staged.holders == 1:
                 break
         os.ftruncate(self.fd, size)
@@ -341,7 +341,7 @@ class Writes:
         while (upload := self.uploader.latest(wf.dataset, wf.path)) is not None:
             # Room first, holding nothing: the room may be the upload's own, given back only
             # once it lets go of its file (a hold taken before, waiting, made it ENOSPC).
-            await self.staging.reserve(wf.staged, upload.size)
+            await self.staging.reserve(wf.staged, upload.size, wf.fd)
             if upload is self.uploader.latest(wf.dataset, wf.path) and not upload.done.is_set():
                 break  # still the newest content, its file still there
             if upload.info is not None:
@@ -361,7 +361,7 @@ class Writes:
             return
         if current is None or current.kind != "file" or not current.size:
             return
-        await self.staging.reserve(wf.staged, current.size)
+        await self.staging.reserve(wf.staged, current.size, wf.fd)
         reader = wf.dataset.reader
         obj = ObjectId(wf.dataset.source, wf.path, current.version, current.size)
         for index in range(-(-current.size // reader.chunk_size)):

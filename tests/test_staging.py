@@ -1713,3 +1713,48 @@ async def test_a_writer_waiting_for_room_the_cache_disk_refused_gets_it_once_the
         assert got.is_set(), "the writer still waits an hour after the cache disk had room for it"
         assert staged.reserved == 2 * MiB
     disk.close()
+
+
+@pytest.mark.trio
+async def test_staged_room_not_written_yet_is_kept_free_on_the_cache_disk(tmp_path):
+    """A 64 MiB cache disk, --free-space-ratio 0.25 (16 MiB kept free), a --cache-size larger
+    than the disk. A writer truncates its file up to 24 MiB (room reserved: the SSD tier's
+    claim checks the disk, counting the 24 MiB "as being written until statvfs sees it"), then
+    chunks are cached, then the writer fills its file. The claim stops counting the room as
+    soon as it returns, and a truncate allocates no blocks: statvfs never sees it, so the
+    chunk cache takes the writer's 24 MiB and the disk ends up overfilled (on a real disk of
+    that size the writer's pwrite gets ENOSPC, and the write EIO): helper-47's review, its
+    test. A jump of room is now allocated on the disk as it is reserved."""
+    from cachefs.cache.disk import DiskTier
+    from cachefs.objects import ObjectId, chunk_key
+    from cachefs.writes import WriteFile, Writes
+
+    MiB = 1 << 20
+    total, ratio = 64 * MiB, 0.25
+
+    def allocated() -> int:
+        return sum(os.lstat(os.path.join(dp, f)).st_blocks * 512 for dp, _, fs in os.walk(tmp_path) for f in fs)
+
+    def statvfs():
+        free = total - allocated()
+        return os.statvfs_result((4096, 1, total, free, free, 1000, 1000, 1000, 0, 255))
+
+    disk = DiskTier(str(tmp_path), 1 << 30, ratio, admission="lru")
+    disk._statvfs = statvfs
+    await disk.load()
+    staging = Staging(str(tmp_path), limit=32 * MiB, disk=disk)
+    staging.open()
+    staged, fd = staging.create_file()
+    wf = WriteFile(Writes(staging, uploader=None, writeback=False), None, "f", staged, fd, 0)
+    await wf.truncate(24 * MiB)  # room for all of it, taken now: the writes that follow cannot fail
+    assert staged.reserved == 24 * MiB
+    obj = ObjectId("s3://b/p", "o", "v1", 64 * MiB)
+    for index in range(64):  # reads fill the cache meanwhile, as far as the tier lets them
+        await disk.put(chunk_key(obj, MiB, index), os.urandom(MiB))
+    for at in range(0, 24 * MiB, MiB):  # the writer fills its file
+        await wf.write(at, b"w" * MiB)
+    free = total - allocated()
+    os.close(fd)
+    disk.close()
+    assert free >= ratio * total, f"{free / MiB:.1f} MiB free of {total // MiB}: less than the " \
+                                  f"{ratio * total / MiB:.0f} MiB --free-space-ratio keeps"
