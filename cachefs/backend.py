@@ -71,6 +71,29 @@ def fsync_path(path: str) -> None:
         os.close(fd)
 
 
+# A local upload's temporary name, beside its target until renamed over it. A kill -9 of the
+# daemon in the middle of a copy leaves one behind: listings skip them, and an rmdir of a
+# directory holding nothing else removes those older than STALE_UPLOAD_AGE.
+UPLOAD_TEMP_PREFIX = ".cachefs-upload-"
+STALE_UPLOAD_AGE = 3600.0
+
+
+def _remove_stale_uploads(directory: str) -> bool:
+    """Remove the temporary files of uploads cut short in `directory`, if it holds nothing
+    else and none was written in the last STALE_UPLOAD_AGE seconds (one may be on its way
+    from another node); whether it did."""
+    names = os.listdir(directory)
+    if not names or not all(n.startswith(UPLOAD_TEMP_PREFIX) for n in names):
+        return False
+    paths = [os.path.join(directory, n) for n in names]
+    if any(time.time() - os.lstat(p).st_mtime < STALE_UPLOAD_AGE for p in paths):
+        return False
+    for p in paths:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(p)
+    return True
+
+
 def _local_version(st: os.stat_result) -> str:
     return f"stat:{st.st_size}-{st.st_mtime_ns}"
 
@@ -117,6 +140,8 @@ class LocalStore:
         out = []
         with os.scandir(self._abs(path)) as it:
             for entry in it:
+                if entry.name.startswith(UPLOAD_TEMP_PREFIX):
+                    continue  # an upload on its way (`put_file`), or one a kill cut short
                 child = join(path, entry.name)
                 try:
                     out.append(self._info(child, entry.stat(follow_symlinks=False)))
@@ -143,7 +168,7 @@ class LocalStore:
         over it, so `path` is never seen half-written. Returns the attributes of the file
         written (a rename keeps them): a stat after could see another writer's."""
         target = self._abs(path)
-        tmp = os.path.join(os.path.dirname(target), f".cachefs-upload-{os.getpid()}-{threading.get_ident()}")
+        tmp = os.path.join(os.path.dirname(target), f"{UPLOAD_TEMP_PREFIX}{os.getpid()}-{threading.get_ident()}")
         try:
             shutil.copyfile(staged, tmp)  # copy_file_range/sendfile: no bytes through Python
             fsync_path(tmp)
@@ -163,7 +188,13 @@ class LocalStore:
         os.mkdir(self._abs(path), 0o755)
 
     def remove_dir(self, path: str) -> None:
-        os.rmdir(self._abs(path))
+        target = self._abs(path)
+        try:
+            os.rmdir(target)
+        except OSError as e:
+            if e.errno != errno.ENOTEMPTY or not _remove_stale_uploads(target):
+                raise
+            os.rmdir(target)
 
     def rename(self, old: str, new: str, kind: Kind) -> None:
         os.rename(self._abs(old), self._abs(new))
