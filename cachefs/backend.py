@@ -107,6 +107,7 @@ class LocalStore:
     """A local or NAS directory (also a JuiceFS mount path), read with plain syscalls."""
 
     keeps_mtime = True  # set_mtime sets it
+    renames_keep_version = True  # a rename keeps the file's size and mtime: its version
 
     def __init__(self, root: str):
         self.root = os.path.abspath(root)
@@ -571,7 +572,7 @@ class FsspecStore:
             raise BackendRefused(f"{path}: directory not empty", errno.ENOTEMPTY)
         self.fast.client.delete_object(Bucket=bucket, Key=f"{key}/")
 
-    def rename(self, old: str, new: str, kind: Kind) -> None:
+    def rename(self, old: str, new: str, kind: Kind) -> Answered | None:
         """A file: server-side copy, then delete (not atomic on S3; docs/semantics.md).
         A directory would be a copy of every object under it: refused with EXDEV, so
         that `mv` copies and deletes it itself."""
@@ -579,11 +580,13 @@ class FsspecStore:
             raise BackendRefused(f"{old}: an object store cannot rename a directory", errno.EXDEV)
         if not self.is_s3:
             self.fs.mv(self._abs(old), self._abs(new))
-            return
+            return None
         bucket, key = self._key(old)
         _, new_key = self._key(new)
-        self.fast.client.copy_object(Bucket=bucket, Key=new_key, CopySource={"Bucket": bucket, "Key": key})
+        answer = self.fast.client.copy_object(Bucket=bucket, Key=new_key, CopySource={"Bucket": bucket, "Key": key})
         self.fast.client.delete_object(Bucket=bucket, Key=key)
+        copied = answer.get("CopyObjectResult", {})
+        return _answered({**_headers(answer), "etag": copied.get("ETag") or ""})
 
     def set_mtime(self, path: str, mtime: float) -> None:
         """An object's mtime is the time it was written; S3 cannot set it."""
@@ -1645,8 +1648,14 @@ class Backend:
     async def remove_dir(self, path: str) -> None:
         await self._change("rmdir", path, self.store.remove_dir, path)
 
-    async def rename(self, old: str, new: str, kind: Kind) -> None:
-        await self._change("rename", f"{old} -> {new}", self.store.rename, old, new, kind)
+    async def rename(self, old: str, new: str, kind: Kind) -> Answered | None:
+        """Rename `old` to `new`; what the answer said of the object made (an S3 copy), if anything."""
+        return await self._change("rename", f"{old} -> {new}", self.store.rename, old, new, kind)
+
+    @property
+    def renames_keep_version(self) -> bool:
+        """Whether a renamed file keeps its version (a local file keeps its size and mtime)."""
+        return getattr(self.store, "renames_keep_version", False)
 
     @property
     def keeps_mtime(self) -> bool:

@@ -779,7 +779,7 @@ class Operations(pyfuse3.Operations):
                     await writes.uploader.cancel(dataset, new)
                     moved = await self._stored(dataset, old)  # the version its cached chunks are of
                 replaced = await self._stored(dataset, new) if target is not None and target.kind == "file" else None
-                await dataset.backend.rename(old, new, info.kind)
+                answered = await dataset.backend.rename(old, new, info.kind)
             except BaseException:
                 if deletion is not None:
                     writes.reattach(deletion)  # not replaced: the file open at `new` is its path's again
@@ -797,7 +797,7 @@ class Operations(pyfuse3.Operations):
         if replaced is not None:  # first: without ETags, the file moved there may have its version
             await self._chunks_gone(dataset, replaced)
         if moved is not None:
-            await self.node.chunks_renamed(dataset, moved, new)
+            await self.node.chunks_renamed(dataset, moved, new, answered)
 
     # -- what no dataset supports ------------------------------------------------------
 

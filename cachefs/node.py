@@ -27,7 +27,7 @@ from typing import Awaitable, Callable
 import trio
 
 from cachefs import control, heap, hotpath, metrics
-from cachefs.backend import Backend
+from cachefs.backend import Answered, Backend
 from cachefs.config import CacheConfig, Credentials, DatasetConfig, MountOptions, format_size
 from cachefs.errors import BackendError, ConfigError, ObjectNotFound, PeerError
 from cachefs.logsafe import loggable
@@ -419,19 +419,30 @@ class Node:
         if self.disk is not None:
             await self.disk.remove_all(digests)
 
-    async def chunks_renamed(self, dataset: Dataset, old: ObjectInfo, new_path: str) -> None:
+    async def chunks_renamed(
+        self, dataset: Dataset, old: ObjectInfo, new_path: str, answered: Answered | None = None
+    ) -> None:
         """The file `old` was renamed to `new_path` in the backend: its chunks held here are
         kept as the chunks of the object now at `new_path`, with no copy (`mv tmp final`
         after a write reads `final` from the cache, as it read `tmp`). A new object of
-        other bytes, or one that cannot be asked for now, drops them instead."""
+        other bytes, or one that cannot be asked for now, drops them instead. `answered`:
+        what the rename's answer said of the object it made (an S3 copy), to tell it from
+        another writer's landed at `new_path` before the stat that names its version."""
         held = self._digests(dataset, old)
         if not any(d in self.mem or (self.disk is not None and d in self.disk) for d in held):
             return  # nothing to keep: no need to ask for the new version
-        try:
-            new = await dataset.namespace.stat(new_path)
-        except (BackendError, ObjectNotFound) as e:
-            log.info("dropping the cached chunks of %s, renamed to %s: %s", old.path, new_path, e)
-            new = None
+        if dataset.backend.renames_keep_version:
+            new = dataclasses.replace(old, path=new_path)  # no stat: it could see another writer's
+        else:
+            try:
+                new = await dataset.namespace.stat(new_path)
+            except (BackendError, ObjectNotFound) as e:
+                log.info("dropping the cached chunks of %s, renamed to %s: %s", old.path, new_path, e)
+                new = None
+            if new is not None and answered is not None and not answered.could_be(new, old.size):
+                log.info("dropping the cached chunks of %s: %s was written over right after the rename",
+                         old.path, new_path)
+                new = None
         if new is None or new.kind != "file" or new.size != old.size:
             await self._drop_digests(held)
             return

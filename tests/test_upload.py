@@ -969,3 +969,40 @@ def test_a_kill_during_a_local_upload_leaves_no_partial_file_in_the_dataset(tmp_
     os.utime(src / left, (time.time() - 7200,) * 2)
     LocalStore(str(tmp_path)).remove_dir("src")
     assert not src.exists()
+
+
+@pytest.mark.parametrize("written_over", [False, True])
+@pytest.mark.trio
+async def test_chunks_kept_across_a_rename_are_never_labelled_as_another_writers_object(written_over):
+    """`mv tmp final` on S3 (a copy, then a delete): the chunks of tmp held here are kept as
+    final's, of the version a stat names after the copy. If another node wrote `final`
+    (same size) between the copy and that stat, the stat names its object: the chunks were
+    relabelled as its and served for it (helper-48's review). The copy's answer (its ETag
+    and Date) now tells them apart, and they are dropped."""
+    from cachefs.cache.mem import MemTier
+    from cachefs.node import Node
+    from cachefs.objects import chunk_key
+
+    chunk = 4096
+    old = ObjectInfo("tmp", "file", 3000, 1000.0, "etag:aaa")
+    copied = ObjectInfo("final", "file", 3000, 1000.0, "etag:aaa")  # S3 keeps a one-part ETag
+    theirs = ObjectInfo("final", "file", 3000, 1001.0, "etag:bbb")
+
+    async def stat(path):
+        return theirs if written_over else copied
+
+    node = Node.__new__(Node)
+    node.config = SimpleNamespace(chunk_size=chunk)
+    node.mem = MemTier(1 << 20)
+    node.disk = None
+    dataset = SimpleNamespace(source="s3://b/p", namespace=SimpleNamespace(stat=stat),
+                              backend=SimpleNamespace(renames_keep_version=False))
+    ours = b"o" * 3000
+    await node.mem.put(chunk_key(ObjectId("s3://b/p", "tmp", "etag:aaa", 3000), chunk, 0), ours)
+    await node.chunks_renamed(dataset, old, "final", Answered("aaa", 1000.0))
+    now_there = theirs if written_over else copied
+    cached = await node.mem.get(chunk_key(ObjectId("s3://b/p", "final", now_there.version, 3000), chunk, 0))
+    if written_over:
+        assert cached is None, "this node's chunks relabelled as another writer's object"
+    else:
+        assert cached is not None and bytes(cached) == ours  # `mv tmp final` reads final from the cache
