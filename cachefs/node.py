@@ -210,6 +210,7 @@ class Node:
             self._journal = await trio.to_thread.run_sync(staging.open)
         except OSError as e:
             raise ConfigError(f"{config.label('cache_dir')} {config.cache_dir}: cannot hold staged writes ({e})") from None
+        staging.count_kept(self._journal)
         self.staging = staging
         self._nursery.start_soon(staging.commit_forever)
         self._nursery.start_soon(staging.housekeep_forever)

@@ -199,6 +199,17 @@ class Staging:
                 os.unlink(os.path.join(self.dir, name))  # open for write at the crash: never closed
         return entries
 
+    def count_kept(self, entries: list[JournalEntry]) -> None:
+        """The staged files of the entries `open` found take their room now, until resumed
+        (`adopt`) or dropped: an entry whose source is not (yet) a dataset's keeps its
+        bytes on the disk meanwhile."""
+        for entry in entries:
+            room = _rounded(entry.size)
+            self._kept[entry.staged] = self._kept.get(entry.staged, 0) + room
+            self.used += room
+            if self.disk is not None:
+                self.disk.take(room)
+
     def adopt(self, entry: JournalEntry) -> StagedFile:
         """The staged file of a journal entry found by `open` (or kept after its upload was
         given up: `release`), with its room taken (and

@@ -1758,3 +1758,55 @@ async def test_staged_room_not_written_yet_is_kept_free_on_the_cache_disk(tmp_pa
     disk.close()
     assert free >= ratio * total, f"{free / MiB:.1f} MiB free of {total // MiB}: less than the " \
                                   f"{ratio * total / MiB:.0f} MiB --free-space-ratio keeps"
+
+
+def test_an_entry_left_for_a_source_not_mounted_yet_keeps_its_room_until_resumed(tmp_path):
+    """A --writeback close journaled, the node stopped before it landed; the next start
+    mounts no dataset of that source at first. The entry's staged file stays on the cache
+    disk meanwhile: it counts against staging and the SSD tier's --cache-size (it counted
+    nowhere until the source was added: helper-47's review). Added, it resumes, lands, and
+    its room is free again."""
+    from cachefs.config import DatasetConfig, NodeConfig
+    from cachefs.node import Node
+
+    src, other = tmp_path / "src", tmp_path / "other"
+    src.mkdir()
+    other.mkdir()
+    ds = DatasetConfig(name="d", url=str(src), read_only=False)
+    elsewhere = DatasetConfig(name="e", url=str(other), read_only=False)
+    data = b"x" * (3 << 20)
+
+    def config(datasets):
+        return NodeConfig(mountpoint=str(tmp_path / "mnt"), cache_dir=str(tmp_path / "cache"), cache_size=256 << 20,
+                          mem_size=64 << 20, writeback=True, datasets=datasets)
+
+    async def first_run():
+        async with Node(config([ds]), [ds], name="t") as node:
+            dataset = node.datasets["d"]
+
+            async def never(*args, **kwargs):
+                await trio.sleep_forever()
+
+            dataset.backend.upload = never
+            wf = await node.writes.open(dataset, "f", None, truncate=True)
+            await wf.write(0, data)
+            await wf.commit(background=True)
+            node.writes.close(wf)
+            await node.staging.durable(node.uploader.all_pending()[0].entry)
+
+    trio.run(first_run)
+
+    async def restart():
+        async with Node(config([elsewhere]), [elsewhere], name="t") as node:
+            staged_room = node.staging.used
+            disk_used = node.disk.used
+            await node.add_dataset(ds)
+            for upload in node.uploader.all_pending():
+                await upload.done.wait()
+            return staged_room, disk_used, node.staging.used - node.staging.removing  # gone, or going
+
+    staged_room, disk_used, after = trio.run(restart)
+    assert (src / "f").read_bytes() == data
+    assert staged_room >= len(data) and disk_used >= len(data), \
+        f"a staged file of {len(data)} bytes on the cache disk, counted: staging {staged_room}, SSD tier {disk_used}"
+    assert after == 0
