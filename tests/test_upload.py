@@ -307,6 +307,26 @@ class PutStore:
         return ObjectInfo(path, "file", len(self.objects[path]), 0.0, f"etag-{len(self.objects)}")
 
 
+async def _closed_and_uploaded(stage_dir, dataset, path: str, data: bytes):
+    """`data` closed as `path` (close-to-open) and uploaded by an Uploader of its own; the Upload, done."""
+    async with trio.open_nursery() as nursery:
+        staging = Staging(str(stage_dir), 1 << 30, None)
+        staging.open()
+
+        async def uploaded(dataset, path, info) -> None:
+            pass
+
+        uploader = Uploader(staging, nursery, 8 << 20, uploaded)
+        staged, fd = staging.create_file()
+        os.pwrite(fd, data, 0)
+        os.close(fd)
+        upload = await uploader.submit(dataset, path, staged, len(data), False)
+        staging.release(staged)
+        await upload.done.wait()
+        nursery.cancel_scope.cancel()
+    return upload
+
+
 @pytest.mark.trio
 async def test_a_small_file_is_cached_by_its_put_thread_with_no_hop_of_its_own(tmp_path):
     """The chunk of a small file goes to the SSD from the PUT's thread, in room taken
@@ -322,22 +342,8 @@ async def test_a_small_file_is_cached_by_its_put_thread_with_no_hop_of_its_own(t
     backend = Backend(store, concurrency=2, timeout=10, retries=0)
     dataset = SimpleNamespace(source="s3://b/p", name="", removed=False, backend=backend,
                               reader=SimpleNamespace(tiers=[disk], chunk_size=4096))
-    async with trio.open_nursery() as nursery:
-        staging = Staging(str(tmp_path), 1 << 30, None)
-        staging.open()
-
-        async def uploaded(dataset, path, info) -> None:
-            pass
-
-        uploader = Uploader(staging, nursery, 8 << 20, uploaded)
-        data = random.Random(9).randbytes(3000)
-        staged, fd = staging.create_file()
-        os.pwrite(fd, data, 0)
-        os.close(fd)
-        upload = await uploader.submit(dataset, "small", staged, len(data), False)
-        staging.release(staged)
-        await upload.done.wait()
-        nursery.cancel_scope.cancel()
+    data = random.Random(9).randbytes(3000)
+    upload = await _closed_and_uploaded(tmp_path, dataset, "small", data)
     assert upload.cached and store.objects["small"] == data
     key = chunk_key(ObjectId("s3://b/p", "small", upload.info.version, len(data)), 4096, 0)
     assert bytes(await disk.get(key)) == data
@@ -735,21 +741,7 @@ async def test_an_upload_never_caches_its_bytes_under_the_version_of_another_wri
     backend = Backend(store, concurrency=2, timeout=10, retries=0)
     dataset = SimpleNamespace(source="s3://b/p", name="", removed=False, backend=backend,
                               reader=SimpleNamespace(tiers=[disk], chunk_size=4096))
-    async with trio.open_nursery() as nursery:
-        staging = Staging(str(tmp_path / "stage"), 1 << 30, None)
-        staging.open()
-
-        async def uploaded(dataset, path, info) -> None:
-            pass
-
-        uploader = Uploader(staging, nursery, 8 << 20, uploaded)
-        staged, fd = staging.create_file()
-        os.pwrite(fd, ours, 0)
-        os.close(fd)
-        upload = await uploader.submit(dataset, "f", staged, len(ours), False)
-        staging.release(staged)
-        await upload.done.wait()
-        nursery.cancel_scope.cancel()
+    await _closed_and_uploaded(tmp_path / "stage", dataset, "f", ours)
     assert store.objects["f"][0] == theirs  # the last PUT won, whole
     now_there = store.stat("f")  # what every open of "f" reads from now on
     key = chunk_key(ObjectId("s3://b/p", "f", now_there.version, now_there.size), 4096, 0)
