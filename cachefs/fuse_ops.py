@@ -791,8 +791,7 @@ class Operations(pyfuse3.Operations):
             else:
                 writes.moved_dir(dataset, old, new)
         dataset.namespace.drop_entry(old)
-        dataset.namespace.drop_entry(new)
-        dataset.namespace.invalidate(new)
+        dataset.namespace.replaced(new)
         self.inodes.renamed(old_path, new_path)
         if replaced is not None:  # first: without ETags, the file moved there may have its version
             await self._chunks_gone(dataset, replaced)

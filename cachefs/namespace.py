@@ -117,6 +117,9 @@ class BoundedLru(Generic[K, V]):
         return item[0]
 
 
+_ASK_AGAIN = object()  # `_Asking.own` of a path replaced by an object this node has no attributes of
+
+
 class _Asking:
     """One HEAD of a path on its way, and what this node did to the path meanwhile."""
 
@@ -124,7 +127,7 @@ class _Asking:
 
     def __init__(self) -> None:
         self.overtaken = False
-        self.own: ObjectInfo | None = None
+        self.own: ObjectInfo | None | object = None
 
 
 class Namespace:
@@ -147,8 +150,9 @@ class Namespace:
         # Keys ("attr", path) and ("dir", path): one LRU order, one budget.
         self._cache: BoundedLru[tuple[str, str], tuple] = BoundedLru(max_entries)
         self._listing: dict[str, trio.Event] = {}  # single-flight of LIST per directory
-        # directory being listed -> its entries this node put (info) or dropped (None) meanwhile
-        self._own_changes: dict[str, dict[str, ObjectInfo | None]] = {}
+        # directory being listed -> its entries this node put (info), dropped (None) or replaced
+        # by an object of attributes unknown (_ASK_AGAIN) meanwhile
+        self._own_changes: dict[str, dict[str, ObjectInfo | None | object]] = {}
         # path being asked (a HEAD on its way) -> one `_Asking` per request
         self._asking: dict[str, list[_Asking]] = {}
         self._nursery = nursery
@@ -338,27 +342,31 @@ class Namespace:
         Raises:
             ObjectNotFound, BackendError: as `ask`, if this node changed nothing.
         """
-        asking = _Asking()
-        self._asking.setdefault(path, []).append(asking)
-        try:
-            info = await ask(path)
-        except (ObjectNotFound, BackendError):
+        while True:
+            asking = _Asking()
+            self._asking.setdefault(path, []).append(asking)
+            try:
+                info = await ask(path)
+            except (ObjectNotFound, BackendError):
+                if not asking.overtaken:
+                    raise
+            finally:
+                others = [a for a in self._asking[path] if a is not asking]
+                if others:
+                    self._asking[path] = others
+                else:
+                    del self._asking[path]
             if not asking.overtaken:
-                raise
-        finally:
-            others = [a for a in self._asking[path] if a is not asking]
-            if others:
-                self._asking[path] = others
-            else:
-                del self._asking[path]
-        if asking.overtaken:
+                return info
+            if asking.own is _ASK_AGAIN:
+                continue  # replaced by something this node did not see: the backend knows
             if asking.own is None:
                 raise ObjectNotFound(f"{path}: not found")
             return asking.own
-        return info
 
-    def _overtake(self, path: str, own: ObjectInfo | None) -> None:
-        """This node made `path` `own` (None: removed it): the HEADs of it on their way are out of date."""
+    def _overtake(self, path: str, own: ObjectInfo | None | object) -> None:
+        """This node made `path` `own` (None: removed it; _ASK_AGAIN: replaced it by an
+        object of attributes unknown): the HEADs of it on their way are out of date."""
         for asking in self._asking.get(path, ()):
             asking.overtaken, asking.own = True, own
 
@@ -452,11 +460,13 @@ class Namespace:
             for name, info in own.items():  # this node's changes the LIST may have missed
                 if info is None:
                     children.pop(name, None)
-                else:
+                elif info is not _ASK_AGAIN:
                     children[name] = info
             # The listing alone answers its children's attributes too (`stat` asks
-            # it first), so they are not also cached one by one: half the memory.
-            self._set_listed(path, children, started)
+            # it first), so they are not also cached one by one: half the memory. Not
+            # one that may show an entry before a change of this node's it cannot know.
+            if _ASK_AGAIN not in own.values():
+                self._set_listed(path, children, started)
             return children
         finally:
             del self._own_changes[path]
@@ -541,6 +551,17 @@ class Namespace:
             children = dict(listed[0])
             del children[name]
             self._set_listed(parent, children, listed[1])
+
+    def replaced(self, path: str) -> None:
+        """This node put an object at `path` whose attributes it does not know (the target
+        of a rename, an S3 copy): what is known of `path` is forgotten, and a HEAD of it on
+        its way asks again (its answer may be of the object replaced; `drop_entry` would
+        have it say that nothing is there)."""
+        self._overtake(path, _ASK_AGAIN)
+        parent, _, name = path.rpartition("/")
+        if parent in self._own_changes:
+            self._own_changes[parent][name] = _ASK_AGAIN
+        self.invalidate(path)
 
     def made_dir(self, info: ObjectInfo) -> None:
         """This node made the directory `info` where nothing was: known, and known empty."""

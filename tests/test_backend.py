@@ -1203,3 +1203,54 @@ async def test_a_head_answered_after_this_nodes_upload_does_not_bring_back_the_o
         assert await ns.stat("f") == new
         answer.set()
     assert await ns.stat("f") == new, "the HEAD's late answer replaced this node's own write"
+
+
+@pytest.mark.trio
+async def test_a_stat_of_a_rename_target_on_its_way_during_the_rename_does_not_say_it_is_gone():
+    """`mv tmp final` while a HEAD of final is on its way: the rename overtakes it, and it
+    asks again; it said final was gone (ENOENT for a file there at every instant), when
+    the rename told the namespace final was dropped (helper-49's review, its test)."""
+    """`mv tmp final` over an existing `final` (atomic on a local or NAS directory: `final`
+    exists at every instant). Another process stats `final` meanwhile; its HEAD is on its
+    way when the rename ends. `Operations.rename` then calls `drop_entry(new)` (to forget
+    what it knew of `final`), which now also `_overtake`s the HEAD as if this node had
+    REMOVED `final`: the stat says ENOENT, for a file that never went away."""
+    from cachefs.errors import ObjectNotFound
+    from cachefs.namespace import Namespace
+    from cachefs.objects import ObjectInfo
+
+    stored = {"final": ObjectInfo("final", "file", 3, 1000.0, "etag:old"),
+              "tmp": ObjectInfo("tmp", "file", 5, 1001.0, "etag:new")}
+    asked, answer = trio.Event(), trio.Event()
+
+    class Backend:
+        store = object()  # not a LocalStore
+
+        async def stat(self, path):
+            found = stored.get(path)
+            asked.set()
+            await answer.wait()
+            if found is None:
+                raise ObjectNotFound(path)
+            return found
+
+    namespace = Namespace(Backend(), attr_ttl=60.0, dir_ttl=60.0)
+    seen = {}
+
+    async def stat_final():
+        try:
+            seen["final"] = await namespace.stat("final")
+        except ObjectNotFound as e:
+            seen["final"] = e
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(stat_final)
+        await asked.wait()  # the HEAD of final is on its way (it finds the old final)
+        # The rename, in the backend, then as Operations.rename tells the namespace:
+        stored["final"] = ObjectInfo("final", "file", 5, 1001.0, "etag:new")
+        del stored["tmp"]
+        namespace.drop_entry("tmp")
+        namespace.replaced("final")
+        answer.set()
+    assert isinstance(seen["final"], ObjectInfo), f"stat of final during `mv tmp final`: {seen['final']!r}"
+    assert seen["final"].version == "etag:new"

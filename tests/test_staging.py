@@ -1238,7 +1238,8 @@ def _ops_over_stubs(staging, delete=None, rename_gate=None, hold=frozenset(), wr
 
     dataset = SimpleNamespace(source="/src", name="", removed=False, walks=None, open_files=0,
                               config=SimpleNamespace(read_only=False), reader=Reader(),
-                              namespace=SimpleNamespace(stat=stat, drop_entry=lambda p: None, invalidate=lambda p: None),
+                              namespace=SimpleNamespace(stat=stat, drop_entry=lambda p: None, invalidate=lambda p: None,
+                                                        replaced=lambda p: None),
                               backend=SimpleNamespace(takes_parts=False, delete=backend_delete, rename=backend_rename,
                                                       timeout=1, retries=0))
     uploader = SimpleNamespace(latest=lambda d, p: None, cancel=cancel, submit=submit, wait=wait, part_size=8 << 20)
