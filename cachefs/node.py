@@ -217,10 +217,21 @@ class Node:
         self._nursery.start_soon(staging.write_out_forever)
         self._stack.callback(staging.sync_all)  # runs after the uploads stopped: what is left resumes
         self.uploader = Uploader(staging, self._nursery, config.part_size, self._uploaded)
+        self.uploader.on_abandoned = self._abandoned
         self.writes = Writes(staging, self.uploader, writeback=bool(getattr(config, "writeback", False)))
         if self._journal:
             log.info("%d uploads journaled before the restart resume", len(self._journal))
         self._stack.callback(self._report_unfinished)
+
+    def _abandoned(self, entry: JournalEntry) -> None:
+        """An upload given up with its removed dataset: resumed at once if a dataset of its
+        source is served again (added back while the upload still failed), unless a newer
+        upload of its path is pending, which drops it (`Uploader._supersede`)."""
+        dataset = next((d for d in self.datasets.values() if d.source == entry.source), None)
+        if dataset is None or self.uploader.pending.get((entry.source, entry.path)):
+            return
+        self.uploader.abandoned.remove(entry)
+        self.uploader.resume(dataset, entry)
 
     def _report_unfinished(self) -> None:
         left = [u for u in self.uploader.all_pending() if u.entry is not None]

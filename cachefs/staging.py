@@ -154,6 +154,7 @@ class Staging:
         self._spares_low = True  # half the spares of a kind are used (the first ones: at the start)
         self._preparing: trio.Event | None = None  # set when the spares being made are in
         self._kept: dict[str, int] = {}  # staged file kept for its journal entry -> its room, still counted
+        self._kept_held: dict[str, StagedFile] = {}  # the same, while another holder still holds it
         self._entry_order = trio.Lock()  # journal()s waiting for entry files, in the order they came
         # Files let go of, for `housekeep_forever`: (path, room to give back after, reuse). A
         # staged or entry file to reuse is emptied and kept as a spare, if spares are wanted.
@@ -214,6 +215,13 @@ class Staging:
         """The staged file of a journal entry found by `open` (or kept after its upload was
         given up: `release`), with its room taken (and
         the blocks allocated ahead past its end, before the crash, freed: not counted)."""
+        held = self._kept_held.pop(entry.staged, None)
+        if held is not None:
+            # Kept while still held (a file open for write at it, of the removed dataset):
+            # the one staged file, its room counted once, goes on with this upload.
+            held.keep = False
+            held.holders += 1
+            return held
         with contextlib.suppress(OSError):
             fd = os.open(entry.staged, os.O_WRONLY | os.O_CLOEXEC)
             try:
@@ -493,7 +501,10 @@ class Staging:
         staged.holders -= 1
         staged.keep |= keep_file  # whoever lets go last: the journal still needs the file
         if staged.holders > 0:
+            if keep_file:
+                self._kept_held[staged.path] = staged  # `adopt` takes it over as it is
             return
+        self._kept_held.pop(staged.path, None)
         room, staged.reserved = staged.reserved, 0
         if staged.keep:
             # Still on the disk, so still counted, until its entry is resumed (`adopt`) or
@@ -660,6 +671,10 @@ class Staging:
         """An entry whose upload was given up, its staged file kept, will never be uploaded:
         the entry, then the file and its room, go."""
         await self.forget(entry)
+        held = self._kept_held.pop(entry.staged, None)
+        if held is not None:
+            held.keep = False  # its last holder removes it, and gives its room back
+            return
         await trio.to_thread.run_sync(_remove_all, [entry.staged])
         kept = self._kept.pop(entry.staged, 0)
         if kept:

@@ -175,6 +175,8 @@ class Uploader:
         # Journaled uploads given up when their dataset was removed: resumed, before any
         # newer write of their paths, if a dataset of their source is added again.
         self.abandoned: list[JournalEntry] = []
+        # Told of each: a dataset of its source may be served again already.
+        self.on_abandoned: Callable[[JournalEntry], None] = lambda entry: None
         # Close-to-open uploads and early parts being sent now: what closes wait for
         # (under --writeback no close does, and no upload waits on this count).
         self._sending = 0
@@ -311,6 +313,8 @@ class Uploader:
                 upload.pause.cancel()
         for upload in uploads:
             await upload.done.wait()
+        if self.abandoned:
+            await self._supersede((dataset.source, path))  # else a restart would upload it again
         return any(upload.info is not None for upload in uploads)
 
     async def _run(self, upload: Upload) -> None:
@@ -387,6 +391,7 @@ class Uploader:
                 self.staging.release(upload.staged, keep_file=keep)
                 if keep and upload.dataset.removed:
                     self.abandoned.append(upload.entry)
+                    self.on_abandoned(upload.entry)
                 upload.landed.set()
                 upload.done.set()
 
