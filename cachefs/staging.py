@@ -564,7 +564,9 @@ class Staging:
 
     # -- journal ----------------------------------------------------------------------
 
-    async def journal(self, source: str, path: str, staged: StagedFile, size: int) -> JournalEntry:
+    async def journal(
+        self, source: str, path: str, staged: StagedFile, size: int, sealed_at: float | None = None
+    ) -> JournalEntry:
         """Journal a closed file, so that a restart uploads it. Returns once the entry is
         written (to the page cache); `durable` waits for it to be on disk. Checkpoints only
         if no spare entry file is left and spares are being made (it waits for them).
@@ -583,7 +585,7 @@ class Staging:
                 seq, fd = self._entry_file()
         else:
             seq, fd = self._entry_file()
-        entry = JournalEntry(seq, source, path, staged.path, size, time.time())
+        entry = JournalEntry(seq, source, path, staged.path, size, time.time() if sealed_at is None else sealed_at)
         data = entry.to_json().encode()
         try:
             # One write of a file made empty ahead (or now), no temporary name and rename: a

@@ -145,7 +145,7 @@ class Upload:
     pause: trio.CancelScope | None = None  # while waiting to retry
     early: EarlyParts | None = None  # parts sent before the close
     mtime: float | None = None  # set (touch) before it landed: the object takes it after (`Uploader.touch`)
-    # When it was closed: its mtime until it lands (one answer to every stat, not the time of each)
+    # Its mtime until it lands: the file's at its close (one answer to every stat, not the time of each)
     sealed_at: float = dataclasses.field(default_factory=time.time)
     after: Upload | None = None  # the upload of the same path before it, which must be done first
 
@@ -238,23 +238,26 @@ class Uploader:
 
     async def submit(
         self, dataset: Dataset, path: str, staged: StagedFile, size: int, background: bool,
-        early: EarlyParts | None = None,
+        early: EarlyParts | None = None, mtime: float | None = None,
     ) -> Upload:
-        """Start uploading `staged` (its first `size` bytes) as `path`. The upload holds
-        the staged file until it is done. With `background`, the file is journaled
+        """Start uploading `staged` (its first `size` bytes) as `path`, whose mtime is
+        `mtime` until it lands (default: now). The upload holds the staged file until it
+        is done. With `background`, the file is journaled
         first, so it is uploaded even after a crash (`Staging.durable`: once on disk).
 
         Raises:
             OSError: the journal could not be written (background only); nothing was started.
         """
         upload = Upload(dataset, path, staged, size, background, early=early)
+        if mtime is not None:
+            upload.sealed_at = mtime
         # The upload's own hold (the writer may let go first), taken before the journal
         # may wait for its spare entries: a write meanwhile must copy the file, not change
         # the state this entry and this upload are of.
         self.staging.hold(staged)
         if background:
             try:
-                upload.entry = await self.staging.journal(dataset.source, path, staged, size)
+                upload.entry = await self.staging.journal(dataset.source, path, staged, size, upload.sealed_at)
             except BaseException:
                 self.staging.release(staged)
                 raise
@@ -412,9 +415,13 @@ class Uploader:
             return
         try:
             await backend.set_mtime(upload.path, upload.mtime)
-            upload.info = await backend.stat(upload.path)  # a local file's version names its mtime
+            info = await backend.stat(upload.path)  # a local file's version names its mtime
         except BackendError as e:
             log.warning("could not set the mtime of %s after its upload: %s", upload.path, e)
+            return
+        # The stat may see another writer's file, renamed over ours since: not ours to cache.
+        upload.ours = upload.ours and info.size == upload.size and abs(info.mtime - upload.mtime) < 1e-3
+        upload.info = info
 
     async def _send(self, upload: Upload) -> Written:
         """The upload's one attempt: `Backend.upload`; one a close waits for counts as sending.

@@ -181,7 +181,9 @@ class WriteFile:
         early, self.early = self.early, None  # later writes change a sealed state: no more early parts
         try:
             with self.writes.committing(self):
-                upload = await self.writes.uploader.submit(self.dataset, self.path, self.staged, self.size, background, early)
+                upload = await self.writes.uploader.submit(
+                    self.dataset, self.path, self.staged, self.size, background, early, mtime=self.mtime
+                )
         except BaseException:
             # Not sealed (the journal could not be written): still ours to upload, and the
             # parts sent early still of it. A later close or fsync tries again.

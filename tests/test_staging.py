@@ -699,7 +699,7 @@ async def test_a_close_whose_journal_write_failed_keeps_the_changes_to_upload(st
 
     from cachefs.writes import WriteFile, Writes
 
-    async def submit(*args):
+    async def submit(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")
 
     writes = Writes(staging, uploader=SimpleNamespace(submit=submit), writeback=True)
@@ -810,7 +810,7 @@ def _recording_writes(staging, hold: set[str] = frozenset()):
     submitted = []
     release = trio.Event()
 
-    async def submit(dataset, path, staged, size, background, early):
+    async def submit(dataset, path, staged, size, background, early, mtime=None):
         submitted.append(path)
         if path in hold:
             await release.wait()
@@ -1217,7 +1217,7 @@ def _ops_over_stubs(staging, delete=None, rename_gate=None, hold=frozenset(), wr
         stored[new] = stored.pop(old)
         content[new] = content.pop(old)
 
-    async def submit(dataset, path, staged, size, background, early):
+    async def submit(dataset, path, staged, size, background, early, mtime=None):
         if path in hold:
             await release.wait()
         with open(staged.path, "rb") as f:
@@ -1481,7 +1481,7 @@ async def test_a_read_after_this_nodes_own_close_is_not_of_the_version_a_late_he
     staging = Staging(str(tmp_path), limit=64 << 20, disk=None)
     staging.open()
 
-    async def submit(dataset, path, staged, size, background, early):
+    async def submit(dataset, path, staged, size, background, early, mtime=None):
         with open(staged.path, "rb") as f:
             content["etag:new"] = f.read(size)  # cached under the new version
         stored[path] = new

@@ -998,3 +998,113 @@ async def test_chunks_kept_across_a_rename_are_never_labelled_as_another_writers
         assert cached is None, "this node's chunks relabelled as another writer's object"
     else:
         assert cached is not None and bytes(cached) == ours  # `mv tmp final` reads final from the cache
+
+
+@pytest.mark.trio
+async def test_an_upload_touched_before_it_landed_never_caches_its_bytes_under_another_writers_version(tmp_path):
+    """A local (or NAS) dataset: `tar x` (or `touch -d`) sets f's mtime before its upload
+    landed (`Uploader.touch`); once it lands, `_set_mtime` sets it and takes the version
+    from a STAT after, which may see another writer's file renamed over f right after
+    (same size, other bytes), as the HEAD after a PUT could (e121e96). `upload.ours` stays
+    True: this node caches its bytes as the chunks of the other writer's version, and
+    every read of f here returns them (helper-49's review, its test)."""
+    import random
+
+    from cachefs.backend import Backend, LocalStore
+    from cachefs.cache.disk import DiskTier
+    from cachefs.objects import ObjectId, chunk_key
+    from cachefs.staging import Staging
+    from cachefs.upload import Uploader
+    from types import SimpleNamespace
+
+    src = tmp_path / "src"
+    src.mkdir()
+    store = LocalStore(str(src))
+    size = 300 << 10  # over CACHE_WITH_PUT: cached after the upload, by `_cache_chunks`
+    ours = random.Random(1).randbytes(size)
+    theirs = random.Random(2).randbytes(size)
+    real_set_mtime = store.set_mtime
+
+    def set_mtime_then_replaced(path, mtime):
+        real_set_mtime(path, mtime)
+        other = tmp_path / "theirs"
+        other.write_bytes(theirs)
+        os.replace(other, src / path)  # another node's close of f, right after
+
+    store.set_mtime = set_mtime_then_replaced
+    backend = Backend(store, concurrency=2, timeout=10, retries=0)
+    disk = DiskTier(str(tmp_path / "cache"), 16 << 20, 0.0)
+    await disk.load()
+    dataset = SimpleNamespace(source="file://src", name="", removed=False, backend=backend,
+                              reader=SimpleNamespace(tiers=[disk], chunk_size=1 << 20))
+    staging = Staging(str(tmp_path / "stage"), 1 << 30, None)
+    staging.open()
+
+    async def uploaded(dataset, path, info) -> None:
+        pass
+
+    async with trio.open_nursery() as nursery:
+        uploader = Uploader(staging, nursery, 8 << 20, uploaded)
+        staged, fd = staging.create_file()
+        os.pwrite(fd, ours, 0)
+        os.close(fd)
+        upload = await uploader.submit(dataset, "f", staged, size, background=True)
+        staging.release(staged)
+        assert uploader.touch(dataset, "f", 1_000_000.0)  # `touch -d`, before it landed
+        await upload.done.wait()
+        nursery.cancel_scope.cancel()
+    backend.close()
+    now_there = store.stat("f")  # what every open of f reads from now on
+    assert (src / "f").read_bytes() == theirs
+    key = chunk_key(ObjectId("file://src", "f", now_there.version, now_there.size), 1 << 20, 0)
+    cached = await disk.get(key)
+    assert cached is None or bytes(cached) == theirs, "this node's bytes cached as the other writer's version"
+
+
+@pytest.mark.parametrize("writeback", [False, True])
+@pytest.mark.trio
+async def test_a_closed_file_waiting_for_its_upload_keeps_the_mtime_it_had_open(tmp_path, writeback):
+    """docs/semantics.md: `touch` of an open file sets "its mtime until the upload" (`cp -p`
+    sets it with futimens before close). Once closed, while its upload is pending, the node
+    answers the close's time (`Upload.sealed_at`) instead: the mtime jumps at the close,
+    with no write, and the one `cp -p` set is gone before the upload even began
+    (helper-49's review, its test)."""
+    from types import SimpleNamespace
+
+    from cachefs.staging import Staging
+    from cachefs.upload import Uploader
+    from cachefs.writes import Writes
+
+    class Held:
+        takes_parts = False
+
+        async def upload(self, *args, **kwargs):
+            await trio.sleep_forever()
+
+        def puts_from_trio(self, size):
+            return False
+
+    staging = Staging(str(tmp_path), 1 << 30, None)
+    staging.open()
+    dataset = SimpleNamespace(source="file:///src", name="", removed=False, backend=Held(),
+                              reader=SimpleNamespace(tiers=[], chunk_size=4096))
+
+    async def uploaded(*args):
+        pass
+
+    async with trio.open_nursery() as nursery:
+        uploader = Uploader(staging, nursery, 8 << 20, uploaded)
+        writes = Writes(staging, uploader, writeback=writeback)
+        wf = await writes.open(dataset, "f", None, truncate=True)
+        await wf.write(0, b"data")
+        wf.set_mtime(1_000_000.0)  # cp -p: futimens(fd) before close
+        assert writes.info(dataset, "f").mtime == 1_000_000.0
+        if writeback:
+            await wf.commit(background=True)
+        else:
+            nursery.start_soon(wf.commit, False)  # close(): waits for the upload
+            await trio.testing.wait_all_tasks_blocked()
+        writes.close(wf)
+        pending = writes.info(dataset, "f")
+        nursery.cancel_scope.cancel()
+    assert pending.mtime == 1_000_000.0, f"mtime after close, upload pending: {pending.mtime}"
