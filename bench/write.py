@@ -101,6 +101,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--workloads", default=",".join(WORKLOADS), help="which of %(default)s")
     p.add_argument("--cachefs-args", default="", help="more `cachefs mount` flags for both cachefs systems")
     p.add_argument("--no-raw", action="store_true", help="skip the raw S3 cells")
+    p.add_argument("--unsigned-payload", action="store_true",
+                   help="cachefs mounts with --unsigned-payload, and raw S3's botocore with payload signing off: "
+                        "both send bodies unhashed, as JuiceFS does")
     p.add_argument("--split-cpus", action="store_true",
                    help="the gateway on the last CPU, everything else (fio, the daemons, raw S3's client) on the "
                         "others: S3 on a host of its own, as in production, where it takes no CPU from the client")
@@ -312,7 +315,8 @@ class RawS3:
         import botocore.config
         import botocore.session
 
-        config = botocore.config.Config(signature_version="s3v4", s3={"addressing_style": "path"},
+        s3 = {"addressing_style": "path", **({"payload_signing_enabled": False} if args.unsigned_payload else {})}
+        config = botocore.config.Config(signature_version="s3v4", s3=s3,
                                         max_pool_connections=16, retries={"total_max_attempts": 1})
         self.client = botocore.session.get_session().create_client(
             "s3", endpoint_url=gateway.endpoint_url, region_name="us-east-1", config=config,
@@ -405,7 +409,8 @@ def run(args: argparse.Namespace, data: dict, work: Path, shm: Path, stack: cont
     systems = []
     for key in args.systems:
         tree = args.baseline_tree if key.endswith("-base") else None
-        s = (Cachefs(key, work, gateway, args.cachefs_args.split(), tree) if key.startswith("cachefs")
+        extra = [*args.cachefs_args.split(), *(["--unsigned-payload"] if args.unsigned_payload else [])]
+        s = (Cachefs(key, work, gateway, extra, tree) if key.startswith("cachefs")
              else Juicefs(key, work, gateway))
         stack.callback(s.stop)
         s.start(work)
@@ -469,6 +474,9 @@ def render(data: dict) -> str:
            "kernel and the daemon spend is taken from what the server can use") + f". Median of {data['repeat']} repeat(s); systems interleaved, repeat k starting at system k.",
         "",
         *report.experiment_lines(data),
+        *(["- **Unsigned payloads** (`--unsigned-payload`): cachefs mounts with `--unsigned-payload`, raw S3's "
+           "botocore with `payload_signing_enabled` off: every body goes as UNSIGNED-PAYLOAD (as JuiceFS sends its "
+           "blocks)"] if data.get("unsigned_payload") else []),
         *([f"- **CPUs split**: the gateway on CPU {split['gateway']}, everything else (fio, the daemons, raw S3's "
            f"client) on CPU {split['client']}: the S3 server takes no CPU from the client, as on a host of its own "
            f"(the kernel's own threads run on any)"] if (split := data["machine"].get("cpu_split")) else []),
@@ -540,7 +548,8 @@ def main(argv: list[str] | None = None) -> int:
     data = {"size": args.size, "files": args.files, "repeat": args.repeat, "systems": args.systems,
             "baseline_tree": args.baseline_tree,
             "baseline_git": args.baseline_label or (host.git_head(args.baseline_tree) if args.baseline_tree else None),
-            "workloads": args.workloads, "cachefs_args": args.cachefs_args, "runs": [], "raw": []}
+            "workloads": args.workloads, "cachefs_args": args.cachefs_args, "unsigned_payload": args.unsigned_payload,
+            "runs": [], "raw": []}
     finished = host.run_experiment("write", args, data, run, render, lambda d: bool(d["runs"] or d["raw"]))
     return host.exit_code(finished)
 

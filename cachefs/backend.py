@@ -227,6 +227,7 @@ class FsspecStore:
         timeout: float,
         credentials: tuple[str, str] | None = None,
         profile: str | None = None,
+        unsigned_payload: bool = False,
     ):
         import fsspec  # imported here: the local store must not pay for it
 
@@ -265,7 +266,7 @@ class FsspecStore:
         self.stats_name_etags: bool | None = None
         if self.is_s3:
             self.fs.retries = 1
-            self.fast = S3FastPath(endpoint_url, credentials, timeout, profile)
+            self.fast = S3FastPath(endpoint_url, credentials, timeout, profile, unsigned_payload)
             if (endpoint_url or "").startswith("http://"):
                 self._putter = AsyncPutter(timeout, keep=ASYNC_PUT_KEEP)
 
@@ -758,7 +759,8 @@ class S3FastPath:
     """
 
     def __init__(
-        self, endpoint_url: str | None, credentials: tuple[str, str] | None, timeout: float, profile: str | None = None
+        self, endpoint_url: str | None, credentials: tuple[str, str] | None, timeout: float, profile: str | None = None,
+        unsigned_payload: bool = False,
     ):
         import botocore.config
         import botocore.session
@@ -766,7 +768,8 @@ class S3FastPath:
         session = botocore.session.Session(profile=profile) if profile and not credentials else botocore.session.get_session()
         config = botocore.config.Config(
             signature_version="s3v4",
-            s3={"addressing_style": "path" if endpoint_url else "auto"},
+            s3={"addressing_style": "path" if endpoint_url else "auto",
+                **({"payload_signing_enabled": False} if unsigned_payload else {})},
             connect_timeout=timeout,
             read_timeout=timeout,
             # cachefs retries on its own (Backend._change), with its own bound.
@@ -777,7 +780,7 @@ class S3FastPath:
         self.client = session.create_client("s3", endpoint_url=endpoint_url, region_name=region, config=config, **keys)
         self.timeout = timeout
         self._local = threading.local()
-        self.signer = _Presigner(self.client)
+        self.signer = _Presigner(self.client, unsigned_payload)
 
     def close(self) -> None:
         """Close the calling thread's kept-alive connections (each thread has its own)."""
@@ -1077,8 +1080,9 @@ class _Presigner:
     botocore once per bucket; an operation or parameter not known here, or a client
     without credentials, goes through botocore."""
 
-    def __init__(self, client):
+    def __init__(self, client, unsigned_payload: bool = False):
         self.client = client
+        self.unsigned_payload = unsigned_payload
         self.region = client.meta.region_name
         self._credentials = getattr(getattr(client, "_request_signer", None), "_credentials", None)
         self._bases: dict[str, tuple[str, str, str, str]] = {}  # bucket -> scheme, netloc, object path prefix, bucket path
@@ -1133,7 +1137,8 @@ class _Presigner:
         if request is None:
             return None
         scheme, netloc, host, path, query, frozen, stamp, scope = request
-        headers = {"x-amz-content-sha256": hashlib.sha256(body).hexdigest(), "x-amz-date": stamp}
+        payload = "UNSIGNED-PAYLOAD" if self.unsigned_payload else hashlib.sha256(body).hexdigest()
+        headers = {"x-amz-content-sha256": payload, "x-amz-date": stamp}
         if frozen.token is not None:
             headers["x-amz-security-token"] = frozen.token
         names = ";".join(["host", *headers])  # already in order: content-sha256, date, security-token
@@ -1223,8 +1228,10 @@ def open_store(
     timeout: float = 30.0,
     credentials: tuple[str, str] | None = None,
     profile: str | None = None,
+    unsigned_payload: bool = False,
 ) -> Store:
     """Pick the store for a source URL: a plain path or file:// is local, anything else fsspec.
+    `unsigned_payload`: S3 PUT bodies are not hashed into their signature (`_Presigner.sign`).
 
     Raises:
         ConfigError: unknown scheme or a missing library for it.
@@ -1233,7 +1240,7 @@ def open_store(
         return LocalStore(url[len("file://") :])
     if "://" not in url:
         return LocalStore(url)
-    return FsspecStore(url, endpoint_url, timeout, credentials, profile)
+    return FsspecStore(url, endpoint_url, timeout, credentials, profile, unsigned_payload)
 
 
 def _timed(clock: Callable[[], float], fn: Callable[..., T], *args) -> tuple[T, float]:

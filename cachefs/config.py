@@ -191,6 +191,10 @@ class MountOptions(CacheConfig):
     stage_size: int | None = None  # bytes of written files staged at once; None: half of --cache-size (or 1G)
     upload_concurrency: int = 4  # requests (PUTs, parts) uploading at once, per dataset
     part_size: int = 8 << 20  # files up to this size go in one PUT; larger ones in parts of this size
+    # S3 PUT bodies sent as UNSIGNED-PAYLOAD, not hashed into their SigV4 signature: less CPU
+    # (the client's and the server's), and over plain HTTP nothing shields the body from
+    # whoever can change the traffic (docs/semantics.md)
+    unsigned_payload: bool = False
     uid: int | None = None  # owner of every entry; None: the mount process's
     gid: int | None = None
     umask: int = 0o022  # permission bits taken off rw datasets' entries (ro ones show no write bits)

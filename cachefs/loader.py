@@ -218,6 +218,7 @@ SETTINGS = (
     Setting("writes.stage_size", "stage_size", _size),
     Setting("writes.upload_concurrency", "upload_concurrency", _integer),
     Setting("writes.part_size", "part_size", _size),
+    Setting("writes.unsigned_payload", "unsigned_payload", _bool),
     Setting("access.uid", "uid", _integer),
     Setting("access.gid", "gid", _integer),
     Setting("access.umask", "umask", _umask),
@@ -587,6 +588,7 @@ def render(node: NodeConfig) -> str:
             ("stage_size", format_size(node.stage_limit), ""),
             ("upload_concurrency", node.upload_concurrency, ""),
             ("part_size", format_size(node.part_size), ""),
+            ("unsigned_payload", node.unsigned_payload, ""),
         ]),
         ("access", [("uid", node.uid, ""), ("gid", node.gid, ""), ("umask", f"{node.umask:03o}", "")]),
     ]

@@ -92,7 +92,8 @@ async def open_backend(dataset: DatasetConfig, config: CacheConfig) -> Backend:
     """
     url = dataset.source
     c = dataset.credentials
-    store = open_store(url, dataset.endpoint_url, config.backend_timeout, c.key_pair(), profile=c.profile)
+    store = open_store(url, dataset.endpoint_url, config.backend_timeout, c.key_pair(), profile=c.profile,
+                       unsigned_payload=getattr(config, "unsigned_payload", False))
     backend = Backend(
         store, config.backend_concurrency, config.backend_timeout, config.backend_retries,
         upload_concurrency=getattr(config, "upload_concurrency", 4),

@@ -113,6 +113,8 @@ def test_rw_datasets_and_write_options_load(node_dir):
                      datasets=["feats=s3://b,rw", "md=s3://m"])
     assert [d.read_only for d in node.datasets] == [False, True]
     assert node.writeback and node.stage_limit == 1 << 30 and node.umask == 0o027 and node.uid == 1000
+    assert not node.unsigned_payload
+    assert load_node(flags=_flags(node_dir, unsigned_payload=True), datasets=["feats=s3://b,rw"]).unsigned_payload
     _refused("--stage-size 32M: staged files count against --cache-size", flags=_flags(node_dir, cache_size="16M", stage_size="32M"),
              datasets=["feats=s3://b,rw"])
 
