@@ -89,6 +89,10 @@ def parse_mount_options(text: str | None) -> dict[str, str]:
 def _convert(setting, value: str, what: str) -> Any:
     """A string option as the type the setting takes (the file's parsers want numbers as numbers)."""
     kind = setting.parse.__name__
+    if kind == "_bool":
+        if value.lower() not in ("true", "false"):
+            raise ConfigError(f"{what}: expected true or false, not {value!r}")
+        return value.lower() == "true"
     try:
         if kind == "_integer":
             return int(value)
@@ -118,6 +122,8 @@ def _node_settings(options: list[tuple[dict[str, Any], str]]) -> tuple[dict[str,
             if setting is None:
                 known = sorted([*_NODE_SETTINGS, *_CREDENTIAL_OPTIONS, "ro"])
                 raise ConfigError(f"{what}: unknown option (known: {', '.join(known)})")
+            if value == "" and setting.parse.__name__ == "_bool":
+                value = "true"  # a flag named alone (`writeback`, `unsigned-payload`) is on
             if value == "":
                 raise ConfigError(f"{what}: needs a value ({key}=...)")
             kwargs[setting.field] = setting.parse(_convert(setting, value, what), what)

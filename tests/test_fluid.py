@@ -375,3 +375,29 @@ async def test_df_of_a_read_write_dataset_still_reports_its_bytes_as_used():
     fluid = await ops.statfs(None)
     assert (fluid.f_frsize, fluid.f_blocks, fluid.f_bfree, fluid.f_bavail, fluid.f_files) == (1, 1_049_364, 0, 0, 3)
     assert fluid.f_ffree == fluid.f_favail == 0  # full: never more free than in all
+
+
+@pytest.mark.parametrize("options,runtime", [
+    ("rw,unsigned-payload=true", {}),
+    ("rw,unsigned-payload", {}),
+    ("rw", {"unsigned-payload": True}),
+    ("rw", {"unsigned-payload": "true"}),
+    ("rw,writeback", {}),
+])
+def test_fluid_unsigned_payload_can_be_set(tmp_path, options, runtime):
+    """--unsigned-payload (and --writeback) as Fluid passes node options (MOUNT_OPTIONS or
+    runtimeOptions): every spelling was refused ("expected true or false", "needs a value"),
+    boolean options being parsed from strings as numbers are (helper-50's review, its test)."""
+    from cachefs.fluid import load_fluid
+
+    doc = {
+        "mounts": [{"mountPoint": f"local://{tmp_path}", "name": "out"}],
+        "targetPath": str(tmp_path / "target"),
+        "accessModes": ["ReadWriteMany"],
+        "runtimeOptions": runtime,
+    }
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps(doc))
+    node = load_fluid(str(config), {"MOUNT_OPTIONS": options})
+    assert node.unsigned_payload is ("unsigned-payload" in options or bool(runtime))
+    assert node.writeback is ("writeback" in options)
