@@ -117,6 +117,8 @@ class BoundedLru(Generic[K, V]):
         return item[0]
 
 
+# HEADs of a path `_ask` sends while this node keeps replacing it (`replaced`).
+ASKS_WHEN_REPLACED = 3
 _ASK_AGAIN = object()  # `_Asking.own` of a path replaced by an object this node has no attributes of
 
 
@@ -342,14 +344,16 @@ class Namespace:
         Raises:
             ObjectNotFound, BackendError: as `ask`, if this node changed nothing.
         """
-        while True:
+        for asked in range(1, ASKS_WHEN_REPLACED + 1):
             asking = _Asking()
             self._asking.setdefault(path, []).append(asking)
+            failed: BackendError | None = None
             try:
                 info = await ask(path)
-            except (ObjectNotFound, BackendError):
+            except (ObjectNotFound, BackendError) as e:
                 if not asking.overtaken:
                     raise
+                failed = e
             finally:
                 others = [a for a in self._asking[path] if a is not asking]
                 if others:
@@ -358,11 +362,18 @@ class Namespace:
                     del self._asking[path]
             if not asking.overtaken:
                 return info
+            if asking.own is _ASK_AGAIN and asked == ASKS_WHEN_REPLACED:
+                # Replaced again and again (`mv tmp f` in a loop): the last answer, true
+                # while it was asked, rather than no answer while the renames go on.
+                if failed is not None:
+                    raise failed
+                return info
             if asking.own is _ASK_AGAIN:
                 continue  # replaced by something this node did not see: the backend knows
             if asking.own is None:
                 raise ObjectNotFound(f"{path}: not found")
             return asking.own
+        raise AssertionError("unreachable")
 
     def _overtake(self, path: str, own: ObjectInfo | None | object) -> None:
         """This node made `path` `own` (None: removed it; _ASK_AGAIN: replaced it by an

@@ -286,23 +286,26 @@ class Uploader:
         self._nursery.start_soon(self._run, upload)
 
     async def wait(self, dataset: Dataset, path: str, timeout: float, under: bool = False) -> None:
-        """Until every upload of `path` (`under`: of every file under directory `path`)
-        submitted so far has landed or failed.
+        """Until no upload of `path` (`under`: of any file under directory `path`) is
+        pending: those submitted so far, and any started meanwhile (a close, or one
+        given up with a removed dataset and resumed, `Node._abandoned`), have landed or failed.
 
         Raises:
             BackendUnavailable: they are still pending after `timeout` seconds (the
                 backend is down: a rename must not hang on it).
         """
-        if under:
-            uploads = [upload for key, queued in self.pending.items() if key_at(key, dataset.source, path, under=True)
-                       for upload in queued]
-        else:
-            uploads = list(self.pending.get((dataset.source, path), ()))
         with trio.move_on_after(timeout):
-            for upload in uploads:
-                await upload.done.wait()
+            while uploads := self._pending_at(dataset, path, under):
+                for upload in uploads:
+                    await upload.done.wait()
             return
         raise BackendUnavailable(f"{path}: an upload has not landed yet (the backend is not taking it)")
+
+    def _pending_at(self, dataset: Dataset, path: str, under: bool) -> list[Upload]:
+        if under:
+            return [upload for key, queued in self.pending.items() if key_at(key, dataset.source, path, under=True)
+                    for upload in queued]
+        return list(self.pending.get((dataset.source, path), ()))
 
     async def cancel(self, dataset: Dataset, path: str) -> bool:
         """`path` was deleted: drop its pending uploads (and journal entries). Returns

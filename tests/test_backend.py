@@ -1254,3 +1254,46 @@ async def test_a_stat_of_a_rename_target_on_its_way_during_the_rename_does_not_s
         answer.set()
     assert isinstance(seen["final"], ObjectInfo), f"stat of final during `mv tmp final`: {seen['final']!r}"
     assert seen["final"].version == "etag:new"
+
+
+@pytest.mark.trio
+async def test_a_stat_of_a_file_replaced_by_renames_more_often_than_a_head_takes_still_answers(autojump_clock):
+    """A job publishes `status.json` with `mv tmp status.json` every 0.5 s (through this
+    node); the backend is slow, a HEAD takes 1 s (queued behind other requests). `stat
+    status.json` on this node: each rename overtakes the HEAD on its way (`replaced`:
+    _ASK_AGAIN), and `_ask` sends another, without bound. The stat should answer (with
+    either version) within a few HEADs; it never does while the renames go on, and every
+    lap costs the backend one more HEAD. It now answers after ASKS_WHEN_REPLACED HEADs
+    (helper-50's review, its test)."""
+    from cachefs.namespace import Namespace
+    from cachefs.objects import ObjectInfo
+
+    version = 0
+    heads = 0
+
+    class Backend:
+        store = object()  # not a LocalStore
+
+        async def stat(self, path):
+            nonlocal heads
+            heads += 1
+            await trio.sleep(1.0)
+            return ObjectInfo(path, "file", 10, 1000.0 + version, f"etag:{version}")
+
+    namespace = Namespace(Backend(), attr_ttl=60.0, dir_ttl=60.0)
+    answered = None
+
+    async def publisher():
+        nonlocal version
+        while True:
+            await trio.sleep(0.5)
+            version += 1  # the backend's rename of tmp over status.json, then:
+            namespace.drop_entry("tmp")
+            namespace.replaced("status.json")
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(publisher)
+        with trio.move_on_after(60):
+            answered = await namespace.stat("status.json")
+        nursery.cancel_scope.cancel()
+    assert answered is not None, f"stat of status.json still unanswered after 60 s and {heads} HEADs"

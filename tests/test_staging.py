@@ -1964,3 +1964,80 @@ def test_a_file_still_open_when_its_kept_upload_resumes_gives_its_room_back_at_i
 
     used, kept = trio.run(main)
     assert used == 0, f"{used} bytes of staging room never given back; _kept={kept}"
+
+
+def test_a_rename_after_the_readd_waits_for_the_close_resumed_from_the_removed_dataset(tmp_path):
+    """--writeback, the backend down: `f` closed (its upload pending), `cachefs dataset
+    remove --force d`, `add d` again, then `mv f g` through the mount. The rename waits for
+    the uploads of f (`Uploader.wait`); the one it waits for fails with the removed
+    dataset's backend and is resumed at once into the new dataset (`Node._abandoned`), as a
+    new Upload the rename does not wait for. The rename moves the backend's old f to g,
+    then the resumed upload lands f again: g has the bytes from before the close, and f,
+    renamed away, is back.
+    (helper-50's review, its test)."""
+    from cachefs.config import DatasetConfig, NodeConfig
+    from cachefs.errors import BackendError, ObjectNotFound
+    from cachefs.fuse_ops import Operations
+    from cachefs.node import Node
+
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "f").write_bytes(b"before")
+    ds = DatasetConfig(name="d", url=str(src), read_only=False)
+    config = NodeConfig(mountpoint=str(tmp_path / "mnt"), cache_dir=str(tmp_path / "cache"), cache_size=256 << 20,
+                        mem_size=64 << 20, writeback=True, datasets=[ds])
+
+    async def main():
+        async with Node(config, config.datasets, name="t") as node:
+            dataset = node.datasets["d"]
+            down = trio.Event()
+
+            async def refused(*args, **kwargs):
+                await down.wait()
+                raise BackendError("the backend is down")
+
+            dataset.backend.upload = refused
+            wf = await node.writes.open(dataset, "f", None, truncate=True)
+            await wf.write(0, b"closed bytes")
+            old = await wf.commit(background=True)  # close() returned
+            node.writes.close(wf)
+            await trio.testing.wait_all_tasks_blocked()
+            await node.remove_dataset("d", force=True)
+            readded = await node.add_dataset(ds)  # the backend works again
+            # Deterministic: the new dataset's metadata requests and rename answer on the
+            # trio thread (no thread hop), and its uploads start once every other task waits.
+            backend, store = readded.backend, readded.backend.store
+
+            async def direct(fn, *args):
+                await trio.lowlevel.checkpoint()
+                try:
+                    return fn(*args)
+                except FileNotFoundError as e:
+                    raise ObjectNotFound(str(e)) from None
+
+            backend.stat = lambda path: direct(store.stat, path)
+            backend.check_name = lambda path: direct(store.check_name, path)
+            backend.list_dir = lambda path: direct(store.list_dir, path)
+            backend.rename = lambda old, new, kind: direct(store.rename, old, new, kind)
+            real_upload = backend.upload
+
+            async def upload_when_all_wait(*args, **kwargs):
+                await trio.testing.wait_all_tasks_blocked()
+                return await real_upload(*args, **kwargs)
+
+            backend.upload = upload_when_all_wait
+            ops = Operations(node, entry_ttl=1.0, attr_ttl=1.0, block_size=4096)
+            parent = ops.inodes.lookup("d")
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(ops.rename, parent, b"f", parent, b"g", 0, None)  # mv d/f d/g
+                await trio.testing.wait_all_tasks_blocked()  # the rename waits for f's upload
+                down.set()  # which fails now, with the removed dataset's backend
+            await old.done.wait()
+            with trio.fail_after(10):
+                while node.uploader.all_pending():
+                    for upload in node.uploader.all_pending():
+                        await upload.done.wait()
+            return {p.name: p.read_bytes() for p in src.iterdir()}
+
+    files = trio.run(main)
+    assert files == {"g": b"closed bytes"}, f"after `close f; mv f g`, the backend has {files}"
