@@ -286,18 +286,25 @@ class Uploader:
         self._nursery.start_soon(self._run, upload)
 
     async def wait(self, dataset: Dataset, path: str, timeout: float, under: bool = False) -> None:
-        """Until no upload of `path` (`under`: of any file under directory `path`) is
-        pending: those submitted so far, and any started meanwhile (a close, or one
-        given up with a removed dataset and resumed, `Node._abandoned`), have landed or failed.
+        """Until every upload of `path` (`under`: of every file under directory `path`)
+        submitted so far has landed or failed, and so has any resumed meanwhile from
+        their journal entries (given up with a removed dataset: `Node._abandoned`). Not
+        the closes since: a writer closing the file again and again must not hold it up.
 
         Raises:
             BackendUnavailable: they are still pending after `timeout` seconds (the
                 backend is down: a rename must not hang on it).
         """
+        uploads = self._pending_at(dataset, path, under)
+        waited = set(uploads)
         with trio.move_on_after(timeout):
-            while uploads := self._pending_at(dataset, path, under):
+            while uploads:
                 for upload in uploads:
                     await upload.done.wait()
+                entries = {u.entry.seq for u in waited if u.entry is not None}
+                uploads = [u for u in self._pending_at(dataset, path, under)
+                           if u not in waited and u.entry is not None and u.entry.seq in entries]
+                waited.update(uploads)
             return
         raise BackendUnavailable(f"{path}: an upload has not landed yet (the backend is not taking it)")
 

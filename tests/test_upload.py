@@ -1108,3 +1108,50 @@ async def test_a_closed_file_waiting_for_its_upload_keeps_the_mtime_it_had_open(
         pending = writes.info(dataset, "f")
         nursery.cancel_scope.cancel()
     assert pending.mtime == 1_000_000.0, f"mtime after close, upload pending: {pending.mtime}"
+
+
+@pytest.mark.trio
+async def test_a_rename_waits_for_the_uploads_before_it_not_for_closes_since(tmp_path):
+    """`Uploader.wait` (a rename's wait for its source's uploads) ends once the uploads
+    pending when it began are done, though a writer has closed the file again since: an
+    application appending and closing its log in a loop must not keep `mv app.log
+    app.log.1` waiting until its timeout (EIO)."""
+    staging = Staging(str(tmp_path), 1 << 30, None)
+    staging.open()
+    backend = HeldBackend()
+    dataset = SimpleNamespace(source="s3://b/p", name="", removed=False, backend=backend,
+                              reader=SimpleNamespace(tiers=[], chunk_size=4096))
+
+    async def uploaded(dataset, path, info) -> None:
+        pass
+
+    async def closed(uploader, data: bytes):
+        staged, fd = staging.create_file()
+        os.pwrite(fd, data, 0)
+        os.close(fd)
+        upload = await uploader.submit(dataset, "app.log", staged, len(data), False)
+        staging.release(staged)
+        return upload
+
+    async with trio.open_nursery() as nursery:
+        uploader = Uploader(staging, nursery, 8 << 20, uploaded)
+        first = await closed(uploader, b"line 1\n")
+        waited = trio.Event()
+
+        async def rename_waits() -> None:
+            await uploader.wait(dataset, "app.log", timeout=3600)
+            waited.set()
+
+        nursery.start_soon(rename_waits)
+        await trio.testing.wait_all_tasks_blocked()
+        second = await closed(uploader, b"line 1\nline 2\n")  # closed again meanwhile
+        backend.land("app.log")  # the first lands; the second, behind it, will not yet
+        await first.landed.wait()
+        backend.gates["app.log"] = trio.Event()
+        await first.done.wait()
+        with trio.fail_after(5):  # a safety net: it ends at once
+            await waited.wait()
+        assert not second.done.is_set()
+        backend.land("app.log")
+        await second.done.wait()
+        nursery.cancel_scope.cancel()
