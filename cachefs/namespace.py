@@ -38,6 +38,7 @@ that many. What is evicted is asked for again, like what expired.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections import OrderedDict
 from typing import Awaitable, Callable, Generic, Hashable, TypeVar
@@ -210,21 +211,21 @@ class Namespace:
                 raise ObjectNotFound(f"{path}: not found")
             return children[name]
         try:
-            info = await self._ask(path, self.backend.stat)
+            info, asked_at = await self._ask(path, self.backend.stat)
         except ObjectNotFound:
             self._cache.pop(("attr", path))
             if path:
                 raise
             # The dataset's root was there when it was mounted (or it is a read-write
             # dataset's new prefix, made by its first write): an empty directory.
-            info = ObjectInfo("", "dir", 0, 0.0, "dir")
+            info, asked_at = ObjectInfo("", "dir", 0, 0.0, "dir"), self._clock()
         except BackendError as e:
             if cached is None:
                 raise
             # Backend down: keep serving what we know, so cached data stays readable.
             log.info("serving stale attributes of %s: %s", path or "/", e)
             return cached[0]
-        self._set_attr(path, info, self._clock())
+        self._set_attr(path, info, asked_at)
         return info
 
     def _made_up_dir(self, path: str, cached: tuple[ObjectInfo, float] | None) -> ObjectInfo | None:
@@ -328,18 +329,20 @@ class Namespace:
             ObjectNotFound, BackendError: as `Backend.check_name`.
         """
         try:
-            info = await self._ask(path, self.backend.check_name)
+            info, asked_at = await self._ask(path, self.backend.check_name)
         except ObjectNotFound:
             self._cache.pop(("attr", path))
             raise
-        self._set_attr(path, info, self._clock())
+        self._set_attr(path, info, asked_at)
         return info
 
-    async def _ask(self, path: str, ask: Callable[[str], Awaitable[ObjectInfo]]) -> ObjectInfo:
+    async def _ask(self, path: str, ask: Callable[[str], Awaitable[ObjectInfo]]) -> tuple[ObjectInfo, float]:
         """`await ask(path)` (a HEAD), unless this node changed `path` while it was on its
         way: then what this node made (or ObjectNotFound: removed). The answer may be of
         the object before that change (a close's upload landed meanwhile), and would
-        bring the old version back as the path's current one.
+        bring the old version back as the path's current one. With the answer, the
+        time it is fresh from: now, or (an answer overtaken by a replacement, given as the
+        last of ASKS_WHEN_REPLACED) long ago, so that it is not kept as fresh.
 
         Raises:
             ObjectNotFound, BackendError: as `ask`, if this node changed nothing.
@@ -361,18 +364,18 @@ class Namespace:
                 else:
                     del self._asking[path]
             if not asking.overtaken:
-                return info
+                return info, self._clock()
             if asking.own is _ASK_AGAIN and asked == ASKS_WHEN_REPLACED:
                 # Replaced again and again (`mv tmp f` in a loop): the last answer, true
                 # while it was asked, rather than no answer while the renames go on.
                 if failed is not None:
                     raise failed
-                return info
+                return info, -math.inf
             if asking.own is _ASK_AGAIN:
                 continue  # replaced by something this node did not see: the backend knows
             if asking.own is None:
                 raise ObjectNotFound(f"{path}: not found")
-            return asking.own
+            return asking.own, self._clock()
         raise AssertionError("unreachable")
 
     def _overtake(self, path: str, own: ObjectInfo | None | object) -> None:

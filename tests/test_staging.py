@@ -1905,8 +1905,11 @@ def test_a_file_deleted_after_its_dataset_was_added_again_stays_deleted_after_a_
             readded = await node.add_dataset(ds)
             down.set()
             await old.done.wait()
-            # `rm f`, as Operations.unlink does it (nothing in the backend to delete):
+            # `rm f`, as Operations.unlink does it: its uploads dropped (one resumed from the
+            # abandoned entry may have landed meanwhile), then the object deleted.
             await node.uploader.cancel(readded, "f")
+            if (src / "f").exists():
+                await readded.backend.delete("f")
             readded.namespace.drop_entry("f")
 
     trio.run(first_run)

@@ -1155,3 +1155,111 @@ async def test_a_rename_waits_for_the_uploads_before_it_not_for_closes_since(tmp
         backend.land("app.log")
         await second.done.wait()
         nursery.cancel_scope.cancel()
+
+
+def _ops_over_a_slow_backend(tmp_path, nursery, put_seconds: float, writeback: bool = False):
+    """Operations over one read-write dataset whose backend holds "log" (empty) and takes
+    `put_seconds` per PUT, with a real Staging, Uploader and Writes: (ops, stored, renames)."""
+    from cachefs.errors import ObjectNotFound
+    from cachefs.fuse_ops import Operations
+    from cachefs.writes import Writes
+
+    stored = {"": ObjectInfo("", "dir", 0, 0.0, "dir"), "log": ObjectInfo("log", "file", 0, 0.0, "v0")}
+    renames = []
+
+    async def stat(inner):
+        await trio.lowlevel.checkpoint()
+        if inner in stored:
+            return stored[inner]
+        raise ObjectNotFound(inner)
+
+    class SlowBackend:
+        takes_parts = False
+        keeps_mtime = False
+        timeout = 10
+        retries = 2  # a rename waits 30 s at most for the uploads of what it moves
+
+        async def upload(self, path, staged, size, part_size, early=None, after_put=None) -> Written:
+            await trio.sleep(put_seconds)
+            stored[path] = ObjectInfo(path, "file", size, 0.0, f"v{trio.current_time()}")
+            return Written(stored[path], ours=True)
+
+        def puts_from_trio(self, size):
+            return True
+
+        async def rename(self, old, new, kind):
+            await trio.lowlevel.checkpoint()
+            renames.append((old, new))
+            stored[new] = stored.pop(old)
+
+    staging = Staging(str(tmp_path), 1 << 30, None)
+    staging.open()
+
+    async def uploaded(dataset, path, info):
+        pass
+
+    uploader = Uploader(staging, nursery, 8 << 20, uploaded)
+    dataset = SimpleNamespace(
+        source="s3://b/p", name="", removed=False, walks=None, open_files=0,
+        config=SimpleNamespace(read_only=False), reader=SimpleNamespace(tiers=[], chunk_size=4096),
+        namespace=SimpleNamespace(stat=stat, drop_entry=lambda p: None, invalidate=lambda p: None,
+                                  replaced=lambda p: None),
+        backend=SlowBackend())
+    writes = Writes(staging, uploader, writeback=writeback)
+
+    async def nothing(*args):
+        pass
+
+    node = SimpleNamespace(config=SimpleNamespace(), writes=writes, datasets={"": dataset},
+                           locate=lambda path: (dataset, path), chunks_renamed=nothing)
+    ops = Operations(node, entry_ttl=1, attr_ttl=1, block_size=4096)
+    ops._chunks_gone = lambda dataset, gone: trio.lowlevel.checkpoint()
+    return ops, stored, renames
+
+
+@pytest.mark.parametrize("writeback", [False, True])
+@pytest.mark.trio
+async def test_mv_of_a_log_whose_writers_keep_syncing_it_does_not_fail(tmp_path, autojump_clock, monkeypatch, writeback):
+    """Log rotation: two worker processes append to `log` through handles they keep open,
+    and fsync every line (close-to-open; a PUT takes 0.2 s), or (--writeback) close a
+    handle after every line; `mv log log.1` meanwhile. The rename lands what was written
+    so far and moves it; the workers go on writing into log.1, as on any file system.
+    With `Uploader.wait` waiting until no upload of the path was pending at all (50a5143),
+    the workers always started one more before the last was done: the rename waited out
+    its 30 s (`_upload_wait`) and failed with EIO (helper-51's review, its test)."""
+    import errno
+
+    import pyfuse3
+
+    async def inline(fn, *args, **kwargs):  # no thread hop: the fake clock jumps over none
+        await trio.lowlevel.checkpoint()
+        return fn(*args)
+
+    monkeypatch.setattr(trio.to_thread, "run_sync", inline)
+    async with trio.open_nursery() as nursery:
+        ops, stored, renames = _ops_over_a_slow_backend(tmp_path, nursery, put_seconds=0.2, writeback=writeback)
+        ino = ops.inodes.lookup("log")
+
+        async def worker(line: bytes):
+            fh = (await ops.open(ino, os.O_WRONLY | os.O_APPEND, None)).fh
+            while True:
+                wf = ops._files[fh].write
+                await ops.write(fh, wf.size, line)
+                if writeback:
+                    await ops.flush(fh)  # a close: journaled, uploaded in the background
+                    await trio.sleep(0.05)
+                else:
+                    await ops.fsync(fh, False)  # landed when it returns
+
+        nursery.start_soon(worker, b"worker A\n")
+        nursery.start_soon(worker, b"worker B\n")
+        await trio.sleep(0.3)
+        start = trio.current_time()
+        outcome = "renamed"
+        try:
+            await ops.rename(pyfuse3.ROOT_INODE, b"log", pyfuse3.ROOT_INODE, b"log.1", 0, None)
+        except pyfuse3.FUSEError as e:
+            outcome = errno.errorcode[e.errno]
+        took = trio.current_time() - start
+        nursery.cancel_scope.cancel()
+    assert outcome == "renamed" and took < 5, f"mv log log.1 with its writers syncing: {outcome} after {took:.1f} s"
