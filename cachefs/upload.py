@@ -238,10 +238,11 @@ class Uploader:
 
     async def submit(
         self, dataset: Dataset, path: str, staged: StagedFile, size: int, background: bool,
-        early: EarlyParts | None = None, mtime: float | None = None,
+        early: EarlyParts | None = None, mtime: float | None = None, keep_mtime: bool = False,
     ) -> Upload:
         """Start uploading `staged` (its first `size` bytes) as `path`, whose mtime is
-        `mtime` until it lands (default: now). The upload holds the staged file until it
+        `mtime` until it lands (default: now), and after too where the store keeps one
+        if `keep_mtime` (set by utimens: `cp -p`, `rsync -t`). The upload holds the staged file until it
         is done. With `background`, the file is journaled
         first, so it is uploaded even after a crash (`Staging.durable`: once on disk).
 
@@ -251,6 +252,8 @@ class Uploader:
         upload = Upload(dataset, path, staged, size, background, early=early)
         if mtime is not None:
             upload.sealed_at = mtime
+            if keep_mtime:
+                upload.mtime = mtime  # as a touch before it landed (`touch`)
         # The upload's own hold (the writer may let go first), taken before the journal
         # may wait for its spare entries: a write meanwhile must copy the file, not change
         # the state this entry and this upload are of.

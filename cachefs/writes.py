@@ -49,6 +49,7 @@ class WriteFile:
         self.fd = fd
         self.size = size
         self.mtime = time.time()
+        self.mtime_set = False  # `mtime` set (utimens), not a write's: a local store's file keeps it
         self.id = next(_ids)
         self.handles = 0
         self.dirty = False  # changed since the last seal
@@ -123,7 +124,7 @@ class WriteFile:
             self.writes.staging.write_out(self.staged, self.out_to, step_end)
             self.out_to = step_end
         self.size = max(self.size, offset + written)
-        self.mtime = time.time()
+        self.mtime, self.mtime_set = time.time(), False
         self.dirty = True
         return written
 
@@ -162,11 +163,11 @@ class WriteFile:
             self.early.stopped = True
         self.size = size
         self.writes.staging.shrink(self.staged, size, self.fd)
-        self.mtime = time.time()
+        self.mtime, self.mtime_set = time.time(), False
         self.dirty = True
 
     def set_mtime(self, mtime: float) -> None:
-        self.mtime = mtime
+        self.mtime, self.mtime_set = mtime, True
 
     async def commit(self, background: bool) -> Upload | None:
         """Seal the file as it is now and upload it; wait for the upload unless `background`.
@@ -182,7 +183,8 @@ class WriteFile:
         try:
             with self.writes.committing(self):
                 upload = await self.writes.uploader.submit(
-                    self.dataset, self.path, self.staged, self.size, background, early, mtime=self.mtime
+                    self.dataset, self.path, self.staged, self.size, background, early, mtime=self.mtime,
+                    keep_mtime=self.mtime_set,
                 )
         except BaseException:
             # Not sealed (the journal could not be written): still ours to upload, and the

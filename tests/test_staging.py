@@ -817,7 +817,7 @@ def _recording_writes(staging, hold: set[str] = frozenset()):
     submitted = []
     release = trio.Event()
 
-    async def submit(dataset, path, staged, size, background, early, mtime=None):
+    async def submit(dataset, path, staged, size, background, early, **kwargs):
         submitted.append(path)
         if path in hold:
             await release.wait()
@@ -1224,7 +1224,7 @@ def _ops_over_stubs(staging, delete=None, rename_gate=None, hold=frozenset(), wr
         stored[new] = stored.pop(old)
         content[new] = content.pop(old)
 
-    async def submit(dataset, path, staged, size, background, early, mtime=None):
+    async def submit(dataset, path, staged, size, background, early, **kwargs):
         if path in hold:
             await release.wait()
         with open(staged.path, "rb") as f:
@@ -1488,7 +1488,7 @@ async def test_a_read_after_this_nodes_own_close_is_not_of_the_version_a_late_he
     staging = Staging(str(tmp_path), limit=64 << 20, disk=None)
     staging.open()
 
-    async def submit(dataset, path, staged, size, background, early, mtime=None):
+    async def submit(dataset, path, staged, size, background, early, **kwargs):
         with open(staged.path, "rb") as f:
             content["etag:new"] = f.read(size)  # cached under the new version
         stored[path] = new

@@ -1263,3 +1263,40 @@ async def test_mv_of_a_log_whose_writers_keep_syncing_it_does_not_fail(tmp_path,
         took = trio.current_time() - start
         nursery.cancel_scope.cancel()
     assert outcome == "renamed" and took < 5, f"mv log log.1 with its writers syncing: {outcome} after {took:.1f} s"
+
+
+@pytest.mark.trio
+async def test_an_mtime_set_through_the_open_file_is_the_files_after_its_upload_lands(tmp_path):
+    """`cp -p` to a local (or NAS) dataset: the data written, then futimens on the fd, then
+    the close. While the upload is pending the file shows the preserved mtime (60f5add);
+    once it landed, the store's file had the upload's time, and so had every stat after:
+    the mtime flipped back to "now". Only a touch after the close (`Uploader.touch`)
+    reached the store (`_set_mtime`): helper-51's review, its test."""
+    from cachefs.backend import LocalStore
+    from cachefs.writes import Writes
+
+    src = tmp_path / "src"
+    src.mkdir()
+    backend = Backend(LocalStore(str(src)), concurrency=2, timeout=10, retries=0)
+    dataset = SimpleNamespace(source=str(src), name="", removed=False, backend=backend,
+                              reader=SimpleNamespace(tiers=[], chunk_size=1 << 20))
+    staging = Staging(str(tmp_path / "stage"), 1 << 30, None)
+    staging.open()
+
+    async def uploaded(*args) -> None:
+        pass
+
+    async with trio.open_nursery() as nursery:
+        uploader = Uploader(staging, nursery, 8 << 20, uploaded)
+        writes = Writes(staging, uploader)
+        wf = await writes.open(dataset, "f", None, truncate=True)
+        await wf.write(0, b"data")
+        wf.set_mtime(1_000_000.0)  # futimens(fd) before close (`cp -p`, `rsync -t`)
+        upload = await wf.commit(background=False)
+        pending = writes.info(dataset, "f").mtime
+        writes.close(wf)
+        await upload.done.wait()
+        nursery.cancel_scope.cancel()
+    backend.close()
+    landed = os.stat(src / "f").st_mtime
+    assert (pending, landed) == (1_000_000.0, 1_000_000.0), f"mtime while pending {pending}, once landed {landed}"
