@@ -165,6 +165,50 @@ def test_a_restart_drops_an_entry_an_os_crash_cut_short(tmp_path, caplog):
     assert any("unusable, dropped" in r.getMessage() and r.levelname == "ERROR" for r in caplog.records)
 
 
+def _local_writeback_node(tmp_path, before: bytes | None = None):
+    """A local source (holding f = `before`, if given) served read-write as dataset d by a
+    --writeback node: (the source's directory, d's DatasetConfig, the NodeConfig)."""
+    from cachefs.config import DatasetConfig, NodeConfig
+
+    src = tmp_path / "src"
+    src.mkdir()
+    if before is not None:
+        (src / "f").write_bytes(before)
+    ds = DatasetConfig(name="d", url=str(src), read_only=False)
+    config = NodeConfig(mountpoint=str(tmp_path / "mnt"), cache_dir=str(tmp_path / "cache"), cache_size=256 << 20,
+                        mem_size=64 << 20, writeback=True, datasets=[ds])
+    return src, ds, config
+
+
+def _backend_down(dataset) -> trio.Event:
+    """The uploads of `dataset` wait, then fail (its backend down), once the event is set."""
+    from cachefs.errors import BackendError
+
+    down = trio.Event()
+
+    async def refused(*args, **kwargs):
+        await down.wait()
+        raise BackendError("the backend is down")
+
+    dataset.backend.upload = refused
+    return down
+
+
+async def _closed_while_down_then_readded(node, ds):
+    """f written and closed under --writeback while dataset d's backend is down, then
+    `dataset remove --force d` and `add d` again (its backend works): (the close's upload,
+    the event that makes it fail, the dataset added back)."""
+    dataset = node.datasets["d"]
+    down = _backend_down(dataset)
+    wf = await node.writes.open(dataset, "f", None, truncate=True)
+    await wf.write(0, b"closed bytes")
+    old = await wf.commit(background=True)  # close() returned
+    node.writes.close(wf)
+    await trio.testing.wait_all_tasks_blocked()
+    await node.remove_dataset("d", force=True)
+    return old, down, await node.add_dataset(ds)
+
+
 def _size_or_0(path: str) -> int:
     try:
         return os.path.getsize(path)
@@ -1529,15 +1573,9 @@ def test_an_upload_abandoned_by_a_removed_dataset_never_lands_over_a_newer_close
     newer close of "f" lands. The entry was resumed at the add (`after`) or dropped as
     superseded (`before`); it was once kept until the next start, and replayed there: the
     OLDER bytes replaced the newer ones in the backend."""
-    from cachefs.config import DatasetConfig, NodeConfig
-    from cachefs.errors import BackendError
     from cachefs.node import Node
 
-    src = tmp_path / "src"
-    src.mkdir()
-    ds = DatasetConfig(name="d", url=str(src), read_only=False)
-    config = NodeConfig(mountpoint=str(tmp_path / "mnt"), cache_dir=str(tmp_path / "cache"), cache_size=256 << 20,
-                        mem_size=64 << 20, writeback=True, datasets=[ds])
+    src, ds, config = _local_writeback_node(tmp_path)
 
     async def write(node, data: bytes, wait: bool):
         dataset = node.datasets["d"]
@@ -1552,13 +1590,7 @@ def test_an_upload_abandoned_by_a_removed_dataset_never_lands_over_a_newer_close
     async def first_run():
         async with Node(config, config.datasets, name="t") as node:
             dataset = node.datasets["d"]
-            down = trio.Event()
-
-            async def refused(*args, **kwargs):
-                await down.wait()
-                raise BackendError("the backend is down")
-
-            dataset.backend.upload = refused
+            down = _backend_down(dataset)
             old = await write(node, b"old bytes", wait=False)
             await trio.testing.wait_all_tasks_blocked()
             await node.remove_dataset("d")
@@ -1827,34 +1859,13 @@ def test_an_upload_abandoned_after_its_dataset_was_added_again_resumes(tmp_path)
     to `Uploader.abandoned`, which only an add of the source looks at: the add happened
     already. Nothing resumes it until the next start: the close that returned is not in the
     backend, and the mount shows the old f (helper-49's review, its test)."""
-    from cachefs.config import DatasetConfig, NodeConfig
-    from cachefs.errors import BackendError
     from cachefs.node import Node
 
-    src = tmp_path / "src"
-    src.mkdir()
-    (src / "f").write_bytes(b"before")
-    ds = DatasetConfig(name="d", url=str(src), read_only=False)
-    config = NodeConfig(mountpoint=str(tmp_path / "mnt"), cache_dir=str(tmp_path / "cache"), cache_size=256 << 20,
-                        mem_size=64 << 20, writeback=True, datasets=[ds])
+    src, ds, config = _local_writeback_node(tmp_path, b"before")
 
     async def main():
         async with Node(config, config.datasets, name="t") as node:
-            dataset = node.datasets["d"]
-            down = trio.Event()
-
-            async def refused(*args, **kwargs):
-                await down.wait()
-                raise BackendError("the backend is down")
-
-            dataset.backend.upload = refused
-            wf = await node.writes.open(dataset, "f", None, truncate=True)
-            await wf.write(0, b"closed bytes")
-            old = await wf.commit(background=True)  # close() returned
-            node.writes.close(wf)
-            await trio.testing.wait_all_tasks_blocked()
-            await node.remove_dataset("d", force=True)
-            readded = await node.add_dataset(ds)  # the backend works again
+            old, down, readded = await _closed_while_down_then_readded(node, ds)
             down.set()  # the old attempt fails now
             await old.done.wait()
             await trio.testing.wait_all_tasks_blocked()
@@ -1876,33 +1887,13 @@ def test_a_file_deleted_after_its_dataset_was_added_again_stays_deleted_after_a_
     `rm f` through the mount: `Uploader.cancel` drops pending uploads only, the abandoned
     entry stays in the journal, and the next start uploads it: the deleted file is back
     (helper-49's review, its test)."""
-    from cachefs.config import DatasetConfig, NodeConfig
-    from cachefs.errors import BackendError
     from cachefs.node import Node
 
-    src = tmp_path / "src"
-    src.mkdir()
-    ds = DatasetConfig(name="d", url=str(src), read_only=False)
-    config = NodeConfig(mountpoint=str(tmp_path / "mnt"), cache_dir=str(tmp_path / "cache"), cache_size=256 << 20,
-                        mem_size=64 << 20, writeback=True, datasets=[ds])
+    src, ds, config = _local_writeback_node(tmp_path)
 
     async def first_run():
         async with Node(config, config.datasets, name="t") as node:
-            dataset = node.datasets["d"]
-            down = trio.Event()
-
-            async def refused(*args, **kwargs):
-                await down.wait()
-                raise BackendError("the backend is down")
-
-            dataset.backend.upload = refused
-            wf = await node.writes.open(dataset, "f", None, truncate=True)
-            await wf.write(0, b"closed bytes")
-            old = await wf.commit(background=True)
-            node.writes.close(wf)
-            await trio.testing.wait_all_tasks_blocked()
-            await node.remove_dataset("d", force=True)
-            readded = await node.add_dataset(ds)
+            old, down, readded = await _closed_while_down_then_readded(node, ds)
             down.set()
             await old.done.wait()
             # `rm f`, as Operations.unlink does it: its uploads dropped (one resumed from the
@@ -1933,27 +1924,15 @@ def test_a_file_still_open_when_its_kept_upload_resumes_gives_its_room_back_at_i
     `keep`, so its room goes to `Staging._kept`, under a path whose entry was resumed
     already: nothing ever pops it. Staging and the SSD tier count it until the node stops
     (helper-49's review, its test)."""
-    from cachefs.config import DatasetConfig, NodeConfig
-    from cachefs.errors import BackendError
     from cachefs.node import Node
 
-    src = tmp_path / "src"
-    src.mkdir()
-    ds = DatasetConfig(name="d", url=str(src), read_only=False)
-    config = NodeConfig(mountpoint=str(tmp_path / "mnt"), cache_dir=str(tmp_path / "cache"), cache_size=256 << 20,
-                        mem_size=64 << 20, writeback=True, datasets=[ds])
+    src, ds, config = _local_writeback_node(tmp_path)
     size = 3 << 20
 
     async def main():
         async with Node(config, config.datasets, name="t") as node:
             dataset = node.datasets["d"]
-            down = trio.Event()
-
-            async def refused(*args, **kwargs):
-                await down.wait()
-                raise BackendError("the backend is down")
-
-            dataset.backend.upload = refused
+            down = _backend_down(dataset)
             staging = node.staging
             wf = await node.writes.open(dataset, "f", None, truncate=True)
             await wf.write(0, b"x" * size)
@@ -1985,35 +1964,15 @@ def test_a_rename_after_the_readd_waits_for_the_close_resumed_from_the_removed_d
     then the resumed upload lands f again: g has the bytes from before the close, and f,
     renamed away, is back.
     (helper-50's review, its test)."""
-    from cachefs.config import DatasetConfig, NodeConfig
-    from cachefs.errors import BackendError, ObjectNotFound
+    from cachefs.errors import ObjectNotFound
     from cachefs.fuse_ops import Operations
     from cachefs.node import Node
 
-    src = tmp_path / "src"
-    src.mkdir()
-    (src / "f").write_bytes(b"before")
-    ds = DatasetConfig(name="d", url=str(src), read_only=False)
-    config = NodeConfig(mountpoint=str(tmp_path / "mnt"), cache_dir=str(tmp_path / "cache"), cache_size=256 << 20,
-                        mem_size=64 << 20, writeback=True, datasets=[ds])
+    src, ds, config = _local_writeback_node(tmp_path, b"before")
 
     async def main():
         async with Node(config, config.datasets, name="t") as node:
-            dataset = node.datasets["d"]
-            down = trio.Event()
-
-            async def refused(*args, **kwargs):
-                await down.wait()
-                raise BackendError("the backend is down")
-
-            dataset.backend.upload = refused
-            wf = await node.writes.open(dataset, "f", None, truncate=True)
-            await wf.write(0, b"closed bytes")
-            old = await wf.commit(background=True)  # close() returned
-            node.writes.close(wf)
-            await trio.testing.wait_all_tasks_blocked()
-            await node.remove_dataset("d", force=True)
-            readded = await node.add_dataset(ds)  # the backend works again
+            old, down, readded = await _closed_while_down_then_readded(node, ds)
             # Deterministic: the new dataset's metadata requests and rename answer on the
             # trio thread (no thread hop), and its uploads start once every other task waits.
             backend, store = readded.backend, readded.backend.store

@@ -136,6 +136,16 @@ def test_a_part_is_ready_once_filled_and_the_file_is_larger_than_one_part():
     assert early.ready(10 * PART) == []
 
 
+def _dataset_over(backend) -> SimpleNamespace:
+    """A dataset of `backend` as the Uploader sees one: no tier to cache chunks in."""
+    return SimpleNamespace(source="s3://b/p", name="", removed=False, backend=backend,
+                           reader=SimpleNamespace(tiers=[], chunk_size=4096))
+
+
+async def _nothing(*args) -> None:
+    pass
+
+
 class HeldBackend:
     """A backend whose uploads each end when the test lets them (`land`)."""
 
@@ -669,13 +679,8 @@ async def test_two_writeback_closes_of_one_path_waiting_for_entry_files_land_in_
             uploader, staging = None, Staging(str(tmp_path / f"c{attempt}"), 1 << 30, None)
             staging.open()
             backend = ContentBackend()
-            dataset = SimpleNamespace(source="s3://b/p", name="", removed=False, backend=backend,
-                                      reader=SimpleNamespace(tiers=[], chunk_size=4096))
-
-            async def uploaded(dataset, path, info) -> None:
-                pass
-
-            uploader = Uploader(staging, nursery, 8 << 20, uploaded)
+            dataset = _dataset_over(backend)
+            uploader = Uploader(staging, nursery, 8 << 20, _nothing)
             staging._preparing = trio.Event()  # spare entry files being made: journal() waits
             staged, fd = staging.create_file()
             wf = WriteFile(Writes(staging, uploader=uploader, writeback=True), dataset, "f", staged, fd, 0)
@@ -1119,11 +1124,7 @@ async def test_a_rename_waits_for_the_uploads_before_it_not_for_closes_since(tmp
     staging = Staging(str(tmp_path), 1 << 30, None)
     staging.open()
     backend = HeldBackend()
-    dataset = SimpleNamespace(source="s3://b/p", name="", removed=False, backend=backend,
-                              reader=SimpleNamespace(tiers=[], chunk_size=4096))
-
-    async def uploaded(dataset, path, info) -> None:
-        pass
+    dataset = _dataset_over(backend)
 
     async def closed(uploader, data: bytes):
         staged, fd = staging.create_file()
@@ -1134,7 +1135,7 @@ async def test_a_rename_waits_for_the_uploads_before_it_not_for_closes_since(tmp
         return upload
 
     async with trio.open_nursery() as nursery:
-        uploader = Uploader(staging, nursery, 8 << 20, uploaded)
+        uploader = Uploader(staging, nursery, 8 << 20, _nothing)
         first = await closed(uploader, b"line 1\n")
         waited = trio.Event()
 
