@@ -225,6 +225,7 @@ class Writes:
         self.writeback = writeback  # --writeback: fsync() makes the staged bytes durable
         self.files: dict[tuple[str, str], WriteFile] = {}
         self._renaming: dict[tuple[str, str], trio.Event] = {}  # (source, directory) -> set once renamed
+        self._renaming_files: dict[tuple[str, str], trio.Event] = {}  # (source, file) -> set once renamed
         self._filling: dict[tuple[str, str], set[WriteFile]] = {}  # files opens are filling, by path
         self._ended = trio.Event()  # set (and replaced) when an open's fill, a commit's submit or a deletion ends
         self._committing: set[WriteFile] = set()  # files whose commit is submitting its upload
@@ -524,9 +525,29 @@ class Writes:
             del self._renaming[key]
             done.set()
 
+    @contextlib.contextmanager
+    def renaming_file(self, dataset: Dataset, path: str):
+        """Around the rename of file `path` (once its open file is committed): a commit of it
+        waits until the rename is over (`no_rename_over`), then uploads under the name the
+        file has after it."""
+        key = (dataset.source, path)
+        done = self._renaming_files[key] = trio.Event()
+        try:
+            yield
+        finally:
+            if self._renaming_files.get(key) is done:
+                del self._renaming_files[key]
+            done.set()
+
     async def no_rename_over(self, wf: WriteFile) -> None:
-        """Until no directory that `wf` lies under is being renamed (`renaming_dir`)."""
-        while (done := self.renaming_above(wf.dataset, wf.path)) is not None:
+        """Until neither `wf` itself (`renaming_file`) nor a directory it lies under
+        (`renaming_dir`) is being renamed."""
+        while True:
+            done = self._renaming_files.get(wf.key) if self._renaming_files else None
+            if done is None:
+                done = self.renaming_above(wf.dataset, wf.path)
+            if done is None:
+                return
             await done.wait()
 
     def renaming_above(self, dataset: Dataset, path: str) -> trio.Event | None:

@@ -1301,3 +1301,103 @@ async def test_an_mtime_set_through_the_open_file_is_the_files_after_its_upload_
     backend.close()
     landed = os.stat(src / "f").st_mtime
     assert (pending, landed) == (1_000_000.0, 1_000_000.0), f"mtime while pending {pending}, once landed {landed}"
+
+
+@pytest.mark.parametrize("writeback", [False, True])
+@pytest.mark.trio
+async def test_mv_of_a_log_whose_writers_keep_syncing_it_does_not_bring_the_log_back(
+        tmp_path, autojump_clock, monkeypatch, writeback):
+    """`mv log log.1` while two writers keep syncing (or, --writeback, closing) the log: the
+    closes made during the rename landed at `log` after the move, and `log` came back with
+    them (helper-52's review, its test). A close of a file being renamed now waits for the
+    rename, then uploads under the new name."""
+    """As above (`mv log log.1` while two workers append and fsync, or close, every line),
+    then the workers stop (their handles stay open on log.1) and every upload lands.
+    Nobody made `log` again after the rename: it must not exist. The uploads of the closes
+    made while the rename waited (`Uploader.wait` no longer waits for them) are still of
+    `log`, and land there after the rename moved it: `log` is back, with a copy of the
+    lines, and `log.1` lacks the ones the rename should have moved."""
+    import pyfuse3
+
+    async def inline(fn, *args, **kwargs):
+        await trio.lowlevel.checkpoint()
+        return fn(*args)
+
+    monkeypatch.setattr(trio.to_thread, "run_sync", inline)
+    async with trio.open_nursery() as nursery:
+        ops, stored, renames = _ops_over_a_slow_backend(tmp_path, nursery, put_seconds=0.2, writeback=writeback)
+        ino = ops.inodes.lookup("log")
+
+        async def worker(line: bytes, scope):
+            fh = (await ops.open(ino, os.O_WRONLY | os.O_APPEND, None)).fh
+            with scope:
+                while True:
+                    wf = ops._files[fh].write
+                    await ops.write(fh, wf.size, line)
+                    if writeback:
+                        await ops.flush(fh)
+                        await trio.sleep(0.05)
+                    else:
+                        await ops.fsync(fh, False)
+
+        scopes = [trio.CancelScope(), trio.CancelScope()]
+        nursery.start_soon(worker, b"worker A\n", scopes[0])
+        nursery.start_soon(worker, b"worker B\n", scopes[1])
+        await trio.sleep(0.3)
+        await ops.rename(pyfuse3.ROOT_INODE, b"log", pyfuse3.ROOT_INODE, b"log.1", 0, None)
+        for scope in scopes:
+            scope.cancel()  # the workers stop writing (their handles stay open, on log.1)
+        uploader = ops.node.writes.uploader
+        with trio.fail_after(600):  # every upload lands (a backlog of closes under --writeback)
+            while uploader.all_pending():
+                await uploader.all_pending()[-1].done.wait()
+        nursery.cancel_scope.cancel()
+    assert "log" not in stored, f"after `mv log log.1`, log is back: {stored.get('log')}; log.1: {stored.get('log.1')}"
+
+
+@pytest.mark.trio
+async def test_a_small_file_copied_with_its_mtime_is_cached_under_the_version_it_lands_as(tmp_path):
+    """`cp -p` of a small file to a local dataset with an SSD tier: its chunk, cached by the
+    PUT's thread, was of the version before the mtime was set after it landed, so the next
+    read missed (helper-52's review, its test). It is cached again under the version the
+    file lands as."""
+    """`cp -p small f` to a local (or NAS) dataset with an SSD tier: the data written, futimens
+    on the fd, the close. The PUT's thread caches the chunk (`_CachedWithPut`) under the
+    version the PUT made (its mtime: the upload's time); `_set_mtime` then sets the preserved
+    mtime, and the file's version (`stat:<size>-<mtime_ns>`) with it. `_cache_chunks` skips
+    (`upload.cached`): the chunk is cached under a version that is gone, and the first read
+    of f after its close misses."""
+    from cachefs.backend import LocalStore
+    from cachefs.writes import Writes
+
+    src = tmp_path / "src"
+    src.mkdir()
+    store = LocalStore(str(src))
+    backend = Backend(store, concurrency=2, timeout=10, retries=0)
+    disk = DiskTier(str(tmp_path / "cache"), 16 << 20, 0.0)
+    await disk.load()
+    dataset = SimpleNamespace(source=str(src), name="", removed=False, backend=backend,
+                              reader=SimpleNamespace(tiers=[disk], chunk_size=1 << 20))
+    staging = Staging(str(tmp_path / "stage"), 1 << 30, None)
+    staging.open()
+
+    async def uploaded(*args) -> None:
+        pass
+
+    async with trio.open_nursery() as nursery:
+        uploader = Uploader(staging, nursery, 8 << 20, uploaded)
+        writes = Writes(staging, uploader)
+        wf = await writes.open(dataset, "f", None, truncate=True)
+        await wf.write(0, b"data")
+        wf.set_mtime(1_000_000.0)  # futimens(fd) before close (`cp -p`)
+        upload = await wf.commit(background=False)
+        writes.close(wf)
+        await upload.done.wait()
+        nursery.cancel_scope.cancel()
+    backend.close()
+    now_there = store.stat("f")
+    assert now_there.mtime == 1_000_000.0 and upload.info.version == now_there.version
+    key = chunk_key(ObjectId(str(src), "f", now_there.version, now_there.size), 1 << 20, 0)
+    cached = await disk.get(key)
+    assert cached is not None and bytes(cached) == b"data", (
+        f"chunk of f ({now_there.version}) not cached after its close; upload.cached={upload.cached}")
