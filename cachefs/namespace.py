@@ -530,9 +530,10 @@ class Namespace:
         now = self._clock()
         for old, new in unique:
             # `stat` asks an entry's own attributes before its parent's listing: they must agree.
-            self._cache.pop(("attr", old.path))
+            asked = self._cache.pop(("attr", old.path))
             if new is not None:
-                self._set_attr(old.path, new, now)
+                # As fresh as `stat` kept it: an answer overtaken by this node's renames is stale.
+                self._set_attr(old.path, new, asked[1] if asked is not None and asked[0] is new else now)
         return unique
 
     def put_entry(self, info: ObjectInfo) -> None:

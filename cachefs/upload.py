@@ -434,6 +434,8 @@ class Uploader:
             return
         # The stat may see another writer's file, renamed over ours since: not ours to cache.
         upload.ours = upload.ours and info.size == upload.size and abs(info.mtime - upload.mtime) < 1e-3
+        if upload.info is not None and info.version != upload.info.version:
+            upload.cached = False  # the chunk its PUT's thread cached is of the version before
         upload.info = info
 
     async def _send(self, upload: Upload) -> Written:

@@ -1341,3 +1341,46 @@ async def test_a_stat_overtaken_by_renames_does_not_keep_the_version_the_last_re
     later = await namespace.stat("status.json")
     assert later.version == "etag:3", (
         f"stat after the last `mv tmp status.json` on this node: {later.version} (the first stat said {first.version})")
+
+
+@pytest.mark.trio
+async def test_a_refresh_overtaken_by_renames_does_not_keep_the_replaced_version_as_fresh(autojump_clock):
+    """As the bounded stat of a7c1e0e, but the HEADs are a refresh's: `refresh` stored what
+    `stat` gave back as fresh, the version this node's own last rename replaced
+    (helper-52's review, its test)."""
+    """As the test above, but the HEADs overtaken by `mv tmp status.json` are a
+    refresh's (--meta-refresh, `cachefs refresh`): its `stat(max_age=0)` gets the
+    bounded answer stamped stale (-inf), and `refresh` then caches it again as fresh
+    from `now`. For --attr-ttl this node shows the version its own last rename replaced."""
+    from cachefs.namespace import Namespace
+    from cachefs.objects import ObjectInfo
+
+    version = 0
+
+    class Backend:
+        store = object()  # not a LocalStore
+
+        async def stat(self, path):
+            await trio.sleep(0.5)
+            seen = version  # what the server has when the HEAD reaches it
+            await trio.sleep(0.5)
+            return ObjectInfo(path, "file", 10 + seen, 1000.0 + seen, f"etag:{seen}")
+
+    namespace = Namespace(Backend(), attr_ttl=60.0, dir_ttl=60.0, clock=trio.current_time)
+    assert (await namespace.stat("status.json")).version == "etag:0"  # cached, t=1
+
+    async def publisher():
+        nonlocal version
+        await trio.sleep(0.75)
+        for _ in range(3):
+            version += 1  # the backend's rename of tmp over status.json, then:
+            namespace.drop_entry("tmp")
+            namespace.replaced("status.json")
+            await trio.sleep(1.0)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(publisher)
+        await namespace.refresh("status.json")
+    # The renames are over; the backend has had version 3 since t=3.75.
+    later = await namespace.stat("status.json")
+    assert later.version == "etag:3", f"stat after the last `mv tmp status.json` and a refresh: {later.version}"
