@@ -1299,59 +1299,16 @@ async def test_a_stat_of_a_file_replaced_by_renames_more_often_than_a_head_takes
     assert answered is not None, f"stat of status.json still unanswered after 60 s and {heads} HEADs"
 
 
+@pytest.mark.parametrize("asking", ["stat", "refresh"])
 @pytest.mark.trio
-async def test_a_stat_overtaken_by_renames_does_not_keep_the_version_the_last_rename_replaced(autojump_clock):
+async def test_an_answer_overtaken_by_renames_does_not_keep_the_version_the_last_rename_replaced(autojump_clock, asking):
     """A job publishes `status.json` with `mv tmp status.json` through this node, three
     times, 1 s apart, then stops; the backend is slow (a HEAD reads the object half-way
-    through its 1 s). `stat status.json` meanwhile: each rename overtakes the HEAD on its
-    way, and the third HEAD, overtaken too, is the last `_ask` sends (ASKS_WHEN_REPLACED):
-    it answers with the object the last rename replaced. That answer was cached as fresh:
-    for --attr-ttl this node showed the version before its own last rename, though its
-    `replaced` dropped what it knew of the path (helper-51's review, its test). It is now
-    answered, not kept."""
-    from cachefs.namespace import Namespace
-    from cachefs.objects import ObjectInfo
-
-    version = 0
-
-    class Backend:
-        store = object()  # not a LocalStore
-
-        async def stat(self, path):
-            await trio.sleep(0.5)
-            seen = version  # what the server has when the HEAD reaches it
-            await trio.sleep(0.5)
-            return ObjectInfo(path, "file", 10 + seen, 1000.0 + seen, f"etag:{seen}")
-
-    namespace = Namespace(Backend(), attr_ttl=60.0, dir_ttl=60.0)
-
-    async def publisher():
-        nonlocal version
-        await trio.sleep(0.75)
-        for _ in range(3):
-            version += 1  # the backend's rename of tmp over status.json, then:
-            namespace.drop_entry("tmp")
-            namespace.replaced("status.json")
-            await trio.sleep(1.0)
-
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(publisher)
-        first = await namespace.stat("status.json")
-    # The renames are over; the backend has had version 3 since t=2.75.
-    later = await namespace.stat("status.json")
-    assert later.version == "etag:3", (
-        f"stat after the last `mv tmp status.json` on this node: {later.version} (the first stat said {first.version})")
-
-
-@pytest.mark.trio
-async def test_a_refresh_overtaken_by_renames_does_not_keep_the_replaced_version_as_fresh(autojump_clock):
-    """As the bounded stat of a7c1e0e, but the HEADs are a refresh's: `refresh` stored what
-    `stat` gave back as fresh, the version this node's own last rename replaced
-    (helper-52's review, its test)."""
-    """As the test above, but the HEADs overtaken by `mv tmp status.json` are a
-    refresh's (--meta-refresh, `cachefs refresh`): its `stat(max_age=0)` gets the
-    bounded answer stamped stale (-inf), and `refresh` then caches it again as fresh
-    from `now`. For --attr-ttl this node shows the version its own last rename replaced."""
+    through its 1 s). A `stat` (or a `refresh`) of status.json meanwhile: each rename
+    overtakes the HEAD on its way, and the third HEAD, overtaken too, is the last `_ask`
+    sends (ASKS_WHEN_REPLACED): it answers with the object the last rename replaced. That
+    answer was cached as fresh, by `stat` (helper-51's review) and then again by `refresh`
+    (helper-52's): for --attr-ttl this node showed the version before its own last rename."""
     from cachefs.namespace import Namespace
     from cachefs.objects import ObjectInfo
 
@@ -1367,7 +1324,8 @@ async def test_a_refresh_overtaken_by_renames_does_not_keep_the_replaced_version
             return ObjectInfo(path, "file", 10 + seen, 1000.0 + seen, f"etag:{seen}")
 
     namespace = Namespace(Backend(), attr_ttl=60.0, dir_ttl=60.0, clock=trio.current_time)
-    assert (await namespace.stat("status.json")).version == "etag:0"  # cached, t=1
+    if asking == "refresh":
+        assert (await namespace.stat("status.json")).version == "etag:0"
 
     async def publisher():
         nonlocal version
@@ -1380,7 +1338,10 @@ async def test_a_refresh_overtaken_by_renames_does_not_keep_the_replaced_version
 
     async with trio.open_nursery() as nursery:
         nursery.start_soon(publisher)
-        await namespace.refresh("status.json")
-    # The renames are over; the backend has had version 3 since t=3.75.
+        if asking == "stat":
+            await namespace.stat("status.json")
+        else:
+            await namespace.refresh("status.json")
+    # The renames are over; the backend has had version 3 since t=2.75.
     later = await namespace.stat("status.json")
-    assert later.version == "etag:3", f"stat after the last `mv tmp status.json` and a refresh: {later.version}"
+    assert later.version == "etag:3", f"stat after the last `mv tmp status.json` on this node: {later.version}"

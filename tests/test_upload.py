@@ -1220,106 +1220,23 @@ def _ops_over_a_slow_backend(tmp_path, nursery, put_seconds: float, writeback: b
 
 @pytest.mark.parametrize("writeback", [False, True])
 @pytest.mark.trio
-async def test_mv_of_a_log_whose_writers_keep_syncing_it_does_not_fail(tmp_path, autojump_clock, monkeypatch, writeback):
+async def test_mv_of_a_log_whose_writers_keep_syncing_it(tmp_path, autojump_clock, monkeypatch, writeback):
     """Log rotation: two worker processes append to `log` through handles they keep open,
     and fsync every line (close-to-open; a PUT takes 0.2 s), or (--writeback) close a
-    handle after every line; `mv log log.1` meanwhile. The rename lands what was written
-    so far and moves it; the workers go on writing into log.1, as on any file system.
-    With `Uploader.wait` waiting until no upload of the path was pending at all (50a5143),
-    the workers always started one more before the last was done: the rename waited out
-    its 30 s (`_upload_wait`) and failed with EIO (helper-51's review, its test)."""
+    handle after every line; `mv log log.1` meanwhile, then the workers stop (their handles
+    stay open, on log.1) and every upload lands. The rename lands what was written so far
+    and moves it, at once; the workers go on writing into log.1, as on any file system,
+    and nothing makes `log` again.
+    - With `Uploader.wait` waiting until no upload of the path was pending at all (50a5143),
+      the workers always started one more: the rename waited out its 30 s and failed with
+      EIO (helper-51's review).
+    - The closes made while the rename waited were still of `log`, and landed there after
+      the move: `log` came back with a copy of those lines (helper-52's review)."""
     import errno
 
     import pyfuse3
 
     async def inline(fn, *args, **kwargs):  # no thread hop: the fake clock jumps over none
-        await trio.lowlevel.checkpoint()
-        return fn(*args)
-
-    monkeypatch.setattr(trio.to_thread, "run_sync", inline)
-    async with trio.open_nursery() as nursery:
-        ops, stored, renames = _ops_over_a_slow_backend(tmp_path, nursery, put_seconds=0.2, writeback=writeback)
-        ino = ops.inodes.lookup("log")
-
-        async def worker(line: bytes):
-            fh = (await ops.open(ino, os.O_WRONLY | os.O_APPEND, None)).fh
-            while True:
-                wf = ops._files[fh].write
-                await ops.write(fh, wf.size, line)
-                if writeback:
-                    await ops.flush(fh)  # a close: journaled, uploaded in the background
-                    await trio.sleep(0.05)
-                else:
-                    await ops.fsync(fh, False)  # landed when it returns
-
-        nursery.start_soon(worker, b"worker A\n")
-        nursery.start_soon(worker, b"worker B\n")
-        await trio.sleep(0.3)
-        start = trio.current_time()
-        outcome = "renamed"
-        try:
-            await ops.rename(pyfuse3.ROOT_INODE, b"log", pyfuse3.ROOT_INODE, b"log.1", 0, None)
-        except pyfuse3.FUSEError as e:
-            outcome = errno.errorcode[e.errno]
-        took = trio.current_time() - start
-        nursery.cancel_scope.cancel()
-    assert outcome == "renamed" and took < 5, f"mv log log.1 with its writers syncing: {outcome} after {took:.1f} s"
-
-
-@pytest.mark.trio
-async def test_an_mtime_set_through_the_open_file_is_the_files_after_its_upload_lands(tmp_path):
-    """`cp -p` to a local (or NAS) dataset: the data written, then futimens on the fd, then
-    the close. While the upload is pending the file shows the preserved mtime (60f5add);
-    once it landed, the store's file had the upload's time, and so had every stat after:
-    the mtime flipped back to "now". Only a touch after the close (`Uploader.touch`)
-    reached the store (`_set_mtime`): helper-51's review, its test."""
-    from cachefs.backend import LocalStore
-    from cachefs.writes import Writes
-
-    src = tmp_path / "src"
-    src.mkdir()
-    backend = Backend(LocalStore(str(src)), concurrency=2, timeout=10, retries=0)
-    dataset = SimpleNamespace(source=str(src), name="", removed=False, backend=backend,
-                              reader=SimpleNamespace(tiers=[], chunk_size=1 << 20))
-    staging = Staging(str(tmp_path / "stage"), 1 << 30, None)
-    staging.open()
-
-    async def uploaded(*args) -> None:
-        pass
-
-    async with trio.open_nursery() as nursery:
-        uploader = Uploader(staging, nursery, 8 << 20, uploaded)
-        writes = Writes(staging, uploader)
-        wf = await writes.open(dataset, "f", None, truncate=True)
-        await wf.write(0, b"data")
-        wf.set_mtime(1_000_000.0)  # futimens(fd) before close (`cp -p`, `rsync -t`)
-        upload = await wf.commit(background=False)
-        pending = writes.info(dataset, "f").mtime
-        writes.close(wf)
-        await upload.done.wait()
-        nursery.cancel_scope.cancel()
-    backend.close()
-    landed = os.stat(src / "f").st_mtime
-    assert (pending, landed) == (1_000_000.0, 1_000_000.0), f"mtime while pending {pending}, once landed {landed}"
-
-
-@pytest.mark.parametrize("writeback", [False, True])
-@pytest.mark.trio
-async def test_mv_of_a_log_whose_writers_keep_syncing_it_does_not_bring_the_log_back(
-        tmp_path, autojump_clock, monkeypatch, writeback):
-    """`mv log log.1` while two writers keep syncing (or, --writeback, closing) the log: the
-    closes made during the rename landed at `log` after the move, and `log` came back with
-    them (helper-52's review, its test). A close of a file being renamed now waits for the
-    rename, then uploads under the new name."""
-    """As above (`mv log log.1` while two workers append and fsync, or close, every line),
-    then the workers stop (their handles stay open on log.1) and every upload lands.
-    Nobody made `log` again after the rename: it must not exist. The uploads of the closes
-    made while the rename waited (`Uploader.wait` no longer waits for them) are still of
-    `log`, and land there after the rename moved it: `log` is back, with a copy of the
-    lines, and `log.1` lacks the ones the rename should have moved."""
-    import pyfuse3
-
-    async def inline(fn, *args, **kwargs):
         await trio.lowlevel.checkpoint()
         return fn(*args)
 
@@ -1335,23 +1252,30 @@ async def test_mv_of_a_log_whose_writers_keep_syncing_it_does_not_bring_the_log_
                     wf = ops._files[fh].write
                     await ops.write(fh, wf.size, line)
                     if writeback:
-                        await ops.flush(fh)
+                        await ops.flush(fh)  # a close: journaled, uploaded in the background
                         await trio.sleep(0.05)
                     else:
-                        await ops.fsync(fh, False)
+                        await ops.fsync(fh, False)  # landed when it returns
 
         scopes = [trio.CancelScope(), trio.CancelScope()]
         nursery.start_soon(worker, b"worker A\n", scopes[0])
         nursery.start_soon(worker, b"worker B\n", scopes[1])
         await trio.sleep(0.3)
-        await ops.rename(pyfuse3.ROOT_INODE, b"log", pyfuse3.ROOT_INODE, b"log.1", 0, None)
+        start = trio.current_time()
+        outcome = "renamed"
+        try:
+            await ops.rename(pyfuse3.ROOT_INODE, b"log", pyfuse3.ROOT_INODE, b"log.1", 0, None)
+        except pyfuse3.FUSEError as e:
+            outcome = errno.errorcode[e.errno]
+        took = trio.current_time() - start
         for scope in scopes:
-            scope.cancel()  # the workers stop writing (their handles stay open, on log.1)
+            scope.cancel()
         uploader = ops.node.writes.uploader
-        with trio.fail_after(600):  # every upload lands (a backlog of closes under --writeback)
+        with trio.fail_after(600):  # every upload lands (the --writeback backlog too)
             while uploader.all_pending():
                 await uploader.all_pending()[-1].done.wait()
         nursery.cancel_scope.cancel()
+    assert outcome == "renamed" and took < 5, f"mv log log.1 with its writers syncing: {outcome} after {took:.1f} s"
     assert "log" not in stored, f"after `mv log log.1`, log is back: {stored.get('log')}; log.1: {stored.get('log.1')}"
 
 
@@ -1391,11 +1315,15 @@ async def test_a_small_file_copied_with_its_mtime_is_cached_under_the_version_it
         await wf.write(0, b"data")
         wf.set_mtime(1_000_000.0)  # futimens(fd) before close (`cp -p`)
         upload = await wf.commit(background=False)
+        pending = writes.info(dataset, "f").mtime
         writes.close(wf)
         await upload.done.wait()
         nursery.cancel_scope.cancel()
     backend.close()
     now_there = store.stat("f")
+    assert pending == 1_000_000.0  # shown while its upload is pending (60f5add)
+    # ... and the store's file's once it landed: it was the upload's time, the mtime flipping
+    # back to "now" (helper-51's review, its test, b5cc4a9)
     assert now_there.mtime == 1_000_000.0 and upload.info.version == now_there.version
     key = chunk_key(ObjectId(str(src), "f", now_there.version, now_there.size), 1 << 20, 0)
     cached = await disk.get(key)
