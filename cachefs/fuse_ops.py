@@ -8,7 +8,6 @@ operation does on S3 and its errnos are in docs/semantics.md.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import errno
 import functools
@@ -754,47 +753,34 @@ class Operations(pyfuse3.Operations):
         writes = self.node.writes
         moved = None
         deletion = None
-        with contextlib.ExitStack() as holding:
+        # Only what the backend holds can be renamed there: this node's writes land first,
+        # and the closes meanwhile wait (`Writes.renaming_file`, `Writes.renaming_dir`).
+        upload_wait = self._upload_wait(dataset)
+        renaming = (writes.renaming_file(dataset, old, upload_wait) if info.kind == "file"
+                    else writes.renaming_dir(dataset, old, upload_wait))
+        async with renaming:
             if info.kind == "file":
-                # Only what the backend holds can be renamed there: land this node's writes first,
-                # those of a handle still open too. Every upload done, not only landed: its new
-                # version recorded (the cached chunks moved below are of that version, not of the
-                # one before) and its pending entry gone (it would show the old name again).
-                wf = writes.find(dataset, old)
-                if wf is not None:
-                    await wf.commit(background=False)
-                # From here on a close of `old` waits until the rename is over, then uploads
-                # under the name the file has then: one landing at `old` after the move would
-                # bring `old` back (a writer syncing its log during `mv log log.1`).
-                holding.enter_context(writes.renaming_file(dataset, old))
-                await writes.committed(dataset, old, under=False)  # a close already submitting its upload
-                await writes.uploader.wait(dataset, old, self._upload_wait(dataset))
-                await writes.filled(dataset, old)  # opens of it still copying it in (no kernel lock)
                 # Replaced: a file open at `new` uploads nothing from now (a close of it while this
                 # waits must not land over what the rename puts there), and its pending bytes are
                 # superseded.
                 deletion = writes.unlinked(dataset, new)
-            # The same for the files under a directory (where the backend can rename one).
-            renaming = (writes.renaming_dir(dataset, old, self._upload_wait(dataset)) if info.kind == "dir"
-                        else contextlib.nullcontext())
-            async with renaming:
-                try:
-                    if info.kind == "file":
-                        await writes.committed(dataset, new, under=False)  # as at `unlink`
-                        await writes.uploader.cancel(dataset, new)
-                        moved = await self._stored(dataset, old)  # the version its cached chunks are of
-                    replaced = await self._stored(dataset, new) if target is not None and target.kind == "file" else None
-                    answered = await dataset.backend.rename(old, new, info.kind)
-                except BaseException:
-                    if deletion is not None:
-                        writes.reattach(deletion)  # not replaced: the file open at `new` is its path's again
-                    raise
-                if deletion is not None:
-                    writes.deleted(deletion)
+            try:
                 if info.kind == "file":
-                    writes.moved(dataset, old, new)
-                else:
-                    writes.moved_dir(dataset, old, new)
+                    await writes.committed(dataset, new, under=False)  # as at `unlink`
+                    await writes.uploader.cancel(dataset, new)
+                    moved = await self._stored(dataset, old)  # the version its cached chunks are of
+                replaced = await self._stored(dataset, new) if target is not None and target.kind == "file" else None
+                answered = await dataset.backend.rename(old, new, info.kind)
+            except BaseException:
+                if deletion is not None:
+                    writes.reattach(deletion)  # not replaced: the file open at `new` is its path's again
+                raise
+            if deletion is not None:
+                writes.deleted(deletion)
+            if info.kind == "file":
+                writes.moved(dataset, old, new)
+            else:
+                writes.moved_dir(dataset, old, new)
         dataset.namespace.drop_entry(old)
         dataset.namespace.replaced(new)
         self.inodes.renamed(old_path, new_path)

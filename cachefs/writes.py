@@ -525,14 +525,29 @@ class Writes:
             del self._renaming[key]
             done.set()
 
-    @contextlib.contextmanager
-    def renaming_file(self, dataset: Dataset, path: str):
-        """Around the rename of file `path` (once its open file is committed): a commit of it
+    @contextlib.asynccontextmanager
+    async def renaming_file(self, dataset: Dataset, path: str, upload_wait: float):
+        """Around the backend's rename of file `path`: what this node wrote to it lands
+        first (the file open for write committed, the uploads of its closes done, each
+        recorded: the cached chunks that move are of that version, and no pending entry
+        shows the old name again; the opens copying it in finished), and a commit of it
         waits until the rename is over (`no_rename_over`), then uploads under the name the
-        file has after it."""
+        file has after it: one landing at `path` after the move would bring `path` back (a
+        writer syncing its log during `mv log log.1`).
+
+        Raises:
+            BackendError: the commit failed; BackendUnavailable: uploads still pending after
+                `upload_wait` seconds.
+        """
+        wf = self.find(dataset, path)
+        if wf is not None:
+            await wf.commit(background=False)
         key = (dataset.source, path)
         done = self._renaming_files[key] = trio.Event()
         try:
+            await self.committed(dataset, path, under=False)  # a close already submitting its upload
+            await self.uploader.wait(dataset, path, upload_wait)
+            await self.filled(dataset, path)  # opens of it still copying it in (no kernel lock)
             yield
         finally:
             if self._renaming_files.get(key) is done:
@@ -613,8 +628,8 @@ class Writes:
         return next((d for d in self._deletions if key_at(d.key, *key, under)), None)
 
     async def settled(self, wf: WriteFile) -> None:
-        """Until no directory `wf` lies under is being renamed (`no_rename_over`) and no
-        deletion that detached `wf` is going on, both at once: a commit then uploads under
+        """Until neither `wf` nor a directory it lies under is being renamed (`no_rename_over`)
+        and no deletion that detached `wf` is going on, both at once: a commit then uploads under
         the path the file has, and only if the deletion failed (uploading nothing then lost
         its writes; uploading anyway would bring a deleted file back). Each wait may let
         the other begin: a delete failing while a directory rename began uploaded to the
