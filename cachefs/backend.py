@@ -724,13 +724,11 @@ def _written(path: str, size: int, headers: dict[str, str]) -> ObjectInfo | None
     bytes we sent (a HEAD could already see a concurrent writer's object). The mtime is
     the answer's Date, to the second like a HEAD's Last-Modified. None without an ETag (a
     store without them): the caller asks with a HEAD."""
-    etag = (headers.get("etag") or "").strip('"')
-    if not etag:
+    answered = _answered(headers)
+    if not answered.etag:
         return None
-    mtime = _date_second(headers.get("date"))
-    if mtime is None:
-        mtime = float(int(time.time()))
-    return ObjectInfo(path, "file", size, mtime, _remote_version(etag, size, mtime))
+    mtime = answered.mtime if answered.mtime is not None else float(int(time.time()))
+    return ObjectInfo(path, "file", size, mtime, _remote_version(answered.etag, size, mtime))
 
 
 class _ThreadConnections(dict):

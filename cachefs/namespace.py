@@ -358,10 +358,9 @@ class Namespace:
                     raise
                 failed = e
             finally:
-                others = [a for a in self._asking[path] if a is not asking]
-                if others:
-                    self._asking[path] = others
-                else:
+                waiting = self._asking[path]
+                waiting.remove(asking)  # by identity: `_Asking` has no equality of its own
+                if not waiting:
                     del self._asking[path]
             if not asking.overtaken:
                 return info, self._clock()

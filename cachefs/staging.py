@@ -207,9 +207,7 @@ class Staging:
         for entry in entries:
             room = _rounded(entry.size)
             self._kept[entry.staged] = self._kept.get(entry.staged, 0) + room
-            self.used += room
-            if self.disk is not None:
-                self.disk.take(room)
+            self._take_found(room)
 
     def adopt(self, entry: JournalEntry) -> StagedFile:
         """The staged file of a journal entry found by `open` (or kept after its upload was
@@ -232,10 +230,14 @@ class Staging:
         if kept:
             self._give_back(kept)  # kept by this process, and counted since: taken again below
         room = _rounded(entry.size)
-        self.used += room  # already on disk: taken even if over a bound lowered since
+        self._take_found(room)
+        return StagedFile(entry.staged, reserved=room)
+
+    def _take_found(self, room: int) -> None:
+        """Count `room` of a staged file already on the disk: taken even if over a bound lowered since."""
+        self.used += room
         if self.disk is not None:
             self.disk.take(room)
-        return StagedFile(entry.staged, reserved=room)
 
     # -- files ------------------------------------------------------------------------
 
